@@ -1,0 +1,39 @@
+//! # tidepool-protocol
+//!
+//! The wire format that tidepool's clients, balancer and workers speak, and an async
+//! client for it. PROTOCOL.md at the repository root is the full specification; in brief:
+//!
+//! - A **frame** is a 4-byte unsigned big-endian length `L`, then `L` bytes holding one
+//!   MessagePack map with string keys. `L = 0` or `L` above the receiver's maximum
+//!   (64 MiB by default) is answered with an `error` frame and the connection closes.
+//! - Every map has `type` and `id`. Requests (`infer`, `cancel`, `ping`) carry the id the
+//!   client chose; answers (`result`, `error`, `pong`) carry the id of the request they
+//!   answer, in any order. Unknown keys are ignored.
+//! - A **tensor** is a map `{dtype, shape, data}` whose `data` is MessagePack `bin` of
+//!   little-endian row-major elements. One `infer` is one item: shapes exclude the batch
+//!   dimension.
+//!
+//! ## Modules
+//! - [`message`]: the message types and their MessagePack mapping.
+//! - [`tensor`]: [`Tensor`] and [`DType`]; tensors hold [`bytes::Bytes`] cut from the
+//!   read buffer, so forwarding one never copies its elements.
+//! - [`codec`]: [`MessageCodec`], the tokio-util `Decoder`/`Encoder` for frames.
+//! - [`client`]: [`Client`], pipelined calls over one connection with deadlines and
+//!   cancel-on-drop, and [`Pool`], a few connections used least-busy first.
+//! - [`error`]: [`Error`], the crate's one error type.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod codec;
+pub mod error;
+pub mod message;
+pub mod tensor;
+
+pub use client::{CallOptions, Client, ClientOptions, Pool};
+pub use codec::{encode_frame, Inbound, MessageCodec, DEFAULT_MAX_FRAME};
+pub use error::Error;
+pub use message::{
+    ErrorCode, ErrorReply, Infer, InferResult, Message, RequestId, Tensors, CONNECTION_ID,
+};
+pub use tensor::{DType, Element, Tensor};

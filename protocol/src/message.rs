@@ -1,0 +1,441 @@
+//! The protocol's messages and how each maps to one MessagePack map.
+//!
+//! Encoding goes through [`WireOut`], a struct serialized with named fields so that the
+//! bytes are a plain map any MessagePack library reads. Decoding goes through [`WireIn`],
+//! a flat struct of optional fields borrowed from the frame: it accepts unknown keys,
+//! recovers the `id` even when the rest is wrong (so a bad request is answered under its
+//! own id), and lets tensor data become slices of the frame's [`Bytes`] without a copy.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::tensor::{expected_len, DType, Tensor, WireTensor};
+
+/// A request id, chosen by whoever sends the request.
+///
+/// Unique among that sender's requests in flight on one connection. Id 0 is reserved
+/// for errors about the connection itself (a frame too large to read, a body that is not
+/// MessagePack), so clients number their requests from 1.
+pub type RequestId = u64;
+
+/// The id used by errors that no request can be tied to.
+pub const CONNECTION_ID: RequestId = 0;
+
+/// Named inputs or outputs of one item.
+pub type Tensors = BTreeMap<String, Tensor>;
+
+/// One protocol message: the decoded content of one frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    /// Client to server: run the model on one item.
+    Infer(Infer),
+    /// Server to client: the outputs for one item.
+    Result(InferResult),
+    /// Server to client: the request failed; exactly one of `result` or `error` answers it.
+    Error(ErrorReply),
+    /// Client to server: drop the request with this id if it has not run yet.
+    Cancel {
+        /// The id of the request to cancel.
+        id: RequestId,
+    },
+    /// Liveness probe; answered with `pong` once the server is ready.
+    Ping {
+        /// The probe's id, echoed in the answer.
+        id: RequestId,
+    },
+    /// The answer to a `ping`.
+    Pong {
+        /// The id of the `ping` it answers.
+        id: RequestId,
+    },
+}
+
+/// An `infer` request: one item, without the batch dimension.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Infer {
+    /// The request id.
+    pub id: RequestId,
+    /// Input name to tensor.
+    pub inputs: Tensors,
+    /// Budget in milliseconds from the moment the server reads the frame.
+    pub deadline_ms: Option<u64>,
+    /// The original client's address, added by a balancer (as NLB preserves the client IP).
+    pub client: Option<String>,
+}
+
+/// A `result`: one item's outputs, with where and how it ran.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct InferResult {
+    /// The id of the request it answers.
+    pub id: RequestId,
+    /// Output name to tensor.
+    pub outputs: Tensors,
+    /// Microseconds the item waited in the worker's queue.
+    pub queue_us: Option<u64>,
+    /// Microseconds the batch holding the item took to run.
+    pub infer_us: Option<u64>,
+    /// How many items ran in that batch.
+    pub batch_size: Option<u32>,
+    /// The name of the worker that ran it.
+    pub worker: Option<String>,
+}
+
+/// An `error`: why a request got no result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorReply {
+    /// The id of the request it answers, or [`CONNECTION_ID`].
+    pub id: RequestId,
+    /// What kind of failure, for programs.
+    pub code: ErrorCode,
+    /// What went wrong and what to do, for people.
+    pub message: String,
+    /// When to try again, for `overloaded` and `unavailable`.
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ErrorReply {
+    /// An error answer without a retry hint.
+    pub fn new(id: RequestId, code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            id,
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// Adds a retry hint.
+    pub fn retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+}
+
+/// The error codes of protocol v1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or does not fit the model; fix it before retrying.
+    BadRequest,
+    /// The frame is above the receiver's maximum size.
+    TooLarge,
+    /// The server's queue is full; retry after `retry_after_ms`.
+    Overloaded,
+    /// The item's `deadline_ms` passed before it ran.
+    DeadlineExceeded,
+    /// No server could take the request (not ready, no healthy target, connection lost).
+    Unavailable,
+    /// The client cancelled the request before it ran.
+    Cancelled,
+    /// The server is stopping and did not run the request.
+    ShuttingDown,
+    /// The server failed while running the request.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadRequest,
+        ErrorCode::TooLarge,
+        ErrorCode::Overloaded,
+        ErrorCode::DeadlineExceeded,
+        ErrorCode::Unavailable,
+        ErrorCode::Cancelled,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Internal,
+    ];
+
+    /// The wire name (`"bad_request"`, ...).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Parses a wire name. Codes added by later versions read as `internal`, as the
+    /// protocol tells receivers to do.
+    pub fn from_wire(s: &str) -> ErrorCode {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .unwrap_or(ErrorCode::Internal)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Message {
+    /// The message's id.
+    pub fn id(&self) -> RequestId {
+        match self {
+            Message::Infer(m) => m.id,
+            Message::Result(m) => m.id,
+            Message::Error(m) => m.id,
+            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id } => *id,
+        }
+    }
+
+    /// Replaces the message's id, as a balancer does on the way to a target and back.
+    pub fn set_id(&mut self, new: RequestId) {
+        match self {
+            Message::Infer(m) => m.id = new,
+            Message::Result(m) => m.id = new,
+            Message::Error(m) => m.id = new,
+            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id } => *id = new,
+        }
+    }
+
+    /// The `type` string on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Infer(_) => "infer",
+            Message::Result(_) => "result",
+            Message::Error(_) => "error",
+            Message::Cancel { .. } => "cancel",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+        }
+    }
+
+    /// Encodes the message as one MessagePack map (the frame body, without its length).
+    pub fn to_msgpack(&self) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::with_capacity(64);
+        self.write_msgpack(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the MessagePack map to `out`.
+    pub fn write_msgpack<W: std::io::Write>(&self, out: &mut W) -> Result<(), Error> {
+        let wire = WireOut::from(self);
+        wire.serialize(&mut rmp_serde::Serializer::new(out).with_struct_map())
+            .map_err(Error::Encode)
+    }
+
+    /// Decodes one frame body. Tensor data in the result are slices of `body`.
+    ///
+    /// On failure the error carries the request id when the body had a readable one,
+    /// so the request can be answered under its own id.
+    pub fn decode(body: &Bytes) -> Result<Message, Error> {
+        let wire: WireIn<'_> = match rmp_serde::from_slice(body) {
+            Ok(wire) => wire,
+            Err(source) => {
+                return Err(Error::Malformed {
+                    id: recover_id(body),
+                    source,
+                })
+            }
+        };
+        wire.into_message(body)
+    }
+}
+
+/// Best effort: the `id` of a body whose other fields did not decode.
+fn recover_id(body: &[u8]) -> Option<RequestId> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: RequestId,
+    }
+    rmp_serde::from_slice::<IdOnly>(body).ok().map(|m| m.id)
+}
+
+#[derive(Serialize)]
+struct WireOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: RequestId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inputs: Option<&'a Tensors>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deadline_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outputs: Option<&'a Tensors>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    infer_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<ErrorCode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
+}
+
+impl<'a> WireOut<'a> {
+    fn bare(kind: &'static str, id: RequestId) -> Self {
+        WireOut {
+            kind,
+            id,
+            inputs: None,
+            deadline_ms: None,
+            client: None,
+            outputs: None,
+            queue_us: None,
+            infer_us: None,
+            batch_size: None,
+            worker: None,
+            code: None,
+            message: None,
+            retry_after_ms: None,
+        }
+    }
+}
+
+impl<'a> From<&'a Message> for WireOut<'a> {
+    fn from(m: &'a Message) -> Self {
+        let mut w = WireOut::bare(m.kind(), m.id());
+        match m {
+            Message::Infer(i) => {
+                w.inputs = Some(&i.inputs);
+                w.deadline_ms = i.deadline_ms;
+                w.client = i.client.as_deref();
+            }
+            Message::Result(r) => {
+                w.outputs = Some(&r.outputs);
+                w.queue_us = r.queue_us;
+                w.infer_us = r.infer_us;
+                w.batch_size = r.batch_size;
+                w.worker = r.worker.as_deref();
+            }
+            Message::Error(e) => {
+                w.code = Some(e.code);
+                w.message = Some(&e.message);
+                w.retry_after_ms = e.retry_after_ms;
+            }
+            Message::Cancel { .. } | Message::Ping { .. } | Message::Pong { .. } => {}
+        }
+        w
+    }
+}
+
+/// Every field any message may carry; unknown keys are skipped by serde.
+#[derive(Deserialize)]
+struct WireIn<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    id: RequestId,
+    #[serde(borrow, default)]
+    inputs: Option<BTreeMap<String, WireTensor<'a>>>,
+    #[serde(default)]
+    deadline_ms: Option<u64>,
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(borrow, default)]
+    outputs: Option<BTreeMap<String, WireTensor<'a>>>,
+    #[serde(default)]
+    queue_us: Option<u64>,
+    #[serde(default)]
+    infer_us: Option<u64>,
+    #[serde(default)]
+    batch_size: Option<u32>,
+    #[serde(default)]
+    worker: Option<String>,
+    #[serde(borrow, default)]
+    code: Option<Cow<'a, str>>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
+}
+
+impl WireIn<'_> {
+    fn into_message(self, body: &Bytes) -> Result<Message, Error> {
+        let id = self.id;
+        let missing = |field: &'static str| Error::MissingField {
+            id,
+            kind: self.kind.to_string(),
+            field,
+        };
+        Ok(match &*self.kind {
+            "infer" => Message::Infer(Infer {
+                id,
+                inputs: tensors(id, self.inputs.ok_or_else(|| missing("inputs"))?, body)?,
+                deadline_ms: self.deadline_ms,
+                client: self.client,
+            }),
+            "result" => Message::Result(InferResult {
+                id,
+                outputs: tensors(id, self.outputs.ok_or_else(|| missing("outputs"))?, body)?,
+                queue_us: self.queue_us,
+                infer_us: self.infer_us,
+                batch_size: self.batch_size,
+                worker: self.worker,
+            }),
+            "error" => Message::Error(ErrorReply {
+                id,
+                code: ErrorCode::from_wire(&self.code.ok_or_else(|| missing("code"))?),
+                message: self.message.unwrap_or_default(),
+                retry_after_ms: self.retry_after_ms,
+            }),
+            "cancel" => Message::Cancel { id },
+            "ping" => Message::Ping { id },
+            "pong" => Message::Pong { id },
+            other => {
+                return Err(Error::UnknownType {
+                    id,
+                    kind: other.to_owned(),
+                })
+            }
+        })
+    }
+}
+
+fn tensors(
+    id: RequestId,
+    wire: BTreeMap<String, WireTensor<'_>>,
+    body: &Bytes,
+) -> Result<Tensors, Error> {
+    wire.into_iter()
+        .map(|(name, t)| {
+            let dtype: DType = t.dtype.parse().map_err(|_| Error::UnknownDType {
+                id: Some(id),
+                dtype: t.dtype.to_string(),
+            })?;
+            let shape: Vec<usize> = t
+                .shape
+                .iter()
+                .map(|&d| usize::try_from(d).unwrap_or(usize::MAX))
+                .collect();
+            let expected = expected_len(dtype, &shape);
+            if expected != Some(t.data.len()) {
+                return Err(Error::TensorLength {
+                    id: Some(id),
+                    name: Some(name),
+                    dtype,
+                    shape,
+                    expected,
+                    actual: t.data.len(),
+                });
+            }
+            let data = match t.data {
+                // The common case: a view into the frame, no copy.
+                Cow::Borrowed(slice) => body.slice_ref(slice),
+                Cow::Owned(vec) => Bytes::from(vec),
+            };
+            Ok((name, Tensor::new(dtype, shape, data)?))
+        })
+        .collect()
+}
