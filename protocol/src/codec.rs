@@ -128,3 +128,212 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, Error> {
     MessageCodec::new(u32::MAX as usize).encode_ref(msg, &mut buf)?;
     Ok(buf.to_vec())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{ErrorCode, ErrorReply, Infer, InferResult, Tensors};
+    use crate::tensor::{DType, Tensor};
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn frame(body: &[u8]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(body);
+        buf
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more() {
+        let whole = encode_frame(&Message::Ping { id: 3 }).unwrap();
+        let mut codec = MessageCodec::default();
+        let mut buf = BytesMut::new();
+        for (i, byte) in whole.iter().enumerate() {
+            buf.put_u8(*byte);
+            let out = codec.decode(&mut buf).unwrap();
+            if i + 1 < whole.len() {
+                assert!(out.is_none());
+            } else {
+                assert_eq!(out.unwrap().unwrap(), Message::Ping { id: 3 });
+            }
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn zero_length_is_refused() {
+        let mut buf = frame(&[]);
+        let err = MessageCodec::default().decode(&mut buf).unwrap_err();
+        assert!(matches!(err, Error::EmptyFrame));
+        assert!(err.is_fatal());
+        assert_eq!(err.reply().code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn oversize_is_refused_from_the_prefix_alone() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(1_000_001);
+        let err = MessageCodec::new(1_000_000).decode(&mut buf).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::FrameTooLarge {
+                len: 1_000_001,
+                max: 1_000_000
+            }
+        ));
+        assert_eq!(err.reply().code, ErrorCode::TooLarge);
+        assert_eq!(err.reply().id, crate::CONNECTION_ID);
+        // Nothing was reserved for the body.
+        assert!(buf.capacity() < 1_000_000);
+    }
+
+    #[test]
+    fn truncated_frame_at_eof() {
+        let whole = encode_frame(&Message::Ping { id: 3 }).unwrap();
+        let mut buf = BytesMut::from(&whole[..whole.len() - 2]);
+        let err = MessageCodec::default().decode_eof(&mut buf).unwrap_err();
+        assert!(matches!(err, Error::Truncated { .. }));
+        assert!(err.is_fatal());
+        let mut buf = BytesMut::from(&whole[..2]);
+        assert!(matches!(
+            MessageCodec::default().decode_eof(&mut buf),
+            Err(Error::Truncated {
+                expected: 4,
+                got: 2
+            })
+        ));
+        assert!(MessageCodec::default()
+            .decode_eof(&mut BytesMut::new())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_bad_body_keeps_the_stream() {
+        let mut buf = frame(&[0x93, 1, 2, 3]);
+        buf.extend_from_slice(&encode_frame(&Message::Ping { id: 9 }).unwrap());
+        let mut codec = MessageCodec::default();
+        assert!(codec.decode(&mut buf).unwrap().unwrap().is_err());
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().unwrap().unwrap(),
+            Message::Ping { id: 9 }
+        );
+    }
+
+    #[test]
+    fn encoder_refuses_oversize_and_leaves_the_buffer_clean() {
+        let big = Tensor::new(DType::U8, vec![2048], Bytes::from(vec![7u8; 2048])).unwrap();
+        let msg = Message::Infer(Infer {
+            id: 1,
+            inputs: [("x".to_owned(), big)].into(),
+            ..Infer::default()
+        });
+        let mut buf = BytesMut::new();
+        let mut codec = MessageCodec::new(1024);
+        assert!(matches!(
+            codec.encode(msg, &mut buf),
+            Err(Error::FrameTooLarge { .. })
+        ));
+        assert!(buf.is_empty());
+    }
+
+    fn arb_tensor() -> impl Strategy<Value = Tensor> {
+        (
+            0usize..DType::ALL.len(),
+            proptest::collection::vec(0usize..4, 0..4),
+        )
+            .prop_flat_map(|(d, shape)| {
+                let dtype = DType::ALL[d];
+                let len = shape.iter().product::<usize>() * dtype.size();
+                proptest::collection::vec(any::<u8>(), len).prop_map(move |data| {
+                    Tensor::new(dtype, shape.clone(), Bytes::from(data)).unwrap()
+                })
+            })
+    }
+
+    fn arb_tensors() -> impl Strategy<Value = Tensors> {
+        proptest::collection::btree_map("[a-z_]{1,8}", arb_tensor(), 0..3)
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let code = (0usize..ErrorCode::ALL.len()).prop_map(|i| ErrorCode::ALL[i]);
+        prop_oneof![
+            (
+                any::<u64>(),
+                arb_tensors(),
+                any::<Option<u64>>(),
+                any::<Option<String>>()
+            )
+                .prop_map(|(id, inputs, deadline_ms, client)| Message::Infer(Infer {
+                    id,
+                    inputs,
+                    deadline_ms,
+                    client
+                })),
+            (
+                any::<u64>(),
+                arb_tensors(),
+                any::<Option<u64>>(),
+                any::<Option<u32>>(),
+                any::<Option<String>>()
+            )
+                .prop_map(|(id, outputs, queue_us, batch_size, worker)| {
+                    Message::Result(InferResult {
+                        id,
+                        outputs,
+                        queue_us,
+                        infer_us: queue_us.map(|q| q / 2),
+                        batch_size,
+                        worker,
+                    })
+                }),
+            (any::<u64>(), code, ".*", any::<Option<u64>>()).prop_map(
+                |(id, code, message, retry_after_ms)| {
+                    Message::Error(ErrorReply {
+                        id,
+                        code,
+                        message,
+                        retry_after_ms,
+                    })
+                }
+            ),
+            any::<u64>().prop_map(|id| Message::Cancel { id }),
+            any::<u64>().prop_map(|id| Message::Ping { id }),
+            any::<u64>().prop_map(|id| Message::Pong { id }),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of messages, cut into arbitrary chunks, decodes back to itself.
+        #[test]
+        fn stream_round_trip(msgs in proptest::collection::vec(arb_message(), 1..8),
+                             cuts in proptest::collection::vec(1usize..64, 1..32)) {
+            let mut codec = MessageCodec::default();
+            let mut wire = BytesMut::new();
+            for m in &msgs {
+                codec.encode_ref(m, &mut wire).unwrap();
+            }
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut cuts = cuts.into_iter().cycle();
+            while !wire.is_empty() {
+                let n = cuts.next().unwrap().min(wire.len());
+                buf.extend_from_slice(&wire.split_to(n));
+                while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                    out.push(frame.unwrap());
+                }
+            }
+            prop_assert_eq!(out, msgs);
+        }
+
+        /// Arbitrary bytes never panic the decoder; they give frames, errors or a wait.
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut codec = MessageCodec::new(1 << 16);
+            let mut buf = BytesMut::from(&data[..]);
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
+            let _ = codec.decode_eof(&mut buf);
+        }
+    }
+}

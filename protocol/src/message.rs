@@ -439,3 +439,238 @@ fn tensors(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Serialize;
+
+    fn tensor() -> Tensor {
+        Tensor::from_vec(vec![2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).unwrap()
+    }
+
+    pub(crate) fn every_message() -> Vec<Message> {
+        let tensors: Tensors = [("x".to_owned(), tensor())].into();
+        vec![
+            Message::Infer(Infer {
+                id: 7,
+                inputs: tensors.clone(),
+                deadline_ms: Some(250),
+                client: Some("10.0.0.9:5000".to_owned()),
+            }),
+            Message::Infer(Infer {
+                id: 8,
+                inputs: Tensors::new(),
+                deadline_ms: None,
+                client: None,
+            }),
+            Message::Result(InferResult {
+                id: 7,
+                outputs: tensors,
+                queue_us: Some(120),
+                infer_us: Some(4500),
+                batch_size: Some(32),
+                worker: Some("w1".to_owned()),
+            }),
+            Message::Error(ErrorReply::new(9, ErrorCode::Overloaded, "queue full").retry_after(50)),
+            Message::Cancel { id: u64::MAX },
+            Message::Ping { id: 1 },
+            Message::Pong { id: 1 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in every_message() {
+            let body = Bytes::from(msg.to_msgpack().unwrap());
+            assert_eq!(Message::decode(&body).unwrap(), msg);
+        }
+        for code in ErrorCode::ALL {
+            let msg = Message::Error(ErrorReply::new(3, code, "m"));
+            let body = Bytes::from(msg.to_msgpack().unwrap());
+            assert_eq!(Message::decode(&body).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn tensor_data_is_a_slice_of_the_frame() {
+        let msg = &every_message()[0];
+        let body = Bytes::from(msg.to_msgpack().unwrap());
+        let Message::Infer(infer) = Message::decode(&body).unwrap() else {
+            panic!("not an infer")
+        };
+        let data = infer.inputs["x"].data();
+        let range = body.as_ptr() as usize..body.as_ptr() as usize + body.len();
+        assert!(
+            range.contains(&(data.as_ptr() as usize)),
+            "tensor data was copied"
+        );
+    }
+
+    fn encode<T: Serialize>(value: &T) -> Bytes {
+        let mut out = Vec::new();
+        value
+            .serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())
+            .unwrap();
+        Bytes::from(out)
+    }
+
+    #[derive(Serialize)]
+    struct Loose<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        id: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        future_field: Option<&'a str>,
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored() {
+        let body = encode(&Loose {
+            kind: "ping",
+            id: 4,
+            future_field: Some("v2"),
+        });
+        assert_eq!(Message::decode(&body).unwrap(), Message::Ping { id: 4 });
+    }
+
+    #[test]
+    fn unknown_type_keeps_the_id() {
+        let body = encode(&Loose {
+            kind: "explode",
+            id: 11,
+            future_field: None,
+        });
+        let err = Message::decode(&body).unwrap_err();
+        assert!(matches!(err, Error::UnknownType { id: 11, .. }), "{err:?}");
+        assert_eq!(err.reply().id, 11);
+        assert_eq!(err.reply().code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn missing_inputs_is_a_bad_request() {
+        let body = encode(&Loose {
+            kind: "infer",
+            id: 12,
+            future_field: None,
+        });
+        let err = Message::decode(&body).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::MissingField {
+                id: 12,
+                field: "inputs",
+                ..
+            }
+        ));
+        assert_eq!(err.code(), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn wrong_key_types_are_bad_requests_with_the_id_when_readable() {
+        #[derive(Serialize)]
+        struct BadInputs {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            id: u64,
+            inputs: Vec<u32>,
+        }
+        let err = Message::decode(&encode(&BadInputs {
+            kind: "infer",
+            id: 21,
+            inputs: vec![1, 2],
+        }))
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::Malformed { id: Some(21), .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.reply().id, 21);
+
+        #[derive(Serialize)]
+        struct StringId {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            id: &'static str,
+        }
+        let err = Message::decode(&encode(&StringId {
+            kind: "ping",
+            id: "one",
+        }))
+        .unwrap_err();
+        assert!(matches!(err, Error::Malformed { id: None, .. }));
+        assert_eq!(err.reply().id, CONNECTION_ID);
+        assert_eq!(err.code(), ErrorCode::BadRequest);
+
+        // Not a map at all.
+        let err = Message::decode(&Bytes::from_static(&[0xc0])).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn bad_tensor_length_and_dtype_are_bad_requests() {
+        #[derive(Serialize)]
+        struct T {
+            dtype: &'static str,
+            shape: Vec<u64>,
+            #[serde(with = "serde_bytes")]
+            data: Vec<u8>,
+        }
+        #[derive(Serialize)]
+        struct I {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            id: u64,
+            inputs: BTreeMap<&'static str, T>,
+        }
+        let short = I {
+            kind: "infer",
+            id: 5,
+            inputs: [(
+                "x",
+                T {
+                    dtype: "f32",
+                    shape: vec![3],
+                    data: vec![0; 11],
+                },
+            )]
+            .into(),
+        };
+        let err = Message::decode(&encode(&short)).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::TensorLength {
+                id: Some(5),
+                actual: 11,
+                expected: Some(12),
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("tensor x has 11 bytes"), "{err}");
+
+        let odd = I {
+            kind: "infer",
+            id: 6,
+            inputs: [(
+                "x",
+                T {
+                    dtype: "c64",
+                    shape: vec![1],
+                    data: vec![0; 8],
+                },
+            )]
+            .into(),
+        };
+        let err = Message::decode(&encode(&odd)).unwrap_err();
+        assert!(matches!(err, Error::UnknownDType { id: Some(6), .. }));
+        assert_eq!(err.reply().code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn unknown_error_codes_read_as_internal() {
+        assert_eq!(ErrorCode::from_wire("quota_exceeded"), ErrorCode::Internal);
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_wire(code.as_str()), code);
+        }
+    }
+}
