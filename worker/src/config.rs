@@ -1,0 +1,366 @@
+//! Command-line configuration: one struct per subcommand, flags with environment fallbacks.
+//!
+//! Every flag of `serve` can also come from a `TIDEPOOL_*` environment variable (the one
+//! exception is `--ort-lib`, which reads ONNX Runtime's own `ORT_DYLIB_PATH`), so that a
+//! container image can be configured without a command line. Durations read like `5ms` or
+//! `30s`, sizes like `64MiB`. [`ServeConfig::validate`] runs before anything is bound or loaded.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::Error;
+
+/// tidepool-worker: serves one ONNX model over the tidepool protocol, batching requests.
+#[derive(Debug, Parser)]
+#[command(name = "tidepool-worker", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The worker's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load a model and serve it until SIGTERM or SIGINT.
+    Serve(ServeConfig),
+    /// Write a synthetic MLP model (MatMul, Add, Relu) of a given size.
+    Synth(SynthConfig),
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum DeviceChoice {
+    /// CUDA when it registers, else CPU with a warning.
+    #[default]
+    Auto,
+    /// CPU only.
+    Cpu,
+    /// CUDA, or fail.
+    Cuda,
+}
+
+/// `tidepool-worker serve`: everything the worker needs, validated before use.
+#[derive(Clone, Debug, Args)]
+pub struct ServeConfig {
+    /// The ONNX model to serve (external data files next to it are found by ONNX Runtime).
+    #[arg(long, env = "TIDEPOOL_MODEL")]
+    pub model: PathBuf,
+
+    /// Address to accept protocol connections on.
+    #[arg(long, env = "TIDEPOOL_LISTEN", default_value = "0.0.0.0:7100")]
+    pub listen: String,
+
+    /// Address the balancer should use to reach this worker [default: the bound listen address].
+    #[arg(long, env = "TIDEPOOL_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Name reported in every result's `worker` field [default: the advertised address].
+    #[arg(long, env = "TIDEPOOL_NAME")]
+    pub name: Option<String>,
+
+    /// Balancer admin URL to register with once ready (POST URL/targets), and to deregister
+    /// from on shutdown (DELETE URL/targets/ADDR).
+    #[arg(long, env = "TIDEPOOL_REGISTER")]
+    pub register: Option<String>,
+
+    /// Address to serve Prometheus metrics on (GET /metrics).
+    #[arg(long, env = "TIDEPOOL_METRICS")]
+    pub metrics: Option<String>,
+
+    /// Where the model runs.
+    #[arg(long, env = "TIDEPOOL_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+
+    /// ONNX Runtime intra-op threads [default: ONNX Runtime's choice, one per core].
+    #[arg(long, env = "TIDEPOOL_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Most items stacked into one batch.
+    #[arg(long, env = "TIDEPOOL_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+
+    /// Longest the oldest queued item waits for a batch to fill; 0 runs whatever is queued as
+    /// soon as the model is free.
+    #[arg(long, env = "TIDEPOOL_MAX_DELAY", default_value = "2ms", value_parser = parse_duration)]
+    pub max_delay: Duration,
+
+    /// Most items waiting in the queue; beyond it requests are answered `overloaded`.
+    #[arg(long, env = "TIDEPOOL_QUEUE", default_value_t = 1024)]
+    pub queue: usize,
+
+    /// Most requests in flight per connection; beyond it the worker stops reading that
+    /// connection until answers have been written (TCP backpressure).
+    #[arg(long, env = "TIDEPOOL_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+
+    /// Largest frame accepted or sent, in bytes.
+    #[arg(long, env = "TIDEPOOL_MAX_FRAME", default_value = "64MiB", value_parser = parse_size)]
+    pub max_frame: u64,
+
+    /// How long shutdown waits for queued and running items before answering the rest
+    /// `shutting_down`.
+    #[arg(long, env = "TIDEPOOL_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// The ONNX Runtime shared library (libonnxruntime.so); scripts/fetch-ort.sh fetches it.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+impl ServeConfig {
+    /// A configuration with the defaults of the command line, for tests and embedding.
+    pub fn new(model: impl Into<PathBuf>, listen: impl Into<String>) -> Self {
+        ServeConfig {
+            model: model.into(),
+            listen: listen.into(),
+            advertise: None,
+            name: None,
+            register: None,
+            metrics: None,
+            device: DeviceChoice::Auto,
+            threads: None,
+            max_batch: 32,
+            max_delay: Duration::from_millis(2),
+            queue: 1024,
+            max_in_flight: 256,
+            max_frame: tidepool_protocol::DEFAULT_MAX_FRAME as u64,
+            drain_timeout: Duration::from_secs(30),
+            ort_lib: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
+        }
+    }
+
+    /// Checks what can be checked without binding or loading anything.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |flag, reason: &str| {
+            Err(Error::InvalidConfig {
+                flag,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.max_batch == 0 {
+            return invalid("max-batch", "must be at least 1");
+        }
+        if self.queue == 0 {
+            return invalid("queue", "must be at least 1");
+        }
+        if self.max_in_flight == 0 {
+            return invalid("max-in-flight", "must be at least 1");
+        }
+        if self.threads == Some(0) {
+            return invalid(
+                "threads",
+                "must be at least 1 (leave it out for ONNX Runtime's default)",
+            );
+        }
+        if self.max_frame < 1024 || self.max_frame > u64::from(u32::MAX) {
+            return invalid("max-frame", "must be between 1KiB and 4GiB");
+        }
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return invalid("listen", "expected IP:PORT, like 0.0.0.0:7100");
+        }
+        if let Some(metrics) = &self.metrics {
+            if metrics.parse::<SocketAddr>().is_err() {
+                return invalid("metrics", "expected IP:PORT, like 0.0.0.0:9100");
+            }
+        }
+        if let Some(advertise) = &self.advertise {
+            if !advertise.contains(':') {
+                return invalid("advertise", "expected HOST:PORT");
+            }
+        }
+        if let Some(url) = &self.register {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return invalid(
+                    "register",
+                    "expected an http:// URL of the balancer's admin API",
+                );
+            }
+        }
+        if !self.model.is_file() {
+            return invalid("model", &format!("{} is not a file", self.model.display()));
+        }
+        match &self.ort_lib {
+            None => return Err(Error::OrtLibMissing),
+            Some(path) if !path.is_file() => {
+                return Err(Error::OrtLibNotFound { path: path.clone() })
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// `tidepool-worker synth`: the shape and size of a synthetic model.
+#[derive(Clone, Debug, Args)]
+pub struct SynthConfig {
+    /// Where to write the model (`.onnx`); large weights go to PATH.data next to it.
+    #[arg(long)]
+    pub out: PathBuf,
+
+    /// About how many bytes of f32 weights, like `64MiB` or `1GiB`.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+
+    /// Features per input item [default: the hidden width].
+    #[arg(long)]
+    pub input_dim: Option<usize>,
+
+    /// Features per output item [default: the hidden width].
+    #[arg(long)]
+    pub output_dim: Option<usize>,
+
+    /// Number of MatMul layers (at least 1).
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+
+    /// Seed for the weights: the same seed writes the same model.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// The ONNX Runtime shared library (libonnxruntime.so); scripts/fetch-ort.sh fetches it.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// Parses `5ms`, `30s`, `1m`; a bare `0` is zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected a duration like 5ms or 30s)"))
+}
+
+/// Parses a byte size: `1024`, `64KiB`, `64MiB`, `1GiB`, `1.5GB` (decimal units are powers of
+/// ten, binary units powers of two).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64MiB or 1GiB"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}; use B, KiB, MiB, GiB, KB, MB or GB"
+            ))
+        }
+    };
+    let bytes = number * multiplier as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5KB"), Ok(1500));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn cli_parses_serve_and_synth() {
+        let cli = Cli::try_parse_from([
+            "tidepool-worker",
+            "serve",
+            "--model",
+            "m.onnx",
+            "--max-delay",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Serve(c) => {
+                assert_eq!(c.max_delay, Duration::ZERO);
+                assert_eq!(c.max_batch, 32);
+                assert_eq!(c.queue, 1024);
+            }
+            Command::Synth(_) => panic!("parsed the wrong subcommand"),
+        }
+        let cli = Cli::try_parse_from([
+            "tidepool-worker",
+            "synth",
+            "--out",
+            "x.onnx",
+            "--size",
+            "1MiB",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Synth(SynthConfig {
+                size: 1_048_576,
+                layers: 4,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn validate_refuses_before_binding() {
+        let mut c = ServeConfig::new("/nonexistent.onnx", "127.0.0.1:0");
+        c.max_batch = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                flag: "max-batch",
+                ..
+            })
+        ));
+        c.max_batch = 4;
+        c.listen = "nowhere".into();
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig { flag: "listen", .. })
+        ));
+        c.listen = "127.0.0.1:0".into();
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig { flag: "model", .. })
+        ));
+    }
+
+    #[test]
+    fn missing_ort_lib_names_the_fetch_script() {
+        let model = std::env::current_exe().unwrap();
+        let mut c = ServeConfig::new(model, "127.0.0.1:0");
+        c.ort_lib = None;
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("scripts/fetch-ort.sh"), "{err}");
+        c.ort_lib = Some("/nonexistent/libonnxruntime.so".into());
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("make ort"), "{err}");
+    }
+}

@@ -1,0 +1,768 @@
+//! The model: an ONNX Runtime session, what its inputs and outputs look like, and one batch run.
+//!
+//! Nothing here is async. [`Model::load`] loads the ONNX Runtime library (once per process),
+//! opens the model (with its external data, which ONNX Runtime finds next to the file) on the
+//! chosen device, and reads its inputs and outputs into a [`ModelSpec`]. The spec is shared with
+//! the connections, which check every item against it ([`ModelSpec::check`]) before it is
+//! queued; the session itself belongs to the model thread, which calls [`Model::run`].
+//!
+//! Items travel without a batch dimension. When every input and output of the model has a
+//! dynamic leading dimension the model is *batched*: items are stacked along a new leading
+//! axis and outputs split back along it. Otherwise an item is the model's whole input and runs
+//! alone. Each item's bytes are copied exactly once, into the batch tensor; each output is
+//! copied once, out of ONNX Runtime's buffer into the item's answer.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use ort::environment::Environment;
+use ort::memory::Allocator;
+use ort::session::builder::SessionBuilder;
+use ort::session::Session;
+use ort::value::{DynTensor, DynValue, Outlet, TensorElementType, ValueType};
+use tidepool_protocol::{DType, Tensor, Tensors};
+use tracing::{info, warn};
+
+use crate::config::DeviceChoice;
+use crate::error::Error;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the worker copies little-endian wire bytes straight into ONNX Runtime tensors and needs a little-endian target");
+
+/// The device a session runs on, once chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// ONNX Runtime's CPU execution provider.
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider.
+    Cuda,
+}
+
+impl Device {
+    /// `"cpu"` or `"cuda"`, as logged and exported.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+/// The process's ONNX Runtime environment: ONNX Runtime allows one per process, so every
+/// model (and every worker started in one test process) shares it.
+static ENVIRONMENT: Mutex<Option<(PathBuf, Environment)>> = Mutex::new(None);
+
+/// Loads the ONNX Runtime library at `lib` and returns the process's environment, creating it
+/// on first use. Later calls must name the same library.
+pub fn environment(lib: &Path) -> Result<Environment, Error> {
+    // A std mutex held only for this synchronous initialisation, never across an await.
+    let mut guard = ENVIRONMENT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((loaded, env)) = guard.as_ref() {
+        if !same_file(loaded, lib) {
+            return Err(Error::OrtLibConflict {
+                loaded: loaded.clone(),
+                wanted: lib.to_path_buf(),
+            });
+        }
+        return Ok(env.clone());
+    }
+    if !lib.is_file() {
+        return Err(Error::OrtLibNotFound {
+            path: lib.to_path_buf(),
+        });
+    }
+    let env = ort::init_from(lib)
+        .map_err(|source| Error::OrtLoad {
+            path: lib.to_path_buf(),
+            source,
+        })?
+        .with_name("tidepool-worker")
+        .build()
+        .map_err(Error::Environment)?;
+    *guard = Some((lib.to_path_buf(), env.clone()));
+    Ok(env)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// One model input or output as the model declares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IoSpec {
+    /// The name.
+    pub name: String,
+    /// The element type.
+    pub dtype: DType,
+    /// The model's full shape, batch dimension included; `None` for a dynamic dimension.
+    pub dims: Vec<Option<usize>>,
+}
+
+impl IoSpec {
+    fn from_outlet(outlet: &Outlet) -> Result<IoSpec, Error> {
+        let name = outlet.name().to_owned();
+        let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
+            return Err(Error::UnsupportedModel {
+                name,
+                reason: "not a tensor (sequences, maps and optionals are not served)",
+            });
+        };
+        let Some(dtype) = dtype_of(*ty) else {
+            return Err(Error::UnsupportedModel {
+                name,
+                reason: "element type has no protocol dtype this worker can copy (f16, bf16, strings and sub-byte types are not served)",
+            });
+        };
+        let dims = shape.iter().map(|&d| usize::try_from(d).ok()).collect();
+        Ok(IoSpec { name, dtype, dims })
+    }
+
+    /// The shape one item has: without the leading dimension when the model is batched.
+    pub fn item_dims(&self, batched: bool) -> &[Option<usize>] {
+        if batched {
+            &self.dims[1..]
+        } else {
+            &self.dims
+        }
+    }
+
+    fn describe(&self, batched: bool) -> String {
+        format!("{} {}", self.dtype, dims_string(self.item_dims(batched)))
+    }
+}
+
+fn dims_string(dims: &[Option<usize>]) -> String {
+    let mut s = String::from("[");
+    for (i, d) in dims.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        match d {
+            Some(d) => {
+                let _ = write!(s, "{d}");
+            }
+            None => s.push('?'),
+        }
+    }
+    s.push(']');
+    s
+}
+
+/// What a model takes and gives, and whether its items can be stacked into batches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// The inputs, in the model's order.
+    pub inputs: Vec<IoSpec>,
+    /// The outputs, in the model's order.
+    pub outputs: Vec<IoSpec>,
+    /// True when every input and output has a dynamic leading dimension, so items (which
+    /// travel without it) are stacked along it. False: each item is a whole input and runs
+    /// alone.
+    pub batched: bool,
+}
+
+impl ModelSpec {
+    /// Builds a spec, deciding whether the model is batched.
+    pub fn new(inputs: Vec<IoSpec>, outputs: Vec<IoSpec>) -> ModelSpec {
+        let leading_dynamic = |io: &IoSpec| io.dims.first().is_some_and(Option::is_none);
+        let batched = !inputs.is_empty()
+            && inputs.iter().all(leading_dynamic)
+            && outputs.iter().all(leading_dynamic);
+        ModelSpec {
+            inputs,
+            outputs,
+            batched,
+        }
+    }
+
+    /// How many items one run may hold: `max_batch` for a batched model, else 1.
+    pub fn batch_limit(&self, max_batch: usize) -> usize {
+        if self.batched {
+            max_batch.max(1)
+        } else {
+            1
+        }
+    }
+
+    /// The model's inputs described for an error message: `x: f32 [8]` per input.
+    pub fn describe_inputs(&self) -> String {
+        let parts: Vec<String> = self
+            .inputs
+            .iter()
+            .map(|io| format!("{}: {}", io.name, io.describe(self.batched)))
+            .collect();
+        parts.join(", ")
+    }
+
+    /// Checks one item against the model: every input present, nothing extra, each with the
+    /// model's dtype and per-item shape. The error says what differs.
+    pub fn check(&self, item: &Tensors) -> Result<(), Error> {
+        for name in item.keys() {
+            if !self.inputs.iter().any(|io| &io.name == name) {
+                return Err(Error::UnknownInput {
+                    name: name.clone(),
+                    expected: self.describe_inputs(),
+                });
+            }
+        }
+        for io in &self.inputs {
+            let Some(tensor) = item.get(&io.name) else {
+                return Err(Error::MissingInput {
+                    name: io.name.clone(),
+                    expected: self.describe_inputs(),
+                });
+            };
+            if tensor.dtype() != io.dtype {
+                return Err(Error::InputDType {
+                    name: io.name.clone(),
+                    expected: io.dtype,
+                    got: tensor.dtype(),
+                });
+            }
+            let want = io.item_dims(self.batched);
+            let fits = tensor.shape().len() == want.len()
+                && tensor
+                    .shape()
+                    .iter()
+                    .zip(want)
+                    .all(|(&got, want)| want.is_none_or(|w| w == got));
+            if !fits {
+                return Err(Error::InputShape {
+                    name: io.name.clone(),
+                    expected: dims_string(want),
+                    got: tensor.shape().to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// True when two checked items can share a batch: their inputs have the same shapes
+    /// (which only matters for models with dynamic dimensions past the batch one).
+    pub fn same_shapes(a: &Tensors, b: &Tensors) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|((na, ta), (nb, tb))| na == nb && ta.shape() == tb.shape())
+    }
+
+    /// An item of zeros that passes [`ModelSpec::check`], dynamic dimensions set to 1: the
+    /// warm-up batch.
+    pub fn zero_item(&self) -> Result<Tensors, Error> {
+        self.inputs
+            .iter()
+            .map(|io| {
+                let shape: Vec<usize> = io
+                    .item_dims(self.batched)
+                    .iter()
+                    .map(|d| d.unwrap_or(1))
+                    .collect();
+                let len = shape.iter().product::<usize>() * io.dtype.size();
+                let tensor = Tensor::new(io.dtype, shape, Bytes::from(vec![0u8; len])).map_err(
+                    |source| Error::Tensor {
+                        name: io.name.clone(),
+                        source,
+                    },
+                )?;
+                Ok((io.name.clone(), tensor))
+            })
+            .collect()
+    }
+}
+
+/// How to open a model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The `.onnx` file.
+    pub path: PathBuf,
+    /// The ONNX Runtime shared library.
+    pub ort_lib: PathBuf,
+    /// Where to run it.
+    pub device: DeviceChoice,
+    /// Intra-op threads; `None` leaves ONNX Runtime's default.
+    pub threads: Option<usize>,
+}
+
+/// Runs batches of items. The batcher's model thread owns one; tests use stand-ins.
+pub trait Engine: Send + 'static {
+    /// Runs one batch of checked, same-shaped items and returns each item's outputs, in order.
+    fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error>;
+}
+
+/// A loaded model: the session, its spec and its device.
+pub struct Model {
+    session: Session,
+    spec: Arc<ModelSpec>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("spec", &self.spec)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Loads the model and reads its inputs and outputs. Blocks for as long as loading takes
+    /// (seconds for a large model): call it off the async runtime.
+    pub fn load(options: &LoadOptions) -> Result<Model, Error> {
+        let env = environment(&options.ort_lib)?;
+        let (mut builder, device) = session_builder(&env, options)?;
+        let session =
+            builder
+                .commit_from_file(&options.path)
+                .map_err(|source| Error::ModelLoad {
+                    path: options.path.clone(),
+                    source,
+                })?;
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(IoSpec::from_outlet)
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(IoSpec::from_outlet)
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = Arc::new(ModelSpec::new(inputs, outputs));
+        info!(
+            model = %options.path.display(),
+            device = device.as_str(),
+            batched = spec.batched,
+            inputs = %spec.describe_inputs(),
+            "model loaded"
+        );
+        if !spec.batched {
+            warn!("the model's leading dimension is fixed: every item runs alone (batch size 1)");
+        }
+        Ok(Model {
+            session,
+            spec,
+            device,
+        })
+    }
+
+    /// What the model takes and gives.
+    pub fn spec(&self) -> &Arc<ModelSpec> {
+        &self.spec
+    }
+
+    /// The device in use.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Runs one item of zeros, so that the first real batch does not pay for lazy
+    /// initialisation; the worker reports ready only after it.
+    pub fn warm_up(&mut self) -> Result<(), Error> {
+        let item = self.spec.zero_item()?;
+        self.run(&[&item]).map(drop)
+    }
+}
+
+impl Engine for Model {
+    fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error> {
+        let n = items.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let batched = self.spec.batched;
+        let allocator = Allocator::default();
+        let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(self.spec.inputs.len());
+        for io in &self.spec.inputs {
+            let first = &items[0][&io.name];
+            let mut shape: Vec<i64> = Vec::with_capacity(first.shape().len() + 1);
+            if batched {
+                shape.push(n as i64);
+            }
+            shape.extend(first.shape().iter().map(|&d| d as i64));
+            let mut tensor = DynTensor::new(&allocator, element_type(io.dtype), shape)
+                .map_err(Error::Inference)?;
+            write_items(
+                &mut tensor,
+                io.dtype,
+                items.iter().map(|item| item[&io.name].data().as_ref()),
+            )
+            .map_err(Error::Inference)?;
+            inputs.push((io.name.clone(), tensor.into_dyn()));
+        }
+
+        let outputs = self.session.run(inputs).map_err(Error::Inference)?;
+
+        let mut answers: Vec<Tensors> = vec![Tensors::new(); n];
+        for io in &self.spec.outputs {
+            let Some(value) = outputs.get(&io.name) else {
+                continue;
+            };
+            let (shape, bytes) = read_bytes(value, io.dtype).map_err(Error::Inference)?;
+            let item_shape: Vec<usize> = if batched {
+                let lead = shape.first().copied().unwrap_or(0);
+                if lead != n {
+                    return Err(Error::OutputBatch {
+                        name: io.name.clone(),
+                        expected: n,
+                        got: lead,
+                    });
+                }
+                shape[1..].to_vec()
+            } else {
+                shape
+            };
+            let per_item = bytes.len() / n;
+            for (answer, chunk) in answers.iter_mut().zip(bytes.chunks_exact(per_item.max(1))) {
+                let tensor =
+                    Tensor::new(io.dtype, item_shape.clone(), Bytes::copy_from_slice(chunk))
+                        .map_err(|source| Error::Tensor {
+                            name: io.name.clone(),
+                            source,
+                        })?;
+                answer.insert(io.name.clone(), tensor);
+            }
+            if per_item == 0 {
+                // Empty outputs: chunks_exact(1) over no bytes yields nothing; give each item
+                // its empty tensor.
+                for answer in &mut answers {
+                    let tensor = Tensor::new(io.dtype, item_shape.clone(), Bytes::new()).map_err(
+                        |source| Error::Tensor {
+                            name: io.name.clone(),
+                            source,
+                        },
+                    )?;
+                    answer.insert(io.name.clone(), tensor);
+                }
+            }
+        }
+        Ok(answers)
+    }
+}
+
+fn session_builder(
+    env: &Environment,
+    options: &LoadOptions,
+) -> Result<(SessionBuilder, Device), Error> {
+    let base = || -> Result<SessionBuilder, Error> {
+        let builder = Session::builder(env).map_err(|source| Error::SessionOptions {
+            what: "create",
+            source,
+        })?;
+        match options.threads {
+            Some(threads) => {
+                builder
+                    .with_intra_threads(threads)
+                    .map_err(|e| Error::SessionOptions {
+                        what: "intra-op threads",
+                        source: e.into(),
+                    })
+            }
+            None => Ok(builder),
+        }
+    };
+    match options.device {
+        DeviceChoice::Cpu => Ok((base()?, Device::Cpu)),
+        DeviceChoice::Cuda => cuda(base()?).map(|b| (b, Device::Cuda)),
+        DeviceChoice::Auto => match cuda(base()?) {
+            Ok(builder) => Ok((builder, Device::Cuda)),
+            Err(e) => {
+                warn!(error = %e, "CUDA unavailable, running on CPU");
+                Ok((base()?, Device::Cpu))
+            }
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(builder: SessionBuilder) -> Result<SessionBuilder, Error> {
+    builder
+        .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+        .map_err(|e| Error::CudaUnavailable(e.into()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_builder: SessionBuilder) -> Result<SessionBuilder, Error> {
+    Err(Error::CudaNotBuilt)
+}
+
+/// The protocol dtype for an ONNX element type, for the types this worker can copy.
+fn dtype_of(ty: TensorElementType) -> Option<DType> {
+    Some(match ty {
+        TensorElementType::Float32 => DType::F32,
+        TensorElementType::Float64 => DType::F64,
+        TensorElementType::Int8 => DType::I8,
+        TensorElementType::Int16 => DType::I16,
+        TensorElementType::Int32 => DType::I32,
+        TensorElementType::Int64 => DType::I64,
+        TensorElementType::Uint8 => DType::U8,
+        TensorElementType::Uint16 => DType::U16,
+        TensorElementType::Uint32 => DType::U32,
+        TensorElementType::Uint64 => DType::U64,
+        TensorElementType::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
+/// The ONNX element type for a dtype [`dtype_of`] accepts.
+fn element_type(dtype: DType) -> TensorElementType {
+    match dtype {
+        DType::F32 => TensorElementType::Float32,
+        DType::F64 => TensorElementType::Float64,
+        DType::F16 => TensorElementType::Float16,
+        DType::Bf16 => TensorElementType::Bfloat16,
+        DType::I8 => TensorElementType::Int8,
+        DType::I16 => TensorElementType::Int16,
+        DType::I32 => TensorElementType::Int32,
+        DType::I64 => TensorElementType::Int64,
+        DType::U8 => TensorElementType::Uint8,
+        DType::U16 => TensorElementType::Uint16,
+        DType::U32 => TensorElementType::Uint32,
+        DType::U64 => TensorElementType::Uint64,
+        DType::Bool => TensorElementType::Bool,
+    }
+}
+
+/// Copies each item's bytes, in order, into the batch tensor.
+fn write_items<'a>(
+    tensor: &mut DynTensor,
+    dtype: DType,
+    items: impl Iterator<Item = &'a [u8]>,
+) -> ort::Result<()> {
+    fn copy_all<'a>(dst: &mut [u8], items: impl Iterator<Item = &'a [u8]>) {
+        let mut at = 0;
+        for item in items {
+            dst[at..at + item.len()].copy_from_slice(item);
+            at += item.len();
+        }
+    }
+    macro_rules! pod {
+        ($t:ty) => {{
+            let (_, dst) = tensor.try_extract_tensor_mut::<$t>()?;
+            copy_all(bytemuck::cast_slice_mut(dst), items);
+        }};
+    }
+    match dtype {
+        DType::F32 => pod!(f32),
+        DType::F64 => pod!(f64),
+        DType::I8 => pod!(i8),
+        DType::I16 => pod!(i16),
+        DType::I32 => pod!(i32),
+        DType::I64 => pod!(i64),
+        DType::U8 => pod!(u8),
+        DType::U16 => pod!(u16),
+        DType::U32 => pod!(u32),
+        DType::U64 => pod!(u64),
+        DType::Bool => {
+            let (_, dst) = tensor.try_extract_tensor_mut::<bool>()?;
+            let mut at = 0;
+            for item in items {
+                for (d, &s) in dst[at..at + item.len()].iter_mut().zip(item) {
+                    *d = s != 0;
+                }
+                at += item.len();
+            }
+        }
+        // Refused when the model is loaded (`dtype_of`), so never reached.
+        DType::F16 | DType::Bf16 => {
+            return Err(ort::Error::new(
+                "f16 and bf16 tensors are not supported by this worker",
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// An output's shape and its bytes, borrowed from ONNX Runtime's buffer when the layout
+/// allows (everything but bool).
+fn read_bytes(
+    value: &DynValue,
+    dtype: DType,
+) -> ort::Result<(Vec<usize>, std::borrow::Cow<'_, [u8]>)> {
+    use std::borrow::Cow;
+    macro_rules! pod {
+        ($t:ty) => {{
+            let (shape, data) = value.try_extract_tensor::<$t>()?;
+            (shape, Cow::Borrowed(bytemuck::cast_slice::<$t, u8>(data)))
+        }};
+    }
+    let (shape, bytes) = match dtype {
+        DType::F32 => pod!(f32),
+        DType::F64 => pod!(f64),
+        DType::I8 => pod!(i8),
+        DType::I16 => pod!(i16),
+        DType::I32 => pod!(i32),
+        DType::I64 => pod!(i64),
+        DType::U8 => pod!(u8),
+        DType::U16 => pod!(u16),
+        DType::U32 => pod!(u32),
+        DType::U64 => pod!(u64),
+        DType::Bool => {
+            let (shape, data) = value.try_extract_tensor::<bool>()?;
+            (
+                shape,
+                Cow::Owned(data.iter().map(|&b| u8::from(b)).collect()),
+            )
+        }
+        DType::F16 | DType::Bf16 => {
+            return Err(ort::Error::new(
+                "f16 and bf16 tensors are not supported by this worker",
+            ))
+        }
+    };
+    let shape = shape
+        .iter()
+        .map(|&d| usize::try_from(d).unwrap_or(0))
+        .collect();
+    Ok((shape, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(batched_dims: bool) -> ModelSpec {
+        let lead = if batched_dims { None } else { Some(1) };
+        ModelSpec::new(
+            vec![
+                IoSpec {
+                    name: "x".into(),
+                    dtype: DType::F32,
+                    dims: vec![lead, Some(4)],
+                },
+                IoSpec {
+                    name: "mask".into(),
+                    dtype: DType::I64,
+                    dims: vec![lead, None],
+                },
+            ],
+            vec![IoSpec {
+                name: "y".into(),
+                dtype: DType::F32,
+                dims: vec![lead, Some(2)],
+            }],
+        )
+    }
+
+    fn tensor(dtype: DType, shape: &[usize]) -> Tensor {
+        let len = shape.iter().product::<usize>() * dtype.size();
+        Tensor::new(dtype, shape.to_vec(), Bytes::from(vec![0u8; len])).unwrap()
+    }
+
+    fn item(x: Tensor, mask: Tensor) -> Tensors {
+        Tensors::from([("x".to_owned(), x), ("mask".to_owned(), mask)])
+    }
+
+    #[test]
+    fn batched_only_when_every_leading_dim_is_dynamic() {
+        assert!(spec(true).batched);
+        assert!(!spec(false).batched);
+        assert_eq!(spec(true).batch_limit(32), 32);
+        assert_eq!(spec(false).batch_limit(32), 1);
+    }
+
+    #[test]
+    fn a_good_item_passes() {
+        let s = spec(true);
+        s.check(&item(tensor(DType::F32, &[4]), tensor(DType::I64, &[7])))
+            .unwrap();
+        let z = s.zero_item().unwrap();
+        s.check(&z).unwrap();
+        assert_eq!(z["mask"].shape(), &[1]);
+    }
+
+    #[test]
+    fn every_validation_error_says_what_differs() {
+        let s = spec(true);
+        let good_mask = || tensor(DType::I64, &[3]);
+
+        let mut missing = item(tensor(DType::F32, &[4]), good_mask());
+        missing.remove("mask");
+        let err = s.check(&missing).unwrap_err();
+        assert!(
+            matches!(err, Error::MissingInput { ref name, .. } if name == "mask"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("x: f32 [4]"), "{err}");
+
+        let mut extra = item(tensor(DType::F32, &[4]), good_mask());
+        extra.insert("z".into(), tensor(DType::F32, &[1]));
+        let err = s.check(&extra).unwrap_err();
+        assert!(
+            matches!(err, Error::UnknownInput { ref name, .. } if name == "z"),
+            "{err}"
+        );
+
+        let err = s
+            .check(&item(tensor(DType::F64, &[4]), good_mask()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InputDType {
+                    expected: DType::F32,
+                    got: DType::F64,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("f64") && err.to_string().contains("f32"),
+            "{err}"
+        );
+
+        let err = s
+            .check(&item(tensor(DType::F32, &[5]), good_mask()))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InputShape { ref got, .. } if got == &vec![5]),
+            "{err}"
+        );
+        assert!(err.to_string().contains("[4]"), "{err}");
+
+        // The batch dimension is not sent.
+        let err = s
+            .check(&item(tensor(DType::F32, &[1, 4]), good_mask()))
+            .unwrap_err();
+        assert!(matches!(err, Error::InputShape { .. }), "{err}");
+
+        for err in [
+            s.check(&missing).unwrap_err(),
+            s.check(&extra).unwrap_err(),
+            s.check(&item(tensor(DType::F32, &[5]), good_mask()))
+                .unwrap_err(),
+        ] {
+            assert_eq!(err.code(), tidepool_protocol::ErrorCode::BadRequest);
+        }
+    }
+
+    #[test]
+    fn unbatched_items_carry_the_whole_shape() {
+        let s = spec(false);
+        s.check(&item(
+            tensor(DType::F32, &[1, 4]),
+            tensor(DType::I64, &[1, 9]),
+        ))
+        .unwrap();
+        assert!(s
+            .check(&item(tensor(DType::F32, &[4]), tensor(DType::I64, &[1, 9])))
+            .is_err());
+    }
+
+    #[test]
+    fn same_shapes_compares_every_input() {
+        let a = item(tensor(DType::F32, &[4]), tensor(DType::I64, &[3]));
+        let b = item(tensor(DType::F32, &[4]), tensor(DType::I64, &[3]));
+        let c = item(tensor(DType::F32, &[4]), tensor(DType::I64, &[5]));
+        assert!(ModelSpec::same_shapes(&a, &b));
+        assert!(!ModelSpec::same_shapes(&a, &c));
+    }
+}
