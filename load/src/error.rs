@@ -1,0 +1,72 @@
+//! The crate's one error type: what can stop a load run before or after it sends.
+//!
+//! Request failures are not errors here: they are outcomes, counted in the
+//! [`Report`](crate::Report). An [`Error`] means the run could not be set up (a bad flag,
+//! a target that does not accept connections) or its results could not be written.
+//! Protocol errors are boxed: they are large, and these paths are cold.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything that can go wrong in tidepool-load.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is out of range or inconsistent with another.
+    #[error("invalid --{flag}: {reason}")]
+    InvalidConfig {
+        /// The flag, without its dashes.
+        flag: &'static str,
+        /// What is wrong and what would be accepted.
+        reason: String,
+    },
+    /// An `--input` specification could not be read.
+    #[error("invalid --input {spec:?}: {reason}; expected NAME:DTYPE:DIMS such as input:f32:64 or image:u8:3x224x224")]
+    InvalidInput {
+        /// The specification as given.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The target did not accept the pool's connections.
+    #[error("could not connect to {target}: {source}")]
+    Connect {
+        /// The address given with `--target`.
+        target: String,
+        /// Why the connection failed.
+        #[source]
+        source: Box<tidepool_protocol::Error>,
+    },
+    /// `--wait-ready` passed without a `pong` from the target.
+    #[error("{target} did not answer ping within {waited:?}{}", last.as_ref().map(|e| format!(" (last: {e})")).unwrap_or_default())]
+    NotReady {
+        /// The address given with `--target`.
+        target: String,
+        /// How long we waited.
+        waited: Duration,
+        /// The last ping's failure, when there was one.
+        #[source]
+        last: Option<Box<tidepool_protocol::Error>>,
+    },
+    /// A tensor could not be built from an `--input` specification.
+    #[error("could not build tensor {name:?}: {source}")]
+    Tensor {
+        /// The input's name.
+        name: String,
+        /// What the protocol crate refused.
+        #[source]
+        source: Box<tidepool_protocol::Error>,
+    },
+    /// A result file could not be written.
+    #[error("could not write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The report could not be serialised as JSON.
+    #[error("could not serialise the report as JSON: {0}")]
+    Json(#[source] serde_json::Error),
+}

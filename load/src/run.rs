@@ -1,0 +1,222 @@
+//! The run: connect, follow the schedule, send each request on its own task, drain,
+//! report.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tidepool_protocol::{CallOptions, ClientOptions, Pool, Tensors};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::LoadConfig;
+use crate::error::Error;
+use crate::input::build_items;
+use crate::live::{live_loop, LiveSources};
+use crate::outcome::Outcome;
+use crate::recorder::{Answer, Recorder};
+use crate::report::{Report, RunInfo};
+use crate::schedule::Schedule;
+
+/// How often `--wait-ready` pings.
+const PING_EVERY: Duration = Duration::from_millis(200);
+
+/// Runs the load described by `config` until its duration ends or `shutdown` is
+/// cancelled, then drains and reports.
+///
+/// Fails only on setup: an invalid config, unbuildable inputs, a target that refuses
+/// the connections or (with `--wait-ready`) never answers ping. Everything that happens
+/// to requests is in the [`Report`]. Cancelling `shutdown` stops the schedule; requests
+/// in flight still get up to `config.drain` to finish, and the report is still returned
+/// (marked interrupted).
+pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Report, Error> {
+    config.validate()?;
+    let items = build_items(&config.inputs, config.items, config.seed)?;
+    let pool = Pool::connect(&config.target, config.connections, ClientOptions::default())
+        .await
+        .map_err(|source| Error::Connect {
+            target: config.target.clone(),
+            source: Box::new(source),
+        })?;
+    if !config.wait_ready.is_zero() {
+        wait_ready(&pool, &config, &shutdown).await?;
+    }
+
+    let profile = config.rate_profile();
+    let schedule = Schedule::new(profile, config.duration, config.arrivals, config.seed);
+    let recorder = Arc::new(Mutex::new(Recorder::new()));
+    // One permit per request in flight: the concurrency cap, and the in-flight gauge.
+    let slots = Arc::new(Semaphore::new(config.concurrency));
+    let tracker = TaskTracker::new();
+    let abandon = CancellationToken::new();
+    let call = CallOptions {
+        deadline: config.deadline,
+    };
+    let start = Instant::now();
+
+    let live_stop = CancellationToken::new();
+    let live = (!config.quiet).then(|| {
+        tokio::spawn(live_loop(
+            LiveSources {
+                start,
+                recorder: Arc::clone(&recorder),
+                slots: Arc::clone(&slots),
+                concurrency: config.concurrency,
+                profile,
+            },
+            live_stop.clone(),
+        ))
+    });
+
+    let mut interrupted = false;
+    for (n, offset) in schedule.enumerate() {
+        let due = start + offset;
+        if Instant::now() < due {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep_until(due) => {}
+            }
+        }
+        if shutdown.is_cancelled() {
+            interrupted = true;
+            break;
+        }
+        // Never wait for a slot: a send the cap refuses is counted and the schedule goes
+        // on, so the offered rate stays what the profile says.
+        let permit = Arc::clone(&slots).try_acquire_owned().ok();
+        lock(&recorder).offered(offset, permit.is_some());
+        if let Some(permit) = permit {
+            tracker.spawn(request(Request {
+                pool: pool.clone(),
+                inputs: items[n % items.len()].clone(),
+                call,
+                start,
+                due,
+                recorder: Arc::clone(&recorder),
+                abandon: abandon.clone(),
+                _permit: permit,
+            }));
+        }
+    }
+    if !interrupted {
+        // The schedule's last send falls before the end; the run lasts its duration.
+        tokio::select! {
+            () = shutdown.cancelled() => interrupted = true,
+            () = tokio::time::sleep_until(start + config.duration) => {}
+        }
+    }
+
+    tracker.close();
+    tokio::select! {
+        () = tracker.wait() => tracing::debug!("every request answered"),
+        () = tokio::time::sleep(config.drain) => {
+            tracing::info!(
+                in_flight = tracker.len(),
+                drain = ?config.drain,
+                "drain deadline passed; abandoning the requests still in flight"
+            );
+            abandon.cancel();
+            tracker.wait().await;
+        }
+    }
+    let elapsed = start.elapsed();
+    live_stop.cancel();
+    if let Some(live) = live {
+        let _ = live.await;
+    }
+
+    let info = RunInfo {
+        target: config.target.clone(),
+        profile,
+        arrivals: config.arrivals,
+        duration_s: config.duration.as_secs_f64(),
+        elapsed_s: elapsed.as_secs_f64(),
+        interrupted,
+        concurrency: config.concurrency,
+        connections: config.connections,
+        deadline_ms: config
+            .deadline
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        inputs: config.inputs.iter().map(ToString::to_string).collect(),
+    };
+    let recorder = match Arc::try_unwrap(recorder) {
+        Ok(mutex) => mutex.into_inner().unwrap_or_else(|p| p.into_inner()),
+        // Every task that held a clone has finished; the live loop was joined. Should a
+        // clone survive anyway, report from a copy of what it holds.
+        Err(shared) => std::mem::replace(&mut *lock(&shared), Recorder::new()),
+    };
+    Ok(recorder.finish(info, &profile))
+}
+
+/// Pings the target until it answers, `config.wait_ready` at most.
+async fn wait_ready(
+    pool: &Pool,
+    config: &LoadConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    let mut last = None;
+    while let Some(client) = pool.pick() {
+        match client.ping(PING_EVERY.max(Duration::from_secs(1))).await {
+            Ok(()) => return Ok(()),
+            Err(error) => last = Some(Box::new(error)),
+        }
+        if started.elapsed() >= config.wait_ready {
+            break;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(PING_EVERY) => {}
+        }
+    }
+    Err(Error::NotReady {
+        target: config.target.clone(),
+        waited: started.elapsed(),
+        last,
+    })
+}
+
+/// Everything one request task needs.
+struct Request {
+    pool: Pool,
+    inputs: Tensors,
+    call: CallOptions,
+    start: Instant,
+    /// Its intended send time: latency counts from here, not from when it went out.
+    due: Instant,
+    recorder: Arc<Mutex<Recorder>>,
+    abandon: CancellationToken,
+    /// Its concurrency slot, given back when the task ends.
+    _permit: OwnedSemaphorePermit,
+}
+
+async fn request(r: Request) {
+    let result = tokio::select! {
+        result = r.pool.infer_with(r.inputs, r.call) => Some(result),
+        // Dropping the call sends `cancel` to the server.
+        () = r.abandon.cancelled() => None,
+    };
+    let now = Instant::now();
+    let (outcome, worker, batch_size) = match result {
+        Some(Ok(result)) => (Outcome::Ok, result.worker, result.batch_size),
+        Some(Err(error)) => {
+            tracing::trace!(%error, "request failed");
+            (Outcome::of_error(&error), None, None)
+        }
+        None => (Outcome::Unanswered, None, None),
+    };
+    lock(&r.recorder).answered(Answer {
+        at: now.saturating_duration_since(r.start),
+        latency: now.saturating_duration_since(r.due),
+        outcome,
+        worker,
+        batch_size,
+    });
+}
+
+fn lock(recorder: &Mutex<Recorder>) -> std::sync::MutexGuard<'_, Recorder> {
+    // A panic while holding the lock leaves tallies that are still worth reporting.
+    recorder.lock().unwrap_or_else(|poison| poison.into_inner())
+}
