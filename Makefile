@@ -1,0 +1,59 @@
+# tidepool: the two commands are `make demo` and `make test`; everything they need is set
+# up here, idempotently, from crates.io and PyPI.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ORT_VERSION ?= 1.31.1
+ORT_LIB     := $(CURDIR)/.ort/libonnxruntime.so.$(ORT_VERSION)
+VENV        := $(CURDIR)/.venv
+PY          := $(VENV)/bin/python
+CARGO       ?= cargo
+SIZE        ?= 16MiB
+export ORT_DYLIB_PATH ?= $(ORT_LIB)
+
+.PHONY: help setup ort venv build release test lint unit interop fuzz python-client demo bench \
+        compose-up compose-down clean-local
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+setup: ort venv ## fetch ONNX Runtime and the Python tools (idempotent)
+
+ort: $(ORT_LIB) ## fetch the ONNX Runtime library from the onnxruntime wheel into .ort/
+$(ORT_LIB):
+	ORT_VERSION=$(ORT_VERSION) scripts/fetch-ort.sh
+
+venv: $(VENV)/.ready ## Python tools for the interop fixtures and the README client
+$(VENV)/.ready: scripts/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
+	touch $@
+
+build: ## debug build of every crate
+	$(CARGO) build --workspace --all-targets
+
+release: ## release build of the binaries
+	$(CARGO) build --release --workspace --bins
+
+test: setup lint unit interop fuzz python-client ## the whole suite: what CI runs
+	@echo "make test: all checks passed"
+
+lint: ## rustfmt and clippy, warnings are errors
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: setup ## every cargo test in the workspace
+	$(CARGO) test --workspace
+
+interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
+	$(CARGO) test -p tidepool-protocol --test interop
+	$(PY) protocol/tests/interop/interop.py check
+
+fuzz: ## build the decoder fuzz target and run it briefly (FUZZ_SECONDS)
+	scripts/fuzz.sh $${FUZZ_SECONDS:-20}
+
+python-client: venv ## the README's Python client against a live cluster
+	scripts/test-python-client.sh
+
+clean-local: ## remove fetched libraries and the virtualenv
+	rm -rf .ort .ort-gpu $(VENV)

