@@ -1,9 +1,381 @@
-//! tidepool-worker (in progress)
+//! # tidepool-worker
+//!
+//! Serves one ONNX model over the tidepool protocol, stacking concurrent requests into batches.
+//! It is the "Fargate task" of tidepool: start as many as the load needs, each registers with
+//! the balancer, and each answers `pong` to health checks only once its model is loaded.
+//!
+//! ## The path of one item
+//! ```text
+//! TCP ─▶ server (frame, check against the ModelSpec) ─▶ batcher queue ─▶ model thread (ort)
+//!  ▲                                                                          │
+//!  └──────────── result {outputs, worker, batch_size, queue_us, infer_us} ◀───┘
+//! ```
+//!
+//! ## Modules
+//! - [`config`]: the command line (`serve`, `synth`), flags with `TIDEPOOL_*` environment
+//!   fallbacks, validated before anything is bound.
+//! - [`model`]: the ONNX Runtime session: loading (external data included), the model's
+//!   inputs and outputs as a [`ModelSpec`], checking an item against it, running one batch.
+//!   No async.
+//! - [`batcher`]: the batching actor: bounded queue, batches by size or delay, deadlines,
+//!   cancels, overload, the model thread, draining.
+//! - [`server`]: protocol connections: frames in, batcher, answers out, with backpressure.
+//! - [`registration`]: registering with the balancer's admin API once ready, and
+//!   deregistering first on shutdown.
+//! - [`metrics`]: counters and histograms, Prometheus text on `--metrics`.
+//! - [`synth`]: synthetic MLP models of any size, built with `ort::editor`.
+//! - [`error`]: the crate's one error type.
+//!
+//! ## Lifecycle
+//! [`Worker::start`] validates the configuration, binds the listeners, and loads the model in
+//! the background; until the model is loaded and one warm-up batch has run, requests and pings
+//! are answered `unavailable`. Then it serves, and registers if asked. When its shutdown token
+//! fires (SIGTERM or SIGINT in the binary) it deregisters, stops accepting, lets the queue
+//! drain within `--drain-timeout` (what is left is answered `shutting_down`), writes the last
+//! answers, and [`Worker::wait`] returns.
+//!
+//! ## In-process use (tests, embedding)
+//! ```no_run
+//! # async fn demo() -> Result<(), tidepool_worker::Error> {
+//! use tidepool_worker::{ServeConfig, Worker};
+//! let worker = Worker::start(ServeConfig::new("model.onnx", "127.0.0.1:0")).await?;
+//! assert!(worker.ready().await);
+//! let addr = worker.local_addr(); // connect a tidepool_protocol::Client here
+//! worker.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+pub mod batcher;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod model;
-pub use config::{DeviceChoice, ServeConfig, SynthConfig};
-pub use error::Error;
+pub mod registration;
+pub mod server;
 pub mod synth;
 #[cfg(test)]
 mod test_support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+pub use batcher::{BatchConfig, Batcher, BatcherHandle, Rejection, Reply, Ticket};
+pub use config::{Cli, Command, DeviceChoice, ServeConfig, SynthConfig};
+pub use error::Error;
+pub use metrics::Metrics;
+pub use model::{Device, Engine, LoadOptions, Model, ModelSpec};
+pub use server::Phase;
+pub use synth::SynthPlan;
+
+/// How long connections get, after the queue has drained, to write their last answers before
+/// they are closed regardless (a client that never reads must not hold shutdown forever).
+const CONNECTION_GRACE: Duration = Duration::from_secs(5);
+
+/// A running worker. Dropping it does not stop it; call [`Worker::shutdown`].
+#[derive(Debug)]
+pub struct Worker {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    name: String,
+    advertise: String,
+    phase: watch::Receiver<Phase>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Worker {
+    /// Validates `config`, binds the listeners, and starts loading the model in the
+    /// background. Returns once the listeners are bound: the worker answers `unavailable`
+    /// until [`Worker::ready`].
+    pub async fn start(config: ServeConfig) -> Result<Worker, Error> {
+        config.validate()?;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                what: "the protocol listener",
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            what: "the protocol listener",
+            addr: config.listen.clone(),
+            source,
+        })?;
+        let metrics_listener = match &config.metrics {
+            Some(metrics_addr) => Some(TcpListener::bind(metrics_addr).await.map_err(
+                |source| Error::Bind {
+                    what: "the metrics listener",
+                    addr: metrics_addr.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+        if config.register.is_some() && config.advertise.is_none() && addr.ip().is_unspecified() {
+            warn!(%addr, "registering an unspecified address; pass --advertise HOST:PORT that the balancer can reach");
+        }
+        let name = config.name.clone().unwrap_or_else(|| advertise.clone());
+        server::log_listening(addr, &name);
+        if let Some(m) = metrics_addr {
+            info!(url = %metrics::describe(m), "serving metrics");
+        }
+
+        let metrics = Arc::new(Metrics::default());
+        let (phase_tx, phase) = watch::channel(Phase::Loading);
+        let shutdown = CancellationToken::new();
+        let run = Run {
+            config,
+            listener,
+            metrics_listener,
+            name: name.clone(),
+            advertise: advertise.clone(),
+            metrics: Arc::clone(&metrics),
+            phase_tx,
+        };
+        let task = tokio::spawn(run.run(shutdown.clone()));
+        Ok(Worker {
+            addr,
+            metrics_addr,
+            name,
+            advertise,
+            phase,
+            metrics,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The bound protocol address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The bound metrics address, with `--metrics`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The name put in every result's `worker` field.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address registered with the balancer.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
+    /// The worker's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Waits until the model is loaded and warmed up. False when the worker stopped first
+    /// (the model failed to load, or shutdown came first; [`Worker::wait`] says why).
+    pub async fn ready(&self) -> bool {
+        let mut phase = self.phase.clone();
+        let ready = phase
+            .wait_for(|p| !matches!(p, Phase::Loading))
+            .await
+            .map(|p| matches!(*p, Phase::Ready { .. }));
+        ready.unwrap_or(false)
+    }
+
+    /// The token that starts a graceful shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the worker has stopped: after a shutdown, or when it failed.
+    pub async fn wait(self) -> Result<(), Error> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => {
+                error!(error = %e, "worker task failed");
+                Err(Error::ModelThread("the worker task panicked"))
+            }
+        }
+    }
+
+    /// Starts a graceful shutdown and waits for it.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// What the worker's main task owns.
+struct Run {
+    config: ServeConfig,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    name: String,
+    advertise: String,
+    metrics: Arc<Metrics>,
+    phase_tx: watch::Sender<Phase>,
+}
+
+impl Run {
+    async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Run {
+            config,
+            listener,
+            metrics_listener,
+            name,
+            advertise,
+            metrics,
+            phase_tx,
+        } = self;
+        let metrics_stop = CancellationToken::new();
+        let metrics_task = metrics_listener.map(|l| {
+            let (metrics, stop) = (Arc::clone(&metrics), metrics_stop.clone());
+            tokio::spawn(async move {
+                if let Err(e) = metrics::serve(l, metrics, stop).await {
+                    error!(error = %e, "metrics server failed");
+                }
+            })
+        });
+
+        let context = Arc::new(server::ServerContext {
+            phase: phase_tx.subscribe(),
+            name,
+            metrics: Arc::clone(&metrics),
+            max_in_flight: config.max_in_flight,
+            max_frame: usize::try_from(config.max_frame).unwrap_or(usize::MAX),
+        });
+        let tracker = TaskTracker::new();
+        let (stop_accepting, close, abort) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let accept_task = tokio::spawn(server::accept(
+            listener,
+            context,
+            tracker.clone(),
+            stop_accepting.clone(),
+            close.clone(),
+            abort.clone(),
+        ));
+
+        let result = serve_model(&config, &advertise, &metrics, &phase_tx, &shutdown).await;
+
+        // Whatever happened, stop taking connections and let the open ones finish.
+        phase_tx.send_replace(Phase::Draining);
+        metrics.ready.store(false, Ordering::Relaxed);
+        stop_accepting.cancel();
+        close.cancel();
+        tracker.close();
+        if tokio::time::timeout(CONNECTION_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace = ?CONNECTION_GRACE,
+                "connections still writing answers after the drain; closing them"
+            );
+            abort.cancel();
+            tracker.wait().await;
+        }
+        let _ = accept_task.await;
+        metrics_stop.cancel();
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+        match &result {
+            Ok(()) => info!("worker stopped"),
+            Err(e) => error!(error = %e, "worker failed"),
+        }
+        result
+    }
+}
+
+/// Loads the model, serves until `shutdown`, then deregisters and drains the batcher.
+async fn serve_model(
+    config: &ServeConfig,
+    advertise: &str,
+    metrics: &Arc<Metrics>,
+    phase_tx: &watch::Sender<Phase>,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let options = LoadOptions {
+        path: config.model.clone(),
+        ort_lib: config.ort_lib.clone().ok_or(Error::OrtLibMissing)?,
+        device: config.device,
+        threads: config.threads,
+    };
+    let load = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut model = Model::load(&options)?;
+        model.warm_up()?;
+        info!(elapsed = ?started.elapsed(), "model loaded and warmed up");
+        Ok::<_, Error>(model)
+    });
+    let model = tokio::select! {
+        loaded = load => loaded.map_err(|_| Error::ModelThread("model loading panicked"))??,
+        _ = shutdown.cancelled() => {
+            info!("shutdown before the model finished loading");
+            return Ok(());
+        }
+    };
+    metrics.set_device(model.device().as_str());
+    let spec = Arc::clone(model.spec());
+    let batch_config = BatchConfig {
+        max_batch: spec.batch_limit(config.max_batch),
+        max_delay: config.max_delay,
+        queue: config.queue,
+        drain_timeout: config.drain_timeout,
+    };
+    let batcher_stop = CancellationToken::new();
+    let batcher = Batcher::start(
+        model,
+        batch_config,
+        Arc::clone(metrics),
+        batcher_stop.clone(),
+    )?;
+    phase_tx.send_replace(Phase::Ready {
+        batcher: batcher.handle(),
+        spec,
+    });
+    metrics.ready.store(true, Ordering::Relaxed);
+    info!(
+        max_batch = batch_config.max_batch,
+        max_delay = ?batch_config.max_delay,
+        queue = batch_config.queue,
+        "ready"
+    );
+
+    let registration = config.register.clone().map(|url| {
+        let (advertise, stop) = (advertise.to_owned(), shutdown.clone());
+        tokio::spawn(async move {
+            let registered = registration::register(&url, &advertise, &stop).await;
+            (url, registered)
+        })
+    });
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    // Deregister first, so the balancer stops sending before this worker stops taking.
+    if let Some(task) = registration {
+        if let Ok((url, true)) = task.await {
+            registration::deregister(&url, advertise).await;
+        }
+    }
+    phase_tx.send_replace(Phase::Draining);
+    metrics.ready.store(false, Ordering::Relaxed);
+    batcher_stop.cancel();
+    batcher.join().await;
+    Ok(())
+}

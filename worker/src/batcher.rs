@@ -1,0 +1,1002 @@
+//! The batcher: an actor that owns the queue, stacks queued items into batches, and hands them
+//! to the model thread.
+//!
+//! ```text
+//! connections ──submit──▶ [bounded channel] ──▶ batcher task (queue, timers) ──batch──▶ model thread
+//!      ▲                                                                                  │
+//!      └────────────────────────── oneshot reply per item ◀──────────────────────────────┘
+//! ```
+//!
+//! - **Bounded.** A semaphore of `--queue` permits travels with each item until it leaves the
+//!   queue; [`BatcherHandle::submit`] answers `overloaded` at once when none is left, with a
+//!   `retry_after_ms` estimated from the recent batch time.
+//! - **When a batch runs.** With the model idle: as soon as a full batch is queued, the oldest
+//!   item has waited `max_delay`, or at once when `max_delay` is zero (a batch is then whatever
+//!   is queued when the model becomes free). With the model busy, a full batch is handed over
+//!   so that it starts the moment the current one ends; partial batches keep filling instead.
+//! - **Deadlines and cancels.** Items past their deadline are answered `deadline_exceeded`
+//!   while still queued (a timer wakes the actor for the earliest one). A [`Canceller`]
+//!   removes an item that is still queued and answers it `cancelled`; an item that already
+//!   runs is answered as usual (the protocol's rule). An item whose [`Ticket`] was dropped
+//!   (its connection went) is skipped without an answer, since nobody is left to read it.
+//! - **Exactly one answer.** Each item's reply sender is a guard that answers `internal` if it
+//!   is dropped unanswered, so a forgotten branch or a panic still answers once.
+//! - **Failure.** A batch whose run fails answers each of its items `internal`; a panic in the
+//!   engine is caught and treated the same; the model thread goes on with the next batch.
+//! - **Shutdown.** When the shutdown token fires, new submissions are answered `shutting_down`,
+//!   queued items keep running (without waiting for `max_delay`) until the queue is empty or
+//!   `drain_timeout` passes; whatever is still queued then is answered `shutting_down`. The
+//!   batch running at that moment finishes. [`Batcher::join`] then joins the model thread.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidepool_protocol::{ErrorCode, Tensors};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::model::{Engine, ModelSpec};
+
+/// How the batcher batches.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchConfig {
+    /// Most items per batch (already 1 for a model that cannot batch).
+    pub max_batch: usize,
+    /// Longest the oldest item waits for a batch to fill; zero: no timer.
+    pub max_delay: Duration,
+    /// Most items waiting.
+    pub queue: usize,
+    /// How long shutdown lets queued items run.
+    pub drain_timeout: Duration,
+}
+
+/// A successful answer for one item.
+#[derive(Clone, Debug)]
+pub struct Done {
+    /// The item's outputs, without the batch dimension.
+    pub outputs: Tensors,
+    /// Microseconds between submission and the batch starting.
+    pub queue_us: u64,
+    /// Microseconds the batch took to run.
+    pub infer_us: u64,
+    /// Items in that batch.
+    pub batch_size: u32,
+}
+
+/// Why an item got no result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The protocol code.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+    /// For `overloaded`: when to retry.
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Rejection {
+    /// A rejection without a retry hint.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+}
+
+/// What one item gets back.
+pub type Reply = Result<Done, Rejection>;
+
+/// The caller's end of a submitted item. Await [`Ticket::wait`] for the answer; dropping the
+/// ticket cancels the item if it has not started.
+#[derive(Debug)]
+pub struct Ticket {
+    rx: oneshot::Receiver<Reply>,
+    canceller: Canceller,
+}
+
+impl Ticket {
+    /// A way to cancel the item while it is queued, usable while the ticket is awaited.
+    pub fn canceller(&self) -> Canceller {
+        self.canceller.clone()
+    }
+
+    /// The item's answer.
+    pub async fn wait(self) -> Reply {
+        self.rx.await.unwrap_or_else(|_| {
+            // Unreachable by construction (the responder answers on drop); kept total.
+            Err(Rejection::new(
+                ErrorCode::Internal,
+                "the batcher dropped the item",
+            ))
+        })
+    }
+}
+
+/// Cancels one submitted item if it is still queued.
+#[derive(Clone, Debug)]
+pub struct Canceller {
+    flag: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+impl Canceller {
+    /// Asks the batcher to drop the item and answer it `cancelled`; without effect once the
+    /// item's batch has started (its result then comes as usual).
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_one();
+    }
+}
+
+/// The batcher's end of an item's reply: answers `internal` when dropped unanswered.
+#[derive(Debug)]
+struct Responder(Option<oneshot::Sender<Reply>>);
+
+impl Responder {
+    fn send(mut self, reply: Reply) {
+        if let Some(tx) = self.0.take() {
+            // The caller may have gone; then nobody wants the answer.
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// True when the ticket was dropped: the caller no longer wants the answer.
+    fn is_abandoned(&self) -> bool {
+        self.0.as_ref().is_none_or(oneshot::Sender::is_closed)
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(Err(Rejection::new(
+                ErrorCode::Internal,
+                "the worker dropped the item without answering it",
+            )));
+        }
+    }
+}
+
+/// One queued item.
+#[derive(Debug)]
+struct Queued {
+    inputs: Tensors,
+    deadline: Option<Instant>,
+    enqueued: Instant,
+    reply: Responder,
+    /// Set by the item's [`Canceller`].
+    cancelled: Arc<AtomicBool>,
+    /// The item's place in the bounded queue, released when it leaves the queue.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// One item on its way through the model thread.
+struct Running {
+    inputs: Tensors,
+    queue_us: u64,
+    reply: Responder,
+}
+
+/// What the model thread reports after each batch.
+#[derive(Debug)]
+struct BatchDone {
+    infer_us: u64,
+}
+
+/// Shared between the handles and the actor.
+#[derive(Debug)]
+struct Shared {
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    max_batch: usize,
+    /// Recent batch duration in microseconds (an exponential moving average), for
+    /// `retry_after_ms`.
+    batch_us: AtomicU64,
+    /// Wakes the actor to look for cancelled items.
+    wake: Notify,
+}
+
+/// The connections' way into the batcher. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct BatcherHandle {
+    tx: mpsc::Sender<Queued>,
+    shared: Arc<Shared>,
+}
+
+impl BatcherHandle {
+    /// Queues one checked item. Answers at once with `overloaded` when the queue is full and
+    /// with `shutting_down` once shutdown has begun.
+    pub fn submit(&self, inputs: Tensors, deadline: Option<Instant>) -> Result<Ticket, Rejection> {
+        if self.tx.is_closed() {
+            return Err(shutting_down());
+        }
+        let permit = match Arc::clone(&self.shared.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => {
+                return Err(Rejection {
+                    code: ErrorCode::Overloaded,
+                    message: format!(
+                        "the worker's queue of {} items is full",
+                        self.shared.capacity
+                    ),
+                    retry_after_ms: Some(self.retry_after_ms()),
+                })
+            }
+            Err(TryAcquireError::Closed) => return Err(shutting_down()),
+        };
+        let (tx, rx) = oneshot::channel();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let item = Queued {
+            inputs,
+            deadline,
+            enqueued: Instant::now(),
+            reply: Responder(Some(tx)),
+            cancelled: Arc::clone(&cancelled),
+            _permit: permit,
+        };
+        // The channel holds as many items as there are permits, so it is never full here;
+        // it is closed once shutdown begins.
+        match self.tx.try_send(item) {
+            Ok(()) => Ok(Ticket {
+                rx,
+                canceller: Canceller {
+                    flag: cancelled,
+                    shared: Arc::clone(&self.shared),
+                },
+            }),
+            Err(
+                mpsc::error::TrySendError::Closed(item) | mpsc::error::TrySendError::Full(item),
+            ) => {
+                // Disarm the guard: the caller gets the rejection directly.
+                let mut item = item;
+                item.reply.0 = None;
+                Err(shutting_down())
+            }
+        }
+    }
+
+    /// Items waiting (queued or on their way into the queue).
+    pub fn queued(&self) -> usize {
+        self.shared.capacity - self.shared.permits.available_permits()
+    }
+
+    /// How long until the queue has room, estimated: the batches ahead times the recent
+    /// batch time, at least 1 ms.
+    fn retry_after_ms(&self) -> u64 {
+        let batches = self.queued().div_ceil(self.shared.max_batch.max(1)) as u64;
+        let batch_us = self.shared.batch_us.load(Ordering::Relaxed).max(1_000);
+        (batches * batch_us / 1_000).clamp(1, 60_000)
+    }
+}
+
+fn shutting_down() -> Rejection {
+    Rejection::new(
+        ErrorCode::ShuttingDown,
+        "the worker is shutting down; retry on another worker",
+    )
+}
+
+/// The running batcher: its handle, its task and its model thread.
+#[derive(Debug)]
+pub struct Batcher {
+    handle: BatcherHandle,
+    task: JoinHandle<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Batcher {
+    /// Starts the model thread (which owns `engine`) and the batching task. When `shutdown`
+    /// fires the batcher drains (see the module docs); [`Batcher::join`] waits for that.
+    pub fn start<E: Engine>(
+        engine: E,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Batcher, Error> {
+        let capacity = config.queue.max(1);
+        let (tx, rx) = mpsc::channel(capacity);
+        // At most two batches are handed over at once (one running, one next), so these
+        // channels never fill.
+        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Running>>(2);
+        let (done_tx, done_rx) = mpsc::channel::<BatchDone>(2);
+        let thread = std::thread::Builder::new()
+            .name("tidepool-model".into())
+            .spawn(move || model_thread(engine, batch_rx, done_tx))
+            .map_err(|_| Error::ModelThread("could not spawn the model thread"))?;
+        let shared = Arc::new(Shared {
+            permits: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            max_batch: config.max_batch.max(1),
+            batch_us: AtomicU64::new(0),
+            wake: Notify::new(),
+        });
+        let actor = Actor {
+            config,
+            rx,
+            rx_done: false,
+            queue: VecDeque::new(),
+            next_deadline: None,
+            in_flight: 0,
+            batch_tx,
+            done_rx,
+            shared: Arc::clone(&shared),
+            metrics,
+            draining: false,
+            drain_deadline: None,
+            drain_expired: false,
+        };
+        let task = tokio::spawn(actor.run(shutdown));
+        Ok(Batcher {
+            handle: BatcherHandle { tx, shared },
+            task,
+            thread,
+        })
+    }
+
+    /// A handle for submitting items.
+    pub fn handle(&self) -> BatcherHandle {
+        self.handle.clone()
+    }
+
+    /// Waits until the batcher has drained after its shutdown token fired, then joins the
+    /// model thread.
+    pub async fn join(self) {
+        let Batcher {
+            handle,
+            task,
+            thread,
+        } = self;
+        drop(handle);
+        if let Err(e) = task.await {
+            error!(error = %e, "batcher task failed");
+        }
+        // The task dropped the batch sender, so the thread ends after its current batch.
+        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            error!("model thread ended abnormally");
+        }
+    }
+}
+
+/// The batching task's state.
+struct Actor {
+    config: BatchConfig,
+    rx: mpsc::Receiver<Queued>,
+    /// The channel is closed and empty.
+    rx_done: bool,
+    queue: VecDeque<Queued>,
+    /// No queued item has a deadline before this (a lower bound, refreshed on purge).
+    next_deadline: Option<Instant>,
+    /// Batches handed to the model thread and not yet reported done (0, 1 or 2).
+    in_flight: usize,
+    batch_tx: mpsc::Sender<Vec<Running>>,
+    done_rx: mpsc::Receiver<BatchDone>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    draining: bool,
+    drain_deadline: Option<Instant>,
+    /// The drain deadline passed: nothing more is dispatched.
+    drain_expired: bool,
+}
+
+impl Actor {
+    async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            // Take in everything already submitted, so that a batch formed now holds all of
+            // it (select! below picks one ready branch at a time).
+            while let Ok(item) = self.rx.try_recv() {
+                self.push(item);
+            }
+            let now = Instant::now();
+            if self.next_deadline.is_some_and(|d| d <= now) {
+                self.purge(now);
+            }
+            self.check_drain_deadline(now);
+            self.dispatch(now);
+            self.metrics
+                .queue_depth
+                .store(self.queued_now() as i64, Ordering::Relaxed);
+            if self.draining && self.rx_done && self.queue.is_empty() && self.in_flight == 0 {
+                info!("batcher drained");
+                break;
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = shutdown.cancelled(), if !self.draining => self.begin_drain(),
+                done = self.done_rx.recv() => match done {
+                    Some(done) => self.batch_done(done),
+                    None => {
+                        error!("the model thread has ended; answering queued items internal");
+                        self.reject_all(ErrorCode::Internal, "the model thread has ended");
+                        self.in_flight = 0;
+                        self.drain_expired = true;
+                        self.begin_drain();
+                    }
+                },
+                item = self.rx.recv(), if !self.rx_done => match item {
+                    Some(item) => self.push(item),
+                    // Every handle is gone: nobody can submit again.
+                    None => {
+                        self.rx_done = true;
+                        self.begin_drain();
+                    }
+                },
+                _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
+                () = self.shared.wake.notified() => self.purge(Instant::now()),
+            }
+        }
+        // Dropping the batch sender ends the model thread.
+    }
+
+    fn queued_now(&self) -> usize {
+        self.shared.capacity - self.shared.permits.available_permits()
+    }
+
+    fn push(&mut self, item: Queued) {
+        if self.drain_expired {
+            item.reply.send(Err(Rejection::new(
+                ErrorCode::ShuttingDown,
+                "the worker's drain timeout passed before this item ran",
+            )));
+            return;
+        }
+        if let Some(deadline) = item.deadline {
+            self.next_deadline = Some(self.next_deadline.map_or(deadline, |d| d.min(deadline)));
+        }
+        self.queue.push_back(item);
+    }
+
+    fn begin_drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        // Refuse new submissions; items already in the channel are still received.
+        self.rx.close();
+        self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
+        info!(
+            queued = self.queue.len(),
+            running = self.in_flight,
+            "draining the batch queue"
+        );
+    }
+
+    fn batch_done(&mut self, done: BatchDone) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.metrics.infer_time.observe(done.infer_us);
+        let old = self.shared.batch_us.load(Ordering::Relaxed);
+        let avg = if old == 0 {
+            done.infer_us
+        } else {
+            (old * 7 + done.infer_us) / 8
+        };
+        self.shared.batch_us.store(avg, Ordering::Relaxed);
+    }
+
+    /// Answers expired items, drops cancelled ones, and recomputes the earliest deadline.
+    fn purge(&mut self, now: Instant) {
+        let mut next = None::<Instant>;
+        let queue = std::mem::take(&mut self.queue);
+        for item in queue {
+            if item.reply.is_abandoned() {
+                debug!("dropping an item nobody waits for");
+                continue;
+            }
+            if item.cancelled.load(Ordering::Relaxed) {
+                item.reply.send(Err(Rejection::new(
+                    ErrorCode::Cancelled,
+                    "cancelled by the client before it ran",
+                )));
+                continue;
+            }
+            if let Some(deadline) = item.deadline {
+                if deadline <= now {
+                    let waited = now.saturating_duration_since(item.enqueued);
+                    item.reply.send(Err(Rejection::new(
+                        ErrorCode::DeadlineExceeded,
+                        format!(
+                            "deadline passed after {} ms in the worker's queue",
+                            waited.as_millis()
+                        ),
+                    )));
+                    continue;
+                }
+                next = Some(next.map_or(deadline, |d| d.min(deadline)));
+            }
+            self.queue.push_back(item);
+        }
+        self.next_deadline = next;
+    }
+
+    /// Whether a batch should be handed to the model thread now.
+    fn should_dispatch(&self, now: Instant) -> bool {
+        let Some(oldest) = self.queue.front() else {
+            return false;
+        };
+        if self.drain_expired {
+            return false;
+        }
+        let full = self.queue.len() >= self.config.max_batch;
+        match self.in_flight {
+            0 => {
+                full || self.draining
+                    || self.config.max_delay.is_zero()
+                    || now >= oldest.enqueued + self.config.max_delay
+            }
+            1 => full,
+            _ => false,
+        }
+    }
+
+    fn dispatch(&mut self, now: Instant) {
+        while self.should_dispatch(now) {
+            // Drop cancelled and expired items first, so the batch is as full as it can be.
+            self.purge(now);
+            if !self.should_dispatch(now) {
+                break;
+            }
+            let batch = self.take_batch(now);
+            let size = batch.len();
+            self.metrics.batch_size.observe(size as u64);
+            match self.batch_tx.try_send(batch) {
+                Ok(()) => self.in_flight += 1,
+                Err(e) => {
+                    // The model thread is gone (or, impossibly, two batches are waiting):
+                    // the items' guards answer them internal as the batch is dropped here.
+                    error!(error = %e, "could not hand a batch to the model thread");
+                    self.drain_expired = true;
+                }
+            }
+        }
+    }
+
+    /// Takes up to `max_batch` items sharing the oldest item's shapes, oldest first.
+    fn take_batch(&mut self, now: Instant) -> Vec<Running> {
+        let mut taken: Vec<Queued> =
+            Vec::with_capacity(self.config.max_batch.min(self.queue.len()));
+        if let Some(first) = self.queue.pop_front() {
+            taken.push(first);
+        }
+        let mut i = 0;
+        while taken.len() < self.config.max_batch && i < self.queue.len() {
+            if ModelSpec::same_shapes(&self.queue[i].inputs, &taken[0].inputs) {
+                if let Some(item) = self.queue.remove(i) {
+                    taken.push(item);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        taken
+            .into_iter()
+            .map(|item| {
+                let queue_us = micros(now.saturating_duration_since(item.enqueued));
+                self.metrics.queue_time.observe(queue_us);
+                // The permit is released here: the item has left the queue.
+                Running {
+                    inputs: item.inputs,
+                    queue_us,
+                    reply: item.reply,
+                }
+            })
+            .collect()
+    }
+
+    /// When the actor must wake up even if nothing arrives: the oldest item's `max_delay`
+    /// (only while the model is idle; a busy model wakes the actor when it finishes), the
+    /// earliest deadline, and the drain deadline.
+    fn next_wake(&self) -> Option<Instant> {
+        let mut wake = self.next_deadline;
+        let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
+        if let (Some(oldest), 0, false) = (self.queue.front(), self.in_flight, self.draining) {
+            if !self.config.max_delay.is_zero() {
+                consider(oldest.enqueued + self.config.max_delay);
+            }
+        }
+        if let (true, false, Some(deadline)) =
+            (self.draining, self.drain_expired, self.drain_deadline)
+        {
+            consider(deadline);
+        }
+        wake
+    }
+
+    fn reject_all(&mut self, code: ErrorCode, message: &str) {
+        for item in self.queue.drain(..) {
+            item.reply.send(Err(Rejection::new(code, message)));
+        }
+        self.next_deadline = None;
+    }
+}
+
+impl Actor {
+    /// Called on every turn: once the drain deadline passes, what is
+    /// still queued is answered `shutting_down`.
+    fn check_drain_deadline(&mut self, now: Instant) {
+        if let (true, false, Some(deadline)) =
+            (self.draining, self.drain_expired, self.drain_deadline)
+        {
+            if now >= deadline {
+                warn!(
+                    left = self.queue.len(),
+                    running = self.in_flight,
+                    "drain timeout passed; answering what is left shutting_down"
+                );
+                self.drain_expired = true;
+                // Items still in the channel are received and rejected on later turns.
+                self.reject_all(
+                    ErrorCode::ShuttingDown,
+                    "the worker's drain timeout passed before this item ran",
+                );
+            }
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The model thread: runs each batch it is handed and answers its items.
+fn model_thread<E: Engine>(
+    mut engine: E,
+    mut batches: mpsc::Receiver<Vec<Running>>,
+    done: mpsc::Sender<BatchDone>,
+) {
+    while let Some(batch) = batches.blocking_recv() {
+        let size = batch.len();
+        let started = std::time::Instant::now();
+        let result = {
+            let items: Vec<&Tensors> = batch.iter().map(|r| &r.inputs).collect();
+            catch_unwind(AssertUnwindSafe(|| engine.run(&items)))
+        };
+        let infer_us = micros(started.elapsed());
+        match result {
+            Ok(Ok(outputs)) if outputs.len() == size => {
+                for (item, outputs) in batch.into_iter().zip(outputs) {
+                    item.reply.send(Ok(Done {
+                        outputs,
+                        queue_us: item.queue_us,
+                        infer_us,
+                        batch_size: size as u32,
+                    }));
+                }
+            }
+            other => {
+                let message = match other {
+                    Ok(Ok(outputs)) => format!(
+                        "the model returned {} answers for {size} items",
+                        outputs.len()
+                    ),
+                    Ok(Err(e)) => format!("the batch of {size} failed: {e}"),
+                    Err(_) => format!("the model panicked running a batch of {size}"),
+                };
+                error!(%message, "batch failed");
+                for item in batch {
+                    item.reply
+                        .send(Err(Rejection::new(ErrorCode::Internal, message.clone())));
+                }
+            }
+        }
+        if done.blocking_send(BatchDone { infer_us }).is_err() {
+            // The batcher is gone; finish what was handed over and stop.
+            continue;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tidepool_protocol::Tensor;
+
+    use super::*;
+
+    /// What the stand-in engine does with a batch.
+    #[derive(Clone, Copy)]
+    enum Behaviour {
+        Echo,
+        FailFirst,
+        PanicFirst,
+    }
+
+    /// A stand-in engine: echoes its inputs, records each batch's size when it starts, and
+    /// optionally waits for the test to open a gate before each batch.
+    struct Fake {
+        started: Arc<Mutex<Vec<usize>>>,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+        behaviour: Behaviour,
+    }
+
+    impl Engine for Fake {
+        fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error> {
+            let first = {
+                let mut started = self.started.lock().unwrap();
+                started.push(items.len());
+                started.len() == 1
+            };
+            if let Some(gate) = &self.gate {
+                let _ = gate.recv();
+            }
+            match self.behaviour {
+                Behaviour::FailFirst if first => Err(Error::ModelThread("stand-in failure")),
+                Behaviour::PanicFirst if first => panic!("stand-in panic"),
+                _ => Ok(items.iter().map(|i| (*i).clone()).collect()),
+            }
+        }
+    }
+
+    struct Rig {
+        batcher: Batcher,
+        started: Arc<Mutex<Vec<usize>>>,
+        gate: std::sync::mpsc::Sender<()>,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+    }
+
+    impl Rig {
+        fn new(config: BatchConfig, gated: bool, behaviour: Behaviour) -> Rig {
+            let started = Arc::new(Mutex::new(Vec::new()));
+            let (gate, gate_rx) = std::sync::mpsc::channel();
+            let engine = Fake {
+                started: Arc::clone(&started),
+                gate: gated.then_some(gate_rx),
+                behaviour,
+            };
+            let shutdown = CancellationToken::new();
+            let metrics = Arc::new(Metrics::default());
+            let batcher =
+                Batcher::start(engine, config, Arc::clone(&metrics), shutdown.clone()).unwrap();
+            Rig {
+                batcher,
+                started,
+                gate,
+                shutdown,
+                metrics,
+            }
+        }
+
+        fn submit(&self, v: f32) -> Ticket {
+            self.batcher.handle().submit(item(v), None).unwrap()
+        }
+
+        fn started(&self) -> Vec<usize> {
+            self.started.lock().unwrap().clone()
+        }
+
+        /// Waits (without moving paused time) until `n` batches have started.
+        async fn until_started(&self, n: usize) {
+            while self.started().len() < n {
+                tokio::task::yield_now().await;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+
+        fn open(&self, batches: usize) {
+            for _ in 0..batches {
+                self.gate.send(()).unwrap();
+            }
+        }
+    }
+
+    fn config(max_batch: usize, max_delay: Duration) -> BatchConfig {
+        BatchConfig {
+            max_batch,
+            max_delay,
+            queue: 64,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn item(v: f32) -> Tensors {
+        Tensors::from([("x".to_owned(), Tensor::from_vec(vec![1], vec![v]).unwrap())])
+    }
+
+    fn value(done: &Done) -> f32 {
+        done.outputs["x"].to_vec::<f32>().unwrap()[0]
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_runs_at_once() {
+        let rig = Rig::new(config(4, HOUR), false, Behaviour::Echo);
+        let tickets: Vec<Ticket> = (0..4).map(|i| rig.submit(i as f32)).collect();
+        for (i, t) in tickets.into_iter().enumerate() {
+            let done = t.wait().await.unwrap();
+            assert_eq!((done.batch_size, done.queue_us), (4, 0));
+            assert_eq!(value(&done), i as f32, "outputs are split back in order");
+        }
+        assert_eq!(rig.started(), vec![4]);
+        assert_eq!(rig.metrics.batch_size.count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_batch_runs_after_max_delay() {
+        let rig = Rig::new(config(8, Duration::from_millis(10)), false, Behaviour::Echo);
+        let tickets: Vec<Ticket> = (0..3).map(|i| rig.submit(i as f32)).collect();
+        for t in tickets {
+            let done = t.wait().await.unwrap();
+            assert_eq!(done.batch_size, 3);
+            assert_eq!(done.queue_us, 10_000, "waited exactly max_delay");
+        }
+        assert_eq!(rig.started(), vec![3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_delay_runs_what_is_queued_when_the_model_frees() {
+        let rig = Rig::new(config(8, Duration::ZERO), true, Behaviour::Echo);
+        let first = rig.submit(0.0);
+        rig.until_started(1).await;
+        let rest: Vec<Ticket> = (1..4).map(|i| rig.submit(i as f32)).collect();
+        rig.open(2);
+        assert_eq!(first.wait().await.unwrap().batch_size, 1);
+        for t in rest {
+            assert_eq!(t.wait().await.unwrap().batch_size, 3);
+        }
+        assert_eq!(rig.started(), vec![1, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_waits_ready_while_the_model_is_busy() {
+        let rig = Rig::new(config(2, HOUR), true, Behaviour::Echo);
+        let a: Vec<Ticket> = (0..2).map(|i| rig.submit(i as f32)).collect();
+        rig.until_started(1).await;
+        let b: Vec<Ticket> = (2..4).map(|i| rig.submit(i as f32)).collect();
+        rig.open(2);
+        for t in a.into_iter().chain(b) {
+            assert_eq!(t.wait().await.unwrap().batch_size, 2);
+        }
+        assert_eq!(rig.started(), vec![2, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_past_their_deadline_are_answered_in_the_queue() {
+        let rig = Rig::new(config(8, Duration::ZERO), true, Behaviour::Echo);
+        let running = rig.submit(0.0);
+        rig.until_started(1).await;
+        let handle = rig.batcher.handle();
+        let late = handle
+            .submit(item(1.0), Some(Instant::now() + Duration::from_millis(5)))
+            .unwrap();
+        let patient = rig.submit(2.0);
+        // The model is busy; the deadline passes while the item waits.
+        let err = late.wait().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::DeadlineExceeded);
+        rig.open(2);
+        running.wait().await.unwrap();
+        assert_eq!(patient.wait().await.unwrap().batch_size, 1);
+        assert_eq!(rig.started(), vec![1, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_items_are_removed_from_the_queue_and_answered() {
+        let rig = Rig::new(config(8, Duration::ZERO), true, Behaviour::Echo);
+        let running = rig.submit(0.0);
+        rig.until_started(1).await;
+        let cancelled = rig.submit(1.0);
+        let abandoned = rig.submit(2.0);
+        let kept = rig.submit(3.0);
+        // A cancel while running changes nothing: the result comes as usual.
+        running.canceller().cancel();
+        cancelled.canceller().cancel();
+        drop(abandoned);
+        // Answered while the model is still busy.
+        let err = cancelled.wait().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Cancelled);
+        rig.open(2);
+        assert!(running.wait().await.is_ok());
+        let done = kept.wait().await.unwrap();
+        assert_eq!((done.batch_size, value(&done)), (1, 3.0));
+        assert_eq!(rig.started(), vec![1, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_answers_overloaded_at_once() {
+        let mut cfg = config(1, Duration::ZERO);
+        cfg.queue = 2;
+        let rig = Rig::new(cfg, true, Behaviour::Echo);
+        let running = rig.submit(0.0);
+        rig.until_started(1).await;
+        // One more batch is handed over while the first runs (the model thread's next), and
+        // two wait in the queue.
+        let next = rig.submit(1.0);
+        while rig.batcher.handle().queued() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let queued: Vec<Ticket> = (2..4).map(|i| rig.submit(i as f32)).collect();
+        let err = rig.batcher.handle().submit(item(9.0), None).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Overloaded);
+        assert!(err.retry_after_ms.is_some_and(|ms| ms >= 1), "{err:?}");
+        rig.open(4);
+        running.wait().await.unwrap();
+        next.wait().await.unwrap();
+        for t in queued {
+            t.wait().await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_batch_answers_each_item_internal_and_serving_goes_on() {
+        let rig = Rig::new(config(2, HOUR), false, Behaviour::FailFirst);
+        let failed: Vec<Ticket> = (0..2).map(|i| rig.submit(i as f32)).collect();
+        for t in failed {
+            let err = t.wait().await.unwrap_err();
+            assert_eq!(err.code, ErrorCode::Internal);
+            assert!(err.message.contains("stand-in failure"), "{}", err.message);
+        }
+        let ok: Vec<Ticket> = (0..2).map(|i| rig.submit(i as f32)).collect();
+        for t in ok {
+            assert_eq!(t.wait().await.unwrap().batch_size, 2);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_batch_answers_internal_and_serving_goes_on() {
+        let rig = Rig::new(config(1, HOUR), false, Behaviour::PanicFirst);
+        let err = rig.submit(0.0).wait().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(rig.submit(1.0).wait().await.is_ok());
+    }
+
+    // Real time from here: a drain deadline is a timer, and paused time would jump to it
+    // while the model thread is still working.
+
+    #[tokio::test]
+    async fn shutdown_finishes_queued_items_and_refuses_new_ones() {
+        let rig = Rig::new(config(8, HOUR), true, Behaviour::Echo);
+        let first = rig.submit(0.0);
+        // max_delay is an hour, but an idle model with a draining queue does not wait.
+        rig.shutdown.cancel();
+        let err = loop {
+            // The actor closes the queue on its next turn.
+            match rig.batcher.handle().submit(item(9.0), None) {
+                Err(e) => break e,
+                Ok(t) => {
+                    drop(t);
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        assert_eq!(err.code, ErrorCode::ShuttingDown);
+        rig.open(8);
+        assert!(first.wait().await.is_ok());
+        let Rig { batcher, .. } = rig;
+        tokio::time::timeout(Duration::from_secs(10), batcher.join())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn drain_timeout_answers_what_is_left_shutting_down() {
+        let mut cfg = config(1, Duration::ZERO);
+        cfg.drain_timeout = Duration::from_millis(50);
+        let rig = Rig::new(cfg, true, Behaviour::Echo);
+        let running = rig.submit(0.0);
+        rig.until_started(1).await;
+        let next = rig.submit(1.0);
+        let left = rig.submit(2.0);
+        rig.shutdown.cancel();
+        let err = left.wait().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::ShuttingDown);
+        rig.open(3);
+        // The running batch and the one already handed over still finish.
+        assert!(running.wait().await.is_ok());
+        assert!(next.wait().await.is_ok());
+        let Rig { batcher, .. } = rig;
+        tokio::time::timeout(Duration::from_secs(10), batcher.join())
+            .await
+            .unwrap();
+    }
+}

@@ -1,0 +1,76 @@
+//! The `tidepool-worker` binary: parse the command line, install logging, run until SIGTERM or
+//! SIGINT. Everything else lives in the library.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tidepool_worker::{synth, Cli, Command, Worker};
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ort=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Synth(config) => {
+            let plan = synth::run(&config)
+                .with_context(|| format!("synth --out {}", config.out.display()))?;
+            println!(
+                "{}: input {} → hidden {} x {} layers → output {}, {} bytes of weights",
+                config.out.display(),
+                plan.input_dim,
+                plan.hidden,
+                plan.layers,
+                plan.output_dim,
+                plan.weight_bytes()
+            );
+            Ok(())
+        }
+        Command::Serve(config) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("tidepool-io")
+                .build()
+                .context("could not start the async runtime")?;
+            runtime.block_on(async move {
+                let worker = Worker::start(config).await?;
+                let token = worker.shutdown_token();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    token.cancel();
+                });
+                worker.wait().await?;
+                Ok(())
+            })
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT. A second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the worker runs until killed; say so rather than exit.
+        tracing::error!("could not install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = int.recv() => info!("SIGINT: draining (again to exit at once)"),
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,304 @@
+//! The worker's metrics, rendered as Prometheus text on `--metrics ADDR` (GET /metrics).
+//!
+//! Plain atomics and fixed-bucket histograms: the hot path only does relaxed increments, and
+//! rendering reads whatever the counters hold at that moment (a scrape may see a histogram's
+//! count one ahead of its buckets; Prometheus tolerates that).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::routing::get;
+use axum::Router;
+use tidepool_protocol::ErrorCode;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How an item ended, for `tidepool_worker_items_total{outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered with a result.
+    Ok,
+    /// Answered with an error of this code.
+    Error(ErrorCode),
+}
+
+impl Outcome {
+    fn index(self) -> usize {
+        match self {
+            Outcome::Ok => 0,
+            Outcome::Error(code) => 1 + ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0),
+        }
+    }
+
+    fn label(index: usize) -> &'static str {
+        if index == 0 {
+            "ok"
+        } else {
+            ErrorCode::ALL[index - 1].as_str()
+        }
+    }
+}
+
+const OUTCOMES: usize = 1 + ErrorCode::ALL.len();
+
+/// A histogram over integer observations with fixed upper bounds, rendered in another unit
+/// (microseconds observed, seconds exported).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    /// One per bound, then the `+Inf` bucket; not cumulative (rendering accumulates).
+    buckets: Vec<AtomicU64>,
+    sum: AtomicU64,
+    count: AtomicU64,
+    /// Exported value = observed / divisor.
+    divisor: f64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [u64], divisor: f64) -> Self {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            divisor,
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, value: u64) {
+        let i = self.bounds.partition_point(|&b| b < value);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(value, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            match self.bounds.get(i) {
+                Some(&b) => {
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                        b as f64 / self.divisor
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = self.sum.load(Ordering::Relaxed) as f64 / self.divisor;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", self.count());
+    }
+}
+
+const BATCH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+const MICROS_BOUNDS: &[u64] = &[
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Everything the worker counts.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Items waiting in the batch queue (set by the batcher).
+    pub queue_depth: AtomicI64,
+    /// Items per batch run.
+    pub batch_size: Histogram,
+    /// Microseconds items waited between arrival and their batch starting.
+    pub queue_time: Histogram,
+    /// Microseconds per batch run.
+    pub infer_time: Histogram,
+    /// Open protocol connections.
+    pub connections: AtomicI64,
+    /// True once the model is loaded and warmed up, false again while draining.
+    pub ready: AtomicBool,
+    items: [AtomicU64; OUTCOMES],
+    device: OnceLock<&'static str>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            queue_depth: AtomicI64::new(0),
+            batch_size: Histogram::new(BATCH_BOUNDS, 1.0),
+            queue_time: Histogram::new(MICROS_BOUNDS, 1e6),
+            infer_time: Histogram::new(MICROS_BOUNDS, 1e6),
+            connections: AtomicI64::new(0),
+            ready: AtomicBool::new(false),
+            items: std::array::from_fn(|_| AtomicU64::new(0)),
+            device: OnceLock::new(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one answered item.
+    pub fn item(&self, outcome: Outcome) {
+        self.items[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Items answered with this outcome so far.
+    pub fn items(&self, outcome: Outcome) -> u64 {
+        self.items[outcome.index()].load(Ordering::Relaxed)
+    }
+
+    /// Records the device the model runs on (once).
+    pub fn set_device(&self, device: &'static str) {
+        let _ = self.device.set(device);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_worker_queue_depth Items waiting in the batch queue.\n\
+             # TYPE tidepool_worker_queue_depth gauge\n\
+             tidepool_worker_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed)
+        );
+        self.batch_size.render(
+            &mut out,
+            "tidepool_worker_batch_size",
+            "Items per batch run.",
+        );
+        self.queue_time.render(
+            &mut out,
+            "tidepool_worker_queue_seconds",
+            "Time items waited in the queue before their batch started.",
+        );
+        self.infer_time.render(
+            &mut out,
+            "tidepool_worker_inference_seconds",
+            "Time per batch run.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_worker_items_total Items answered, by outcome.\n\
+             # TYPE tidepool_worker_items_total counter"
+        );
+        for (i, counter) in self.items.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tidepool_worker_items_total{{outcome=\"{}\"}} {}",
+                Outcome::label(i),
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_worker_connections Open protocol connections.\n\
+             # TYPE tidepool_worker_connections gauge\n\
+             tidepool_worker_connections {}\n\
+             # HELP tidepool_worker_ready 1 when the model is loaded and the worker takes requests.\n\
+             # TYPE tidepool_worker_ready gauge\n\
+             tidepool_worker_ready {}",
+            self.connections.load(Ordering::Relaxed),
+            u8::from(self.ready.load(Ordering::Relaxed))
+        );
+        if let Some(device) = self.device.get() {
+            let _ = writeln!(
+                out,
+                "# HELP tidepool_worker_device The device the model runs on.\n\
+                 # TYPE tidepool_worker_device gauge\n\
+                 tidepool_worker_device{{device=\"{device}\"}} 1"
+            );
+        }
+        out
+    }
+}
+
+/// Serves GET /metrics on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// The address a metrics listener is bound to, for logs.
+pub fn describe(addr: SocketAddr) -> String {
+    format!("http://{addr}/metrics")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.batch_size.observe(3);
+        m.batch_size.observe(32);
+        m.queue_time.observe(1_500);
+        m.infer_time.observe(42_000);
+        m.item(Outcome::Ok);
+        m.item(Outcome::Error(ErrorCode::Overloaded));
+        m.set_device("cpu");
+        m.queue_depth.store(7, Ordering::Relaxed);
+        let text = m.render();
+        assert!(text.contains("tidepool_worker_queue_depth 7"), "{text}");
+        assert!(
+            text.contains("tidepool_worker_batch_size_bucket{le=\"4\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_worker_batch_size_bucket{le=\"32\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_worker_batch_size_count 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_worker_queue_seconds_bucket{le=\"0.0025\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_worker_inference_seconds_sum 0.042"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_worker_items_total{outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_worker_items_total{outcome=\"overloaded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_worker_device{device=\"cpu\"} 1"),
+            "{text}"
+        );
+    }
+}

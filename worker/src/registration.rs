@@ -1,0 +1,85 @@
+//! Registration with the balancer's admin API (`--register URL`).
+//!
+//! Once the worker is ready, [`register`] POSTs `{"addr": ADVERTISE}` to `URL/targets`,
+//! retrying with exponential backoff (100 ms doubling to 5 s) while the balancer is down or
+//! answers an error, until it answers 2xx or shutdown begins. On shutdown the worker calls
+//! [`deregister`] (DELETE `URL/targets/ADDR`) before it stops taking requests, so the balancer
+//! stops routing to it first.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Serialize)]
+struct TargetBody<'a> {
+    addr: &'a str,
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+fn targets_url(base: &str) -> String {
+    format!("{}/targets", base.trim_end_matches('/'))
+}
+
+/// Registers `advertise` with the balancer at `base`, retrying until it succeeds (true) or
+/// `shutdown` fires (false).
+pub async fn register(base: &str, advertise: &str, shutdown: &CancellationToken) -> bool {
+    let client = client();
+    let url = targets_url(base);
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1u32;
+    loop {
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            r = client.post(&url).json(&TargetBody { addr: advertise }).send() => r,
+        };
+        match outcome {
+            Ok(resp) if resp.status().is_success() => {
+                info!(%url, addr = advertise, attempt, "registered with the balancer");
+                return true;
+            }
+            Ok(resp) => {
+                warn!(%url, status = %resp.status(), attempt, retry_in = ?backoff, "balancer refused registration");
+            }
+            Err(e) => {
+                // The balancer is not up yet, most likely; keep the logs quiet at first.
+                if attempt <= 3 {
+                    debug!(%url, error = %e, attempt, retry_in = ?backoff, "balancer unreachable");
+                } else {
+                    warn!(%url, error = %e, attempt, retry_in = ?backoff, "balancer unreachable");
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        attempt += 1;
+    }
+}
+
+/// Deregisters `advertise`: one attempt, bounded by a timeout, since shutdown must go on.
+pub async fn deregister(base: &str, advertise: &str) {
+    let url = format!("{}/{}", targets_url(base), advertise);
+    match client().delete(&url).send().await {
+        Ok(resp)
+            if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND =>
+        {
+            info!(%url, "deregistered from the balancer");
+        }
+        Ok(resp) => warn!(%url, status = %resp.status(), "balancer refused deregistration"),
+        Err(e) => warn!(%url, error = %e, "could not deregister from the balancer"),
+    }
+}
