@@ -1,0 +1,294 @@
+//! The worker end to end: a real (tiny) synthetic model served over TCP, checked against a
+//! direct ONNX Runtime run; validation, duplicate ids, cancel and ping over the wire;
+//! registration with a balancer that starts late; metrics; draining on shutdown.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tidepool_protocol::{Client, ErrorCode, Infer, Message, MessageCodec, Tensor, Tensors};
+use tidepool_tests::init_tracing;
+use tidepool_tests::worker::{
+    ort_lib, start_worker, worker_config, AdminEvent, StandInAdmin, TinyModel,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+fn input(dim: usize, seed: usize) -> Vec<f32> {
+    (0..dim)
+        .map(|j| ((seed * 31 + j * 7) % 17) as f32 / 8.0 - 1.0)
+        .collect()
+}
+
+fn item(values: Vec<f32>) -> Tensors {
+    let dim = values.len();
+    BTreeMap::from([(
+        "input".to_owned(),
+        Tensor::from_vec(vec![dim], values).unwrap(),
+    )])
+}
+
+/// The same model run by ONNX Runtime directly, one item at a time.
+fn direct_run(model: &std::path::Path, values: &[f32]) -> Vec<f32> {
+    let env = tidepool_worker::model::environment(&ort_lib()).unwrap();
+    let mut session = ort::session::Session::builder(&env)
+        .unwrap()
+        .with_intra_threads(1)
+        .unwrap()
+        .commit_from_file(model)
+        .unwrap();
+    let x = ort::value::Tensor::from_array(([1usize, values.len()], values.to_vec())).unwrap();
+    let outputs = session.run(ort::inputs!["input" => x]).unwrap();
+    let (_, y) = outputs["output"].try_extract_tensor::<f32>().unwrap();
+    y.to_vec()
+}
+
+#[tokio::test]
+async fn a_synthetic_model_served_matches_a_direct_ort_run() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let model = tiny.write();
+    let mut config = worker_config(&model);
+    config.max_batch = 8;
+    config.max_delay = Duration::from_millis(20);
+    config.name = Some("w-under-test".into());
+    let worker = start_worker(config).await;
+    let client = Client::connect(worker.local_addr()).await.unwrap();
+    client.ping(Duration::from_secs(5)).await.unwrap();
+
+    let inputs: Vec<Vec<f32>> = (0..24).map(|i| input(tiny.input_dim, i)).collect();
+    let calls = inputs.iter().map(|x| client.infer(item(x.clone())));
+    let results = futures::future::join_all(calls).await;
+
+    let mut largest_batch = 0;
+    for (x, result) in inputs.iter().zip(results) {
+        let result = result.unwrap();
+        assert_eq!(result.worker.as_deref(), Some("w-under-test"));
+        assert!(result.queue_us.is_some() && result.infer_us.is_some());
+        largest_batch = largest_batch.max(result.batch_size.unwrap());
+        let served = result.outputs["output"].to_vec::<f32>().unwrap();
+        assert_eq!(result.outputs["output"].shape(), &[tiny.output_dim]);
+        let direct = direct_run(&model, x);
+        assert_eq!(served.len(), direct.len());
+        for (s, d) in served.iter().zip(&direct) {
+            assert!(
+                (s - d).abs() <= 1e-4 * d.abs().max(1.0),
+                "served {s} vs direct {d}"
+            );
+        }
+    }
+    assert!(
+        largest_batch > 1,
+        "24 concurrent items never shared a batch"
+    );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_items_are_answered_bad_request_saying_what_differs() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let worker = start_worker(worker_config(&tiny.write())).await;
+    let client = Client::connect(worker.local_addr()).await.unwrap();
+
+    let cases: Vec<(Tensors, &str)> = vec![
+        (
+            BTreeMap::from([(
+                "x".to_owned(),
+                Tensor::from_vec(vec![16], vec![0f32; 16]).unwrap(),
+            )]),
+            "\"x\"",
+        ),
+        (BTreeMap::new(), "missing input \"input\""),
+        (
+            BTreeMap::from([(
+                "input".to_owned(),
+                Tensor::from_vec(vec![16], vec![0f64; 16]).unwrap(),
+            )]),
+            "dtype f64",
+        ),
+        (item(vec![0.0; 15]), "[15]"),
+        (
+            BTreeMap::from([(
+                "input".to_owned(),
+                Tensor::from_vec(vec![1, 16], vec![0f32; 16]).unwrap(),
+            )]),
+            "without the batch dimension",
+        ),
+    ];
+    for (inputs, says) in cases {
+        match client.infer(inputs).await {
+            Err(tidepool_protocol::Error::BadRequest { message }) => {
+                assert!(message.contains(says), "{message:?} should mention {says}");
+            }
+            other => panic!("expected bad_request, got {other:?}"),
+        }
+    }
+    // The connection is still good.
+    client.infer(item(vec![0.5; 16])).await.unwrap();
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicate_ids_cancel_and_ping_over_raw_frames() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let mut config = worker_config(&tiny.write());
+    // Items wait for company long enough to be cancelled.
+    config.max_delay = Duration::from_secs(2);
+    let worker = start_worker(config).await;
+    let stream = TcpStream::connect(worker.local_addr()).await.unwrap();
+    let mut framed = Framed::new(stream, MessageCodec::default());
+    let infer = |id| {
+        Message::Infer(Infer {
+            id,
+            inputs: item(vec![0.25; 16]),
+            deadline_ms: None,
+            client: None,
+        })
+    };
+    framed.send(infer(1)).await.unwrap();
+    framed.send(infer(1)).await.unwrap();
+    framed.send(Message::Ping { id: 2 }).await.unwrap();
+    framed.send(Message::Cancel { id: 1 }).await.unwrap();
+    framed.send(Message::Cancel { id: 99 }).await.unwrap();
+
+    let mut answers = Vec::new();
+    while answers.len() < 3 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), framed.next())
+            .await
+            .expect("answers within 5 s")
+            .expect("connection open")
+            .expect("a frame")
+            .expect("a message");
+        answers.push(frame);
+    }
+    let code = |m: &Message| match m {
+        Message::Error(e) => Some(e.code),
+        _ => None,
+    };
+    // The duplicate is refused at once, the ping answered, the original cancelled; the
+    // cancel for an unknown id gets no answer.
+    assert_eq!(
+        code(&answers[0]),
+        Some(ErrorCode::BadRequest),
+        "{answers:?}"
+    );
+    assert_eq!(answers[1], Message::Pong { id: 2 });
+    assert_eq!(code(&answers[2]), Some(ErrorCode::Cancelled), "{answers:?}");
+    assert_eq!(answers[2].id(), 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), framed.next())
+            .await
+            .is_err(),
+        "nothing more to read"
+    );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn registers_with_a_balancer_that_starts_late_and_deregisters_on_shutdown() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let admin_addr = StandInAdmin::reserve_port().await;
+    let mut config = worker_config(&tiny.write());
+    config.register = Some(format!("http://{admin_addr}"));
+    config.advertise = Some("10.1.2.3:7100".into());
+    let worker = start_worker(config).await;
+    // The worker is already retrying against nothing.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let admin = StandInAdmin::start_on(admin_addr).await;
+    let events = admin.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(events, vec![AdminEvent::Register("10.1.2.3:7100".into())]);
+
+    worker.shutdown().await.unwrap();
+    assert_eq!(
+        admin.events(),
+        vec![
+            AdminEvent::Register("10.1.2.3:7100".into()),
+            AdminEvent::Deregister("10.1.2.3:7100".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_served_as_prometheus_text() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let mut config = worker_config(&tiny.write());
+    config.metrics = Some("127.0.0.1:0".into());
+    let worker = start_worker(config).await;
+    let client = Client::connect(worker.local_addr()).await.unwrap();
+    for _ in 0..3 {
+        client.infer(item(vec![0.1; 16])).await.unwrap();
+    }
+    let _ = client.infer(BTreeMap::new()).await;
+
+    let mut http = TcpStream::connect(worker.metrics_addr().unwrap())
+        .await
+        .unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).await.unwrap();
+    for needle in [
+        "200 OK",
+        "tidepool_worker_queue_depth 0",
+        "tidepool_worker_batch_size_count",
+        "tidepool_worker_queue_seconds_bucket",
+        "tidepool_worker_inference_seconds_bucket",
+        "tidepool_worker_items_total{outcome=\"ok\"} 3",
+        "tidepool_worker_items_total{outcome=\"bad_request\"} 1",
+        "tidepool_worker_device{device=\"cpu\"} 1",
+        "tidepool_worker_ready 1",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
+    }
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_finishes_queued_items_then_closes() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let mut config = worker_config(&tiny.write());
+    // Items would wait for company for a long time; shutdown runs them at once.
+    config.max_delay = Duration::from_secs(60);
+    config.max_batch = 64;
+    let worker = start_worker(config).await;
+    let addr = worker.local_addr();
+    let client = Client::connect(addr).await.unwrap();
+    let calls: Vec<_> = (0..5)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.infer(item(input(16, i))).await })
+        })
+        .collect();
+    // Let the items reach the queue.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    worker.shutdown().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "drained promptly"
+    );
+    for call in calls {
+        let result = call.await.unwrap().unwrap();
+        assert_eq!(result.batch_size, Some(5));
+    }
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_ort_library_is_refused_naming_the_fix() {
+    let tiny = TinyModel::default();
+    let mut config = worker_config(&tiny.write());
+    config.ort_lib = None;
+    let err = tidepool_worker::Worker::start(config).await.unwrap_err();
+    assert!(err.to_string().contains("scripts/fetch-ort.sh"), "{err}");
+}
