@@ -1,0 +1,287 @@
+//! One [`Config`] struct: every flag, its environment variable and its default, checked by
+//! [`Config::validate`] before any socket is bound.
+//!
+//! Names and defaults follow AWS NLB's target groups where NLB has them (health check
+//! interval 30 s, timeout 10 s, healthy threshold 5, unhealthy threshold 2,
+//! deregistration delay 300 s, idle timeout 350 s, fail-open on).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+use crate::error::Error;
+
+/// How each request picks its target among the eligible ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoutingPolicy {
+    /// Power of two random choices: the less loaded of two targets drawn at random.
+    P2c,
+    /// The least loaded of all targets, ties broken at random.
+    FullScan,
+    /// Each target in turn, ignoring load and weight (the benchmark's baseline).
+    RoundRobin,
+}
+
+/// How a target's health is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HealthProtocol {
+    /// Open a connection, send `ping`; only `pong` within the timeout passes.
+    Tidepool,
+    /// Open a TCP connection within the timeout.
+    Tcp,
+}
+
+/// The balancer's configuration: flags with environment fallbacks.
+#[derive(Clone, Debug, PartialEq, Eq, Parser)]
+#[command(name = "tidepool-balancer", version, about)]
+pub struct Config {
+    /// Address clients connect to.
+    #[arg(long, env = "TIDEPOOL_LISTEN", default_value = "0.0.0.0:7000")]
+    pub listen: SocketAddr,
+
+    /// Address of the HTTP admin API and /metrics.
+    #[arg(long, env = "TIDEPOOL_ADMIN", default_value = "127.0.0.1:7001")]
+    pub admin: SocketAddr,
+
+    /// A target `host:port`, registered at start (repeatable; comma-separated in the env).
+    #[arg(long = "target", env = "TIDEPOOL_TARGETS", value_delimiter = ',')]
+    pub targets: Vec<String>,
+
+    /// A DNS name `name:port` whose addresses are all targets, re-resolved every
+    /// --dns-interval; addresses that vanish are deregistered (repeatable).
+    #[arg(
+        long = "target-dns",
+        env = "TIDEPOOL_TARGET_DNS",
+        value_delimiter = ','
+    )]
+    pub target_dns: Vec<String>,
+
+    /// How often --target-dns names are resolved again.
+    #[arg(long, env = "TIDEPOOL_DNS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub dns_interval: Duration,
+
+    /// Routing policy per request.
+    #[arg(long, env = "TIDEPOOL_ROUTING", value_enum, default_value = "p2c")]
+    pub routing: RoutingPolicy,
+
+    /// Persistent multiplexed connections kept open to each target.
+    #[arg(long, env = "TIDEPOOL_CONNECTIONS_PER_TARGET", default_value_t = 2)]
+    pub connections_per_target: usize,
+
+    /// Health check kind.
+    #[arg(
+        long,
+        env = "TIDEPOOL_HEALTH_PROTOCOL",
+        value_enum,
+        default_value = "tidepool"
+    )]
+    pub health_protocol: HealthProtocol,
+
+    /// Time between two health checks of one target.
+    #[arg(long, env = "TIDEPOOL_HEALTH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
+    /// Time a health check may take before it counts as failed.
+    #[arg(long, env = "TIDEPOOL_HEALTH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Consecutive passed checks that make a target healthy.
+    #[arg(long, env = "TIDEPOOL_HEALTHY_THRESHOLD", default_value_t = 5)]
+    pub healthy_threshold: u32,
+
+    /// Consecutive failed checks that make a target unhealthy.
+    #[arg(long, env = "TIDEPOOL_UNHEALTHY_THRESHOLD", default_value_t = 2)]
+    pub unhealthy_threshold: u32,
+
+    /// How long a deregistered target may finish its in-flight requests before the rest
+    /// are answered `unavailable` and its connections close.
+    #[arg(long, env = "TIDEPOOL_DEREGISTRATION_DELAY", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub deregistration_delay: Duration,
+
+    /// When no target is healthy, route to every registered target (as NLB does) instead
+    /// of answering `unavailable`.
+    #[arg(long, env = "TIDEPOOL_FAIL_OPEN", default_value_t = true, action = ArgAction::Set)]
+    pub fail_open: bool,
+
+    /// Client connections with no traffic and nothing in flight for this long are closed.
+    #[arg(long, env = "TIDEPOOL_IDLE_TIMEOUT", default_value = "350s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Most requests outstanding on one target; more wait in the balancer's queue.
+    /// Unlimited when absent.
+    #[arg(long, env = "TIDEPOOL_MAX_OUTSTANDING")]
+    pub max_outstanding: Option<usize>,
+
+    /// Requests that may wait in the balancer for a target below --max-outstanding;
+    /// past it requests are answered `overloaded`.
+    #[arg(long, env = "TIDEPOOL_QUEUE", default_value_t = 1024)]
+    pub queue: usize,
+
+    /// Longest wait in the balancer's queue before `overloaded`.
+    #[arg(long, env = "TIDEPOOL_QUEUE_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Requests one client connection may have in flight before the balancer stops
+    /// reading from it (TCP backpressure).
+    #[arg(long, env = "TIDEPOOL_MAX_CLIENT_IN_FLIGHT", default_value_t = 4096)]
+    pub max_client_in_flight: usize,
+
+    /// Largest frame accepted from clients and targets, in bytes.
+    #[arg(long, env = "TIDEPOOL_MAX_FRAME", default_value_t = tidepool_protocol::DEFAULT_MAX_FRAME)]
+    pub max_frame: usize,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before the rest
+    /// are answered `shutting_down`.
+    #[arg(long, env = "TIDEPOOL_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    /// The documented defaults, without reading the environment.
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7000)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 7001)),
+            targets: Vec::new(),
+            target_dns: Vec::new(),
+            dns_interval: Duration::from_secs(10),
+            routing: RoutingPolicy::P2c,
+            connections_per_target: 2,
+            health_protocol: HealthProtocol::Tidepool,
+            health_interval: Duration::from_secs(30),
+            health_timeout: Duration::from_secs(10),
+            healthy_threshold: 5,
+            unhealthy_threshold: 2,
+            deregistration_delay: Duration::from_secs(300),
+            fail_open: true,
+            idle_timeout: Duration::from_secs(350),
+            max_outstanding: None,
+            queue: 1024,
+            queue_timeout: Duration::from_secs(1),
+            max_client_in_flight: 4096,
+            max_frame: tidepool_protocol::DEFAULT_MAX_FRAME,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Checks every value that could only fail later, before anything is bound.
+    pub fn validate(&self) -> Result<(), Error> {
+        fn bad(flag: &'static str, problem: impl Into<String>) -> Result<(), Error> {
+            Err(Error::Config {
+                flag,
+                problem: problem.into(),
+            })
+        }
+        if self.connections_per_target == 0 || self.connections_per_target > 64 {
+            return bad("connections-per-target", "must be between 1 and 64");
+        }
+        if self.healthy_threshold == 0 {
+            return bad("healthy-threshold", "must be at least 1");
+        }
+        if self.unhealthy_threshold == 0 {
+            return bad("unhealthy-threshold", "must be at least 1");
+        }
+        if self.health_interval.is_zero() {
+            return bad("health-interval", "must be above zero");
+        }
+        if self.health_timeout.is_zero() {
+            return bad("health-timeout", "must be above zero");
+        }
+        if self.health_timeout > self.health_interval {
+            return bad(
+                "health-timeout",
+                format!(
+                    "{} is longer than --health-interval {}; a check must end before the next starts",
+                    humantime::format_duration(self.health_timeout),
+                    humantime::format_duration(self.health_interval)
+                ),
+            );
+        }
+        if self.dns_interval.is_zero() && !self.target_dns.is_empty() {
+            return bad("dns-interval", "must be above zero");
+        }
+        if self.idle_timeout.is_zero() {
+            return bad("idle-timeout", "must be above zero");
+        }
+        if self.max_outstanding == Some(0) {
+            return bad(
+                "max-outstanding",
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+        if self.max_client_in_flight == 0 {
+            return bad("max-client-in-flight", "must be at least 1");
+        }
+        if self.max_frame < 64 || self.max_frame > u32::MAX as usize {
+            return bad("max-frame", "must be between 64 bytes and 4 GiB");
+        }
+        for name in &self.target_dns {
+            if name
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return bad("target-dns", format!("{name:?} is not NAME:PORT"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_flags() {
+        // Environment variables would override the flags' defaults; none is set in tests.
+        let parsed = Config::parse_from(["tidepool-balancer"]);
+        assert_eq!(parsed, Config::default());
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn durations_and_fail_open_parse() {
+        let c = Config::parse_from([
+            "tidepool-balancer",
+            "--health-interval",
+            "200ms",
+            "--health-timeout",
+            "100ms",
+            "--deregistration-delay",
+            "5m",
+            "--fail-open",
+            "false",
+            "--target",
+            "127.0.0.1:1",
+            "--target",
+            "127.0.0.1:2",
+            "--routing",
+            "full-scan",
+        ]);
+        assert_eq!(c.health_interval, Duration::from_millis(200));
+        assert_eq!(c.deregistration_delay, Duration::from_secs(300));
+        assert!(!c.fail_open);
+        assert_eq!(c.targets.len(), 2);
+        assert_eq!(c.routing, RoutingPolicy::FullScan);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_flag() {
+        let c = Config {
+            health_timeout: Duration::from_secs(60),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--health-timeout"), "{err}");
+        let c = Config {
+            target_dns: vec!["workers".to_owned()],
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! Targets from DNS: each `--target-dns NAME:PORT` is resolved every `--dns-interval`;
+//! new addresses are registered, vanished ones deregistered (they drain as any other).
+//!
+//! The [`Resolver`] is a trait so that tests (and other discovery sources) can supply
+//! addresses without a DNS server.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::balancer::Shared;
+
+/// Resolves `name:port` to every address behind it.
+pub trait Resolver: Send + Sync + 'static {
+    /// All current addresses of `name` (written `name:port`).
+    fn resolve<'a>(&'a self, name: &'a str) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>>;
+}
+
+/// The system resolver (`getaddrinfo` through tokio).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn resolve<'a>(&'a self, name: &'a str) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.collect()) })
+    }
+}
+
+/// Re-resolves `names` until `stop`, keeping the registry in step.
+///
+/// Only addresses this task registered are ever deregistered by it, so a `--target` or an
+/// admin registration of the same address is left alone. A failed resolution keeps the
+/// previous addresses: a DNS outage must not empty the target group.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    names: Vec<String>,
+    resolver: Arc<dyn Resolver>,
+    stop: CancellationToken,
+) {
+    let mut owned: HashMap<String, BTreeSet<SocketAddr>> = HashMap::new();
+    loop {
+        for name in &names {
+            let resolved = tokio::select! {
+                () = stop.cancelled() => return,
+                r = resolver.resolve(name) => r,
+            };
+            let fresh: BTreeSet<SocketAddr> = match resolved {
+                Ok(addrs) => addrs.into_iter().collect(),
+                Err(error) => {
+                    tracing::warn!(%name, %error, "DNS resolution failed; keeping the previous addresses");
+                    continue;
+                }
+            };
+            let mine = owned.remove(name).unwrap_or_default();
+            let mut next = BTreeSet::new();
+            for addr in &fresh {
+                if mine.contains(addr) {
+                    next.insert(*addr);
+                    continue;
+                }
+                let (_, new) = shared.registry.register(&shared, *addr, 1);
+                if new {
+                    tracing::info!(%name, %addr, "address appeared in DNS; registered");
+                    next.insert(*addr);
+                }
+            }
+            for addr in mine.difference(&fresh) {
+                if !owned.values().any(|set| set.contains(addr)) {
+                    tracing::info!(%name, %addr, "address vanished from DNS; deregistering");
+                    shared.registry.deregister(&shared, *addr);
+                }
+            }
+            owned.insert(name.clone(), next);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(shared.config.dns_interval) => {}
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! The crate's error type: what can stop the balancer from starting or running.
+
+use std::net::SocketAddr;
+
+/// Everything that can go wrong in tidepool-balancer outside of one request.
+///
+/// Problems with one request are never errors of this type: they are answered to the
+/// client as protocol `error` frames and the balancer goes on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A flag's value is out of range or contradicts another flag.
+    #[error("invalid --{flag}: {problem}")]
+    Config {
+        /// The flag, without its dashes.
+        flag: &'static str,
+        /// What is wrong and what would be right.
+        problem: String,
+    },
+    /// A listening socket could not be bound.
+    #[error("could not bind the {what} address {addr}: {source}")]
+    Bind {
+        /// Which listener (`listen`, `admin`).
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A target address could not be resolved.
+    #[error("could not resolve target {addr:?}: {source}")]
+    Resolve {
+        /// The address as written (`host:port`).
+        addr: String,
+        /// The resolver's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A target address resolved to nothing.
+    #[error("target {addr:?} resolved to no address")]
+    NoAddress {
+        /// The address as written.
+        addr: String,
+    },
+    /// The admin HTTP server failed.
+    #[error("admin server failed: {0}")]
+    Admin(#[source] std::io::Error),
+}

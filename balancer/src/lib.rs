@@ -1,0 +1,74 @@
+//! # tidepool-balancer
+//!
+//! A network load balancer for tidepool workers with the semantics of an AWS NLB target
+//! group, except that it routes each request (each `infer` frame) on its own rather than
+//! each connection: to the healthy target with the fewest outstanding requests.
+//!
+//! ## The path of one request
+//! 1. [`frontend`] reads a frame from a client connection and gives the request a
+//!    [`pending`] entry, which owns the client's id and answers exactly once: explicitly,
+//!    or when dropped.
+//! 2. [`dispatch`] takes the [`registry`]'s snapshot and lets [`routing`] choose a target
+//!    (a pure function: p2c, full scan or round-robin over the healthy targets, with
+//!    fail-open); the request is counted on the target by an in-flight guard
+//!    ([`target`]). When every eligible target is at `--max-outstanding` it waits in the
+//!    [`queue`].
+//! 3. [`upstream`] writes it to one of the target's persistent connections under a fresh
+//!    id, and takes the answer back to the pending entry, which restores the client's id.
+//!
+//! Beside the path: [`health`] checks each target and moves its state, [`discovery`]
+//! keeps DNS names' addresses registered, [`admin`] serves the HTTP API and
+//! [`metrics`]' Prometheus text.
+//!
+//! ## Embedding
+//! ```no_run
+//! # async fn demo() -> Result<(), tidepool_balancer::Error> {
+//! use tidepool_balancer::{Balancer, Config};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let config = Config {
+//!     listen: "127.0.0.1:0".parse().unwrap(),
+//!     admin: "127.0.0.1:0".parse().unwrap(),
+//!     ..Config::default()
+//! };
+//! let balancer = Balancer::bind(config).await?;
+//! let (addr, handle) = (balancer.listen_addr(), balancer.handle());
+//! let shutdown = CancellationToken::new();
+//! let running = tokio::spawn(balancer.run(shutdown.clone()));
+//! handle.register("127.0.0.1:7100".parse().unwrap(), 1);
+//! // ... clients connect to `addr`; `handle.targets()` shows outstanding counts ...
+//! shutdown.cancel();
+//! running.await.unwrap()?;
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod admin;
+mod balancer;
+pub mod config;
+mod discovery;
+mod dispatch;
+pub mod error;
+mod frontend;
+mod health;
+mod metrics;
+mod pending;
+mod queue;
+mod registry;
+pub mod routing;
+pub mod target;
+mod upstream;
+
+pub use balancer::{Balancer, Handle};
+pub use config::{Config, HealthProtocol, RoutingPolicy};
+pub use discovery::{Resolver, SystemResolver};
+pub use error::Error;
+pub use target::{TargetInfo, TargetState};
+
+use tokio_util::sync::CancellationToken;
+
+/// Binds and runs a balancer until `shutdown` is cancelled, then drains it.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    Balancer::bind(config).await?.run(shutdown).await
+}

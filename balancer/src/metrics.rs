@@ -1,0 +1,299 @@
+//! Counters and histograms, lock-free on the request path, and their Prometheus text.
+//!
+//! Names follow NLB's CloudWatch metrics where NLB has one (`active_flow_count`,
+//! `new_flow_count`, `processed_bytes`, `healthy_host_count`, `unhealthy_host_count`,
+//! `tcp_target_reset_count`), in snake case under the `tidepool_` prefix.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::target::{Target, TargetState};
+
+/// Why a request was answered with an error by the balancer itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reject {
+    /// The wait queue was full.
+    QueueFull,
+    /// The request waited in the queue past `--queue-timeout`.
+    QueueTimeout,
+    /// No target could take it.
+    NoTarget,
+    /// The upstream connection was lost after the request was written.
+    ConnectionLost,
+    /// The balancer was shutting down.
+    ShuttingDown,
+    /// The client cancelled it before it reached a target.
+    Cancelled,
+    /// The frame was not a valid request.
+    BadRequest,
+    /// Its deadline passed while it waited in the balancer.
+    DeadlineExceeded,
+}
+
+impl Reject {
+    const ALL: [Reject; 8] = [
+        Reject::QueueFull,
+        Reject::QueueTimeout,
+        Reject::NoTarget,
+        Reject::ConnectionLost,
+        Reject::ShuttingDown,
+        Reject::Cancelled,
+        Reject::BadRequest,
+        Reject::DeadlineExceeded,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Reject::QueueFull => "queue_full",
+            Reject::QueueTimeout => "queue_timeout",
+            Reject::NoTarget => "no_target",
+            Reject::ConnectionLost => "connection_lost",
+            Reject::ShuttingDown => "shutting_down",
+            Reject::Cancelled => "cancelled",
+            Reject::BadRequest => "bad_request",
+            Reject::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds.
+const LATENCY_BOUNDS_US: [u64; 20] = [
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+
+/// A fixed-bucket histogram of durations: one atomic add per bucket hit, no lock.
+#[derive(Debug)]
+pub(crate) struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram with latency buckets from 25 µs to 60 s.
+    pub(crate) fn latency() -> Histogram {
+        Histogram {
+            buckets: Default::default(),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one duration.
+    pub(crate) fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// How many durations were recorded.
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        cumulative += self.buckets[LATENCY_BOUNDS_US.len()].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+/// The balancer's counters, shared by every task.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    /// Client connections open now.
+    pub(crate) active_flows: AtomicU64,
+    /// Client connections accepted, ever.
+    pub(crate) new_flows: AtomicU64,
+    /// Bytes read from and written to clients.
+    pub(crate) processed_bytes: AtomicU64,
+    /// Upstream connections that ended without the balancer closing them.
+    pub(crate) target_resets: AtomicU64,
+    /// Requests answered with an error by the balancer, by reason.
+    rejected: [AtomicU64; Reject::ALL.len()],
+    /// Time requests spent in the wait queue.
+    pub(crate) queue_wait: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            active_flows: AtomicU64::new(0),
+            new_flows: AtomicU64::new(0),
+            processed_bytes: AtomicU64::new(0),
+            target_resets: AtomicU64::new(0),
+            rejected: Default::default(),
+            queue_wait: Histogram::latency(),
+        }
+    }
+}
+
+impl Metrics {
+    pub(crate) fn reject(&self, reason: Reject) {
+        self.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition of everything, with per-target series for `targets`.
+    pub(crate) fn render(&self, targets: &[Arc<Target>], queue_len: usize) -> String {
+        let mut out = String::with_capacity(4096);
+        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        gauge(
+            &mut out,
+            "tidepool_active_flow_count",
+            "Client connections open now.",
+            "gauge",
+            load(&self.active_flows),
+        );
+        gauge(
+            &mut out,
+            "tidepool_new_flow_count",
+            "Client connections accepted.",
+            "counter",
+            load(&self.new_flows),
+        );
+        gauge(
+            &mut out,
+            "tidepool_processed_bytes",
+            "Bytes read from and written to clients.",
+            "counter",
+            load(&self.processed_bytes),
+        );
+        let healthy = targets
+            .iter()
+            .filter(|t| t.state() == TargetState::Healthy)
+            .count();
+        let unhealthy = targets
+            .iter()
+            .filter(|t| t.state() == TargetState::Unhealthy)
+            .count();
+        gauge(
+            &mut out,
+            "tidepool_healthy_host_count",
+            "Targets in the healthy state.",
+            "gauge",
+            healthy as u64,
+        );
+        gauge(
+            &mut out,
+            "tidepool_unhealthy_host_count",
+            "Targets in the unhealthy state.",
+            "gauge",
+            unhealthy as u64,
+        );
+        gauge(
+            &mut out,
+            "tidepool_tcp_target_reset_count",
+            "Upstream connections closed by a target or lost.",
+            "counter",
+            load(&self.target_resets),
+        );
+        gauge(
+            &mut out,
+            "tidepool_queue_length",
+            "Requests waiting in the balancer for a target below its limit.",
+            "gauge",
+            queue_len as u64,
+        );
+
+        let _ = writeln!(out, "# HELP tidepool_rejected_total Requests answered with an error by the balancer, by reason.\n# TYPE tidepool_rejected_total counter");
+        for reason in Reject::ALL {
+            let _ = writeln!(
+                out,
+                "tidepool_rejected_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                load(&self.rejected[reason as usize])
+            );
+        }
+
+        let _ = writeln!(out, "# HELP tidepool_routed_total Requests routed to each target.\n# TYPE tidepool_routed_total counter");
+        for t in targets {
+            let _ = writeln!(
+                out,
+                "tidepool_routed_total{{target=\"{}\"}} {}",
+                t.addr(),
+                t.routed()
+            );
+        }
+        let _ = writeln!(out, "# HELP tidepool_target_outstanding Requests outstanding on each target.\n# TYPE tidepool_target_outstanding gauge");
+        for t in targets {
+            let _ = writeln!(
+                out,
+                "tidepool_target_outstanding{{target=\"{}\",state=\"{}\"}} {}",
+                t.addr(),
+                t.state(),
+                t.outstanding()
+            );
+        }
+        let _ = writeln!(out, "# HELP tidepool_target_state Each target's state (1 for the current one).\n# TYPE tidepool_target_state gauge");
+        for t in targets {
+            let _ = writeln!(
+                out,
+                "tidepool_target_state{{target=\"{}\",state=\"{}\"}} 1",
+                t.addr(),
+                t.state()
+            );
+        }
+
+        let _ = writeln!(out, "# HELP tidepool_queue_wait_seconds Time requests waited in the balancer's queue.\n# TYPE tidepool_queue_wait_seconds histogram");
+        self.queue_wait
+            .render(&mut out, "tidepool_queue_wait_seconds", "");
+        let _ = writeln!(out, "# HELP tidepool_request_duration_seconds From reading a request to writing its answer, per target.\n# TYPE tidepool_request_duration_seconds histogram");
+        for t in targets {
+            t.latency.render(
+                &mut out,
+                "tidepool_request_duration_seconds",
+                &format!("target=\"{}\"", t.addr()),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::latency();
+        h.record(Duration::from_micros(10));
+        h.record(Duration::from_micros(60));
+        h.record(Duration::from_secs(100));
+        let mut out = String::new();
+        h.render(&mut out, "x", "");
+        assert!(out.contains("x_bucket{le=\"0.000025\"} 1"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.0001\"} 2"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3"), "{out}");
+        assert!(out.contains("x_count 3"), "{out}");
+        assert_eq!(h.count(), 3);
+    }
+}

@@ -1,0 +1,320 @@
+//! The pending entry: the one thing that may answer a client's request, and that does
+//! answer it exactly once.
+//!
+//! A [`Pending`] is created when a request is read and travels with it: through the wait
+//! queue, to an upstream connection's map, back out with the target's answer. Answering
+//! consumes it. Dropping it unanswered (a lost connection, a stopped task, a forgotten
+//! branch) answers `unavailable`, or `shutting_down` once the drain deadline has passed.
+//! A second answer cannot be written because there is no second owner.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tidepool_protocol::{ErrorCode, ErrorReply, Infer, Message, RequestId};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
+
+use crate::metrics::{Metrics, Reject};
+use crate::target::InFlight;
+use crate::upstream::UpstreamConn;
+
+/// Where a client's request is, for forwarding its `cancel`.
+pub(crate) enum Slot {
+    /// Read, not yet handed to an upstream connection (routing or queued).
+    Waiting,
+    /// The client cancelled it before it reached a target; it is answered `cancelled`
+    /// when it leaves the queue.
+    Cancelled,
+    /// Handed to `conn` under `upstream_id`; a cancel follows it there.
+    Sent {
+        conn: Arc<UpstreamConn>,
+        upstream_id: RequestId,
+    },
+}
+
+/// One answer on its way to a client, holding the connection's in-flight permit until it
+/// is written, so that a client that does not read bounds what waits for it.
+pub(crate) struct Outbound {
+    pub(crate) msg: Message,
+    pub(crate) _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Requests alive in the whole balancer, for draining at shutdown.
+#[derive(Debug, Default)]
+pub(crate) struct Lifecycle {
+    live: AtomicUsize,
+    all_done: Notify,
+    /// Set when the drain deadline passed: what is still pending is answered
+    /// `shutting_down` rather than `unavailable`.
+    stopping: AtomicBool,
+}
+
+impl Lifecycle {
+    /// Requests read and not yet answered.
+    pub(crate) fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Waits until no request is pending.
+    pub(crate) async fn all_done(&self) {
+        loop {
+            let notified = self.all_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The part of a client connection that its requests share: the way to its writer and
+/// where each of its requests is.
+pub(crate) struct ClientConn {
+    answers: mpsc::UnboundedSender<Outbound>,
+    /// Client id → where the request is. An id is here from the moment it is read until
+    /// just before its answer is queued, so a reused id is refused only while in flight.
+    pub(crate) slots: DashMap<RequestId, Slot>,
+    pub(crate) metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
+    opened: Instant,
+    /// Milliseconds from `opened` to the last frame read or written (idle timeout).
+    last_activity_ms: AtomicU64,
+}
+
+impl ClientConn {
+    pub(crate) fn new(
+        answers: mpsc::UnboundedSender<Outbound>,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> ClientConn {
+        ClientConn {
+            answers,
+            slots: DashMap::new(),
+            metrics,
+            lifecycle,
+            opened: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues a frame for the client that answers no pending request (a pong, an error
+    /// about an unreadable frame).
+    pub(crate) fn send(&self, msg: Message, permit: Option<OwnedSemaphorePermit>) {
+        // A closed channel means the writer is gone with the client: nobody to answer.
+        let _ = self.answers.send(Outbound {
+            msg,
+            _permit: permit,
+        });
+    }
+
+    /// Notes traffic now.
+    pub(crate) fn touch(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When traffic was last seen.
+    pub(crate) fn last_activity(&self) -> Instant {
+        self.opened
+            + std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+
+    /// Forwards a client's `cancel`: to the target when the request is there, or marks
+    /// it so that it never leaves the balancer.
+    pub(crate) fn cancel(&self, id: RequestId) {
+        if let Some(mut slot) = self.slots.get_mut(&id) {
+            match &*slot {
+                Slot::Waiting => *slot = Slot::Cancelled,
+                Slot::Sent { conn, upstream_id } => conn.cancel(*upstream_id),
+                Slot::Cancelled => {}
+            }
+        }
+    }
+
+    /// The client is gone: cancel everything it still has in flight.
+    pub(crate) fn cancel_all(&self) {
+        for mut slot in self.slots.iter_mut() {
+            match &*slot {
+                Slot::Waiting => *slot = Slot::Cancelled,
+                Slot::Sent { conn, upstream_id } => conn.cancel(*upstream_id),
+                Slot::Cancelled => {}
+            }
+        }
+    }
+}
+
+/// A client's request from the moment it is read until it is answered.
+pub(crate) struct Pending {
+    conn: Arc<ClientConn>,
+    id: RequestId,
+    received: Instant,
+    in_flight: Option<InFlight>,
+    permit: Option<OwnedSemaphorePermit>,
+    answered: bool,
+}
+
+impl Pending {
+    /// Takes ownership of answering request `id` of `conn`. The caller has put `id` in
+    /// `conn.slots` as [`Slot::Waiting`].
+    pub(crate) fn new(
+        conn: Arc<ClientConn>,
+        id: RequestId,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Pending {
+        conn.lifecycle.live.fetch_add(1, Ordering::AcqRel);
+        Pending {
+            conn,
+            id,
+            received: Instant::now(),
+            in_flight: None,
+            permit,
+            answered: false,
+        }
+    }
+
+    /// When the request was read.
+    pub(crate) fn received(&self) -> Instant {
+        self.received
+    }
+
+    /// Counts the request on the target it was routed to (replacing an earlier one).
+    pub(crate) fn set_in_flight(&mut self, guard: InFlight) {
+        self.in_flight = Some(guard);
+    }
+
+    /// Stops counting it on a target, before routing it again.
+    pub(crate) fn clear_in_flight(&mut self) {
+        self.in_flight = None;
+    }
+
+    /// True when the client cancelled it.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        matches!(
+            self.conn.slots.get(&self.id).as_deref(),
+            Some(Slot::Cancelled)
+        )
+    }
+
+    /// Records that it is handed to `conn` under `upstream_id`; false when the client
+    /// cancelled it first.
+    pub(crate) fn mark_sent(&self, conn: &Arc<UpstreamConn>, upstream_id: RequestId) -> bool {
+        match self.conn.slots.get_mut(&self.id) {
+            Some(mut slot) if !matches!(*slot, Slot::Cancelled) => {
+                *slot = Slot::Sent {
+                    conn: Arc::clone(conn),
+                    upstream_id,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records that it is back in the balancer (its connection was lost before writing).
+    pub(crate) fn mark_waiting(&self) {
+        if let Some(mut slot) = self.conn.slots.get_mut(&self.id) {
+            if matches!(*slot, Slot::Sent { .. }) {
+                *slot = Slot::Waiting;
+            }
+        }
+    }
+
+    /// Answers with the target's `result` or `error`, under the client's id.
+    pub(crate) fn answer(mut self, mut msg: Message) {
+        if let Some(guard) = &self.in_flight {
+            guard.target().latency.record(self.received.elapsed());
+        }
+        msg.set_id(self.id);
+        self.finish(msg);
+    }
+
+    /// Answers with the balancer's own error.
+    pub(crate) fn reject(
+        mut self,
+        reason: Reject,
+        code: ErrorCode,
+        message: impl Into<String>,
+        retry_after_ms: Option<u64>,
+    ) {
+        let mut reply = ErrorReply::new(self.id, code, message);
+        reply.retry_after_ms = retry_after_ms;
+        self.conn.metrics.reject(reason);
+        self.finish(Message::Error(reply));
+    }
+
+    /// Answers `unavailable` because the request may have reached a target that is now
+    /// out of reach, or `shutting_down` past the drain deadline.
+    pub(crate) fn lost(self, message: impl Into<String>) {
+        if self.conn.lifecycle.stopping() {
+            self.reject(
+                Reject::ShuttingDown,
+                ErrorCode::ShuttingDown,
+                "the balancer is shutting down and the drain timeout passed",
+                None,
+            );
+        } else {
+            self.reject(
+                Reject::ConnectionLost,
+                ErrorCode::Unavailable,
+                message,
+                None,
+            );
+        }
+    }
+
+    fn finish(&mut self, msg: Message) {
+        self.answered = true;
+        // Free the id before the answer can reach the client, who may reuse it at once.
+        self.conn.slots.remove(&self.id);
+        self.conn.send(msg, self.permit.take());
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.answered {
+            let (reason, code, message) = if self.conn.lifecycle.stopping() {
+                (
+                    Reject::ShuttingDown,
+                    ErrorCode::ShuttingDown,
+                    "the balancer is shutting down and the drain timeout passed",
+                )
+            } else {
+                (
+                    Reject::ConnectionLost,
+                    ErrorCode::Unavailable,
+                    "the request was dropped inside the balancer; it may or may not have run",
+                )
+            };
+            self.conn.metrics.reject(reason);
+            self.finish(Message::Error(ErrorReply::new(self.id, code, message)));
+        }
+        // Release the target before the drain count, so a drain that sees zero requests
+        // also sees zero outstanding.
+        self.in_flight = None;
+        if self.conn.lifecycle.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn.lifecycle.all_done.notify_waiters();
+        }
+    }
+}
+
+/// A request on its way to a target.
+pub(crate) struct Request {
+    /// Who answers it.
+    pub(crate) pending: Pending,
+    /// The request itself, its id still the client's until an upstream writes it.
+    pub(crate) infer: Infer,
+    /// How many times it was routed again after a connection loss.
+    pub(crate) reroutes: u32,
+}
