@@ -473,6 +473,10 @@ fn session_builder(
         DeviceChoice::Cuda => cuda(base()?).map(|b| (b, Device::Cuda)),
         DeviceChoice::Auto => match cuda(base()?) {
             Ok(builder) => Ok((builder, Device::Cuda)),
+            Err(Error::CudaNotBuilt) => {
+                info!("built without the cuda feature: running on CPU");
+                Ok((base()?, Device::Cpu))
+            }
             Err(e) => {
                 warn!(error = %e, "CUDA unavailable, running on CPU");
                 Ok((base()?, Device::Cpu))
@@ -764,5 +768,152 @@ mod tests {
         let c = item(tensor(DType::F32, &[4]), tensor(DType::I64, &[5]));
         assert!(ModelSpec::same_shapes(&a, &b));
         assert!(!ModelSpec::same_shapes(&a, &c));
+    }
+}
+
+#[cfg(test)]
+mod ort_tests {
+    use ort::editor::{Node, ONNX_DOMAIN};
+    use ort::value::TensorElementType as T;
+
+    use super::*;
+    use crate::test_support::{new_graph, ort_lib, outlet, scratch_dir, write_graph};
+
+    fn load(path: &Path) -> Model {
+        Model::load(&LoadOptions {
+            path: path.to_path_buf(),
+            ort_lib: ort_lib(),
+            device: DeviceChoice::Cpu,
+            threads: Some(1),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn integer_and_bool_tensors_are_stacked_and_split() {
+        let path = scratch_dir("dtypes").join("dtypes.onnx");
+        let mut graph = new_graph();
+        graph
+            .set_inputs([
+                outlet("a", T::Int64, &[-1, 2]),
+                outlet("b", T::Bool, &[-1, 3]),
+            ])
+            .unwrap();
+        graph
+            .set_outputs([
+                outlet("a_out", T::Int64, &[-1, 2]),
+                outlet("b_out", T::Bool, &[-1, 3]),
+            ])
+            .unwrap();
+        graph
+            .add_node(Node::new("Identity", ONNX_DOMAIN, "id", ["a"], ["a_out"], []).unwrap())
+            .unwrap();
+        graph
+            .add_node(Node::new("Not", ONNX_DOMAIN, "not", ["b"], ["b_out"], []).unwrap())
+            .unwrap();
+        write_graph(&path, graph);
+
+        let mut model = load(&path);
+        assert!(model.spec().batched);
+        assert_eq!(model.spec().inputs[1].dtype, DType::Bool);
+        model.warm_up().unwrap();
+        let item = |a: [i64; 2], b: [u8; 3]| {
+            Tensors::from([
+                (
+                    "a".to_owned(),
+                    Tensor::from_vec(vec![2], a.to_vec()).unwrap(),
+                ),
+                (
+                    "b".to_owned(),
+                    Tensor::new(DType::Bool, vec![3], Bytes::copy_from_slice(&b)).unwrap(),
+                ),
+            ])
+        };
+        let items = [item([1, -2], [1, 0, 1]), item([3, 4], [0, 0, 1])];
+        for i in &items {
+            model.spec().check(i).unwrap();
+        }
+        let out = model.run(&[&items[0], &items[1]]).unwrap();
+        assert_eq!(out[0]["a_out"].to_vec::<i64>().unwrap(), vec![1, -2]);
+        assert_eq!(out[1]["a_out"].to_vec::<i64>().unwrap(), vec![3, 4]);
+        assert_eq!(out[0]["b_out"].data().as_ref(), &[0, 1, 0]);
+        assert_eq!(out[1]["b_out"].data().as_ref(), &[1, 1, 0]);
+        assert_eq!(out[1]["b_out"].shape(), &[3]);
+    }
+
+    #[test]
+    fn a_fixed_leading_dimension_runs_items_alone_with_their_whole_shape() {
+        let path = scratch_dir("fixed").join("fixed.onnx");
+        let mut graph = new_graph();
+        graph
+            .set_inputs([outlet("x", T::Float32, &[1, 4])])
+            .unwrap();
+        graph
+            .set_outputs([outlet("y", T::Float32, &[1, 4])])
+            .unwrap();
+        graph
+            .add_node(Node::new("Relu", ONNX_DOMAIN, "relu", ["x"], ["y"], []).unwrap())
+            .unwrap();
+        write_graph(&path, graph);
+
+        let mut model = load(&path);
+        assert!(!model.spec().batched);
+        assert_eq!(model.spec().batch_limit(32), 1);
+        let item = Tensors::from([(
+            "x".to_owned(),
+            Tensor::from_vec(vec![1, 4], vec![-1.0f32, 2.0, -3.0, 4.0]).unwrap(),
+        )]);
+        model.spec().check(&item).unwrap();
+        let out = model.run(&[&item]).unwrap();
+        assert_eq!(out[0]["y"].shape(), &[1, 4]);
+        assert_eq!(
+            out[0]["y"].to_vec::<f32>().unwrap(),
+            vec![0.0, 2.0, 0.0, 4.0]
+        );
+    }
+
+    #[test]
+    fn a_missing_model_file_is_a_model_load_error() {
+        let err = Model::load(&LoadOptions {
+            path: "/nonexistent/model.onnx".into(),
+            ort_lib: ort_lib(),
+            device: DeviceChoice::Cpu,
+            threads: None,
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::ModelLoad { .. }), "{err}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn device_cuda_without_the_feature_says_how_to_build_it() {
+        let path = scratch_dir("cuda").join("m.onnx");
+        let mut graph = new_graph();
+        graph
+            .set_inputs([outlet("x", T::Float32, &[-1, 2])])
+            .unwrap();
+        graph
+            .set_outputs([outlet("y", T::Float32, &[-1, 2])])
+            .unwrap();
+        graph
+            .add_node(Node::new("Relu", ONNX_DOMAIN, "relu", ["x"], ["y"], []).unwrap())
+            .unwrap();
+        write_graph(&path, graph);
+        let err = Model::load(&LoadOptions {
+            path,
+            ort_lib: ort_lib(),
+            device: DeviceChoice::Cuda,
+            threads: None,
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--features cuda"), "{err}");
+        // auto falls back to CPU.
+        let model = Model::load(&LoadOptions {
+            path: scratch_dir("cuda-auto").join("missing.onnx"),
+            ort_lib: ort_lib(),
+            device: DeviceChoice::Auto,
+            threads: None,
+        });
+        assert!(matches!(model, Err(Error::ModelLoad { .. })));
     }
 }

@@ -36,3 +36,43 @@ pub(crate) fn scratch_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Writes a model built with `ort::editor` to `path` (no optimisation, weights inline).
+pub(crate) fn write_graph(path: &std::path::Path, graph: ort::editor::Graph) {
+    use ort::editor::{Model, Opset, ONNX_DOMAIN};
+    use ort::session::builder::GraphOptimizationLevel;
+    let env = crate::model::environment(&ort_lib()).unwrap();
+    let mut model = Model::new([Opset::new(ONNX_DOMAIN, 17).unwrap()]).unwrap();
+    model.set_graph(graph).unwrap();
+    let builder = ort::session::Session::builder(&env)
+        .unwrap()
+        .with_optimization_level(GraphOptimizationLevel::Disable)
+        .unwrap()
+        .with_optimized_model_path(path)
+        .unwrap();
+    drop(model.into_session(&builder).unwrap());
+}
+
+/// A graph input or output of type `ty` and shape `dims` (-1: dynamic). Loads ONNX Runtime
+/// first: any ort call before that would look for a library on the default path.
+pub(crate) fn outlet(
+    name: &str,
+    ty: ort::value::TensorElementType,
+    dims: &[i64],
+) -> ort::value::Outlet {
+    crate::model::environment(&ort_lib()).unwrap();
+    ort::value::Outlet::new(
+        name,
+        ort::value::ValueType::Tensor {
+            ty,
+            shape: ort::value::Shape::new(dims.iter().copied()),
+            dimension_symbols: ort::value::SymbolicDimensions::empty(dims.len()),
+        },
+    )
+}
+
+/// An empty editor graph, with ONNX Runtime loaded first.
+pub(crate) fn new_graph() -> ort::editor::Graph {
+    crate::model::environment(&ort_lib()).unwrap();
+    ort::editor::Graph::new().unwrap()
+}
