@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
                 .thread_name("tidepool-io")
                 .build()
                 .context("could not start the async runtime")?;
-            runtime.block_on(async move {
+            let result = runtime.block_on(async move {
                 let worker = Worker::start(config).await?;
                 let token = worker.shutdown_token();
                 tokio::spawn(async move {
@@ -45,7 +45,11 @@ fn main() -> anyhow::Result<()> {
                 });
                 worker.wait().await?;
                 Ok(())
-            })
+            });
+            // A model still loading when the signal came runs on a blocking thread that
+            // cannot be interrupted; do not wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
     }
 }
