@@ -292,3 +292,66 @@ async fn a_missing_ort_library_is_refused_naming_the_fix() {
     let err = tidepool_worker::Worker::start(config).await.unwrap_err();
     assert!(err.to_string().contains("scripts/fetch-ort.sh"), "{err}");
 }
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_not_read_either() {
+    init_tracing();
+    // 64 KiB items and answers (through a hidden width of 1), so that the socket buffers
+    // hold a few dozen of them, not thousands.
+    let tiny = TinyModel {
+        input_dim: 16_384,
+        output_dim: 16_384,
+        layers: 2,
+        size: 128 << 10,
+        seed: 1,
+    };
+    let mut config = worker_config(&tiny.write());
+    config.max_in_flight = 4;
+    config.max_delay = Duration::ZERO;
+    let worker = start_worker(config).await;
+    let stream = TcpStream::connect(worker.local_addr()).await.unwrap();
+    let (read, write) = stream.into_split();
+    let mut writer = tokio_util::codec::FramedWrite::new(write, MessageCodec::default());
+    const SENT: u64 = 2_000;
+    let sender = tokio::spawn(async move {
+        for id in 1..=SENT {
+            let msg = Message::Infer(Infer {
+                id,
+                inputs: item(vec![0.5; 16_384]),
+                deadline_ms: None,
+                client: None,
+            });
+            writer.send(msg).await.unwrap();
+        }
+        writer
+    });
+    // Without reading, the sender soon blocks: the worker stopped reading too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !sender.is_finished(),
+        "2000 x 64 KiB went through without being read"
+    );
+    let answered = worker
+        .metrics()
+        .items(tidepool_worker::metrics::Outcome::Ok);
+    assert!(
+        answered < 500,
+        "the worker answered {answered} items nobody read"
+    );
+
+    // Reading again lets everything through.
+    let mut reader = tokio_util::codec::FramedRead::new(read, MessageCodec::default());
+    let mut ok = 0;
+    while ok < SENT {
+        let msg = tokio::time::timeout(Duration::from_secs(30), reader.next())
+            .await
+            .expect("answers keep coming")
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(msg, Message::Result(_)), "{msg:?}");
+        ok += 1;
+    }
+    drop(sender.await.unwrap());
+    worker.shutdown().await.unwrap();
+}
