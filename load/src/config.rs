@@ -23,7 +23,8 @@ pub const DEFAULT_DURATION: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONCURRENCY: usize = 1024;
 /// Default `--connections`.
 pub const DEFAULT_CONNECTIONS: usize = 4;
-/// Default `--input`: one f32 feature vector of 64, the worker's synthetic model input.
+/// Default `--input`: one f32 feature vector of 64, the input of the worker's synthetic
+/// model (named `input`) when synthesised with `--input-dim 64`.
 pub const DEFAULT_INPUT: &str = "input:f32:64";
 /// Default `--items`.
 pub const DEFAULT_ITEMS: usize = 16;
@@ -55,7 +56,7 @@ pub enum ProfileKind {
 /// as latency instead of as a quietly lower rate. A live line goes to stderr, the report
 /// to stdout.
 #[derive(Clone, Debug, Parser, Serialize)]
-#[command(name = "tidepool-load", version, about, long_about = None)]
+#[command(name = "tidepool-load", version)]
 pub struct LoadConfig {
     /// Address of the balancer or worker, like 127.0.0.1:7000.
     #[arg(long, env = "TIDEPOOL_LOAD_TARGET")]
@@ -112,8 +113,9 @@ pub struct LoadConfig {
 
     /// One model input as NAME:DTYPE:DIMS (repeat for several inputs), without the batch
     /// dimension: input:f32:64, pixel_values:u8:3x224x224, ids:i64:16. The data is random
-    /// from --seed. The default matches the worker's synthetic model at width 64; pass
-    /// the real input of your model (`tidepool-worker` logs it at start).
+    /// from --seed; nothing is asked of the server. The default fits
+    /// `tidepool-worker synth --input-dim 64`; a synthetic model of another width takes
+    /// input:f32:WIDTH (`synth` prints it), any other model its own inputs.
     #[arg(long = "input", env = "TIDEPOOL_LOAD_INPUT", value_delimiter = ' ',
           default_value = DEFAULT_INPUT)]
     #[serde(serialize_with = "display_all")]
@@ -135,7 +137,7 @@ pub struct LoadConfig {
     pub drain: Duration,
 
     /// Before sending, ping the target until it answers pong, for up to this long; a
-    /// target that stays unready is a setup failure [default: 0s, no ping].
+    /// target that stays unready is a setup failure (0s: no ping).
     #[arg(long, env = "TIDEPOOL_LOAD_WAIT_READY", value_parser = humantime::parse_duration,
           default_value = "0s")]
     #[serde(with = "secs")]

@@ -2,8 +2,8 @@
 //! built from them.
 //!
 //! The generator asks nothing of the server: the tensor shapes come from the command line
-//! (the default, `input:f32:64`, matches the worker's synthetic models at their default
-//! width). A few distinct items are built up front from a seeded RNG and sent in turn;
+//! (the default, `input:f32:64`, is the input of the worker's synthetic models made with
+//! `--input-dim 64`). A few distinct items are built up front from a seeded RNG and sent in turn;
 //! cloning one is cheap (the data is a shared [`Bytes`]), so the send path never
 //! generates numbers.
 

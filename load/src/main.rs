@@ -6,14 +6,25 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use tidepool_load::{run, CancellationToken, LoadConfig};
 use tracing_subscriber::EnvFilter;
 
+fn main() -> ExitCode {
+    match start() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // The crate's messages already carry their causes; print the chain once.
+            eprintln!("tidepool-load: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn start() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
@@ -35,8 +46,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         print!("{report}");
         if let Some(path) = &config.json {
-            std::fs::write(path, report.to_json()? + "\n")
-                .with_context(|| format!("could not write {}", path.display()))?;
+            report.write_json(path)?;
         }
     }
     if let Some(path) = &config.timeline {

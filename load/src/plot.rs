@@ -16,10 +16,58 @@ const RIGHT: f64 = 80.0;
 const TOP: f64 = 70.0;
 const BOTTOM: f64 = 55.0;
 
-const OFFERED: &str = "#1f77b4";
-const ACHIEVED: &str = "#2ca02c";
-const ERRORS: &str = "#d62728";
 const P99: &str = "#ff7f0e";
+
+/// How one series is drawn and named in the legend.
+struct Style {
+    label: &'static str,
+    color: &'static str,
+    width: f64,
+    opacity: f64,
+    dash: Option<&'static str>,
+}
+
+impl Style {
+    fn attributes(&self) -> String {
+        let mut a = format!(r#" stroke="{}" stroke-width="{}""#, self.color, self.width);
+        if self.opacity < 1.0 {
+            a.push_str(&format!(r#" stroke-opacity="{}""#, self.opacity));
+        }
+        if let Some(dash) = self.dash {
+            a.push_str(&format!(r#" stroke-dasharray="{dash}""#));
+        }
+        a
+    }
+}
+
+const OFFERED_STYLE: Style = Style {
+    label: "offered rate (items/s)",
+    color: "#1f77b4",
+    width: 5.0,
+    opacity: 0.45,
+    dash: None,
+};
+const ACHIEVED_STYLE: Style = Style {
+    label: "achieved rate (results/s)",
+    color: "#2ca02c",
+    width: 1.8,
+    opacity: 1.0,
+    dash: None,
+};
+const ERRORS_STYLE: Style = Style {
+    label: "errors/s",
+    color: "#d62728",
+    width: 1.8,
+    opacity: 1.0,
+    dash: None,
+};
+const P99_STYLE: Style = Style {
+    label: "p99 latency (ms, right axis)",
+    color: P99,
+    width: 1.8,
+    opacity: 1.0,
+    dash: Some("6 3"),
+};
 
 /// A point on the canvas.
 type Point = (f64, f64);
@@ -154,45 +202,42 @@ pub fn timeline_svg(report: &Report) -> String {
         );
         let _ = writeln!(
             s,
-            r##"<text x="{:.1}" y="{:.1}" fill="#888" font-size="11">end of schedule</text>"##,
-            xx + 4.0,
+            r##"<text x="{:.1}" y="{:.1}" fill="#888" font-size="11" text-anchor="end">end of schedule</text>"##,
+            xx - 4.0,
             TOP + 14.0
         );
     }
 
-    // The series, each point in the middle of its second.
+    // The series, each point in the middle of its second. The offered rate is drawn wide
+    // and pale under the others, so it stays visible where the achieved rate covers it.
     let mid = |i: usize| x(i as f64 + 0.5);
-    let series: [(&str, Vec<Option<Point>>, &str); 4] = [
+    let series: [(Style, Vec<Option<Point>>); 4] = [
         (
-            OFFERED,
+            OFFERED_STYLE,
             (0..rows.len())
                 .map(|i| Some((mid(i), y_rate(rows[i].offered as f64))))
                 .collect(),
-            "",
         ),
         (
-            ACHIEVED,
+            ACHIEVED_STYLE,
             (0..rows.len())
                 .map(|i| Some((mid(i), y_rate(rows[i].ok as f64))))
                 .collect(),
-            "",
         ),
         (
-            ERRORS,
+            ERRORS_STYLE,
             (0..rows.len())
                 .map(|i| Some((mid(i), y_rate(rows[i].errors as f64))))
                 .collect(),
-            "",
         ),
         (
-            P99,
+            P99_STYLE,
             (0..rows.len())
                 .map(|i| rows[i].p99_ms.map(|v| (mid(i), y_ms(v))))
                 .collect(),
-            r#" stroke-dasharray="6 3""#,
         ),
     ];
-    for (color, points, dash) in &series {
+    for (style, points) in &series {
         // A second without a value breaks the line.
         for run in points.split(Option::is_none) {
             let run: Vec<Point> = run.iter().flatten().copied().collect();
@@ -201,7 +246,8 @@ pub fn timeline_svg(report: &Report) -> String {
                 [(px, py)] => {
                     let _ = writeln!(
                         s,
-                        r#"<circle cx="{px:.1}" cy="{py:.1}" r="2.5" fill="{color}"/>"#
+                        r#"<circle cx="{px:.1}" cy="{py:.1}" r="2.5" fill="{}"/>"#,
+                        style.color
                     );
                 }
                 _ => {
@@ -211,8 +257,9 @@ pub fn timeline_svg(report: &Report) -> String {
                         .collect();
                     let _ = writeln!(
                         s,
-                        r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.8" stroke-linejoin="round"{dash}/>"#,
-                        coords.join(" ")
+                        r#"<polyline points="{}" fill="none" stroke-linejoin="round"{}/>"#,
+                        coords.join(" "),
+                        style.attributes()
                     );
                 }
             }
@@ -220,25 +267,21 @@ pub fn timeline_svg(report: &Report) -> String {
     }
 
     // The legend, above the plot.
-    let entries = [
-        (OFFERED, "offered rate (items/s)", ""),
-        (ACHIEVED, "achieved rate (results/s)", ""),
-        (ERRORS, "errors/s", ""),
-        (
-            P99,
-            "p99 latency (ms, right axis)",
-            r#" stroke-dasharray="6 3""#,
-        ),
-    ];
     let mut lx = LEFT;
-    for (color, label, dash) in entries {
+    for (style, _) in &series {
         let _ = writeln!(
             s,
-            r#"<line x1="{lx:.1}" y1="48" x2="{:.1}" y2="48" stroke="{color}" stroke-width="3"{dash}/>"#,
-            lx + 26.0
+            r#"<line x1="{lx:.1}" y1="48" x2="{:.1}" y2="48"{}/>"#,
+            lx + 26.0,
+            style.attributes()
         );
-        let _ = writeln!(s, r#"<text x="{:.1}" y="52">{label}</text>"#, lx + 32.0);
-        lx += 40.0 + 7.0 * label.len() as f64;
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="52">{}</text>"#,
+            lx + 32.0,
+            style.label
+        );
+        lx += 40.0 + 7.0 * style.label.len() as f64;
     }
     s.push_str("</svg>\n");
     s
@@ -334,6 +377,7 @@ mod tests {
             batch_sizes: BTreeMap::new(),
             batch_size_mean: None,
             workers: Vec::new(),
+            error_examples: BTreeMap::new(),
             timeline: vec![
                 row(0, Some(1.0)),
                 row(1, Some(2.0)),

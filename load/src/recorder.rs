@@ -19,7 +19,7 @@ use crate::report::{LatencySummary, Report, RunInfo, SecondRow, WorkerShare};
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 
 /// What one answered request tells the recorder.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Answer {
     /// When it came back, since the start of the run.
     pub(crate) at: Duration,
@@ -31,6 +31,8 @@ pub(crate) struct Answer {
     pub(crate) worker: Option<String>,
     /// The size of the batch it ran in, for results.
     pub(crate) batch_size: Option<u32>,
+    /// Why it failed, for failures that have a message.
+    pub(crate) error: Option<tidepool_protocol::Error>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -51,6 +53,8 @@ pub(crate) struct Recorder {
     outcomes: BTreeMap<Outcome, u64>,
     batch_sizes: BTreeMap<u32, u64>,
     workers: BTreeMap<String, u64>,
+    /// The first message seen for each failing outcome.
+    examples: BTreeMap<Outcome, String>,
     offered: u64,
     skipped: u64,
     last_event: Duration,
@@ -69,6 +73,7 @@ impl Recorder {
             outcomes: BTreeMap::new(),
             batch_sizes: BTreeMap::new(),
             workers: BTreeMap::new(),
+            examples: BTreeMap::new(),
             offered: 0,
             skipped: 0,
             last_event: Duration::ZERO,
@@ -109,6 +114,12 @@ impl Recorder {
         let second = self.second(open);
         if answer.outcome.is_error() {
             *second.errors.entry(answer.outcome).or_default() += 1;
+            if let Some(error) = answer.error {
+                // Formatted once per outcome, not once per failure.
+                self.examples
+                    .entry(answer.outcome)
+                    .or_insert_with(|| error.to_string());
+            }
             return;
         }
         second.ok += 1;
@@ -215,6 +226,7 @@ impl Recorder {
             batch_sizes: self.batch_sizes,
             batch_size_mean,
             workers,
+            error_examples: self.examples,
             timeline,
         }
     }
@@ -266,6 +278,7 @@ mod tests {
             outcome: Outcome::Ok,
             worker: Some(worker.to_owned()),
             batch_size: Some(batch),
+            error: None,
         }
     }
 
@@ -276,6 +289,10 @@ mod tests {
             outcome,
             worker: None,
             batch_size: None,
+            error: Some(tidepool_protocol::Error::Overloaded {
+                message: "queue full".into(),
+                retry_after: None,
+            }),
         }
     }
 
@@ -315,6 +332,10 @@ mod tests {
         let second = &report.timeline[1];
         assert_eq!((second.ok, second.errors, second.active_workers), (1, 1, 1));
         assert_eq!(second.errors_by[&Outcome::Overloaded], 1);
+        assert_eq!(
+            report.error_examples[&Outcome::Overloaded],
+            "server overloaded: queue full"
+        );
         let p99 = second.p99_ms.unwrap();
         assert!((p99 - 10.0).abs() < 0.1, "p99 {p99}");
         assert!(report.latency_ms.max.unwrap() >= 19.9);

@@ -159,6 +159,8 @@ pub struct Report {
     pub batch_size_mean: Option<f64>,
     /// Results per worker, by name.
     pub workers: Vec<WorkerShare>,
+    /// For each failing outcome seen, the first error message: what to fix.
+    pub error_examples: BTreeMap<Outcome, String>,
     /// One row per second.
     pub timeline: Vec<SecondRow>,
 }
@@ -177,6 +179,11 @@ impl Report {
     /// The report as pretty JSON.
     pub fn to_json(&self) -> Result<String, Error> {
         serde_json::to_string_pretty(self).map_err(Error::Json)
+    }
+
+    /// Writes the report as pretty JSON to `path`.
+    pub fn write_json(&self, path: &Path) -> Result<(), Error> {
+        write(path, self.to_json()? + "\n")
     }
 
     /// The timeline as CSV, one row per second, with a header.
@@ -273,6 +280,9 @@ impl fmt::Display for Report {
                     n,
                     pct(n, self.sent)
                 )?;
+                if let Some(example) = self.error_examples.get(outcome) {
+                    writeln!(f, "      first: {example}")?;
+                }
             }
         }
         writeln!(

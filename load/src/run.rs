@@ -199,13 +199,10 @@ async fn request(r: Request) {
         () = r.abandon.cancelled() => None,
     };
     let now = Instant::now();
-    let (outcome, worker, batch_size) = match result {
-        Some(Ok(result)) => (Outcome::Ok, result.worker, result.batch_size),
-        Some(Err(error)) => {
-            tracing::trace!(%error, "request failed");
-            (Outcome::of_error(&error), None, None)
-        }
-        None => (Outcome::Unanswered, None, None),
+    let (outcome, worker, batch_size, error) = match result {
+        Some(Ok(result)) => (Outcome::Ok, result.worker, result.batch_size, None),
+        Some(Err(error)) => (Outcome::of_error(&error), None, None, Some(error)),
+        None => (Outcome::Unanswered, None, None, None),
     };
     lock(&r.recorder).answered(Answer {
         at: now.saturating_duration_since(r.start),
@@ -213,6 +210,7 @@ async fn request(r: Request) {
         outcome,
         worker,
         batch_size,
+        error,
     });
 }
 
