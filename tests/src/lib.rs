@@ -6,6 +6,7 @@
 //!
 //! Everything binds `127.0.0.1:0` and is stopped by the test that started it.
 
+pub mod balancer;
 pub mod stand_in;
 pub mod worker;
 
