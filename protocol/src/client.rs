@@ -247,6 +247,9 @@ impl Client {
                 return Err(self.lost());
             }
             tokio::select! {
+                // An answer that arrived just before the connection closed wins: a server
+                // that answers and then closes (a drain) must not look like a lost call.
+                biased;
                 answer = rx => answer.unwrap_or_else(|_| Err(self.lost())),
                 // The reader clears the map when the connection ends; this catches a call
                 // that registered just after that.
