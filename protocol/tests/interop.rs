@@ -4,6 +4,9 @@
 //!
 //! Set `TIDEPOOL_BLESS=1` to rewrite the `rust_*.bin` fixtures after a deliberate change.
 
+// A failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -44,8 +47,12 @@ fn expected() -> BTreeMap<&'static str, Message> {
         (
             "error",
             Message::Error(
-                ErrorReply::new(2, ErrorCode::Overloaded, "queue full (1024 items); retry later")
-                    .retry_after(50),
+                ErrorReply::new(
+                    2,
+                    ErrorCode::Overloaded,
+                    "queue full (1024 items); retry later",
+                )
+                .retry_after(50),
             ),
         ),
         ("cancel", Message::Cancel { id: 3 }),
@@ -58,7 +65,11 @@ fn expected() -> BTreeMap<&'static str, Message> {
 
 fn decode_one(bytes: &[u8]) -> Message {
     let mut buf = BytesMut::from(bytes);
-    let msg = MessageCodec::default().decode(&mut buf).unwrap().unwrap().unwrap();
+    let msg = MessageCodec::default()
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(buf.is_empty(), "trailing bytes after the frame");
     msg
 }
@@ -84,8 +95,14 @@ fn rust_frames_match_the_checked_fixtures() {
         if bless {
             std::fs::write(&path, &frame).unwrap();
         }
-        let on_disk = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run with TIDEPOOL_BLESS=1)", path.display()));
-        assert_eq!(frame, on_disk, "{}: the encoder's output changed", path.display());
+        let on_disk = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with TIDEPOOL_BLESS=1)", path.display()));
+        assert_eq!(
+            frame,
+            on_disk,
+            "{}: the encoder's output changed",
+            path.display()
+        );
         assert_eq!(decode_one(&on_disk), message);
     }
 }

@@ -6,6 +6,7 @@
 //! while it runs (to make one target slow) and [`StandIn::kill`] drops every connection
 //! without answering, as a crashed process would.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -239,12 +240,10 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
                         .push(client.clone());
                 }
                 let token = CancellationToken::new();
-                let duplicate = {
-                    let mut map = pending.lock().expect("pending lock");
-                    if map.contains_key(&infer.id) {
-                        true
-                    } else {
-                        map.insert(infer.id, token.clone());
+                let duplicate = match pending.lock().expect("pending lock").entry(infer.id) {
+                    Entry::Occupied(_) => true,
+                    Entry::Vacant(slot) => {
+                        slot.insert(token.clone());
                         false
                     }
                 };

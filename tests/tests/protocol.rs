@@ -1,6 +1,9 @@
 //! The protocol against a live server: pipelining, cancel, deadlines and every malformed
 //! frame answered with the right code.
 
+// A failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};

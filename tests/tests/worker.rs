@@ -2,6 +2,9 @@
 //! direct ONNX Runtime run; validation, duplicate ids, cancel and ping over the wire;
 //! registration with a balancer that starts late; metrics; draining on shutdown.
 
+// A failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

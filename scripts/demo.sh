@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# `make demo`: a balancer and three self-registering workers on loopback, a compressed day
+# of uneven load through them, live progress, the report, a timeline plot. Every process
+# started here is stopped on exit, Ctrl-C included.
+#
+#   SIZE=16MiB (default) or SIZE=1GiB for the seed's 1 GB model
+#   RATE=peak items/s (default: sized for SIZE on this machine), DURATION=2m, WORKERS=3
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+SIZE="${SIZE:-16MiB}"
+DURATION="${DURATION:-2m}"
+WORKERS="${WORKERS:-3}"
+LISTEN_PORT="${LISTEN_PORT:-7000}"
+ADMIN_PORT="${ADMIN_PORT:-9000}"
+WORKER_BASE_PORT="${WORKER_BASE_PORT:-7100}"
+OUT="$ROOT/demo-out"
+BIN="$ROOT/target/release"
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(scripts/fetch-ort.sh)}"
+export RUST_LOG="${RUST_LOG:-warn}"
+mkdir -p "$OUT" "$ROOT/build/models"
+
+case "$SIZE" in
+  1GiB|1024MiB) RATE="${RATE:-60}"; INPUT_DIM=8192; OUTPUT_DIM=8192; LAYERS=4 ;;
+  *)            RATE="${RATE:-400}"; INPUT_DIM=256; OUTPUT_DIM=16; LAYERS=4 ;;
+esac
+
+echo "== building release binaries"
+cargo build --release --quiet -p tidepool-balancer -p tidepool-worker -p tidepool-load
+
+MODEL="$ROOT/build/models/demo-$SIZE-$INPUT_DIM.onnx"
+if [ ! -f "$MODEL" ]; then
+  echo "== synthesising a $SIZE model into $MODEL"
+  "$BIN/tidepool-worker" synth --out "$MODEL" --size "$SIZE" --input-dim "$INPUT_DIM" \
+    --output-dim "$OUTPUT_DIM" --layers "$LAYERS" --seed 1
+fi
+
+PIDS=()
+cleanup() {
+  trap - EXIT INT TERM
+  if [ "${#PIDS[@]}" -gt 0 ]; then
+    echo "== stopping ${#PIDS[@]} processes (SIGTERM: they drain, then exit)"
+    kill -TERM "${PIDS[@]}" 2>/dev/null || true
+    wait "${PIDS[@]}" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+admin() { python3 -c "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=2).read().decode())" "http://127.0.0.1:$ADMIN_PORT$1"; }
+
+echo "== starting the balancer on 127.0.0.1:$LISTEN_PORT (admin http://127.0.0.1:$ADMIN_PORT)"
+"$BIN/tidepool-balancer" --listen "127.0.0.1:$LISTEN_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
+  --health-interval 1s --health-timeout 1s --healthy-threshold 2 --unhealthy-threshold 2 \
+  --deregistration-delay 5s 2> "$OUT/balancer.log" &
+PIDS+=($!)
+
+for i in $(seq 1 "$WORKERS"); do
+  port=$((WORKER_BASE_PORT + i))
+  echo "== starting worker-$i on 127.0.0.1:$port (registers itself with the balancer)"
+  "$BIN/tidepool-worker" serve --model "$MODEL" --listen "127.0.0.1:$port" --name "worker-$i" \
+    --register "http://127.0.0.1:$ADMIN_PORT" --threads 1 --max-batch 32 --max-delay 2ms \
+    2> "$OUT/worker-$i.log" &
+  PIDS+=($!)
+done
+
+echo "== waiting for $WORKERS healthy targets"
+for _ in $(seq 1 120); do
+  healthy=$(admin /targets 2>/dev/null | python3 -c "import json,sys;print(sum(t['state']=='healthy' for t in json.load(sys.stdin)['targets']))" 2>/dev/null || echo 0)
+  [ "$healthy" -ge "$WORKERS" ] && break
+  sleep 0.5
+done
+admin /targets
+
+echo "== driving a day-shaped load: peak $RATE items/s over $DURATION"
+"$BIN/tidepool-load" --target "127.0.0.1:$LISTEN_PORT" --profile day --rate "$RATE" \
+  --duration "$DURATION" --input "input:f32:$INPUT_DIM" --deadline 5s \
+  --json "$OUT/report.json" --timeline "$OUT/timeline.csv"
+
+echo "== the balancer's view at the end"
+admin /targets
+admin /metrics | grep -E '^tidepool_(routed|rejected)|healthy_host_count|new_flow_count' || true
+echo "== report: $OUT/report.json, timeline: $OUT/timeline.csv and $OUT/timeline.svg, logs: $OUT/*.log"
