@@ -22,6 +22,17 @@
 //! 5. The [`Report`] is a table (`Display`), JSON (`--json`), a per-second CSV timeline
 //!    and an SVG [`plot`] of it (`--timeline`).
 //!
+//! ## Limits worth knowing
+//! - Sends wake on tokio's timer, which has millisecond resolution: at high rates sends
+//!   leave in small bursts, and each latency includes up to about a millisecond of timer
+//!   lag (counted against the server, as the open-loop rule wants).
+//! - Lost connections are not reopened: once every connection of the pool has closed,
+//!   the rest of the schedule is counted as `connection_lost`. Behind a balancer a worker's
+//!   death does not close the client's connection, so this only matters when loading a
+//!   worker directly.
+//! - The latency percentiles cover results only; errors are counted by outcome, with the
+//!   first message of each in the report.
+//!
 //! ## Modules
 //! - [`config`]: [`LoadConfig`], the flags (clap, `TIDEPOOL_LOAD_*` environment).
 //! - [`profile`]: [`RateProfile`], the offered rate as a pure function of time.
