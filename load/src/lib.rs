@@ -14,9 +14,9 @@
 //!    in flight, a due send is counted as *skipped* instead of delayed.
 //! 3. Each request's latency runs from its *intended* send time to its answer, so any
 //!    delay in sending counts against the server, not in its favour (no coordinated
-//!    omission). The [`recorder`] tallies outcomes ([`Outcome`]: ok, each protocol error
+//!    omission). The `recorder` tallies outcomes ([`Outcome`]: ok, each protocol error
 //!    code, a lost connection, unanswered) into HDR histograms, whole-run and per second.
-//! 4. The [`live`] line shows each second as it closes. After the schedule, in-flight
+//! 4. The `live` line shows each second as it closes. After the schedule, in-flight
 //!    requests get `--drain` to finish; the rest are abandoned (and cancelled on the
 //!    wire).
 //! 5. The [`Report`] is a table (`Display`), JSON (`--json`), a per-second CSV timeline
@@ -39,10 +39,10 @@
 //! - [`schedule`]: [`Schedule`], intended send times, uniform or Poisson.
 //! - [`input`]: `--input NAME:DTYPE:DIMS` and the random items built from it.
 //! - [`outcome`]: [`Outcome`], how a request ended.
-//! - [`recorder`]: the tallies (crate-private).
+//! - `recorder`: the tallies (crate-private).
 //! - [`report`]: [`Report`] and its table, JSON and CSV forms.
 //! - [`plot`]: the timeline as SVG.
-//! - [`live`]: the once-a-second progress line (crate-private).
+//! - `live`: the once-a-second progress line (crate-private).
 //! - [`error`]: [`Error`], the crate's one error type.
 
 #![forbid(unsafe_code)]
