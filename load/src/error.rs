@@ -66,6 +66,49 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A probe's `ping` got no `pong`: the target refused the connection, is not ready, or
+    /// answered something else.
+    #[error("ping {target}: {source}")]
+    Ping {
+        /// The address probed.
+        target: String,
+        /// What went wrong.
+        #[source]
+        source: Box<tidepool_protocol::Error>,
+    },
+    /// A probe's HTTP request could not be made or its response not read.
+    #[error("GET {url}: {source}")]
+    Http {
+        /// The URL probed.
+        url: String,
+        /// The I/O failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A probe's HTTP response was not 2xx (`None`: not an HTTP response at all).
+    #[error("GET {url}: {}", status.map(|s| format!("status {s}")).unwrap_or_else(|| "not an HTTP response".to_owned()))]
+    HttpStatus {
+        /// The URL probed.
+        url: String,
+        /// The status received.
+        status: Option<u16>,
+    },
+    /// A probe URL is not `http://host:port/path`.
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A probe did not finish within its timeout.
+    #[error("{target} did not answer within {after:?}")]
+    ProbeTimeout {
+        /// The address or URL probed.
+        target: String,
+        /// The timeout.
+        after: Duration,
+    },
     /// The report could not be serialised as JSON.
     #[error("could not serialise the report as JSON: {0}")]
     Json(#[source] serde_json::Error),

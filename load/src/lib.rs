@@ -42,6 +42,8 @@
 //! - `recorder`: the tallies (crate-private).
 //! - [`report`]: [`Report`] and its table, JSON and CSV forms.
 //! - [`plot`]: the timeline as SVG.
+//! - [`probe`]: one-shot `ping` and HTTP probes for container healthchecks
+//!   (`tidepool-probe`).
 //! - `live`: the once-a-second progress line (crate-private).
 //! - [`error`]: [`Error`], the crate's one error type.
 
@@ -53,6 +55,7 @@ pub mod input;
 mod live;
 pub mod outcome;
 pub mod plot;
+pub mod probe;
 pub mod profile;
 mod recorder;
 pub mod report;
