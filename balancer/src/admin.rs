@@ -49,6 +49,12 @@ fn problem(status: StatusCode, message: String) -> Response {
 }
 
 async fn register(State(shared): State<Arc<Shared>>, Json(body): Json<Registration>) -> Response {
+    if shared.shutting_down.is_cancelled() {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the balancer is shutting down".to_owned(),
+        );
+    }
     if body.weight == Some(0) {
         return problem(
             StatusCode::BAD_REQUEST,

@@ -75,15 +75,6 @@ impl Shared {
 
     /// One attempt to hand `request` to a target now.
     pub(crate) async fn try_route(&self, mut request: Request, scratch: &mut Scratch) -> Routed {
-        if request.pending.is_cancelled() {
-            request.pending.reject(
-                Reject::Cancelled,
-                ErrorCode::Cancelled,
-                "cancelled by the client before it reached a target",
-                None,
-            );
-            return Routed::Done;
-        }
         if let Some(budget) = request.infer.deadline_ms {
             let spent = request.pending.received().elapsed().as_millis();
             if spent >= u128::from(budget) {

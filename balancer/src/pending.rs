@@ -198,14 +198,6 @@ impl Pending {
         self.in_flight = None;
     }
 
-    /// True when the client cancelled it.
-    pub(crate) fn is_cancelled(&self) -> bool {
-        matches!(
-            self.conn.slots.get(&self.id).as_deref(),
-            Some(Slot::Cancelled)
-        )
-    }
-
     /// Records that it is handed to `conn` under `upstream_id`; false when the client
     /// cancelled it first.
     pub(crate) fn mark_sent(&self, conn: &Arc<UpstreamConn>, upstream_id: RequestId) -> bool {
