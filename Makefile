@@ -55,5 +55,14 @@ fuzz: ## build the decoder fuzz target and run it briefly (FUZZ_SECONDS)
 python-client: venv ## the README's Python client against a live cluster
 	scripts/test-python-client.sh
 
+compose-up: ## image tidepool:local (PROFILE, SIZE) and a balancer with WORKERS workers (3) under docker-compose
+	scripts/docker-image.sh
+	docker-compose up -d --scale worker=$${WORKERS:-3}
+	@echo "balancer: $$(docker-compose port balancer 7000)  admin: http://$$(docker-compose port balancer 7001)/targets"
+	@echo "load: docker-compose --profile load run --rm load   stop: make compose-down"
+
+compose-down: ## stop the docker-compose cluster (workers drain first) and remove it
+	docker-compose down -v --remove-orphans
+
 clean-local: ## remove fetched libraries and the virtualenv
 	rm -rf .ort .ort-gpu $(VENV)
