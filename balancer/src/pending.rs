@@ -201,25 +201,32 @@ impl Pending {
     /// Records that it is handed to `conn` under `upstream_id`; false when the client
     /// cancelled it first.
     pub(crate) fn mark_sent(&self, conn: &Arc<UpstreamConn>, upstream_id: RequestId) -> bool {
-        match self.conn.slots.get_mut(&self.id) {
-            Some(mut slot) if !matches!(*slot, Slot::Cancelled) => {
-                *slot = Slot::Sent {
+        let previous = match self.conn.slots.get_mut(&self.id) {
+            Some(mut slot) if !matches!(*slot, Slot::Cancelled) => std::mem::replace(
+                &mut *slot,
+                Slot::Sent {
                     conn: Arc::clone(conn),
                     upstream_id,
-                };
-                true
-            }
-            _ => false,
-        }
+                },
+            ),
+            _ => return false,
+        };
+        // Dropped after the map guard: the last handle on an old connection may drop
+        // pending entries, which take this map's lock.
+        drop(previous);
+        true
     }
 
     /// Records that it is back in the balancer (its connection was lost before writing).
     pub(crate) fn mark_waiting(&self) {
-        if let Some(mut slot) = self.conn.slots.get_mut(&self.id) {
-            if matches!(*slot, Slot::Sent { .. }) {
-                *slot = Slot::Waiting;
+        let previous = match self.conn.slots.get_mut(&self.id) {
+            Some(mut slot) if matches!(*slot, Slot::Sent { .. }) => {
+                std::mem::replace(&mut *slot, Slot::Waiting)
             }
-        }
+            _ => return,
+        };
+        // As in `mark_sent`: never drop a connection handle under the map guard.
+        drop(previous);
     }
 
     /// Answers with the target's `result` or `error`, under the client's id.
