@@ -156,10 +156,16 @@ impl Registry {
 }
 
 /// Waits for a draining target's requests, or the end of the delay, then closes it.
+///
+/// A target whose last request finished early has its connections closed at once but stays
+/// listed as `draining` until the delay ends, as NLB shows it: `GET /targets` then tells a
+/// deregistration that is over from one that never happened.
 async fn drain(target: Arc<Target>, serial: u64, shared: Arc<Shared>) {
+    let delay = tokio::time::sleep(shared.config.deregistration_delay);
+    tokio::pin!(delay);
     let outcome = tokio::select! {
         () = target.idle() => "no request left",
-        () = tokio::time::sleep(shared.config.deregistration_delay) => "deregistration delay passed",
+        () = &mut delay => "deregistration delay passed",
         () = target.stop.cancelled() => "balancer stopped",
     };
     tracing::info!(
@@ -170,5 +176,11 @@ async fn drain(target: Arc<Target>, serial: u64, shared: Arc<Shared>) {
     );
     // Closing the connections answers what is left `unavailable`.
     target.stop.cancel();
+    if outcome == "no request left" {
+        tokio::select! {
+            () = &mut delay => {}
+            () = shared.shutting_down.cancelled() => {}
+        }
+    }
     shared.registry.draining.remove(&serial);
 }

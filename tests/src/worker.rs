@@ -221,3 +221,23 @@ async fn deregister(State(events): State<Events>, UrlPath(addr): UrlPath<String>
         .push(AdminEvent::Deregister(addr));
     StatusCode::NO_CONTENT
 }
+
+/// The same model run by ONNX Runtime directly, one item at a time.
+pub fn direct_run(model: &std::path::Path, values: &[f32]) -> Vec<f32> {
+    let env = tidepool_worker::model::environment(&ort_lib()).expect("direct ort run");
+    let mut session = ort::session::Session::builder(&env)
+        .expect("direct ort run")
+        .with_intra_threads(1)
+        .expect("direct ort run")
+        .commit_from_file(model)
+        .expect("direct ort run");
+    let x = ort::value::Tensor::from_array(([1usize, values.len()], values.to_vec()))
+        .expect("direct ort run");
+    let outputs = session
+        .run(ort::inputs!["input" => x])
+        .expect("direct ort run");
+    let (_, y) = outputs["output"]
+        .try_extract_tensor::<f32>()
+        .expect("direct ort run");
+    y.to_vec()
+}

@@ -1,6 +1,9 @@
 //! The balancer against stand-in targets: routing, health, draining, fail-open, overload,
 //! lost targets, DNS discovery, the admin API, idle timeout, malformed frames, shutdown.
 
+// A failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

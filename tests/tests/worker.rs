@@ -12,7 +12,7 @@ use futures::{SinkExt, StreamExt};
 use tidepool_protocol::{Client, ErrorCode, Infer, Message, MessageCodec, Tensor, Tensors};
 use tidepool_tests::init_tracing;
 use tidepool_tests::worker::{
-    ort_lib, start_worker, worker_config, AdminEvent, StandInAdmin, TinyModel,
+    direct_run, start_worker, worker_config, AdminEvent, StandInAdmin, TinyModel,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,21 +30,6 @@ fn item(values: Vec<f32>) -> Tensors {
         "input".to_owned(),
         Tensor::from_vec(vec![dim], values).unwrap(),
     )])
-}
-
-/// The same model run by ONNX Runtime directly, one item at a time.
-fn direct_run(model: &std::path::Path, values: &[f32]) -> Vec<f32> {
-    let env = tidepool_worker::model::environment(&ort_lib()).unwrap();
-    let mut session = ort::session::Session::builder(&env)
-        .unwrap()
-        .with_intra_threads(1)
-        .unwrap()
-        .commit_from_file(model)
-        .unwrap();
-    let x = ort::value::Tensor::from_array(([1usize, values.len()], values.to_vec())).unwrap();
-    let outputs = session.run(ort::inputs!["input" => x]).unwrap();
-    let (_, y) = outputs["output"].try_extract_tensor::<f32>().unwrap();
-    y.to_vec()
 }
 
 #[tokio::test]

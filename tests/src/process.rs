@@ -1,0 +1,140 @@
+//! The real binaries as separate processes, for end-to-end tests.
+//!
+//! A [`Proc`] is killed when dropped, so a failing test leaves nothing running; its
+//! standard error goes to a log file that a failing assertion can print.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The path of one of the workspace's binaries, built next to the test executable.
+///
+/// Panics with the command to run when it is missing: `cargo test --workspace` builds
+/// every binary of the workspace, `cargo test -p tidepool-tests` alone does not.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable sits in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A loopback address with a port that was free a moment ago.
+///
+/// Processes are told their port on the command line, so the port is reserved by binding
+/// it and released just before the process starts; in-process servers bind
+/// `127.0.0.1:0` instead.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A child process that is killed on drop.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `binary(bin)` with `args`, standard error to `<dir>/<name>.log`.
+    pub fn start(name: &str, bin: &str, args: &[String], dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("create log file");
+        let child = Command::new(binary(bin))
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,ort=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, `INT`) with the system's `kill`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    /// Waits up to `within` for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        format!(
+            "---- {} ({}) ----\n{}",
+            self.name,
+            self.log.display(),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `within` with
+/// `what` and the logs of `procs`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, procs: &[&Proc], mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = procs.iter().map(|p| p.log()).collect();
+            panic!(
+                "timed out after {within:?} waiting for {what}\n{}",
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
