@@ -1,0 +1,478 @@
+//! `bench-balancer`: tidepool-balancer against HAProxy and against no balancer, in front of
+//! the same tiny targets, side by side in one run (issue 4's benchmark). Writes
+//! `OUT/balancer.md` and `OUT/balancer.json`.
+//!
+//! 1. Latency added: open-loop load at one rate, directly to a target, through
+//!    tidepool-balancer and through HAProxy, in interleaved rounds.
+//! 2. Frames/s at saturation: small frames, pipelined, through each.
+//! 3. A skewed pool (one target several times slower, persistent client connections): p99
+//!    under least-outstanding (p2c), round-robin and HAProxy's leastconn.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Serialize;
+use tidepool_bench::openloop::{self, OpenLoopConfig};
+use tidepool_bench::pipeline::{self, PipelineConfig, PipelineResult};
+use tidepool_bench::process::{
+    cpu_seconds, free_port, haproxy_version, start_balancer, start_haproxy, start_targets,
+    BalancerSpec, Proc,
+};
+use tidepool_bench::report::{machine, Report};
+use tidepool_bench::small_item;
+use tidepool_bench::stats::{fmt_us, Latency};
+
+/// Balancer benchmark: tidepool-balancer vs HAProxy vs direct.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Directory for balancer.md, balancer.json and HAProxy's configuration.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// A short smoke run (seconds instead of minutes); the figures mean little.
+    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    quick: bool,
+    /// Requests per second in the latency comparison.
+    #[arg(long, default_value_t = 2000.0)]
+    latency_rate: f64,
+    /// f32 elements per item (small frames).
+    #[arg(long, default_value_t = 16)]
+    item_len: usize,
+}
+
+/// The contenders in front of the targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+enum Via {
+    Direct,
+    Tidepool,
+    Haproxy,
+}
+
+impl Via {
+    fn label(self) -> &'static str {
+        match self {
+            Via::Direct => "direct to one target",
+            Via::Tidepool => "tidepool-balancer (p2c)",
+            Via::Haproxy => "HAProxy (leastconn)",
+        }
+    }
+}
+
+/// The three ways in, with the processes behind them.
+struct Setup {
+    _targets: Proc,
+    balancer: Proc,
+    haproxy: Proc,
+    addrs: BTreeMap<Via, SocketAddr>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if which_haproxy().is_none() {
+        bail!(
+            "haproxy is not installed; scripts/bench.sh installs it (apt-get install -y haproxy)"
+        );
+    }
+    let mut report = Report::new();
+    report.para(&format!(
+        "Machine: {}. {}.{}",
+        machine(),
+        haproxy_version(),
+        if args.quick {
+            " **Quick smoke run (BENCH_QUICK=1): figures are not meaningful.**"
+        } else {
+            ""
+        }
+    ));
+    report.set("machine", machine());
+    report.set("haproxy", haproxy_version());
+    report.set("quick", args.quick);
+
+    let setup = fast_setup(&args)?;
+    latency(&args, &setup, &mut report)?;
+    throughput(&args, &setup, &mut report)?;
+    drop(setup);
+    skewed(&args, &mut report)?;
+
+    report.write(&args.out, "balancer")?;
+    println!("{}", report.markdown());
+    Ok(())
+}
+
+fn which_haproxy() -> Option<()> {
+    std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(drop)
+}
+
+/// Three echo targets, a balancer and HAProxy in front of them.
+fn fast_setup(args: &Args) -> anyhow::Result<Setup> {
+    let (targets, addrs) = start_targets(&[Duration::ZERO; 3])?;
+    let (balancer, balancer_addr) = start_balancer(&BalancerSpec {
+        routing: "p2c",
+        targets: addrs.clone(),
+    })?;
+    let haproxy_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let haproxy = start_haproxy(&args.out.join("haproxy-fast"), haproxy_addr, &addrs)?;
+    Ok(Setup {
+        _targets: targets,
+        balancer,
+        haproxy,
+        addrs: BTreeMap::from([
+            (Via::Direct, addrs[0]),
+            (Via::Tidepool, balancer_addr),
+            (Via::Haproxy, haproxy_addr),
+        ]),
+    })
+}
+
+#[derive(Serialize)]
+struct LatencyRow {
+    via: Via,
+    sent: u64,
+    ok: u64,
+    errors: u64,
+    unanswered: u64,
+    latency: Latency,
+    added_p50_us: f64,
+    added_p99_us: f64,
+}
+
+fn latency(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result<()> {
+    let (rounds, seconds) = if args.quick { (1, 2) } else { (3, 6) };
+    let connections = 4;
+    let mut merged: BTreeMap<Via, (openloop::OpenLoopResult, u64)> = BTreeMap::new();
+    for round in 0..rounds {
+        for (&via, &addr) in &setup.addrs {
+            eprintln!("latency: round {} of {rounds}, {}", round + 1, via.label());
+            let r = openloop::run(&OpenLoopConfig {
+                addr,
+                connections,
+                rate: args.latency_rate,
+                duration: Duration::from_secs(seconds),
+                drain: Duration::from_secs(2),
+                seed: round,
+                item: small_item(args.item_len),
+            })?;
+            match merged.get_mut(&via) {
+                None => {
+                    merged.insert(via, (r, 1));
+                }
+                Some((m, n)) => {
+                    m.sent += r.sent;
+                    m.ok += r.ok;
+                    m.errors += r.errors;
+                    m.unanswered += r.unanswered;
+                    m.latency.add(&r.latency)?;
+                    m.send_lag.add(&r.send_lag)?;
+                    *n += 1;
+                }
+            }
+        }
+    }
+    let direct = merged
+        .get(&Via::Direct)
+        .map(|(r, _)| Latency::of(&r.latency))
+        .unwrap_or_default();
+    let rows: Vec<LatencyRow> = merged
+        .iter()
+        .map(|(&via, (r, _))| {
+            let latency = Latency::of(&r.latency);
+            LatencyRow {
+                via,
+                sent: r.sent,
+                ok: r.ok,
+                errors: r.errors,
+                unanswered: r.unanswered,
+                latency,
+                added_p50_us: latency.p50_us - direct.p50_us,
+                added_p99_us: latency.p99_us - direct.p99_us,
+            }
+        })
+        .collect();
+    let lag = merged
+        .get(&Via::Direct)
+        .map(|(r, _)| Latency::of(&r.send_lag))
+        .unwrap_or_default();
+
+    report.heading("1. Latency added over talking to a target directly");
+    report.para(&format!(
+        "{} requests/s (Poisson), {connections} persistent client connections, a {}-byte tensor per request, \
+         {rounds} interleaved rounds of {seconds} s per contender, 3 echo targets behind each balancer. \
+         Latency from each request's intended send time. The sender's own timer lag \
+         (p50 {}, p99 {} late) is in every row alike.",
+        args.latency_rate,
+        args.item_len * 4,
+        fmt_us(lag.p50_us),
+        fmt_us(lag.p99_us),
+    ));
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let added = |v: f64| {
+                if r.via == Via::Direct {
+                    "—".to_owned()
+                } else {
+                    format!("{v:+.0} µs")
+                }
+            };
+            vec![
+                r.via.label().to_owned(),
+                fmt_us(r.latency.p50_us),
+                fmt_us(r.latency.p99_us),
+                fmt_us(r.latency.p999_us),
+                added(r.added_p50_us),
+                added(r.added_p99_us),
+                format!("{} / {} / {} / {}", r.sent, r.ok, r.errors, r.unanswered),
+            ]
+        })
+        .collect();
+    report.table(
+        &[
+            "path",
+            "p50",
+            "p99",
+            "p99.9",
+            "added p50",
+            "added p99",
+            "sent / ok / errors / unanswered",
+        ],
+        &table,
+    );
+    let ours = rows.iter().find(|r| r.via == Via::Tidepool);
+    let theirs = rows.iter().find(|r| r.via == Via::Haproxy);
+    if let (Some(ours), Some(theirs)) = (ours, theirs) {
+        let met = ours.added_p50_us < 50.0;
+        report.para(&format!(
+            "**Goal: under 50 µs added at p50: {}** (tidepool-balancer {:+.0} µs, HAProxy {:+.0} µs).",
+            if met { "met" } else { "missed" },
+            ours.added_p50_us,
+            theirs.added_p50_us
+        ));
+        report.set("latency_goal_met", met);
+    }
+    report.set("latency", &rows);
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ThroughputRow {
+    via: Via,
+    rounds: Vec<PipelineResult>,
+    mean_per_second: f64,
+    /// CPU seconds the balancer process used per 1000 frames (None for direct).
+    cpu_ms_per_1k: Option<f64>,
+}
+
+fn throughput(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result<()> {
+    let (rounds, warmup, measure) = if args.quick { (1, 1, 2) } else { (2, 1, 6) };
+    let (connections, window) = (8, 32);
+    let mut rows: BTreeMap<Via, ThroughputRow> = BTreeMap::new();
+    for round in 0..rounds {
+        for (&via, &addr) in &setup.addrs {
+            eprintln!(
+                "throughput: round {} of {rounds}, {}",
+                round + 1,
+                via.label()
+            );
+            let pid = match via {
+                Via::Direct => None,
+                Via::Tidepool => Some(setup.balancer.pid()),
+                Via::Haproxy => Some(setup.haproxy.pid()),
+            };
+            let cpu_before = pid.map(cpu_seconds);
+            let r = pipeline::run(&PipelineConfig {
+                addr,
+                connections,
+                window,
+                warmup: Duration::from_secs(warmup),
+                measure: Duration::from_secs(measure),
+                item: small_item(args.item_len),
+            })
+            .with_context(|| format!("saturating {}", via.label()))?;
+            let cpu = pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
+            let frames = r.per_second * (warmup + measure) as f64;
+            let row = rows.entry(via).or_insert(ThroughputRow {
+                via,
+                rounds: Vec::new(),
+                mean_per_second: 0.0,
+                cpu_ms_per_1k: None,
+            });
+            row.rounds.push(r);
+            if let Some(cpu) = cpu {
+                let per_1k = cpu * 1000.0 / frames.max(1.0) * 1000.0;
+                row.cpu_ms_per_1k = Some(row.cpu_ms_per_1k.unwrap_or(0.0) + per_1k / rounds as f64);
+            }
+        }
+    }
+    for row in rows.values_mut() {
+        row.mean_per_second =
+            row.rounds.iter().map(|r| r.per_second).sum::<f64>() / row.rounds.len().max(1) as f64;
+    }
+    report.heading("2. Small frames forwarded per second, pipelined, at saturation");
+    report.para(&format!(
+        "{connections} client connections, {window} frames in flight on each, a {}-byte tensor per frame, \
+         3 echo targets; {rounds} interleaved rounds of {measure} s (after {warmup} s of warm-up) per contender. \
+         The driver, the targets and the balancer share the machine's cores, so these are the rates of the \
+         whole arrangement; CPU per 1000 frames is the balancer process's own (from /proc, \
+         counted over warm-up and measurement).",
+        args.item_len * 4
+    ));
+    let table: Vec<Vec<String>> = rows
+        .values()
+        .map(|r| {
+            let per_round: Vec<String> = r
+                .rounds
+                .iter()
+                .map(|x| format!("{:.0}", x.per_second))
+                .collect();
+            let errors: u64 = r.rounds.iter().map(|x| x.errors).sum();
+            vec![
+                r.via.label().to_owned(),
+                format!("{:.0}", r.mean_per_second),
+                per_round.join(", "),
+                r.cpu_ms_per_1k
+                    .map_or("—".to_owned(), |c| format!("{c:.1} ms")),
+                errors.to_string(),
+            ]
+        })
+        .collect();
+    report.table(
+        &[
+            "path",
+            "frames/s (mean)",
+            "per round",
+            "balancer CPU per 1000 frames",
+            "errors",
+        ],
+        &table,
+    );
+    if let (Some(ours), Some(theirs)) = (rows.get(&Via::Tidepool), rows.get(&Via::Haproxy)) {
+        let ratio = ours.mean_per_second / theirs.mean_per_second.max(1.0);
+        let met = ratio >= 1.0;
+        report.para(&format!(
+            "**Goal: at least HAProxy's rate: {}** (tidepool-balancer {:.0}/s = {ratio:.2}× HAProxy's {:.0}/s; \
+             HAProxy routes per connection, tidepool-balancer per frame).",
+            if met { "met" } else { "missed" },
+            ours.mean_per_second,
+            theirs.mean_per_second
+        ));
+        report.set("throughput_goal_met", met);
+        report.set("throughput_ratio", ratio);
+    }
+    report.set("throughput", rows.values().collect::<Vec<_>>());
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct SkewRow {
+    name: &'static str,
+    sent: u64,
+    ok: u64,
+    errors: u64,
+    unanswered: u64,
+    latency: Latency,
+    latency_with_unanswered: Latency,
+    slow_share: f64,
+}
+
+fn skewed(args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    let fast = Duration::from_micros(1000);
+    let slow = Duration::from_micros(5000);
+    let services = [fast, fast, fast, slow];
+    let capacity: f64 = services.iter().map(|s| 1.0 / s.as_secs_f64()).sum();
+    let rate = capacity * 0.5;
+    let (seconds, drain) = if args.quick { (3, 2) } else { (12, 8) };
+    let connections = 8;
+    let contenders: [(&str, Option<&'static str>); 3] = [
+        ("tidepool-balancer, least outstanding (p2c)", Some("p2c")),
+        ("tidepool-balancer, round-robin", Some("round-robin")),
+        ("HAProxy, leastconn (per connection)", None),
+    ];
+    let mut rows = Vec::new();
+    for (name, routing) in contenders {
+        eprintln!("skewed pool: {name}");
+        // Fresh targets each time: a backlog left on the slow one must not carry over.
+        let (_targets, addrs) = start_targets(&services)?;
+        let slow_name = format!("target-{}", services.len() - 1);
+        let (_proc, addr): (Proc, SocketAddr) = match routing {
+            Some(routing) => start_balancer(&BalancerSpec {
+                routing,
+                targets: addrs.clone(),
+            })?,
+            None => {
+                let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+                (
+                    start_haproxy(&args.out.join("haproxy-skewed"), addr, &addrs)?,
+                    addr,
+                )
+            }
+        };
+        let r = openloop::run(&OpenLoopConfig {
+            addr,
+            connections,
+            rate,
+            duration: Duration::from_secs(seconds),
+            drain: Duration::from_secs(drain),
+            seed: 7,
+            item: small_item(args.item_len),
+        })?;
+        let slow_ok = r.workers.get(&slow_name).copied().unwrap_or(0);
+        rows.push(SkewRow {
+            name,
+            sent: r.sent,
+            ok: r.ok,
+            errors: r.errors,
+            unanswered: r.unanswered,
+            latency: Latency::of(&r.latency),
+            latency_with_unanswered: Latency::of(&r.latency_with_unanswered),
+            slow_share: slow_ok as f64 / r.ok.max(1) as f64,
+        });
+    }
+    report.heading("3. A skewed pool: one target five times slower");
+    report.para(&format!(
+        "Four serial targets (one item at a time, like a worker with `--max-batch 1`): three take {} per item, \
+         one takes {}; together they serve about {capacity:.0} items/s, of which the slow one {:.0}/s ({:.0}%). \
+         Open-loop load at half of that, {rate:.0} requests/s (Poisson), for {seconds} s over {connections} persistent \
+         client connections, then up to {drain} s for the answers. Requests still unanswered at the end are counted at \
+         the end of the drain (a lower bound) in the \"with unanswered\" columns. Fresh targets for each contender.",
+        fmt_us(fast.as_micros() as f64),
+        fmt_us(slow.as_micros() as f64),
+        1.0 / slow.as_secs_f64(),
+        100.0 / slow.as_secs_f64() / capacity,
+    ));
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.to_owned(),
+                fmt_us(r.latency.p50_us),
+                fmt_us(r.latency.p99_us),
+                fmt_us(r.latency_with_unanswered.p99_us),
+                fmt_us(r.latency_with_unanswered.max_us),
+                format!("{:.1}%", r.slow_share * 100.0),
+                format!("{} / {} / {} / {}", r.sent, r.ok, r.errors, r.unanswered),
+            ]
+        })
+        .collect();
+    report.table(
+        &[
+            "routing",
+            "p50",
+            "p99",
+            "p99 with unanswered",
+            "max with unanswered",
+            "results from the slow target",
+            "sent / ok / errors / unanswered",
+        ],
+        &table,
+    );
+    report.set("skewed", &rows);
+    Ok(())
+}

@@ -1,0 +1,456 @@
+//! `bench-worker`: the worker on the synthetic 1 GiB model against the same ONNX Runtime
+//! session driven directly, in one process and one run (issue 3's benchmark). Writes
+//! `OUT/worker.md` and `OUT/worker.json`.
+//!
+//! 1. Direct: `Model::run` in a loop at each batch size; the best is the ceiling.
+//! 2. The worker (in-process, default batching) saturated by concurrent clients.
+//! 3. The same worker at half of the rate it sustained: open-loop latency (tidepool-load's
+//!    library, latency from intended send time).
+//! 4. The worker with `--max-batch 1`, saturated the same way.
+//!
+//! Each phase loads the model afresh and drops it before the next, so that only one copy
+//! is ever in memory.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Serialize;
+use tidepool_bench::report::{machine, Report};
+use tidepool_bench::stats::fmt_us;
+use tidepool_load::{CancellationToken, InputSpec, LoadConfig};
+use tidepool_protocol::{ClientOptions, Pool, Tensors};
+use tidepool_worker::model::ModelSpec;
+use tidepool_worker::{DeviceChoice, Engine, LoadOptions, Model, ServeConfig, Worker};
+
+/// Worker benchmark: worker vs direct ONNX Runtime, batching vs none, latency at half load.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The model (tidepool-worker synth --size 1GiB).
+    #[arg(long, default_value = "build/models/synth-1gib.onnx")]
+    model: PathBuf,
+    /// The ONNX Runtime library.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_lib: PathBuf,
+    /// Directory for worker.md and worker.json.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// A short smoke run; the figures mean little.
+    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    quick: bool,
+    /// Batch sizes tried in the direct run.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32,64")]
+    batches: Vec<usize>,
+    /// The worker's --max-batch in the batched runs [default: the best direct batch size].
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Concurrent requests at saturation (closed loop).
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+}
+
+/// Phase lengths.
+struct Timing {
+    direct_per_batch: Duration,
+    warmup: Duration,
+    measure: Duration,
+    unbatched_measure: Duration,
+    latency: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+struct DirectRow {
+    batch: usize,
+    runs: u64,
+    ms_per_run: f64,
+    items_per_second: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct Saturation {
+    items: u64,
+    errors: u64,
+    seconds: f64,
+    items_per_second: f64,
+    mean_batch: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let timing = if args.quick {
+        Timing {
+            direct_per_batch: Duration::from_secs(1),
+            warmup: Duration::from_secs(1),
+            measure: Duration::from_secs(3),
+            unbatched_measure: Duration::from_secs(3),
+            latency: Duration::from_secs(4),
+        }
+    } else {
+        Timing {
+            direct_per_batch: Duration::from_secs(4),
+            warmup: Duration::from_secs(4),
+            measure: Duration::from_secs(20),
+            unbatched_measure: Duration::from_secs(15),
+            latency: Duration::from_secs(20),
+        }
+    };
+    if !args.model.is_file() {
+        bail!(
+            "{} is missing; make it with tidepool-worker synth --out {} --size 1GiB",
+            args.model.display(),
+            args.model.display()
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut report = Report::new();
+    report.para(&format!(
+        "Machine: {}. Model: `{}` ({:.2} GiB of weights), CPU execution provider, ONNX Runtime's default \
+         intra-op threads (one per core).{}",
+        machine(),
+        args.model.display(),
+        weight_bytes(&args.model) as f64 / f64::from(1u32 << 30),
+        if args.quick { " **Quick smoke run (BENCH_QUICK=1): figures are not meaningful.**" } else { "" }
+    ));
+    report.set("machine", machine());
+    report.set("model", args.model.display().to_string());
+    report.set("quick", args.quick);
+
+    eprintln!("direct: loading the model");
+    let (spec, direct) = direct(&args, &timing)?;
+    let best = direct
+        .iter()
+        .copied()
+        .max_by(|a, b| a.items_per_second.total_cmp(&b.items_per_second))
+        .context("no batch size measured")?;
+    let items = tidepool_load::input::build_items(&input_specs(&spec), 16, 1)?;
+    let max_batch = args.max_batch.unwrap_or(best.batch);
+
+    eprintln!("worker: batched (--max-batch {max_batch})");
+    let (batched, latency) = runtime.block_on(async {
+        let worker = start_worker(&args, max_batch).await?;
+        let addr = worker.local_addr().to_string();
+        let sat = saturate(&addr, &items, args.clients, timing.warmup, timing.measure).await?;
+        eprintln!(
+            "worker: latency at half of {:.1} items/s",
+            sat.items_per_second
+        );
+        let mut load = LoadConfig::new(addr);
+        load.rate = sat.items_per_second / 2.0;
+        load.duration = timing.latency;
+        load.inputs = input_specs(&spec);
+        load.connections = 4;
+        load.drain = Duration::from_secs(30);
+        let latency = tidepool_load::run(load, CancellationToken::new()).await?;
+        worker.shutdown().await?;
+        anyhow::Ok((sat, latency))
+    })?;
+
+    eprintln!("worker: unbatched (--max-batch 1)");
+    let unbatched = runtime.block_on(async {
+        let worker = start_worker(&args, 1).await?;
+        let addr = worker.local_addr().to_string();
+        let sat = saturate(
+            &addr,
+            &items,
+            args.clients,
+            timing.warmup,
+            timing.unbatched_measure,
+        )
+        .await?;
+        worker.shutdown().await?;
+        anyhow::Ok(sat)
+    })?;
+
+    let runs = Runs {
+        max_batch,
+        best,
+        batched,
+        unbatched,
+    };
+    write_report(&mut report, &args, &timing, &direct, &runs, &latency);
+    report.write(&args.out, "worker")?;
+    println!("{}", report.markdown());
+    Ok(())
+}
+
+/// Bytes of the model file and its external data.
+fn weight_bytes(model: &std::path::Path) -> u64 {
+    let data = PathBuf::from(format!("{}.data", model.display()));
+    [model.to_path_buf(), data]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The model's inputs as tidepool-load specs, dynamic dimensions set to 1.
+fn input_specs(spec: &ModelSpec) -> Vec<InputSpec> {
+    spec.inputs
+        .iter()
+        .map(|io| InputSpec {
+            name: io.name.clone(),
+            dtype: io.dtype,
+            shape: io
+                .item_dims(spec.batched)
+                .iter()
+                .map(|d| d.unwrap_or(1))
+                .collect(),
+        })
+        .collect()
+}
+
+/// Loads the model and runs it directly at each batch size.
+fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<DirectRow>)> {
+    let started = Instant::now();
+    let mut model = Model::load(&LoadOptions {
+        path: args.model.clone(),
+        ort_lib: args.ort_lib.clone(),
+        device: DeviceChoice::Cpu,
+        threads: None,
+    })?;
+    model.warm_up()?;
+    eprintln!("direct: loaded in {:.1?}", started.elapsed());
+    let spec = (**model.spec()).clone();
+    let pool = tidepool_load::input::build_items(&input_specs(&spec), 64, 0)?;
+    let mut rows = Vec::new();
+    for &batch in &args.batches {
+        let items: Vec<&Tensors> = (0..batch).map(|i| &pool[i % pool.len()]).collect();
+        model.run(&items)?; // one unmeasured run at this size
+        let started = Instant::now();
+        let mut runs = 0u64;
+        while runs < 2 || started.elapsed() < timing.direct_per_batch {
+            model.run(&items)?;
+            runs += 1;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let row = DirectRow {
+            batch,
+            runs,
+            ms_per_run: secs * 1000.0 / runs as f64,
+            items_per_second: (batch as u64 * runs) as f64 / secs,
+        };
+        eprintln!("direct: {row:?}");
+        rows.push(row);
+    }
+    Ok((spec, rows))
+}
+
+async fn start_worker(args: &Args, max_batch: usize) -> anyhow::Result<Worker> {
+    let mut config = ServeConfig::new(&args.model, "127.0.0.1:0");
+    config.ort_lib = Some(args.ort_lib.clone());
+    config.device = DeviceChoice::Cpu;
+    config.max_batch = max_batch;
+    let worker = Worker::start(config).await?;
+    if !worker.ready().await {
+        worker.wait().await?;
+        bail!("the worker stopped before it was ready");
+    }
+    Ok(worker)
+}
+
+/// `clients` concurrent callers, each sending its next item as soon as the last is
+/// answered; counts results during `measure`, after `warmup`.
+async fn saturate(
+    addr: &str,
+    items: &[Tensors],
+    clients: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> anyhow::Result<Saturation> {
+    let pool = Pool::connect(addr, 4, ClientOptions::default()).await?;
+    let (ok, errors, batch_sum) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let stop = CancellationToken::new();
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let (pool, item, stop) = (pool.clone(), items[i % items.len()].clone(), stop.clone());
+            let (ok, errors, batch_sum) =
+                (Arc::clone(&ok), Arc::clone(&errors), Arc::clone(&batch_sum));
+            tokio::spawn(async move {
+                loop {
+                    let answer = tokio::select! {
+                        () = stop.cancelled() => return,
+                        answer = pool.infer(item.clone()) => answer,
+                    };
+                    match answer {
+                        Ok(r) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            batch_sum
+                                .fetch_add(u64::from(r.batch_size.unwrap_or(1)), Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(warmup).await;
+    let (ok0, err0, batch0, t0) = (
+        ok.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        batch_sum.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    tokio::time::sleep(measure).await;
+    let (ok1, err1, batch1, seconds) = (
+        ok.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        batch_sum.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+    );
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let items = ok1 - ok0;
+    Ok(Saturation {
+        items,
+        errors: err1 - err0,
+        seconds,
+        items_per_second: items as f64 / seconds,
+        mean_batch: (batch1 - batch0) as f64 / items.max(1) as f64,
+    })
+}
+
+/// What the saturation runs found.
+#[derive(Clone, Copy)]
+struct Runs {
+    /// The batched worker's --max-batch.
+    max_batch: usize,
+    /// The best direct batch size.
+    best: DirectRow,
+    batched: Saturation,
+    unbatched: Saturation,
+}
+
+fn write_report(
+    report: &mut Report,
+    args: &Args,
+    timing: &Timing,
+    direct: &[DirectRow],
+    runs: &Runs,
+    latency: &tidepool_load::Report,
+) {
+    let Runs {
+        max_batch,
+        best,
+        batched,
+        unbatched,
+    } = *runs;
+    report.heading("1. Through the worker against ONNX Runtime directly");
+    report.para(&format!(
+        "Direct: the same `Model` (one ort session) run in a loop at each batch size for at least {:.0} s \
+         after one unmeasured run. Worker: in the same process, `--max-batch {}` (the best direct batch size \
+         unless `bench-worker --max-batch` says otherwise) and the default `--max-delay`, \
+         {} concurrent closed-loop callers over 4 connections, {:.0} s counted after {:.0} s of warm-up.",
+        timing.direct_per_batch.as_secs_f64(),
+        max_batch,
+        args.clients,
+        timing.measure.as_secs_f64(),
+        timing.warmup.as_secs_f64(),
+    ));
+    let rows: Vec<Vec<String>> = direct
+        .iter()
+        .map(|r| {
+            vec![
+                format!("direct, batch {}", r.batch),
+                format!("{:.1}", r.items_per_second),
+                format!("{:.0} ms per batch, {} runs", r.ms_per_run, r.runs),
+            ]
+        })
+        .chain(std::iter::once(vec![
+            format!("worker, `--max-batch {}`", max_batch),
+            format!("{:.1}", batched.items_per_second),
+            format!(
+                "mean batch {:.1}, {} items, {} errors",
+                batched.mean_batch, batched.items, batched.errors
+            ),
+        ]))
+        .collect();
+    report.table(&["run", "items/s", "notes"], &rows);
+    let ratio = batched.items_per_second / best.items_per_second;
+    report.para(&format!(
+        "**Goal: at least 0.9 of direct at its best batch size: {}** (worker {:.1} items/s = {ratio:.2} × direct's \
+         {:.1} items/s at batch {}).",
+        if ratio >= 0.9 { "met" } else { "missed" },
+        batched.items_per_second,
+        best.items_per_second,
+        best.batch
+    ));
+
+    report.heading("2. Batching on against `--max-batch 1`");
+    let speedup = batched.items_per_second / unbatched.items_per_second.max(f64::MIN_POSITIVE);
+    report.table(
+        &["worker", "items/s", "mean batch"],
+        &[
+            vec![
+                format!("`--max-batch {}`", max_batch),
+                format!("{:.1}", batched.items_per_second),
+                format!("{:.1}", batched.mean_batch),
+            ],
+            vec![
+                "`--max-batch 1`".to_owned(),
+                format!("{:.1}", unbatched.items_per_second),
+                format!("{:.1}", unbatched.mean_batch),
+            ],
+        ],
+    );
+    report.para(&format!(
+        "Batching serves **{speedup:.1}×** the items of `--max-batch 1` (expected: about 10× on CPU; \
+         `--max-batch 1` measured over {:.0} s).",
+        timing.unbatched_measure.as_secs_f64()
+    ));
+
+    report.heading("3. Latency at half of capacity");
+    let l = &latency.latency_ms;
+    let ms = |v: Option<f64>| v.map_or("—".to_owned(), |v| fmt_us(v * 1000.0));
+    report.para(&format!(
+        "Open loop (tidepool-load's library, Poisson arrivals, 4 connections) at {:.1} items/s, half of the \
+         worker's saturated rate, for {:.0} s; latency from each request's intended send time (tokio's timer adds \
+         up to about 1 ms).",
+        latency.info.profile.rate_at(Duration::ZERO),
+        timing.latency.as_secs_f64()
+    ));
+    report.table(
+        &["sent", "results", "p50", "p90", "p99", "max", "mean batch"],
+        &[vec![
+            latency.sent.to_string(),
+            latency.ok().to_string(),
+            ms(l.p50),
+            ms(l.p90),
+            ms(l.p99),
+            ms(l.max),
+            latency
+                .batch_size_mean
+                .map_or("—".to_owned(), |b| format!("{b:.1}")),
+        ]],
+    );
+    report.para(&format!(
+        "For scale: one direct run takes {:.0} ms at batch 1 and {:.0} ms at batch {}.",
+        direct.first().map_or(0.0, |r| r.ms_per_run),
+        direct
+            .iter()
+            .find(|r| r.batch == max_batch)
+            .map_or(0.0, |r| r.ms_per_run),
+        max_batch,
+    ));
+
+    report.set("direct", direct);
+    report.set("direct_best", best);
+    report.set("worker_batched", batched);
+    report.set("worker_unbatched", unbatched);
+    report.set("worker_vs_direct", ratio);
+    report.set("worker_vs_direct_goal_met", ratio >= 0.9);
+    report.set("batching_speedup", speedup);
+    report.set("half_capacity", latency);
+}

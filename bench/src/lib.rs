@@ -1,0 +1,47 @@
+//! # tidepool-bench
+//!
+//! The benchmarks behind `make bench` and BENCHMARKS.md: speed goals live here, as reports,
+//! never in timed tests. Each binary measures its contenders side by side in one run (the
+//! machines are small and shared, so only ratios and differences taken minutes apart mean
+//! anything) and writes a Markdown report and a JSON document under `bench-out/`;
+//! `scripts/bench.sh` builds everything in release mode, runs the binaries and assembles
+//! BENCHMARKS.md.
+//!
+//! ## Binaries
+//! - `bench-worker`: the synthetic 1 GiB model driven directly through ONNX Runtime at
+//!   several batch sizes, against the worker at saturation, batching on against
+//!   `--max-batch 1`, and latency at half of capacity (issue 3).
+//! - `bench-balancer`: tidepool-balancer against HAProxy (TCP mode, `balance leastconn`) and
+//!   against no balancer at all, in front of the same tiny targets: latency added, frames/s
+//!   at saturation, and p99 over a skewed pool (issue 4).
+//! - `bench-target`: the tiny targets `bench-balancer` starts in a process of their own: an
+//!   echo that answers at once, or a serial "model" with a fixed service time per item.
+//!
+//! ## Modules
+//! - [`openloop`]: an open-loop driver on plain threads and blocking sockets, with latency
+//!   from each request's intended send time at microsecond resolution.
+//! - [`pipeline`]: a closed-loop, pipelined driver that keeps a window of frames in flight
+//!   per connection, for frames/s at saturation.
+//! - [`target`]: the echo and serial targets (`bench-target`).
+//! - [`process`]: child processes that stop with their handle, free ports, waiting for a
+//!   port to accept.
+//! - [`report`]: the Markdown and JSON report each binary writes.
+//! - [`stats`]: latency summaries from HDR histograms.
+
+pub mod openloop;
+pub mod pipeline;
+pub mod process;
+pub mod report;
+pub mod stats;
+pub mod target;
+
+use bytes::Bytes;
+use tidepool_protocol::{DType, Tensor, Tensors};
+
+/// A small item, `input: f32 [n]` of fixed values: what the balancer benchmarks send.
+pub fn small_item(n: usize) -> Tensors {
+    let data: Vec<u8> = (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let tensor = Tensor::new(DType::F32, vec![n], Bytes::from(data))
+        .unwrap_or_else(|_| unreachable!("the data has exactly n f32 values"));
+    Tensors::from([("input".to_owned(), tensor)])
+}

@@ -1,0 +1,136 @@
+//! A closed-loop, pipelined driver: each connection keeps `window` frames in flight and
+//! writes a new one for every answer, on its own thread with blocking sockets, so that the
+//! driver costs as little CPU per frame as it can and the system under test is saturated.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::BytesMut;
+use serde::Serialize;
+use tidepool_protocol::{Infer, Message, MessageCodec, Tensors};
+use tokio_util::codec::Decoder;
+
+/// One saturation run.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Where to send.
+    pub addr: SocketAddr,
+    /// Client connections, one thread each.
+    pub connections: usize,
+    /// Frames in flight per connection.
+    pub window: usize,
+    /// Time before counting starts.
+    pub warmup: Duration,
+    /// Time answers are counted for.
+    pub measure: Duration,
+    /// The item every request carries.
+    pub item: Tensors,
+}
+
+/// What a saturation run measured.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PipelineResult {
+    /// Results counted in the measuring window.
+    pub ok: u64,
+    /// Error answers counted in the measuring window.
+    pub errors: u64,
+    /// Results per second.
+    pub per_second: f64,
+}
+
+/// Runs the pipelined load and counts answers in the measuring window.
+pub fn run(config: &PipelineConfig) -> anyhow::Result<PipelineResult> {
+    let start = Instant::now();
+    let counting = start + config.warmup;
+    let end = counting + config.measure;
+    let handles: Vec<_> = (0..config.connections.max(1))
+        .map(|_| {
+            let stream = TcpStream::connect(config.addr)
+                .with_context(|| format!("connecting to {}", config.addr))?;
+            stream.set_nodelay(true)?;
+            let (item, window) = (config.item.clone(), config.window.max(1));
+            Ok(std::thread::spawn(move || {
+                one_connection(stream, &item, window, counting, end)
+            }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut result = PipelineResult::default();
+    for h in handles {
+        let (ok, errors) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a connection thread panicked"))??;
+        result.ok += ok;
+        result.errors += errors;
+    }
+    result.per_second = result.ok as f64 / config.measure.as_secs_f64();
+    Ok(result)
+}
+
+fn one_connection(
+    mut stream: TcpStream,
+    item: &Tensors,
+    window: usize,
+    counting: Instant,
+    end: Instant,
+) -> anyhow::Result<(u64, u64)> {
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut codec = MessageCodec::default();
+    let mut out = BytesMut::with_capacity(1 << 16);
+    let mut next_id = 1u64;
+    let mut write_frames = |stream: &mut TcpStream, n: usize| -> anyhow::Result<()> {
+        out.clear();
+        for _ in 0..n {
+            let infer = Message::Infer(Infer {
+                id: next_id,
+                inputs: item.clone(),
+                deadline_ms: None,
+                client: None,
+            });
+            next_id += 1;
+            codec.encode_ref(&infer, &mut out)?;
+        }
+        stream.write_all(&out).context("writing requests")
+    };
+    write_frames(&mut stream, window)?;
+    let (mut ok, mut errors) = (0u64, 0u64);
+    let mut decoder = MessageCodec::default();
+    let mut buf = BytesMut::with_capacity(1 << 16);
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => anyhow::bail!("the server closed the connection"),
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(e).context("reading answers"),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut answers = 0;
+        while let Some(frame) = decoder.decode(&mut buf)? {
+            match frame {
+                Ok(Message::Result(_)) => {
+                    answers += 1;
+                    if now >= counting {
+                        ok += 1;
+                    }
+                }
+                Ok(Message::Error(_)) => {
+                    answers += 1;
+                    if now >= counting {
+                        errors += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if answers > 0 {
+            write_frames(&mut stream, answers)?;
+        }
+    }
+    Ok((ok, errors))
+}

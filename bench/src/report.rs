@@ -1,0 +1,109 @@
+//! The report each benchmark binary writes: Markdown for BENCHMARKS.md, JSON for machines.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// A report being written: Markdown text and a JSON object, side by side.
+#[derive(Debug, Default)]
+pub struct Report {
+    markdown: String,
+    json: Map<String, Value>,
+}
+
+impl Report {
+    /// An empty report.
+    pub fn new() -> Report {
+        Report::default()
+    }
+
+    /// Adds a `###` heading.
+    pub fn heading(&mut self, text: &str) {
+        let _ = write!(self.markdown, "### {text}\n\n");
+    }
+
+    /// Adds a paragraph.
+    pub fn para(&mut self, text: &str) {
+        let _ = write!(self.markdown, "{}\n\n", text.trim_end());
+    }
+
+    /// Adds a table; every row should have as many cells as `header`.
+    pub fn table(&mut self, header: &[&str], rows: &[Vec<String>]) {
+        let line = |cells: &mut dyn Iterator<Item = &str>| {
+            let mut s = String::from("|");
+            for c in cells {
+                let _ = write!(s, " {c} |");
+            }
+            s.push('\n');
+            s
+        };
+        self.markdown.push_str(&line(&mut header.iter().copied()));
+        self.markdown
+            .push_str(&line(&mut header.iter().map(|_| "---")));
+        for row in rows {
+            self.markdown
+                .push_str(&line(&mut row.iter().map(String::as_str)));
+        }
+        self.markdown.push('\n');
+    }
+
+    /// Records `value` under `key` in the JSON document.
+    pub fn set(&mut self, key: &str, value: impl Serialize) {
+        let value = serde_json::to_value(value).unwrap_or(Value::Null);
+        self.json.insert(key.to_owned(), value);
+    }
+
+    /// The Markdown so far.
+    pub fn markdown(&self) -> &str {
+        &self.markdown
+    }
+
+    /// Writes `DIR/NAME.md` and `DIR/NAME.json`.
+    pub fn write(&self, dir: &Path, name: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join(format!("{name}.md")), &self.markdown)?;
+        let json = serde_json::to_string_pretty(&self.json).map_err(std::io::Error::other)?;
+        std::fs::write(dir.join(format!("{name}.json")), json + "\n")
+    }
+}
+
+/// One line about the machine: CPU model and count, memory, kernel.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown CPU", str::trim)
+        .to_owned();
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpus} CPUs ({model}), {mem_gib:.0} GiB memory, Linux {}",
+        kernel.trim()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_table() {
+        let mut r = Report::new();
+        r.heading("T");
+        r.table(&["a", "b"], &[vec!["1".into(), "2".into()]]);
+        assert_eq!(
+            r.markdown(),
+            "### T\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n"
+        );
+    }
+}

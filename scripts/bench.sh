@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# make bench: build in release mode, run the worker and balancer benchmarks, and assemble
+# BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
+# (bench/intro/*.md). BENCH_QUICK=1: a short smoke run on a small model; BENCHMARKS.md is then
+# written to bench-out/BENCHMARKS.quick.md instead, so the committed figures stay real.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CARGO=${CARGO:-cargo}
+OUT=bench-out
+QUICK=${BENCH_QUICK:-0}
+[[ "$QUICK" == 0 || "$QUICK" == false ]] && QUICK=0 || QUICK=1
+export BENCH_QUICK=$QUICK
+mkdir -p "$OUT" build/models
+
+ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(scripts/fetch-ort.sh)}
+export ORT_DYLIB_PATH
+
+if ! command -v haproxy >/dev/null; then
+    echo "bench: installing haproxy (Debian package) for the balancer comparison" >&2
+    SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq haproxy >/dev/null
+fi
+
+echo "bench: building (release)" >&2
+$CARGO build --release -p tidepool-worker -p tidepool-balancer -p tidepool-bench --bins
+
+if [[ $QUICK == 1 ]]; then
+    SIZE=64MiB; MODEL=build/models/synth-64mib.onnx
+else
+    SIZE=1GiB; MODEL=build/models/synth-1gib.onnx
+fi
+if [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
+    echo "bench: writing the synthetic $SIZE model to $MODEL (about 20 s and 3.4 GB of memory for 1GiB)" >&2
+    target/release/tidepool-worker synth --out "$MODEL" --size "$SIZE"
+fi
+
+echo "bench: worker" >&2
+RUST_LOG=${RUST_LOG:-warn} target/release/bench-worker --model "$MODEL" --out "$OUT" >/dev/null
+echo "bench: balancer" >&2
+RUST_LOG=${RUST_LOG:-warn} target/release/bench-balancer --out "$OUT" >/dev/null
+
+DEST=BENCHMARKS.md
+[[ $QUICK == 1 ]] && DEST=$OUT/BENCHMARKS.quick.md
+{
+    cat bench/intro/header.md
+    echo
+    echo "Last run: $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -n $(git status --porcelain -- balancer worker protocol 2>/dev/null) ]] && echo ' (with uncommitted changes in balancer/, worker/ or protocol/)')."
+    echo
+    cat bench/intro/worker.md
+    echo
+    cat "$OUT/worker.md"
+    cat bench/intro/balancer.md
+    echo
+    cat "$OUT/balancer.md"
+} > "$DEST"
+echo "bench: wrote $DEST (reports and JSON in $OUT/)" >&2
