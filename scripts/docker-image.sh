@@ -31,7 +31,10 @@ ORT_LIB="$(scripts/fetch-ort.sh)"
 if [ "$PROFILE" = release ]; then
   cargo build --release --quiet -p tidepool-balancer -p tidepool-worker -p tidepool-load --bins
 else
-  cargo build --quiet -p tidepool-balancer -p tidepool-worker -p tidepool-load --bins
+  # Every target of the workspace: the feature set of `cargo test --workspace` and
+  # `make build`, so that after either of them (the compose test runs in the former) this
+  # builds nothing; `-p ... --bins` would resolve features differently and recompile.
+  cargo build --quiet --workspace --all-targets
 fi
 BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 
@@ -70,7 +73,7 @@ printf 'root:x:0:0:root:/:/usr/local/bin/tidepool-worker\nnobody:x:65534:65534:n
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$ROOTFS/etc/group"
 
 # The model is made here, once, by the same binary the workers run.
-ORT_DYLIB_PATH="$ORT_LIB" "$BIN_DIR/tidepool-worker" synth --out "$ROOTFS/models/model.onnx" \
+RUST_LOG=warn ORT_DYLIB_PATH="$ORT_LIB" "$BIN_DIR/tidepool-worker" synth --out "$ROOTFS/models/model.onnx" \
   --size "$SIZE" --input-dim 64 --output-dim 16 --seed 7 >&2
 chmod -R a+rX "$ROOTFS/models" "$ROOTFS/opt" "$ROOTFS/usr"
 
