@@ -4,6 +4,11 @@
 //! every request must get exactly one answer while the balancer marks the dead worker
 //! `unhealthy`. Everything is torn down (`down -v`) by a drop guard, failed or not.
 //!
+//! The load is the protocol [`Client`] on a few connections (each call ends exactly once:
+//! a result, a typed error, or nothing in time, which fails the test), plus a raw-frame
+//! [`drive`] on one more connection that counts the answers per id on the wire, so a
+//! second answer to one request would be caught too.
+//!
 //! Without a docker engine the test says so on stderr and passes. It runs in its own
 //! compose project (unique name) with ephemeral host ports, and in its own image tag
 //! (`tidepool:test`), so it touches neither a `make compose-up` cluster nor its image.
@@ -23,6 +28,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tidepool_protocol::{Client, Tensor, Tensors};
+use tidepool_tests::drive::{drive, Drive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -32,8 +38,10 @@ const WORKERS: usize = 3;
 const IMAGE: &str = "tidepool:test";
 /// Features of the image's model (`synth --input-dim 64`).
 const INPUT_DIM: usize = 64;
-/// Requests per second sent through the balancer.
-const RATE: u32 = 250;
+/// Requests per second sent through the balancer with the protocol client.
+const RATE: u32 = 200;
+/// Requests per second sent as raw frames, every answer counted per id.
+const RAW_RATE: u32 = 50;
 /// How long load is sent.
 const LOAD_FOR: Duration = Duration::from_secs(12);
 /// When, after the load started, one worker is killed.
@@ -70,8 +78,17 @@ async fn compose_cluster_survives_a_killed_worker() {
     .await;
     let up = started.elapsed();
 
-    // Load on its own task; the test kills a worker and watches /targets meanwhile.
+    // Load on its own tasks; the test kills a worker and watches /targets meanwhile.
     let load = tokio::spawn(send_load(front));
+    let raw = tokio::spawn(drive(Drive {
+        addr: front,
+        rate: RAW_RATE,
+        stop: tokio_util::sync::CancellationToken::new(),
+        max_requests: u64::from(RAW_RATE) * LOAD_FOR.as_secs(),
+        input_dim: INPUT_DIM,
+        deadline: ANSWER_WITHIN,
+        settle: ANSWER_WITHIN,
+    }));
     tokio::time::sleep(KILL_AFTER).await;
     let victim = {
         let compose = compose.clone();
@@ -88,16 +105,22 @@ async fn compose_cluster_survives_a_killed_worker() {
     })
     .await;
     let tally = load.await.unwrap();
+    let raw = raw.await.unwrap();
 
     let ok = tally.get("ok").copied().unwrap_or(0);
     let sent: u64 = tally.values().sum();
     let expected = u64::from(RATE) * LOAD_FOR.as_secs();
     report(&format!(
-        "compose test: image {built:.1?}, cluster up {:.1?}, {sent} requests {tally:?}, \
-         killed {victim}, targets then {states:?}, total {:.1?}",
+        "compose test: image {built:.1?}, cluster up {:.1?}, client: {sent} requests \
+         {tally:?}, raw: {} requests {:?}, killed {victim}, targets then {states:?}, \
+         total {:.1?}",
         up - built,
+        raw.sent,
+        raw.outcomes(),
         started.elapsed()
     ));
+    raw.assert_exactly_once();
+    assert_eq!(raw.sent, u64::from(RAW_RATE) * LOAD_FOR.as_secs());
     assert_eq!(sent, expected, "one outcome per request sent");
     for failure in ["unanswered", "connection_lost", "other"] {
         assert_eq!(
