@@ -28,6 +28,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/targets", get(list).post(register))
         .route("/targets/{addr}", axum::routing::delete(deregister))
         .route("/healthz", get(healthz))
+        .route("/scaling", get(scaling))
         .route("/metrics", get(metrics))
         .with_state(shared)
 }
@@ -93,6 +94,21 @@ async fn deregister(State(shared): State<Arc<Shared>>, Path(addr): Path<String>)
     (StatusCode::ACCEPTED, Json(TargetInfo::from(&*target))).into_response()
 }
 
+async fn scaling(State(shared): State<Arc<Shared>>) -> Response {
+    let status = shared
+        .scaling
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match status {
+        Some(status) => Json(status).into_response(),
+        None => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no scaling signal yet: the first sample is taken a second after start".to_owned(),
+        ),
+    }
+}
+
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.shutting_down.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
@@ -105,6 +121,15 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let body = shared
         .metrics
         .render(&shared.registry.all(), shared.queue.signal.len());
+    let scaling = shared
+        .scaling
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let body = match scaling {
+        Some(status) => body + &crate::metrics::render_scaling(&status),
+        None => body,
+    };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

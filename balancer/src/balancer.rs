@@ -11,6 +11,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::autoscale::actuator::{Actuator, ProcessPool, ScaleCommand};
+use crate::autoscale::controller::StatusSlot;
+use crate::autoscale::{self, ScalingStatus};
 use crate::config::Config;
 use crate::discovery::{Resolver, SystemResolver};
 use crate::error::Error;
@@ -34,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Cancelled when shutdown begins (`/healthz` turns 503).
     pub(crate) shutting_down: CancellationToken,
+    /// The autoscaling loop's latest status (`GET /scaling`).
+    pub(crate) scaling: StatusSlot,
 }
 
 /// A balancer whose sockets are bound, ready to [`run`](Balancer::run).
@@ -82,6 +87,7 @@ impl Balancer {
             round_robin: AtomicUsize::new(0),
             tasks: TaskTracker::new(),
             shutting_down: CancellationToken::new(),
+            scaling: StatusSlot::default(),
             config,
         });
         Ok(Balancer {
@@ -130,6 +136,7 @@ impl Balancer {
         // The admin API outlives the drain, so that it can be watched.
         let admin_stop = CancellationToken::new();
 
+        let admin_addr = admin.local_addr().unwrap_or(config.admin);
         let queue_task = tokio::spawn(queue::run(Arc::clone(&shared), queue_rx, hard_stop.clone()));
         let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&shared), admin_stop.clone()));
         for addr in static_targets {
@@ -148,6 +155,20 @@ impl Balancer {
             routing = ?config.routing,
             "balancer serving"
         );
+
+        // The autoscaling loop outlives the drain: the workers it started must answer the
+        // requests in flight before it stops them.
+        let scaling_stop = CancellationToken::new();
+        let scaling_task = tokio::spawn(autoscale::controller::run(
+            Handle {
+                shared: Arc::clone(&shared),
+            },
+            config.autoscale.policy(),
+            actuator(config, admin_addr),
+            Arc::clone(&shared.scaling),
+            scaling_stop.clone(),
+            config.drain_timeout,
+        ));
 
         let connections = TaskTracker::new();
         frontend::serve(
@@ -169,6 +190,10 @@ impl Balancer {
             ),
         }
         shared.lifecycle.set_stopping();
+        scaling_stop.cancel();
+        if let Err(join) = scaling_task.await {
+            tracing::warn!(%join, "autoscaling task failed");
+        }
         hard_stop.cancel();
         shared.registry.stop_all();
         let _ = queue_task.await;
@@ -247,7 +272,17 @@ impl Handle {
             .sum()
     }
 
-    /// Requests waiting in the balancer's queue.
+    /// The autoscaling loop's latest status, as `GET /scaling` shows it (none in the
+    /// first second).
+    pub fn scaling(&self) -> Option<ScalingStatus> {
+        self.shared
+            .scaling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Requests waiting in the balancer's queue for a target with room.
     pub fn queue_len(&self) -> usize {
         self.shared.queue.signal.len()
     }
@@ -309,5 +344,29 @@ pub(crate) async fn resolve_one(addr: &str) -> Result<SocketAddr, Error> {
         })?;
     addrs.next().ok_or_else(|| Error::NoAddress {
         addr: addr.to_owned(),
+    })
+}
+
+/// The actuator `--autoscale` asks for, if any.
+fn actuator(config: &Config, admin: SocketAddr) -> Option<Actuator> {
+    let scaling = &config.autoscale;
+    if !scaling.autoscale {
+        return None;
+    }
+    if let Some(template) = &scaling.worker_cmd {
+        return Some(Actuator::Processes(ProcessPool::new(
+            template.clone(),
+            admin,
+            config.deregistration_delay,
+            scaling.worker_start_timeout,
+            config.drain_timeout,
+        )));
+    }
+    scaling.scale_cmd.as_ref().map(|template| {
+        Actuator::Command(ScaleCommand::new(
+            template.clone(),
+            Duration::from_secs(300),
+            scaling.worker_start_timeout,
+        ))
     })
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 
+use crate::autoscale::AutoscaleConfig;
 use crate::error::Error;
 
 /// How each request picks its target among the eligible ones.
@@ -33,7 +34,7 @@ pub enum HealthProtocol {
 }
 
 /// The balancer's configuration: flags with environment fallbacks.
-#[derive(Clone, Debug, PartialEq, Eq, Parser)]
+#[derive(Clone, Debug, PartialEq, Parser)]
 #[command(name = "tidepool-balancer", version, about)]
 pub struct Config {
     /// Address clients connect to.
@@ -135,6 +136,10 @@ pub struct Config {
     /// are answered `shutting_down`.
     #[arg(long, env = "TIDEPOOL_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Autoscaling: the load signal, the policy and what acts on it.
+    #[command(flatten)]
+    pub autoscale: AutoscaleConfig,
 }
 
 impl Default for Config {
@@ -162,6 +167,7 @@ impl Default for Config {
             max_client_in_flight: 4096,
             max_frame: tidepool_protocol::DEFAULT_MAX_FRAME,
             drain_timeout: Duration::from_secs(30),
+            autoscale: AutoscaleConfig::default(),
         }
     }
 }
@@ -227,6 +233,7 @@ impl Config {
                 return bad("target-dns", format!("{name:?} is not NAME:PORT"));
             }
         }
+        self.autoscale.validate()?;
         Ok(())
     }
 }

@@ -18,7 +18,9 @@
 //!
 //! Beside the path: [`health`] checks each target and moves its state, [`discovery`]
 //! keeps DNS names' addresses registered, [`admin`] serves the HTTP API and
-//! [`metrics`]' Prometheus text.
+//! [`metrics`]' Prometheus text, and [`autoscale`] turns the outstanding counts into the
+//! pool size the load needs (`GET /scaling`), starting and stopping workers with
+//! `--autoscale`.
 //!
 //! ## Embedding
 //! ```no_run
@@ -45,6 +47,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod autoscale;
 mod balancer;
 pub mod config;
 mod discovery;
@@ -60,6 +63,7 @@ pub mod routing;
 pub mod target;
 mod upstream;
 
+pub use autoscale::{AutoscaleConfig, ScalingStatus};
 pub use balancer::{Balancer, Handle};
 pub use config::{Config, HealthProtocol, RoutingPolicy};
 pub use discovery::{Resolver, SystemResolver};

@@ -138,3 +138,14 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Waits until something accepts connections on `addr` (a process's port is bound).
+pub async fn wait_listening(addr: SocketAddr, proc: &Proc) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{addr} listening"),
+        &[proc],
+        || async { tokio::net::TcpStream::connect(addr).await.ok().map(drop) },
+    )
+    .await;
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tidepool_protocol::{Client, Tensor, Tensors};
 use tidepool_tests::balancer::http;
 use tidepool_tests::drive::{drive, Drive, Tally};
-use tidepool_tests::process::{eventually, free_addr, Proc};
+use tidepool_tests::process::{eventually, free_addr, wait_listening, Proc};
 use tidepool_tests::worker::{direct_run, ort_lib, scratch_dir, TinyModel};
 use tokio_util::sync::CancellationToken;
 
@@ -116,18 +116,7 @@ impl Cluster {
     }
 
     async fn wait_state(&self, addr: SocketAddr, state: &str, procs: &[&Proc]) {
-        eventually(
-            Duration::from_secs(30),
-            "admin API up",
-            &[&self.balancer],
-            || async {
-                tokio::net::TcpStream::connect(self.admin)
-                    .await
-                    .ok()
-                    .map(drop)
-            },
-        )
-        .await;
+        wait_listening(self.admin, &self.balancer).await;
         let mut all = vec![&self.balancer];
         all.extend_from_slice(procs);
         eventually(

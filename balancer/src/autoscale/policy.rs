@@ -67,6 +67,9 @@ pub struct Sample {
     pub ready: usize,
     /// Workers started but not ready yet (loading, warming up, passing health checks).
     pub coming: usize,
+    /// Workers deregistered by a scale-in and still finishing their requests: they count
+    /// until they are gone, so a second scale-in waits for the first.
+    pub leaving: usize,
     /// Requests outstanding at the workers plus waiting in the balancer's queue.
     pub load: f64,
     /// The most outstanding requests at any one worker.
@@ -107,9 +110,10 @@ impl History {
         self.samples.back()
     }
 
-    /// How much history `config` needs kept.
+    /// How much history `config` needs kept: the longer delay and the window before it,
+    /// plus a few samples so that a tick arriving a little late still sees a full span.
     pub fn keep_for(config: &PolicyConfig) -> Duration {
-        config.scale_in_delay.max(config.scale_out_delay) + config.window
+        config.scale_in_delay.max(config.scale_out_delay) + config.window + Duration::from_secs(3)
     }
 }
 
@@ -134,6 +138,8 @@ pub struct Decision {
     pub ready: usize,
     /// Workers coming.
     pub coming: usize,
+    /// Workers leaving (draining after a scale-in).
+    pub leaving: usize,
     /// Outstanding plus queued requests, averaged over the window.
     pub total_load: f64,
     /// `total_load / ready`, averaged over the window (0 with no ready worker).
@@ -148,12 +154,18 @@ pub struct Decision {
 
 /// The policy: `(history, now) → decision`.
 pub fn decide(config: &PolicyConfig, history: &History, now: Instant) -> Decision {
-    let clamp = |n: usize| n.clamp(config.min_workers, config.max_workers.max(config.min_workers));
+    let clamp = |n: usize| {
+        n.clamp(
+            config.min_workers,
+            config.max_workers.max(config.min_workers),
+        )
+    };
     let Some(latest) = history.latest().copied() else {
         return Decision {
             current: 0,
             ready: 0,
             coming: 0,
+            leaving: 0,
             total_load: 0.0,
             load_per_worker: 0.0,
             desired: clamp(0),
@@ -168,6 +180,7 @@ pub fn decide(config: &PolicyConfig, history: &History, now: Instant) -> Decisio
         current,
         ready: latest.ready,
         coming: latest.coming,
+        leaving: latest.leaving,
         total_load,
         load_per_worker,
         desired: desired_now,
@@ -179,13 +192,19 @@ pub fn decide(config: &PolicyConfig, history: &History, now: Instant) -> Decisio
     if current < config.min_workers {
         return decision(
             Action::ScaleOut(clamp(current)),
-            format!("{current} workers is below --min-workers {}", config.min_workers),
+            format!(
+                "{current} workers is below --min-workers {}",
+                config.min_workers
+            ),
         );
     }
     if current > config.max_workers.max(config.min_workers) {
         return decision(
             Action::ScaleIn(clamp(current)),
-            format!("{current} workers is above --max-workers {}", config.max_workers),
+            format!(
+                "{current} workers is above --max-workers {}",
+                config.max_workers
+            ),
         );
     }
     let span = match history.samples().next() {
@@ -195,7 +214,10 @@ pub fn decide(config: &PolicyConfig, history: &History, now: Instant) -> Decisio
     if span < config.window {
         return decision(
             Action::Hold,
-            format!("collecting data: {:.0?} of {:.0?} window", span, config.window),
+            format!(
+                "collecting data: {:.0?} of {:.0?} window",
+                span, config.window
+            ),
         );
     }
 
@@ -238,6 +260,15 @@ pub fn decide(config: &PolicyConfig, history: &History, now: Instant) -> Decisio
         };
     }
 
+    if desired_now < current && latest.leaving > 0 {
+        return decision(
+            Action::Hold,
+            format!(
+                "{} worker(s) still draining from the last scale-in",
+                latest.leaving
+            ),
+        );
+    }
     if desired_now < current && latest.coming == 0 {
         if latest.max_worker_load > config.target_load * config.overload_factor {
             return decision(
@@ -309,7 +340,11 @@ fn averaged(history: &History, at: Instant, window: Duration) -> (f64, f64) {
             break;
         }
         total += s.load;
-        per += if s.ready > 0 { s.load / s.ready as f64 } else { 0.0 };
+        per += if s.ready > 0 {
+            s.load / s.ready as f64
+        } else {
+            0.0
+        };
         n += 1;
     }
     if n == 0 {
@@ -354,6 +389,7 @@ mod tests {
                     at,
                     ready: pool,
                     coming: 0,
+                    leaving: 0,
                     load,
                     max_worker_load: load / pool as f64,
                 },
@@ -381,18 +417,34 @@ mod tests {
         let c = config();
         // 40 outstanding on 1 worker with target 10: 4 workers wanted.
         let decisions = run(&c, 30, 1, |_| 40.0);
-        let first = decisions.iter().find(|(_, _, a)| *a != Action::Hold).unwrap();
+        let first = decisions
+            .iter()
+            .find(|(_, _, a)| *a != Action::Hold)
+            .unwrap();
         assert_eq!(first.2, Action::ScaleOut(4));
-        assert!(first.0 >= 15, "scaled out at {}s, before window + delay", first.0);
+        assert!(
+            first.0 >= 15,
+            "scaled out at {}s, before window + delay",
+            first.0
+        );
         // And only once: the pool now fits.
-        assert_eq!(decisions.iter().filter(|(_, _, a)| *a != Action::Hold).count(), 1);
+        assert_eq!(
+            decisions
+                .iter()
+                .filter(|(_, _, a)| *a != Action::Hold)
+                .count(),
+            1
+        );
     }
 
     #[test]
     fn scales_in_slowly_and_by_what_the_load_allows() {
         let c = config();
         let decisions = run(&c, 200, 8, |_| 20.0);
-        let changes: Vec<_> = decisions.iter().filter(|(_, _, a)| *a != Action::Hold).collect();
+        let changes: Vec<_> = decisions
+            .iter()
+            .filter(|(_, _, a)| *a != Action::Hold)
+            .collect();
         assert_eq!(changes.len(), 1, "{changes:?}");
         // Not before the window and the whole scale-in delay.
         assert!(changes[0].0 >= 65);
@@ -411,6 +463,7 @@ mod tests {
                     at: start + Duration::from_secs(t),
                     ready: 1,
                     coming: 3,
+                    leaving: 0,
                     load: 40.0,
                     max_worker_load: 40.0,
                 },
@@ -424,17 +477,34 @@ mod tests {
 
     #[test]
     fn floor_and_ceiling_apply_at_once() {
-        let c = PolicyConfig { min_workers: 2, ..config() };
+        let c = PolicyConfig {
+            min_workers: 2,
+            ..config()
+        };
         let start = Instant::now();
         let mut h = History::new();
         h.push(
-            Sample { at: start, ready: 0, coming: 0, load: 0.0, max_worker_load: 0.0 },
+            Sample {
+                at: start,
+                ready: 0,
+                coming: 0,
+                leaving: 0,
+                load: 0.0,
+                max_worker_load: 0.0,
+            },
             Duration::from_secs(100),
         );
         assert_eq!(decide(&c, &h, start).action, Action::ScaleOut(2));
         let mut h = History::new();
         h.push(
-            Sample { at: start, ready: 12, coming: 0, load: 0.0, max_worker_load: 0.0 },
+            Sample {
+                at: start,
+                ready: 12,
+                coming: 0,
+                leaving: 0,
+                load: 0.0,
+                max_worker_load: 0.0,
+            },
             Duration::from_secs(100),
         );
         assert_eq!(decide(&c, &h, start).action, Action::ScaleIn(10));
@@ -450,9 +520,20 @@ mod tests {
         for _ in 0..40 {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = tokio::time::Instant::now().into_std();
-            let load = if start.elapsed() > Duration::from_secs(10) { 60.0 } else { 10.0 };
+            let load = if start.elapsed() > Duration::from_secs(10) {
+                60.0
+            } else {
+                10.0
+            };
             h.push(
-                Sample { at: now, ready: pool, coming: 0, load, max_worker_load: load / pool as f64 },
+                Sample {
+                    at: now,
+                    ready: pool,
+                    coming: 0,
+                    leaving: 0,
+                    load,
+                    max_worker_load: load / pool as f64,
+                },
                 History::keep_for(&c),
             );
             if let Action::ScaleOut(n) = decide(&c, &h, now).action {
@@ -462,7 +543,10 @@ mod tests {
         }
         assert_eq!(pool, 6);
         let at = out_at.unwrap();
-        assert!(at >= Duration::from_secs(20) && at <= Duration::from_secs(27), "{at:?}");
+        assert!(
+            at >= Duration::from_secs(20) && at <= Duration::from_secs(27),
+            "{at:?}"
+        );
     }
 
     proptest! {
@@ -479,7 +563,7 @@ mod tests {
             let mut pool = start_pool;
             for (t, load) in loads.iter().enumerate() {
                 let at = start + Duration::from_secs(t as u64);
-                let sample = Sample { at, ready: pool, coming: 0, load: *load, max_worker_load: *load / pool as f64 };
+                let sample = Sample { at, ready: pool, coming: 0, leaving: 0, load: *load, max_worker_load: *load / pool as f64 };
                 h.push(sample, History::keep_for(&c));
                 let d = decide(&c, &h, at);
                 match d.action {

@@ -1,0 +1,397 @@
+//! Actuators: what turns a desired worker count into running workers.
+//!
+//! - [`ProcessPool`] (`--worker-cmd`): worker processes on this machine, the balancer
+//!   their parent. It picks each one's port, counts it as coming until its health checks
+//!   pass, replaces one that dies, and scales in by work: the worker with the fewest
+//!   outstanding requests is deregistered, stopped with SIGTERM once its last request is
+//!   answered (or the deregistration delay passes), and only counted gone once it exited.
+//! - [`ScaleCommand`] (`--scale-cmd`): runs a command with the count, e.g.
+//!   `docker-compose up -d --no-recreate --scale worker={n}`. The orchestrator picks
+//!   which container goes on scale-in; the worker drains on the SIGTERM it gets and
+//!   deregisters itself first, so no request is lost either way.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::balancer::Handle;
+use crate::target::TargetState;
+
+/// One of the two actuators.
+#[derive(Debug)]
+pub enum Actuator {
+    /// Worker processes on this machine.
+    Processes(ProcessPool),
+    /// An external command that sets the replica count.
+    Command(ScaleCommand),
+}
+
+impl Actuator {
+    /// Keeps the pool in line between decisions: reaps, promotes, drains, replaces.
+    pub async fn tick(&mut self, handle: &Handle) {
+        match self {
+            Actuator::Processes(pool) => pool.tick(handle),
+            Actuator::Command(cmd) => cmd.tick(handle),
+        }
+    }
+
+    /// Makes the pool `n` workers.
+    pub async fn scale_to(&mut self, n: usize, handle: &Handle) {
+        match self {
+            Actuator::Processes(pool) => pool.scale_to(n, handle),
+            Actuator::Command(cmd) => cmd.scale_to(n, handle).await,
+        }
+    }
+
+    /// Workers started and not yet ready.
+    pub fn coming(&self, handle: &Handle) -> usize {
+        match self {
+            Actuator::Processes(pool) => pool.coming(),
+            Actuator::Command(cmd) => cmd.coming(handle),
+        }
+    }
+
+    /// Workers being scaled in and not yet gone.
+    pub fn leaving(&self) -> usize {
+        match self {
+            Actuator::Processes(pool) => pool.leaving(),
+            Actuator::Command(_) => 0,
+        }
+    }
+
+    /// Stops every worker this actuator started, letting each drain within `grace`.
+    pub async fn shutdown(&mut self, grace: Duration) {
+        if let Actuator::Processes(pool) = self {
+            pool.shutdown(grace).await;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Started; not yet healthy in the registry.
+    Starting,
+    /// Healthy at least once; taking requests.
+    Running,
+    /// Deregistered by a scale-in; `terminated` once SIGTERM was sent.
+    Leaving {
+        since: Instant,
+        terminated: Option<Instant>,
+    },
+}
+
+#[derive(Debug)]
+struct Managed {
+    addr: SocketAddr,
+    child: Child,
+    started: Instant,
+    phase: Phase,
+}
+
+/// Worker processes started from `--worker-cmd`.
+#[derive(Debug)]
+pub struct ProcessPool {
+    template: String,
+    admin: SocketAddr,
+    host: std::net::IpAddr,
+    workers: Vec<Managed>,
+    want: usize,
+    next_index: usize,
+    deregistration_delay: Duration,
+    start_timeout: Duration,
+    stop_timeout: Duration,
+}
+
+impl ProcessPool {
+    /// A pool that starts workers with `template` (`{port}`, `{admin}`, `{index}`
+    /// replaced), listening on `host`.
+    pub fn new(
+        template: String,
+        admin: SocketAddr,
+        deregistration_delay: Duration,
+        start_timeout: Duration,
+        stop_timeout: Duration,
+    ) -> ProcessPool {
+        ProcessPool {
+            template,
+            admin,
+            host: std::net::IpAddr::from([127, 0, 0, 1]),
+            workers: Vec::new(),
+            want: 0,
+            next_index: 1,
+            deregistration_delay,
+            start_timeout,
+            stop_timeout,
+        }
+    }
+
+    /// Workers started and not yet healthy.
+    pub fn coming(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.phase == Phase::Starting)
+            .count()
+    }
+
+    /// Workers being scaled in.
+    pub fn leaving(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| matches!(w.phase, Phase::Leaving { .. }))
+            .count()
+    }
+
+    /// The addresses of the workers that are not leaving.
+    pub fn active(&self) -> Vec<SocketAddr> {
+        self.workers
+            .iter()
+            .filter(|w| !matches!(w.phase, Phase::Leaving { .. }))
+            .map(|w| w.addr)
+            .collect()
+    }
+
+    fn tick(&mut self, handle: &Handle) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.workers.len() {
+            let w = &mut self.workers[i];
+            if let Ok(Some(status)) = w.child.try_wait() {
+                let w = self.workers.swap_remove(i);
+                exited(&w, status, handle);
+                continue;
+            }
+            match w.phase {
+                Phase::Starting => {
+                    if handle
+                        .target(w.addr)
+                        .is_some_and(|t| t.state == TargetState::Healthy)
+                    {
+                        tracing::info!(worker = %w.addr, after = ?w.started.elapsed(), "worker ready");
+                        w.phase = Phase::Running;
+                    } else if w.started.elapsed() > self.start_timeout {
+                        tracing::warn!(worker = %w.addr, timeout = ?self.start_timeout,
+                            "worker not healthy in time; stopping it, a new one replaces it");
+                        let _ = w.child.start_kill();
+                    }
+                }
+                Phase::Running => {}
+                Phase::Leaving { since, terminated } => {
+                    let outstanding = handle
+                        .targets()
+                        .iter()
+                        .filter(|t| t.addr == w.addr)
+                        .map(|t| t.outstanding)
+                        .sum::<usize>();
+                    match terminated {
+                        None if outstanding == 0 || now - since > self.deregistration_delay => {
+                            tracing::info!(worker = %w.addr, outstanding, "scale-in: stopping drained worker (SIGTERM)");
+                            signal(&w.child, Signal::SIGTERM);
+                            w.phase = Phase::Leaving {
+                                since,
+                                terminated: Some(now),
+                            };
+                        }
+                        Some(at) if now - at > self.stop_timeout => {
+                            tracing::warn!(worker = %w.addr, "worker did not exit after SIGTERM; killing it");
+                            let _ = w.child.start_kill();
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            i += 1;
+        }
+        // A worker that died is replaced here: the pool goes back to what was asked.
+        let active = self.active().len();
+        for _ in active..self.want {
+            self.start_one();
+        }
+    }
+
+    fn scale_to(&mut self, n: usize, handle: &Handle) {
+        self.want = n;
+        let active = self.active();
+        if active.len() < n {
+            for _ in active.len()..n {
+                self.start_one();
+            }
+            return;
+        }
+        // Scale in by work: the workers with the fewest outstanding requests go.
+        let load = |addr: SocketAddr| handle.target(addr).map_or(0, |t| t.outstanding);
+        let mut by_load: Vec<(usize, SocketAddr)> = active.iter().map(|&a| (load(a), a)).collect();
+        by_load.sort();
+        for (outstanding, addr) in by_load.into_iter().take(active.len() - n) {
+            if let Some(w) = self.workers.iter_mut().find(|w| w.addr == addr) {
+                tracing::info!(worker = %addr, outstanding, "scale-in: deregistering worker");
+                handle.deregister(addr);
+                w.phase = Phase::Leaving {
+                    since: Instant::now(),
+                    terminated: None,
+                };
+            }
+        }
+    }
+
+    fn start_one(&mut self) {
+        let port = match TcpListener::bind((self.host, 0)).and_then(|l| l.local_addr()) {
+            Ok(addr) => addr.port(),
+            Err(error) => {
+                tracing::error!(%error, "no free port for a new worker");
+                return;
+            }
+        };
+        let index = self.next_index;
+        self.next_index += 1;
+        let line = self
+            .template
+            .replace("{port}", &port.to_string())
+            .replace("{admin}", &self.admin.to_string())
+            .replace("{index}", &index.to_string());
+        let Ok(words) = shell_words::split(&line) else {
+            tracing::error!(%line, "--worker-cmd has unbalanced quotes");
+            return;
+        };
+        let Some((program, args)) = words.split_first() else {
+            return;
+        };
+        match Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(child) => {
+                let addr = SocketAddr::new(self.host, port);
+                tracing::info!(worker = %addr, pid = child.id(), "started worker");
+                self.workers.push(Managed {
+                    addr,
+                    child,
+                    started: Instant::now(),
+                    phase: Phase::Starting,
+                });
+            }
+            Err(error) => {
+                tracing::error!(%error, program, "could not start worker; check --worker-cmd")
+            }
+        }
+    }
+
+    async fn shutdown(&mut self, grace: Duration) {
+        for w in &self.workers {
+            signal(&w.child, Signal::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        for w in &mut self.workers {
+            match tokio::time::timeout_at(deadline, w.child.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(worker = %w.addr, "worker did not stop in time; killing it");
+                    let _ = w.child.kill().await;
+                }
+            }
+        }
+        self.workers.clear();
+    }
+}
+
+fn exited(w: &Managed, status: ExitStatus, handle: &Handle) {
+    match w.phase {
+        Phase::Leaving { .. } => {
+            tracing::info!(worker = %w.addr, %status, "scale-in: worker gone");
+        }
+        _ => {
+            tracing::warn!(worker = %w.addr, %status, "worker exited unexpectedly; replacing it");
+            handle.deregister(w.addr);
+        }
+    }
+}
+
+fn signal(child: &Child, signal: Signal) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = kill(Pid::from_raw(pid), signal);
+    }
+}
+
+/// `--scale-cmd`: sets the replica count of an external orchestrator.
+#[derive(Debug)]
+pub struct ScaleCommand {
+    template: String,
+    timeout: Duration,
+    /// The last count asked for and when: until the new workers show up in the registry
+    /// (through DNS), the difference counts as coming.
+    requested: Option<(usize, Instant)>,
+    start_timeout: Duration,
+}
+
+impl ScaleCommand {
+    /// Runs `template` with `{n}` replaced, at most `timeout` per run.
+    pub fn new(template: String, timeout: Duration, start_timeout: Duration) -> ScaleCommand {
+        ScaleCommand {
+            template,
+            timeout,
+            requested: None,
+            start_timeout,
+        }
+    }
+
+    fn tick(&mut self, _handle: &Handle) {
+        if let Some((_, at)) = self.requested {
+            if at.elapsed() > self.start_timeout {
+                self.requested = None;
+            }
+        }
+    }
+
+    fn coming(&self, handle: &Handle) -> usize {
+        let present = handle
+            .targets()
+            .iter()
+            .filter(|t| matches!(t.state, TargetState::Healthy | TargetState::Initial))
+            .count();
+        let initial = handle
+            .targets()
+            .iter()
+            .filter(|t| t.state == TargetState::Initial)
+            .count();
+        match self.requested {
+            Some((n, _)) => initial.max(n.saturating_sub(present.saturating_sub(initial))),
+            None => initial,
+        }
+    }
+
+    async fn scale_to(&mut self, n: usize, _handle: &Handle) {
+        let line = self.template.replace("{n}", &n.to_string());
+        let Ok(words) = shell_words::split(&line) else {
+            tracing::error!(%line, "--scale-cmd has unbalanced quotes");
+            return;
+        };
+        let Some((program, args)) = words.split_first() else {
+            return;
+        };
+        tracing::info!(%line, "scaling: running --scale-cmd");
+        let run = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(out)) if out.status.success() => {
+                self.requested = Some((n, Instant::now()));
+            }
+            Ok(Ok(out)) => tracing::error!(
+                status = %out.status,
+                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                "--scale-cmd failed"
+            ),
+            Ok(Err(error)) => tracing::error!(%error, program, "could not run --scale-cmd"),
+            Err(_) => {
+                tracing::error!(timeout = ?self.timeout, "--scale-cmd did not finish in time")
+            }
+        }
+    }
+}

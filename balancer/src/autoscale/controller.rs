@@ -1,0 +1,141 @@
+//! The control loop: once a second, sample the registry, decide, act, publish.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::actuator::Actuator;
+use super::policy::{decide, Action, Decision, History, PolicyConfig, Sample};
+use crate::balancer::Handle;
+use crate::target::TargetState;
+
+/// What `GET /scaling` answers: the signal, the policy's wish and whether it is acted on.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScalingStatus {
+    /// The decision with its figures and reason.
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// Outstanding plus queued requests right now (not averaged): the total load a KEDA
+    /// metrics-api scaler divides by its `targetValue`.
+    pub load_now: f64,
+    /// The load per worker the pool is sized for.
+    pub target_load: f64,
+    /// `--min-workers`.
+    pub min_workers: usize,
+    /// `--max-workers`.
+    pub max_workers: usize,
+    /// Whether this balancer acts on the decision (`--autoscale`), and how.
+    pub actuator: &'static str,
+    /// The last action taken, and when.
+    pub last_action: Option<LastAction>,
+    /// When this status was computed.
+    #[serde(serialize_with = "rfc3339")]
+    pub at: SystemTime,
+}
+
+/// An action the actuator took.
+#[derive(Clone, Debug, Serialize)]
+pub struct LastAction {
+    /// What.
+    pub action: Action,
+    /// When.
+    #[serde(serialize_with = "rfc3339")]
+    pub at: SystemTime,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// Where the loop publishes its latest status, read by the admin API and metrics.
+pub(crate) type StatusSlot = Arc<Mutex<Option<ScalingStatus>>>;
+
+/// Reads the pool as the policy sees it.
+pub(crate) fn sample(handle: &Handle, actuator: Option<&Actuator>, at: Instant) -> Sample {
+    let targets = handle.targets();
+    let serving = targets.iter().filter(|t| t.state != TargetState::Draining);
+    let (mut ready, mut initial, mut outstanding, mut max_worker_load) = (0, 0, 0usize, 0usize);
+    for t in serving {
+        match t.state {
+            TargetState::Healthy => ready += 1,
+            TargetState::Initial => initial += 1,
+            _ => {}
+        }
+        outstanding += t.outstanding;
+        max_worker_load = max_worker_load.max(t.outstanding);
+    }
+    let coming = match actuator {
+        // The actuator knows its own starting workers, registered or not yet.
+        Some(a) => a.coming(handle),
+        None => initial,
+    };
+    Sample {
+        at,
+        ready,
+        coming,
+        leaving: actuator.map_or(0, Actuator::leaving),
+        load: (outstanding + handle.queue_len()) as f64,
+        max_worker_load: max_worker_load as f64,
+    }
+}
+
+/// Runs the loop until `stop`, then stops the workers the actuator started.
+pub(crate) async fn run(
+    handle: Handle,
+    policy: PolicyConfig,
+    mut actuator: Option<Actuator>,
+    slot: StatusSlot,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let keep = History::keep_for(&policy);
+    let mut history = History::new();
+    let mut last_action: Option<LastAction> = None;
+    let actuator_name = match &actuator {
+        Some(Actuator::Processes(_)) => "processes (--worker-cmd)",
+        Some(Actuator::Command(_)) => "command (--scale-cmd)",
+        None => "none: the decision is advice for an external scaler",
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Some(a) = actuator.as_mut() {
+            a.tick(&handle).await;
+        }
+        let now = tokio::time::Instant::now().into_std();
+        let sample = sample(&handle, actuator.as_ref(), now);
+        history.push(sample, keep);
+        let decision = decide(&policy, &history, now);
+        tracing::trace!(?decision, "scaling decision");
+        if let (Some(a), Action::ScaleOut(n) | Action::ScaleIn(n)) =
+            (actuator.as_mut(), decision.action)
+        {
+            tracing::info!(action = ?decision.action, reason = %decision.reason, "autoscaling");
+            a.scale_to(n, &handle).await;
+            last_action = Some(LastAction {
+                action: decision.action,
+                at: SystemTime::now(),
+            });
+        }
+        let status = ScalingStatus {
+            decision,
+            load_now: sample.load,
+            target_load: policy.target_load,
+            min_workers: policy.min_workers,
+            max_workers: policy.max_workers,
+            actuator: actuator_name,
+            last_action: last_action.clone(),
+            at: SystemTime::now(),
+        };
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+    if let Some(a) = actuator.as_mut() {
+        a.shutdown(grace).await;
+    }
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs the README's Python client (examples/client.py, quoted verbatim in README.md)
+# against a real balancer and worker on loopback, with Python's msgpack from .venv.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+PY="$ROOT/.venv/bin/python"
+BIN="$ROOT/target/debug"
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(scripts/fetch-ort.sh)}"
+export RUST_LOG=warn
+
+# The README must show exactly the code tested here.
+"$PY" - <<'PY'
+import pathlib, sys
+readme = pathlib.Path("README.md").read_text()
+client = pathlib.Path("examples/client.py").read_text()
+if client not in readme:
+    sys.exit("README.md does not quote examples/client.py verbatim; paste the file into its Python block")
+PY
+
+cargo build --quiet -p tidepool-balancer -p tidepool-worker
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+LISTEN=$(free_port); ADMIN=$(free_port); WORKER=$(free_port)
+
+"$BIN/tidepool-worker" synth --out "$WORK/model.onnx" --size 64KiB --input-dim 8 --output-dim 4 >/dev/null
+"$BIN/tidepool-balancer" --listen "127.0.0.1:$LISTEN" --admin "127.0.0.1:$ADMIN" \
+  --health-interval 200ms --health-timeout 200ms --healthy-threshold 2 2>"$WORK/balancer.log" &
+PIDS+=($!)
+"$BIN/tidepool-worker" serve --model "$WORK/model.onnx" --listen "127.0.0.1:$WORKER" --name py-worker \
+  --register "http://127.0.0.1:$ADMIN" --threads 1 2>"$WORK/worker.log" &
+PIDS+=($!)
+
+for _ in $(seq 1 100); do
+  if "$PY" -c "import json,sys,urllib.request; sys.exit(0 if any(t['state']=='healthy' for t in json.load(urllib.request.urlopen('http://127.0.0.1:$ADMIN/targets'))) else 1)" 2>/dev/null; then
+    break
+  fi
+  sleep 0.1
+done
+
+OUT="$("$PY" examples/client.py "127.0.0.1:$LISTEN" 8)" || { cat "$WORK"/*.log; exit 1; }
+echo "$OUT"
+[ "$(grep -c 'outputs from py-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output"; cat "$WORK"/*.log; exit 1; }
+echo "python client: ok"
