@@ -3,6 +3,7 @@
 //! - [`stand_in`]: an in-process target that speaks the protocol with a configurable
 //!   delay and echoes its inputs, for testing clients and the balancer without a model.
 //! - [`balancer`]: an in-process balancer with fast health checks, raw frames, admin calls.
+//! - [`compose`]: docker compose projects on this machine's engine, torn down on drop.
 //! - [`worker`]: tiny synthetic models, in-process workers, a stand-in admin API.
 //! - [`process`]: the real binaries as child processes, killed on drop.
 //! - [`drive`]: a load driver that counts the answers to each request id on the wire.
@@ -11,6 +12,7 @@
 //! Everything binds `127.0.0.1:0` and is stopped by the test that started it.
 
 pub mod balancer;
+pub mod compose;
 pub mod drive;
 pub mod process;
 pub mod stand_in;

@@ -21,21 +21,20 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tidepool_protocol::{Client, Tensor, Tensors};
+use tidepool_tests::compose::{
+    build_image, compose_program, docker, report, workspace_root, Compose, Down,
+};
 use tidepool_tests::drive::{drive, Drive};
+use tidepool_tests::worker::scratch_dir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Worker replicas started.
 const WORKERS: usize = 3;
-/// The image the test builds and runs; not `tidepool:local`, which is the user's.
-const IMAGE: &str = "tidepool:test";
 /// Features of the image's model (`synth --input-dim 64`).
 const INPUT_DIM: usize = 64;
 /// Requests per second sent through the balancer with the protocol client.
@@ -58,15 +57,24 @@ const UNHEALTHY_WITHIN: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_cluster_survives_a_killed_worker() {
-    let Some(program) = compose_program() else {
+    let Some(program) = compose_program("compose test") else {
         return;
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let started = Instant::now();
-    build_image(root);
+    build_image();
     let built = started.elapsed();
 
-    let compose = Compose::new(program, root);
+    let compose = Compose::new(
+        program,
+        &workspace_root().join("docker-compose.yml"),
+        "test",
+        &[
+            ("TIDEPOOL_HOST_PORT", "127.0.0.1:"),
+            ("TIDEPOOL_HOST_ADMIN", "127.0.0.1:"),
+            ("TIDEPOOL_DNS_INTERVAL", "1h"),
+        ],
+        &scratch_dir("compose"),
+    );
     let cluster = Down(compose.clone());
     compose.run(&["up", "-d", "--scale", &format!("worker={WORKERS}")]);
     let front = compose.port("balancer", 7000);
@@ -92,7 +100,7 @@ async fn compose_cluster_survives_a_killed_worker() {
     tokio::time::sleep(KILL_AFTER).await;
     let victim = {
         let compose = compose.clone();
-        tokio::task::spawn_blocking(move || compose.kill_one_worker())
+        tokio::task::spawn_blocking(move || kill_one_worker(&compose))
             .await
             .unwrap()
     };
@@ -144,185 +152,19 @@ async fn compose_cluster_survives_a_killed_worker() {
     drop(cluster);
 }
 
-/// The compose command (`docker-compose`, else `docker compose`), or `None` after saying
-/// why when there is no docker engine here at all.
-fn compose_program() -> Option<Vec<String>> {
-    let engine = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .stdin(Stdio::null())
-        .output();
-    match engine {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            report(&format!(
-                "compose test SKIPPED: no docker engine reachable (`docker info`: {})",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-            return None;
-        }
-        Err(error) => {
-            report(&format!(
-                "compose test SKIPPED: no docker engine (`docker`: {error})"
-            ));
-            return None;
-        }
-    }
-    for program in [vec!["docker-compose"], vec!["docker", "compose"]] {
-        let works = Command::new(program[0])
-            .args(&program[1..])
-            .arg("version")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if works {
-            return Some(program.into_iter().map(str::to_owned).collect());
-        }
-    }
-    panic!("a docker engine is here but neither `docker-compose` nor `docker compose` runs");
-}
-
-/// Writes a line straight to stderr, past the test harness's capture, so that a skip or
-/// the timings show in a plain `cargo test` run.
-fn report(line: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
-
-/// `PROFILE=debug scripts/docker-image.sh`: a no-op cargo build after `cargo test`, then
-/// an import unless the image already holds these binaries.
-fn build_image(root: &Path) {
-    let out = Command::new(root.join("scripts/docker-image.sh"))
-        .env("PROFILE", "debug")
-        .env("SIZE", "4MiB")
-        .env("IMAGE", IMAGE)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/docker-image.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// One compose project: its command line and environment.
-#[derive(Clone, Debug)]
-struct Compose {
-    program: Vec<String>,
-    file: PathBuf,
-    project: String,
-}
-
-impl Compose {
-    fn new(program: Vec<String>, root: &Path) -> Compose {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        Compose {
-            program,
-            file: root.join("docker-compose.yml"),
-            project: format!("tidepool-test-{}-{nanos}", std::process::id()),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.program[0]);
-        command
-            .args(&self.program[1..])
-            .arg("--file")
-            .arg(&self.file)
-            .args(["--project-name", &self.project])
-            .args(args)
-            .env("TIDEPOOL_IMAGE", IMAGE)
-            .env("TIDEPOOL_HOST_PORT", "127.0.0.1:")
-            .env("TIDEPOOL_HOST_ADMIN", "127.0.0.1:")
-            .env("TIDEPOOL_DNS_INTERVAL", "1h")
-            .stdin(Stdio::null());
-        command
-    }
-
-    /// Runs a compose command that must succeed; returns its stdout.
-    fn run(&self, args: &[&str]) -> String {
-        let out = self.command(args).output().unwrap();
-        must_succeed(
-            &format!("{} {}", self.program.join(" "), args.join(" ")),
-            &out,
-        )
-    }
-
-    /// The host address published for a service's container port.
-    fn port(&self, service: &str, port: u16) -> SocketAddr {
-        let out = self.run(&["port", service, &port.to_string()]);
-        out.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("`port {service} {port}` printed {out:?}"))
-    }
-
-    /// `docker kill`s the first worker container; returns its `ip:7100`, the target
-    /// address the balancer knows it by.
-    fn kill_one_worker(&self) -> String {
-        let ids = self.run(&["ps", "-q", "worker"]);
-        let id = ids.lines().next().expect("a worker container").trim();
-        let ip = docker(&[
-            "inspect",
-            "--format",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            id,
-        ]);
-        docker(&["kill", id]);
-        format!("{}:7100", ip.trim())
-    }
-}
-
-/// Tears the project down when dropped: after a pass, and after a failure too, with the
-/// containers' last log lines first.
-struct Down(Compose);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Ok(out) = self
-                .0
-                .command(&["logs", "--no-color", "--tail", "40"])
-                .output()
-            {
-                report(&String::from_utf8_lossy(&out.stdout));
-            }
-        }
-        let down = self
-            .0
-            .command(&["down", "-v", "--remove-orphans", "--timeout", "10"])
-            .output();
-        match down {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => report(&format!(
-                "compose down of {} failed: {}",
-                self.0.project,
-                String::from_utf8_lossy(&out.stderr)
-            )),
-            Err(error) => report(&format!("compose down of {}: {error}", self.0.project)),
-        }
-    }
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    must_succeed(&format!("docker {}", args.join(" ")), &out)
-}
-
-fn must_succeed(what: &str, out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "`{what}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
+/// `docker kill`s the first worker container; returns its `ip:7100`, the target address
+/// the balancer knows it by.
+fn kill_one_worker(compose: &Compose) -> String {
+    let ids = compose.containers("worker");
+    let id = ids.first().expect("a worker container");
+    let ip = docker(&[
+        "inspect",
+        "--format",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        id,
+    ]);
+    docker(&["kill", id]);
+    format!("{}:7100", ip.trim())
 }
 
 /// Sends `RATE` requests a second for `LOAD_FOR` over `CONNECTIONS` client connections,
