@@ -8,7 +8,7 @@ ORT_LIB     := $(CURDIR)/.ort/libonnxruntime.so.$(ORT_VERSION)
 VENV        := $(CURDIR)/.venv
 PY          := $(VENV)/bin/python
 CARGO       ?= cargo
-SIZE        ?= 16MiB
+SIZE        ?= 64MiB
 export ORT_DYLIB_PATH ?= $(ORT_LIB)
 
 .PHONY: help setup ort venv build release test lint unit interop fuzz python-client demo bench \
@@ -66,6 +66,9 @@ compose-up: ## image tidepool:local (PROFILE, SIZE) and a balancer with WORKERS 
 
 compose-down: ## stop the docker-compose cluster (workers drain first) and remove it
 	docker-compose down -v --remove-orphans
+
+demo: ort ## build, start an autoscaled local cluster, drive a compressed day, report (SIZE=1GiB for the 1 GB model)
+	SIZE=$(SIZE) scripts/demo.sh
 
 clean-local: ## remove fetched libraries and the virtualenv
 	rm -rf .ort .ort-gpu $(VENV)

@@ -3,6 +3,7 @@
 # BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
 # (bench/intro/*.md). BENCH_QUICK=1: a short smoke run on a small model; BENCHMARKS.md is then
 # written to bench-out/BENCHMARKS.quick.md instead, so the committed figures stay real.
+# BENCH_ONLY=worker|balancer: rerun one benchmark and reassemble with the other's last report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,10 +37,15 @@ if [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
     target/release/tidepool-worker synth --out "$MODEL" --size "$SIZE"
 fi
 
-echo "bench: worker" >&2
-RUST_LOG=${RUST_LOG:-warn} target/release/bench-worker --model "$MODEL" --out "$OUT" >/dev/null
-echo "bench: balancer" >&2
-RUST_LOG=${RUST_LOG:-warn} target/release/bench-balancer --out "$OUT" >/dev/null
+ONLY=${BENCH_ONLY:-all}
+if [[ $ONLY == all || $ONLY == worker ]]; then
+    echo "bench: worker" >&2
+    RUST_LOG=${RUST_LOG:-warn} target/release/bench-worker --model "$MODEL" --out "$OUT" >/dev/null
+fi
+if [[ $ONLY == all || $ONLY == balancer ]]; then
+    echo "bench: balancer" >&2
+    RUST_LOG=${RUST_LOG:-warn} target/release/bench-balancer --out "$OUT" >/dev/null
+fi
 
 DEST=BENCHMARKS.md
 [[ $QUICK == 1 ]] && DEST=$OUT/BENCHMARKS.quick.md
@@ -48,6 +54,7 @@ DEST=BENCHMARKS.md
     echo
     echo "Last run: $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -n $(git status --porcelain -- balancer worker protocol 2>/dev/null) ]] && echo ' (with uncommitted changes in balancer/, worker/ or protocol/)')."
     echo
+    if [[ $QUICK == 0 && -f bench/intro/last-run.md ]]; then cat bench/intro/last-run.md; echo; fi
     cat bench/intro/worker.md
     echo
     cat "$OUT/worker.md"

@@ -47,9 +47,10 @@ struct Args {
     /// The worker's --max-batch in the batched runs [default: the best direct batch size].
     #[arg(long)]
     max_batch: Option<usize>,
-    /// Concurrent requests at saturation (closed loop).
-    #[arg(long, default_value_t = 64)]
-    clients: usize,
+    /// Concurrent requests at saturation (closed loop) [default: twice --max-batch, so that
+    /// a full batch is queued while the previous one runs].
+    #[arg(long)]
+    clients: Option<usize>,
 }
 
 /// Phase lengths.
@@ -129,12 +130,13 @@ fn main() -> anyhow::Result<()> {
         .context("no batch size measured")?;
     let items = tidepool_load::input::build_items(&input_specs(&spec), 16, 1)?;
     let max_batch = args.max_batch.unwrap_or(best.batch);
+    let clients = args.clients.unwrap_or(2 * max_batch);
 
     eprintln!("worker: batched (--max-batch {max_batch})");
     let (batched, latency) = runtime.block_on(async {
         let worker = start_worker(&args, max_batch).await?;
         let addr = worker.local_addr().to_string();
-        let sat = saturate(&addr, &items, args.clients, timing.warmup, timing.measure).await?;
+        let sat = saturate(&addr, &items, clients, timing.warmup, timing.measure).await?;
         eprintln!(
             "worker: latency at half of {:.1} items/s",
             sat.items_per_second
@@ -157,7 +159,7 @@ fn main() -> anyhow::Result<()> {
         let sat = saturate(
             &addr,
             &items,
-            args.clients,
+            clients,
             timing.warmup,
             timing.unbatched_measure,
         )
@@ -167,6 +169,7 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     let runs = Runs {
+        clients,
         max_batch,
         best,
         batched,
@@ -325,6 +328,8 @@ async fn saturate(
 /// What the saturation runs found.
 #[derive(Clone, Copy)]
 struct Runs {
+    /// Concurrent callers at saturation.
+    clients: usize,
     /// The batched worker's --max-batch.
     max_batch: usize,
     /// The best direct batch size.
@@ -342,6 +347,7 @@ fn write_report(
     latency: &tidepool_load::Report,
 ) {
     let Runs {
+        clients,
         max_batch,
         best,
         batched,
@@ -355,7 +361,7 @@ fn write_report(
          {} concurrent closed-loop callers over 4 connections, {:.0} s counted after {:.0} s of warm-up.",
         timing.direct_per_batch.as_secs_f64(),
         max_batch,
-        args.clients,
+        clients,
         timing.measure.as_secs_f64(),
         timing.warmup.as_secs_f64(),
     ));
