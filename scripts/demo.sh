@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# `make demo`: a balancer and three self-registering workers on loopback, a compressed day
-# of uneven load through them, live progress, the report, a timeline plot. Every process
-# started here is stopped on exit, Ctrl-C included.
+# `make demo`: a balancer on loopback that autoscales self-registering workers (1 to 3),
+# a compressed day of uneven load through it, live progress, the report, a timeline plot
+# whose workers strip follows the day. Every process started here is stopped on exit,
+# Ctrl-C included (the balancer stops the workers it started, each draining first).
 #
-#   SIZE=16MiB (default) or SIZE=1GiB for the seed's 1 GB model
-#   RATE=peak items/s (default: sized for SIZE on this machine), DURATION=2m, WORKERS=3
+#   SIZE=64MiB (default) or SIZE=1GiB for the seed's 1 GB model
+#   RATE=peak items/s (default: sized for SIZE on this machine), DURATION=2m,
+#   MAX_WORKERS=3, TARGET_LOAD=16 (outstanding requests per worker the pool is sized for)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-SIZE="${SIZE:-16MiB}"
+SIZE="${SIZE:-64MiB}"
 DURATION="${DURATION:-2m}"
-WORKERS="${WORKERS:-3}"
+MAX_WORKERS="${MAX_WORKERS:-3}"
+TARGET_LOAD="${TARGET_LOAD:-16}"
 LISTEN_PORT="${LISTEN_PORT:-7000}"
 ADMIN_PORT="${ADMIN_PORT:-9000}"
-WORKER_BASE_PORT="${WORKER_BASE_PORT:-7100}"
 OUT="$ROOT/demo-out"
 BIN="$ROOT/target/release"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(scripts/fetch-ort.sh)}"
@@ -21,8 +23,8 @@ export RUST_LOG="${RUST_LOG:-warn}"
 mkdir -p "$OUT" "$ROOT/build/models"
 
 case "$SIZE" in
-  1GiB|1024MiB) RATE="${RATE:-60}"; INPUT_DIM=8192; OUTPUT_DIM=8192; LAYERS=4 ;;
-  *)            RATE="${RATE:-400}"; INPUT_DIM=256; OUTPUT_DIM=16; LAYERS=4 ;;
+  1GiB|1024MiB) RATE="${RATE:-150}"; INPUT_DIM=8192; OUTPUT_DIM=8192; LAYERS=4 ;;
+  *)            RATE="${RATE:-1200}"; INPUT_DIM=256; OUTPUT_DIM=16; LAYERS=4 ;;
 esac
 
 echo "== building release binaries"
@@ -49,25 +51,23 @@ trap 'exit 130' INT TERM
 
 admin() { python3 -c "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=2).read().decode())" "http://127.0.0.1:$ADMIN_PORT$1"; }
 
-echo "== starting the balancer on 127.0.0.1:$LISTEN_PORT (admin http://127.0.0.1:$ADMIN_PORT)"
+echo "== starting the balancer on 127.0.0.1:$LISTEN_PORT (admin http://127.0.0.1:$ADMIN_PORT), autoscaling 1..$MAX_WORKERS workers"
+# The balancer starts the workers itself (--worker-cmd), each on a port it picks, and each
+# worker registers itself with the balancer once its model is loaded and warmed up.
+WORKER_CMD="$BIN/tidepool-worker serve --model $MODEL --listen 127.0.0.1:{port} --name worker-{index} \
+  --register http://{admin} --threads 1 --max-batch 32 --max-delay 5ms --drain-timeout 10s"
 "$BIN/tidepool-balancer" --listen "127.0.0.1:$LISTEN_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
   --health-interval 1s --health-timeout 1s --healthy-threshold 2 --unhealthy-threshold 2 \
-  --deregistration-delay 5s 2> "$OUT/balancer.log" &
+  --deregistration-delay 10s \
+  --autoscale --worker-cmd "$WORKER_CMD" --min-workers 1 --max-workers "$MAX_WORKERS" \
+  --target-load "$TARGET_LOAD" --scaling-window 3s --scale-out-delay 4s --scale-in-delay 15s \
+  2> "$OUT/balancer.log" &
 PIDS+=($!)
 
-for i in $(seq 1 "$WORKERS"); do
-  port=$((WORKER_BASE_PORT + i))
-  echo "== starting worker-$i on 127.0.0.1:$port (registers itself with the balancer)"
-  "$BIN/tidepool-worker" serve --model "$MODEL" --listen "127.0.0.1:$port" --name "worker-$i" \
-    --register "http://127.0.0.1:$ADMIN_PORT" --threads 1 --max-batch 32 --max-delay 2ms \
-    2> "$OUT/worker-$i.log" &
-  PIDS+=($!)
-done
-
-echo "== waiting for $WORKERS healthy targets"
-for _ in $(seq 1 120); do
-  healthy=$(admin /targets 2>/dev/null | python3 -c "import json,sys;print(sum(t['state']=='healthy' for t in json.load(sys.stdin)['targets']))" 2>/dev/null || echo 0)
-  [ "$healthy" -ge "$WORKERS" ] && break
+echo "== waiting for the first worker"
+for _ in $(seq 1 240); do
+  ready=$(admin /scaling 2>/dev/null | python3 -c "import json,sys;print(json.load(sys.stdin)['ready'])" 2>/dev/null || echo 0)
+  [ "$ready" -ge 1 ] && break
   sleep 0.5
 done
 admin /targets
@@ -79,5 +79,7 @@ echo "== driving a day-shaped load: peak $RATE items/s over $DURATION"
 
 echo "== the balancer's view at the end"
 admin /targets
+admin /scaling
+grep -E 'autoscaling|worker ready|scale-in' "$OUT/balancer.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-200 || true
 admin /metrics | grep -E '^tidepool_(routed|rejected)|healthy_host_count|new_flow_count' || true
 echo "== report: $OUT/report.json, timeline: $OUT/timeline.csv and $OUT/timeline.svg, logs: $OUT/*.log"

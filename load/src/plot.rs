@@ -3,18 +3,24 @@
 //!
 //! Left axis, items/s: the offered rate, the achieved rate (results) and errors per
 //! second. Right axis, milliseconds: the p99 latency of each second's results. A dashed
-//! vertical line marks the end of the schedule; what follows it is the drain.
+//! vertical line marks the end of the schedule; what follows it is the drain. Below, on
+//! the same time axis, a strip shows how many workers answered each second, which is how
+//! an autoscaled pool's size is seen following the load.
 
 use std::fmt::Write as _;
 
 use crate::report::{fmt_rate, Report};
 
 const WIDTH: f64 = 960.0;
-const HEIGHT: f64 = 500.0;
+const HEIGHT: f64 = 610.0;
 const LEFT: f64 = 80.0;
 const RIGHT: f64 = 80.0;
 const TOP: f64 = 70.0;
-const BOTTOM: f64 = 55.0;
+const BOTTOM: f64 = 165.0;
+/// The workers strip: its distance below the main plot and its height.
+const STRIP_GAP: f64 = 38.0;
+const STRIP_H: f64 = 64.0;
+const WORKERS: &str = "#9467bd";
 
 const P99: &str = "#ff7f0e";
 
@@ -266,6 +272,8 @@ pub fn timeline_svg(report: &Report) -> String {
         }
     }
 
+    workers_strip(&mut s, rows, &x, plot_w);
+
     // The legend, above the plot.
     let mut lx = LEFT;
     for (style, _) in &series {
@@ -285,6 +293,50 @@ pub fn timeline_svg(report: &Report) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// The strip under the main plot: workers that answered in each second, as steps.
+fn workers_strip(
+    s: &mut String,
+    rows: &[crate::report::SecondRow],
+    x: &dyn Fn(f64) -> f64,
+    plot_w: f64,
+) {
+    let most = rows.iter().map(|r| r.active_workers).max().unwrap_or(0);
+    if most == 0 {
+        return;
+    }
+    let top = HEIGHT - BOTTOM + STRIP_GAP;
+    let y = |n: usize| top + STRIP_H * (1.0 - n as f64 / most as f64);
+    let _ = writeln!(
+        s,
+        r##"<rect x="{LEFT}" y="{top:.1}" width="{plot_w}" height="{STRIP_H}" fill="none" stroke="#333"/>"##
+    );
+    for n in [0, most] {
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="{WORKERS}">{n}</text>"##,
+            LEFT - 8.0,
+            y(n) + 4.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{:.1}" y="{:.1}" fill="{WORKERS}">workers answering</text>"##,
+        LEFT + 6.0,
+        top + 14.0
+    );
+    let mut points = Vec::with_capacity(rows.len() * 2);
+    for (i, row) in rows.iter().enumerate() {
+        let yy = y(row.active_workers);
+        points.push(format!("{:.1},{yy:.1}", x(i as f64)));
+        points.push(format!("{:.1},{yy:.1}", x(i as f64 + 1.0)));
+    }
+    let _ = writeln!(
+        s,
+        r##"<polyline points="{}" fill="none" stroke="{WORKERS}" stroke-width="2"/>"##,
+        points.join(" ")
+    );
 }
 
 /// A tick step of 1, 2 or 5 times a power of ten giving about `target` ticks up to
@@ -388,8 +440,10 @@ mod tests {
         let svg = timeline_svg(&report);
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
         assert!(svg.contains("a&lt;b"));
-        // Offered, achieved, errors: one line each; p99: one line and one lone point.
-        assert_eq!(svg.matches("<polyline").count(), 4);
+        // Offered, achieved, errors: one line each; p99: one line and one lone point;
+        // the workers strip: one step line.
+        assert_eq!(svg.matches("<polyline").count(), 5);
+        assert!(svg.contains("workers answering"));
         assert_eq!(svg.matches("<circle").count(), 1);
         assert!(svg.contains("end of schedule"));
     }
