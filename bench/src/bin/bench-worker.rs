@@ -175,7 +175,7 @@ fn main() -> anyhow::Result<()> {
         batched,
         unbatched,
     };
-    write_report(&mut report, &args, &timing, &direct, &runs, &latency);
+    write_report(&mut report, &timing, &direct, &runs, &latency);
     report.write(&args.out, "worker")?;
     println!("{}", report.markdown());
     Ok(())
@@ -340,7 +340,6 @@ struct Runs {
 
 fn write_report(
     report: &mut Report,
-    args: &Args,
     timing: &Timing,
     direct: &[DirectRow],
     runs: &Runs,
