@@ -12,7 +12,7 @@ SIZE        ?= 64MiB
 export ORT_DYLIB_PATH ?= $(ORT_LIB)
 
 .PHONY: help setup ort venv build release test lint unit interop fuzz python-client demo bench \
-        compose-up compose-down clean-local
+        compose-up compose-down k8s-validate clean-local
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ ort: $(ORT_LIB) ## fetch the ONNX Runtime library from the onnxruntime wheel int
 $(ORT_LIB):
 	ORT_VERSION=$(ORT_VERSION) scripts/fetch-ort.sh
 
-venv: $(VENV)/.ready ## Python tools for the interop fixtures and the README client
+venv: $(VENV)/.ready ## Python tools: the interop fixtures, the README client, kubernetes-validate
 $(VENV)/.ready: scripts/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
@@ -35,7 +35,7 @@ build: ## debug build of every crate
 release: ## release build of the binaries
 	$(CARGO) build --release --workspace --bins
 
-test: setup lint unit interop fuzz python-client ## the whole suite: what CI runs
+test: setup lint unit interop fuzz python-client k8s-validate ## the whole suite: what CI runs
 	@echo "make test: all checks passed"
 
 lint: ## rustfmt and clippy, warnings are errors
@@ -57,6 +57,9 @@ bench: ort ## benchmarks (worker, balancer vs HAProxy) into BENCHMARKS.md, ~10 m
 
 python-client: venv ## the README's Python client against a live cluster
 	scripts/test-python-client.sh
+
+k8s-validate: venv ## deploy/kubernetes against Kubernetes 1.31's schemas (K8S_VERSION), offline; KEDA's ScaledObject too
+	PY=$(PY) scripts/validate-k8s.sh
 
 compose-up: ## image tidepool:local (PROFILE, SIZE) and a balancer with WORKERS workers (3) under docker-compose
 	scripts/docker-image.sh

@@ -1,0 +1,491 @@
+"""Validates deploy/kubernetes offline: every manifest against a pinned Kubernetes
+version's schemas, KEDA's ScaledObject against a schema of its own, and the pieces
+against each other.
+
+  python scripts/validate-k8s.py [DIR]          (make k8s-validate; K8S_VERSION=1.31)
+
+1. Core kinds (Deployment, Service, HPA, ...) are checked by kubernetes-validate with its
+   strict schemas (unknown fields rejected, so a misspelt key fails), for K8S_VERSION.
+2. CRDs are not in those schemas. A ScaledObject (keda.sh/v1alpha1) is checked against
+   SCALED_OBJECT below: the fields KEDA documents, unknown ones rejected, the metrics-api
+   trigger's metadata too; its HPA `behavior` is checked by the core HPA schema. Any other
+   kind without a schema fails: add a schema here before adding one.
+3. Each kustomization (the root one: KEDA; hpa/: the HPA) is resolved to its resources,
+   and within each set: selectors match pod labels; the balancer's --target-dns names a
+   headless Service of the workers with that port; the scaler scales the worker
+   Deployment with the balancer's --min-workers/--max-workers and --target-load, reading
+   a field /scaling has from the balancer's admin Service; probes and grace periods fit
+   the flags.
+4. A self-test: a few broken copies (a misspelt field in each kind of check) must fail,
+   so a check that silently stopped checking is caught too.
+
+With kubectl on the PATH, `kubectl kustomize` also renders each kustomization, and the
+result is validated the same way (without it, that step is skipped with a note).
+"""
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+K8S_VERSION = os.environ.get("K8S_VERSION", "1.31")
+
+# The fields of GET /scaling (balancer/src/autoscale/controller.rs, ScalingStatus and the
+# Decision it flattens) that a scaler can read as a number.
+SCALING_NUMBERS = {
+    "current", "ready", "coming", "leaving", "total_load", "load_per_worker", "desired",
+    "load_now", "target_load", "min_workers", "max_workers",
+}
+
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253}
+
+# keda.sh/v1alpha1 ScaledObject, as https://keda.sh/docs/latest/reference/scaledobject-spec/
+# documents it; `behavior` is left to the core HPA schema (see check_scaled_object).
+SCALED_OBJECT = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "additionalProperties": False,
+            "properties": {
+                "name": _NAME,
+                "namespace": _NAME,
+                "labels": _STRING_MAP,
+                "annotations": _STRING_MAP,
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "name": _NAME,
+                        "envSourceContainerName": {"type": "string"},
+                    },
+                },
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+                "idleReplicaCount": {"type": "integer", "minimum": 0},
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "fallback": {
+                    "type": "object",
+                    "required": ["failureThreshold", "replicas"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "failureThreshold": {"type": "integer", "minimum": 1},
+                        "replicas": {"type": "integer", "minimum": 0},
+                        "behavior": {"type": "string"},
+                    },
+                },
+                "advanced": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "restoreToOriginalReplicaCount": {"type": "boolean"},
+                        "horizontalPodAutoscalerConfig": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": _NAME,
+                                "behavior": {"type": "object"},
+                            },
+                        },
+                        "scalingModifiers": {"type": "object"},
+                    },
+                },
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "metadata"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {"type": "string", "minLength": 1},
+                            "name": {"type": "string"},
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            "useCachedMetrics": {"type": "boolean"},
+                            "metadata": _STRING_MAP,
+                            "authenticationRef": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": {"type": "string"}, "kind": {"type": "string"}},
+                            },
+                        },
+                        # The trigger this pool uses, checked field by field.
+                        "if": {"properties": {"type": {"const": "metrics-api"}}},
+                        "then": {"properties": {"metadata": {
+                            "type": "object",
+                            "required": ["url", "valueLocation", "targetValue"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "url": {"type": "string", "pattern": r"^https?://[^/\s]+(/\S*)?$"},
+                                "format": {"enum": ["json", "xml", "yaml", "prometheus"]},
+                                "valueLocation": {"type": "string", "minLength": 1},
+                                "targetValue": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                "activationTargetValue": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                "authMode": {"type": "string"},
+                                "method": {"enum": ["GET", "POST"]},
+                                "unsafeSsl": {"enum": ["true", "false"]},
+                                "aggregateFromKubeServiceEndpoints": {"enum": ["true", "false"]},
+                                "aggregationType": {"enum": ["average", "sum", "max", "min"]},
+                            },
+                        }}},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def load_docs(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def where(doc):
+    meta = doc.get("metadata") or {}
+    return f"{doc.get('kind')}/{meta.get('name')}"
+
+
+def check_scaled_object(doc, errors, origin):
+    validator = jsonschema.Draft202012Validator(SCALED_OBJECT)
+    for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.path)):
+        path = ".".join(str(p) for p in e.path)
+        errors.append(f"{origin}: {where(doc)}: {path}: {e.message}")
+    behavior = (((doc.get("spec") or {}).get("advanced") or {})
+                .get("horizontalPodAutoscalerConfig") or {}).get("behavior")
+    if isinstance(behavior, dict):
+        hpa = {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "behavior-check"},
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "x"},
+                "maxReplicas": 1,
+                "behavior": behavior,
+            },
+        }
+        check_core(hpa, errors, f"{origin}: {where(doc)}: advanced.horizontalPodAutoscalerConfig")
+
+
+def check_core(doc, errors, origin):
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        path = ".".join(str(p) for p in e.path)
+        errors.append(f"{origin}: {where(doc)}: {path}: {e.message}")
+    except kubernetes_validate.SchemaNotFoundError:
+        errors.append(f"{origin}: {where(doc)}: no schema for {doc.get('apiVersion')} "
+                      f"{doc.get('kind')} in Kubernetes {K8S_VERSION} (a CRD? add a schema "
+                      "to scripts/validate-k8s.py)")
+
+
+def check_doc(doc, errors, origin):
+    if not isinstance(doc, dict) or "kind" not in doc or "apiVersion" not in doc:
+        errors.append(f"{origin}: not a Kubernetes object (no kind or apiVersion)")
+        return
+    if doc["kind"] == "ScaledObject":
+        check_scaled_object(doc, errors, origin)
+    else:
+        check_core(doc, errors, origin)
+
+
+def resolve(kdir, errors, seen=None):
+    """The resources of the kustomization in `kdir`, as (file, doc) pairs."""
+    seen = set() if seen is None else seen
+    kfile = kdir / "kustomization.yaml"
+    if not kfile.exists():
+        errors.append(f"{kdir}: no kustomization.yaml")
+        return []
+    [k] = load_docs(kfile)
+    allowed = {"apiVersion", "kind", "namespace", "resources", "images", "labels",
+               "commonLabels", "patches", "configMapGenerator"}
+    for key in set(k) - allowed:
+        errors.append(f"{kfile}: unexpected field {key!r}")
+    if k.get("kind") != "Kustomization":
+        errors.append(f"{kfile}: kind is not Kustomization")
+    out = []
+    for res in k.get("resources") or []:
+        path = (kdir / res).resolve()
+        if path.is_dir():
+            out.extend(resolve(path, errors, seen))
+        elif path.is_file():
+            seen.add(path)
+            out.extend((path, d) for d in load_docs(path))
+        else:
+            errors.append(f"{kfile}: resource {res} does not exist")
+    if "namespace" in k:
+        for _, d in out:
+            d.setdefault("metadata", {})["namespace"] = k["namespace"]
+    return out
+
+
+def flag(container, name):
+    """The value of `--name=V` (or `--name V`) in a container's command and args."""
+    words = (container.get("command") or []) + (container.get("args") or [])
+    for i, w in enumerate(words):
+        if w.startswith(f"--{name}="):
+            return w.split("=", 1)[1]
+        if w == f"--{name}" and i + 1 < len(words):
+            return words[i + 1]
+    return None
+
+
+def port_of(addr):
+    return int(addr.rsplit(":", 1)[1])
+
+
+def check_set(name, docs, errors):
+    """Cross-checks one kustomization's resources."""
+    def find(kind):
+        return [d for d in docs if d.get("kind") == kind]
+
+    def ns(d):
+        return (d.get("metadata") or {}).get("namespace", "default")
+
+    deployments = {d["metadata"]["name"]: d for d in find("Deployment")}
+    services = {d["metadata"]["name"]: d for d in find("Service")}
+    bad = lambda msg: errors.append(f"{name}: {msg}")  # noqa: E731
+
+    for dname, d in deployments.items():
+        labels = d["spec"]["template"]["metadata"].get("labels") or {}
+        for k, v in (d["spec"]["selector"].get("matchLabels") or {}).items():
+            if labels.get(k) != v:
+                bad(f"Deployment/{dname}: selector {k}={v} does not match the pod labels {labels}")
+    for sname, s in services.items():
+        sel = s["spec"].get("selector") or {}
+        if not any(all((d["spec"]["template"]["metadata"].get("labels") or {}).get(k) == v
+                       for k, v in sel.items()) for d in deployments.values()):
+            bad(f"Service/{sname}: selector {sel} matches no Deployment's pods")
+
+    balancer = deployments.get("tidepool-balancer")
+    worker = deployments.get("tidepool-worker")
+    if not balancer or not worker:
+        bad("needs Deployments tidepool-balancer and tidepool-worker")
+        return
+    bc = balancer["spec"]["template"]["spec"]["containers"][0]
+    wc = worker["spec"]["template"]["spec"]["containers"][0]
+
+    # The balancer finds the workers through a headless Service, on their --listen port.
+    dns = flag(bc, "target-dns")
+    m = re.fullmatch(r"([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", dns or "")
+    if not m:
+        bad(f"balancer --target-dns {dns!r} is not SERVICE.NAMESPACE.svc.cluster.local:PORT")
+    else:
+        svc = services.get(m[1])
+        if svc is None or ns(svc) != m[2]:
+            bad(f"balancer --target-dns names Service {m[1]} in namespace {m[2]}: not here")
+        else:
+            if svc["spec"].get("clusterIP") != "None":
+                bad(f"Service/{m[1]} must be headless (clusterIP: None) for --target-dns")
+            if int(m[3]) not in [p["port"] for p in svc["spec"]["ports"]]:
+                bad(f"Service/{m[1]} has no port {m[3]}")
+            if int(m[3]) != port_of(flag(wc, "listen")):
+                bad(f"--target-dns port {m[3]} is not the worker's --listen port")
+    listen = port_of(flag(wc, "listen"))
+    for probe in ("startupProbe", "readinessProbe"):
+        cmd = ((wc.get(probe) or {}).get("exec") or {}).get("command") or []
+        if cmd[:2] != ["tidepool-probe", "ping"] or port_of(cmd[2]) != listen:
+            bad(f"worker {probe} must be `tidepool-probe ping 127.0.0.1:{listen}`, not {cmd}")
+    grace = worker["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    pre_stop = (((wc.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
+    drain = flag(wc, "drain-timeout") or "30s"
+    drain_s = int(re.fullmatch(r"(\d+)s", drain)[1])
+    if grace <= pre_stop + drain_s:
+        bad(f"worker terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop}s "
+            f"+ --drain-timeout {drain}")
+
+    # The scaler: the worker Deployment, the balancer's bounds and target.
+    target_load = float(flag(bc, "target-load") or 32)
+    bounds = (int(flag(bc, "min-workers") or 1), int(flag(bc, "max-workers") or 8))
+    scalers = find("ScaledObject") + find("HorizontalPodAutoscaler")
+    if len(scalers) != 1:
+        bad(f"exactly one scaler (ScaledObject or HPA) per set, found {len(scalers)}")
+    for s in scalers:
+        spec = s["spec"]
+        ref = spec.get("scaleTargetRef") or {}
+        if ref.get("name") != "tidepool-worker" or ns(s) != ns(worker):
+            bad(f"{where(s)} scales {ref.get('name')!r}, not the worker Deployment")
+        if s["kind"] == "ScaledObject":
+            got = (spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100))
+            for t in spec.get("triggers") or []:
+                meta = t.get("metadata") or {}
+                if t.get("type") != "metrics-api":
+                    continue
+                if t.get("metricType", "AverageValue") != "AverageValue":
+                    bad(f"{where(s)}: metricType must be AverageValue (replicas = value / targetValue)")
+                if meta.get("valueLocation") not in SCALING_NUMBERS:
+                    bad(f"{where(s)}: valueLocation {meta.get('valueLocation')!r} is not a number "
+                        f"field of /scaling {sorted(SCALING_NUMBERS)}")
+                if meta.get("valueLocation") in ("total_load", "load_now") and \
+                        float(meta.get("targetValue", "nan")) != target_load:
+                    bad(f"{where(s)}: targetValue {meta.get('targetValue')} is not the balancer's "
+                        f"--target-load {target_load:g}")
+                u = re.fullmatch(r"http://([a-z0-9-]+)(?:\.([a-z0-9-]+)(?:\.svc\.cluster\.local)?)?:(\d+)/scaling",
+                                 meta.get("url", ""))
+                if not u:
+                    bad(f"{where(s)}: url {meta.get('url')!r} is not http://SERVICE.NAMESPACE"
+                        ".svc.cluster.local:PORT/scaling")
+                    continue
+                svc = services.get(u[1])
+                admin = port_of(flag(bc, "admin"))
+                if svc is None or (u[2] and ns(svc) != u[2]):
+                    bad(f"{where(s)}: url names Service {u[1]}, which is not here")
+                elif not any(p["port"] == int(u[3]) and p.get("targetPort") in (admin, "admin")
+                             for p in svc["spec"]["ports"]):
+                    bad(f"{where(s)}: Service/{u[1]} port {u[3]} does not lead to the admin port {admin}")
+        else:
+            got = (spec.get("minReplicas", 1), spec.get("maxReplicas"))
+            for metric in spec.get("metrics") or []:
+                ext = metric.get("external") or {}
+                name_ = (ext.get("metric") or {}).get("name")
+                if name_ not in ("tidepool_load_total", "tidepool_desired_workers"):
+                    bad(f"{where(s)}: metric {name_!r} is not a balancer gauge the adapter serves")
+                if name_ == "tidepool_load_total" and \
+                        float((ext.get("target") or {}).get("averageValue", "nan")) != target_load:
+                    bad(f"{where(s)}: averageValue is not the balancer's --target-load {target_load:g}")
+        if got != bounds:
+            bad(f"{where(s)}: replicas {got} differ from the balancer's --min/--max-workers {bounds}")
+
+
+def validate_dir(root):
+    errors = []
+    files = sorted(p for p in root.rglob("*.y*ml") if p.name != "kustomization.yaml")
+    for path in files:
+        for doc in load_docs(path):
+            check_doc(doc, errors, path.relative_to(root))
+    sets = {}
+    reached = set()
+    for kfile in sorted(root.rglob("kustomization.yaml")):
+        kdir = kfile.parent
+        # The top-level sets: a kustomization with a scaler; `base` is part of both.
+        resources = resolve(kdir, errors, reached)
+        if any(d.get("kind") in ("ScaledObject", "HorizontalPodAutoscaler") for _, d in resources):
+            sets[str(kdir.relative_to(root)) or "."] = [d for _, d in resources]
+    for path in files:
+        if path.resolve() not in reached:
+            errors.append(f"{path.relative_to(root)}: in no kustomization")
+    if not sets:
+        errors.append("no kustomization with a scaler")
+    for name, docs in sets.items():
+        check_set(name, docs, errors)
+    return errors, files, sets
+
+
+def rendered(root, sets):
+    """`kubectl kustomize` of each set, validated like the files; None without kubectl."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        return None
+    errors = []
+    for name in sets:
+        out = subprocess.run([kubectl, "kustomize", str(root / name)], capture_output=True,
+                             text=True, timeout=60)
+        if out.returncode != 0:
+            errors.append(f"kubectl kustomize {name}: {out.stderr.strip()}")
+            continue
+        docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+        for doc in docs:
+            check_doc(doc, errors, f"kustomize {name}")
+        check_set(f"kustomize {name}", docs, errors)
+    return errors
+
+
+def self_test(sets):
+    """Broken copies that must fail; returns the mutations that passed anyway."""
+    def mutate(kind, change):
+        for name, docs in sets.items():
+            for i, d in enumerate(docs):
+                if d.get("kind") == kind:
+                    broken = copy.deepcopy(docs)
+                    change(broken[i])
+                    errors = []
+                    for doc in broken:
+                        check_doc(doc, errors, "self-test")
+                    check_set("self-test", broken, errors)
+                    return bool(errors)
+        return True  # that kind is not here: nothing to break
+
+    def rename(obj, old, new):
+        obj[new] = obj.pop(old)
+
+    wc = lambda d: d["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
+    cases = {
+        "Deployment field misspelt (image -> imagee)":
+            ("Deployment", lambda d: rename(wc(d), "image", "imagee")),
+        "Service port as a string":
+            ("Service", lambda d: d["spec"]["ports"][0].update(port="7000")),
+        "ScaledObject trigger key misspelt (valueLocation -> valueLocaton)":
+            ("ScaledObject", lambda d: rename(d["spec"]["triggers"][0]["metadata"],
+                                              "valueLocation", "valueLocaton")),
+        "ScaledObject spec key misspelt (maxReplicaCount -> maxReplicas)":
+            ("ScaledObject", lambda d: rename(d["spec"], "maxReplicaCount", "maxReplicas")),
+        "ScaledObject behavior misspelt (scaleDown -> scaledown)":
+            ("ScaledObject", lambda d: rename(
+                d["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"],
+                "scaleDown", "scaledown")),
+        "ScaledObject scales another Deployment":
+            ("ScaledObject", lambda d: d["spec"]["scaleTargetRef"].update(name="tidepool-workers")),
+        "ScaledObject reads a field /scaling lacks":
+            ("ScaledObject", lambda d: d["spec"]["triggers"][0]["metadata"].update(
+                valueLocation="total")),
+        "HPA target misspelt (averageValue -> averagevalue)":
+            ("HorizontalPodAutoscaler", lambda d: rename(
+                d["spec"]["metrics"][0]["external"]["target"], "averageValue", "averagevalue")),
+        "an unknown kind":
+            ("Namespace", lambda d: d.update(apiVersion="example.com/v1", kind="Thing")),
+    }
+    return [what for what, (kind, change) in cases.items() if not mutate(kind, change)]
+
+
+def main():
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "deploy/kubernetes")
+    errors, files, sets = validate_dir(root)
+    for e in errors:
+        print(f"ERROR {e}")
+    print(f"{len(files)} manifest files against Kubernetes {K8S_VERSION} "
+          f"(kubernetes-validate {kubernetes_validate.__version__}, strict); "
+          f"sets: {', '.join(sorted(sets))}")
+    kustomized = rendered(root, sets)
+    if kustomized is None:
+        print("kubectl not found: `kubectl kustomize` rendering not checked")
+    else:
+        for e in kustomized:
+            print(f"ERROR {e}")
+        print(f"kubectl kustomize: {len(sets)} sets rendered and validated")
+        errors += kustomized
+    missed = self_test(sets)
+    for what in missed:
+        print(f"ERROR self-test: a broken copy passed: {what}")
+    if errors or missed:
+        return 1
+    print("k8s-validate: all manifests valid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
