@@ -200,6 +200,26 @@ async fn registers_with_a_balancer_that_starts_late_and_deregisters_on_shutdown(
     );
 }
 
+/// `--listen HOST:0` without `--advertise` registers the port actually bound, not `:0`:
+/// replicas that share the host's network (deploy/compose/autoscale.yml) rely on it.
+#[tokio::test]
+async fn registers_the_bound_port_when_listening_on_port_zero() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let admin = StandInAdmin::start_on(StandInAdmin::reserve_port().await).await;
+    let mut config = worker_config(&tiny.write());
+    config.listen = "127.0.0.1:0".into();
+    config.register = Some(admin.url());
+    config.advertise = None;
+    let worker = start_worker(config).await;
+    let bound = worker.local_addr();
+    assert_ne!(bound.port(), 0);
+    let events = admin.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(events, vec![AdminEvent::Register(bound.to_string())]);
+    assert_eq!(worker.advertise(), bound.to_string());
+    worker.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn metrics_are_served_as_prometheus_text() {
     init_tracing();

@@ -8,7 +8,9 @@
 //! - [`ScaleCommand`] (`--scale-cmd`): runs a command with the count, e.g.
 //!   `docker-compose up -d --no-recreate --scale worker={n}`. The orchestrator picks
 //!   which container goes on scale-in; the worker drains on the SIGTERM it gets and
-//!   deregisters itself first, so no request is lost either way.
+//!   deregisters itself first, so no request is lost either way. `deploy/compose/autoscale.yml`
+//!   is the tested setup (tests/tests/compose_autoscale.rs): this balancer on the host,
+//!   workers on the host's network, each on a free port, registering themselves.
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{ExitStatus, Stdio};
