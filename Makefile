@@ -15,7 +15,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
         compose-up compose-down k8s-validate clean-local
 
 help: ## this list
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 setup: ort venv ## fetch ONNX Runtime and the Python tools (idempotent)
 
