@@ -66,6 +66,13 @@ impl Tally {
         );
     }
 
+    /// Asserts that every request sent got exactly one answer, and that it was a result.
+    pub fn assert_all_ok(&self) {
+        self.assert_exactly_once();
+        let outcomes = self.outcomes();
+        assert_eq!(outcomes.get("ok"), Some(&self.sent), "{outcomes:?}");
+    }
+
     /// How many requests ended each way: `"ok"` or the error code.
     pub fn outcomes(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
@@ -108,6 +115,27 @@ pub struct Drive {
     pub deadline: Duration,
     /// How long to wait for the last answers after sending stops.
     pub settle: Duration,
+}
+
+impl Drive {
+    /// `rate` requests/s of one `input_dim`-wide f32 item to `addr` until `stop`, with a
+    /// 20 s deadline and 20 s to settle.
+    pub fn new(addr: SocketAddr, rate: u32, input_dim: usize, stop: CancellationToken) -> Drive {
+        Drive {
+            addr,
+            rate,
+            stop,
+            max_requests: 100_000,
+            input_dim,
+            deadline: Duration::from_secs(20),
+            settle: Duration::from_secs(20),
+        }
+    }
+
+    /// Runs [`drive`] on its own task.
+    pub fn spawn(self) -> tokio::task::JoinHandle<Tally> {
+        tokio::spawn(drive(self))
+    }
 }
 
 /// Sends until stopped, then waits for the answers; every frame received is tallied.

@@ -39,6 +39,31 @@ pub fn free_addr() -> SocketAddr {
         .expect("bind 127.0.0.1:0")
 }
 
+/// `tidepool-balancer` arguments for tests: `listen` and `admin` addresses, health checks
+/// every 200 ms with thresholds of 2, a 10 s deregistration delay and drain timeout.
+pub fn balancer_args(listen: SocketAddr, admin: SocketAddr) -> Vec<String> {
+    [
+        "--listen",
+        &listen.to_string(),
+        "--admin",
+        &admin.to_string(),
+        "--health-interval",
+        "200ms",
+        "--health-timeout",
+        "200ms",
+        "--healthy-threshold",
+        "2",
+        "--unhealthy-threshold",
+        "2",
+        "--deregistration-delay",
+        "10s",
+        "--drain-timeout",
+        "10s",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A child process that is killed on drop.
 pub struct Proc {
     name: String,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tidepool_balancer::AutoscaleConfig;
 use tidepool_tests::balancer::{fast_config, http, inputs, TestBalancer};
-use tidepool_tests::drive::{drive, Drive};
-use tidepool_tests::process::{binary, eventually, free_addr, wait_listening, Proc};
+use tidepool_tests::drive::Drive;
+use tidepool_tests::process::{balancer_args, binary, eventually, free_addr, wait_listening, Proc};
 use tidepool_tests::stand_in::{StandIn, StandInConfig};
 use tidepool_tests::worker::{ort_lib, scratch_dir, TinyModel};
 use tokio_util::sync::CancellationToken;
@@ -141,39 +141,27 @@ async fn process_actuator_scales_out_replaces_and_drains_real_workers() {
         model.display(),
         ort_lib().display()
     );
-    let args: Vec<String> = [
-        "--listen",
-        &listen.to_string(),
-        "--admin",
-        &admin.to_string(),
-        "--health-interval",
-        "200ms",
-        "--health-timeout",
-        "200ms",
-        "--healthy-threshold",
-        "2",
-        "--deregistration-delay",
-        "10s",
-        "--drain-timeout",
-        "10s",
-        "--autoscale",
-        "--worker-cmd",
-        &worker_cmd,
-        "--min-workers",
-        "1",
-        "--max-workers",
-        "3",
-        "--target-load",
-        "4",
-        "--scaling-window",
-        "1s",
-        "--scale-out-delay",
-        "1s",
-        "--scale-in-delay",
-        "3s",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args = balancer_args(listen, admin);
+    args.extend(
+        [
+            "--autoscale",
+            "--worker-cmd",
+            &worker_cmd,
+            "--min-workers",
+            "1",
+            "--max-workers",
+            "3",
+            "--target-load",
+            "4",
+            "--scaling-window",
+            "1s",
+            "--scale-out-delay",
+            "1s",
+            "--scale-in-delay",
+            "3s",
+        ]
+        .map(String::from),
+    );
     let mut balancer = Proc::start("balancer", "tidepool-balancer", &args, &dir);
     wait_listening(admin, &balancer).await;
     let procs = [&balancer];
@@ -189,15 +177,7 @@ async fn process_actuator_scales_out_replaces_and_drains_real_workers() {
 
     // Load well above one worker's target: the pool grows, each request answered once.
     let heavy_stop = CancellationToken::new();
-    let heavy = tokio::spawn(drive(Drive {
-        addr: listen,
-        rate: 500,
-        stop: heavy_stop.clone(),
-        max_requests: 100_000,
-        input_dim: 16,
-        deadline: Duration::from_secs(20),
-        settle: Duration::from_secs(20),
-    }));
+    let heavy = Drive::new(listen, 500, 16, heavy_stop.clone()).spawn();
     eventually(
         Duration::from_secs(40),
         "scale-out to 2+ ready workers",
@@ -207,25 +187,11 @@ async fn process_actuator_scales_out_replaces_and_drains_real_workers() {
     .await;
     heavy_stop.cancel();
     let tally = heavy.await.unwrap();
-    tally.assert_exactly_once();
-    assert_eq!(
-        tally.outcomes().get("ok"),
-        Some(&tally.sent),
-        "{:?}",
-        tally.outcomes()
-    );
+    tally.assert_all_ok();
 
     // Light load while the pool shrinks back: draining workers lose nothing.
     let light_stop = CancellationToken::new();
-    let light = tokio::spawn(drive(Drive {
-        addr: listen,
-        rate: 20,
-        stop: light_stop.clone(),
-        max_requests: 100_000,
-        input_dim: 16,
-        deadline: Duration::from_secs(20),
-        settle: Duration::from_secs(20),
-    }));
+    let light = Drive::new(listen, 20, 16, light_stop.clone()).spawn();
     eventually(
         Duration::from_secs(60),
         "scale-in to 1 worker, drained",
@@ -235,13 +201,7 @@ async fn process_actuator_scales_out_replaces_and_drains_real_workers() {
     .await;
     light_stop.cancel();
     let tally = light.await.unwrap();
-    tally.assert_exactly_once();
-    assert_eq!(
-        tally.outcomes().get("ok"),
-        Some(&tally.sent),
-        "{:?}",
-        tally.outcomes()
-    );
+    tally.assert_all_ok();
 
     // A worker that dies is replaced.
     let survivor = healthy_targets(admin).await;

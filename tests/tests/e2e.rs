@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tidepool_protocol::{Client, Tensor, Tensors};
 use tidepool_tests::balancer::http;
-use tidepool_tests::drive::{drive, Drive, Tally};
-use tidepool_tests::process::{eventually, free_addr, wait_listening, Proc};
+use tidepool_tests::drive::{Drive, Tally};
+use tidepool_tests::process::{balancer_args, eventually, free_addr, wait_listening, Proc};
 use tidepool_tests::worker::{direct_run, ort_lib, scratch_dir, TinyModel};
 use tokio_util::sync::CancellationToken;
 
@@ -41,25 +41,7 @@ impl Cluster {
         }
         .write();
         let (listen, admin) = (free_addr(), free_addr());
-        let args = [
-            "--listen",
-            &listen.to_string(),
-            "--admin",
-            &admin.to_string(),
-            "--health-interval",
-            "200ms",
-            "--health-timeout",
-            "200ms",
-            "--healthy-threshold",
-            "2",
-            "--unhealthy-threshold",
-            "2",
-            "--deregistration-delay",
-            "10s",
-            "--drain-timeout",
-            "5s",
-        ]
-        .map(String::from);
+        let args = balancer_args(listen, admin);
         let balancer = Proc::start("balancer", "tidepool-balancer", &args, &dir);
         Cluster {
             dir,
@@ -137,15 +119,18 @@ impl Cluster {
     }
 
     fn load(&self, rate: u32, stop: CancellationToken) -> tokio::task::JoinHandle<Tally> {
-        tokio::spawn(drive(Drive {
-            addr: self.listen,
-            rate,
-            stop,
-            max_requests: 100_000,
-            input_dim: INPUT_DIM,
-            deadline: Duration::from_secs(20),
-            settle: Duration::from_secs(30),
-        }))
+        Drive::new(self.listen, rate, INPUT_DIM, stop).spawn()
+    }
+
+    /// Two workers, both healthy.
+    async fn two_workers(&self, max_delay: &str) -> (WorkerProc, WorkerProc) {
+        let a = self.worker("worker-a", max_delay);
+        let b = self.worker("worker-b", max_delay);
+        self.wait_state(a.addr, "healthy", &[&a.proc, &b.proc])
+            .await;
+        self.wait_state(b.addr, "healthy", &[&a.proc, &b.proc])
+            .await;
+        (a, b)
     }
 }
 
@@ -176,14 +161,7 @@ fn assert_close(got: &[f32], want: &[f32]) {
 #[tokio::test]
 async fn answers_through_balancer_and_two_workers_match_a_direct_run() {
     let cluster = Cluster::start("e2e-direct");
-    let a = cluster.worker("worker-a", "2ms");
-    let b = cluster.worker("worker-b", "2ms");
-    cluster
-        .wait_state(a.addr, "healthy", &[&a.proc, &b.proc])
-        .await;
-    cluster
-        .wait_state(b.addr, "healthy", &[&a.proc, &b.proc])
-        .await;
+    let (_a, _b) = cluster.two_workers("2ms").await;
 
     let client = Client::connect(cluster.listen).await.unwrap();
     let calls = (0..200).map(|i| {
@@ -207,14 +185,7 @@ async fn answers_through_balancer_and_two_workers_match_a_direct_run() {
 #[tokio::test]
 async fn sigterm_on_a_worker_mid_load_loses_nothing() {
     let cluster = Cluster::start("e2e-sigterm");
-    let mut a = cluster.worker("worker-a", "2ms");
-    let b = cluster.worker("worker-b", "2ms");
-    cluster
-        .wait_state(a.addr, "healthy", &[&a.proc, &b.proc])
-        .await;
-    cluster
-        .wait_state(b.addr, "healthy", &[&a.proc, &b.proc])
-        .await;
+    let (mut a, _b) = cluster.two_workers("2ms").await;
 
     let stop = CancellationToken::new();
     let load = cluster.load(300, stop.clone());
@@ -249,14 +220,7 @@ async fn sigterm_on_a_worker_mid_load_loses_nothing() {
 #[tokio::test]
 async fn sigkill_on_a_worker_mid_load_answers_every_request_once() {
     let cluster = Cluster::start("e2e-sigkill");
-    let a = cluster.worker("worker-a", "5ms");
-    let b = cluster.worker("worker-b", "5ms");
-    cluster
-        .wait_state(a.addr, "healthy", &[&a.proc, &b.proc])
-        .await;
-    cluster
-        .wait_state(b.addr, "healthy", &[&a.proc, &b.proc])
-        .await;
+    let (a, b) = cluster.two_workers("5ms").await;
 
     let stop = CancellationToken::new();
     let load = cluster.load(300, stop.clone());
