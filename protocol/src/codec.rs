@@ -1,6 +1,6 @@
 //! Framing: a 4-byte big-endian length, then that many bytes of MessagePack.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::Error;
@@ -49,6 +49,49 @@ impl Decoder for MessageCodec {
     type Error = Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, Error> {
+        Ok(FrameCodec::new(self.max_frame)
+            .decode(src)?
+            .map(|body| Message::decode(&body)))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, Error> {
+        Ok(FrameCodec::new(self.max_frame)
+            .decode_eof(src)?
+            .map(|body| Message::decode(&body)))
+    }
+}
+
+/// The framing alone: yields each frame's body (a slice of the read buffer, without its
+/// length prefix) undecoded, with the same framing errors as [`MessageCodec`]. For a proxy
+/// that reads bodies with [`raw::decode_body`](crate::raw::decode_body).
+#[derive(Clone, Copy, Debug)]
+pub struct FrameCodec {
+    max_frame: usize,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec::new(DEFAULT_MAX_FRAME)
+    }
+}
+
+impl FrameCodec {
+    /// A codec that refuses frames longer than `max_frame` bytes (prefix excluded).
+    pub fn new(max_frame: usize) -> Self {
+        FrameCodec { max_frame }
+    }
+
+    /// The maximum frame length.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Bytes;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, Error> {
         if src.len() < PREFIX {
             return Ok(None);
         }
@@ -68,11 +111,10 @@ impl Decoder for MessageCodec {
             return Ok(None);
         }
         src.advance(PREFIX);
-        let body = src.split_to(len).freeze();
-        Ok(Some(Message::decode(&body)))
+        Ok(Some(src.split_to(len).freeze()))
     }
 
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, Error> {
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, Error> {
         match self.decode(src)? {
             Some(frame) => Ok(Some(frame)),
             None if src.is_empty() => Ok(None),
@@ -130,11 +172,10 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::message::{ErrorCode, ErrorReply, Infer, InferResult, Tensors};
     use crate::tensor::{DType, Tensor};
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     fn frame(body: &[u8]) -> BytesMut {
@@ -256,7 +297,7 @@ mod tests {
         proptest::collection::btree_map("[a-z_]{1,8}", arb_tensor(), 0..3)
     }
 
-    fn arb_message() -> impl Strategy<Value = Message> {
+    pub(crate) fn arb_message() -> impl Strategy<Value = Message> {
         let code = (0usize..ErrorCode::ALL.len()).prop_map(|i| ErrorCode::ALL[i]);
         prop_oneof![
             (

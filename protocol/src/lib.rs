@@ -18,6 +18,9 @@
 //! - [`tensor`]: [`Tensor`] and [`DType`]; tensors hold [`bytes::Bytes`] cut from the
 //!   read buffer, so forwarding one never copies its elements.
 //! - [`codec`]: [`MessageCodec`], the tokio-util `Decoder`/`Encoder` for frames.
+//! - [`raw`]: [`RawMessage`], `infer` and `result` bodies forwarded without decoding
+//!   their tensors: the id (and a balancer's `deadline_ms` and `client`) rewritten by
+//!   splicing byte ranges; [`FrameCodec`] yields the undecoded bodies.
 //! - [`client`]: [`Client`], pipelined calls over one connection with deadlines and
 //!   cancel-on-drop, and [`Pool`], a few connections used least-busy first.
 //! - [`error`]: [`Error`], the crate's one error type.
@@ -28,12 +31,14 @@ pub mod client;
 pub mod codec;
 pub mod error;
 pub mod message;
+pub mod raw;
 pub mod tensor;
 
 pub use client::{CallOptions, Client, ClientOptions, Pool};
-pub use codec::{encode_frame, Inbound, MessageCodec, DEFAULT_MAX_FRAME};
+pub use codec::{encode_frame, FrameCodec, Inbound, MessageCodec, DEFAULT_MAX_FRAME};
 pub use error::Error;
 pub use message::{
     ErrorCode, ErrorReply, Infer, InferResult, Message, RequestId, Tensors, CONNECTION_ID,
 };
+pub use raw::{Frame, RawKind, RawMessage, Rewrite};
 pub use tensor::{DType, Element, Tensor};

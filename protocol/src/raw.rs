@@ -1,0 +1,801 @@
+//! Forwarding frames without decoding them: [`RawMessage`] scans an `infer` or `result`
+//! body for its top-level keys and writes it again with a new `id` (and, for a balancer, a
+//! new `deadline_ms` and `client`) by splicing byte ranges, never decoding a tensor.
+//!
+//! A proxy reads each frame body with [`decode_body`]: the common case comes back as
+//! [`Frame::Raw`], anything else as a fully decoded [`Frame::Message`] (or the error the
+//! full decoder gives). The scan is *conservative*: it accepts a body only when
+//! [`Message::decode`] would accept it too, with the same content: every tensor is checked
+//! (`dtype` known, `shape` unsigned, `data` a `bin` of exactly `product(shape) × size(dtype)`
+//! bytes), every known field has its type, no known key appears twice, and the map ends
+//! exactly at the end of the body. Whatever it does not recognise as plainly valid (an
+//! unusual encoding, a broken message) goes to the full decoder, whose answer, error
+//! messages included, is the reference.
+//!
+//! Splicing keeps every other key and value byte for byte, in the sender's order,
+//! unknown keys included: a balancer passes on fields that a later protocol version adds.
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::Error;
+use crate::message::{Message, RequestId};
+use crate::tensor::DType;
+
+/// The kinds of message a [`RawMessage`] holds: the two that carry tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawKind {
+    /// An `infer` request.
+    Infer,
+    /// A `result` answer.
+    Result,
+}
+
+/// A frame body as read: either scanned for splicing, or decoded in full.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    /// An `infer` or `result` that can be forwarded without decoding its tensors.
+    Raw(RawMessage),
+    /// Any other message, decoded.
+    Message(Message),
+}
+
+/// Reads one frame body (without its length prefix): a [`Frame::Raw`] when the scan
+/// accepts it, else the full decoder's message or error.
+pub fn decode_body(body: Bytes) -> Result<Frame, Error> {
+    match RawMessage::scan(body.clone()) {
+        Some(raw) => Ok(Frame::Raw(raw)),
+        None => Message::decode(&body).map(Frame::Message),
+    }
+}
+
+/// What to change when writing a [`RawMessage`] again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rewrite<'a> {
+    /// The id to write in place of the message's own.
+    pub id: RequestId,
+    /// When `Some`, the `deadline_ms` to write (added if absent); `None` keeps the
+    /// message's own, if any.
+    pub deadline_ms: Option<u64>,
+    /// When `Some`, the `client` to write, replacing any the message had; `None` keeps the
+    /// message's own, if any.
+    pub client: Option<&'a str>,
+}
+
+/// An `infer` or `result` body whose top-level keys were located, valid as far as
+/// [`Message::decode`] is concerned.
+///
+/// Invariant: `Message::decode(body)` succeeds and gives a message of `kind` with `id` and
+/// `deadline_ms` as held here. Ranges are byte offsets into `body`, each one whole map
+/// entry (key and value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawMessage {
+    body: Bytes,
+    kind: RawKind,
+    id: RequestId,
+    deadline_ms: Option<u64>,
+    /// Top-level entries.
+    entries: u32,
+    id_entry: Range<usize>,
+    deadline_entry: Option<Range<usize>>,
+    client_entry: Option<Range<usize>>,
+    /// Where the first entry starts (after the map header).
+    first_entry: usize,
+}
+
+impl RawMessage {
+    /// Scans a body; `None` when it is not an `infer` or `result` that the scan can vouch
+    /// for (decode such a body with [`Message::decode`]).
+    pub fn scan(body: Bytes) -> Option<RawMessage> {
+        let s = scan(&body)?;
+        Some(RawMessage {
+            body,
+            kind: s.kind,
+            id: s.id,
+            deadline_ms: s.deadline_ms,
+            entries: s.entries,
+            id_entry: s.id_entry,
+            deadline_entry: s.deadline_entry,
+            client_entry: s.client_entry,
+            first_entry: s.first_entry,
+        })
+    }
+
+    /// `infer` or `result`.
+    pub fn kind(&self) -> RawKind {
+        self.kind
+    }
+
+    /// The message's id.
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The `deadline_ms` field (absent or nil: `None`).
+    pub fn deadline_ms(&self) -> Option<u64> {
+        self.deadline_ms
+    }
+
+    /// The body as received.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Decodes the body in full (tensor data stays a slice of it).
+    pub fn to_message(&self) -> Message {
+        Message::decode(&self.body).expect("a scanned body decodes (RawMessage invariant)")
+    }
+
+    /// Appends the message as one frame (length prefix included) to `dst`, changed as
+    /// `rewrite` says. Refuses, leaving `dst` as it was, when the new body would be longer
+    /// than `max_frame`.
+    pub fn write_frame(
+        &self,
+        rewrite: &Rewrite<'_>,
+        dst: &mut BytesMut,
+        max_frame: usize,
+    ) -> Result<(), Error> {
+        // The entries to leave out or replace, in body order.
+        let mut cut: [Option<Range<usize>>; 3] = [
+            Some(self.id_entry.clone()),
+            rewrite.deadline_ms.and(self.deadline_entry.clone()),
+            rewrite.client.and(self.client_entry.clone()),
+        ];
+        cut.sort_by_key(|r| r.as_ref().map_or(usize::MAX, |r| r.start));
+
+        let mut entries = self.entries;
+        let added_deadline = rewrite.deadline_ms.is_some() && self.deadline_entry.is_none();
+        let added_client = rewrite.client.is_some() && self.client_entry.is_none();
+        entries += u32::from(added_deadline) + u32::from(added_client);
+
+        let start = dst.len();
+        dst.put_u32(0);
+        // Writing to a BytesMut cannot fail.
+        let _ = rmp::encode::write_map_len(&mut (&mut *dst).writer(), entries);
+        let mut at = self.first_entry;
+        for range in cut.iter().flatten() {
+            dst.extend_from_slice(&self.body[at..range.start]);
+            if *range == self.id_entry {
+                put_uint_entry(dst, "id", rewrite.id);
+            } else if Some(range) == self.deadline_entry.as_ref() {
+                if let Some(deadline) = rewrite.deadline_ms {
+                    put_uint_entry(dst, "deadline_ms", deadline);
+                }
+            } else if let Some(client) = rewrite.client {
+                put_str_entry(dst, "client", client);
+            }
+            at = range.end;
+        }
+        dst.extend_from_slice(&self.body[at..]);
+        if let (true, Some(deadline)) = (added_deadline, rewrite.deadline_ms) {
+            put_uint_entry(dst, "deadline_ms", deadline);
+        }
+        if let (true, Some(client)) = (added_client, rewrite.client) {
+            put_str_entry(dst, "client", client);
+        }
+        let len = dst.len() - start - 4;
+        if len > max_frame {
+            dst.truncate(start);
+            return Err(Error::FrameTooLarge {
+                len,
+                max: max_frame,
+            });
+        }
+        dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+fn put_uint_entry(dst: &mut BytesMut, key: &str, value: u64) {
+    let mut w = dst.writer();
+    let _ = rmp::encode::write_str(&mut w, key);
+    let _ = rmp::encode::write_uint(&mut w, value);
+}
+
+fn put_str_entry(dst: &mut BytesMut, key: &str, value: &str) {
+    let mut w = dst.writer();
+    let _ = rmp::encode::write_str(&mut w, key);
+    let _ = rmp::encode::write_str(&mut w, value);
+}
+
+/// What [`scan`] found.
+struct Scanned {
+    kind: RawKind,
+    id: RequestId,
+    deadline_ms: Option<u64>,
+    entries: u32,
+    id_entry: Range<usize>,
+    deadline_entry: Option<Range<usize>>,
+    client_entry: Option<Range<usize>>,
+    first_entry: usize,
+}
+
+/// The top-level keys the full decoder knows, each allowed once.
+const KNOWN: [&str; 13] = [
+    "type",
+    "id",
+    "inputs",
+    "deadline_ms",
+    "client",
+    "outputs",
+    "queue_us",
+    "infer_us",
+    "batch_size",
+    "worker",
+    "code",
+    "message",
+    "retry_after_ms",
+];
+
+fn scan(body: &[u8]) -> Option<Scanned> {
+    let mut c = Cursor { buf: body, pos: 0 };
+    let entries = c.map_len()?;
+    let first_entry = c.pos;
+    let mut seen = [false; KNOWN.len()];
+    let mut kind = None;
+    let mut id = None;
+    let mut has_tensors = [false; 2];
+    let mut deadline_ms = None;
+    let mut deadline_entry = None;
+    let mut client_entry = None;
+    for _ in 0..entries {
+        let entry_start = c.pos;
+        let key = c.str()?;
+        let Some(k) = KNOWN.iter().position(|known| *known == key) else {
+            c.skip()?;
+            continue;
+        };
+        if std::mem::replace(&mut seen[k], true) {
+            return None; // the full decoder refuses a duplicate field
+        }
+        match key {
+            "type" => {
+                kind = Some(match c.str()? {
+                    "infer" => RawKind::Infer,
+                    "result" => RawKind::Result,
+                    _ => return None,
+                });
+            }
+            "id" => {
+                id = Some((c.uint()?, entry_start..0));
+            }
+            "inputs" => {
+                tensors(&mut c)?;
+                has_tensors[0] = true;
+            }
+            "outputs" => {
+                tensors(&mut c)?;
+                has_tensors[1] = true;
+            }
+            "deadline_ms" => {
+                deadline_ms = c.opt(Cursor::uint)?;
+                deadline_entry = Some(entry_start..0);
+            }
+            "client" => {
+                c.opt(Cursor::str)?;
+                client_entry = Some(entry_start..0);
+            }
+            "batch_size" => {
+                if c.opt(Cursor::uint)?
+                    .is_some_and(|n| n > u64::from(u32::MAX))
+                {
+                    return None;
+                }
+            }
+            "queue_us" | "infer_us" | "retry_after_ms" => {
+                c.opt(Cursor::uint)?;
+            }
+            _ => {
+                // worker, code, message: strings.
+                c.opt(Cursor::str)?;
+            }
+        }
+        // Close the range of the entry just read.
+        let end = c.pos;
+        for range in [
+            id.as_mut().map(|(_, r)| r),
+            deadline_entry.as_mut(),
+            client_entry.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if range.start == entry_start {
+                range.end = end;
+            }
+        }
+    }
+    if c.pos != body.len() {
+        return None;
+    }
+    let kind = kind?;
+    let (id, id_entry) = id?;
+    let required = match kind {
+        RawKind::Infer => has_tensors[0],
+        RawKind::Result => has_tensors[1],
+    };
+    if !required {
+        return None;
+    }
+    Some(Scanned {
+        kind,
+        id,
+        deadline_ms,
+        entries: u32::try_from(entries).ok()?,
+        id_entry,
+        deadline_entry,
+        client_entry,
+        first_entry,
+    })
+}
+
+/// A map of name → tensor, each checked as the full decoder does.
+fn tensors(c: &mut Cursor<'_>) -> Option<()> {
+    for _ in 0..c.map_len()? {
+        c.str()?;
+        tensor(c)?;
+    }
+    Some(())
+}
+
+fn tensor(c: &mut Cursor<'_>) -> Option<()> {
+    let mut dtype: Option<DType> = None;
+    // Where the shape array starts: read again once the dtype is known, so the product
+    // folds from the element size as the full decoder's does (same overflow, same answer).
+    let mut shape_at: Option<usize> = None;
+    let mut data: Option<usize> = None;
+    for _ in 0..c.map_len()? {
+        match c.str()? {
+            "dtype" if dtype.is_none() => dtype = Some(c.str()?.parse().ok()?),
+            "shape" if shape_at.is_none() => {
+                shape_at = Some(c.pos);
+                for _ in 0..c.array_len()? {
+                    c.uint()?;
+                }
+            }
+            "data" if data.is_none() => data = Some(c.bin()?.len()),
+            "dtype" | "shape" | "data" => return None,
+            _ => c.skip()?,
+        }
+    }
+    let dtype = dtype?;
+    let mut shape = Cursor {
+        buf: c.buf,
+        pos: shape_at?,
+    };
+    let mut expected = Some(dtype.size());
+    for _ in 0..shape.array_len()? {
+        let dim = usize::try_from(shape.uint()?).unwrap_or(usize::MAX);
+        expected = expected.and_then(|e| e.checked_mul(dim));
+    }
+    (expected == Some(data?)).then_some(())
+}
+
+/// A read position in a body. Every method returns `None` on anything it does not
+/// accept, truncation included.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let b = *self.buf.get(self.pos)?;
+        self.pos += 1;
+        Some(b)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let slice = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(slice)
+    }
+
+    fn be(&mut self, n: usize) -> Option<u64> {
+        Some(
+            self.take(n)?
+                .iter()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)),
+        )
+    }
+
+    fn map_len(&mut self) -> Option<usize> {
+        match self.byte()? {
+            b @ 0x80..=0x8f => Some(usize::from(b & 0x0f)),
+            0xde => Some(self.be(2)? as usize),
+            0xdf => Some(self.be(4)? as usize),
+            _ => None,
+        }
+    }
+
+    fn array_len(&mut self) -> Option<usize> {
+        match self.byte()? {
+            b @ 0x90..=0x9f => Some(usize::from(b & 0x0f)),
+            0xdc => Some(self.be(2)? as usize),
+            0xdd => Some(self.be(4)? as usize),
+            _ => None,
+        }
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        let len = match self.byte()? {
+            b @ 0xa0..=0xbf => usize::from(b & 0x1f),
+            0xd9 => self.be(1)? as usize,
+            0xda => self.be(2)? as usize,
+            0xdb => self.be(4)? as usize,
+            _ => return None,
+        };
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+
+    fn bin(&mut self) -> Option<&'a [u8]> {
+        let len = match self.byte()? {
+            0xc4 => self.be(1)? as usize,
+            0xc5 => self.be(2)? as usize,
+            0xc6 => self.be(4)? as usize,
+            _ => return None,
+        };
+        self.take(len)
+    }
+
+    fn uint(&mut self) -> Option<u64> {
+        match self.byte()? {
+            b @ 0x00..=0x7f => Some(u64::from(b)),
+            0xcc => self.be(1),
+            0xcd => self.be(2),
+            0xce => self.be(4),
+            0xcf => self.be(8),
+            _ => None,
+        }
+    }
+
+    /// `nil` as `Some(None)`, else what `read` gives.
+    fn opt<T>(&mut self, read: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
+        if self.buf.get(self.pos) == Some(&0xc0) {
+            self.pos += 1;
+            return Some(None);
+        }
+        read(self).map(Some)
+    }
+
+    /// Steps over one value of any of MessagePack's plain types; `None` on extension
+    /// types, the reserved marker and strings that are not UTF-8.
+    fn skip(&mut self) -> Option<()> {
+        // Values still to step over; arrays and maps add their items. Each value takes at
+        // least one byte, so a lying length runs out of body rather than looping on.
+        let mut left: usize = 1;
+        while left > 0 {
+            left -= 1;
+            let b = self.byte()?;
+            let extra: usize = match b {
+                0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => 0,
+                0x80..=0x8f => {
+                    left = left.checked_add(2 * usize::from(b & 0x0f))?;
+                    0
+                }
+                0x90..=0x9f => {
+                    left = left.checked_add(usize::from(b & 0x0f))?;
+                    0
+                }
+                0xa0..=0xbf | 0xd9..=0xdb => {
+                    self.pos -= 1;
+                    self.str()?;
+                    0
+                }
+                0xc4 => self.be(1)? as usize,
+                0xc5 => self.be(2)? as usize,
+                0xc6 => self.be(4)? as usize,
+                0xca => 4,
+                0xcb => 8,
+                0xcc | 0xd0 => 1,
+                0xcd | 0xd1 => 2,
+                0xce | 0xd2 => 4,
+                0xcf | 0xd3 => 8,
+                0xdc => {
+                    left = left.checked_add(self.be(2)? as usize)?;
+                    0
+                }
+                0xdd => {
+                    left = left.checked_add(self.be(4)? as usize)?;
+                    0
+                }
+                0xde => {
+                    left = left.checked_add(2 * self.be(2)? as usize)?;
+                    0
+                }
+                0xdf => {
+                    left = left.checked_add(2 * self.be(4)? as usize)?;
+                    0
+                }
+                // 0xc1 (never used) and the extension types.
+                _ => return None,
+            };
+            self.take(extra)?;
+        }
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::tests::arb_message;
+    use crate::message::tests::every_message;
+    use crate::message::{Infer, InferResult};
+    use crate::tensor::Tensor;
+    use bytes::Buf;
+    use proptest::prelude::*;
+    use serde::Serialize;
+
+    fn body(msg: &Message) -> Bytes {
+        Bytes::from(msg.to_msgpack().unwrap())
+    }
+
+    /// What a receiver decodes from a spliced frame: `msg` changed as `rewrite` says.
+    fn expected(msg: &Message, rewrite: &Rewrite<'_>) -> Message {
+        let mut msg = msg.clone();
+        msg.set_id(rewrite.id);
+        if let Message::Infer(infer) = &mut msg {
+            if rewrite.deadline_ms.is_some() {
+                infer.deadline_ms = rewrite.deadline_ms;
+            }
+            if let Some(client) = rewrite.client {
+                infer.client = Some(client.to_owned());
+            }
+        }
+        msg
+    }
+
+    /// Writes the frame, checks its prefix, and decodes its body in full.
+    fn splice(raw: &RawMessage, rewrite: &Rewrite<'_>) -> Message {
+        let mut buf = BytesMut::from(&b"before"[..]);
+        raw.write_frame(rewrite, &mut buf, usize::MAX).unwrap();
+        assert_eq!(&buf[..6], b"before");
+        buf.advance(6);
+        let len = buf.get_u32() as usize;
+        assert_eq!(len, buf.len());
+        Message::decode(&buf.freeze()).unwrap()
+    }
+
+    /// The scan's promise: whatever it accepts, the full decoder accepts with the same
+    /// kind, id and deadline.
+    fn check_conservative(body: &Bytes) {
+        if let Some(raw) = RawMessage::scan(body.clone()) {
+            let msg = Message::decode(body).expect("scan accepted what decode refuses");
+            assert_eq!(msg.id(), raw.id());
+            match (&msg, raw.kind()) {
+                (Message::Infer(infer), RawKind::Infer) => {
+                    assert_eq!(infer.deadline_ms, raw.deadline_ms())
+                }
+                (Message::Result(_), RawKind::Result) => {}
+                (msg, kind) => panic!("scanned as {kind:?}, decoded as {msg:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tensor_messages_scan_and_others_decode() {
+        for msg in every_message() {
+            let frame = decode_body(body(&msg)).unwrap();
+            match (&msg, &frame) {
+                (Message::Infer(_) | Message::Result(_), Frame::Raw(raw)) => {
+                    assert_eq!(raw.to_message(), msg);
+                    assert_eq!(raw.id(), msg.id());
+                }
+                (_, Frame::Message(decoded)) => assert_eq!(decoded, &msg),
+                _ => panic!("{msg:?} read as {frame:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_protocol_example_is_spliced() {
+        // PROTOCOL.md section 5: the infer frame, prefix dropped.
+        let hex = "84a474797065a5696e666572a2696401a6696e7075747381a17883a5647479706\
+                   5a3663332a57368617065920203a464617461c418000000\
+                   3f0000803f0000c03f00000040000020400000404\
+                   0ab646561646c696e655f6d7364";
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let raw = RawMessage::scan(Bytes::from(bytes)).unwrap();
+        assert_eq!(
+            (raw.kind(), raw.id(), raw.deadline_ms()),
+            (RawKind::Infer, 1, Some(100))
+        );
+        let rewrite = Rewrite {
+            id: 1 << 40,
+            deadline_ms: Some(97),
+            client: Some("10.1.2.3:4567"),
+        };
+        assert_eq!(
+            splice(&raw, &rewrite),
+            expected(&raw.to_message(), &rewrite)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_nil_options_pass_through() {
+        #[derive(Serialize)]
+        struct Later<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            id: u64,
+            priority: Vec<Option<u8>>,
+            inputs: std::collections::BTreeMap<&'a str, Tensor>,
+            deadline_ms: Option<u64>,
+            client: Option<&'a str>,
+            trace: std::collections::BTreeMap<&'a str, f64>,
+        }
+        let x = Tensor::from_vec(vec![2], vec![1.5f32, -2.0]).unwrap();
+        let mut out = Vec::new();
+        Later {
+            kind: "infer",
+            id: 300,
+            priority: vec![Some(1), None],
+            inputs: [("x", x.clone())].into(),
+            deadline_ms: None,
+            client: None,
+            trace: [("span", 0.25)].into(),
+        }
+        .serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())
+        .unwrap();
+        let raw = RawMessage::scan(Bytes::from(out)).unwrap();
+        assert_eq!(raw.deadline_ms(), None);
+        let rewrite = Rewrite {
+            id: 5,
+            deadline_ms: Some(10),
+            client: Some("c"),
+        };
+        let spliced = splice(&raw, &rewrite);
+        assert_eq!(
+            spliced,
+            Message::Infer(Infer {
+                id: 5,
+                inputs: [("x".to_owned(), x)].into(),
+                deadline_ms: Some(10),
+                client: Some("c".to_owned()),
+            })
+        );
+        // The unknown keys are still there, unchanged.
+        let mut buf = BytesMut::new();
+        raw.write_frame(&rewrite, &mut buf, usize::MAX).unwrap();
+        let window = |b: &[u8], needle: &[u8]| b.windows(needle.len()).any(|w| w == needle);
+        assert!(window(&buf, b"\xa8priority\x92\x01\xc0"));
+        assert!(window(&buf, b"\xa5trace\x81\xa4span"));
+    }
+
+    #[test]
+    fn what_the_full_decoder_refuses_is_left_to_it() {
+        #[derive(Serialize)]
+        struct T<'a> {
+            dtype: &'a str,
+            shape: Vec<u64>,
+            #[serde(with = "serde_bytes")]
+            data: Vec<u8>,
+        }
+        #[derive(Serialize)]
+        struct I<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            id: u64,
+            inputs: std::collections::BTreeMap<&'a str, T<'a>>,
+        }
+        let encode = |dtype: &'static str, shape: Vec<u64>, data: usize| {
+            let mut out = Vec::new();
+            I {
+                kind: "infer",
+                id: 4,
+                inputs: [(
+                    "x",
+                    T {
+                        dtype,
+                        shape,
+                        data: vec![0; data],
+                    },
+                )]
+                .into(),
+            }
+            .serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())
+            .unwrap();
+            Bytes::from(out)
+        };
+        assert!(RawMessage::scan(encode("f32", vec![3], 12)).is_some());
+        for bad in [
+            encode("f32", vec![3], 11),
+            encode("c64", vec![1], 8),
+            // 8 × 2^62 overflows before the 0 is reached: the full decoder refuses it.
+            encode("f64", vec![1 << 62, 0], 0),
+        ] {
+            assert!(RawMessage::scan(bad.clone()).is_none());
+            assert!(decode_body(bad).is_err());
+        }
+        // A duplicate known key, a trailing byte.
+        let mut dup = body(&every_message()[0]).to_vec();
+        dup[0] += 1;
+        dup.extend_from_slice(b"\xa2id\x01");
+        assert!(RawMessage::scan(Bytes::from(dup.clone())).is_none());
+        assert!(Message::decode(&Bytes::from(dup)).is_err());
+        let mut trailing = body(&every_message()[0]).to_vec();
+        trailing.push(0xc0);
+        assert!(RawMessage::scan(Bytes::from(trailing)).is_none());
+    }
+
+    #[test]
+    fn too_large_once_spliced_is_refused_cleanly() {
+        let msg = Message::Result(InferResult {
+            id: 1,
+            ..InferResult::default()
+        });
+        let raw = RawMessage::scan(body(&msg)).unwrap();
+        let mut buf = BytesMut::from(&b"kept"[..]);
+        let err = raw
+            .write_frame(
+                &Rewrite {
+                    id: u64::MAX,
+                    ..Rewrite::default()
+                },
+                &mut buf,
+                raw.body().len(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, Error::FrameTooLarge { .. }));
+        assert_eq!(&buf[..], b"kept");
+    }
+
+    proptest! {
+        /// Every message reads the same through `decode_body` as through the full decoder,
+        /// and every `infer` or `result` takes the raw path.
+        #[test]
+        fn decode_body_agrees_with_decode(msg in arb_message()) {
+            let b = body(&msg);
+            match decode_body(b).unwrap() {
+                Frame::Raw(raw) => {
+                    prop_assert!(matches!(msg, Message::Infer(_) | Message::Result(_)));
+                    prop_assert_eq!(raw.id(), msg.id());
+                    prop_assert_eq!(raw.to_message(), msg);
+                }
+                Frame::Message(decoded) => {
+                    prop_assert!(!matches!(msg, Message::Infer(_) | Message::Result(_)));
+                    prop_assert_eq!(decoded, msg);
+                }
+            }
+        }
+
+        /// A spliced frame decodes to the original with the rewrite applied.
+        #[test]
+        fn splice_round_trip(msg in arb_message(),
+                             id in any::<u64>(),
+                             deadline_ms in any::<Option<u64>>(),
+                             client in proptest::option::of("[0-9.:]{0,40}")) {
+            let rewrite = Rewrite { id, deadline_ms, client: client.as_deref() };
+            if let Frame::Raw(raw) = decode_body(body(&msg)).unwrap() {
+                prop_assert_eq!(splice(&raw, &rewrite), expected(&msg, &rewrite));
+            }
+        }
+
+        /// Damaged bodies: the scan accepts only what the full decoder accepts.
+        #[test]
+        fn damaged_bodies_are_never_vouched_for(msg in arb_message(),
+                                                flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+                                                cut in any::<prop::sample::Index>()) {
+            let mut b = body(&msg).to_vec();
+            for (at, byte) in flips {
+                let i = at.index(b.len());
+                b[i] = byte;
+            }
+            check_conservative(&Bytes::from(b.clone()));
+            b.truncate(cut.index(b.len() + 1));
+            check_conservative(&Bytes::from(b));
+        }
+
+        /// Arbitrary bytes never panic the scan, nor fool it.
+        #[test]
+        fn garbage_is_never_vouched_for(data in proptest::collection::vec(any::<u8>(), 0..128)) {
+            check_conservative(&Bytes::from(data));
+        }
+    }
+}
