@@ -85,7 +85,7 @@ tar -C "$ROOTFS" --numeric-owner --owner=0 --group=0 -c . | docker import \
   --change 'ENV PATH=/usr/local/bin' \
   --change 'ENV RUST_LOG=info,ort=warn' \
   --change 'ENV NO_COLOR=1' \
-  --change 'ENV TIDEPOOL_MODEL=/models/model.onnx' \
+  --change 'ENV TIDEPOOL_WORKER_MODEL=/models/model.onnx' \
   --change "LABEL tidepool.inputs=$INPUTS" \
   --change 'USER 65534' \
   --change 'ENTRYPOINT []' \

@@ -24,7 +24,7 @@ use tidepool_tests::compose::{
     build_image, compose_program, docker, report, workspace_root, Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive, Tally};
-use tidepool_tests::process::{free_addr, wait_listening, Proc};
+use tidepool_tests::process::{balancer_args, free_addr, wait_listening, Proc};
 use tidepool_tests::worker::scratch_dir;
 use tokio_util::sync::CancellationToken;
 
@@ -72,39 +72,27 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     // Declared before the balancer, so dropped after it: the balancer stops scaling first.
     let cluster = Down(compose.clone());
     let scale_cmd = compose.command_line("up -d --no-recreate --scale worker={n} worker");
-    let args: Vec<String> = [
-        "--listen",
-        &listen.to_string(),
-        "--admin",
-        &admin.to_string(),
-        "--health-interval",
-        "200ms",
-        "--health-timeout",
-        "200ms",
-        "--healthy-threshold",
-        "2",
-        "--deregistration-delay",
-        "10s",
-        "--drain-timeout",
-        "10s",
-        "--autoscale",
-        "--scale-cmd",
-        &scale_cmd,
-        "--min-workers",
-        &MIN_WORKERS.to_string(),
-        "--max-workers",
-        &MAX_WORKERS.to_string(),
-        "--target-load",
-        TARGET_LOAD,
-        "--scaling-window",
-        "1s",
-        "--scale-out-delay",
-        "1s",
-        "--scale-in-delay",
-        "3s",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args = balancer_args(listen, admin);
+    args.extend(
+        [
+            "--autoscale",
+            "--scale-cmd",
+            &scale_cmd,
+            "--min-workers",
+            &MIN_WORKERS.to_string(),
+            "--max-workers",
+            &MAX_WORKERS.to_string(),
+            "--target-load",
+            TARGET_LOAD,
+            "--scaling-window",
+            "1s",
+            "--scale-out-delay",
+            "1s",
+            "--scale-in-delay",
+            "3s",
+        ]
+        .map(String::from),
+    );
     let mut balancer = Proc::start("balancer", "tidepool-balancer", &args, &dir);
     wait_listening(admin, &balancer).await;
 

@@ -1,8 +1,10 @@
 //! Command-line configuration: one struct per subcommand, flags with environment fallbacks.
 //!
-//! Every flag of `serve` can also come from a `TIDEPOOL_*` environment variable (the one
-//! exception is `--ort-lib`, which reads ONNX Runtime's own `ORT_DYLIB_PATH`), so that a
-//! container image can be configured without a command line. Durations read like `5ms` or
+//! Every flag of `serve` can also come from a `TIDEPOOL_WORKER_*` environment variable (the
+//! one exception is `--ort-lib`, which reads ONNX Runtime's own `ORT_DYLIB_PATH`), so that a
+//! container image can be configured without a command line. The prefix is the worker's
+//! own: a balancer that starts workers (`--worker-cmd`) passes its environment on, and its
+//! `TIDEPOOL_*` settings (`TIDEPOOL_QUEUE`, ...) must not become the workers'. Durations read like `5ms` or
 //! `30s`, sizes like `64MiB`. [`ServeConfig::validate`] runs before anything is bound or loaded.
 
 use std::net::SocketAddr;
@@ -47,63 +49,63 @@ pub enum DeviceChoice {
 #[derive(Clone, Debug, Args)]
 pub struct ServeConfig {
     /// The ONNX model to serve (external data files next to it are found by ONNX Runtime).
-    #[arg(long, env = "TIDEPOOL_MODEL")]
+    #[arg(long, env = "TIDEPOOL_WORKER_MODEL")]
     pub model: PathBuf,
 
     /// Address to accept protocol connections on.
-    #[arg(long, env = "TIDEPOOL_LISTEN", default_value = "0.0.0.0:7100")]
+    #[arg(long, env = "TIDEPOOL_WORKER_LISTEN", default_value = "0.0.0.0:7100")]
     pub listen: String,
 
     /// Address the balancer should use to reach this worker [default: the bound listen address].
-    #[arg(long, env = "TIDEPOOL_ADVERTISE")]
+    #[arg(long, env = "TIDEPOOL_WORKER_ADVERTISE")]
     pub advertise: Option<String>,
 
     /// Name reported in every result's `worker` field [default: the advertised address].
-    #[arg(long, env = "TIDEPOOL_NAME")]
+    #[arg(long, env = "TIDEPOOL_WORKER_NAME")]
     pub name: Option<String>,
 
     /// Balancer admin URL to register with once ready (POST URL/targets), and to deregister
     /// from on shutdown (DELETE URL/targets/ADDR).
-    #[arg(long, env = "TIDEPOOL_REGISTER")]
+    #[arg(long, env = "TIDEPOOL_WORKER_REGISTER")]
     pub register: Option<String>,
 
     /// Address to serve Prometheus metrics on (GET /metrics).
-    #[arg(long, env = "TIDEPOOL_METRICS")]
+    #[arg(long, env = "TIDEPOOL_WORKER_METRICS")]
     pub metrics: Option<String>,
 
     /// Where the model runs.
-    #[arg(long, env = "TIDEPOOL_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    #[arg(long, env = "TIDEPOOL_WORKER_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 
     /// ONNX Runtime intra-op threads [default: ONNX Runtime's choice, one per core].
-    #[arg(long, env = "TIDEPOOL_THREADS")]
+    #[arg(long, env = "TIDEPOOL_WORKER_THREADS")]
     pub threads: Option<usize>,
 
     /// Most items stacked into one batch.
-    #[arg(long, env = "TIDEPOOL_MAX_BATCH", default_value_t = 32)]
+    #[arg(long, env = "TIDEPOOL_WORKER_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
 
     /// Longest the oldest queued item waits for a batch to fill; 0 runs whatever is queued as
     /// soon as the model is free.
-    #[arg(long, env = "TIDEPOOL_MAX_DELAY", default_value = "2ms", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_WORKER_MAX_DELAY", default_value = "2ms", value_parser = parse_duration)]
     pub max_delay: Duration,
 
     /// Most items waiting in the queue; beyond it requests are answered `overloaded`.
-    #[arg(long, env = "TIDEPOOL_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "TIDEPOOL_WORKER_QUEUE", default_value_t = 1024)]
     pub queue: usize,
 
     /// Most requests in flight per connection; beyond it the worker stops reading that
     /// connection until answers have been written (TCP backpressure).
-    #[arg(long, env = "TIDEPOOL_MAX_IN_FLIGHT", default_value_t = 256)]
+    #[arg(long, env = "TIDEPOOL_WORKER_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: usize,
 
     /// Largest frame accepted or sent, in bytes.
-    #[arg(long, env = "TIDEPOOL_MAX_FRAME", default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, env = "TIDEPOOL_WORKER_MAX_FRAME", default_value = "64MiB", value_parser = parse_size)]
     pub max_frame: u64,
 
     /// How long shutdown waits for queued and running items before answering the rest
     /// `shutting_down`.
-    #[arg(long, env = "TIDEPOOL_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_WORKER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
     /// The ONNX Runtime shared library (libonnxruntime.so); scripts/fetch-ort.sh fetches it.
