@@ -74,7 +74,7 @@ admin /targets
 
 echo "== driving a day-shaped load: peak $RATE items/s over $DURATION"
 "$BIN/tidepool-load" --target "127.0.0.1:$LISTEN_PORT" --profile day --rate "$RATE" \
-  --duration "$DURATION" --input "input:f32:$INPUT_DIM" --deadline 5s \
+  --duration "$DURATION" --model "$MODEL" --deadline 5s \
   --json "$OUT/report.json" --timeline "$OUT/timeline.csv"
 
 echo "== the balancer's view at the end"

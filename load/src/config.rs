@@ -121,6 +121,18 @@ pub struct LoadConfig {
     #[serde(serialize_with = "display_all")]
     pub inputs: Vec<InputSpec>,
 
+    /// Shape the items from this ONNX model's inputs instead of --input: its names,
+    /// dtypes and shapes, without the batch dimension (loads the model with ONNX Runtime,
+    /// so it needs ORT_DYLIB_PATH or --ort-lib; every input's shape must be fixed).
+    #[arg(long, env = "TIDEPOOL_LOAD_MODEL", conflicts_with = "inputs")]
+    #[serde(skip)]
+    pub model: Option<std::path::PathBuf>,
+
+    /// The ONNX Runtime library, for --model.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    #[serde(skip)]
+    pub ort_lib: Option<std::path::PathBuf>,
+
     /// Distinct random items to send in turn.
     #[arg(long, env = "TIDEPOOL_LOAD_ITEMS", default_value_t = DEFAULT_ITEMS)]
     pub items: usize,
@@ -178,6 +190,8 @@ impl LoadConfig {
                 dtype: tidepool_protocol::DType::F32,
                 shape: vec![64],
             }],
+            model: None,
+            ort_lib: None,
             items: DEFAULT_ITEMS,
             seed: 0,
             drain: DEFAULT_DRAIN,

@@ -28,6 +28,26 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// `--model` could not be loaded.
+    #[error("could not read the inputs of model {}: {source}", path.display())]
+    Model {
+        /// The model.
+        path: std::path::PathBuf,
+        /// What the worker's model loader said.
+        #[source]
+        source: tidepool_worker::Error,
+    },
+    /// A model input whose shape is not fixed, so no item can be shaped from it.
+    #[error("model input {name:?} has a dynamic dimension besides the batch one ({shape}); give its shape with --input NAME:DTYPE:DIMS")]
+    DynamicInput {
+        /// The input.
+        name: String,
+        /// Its shape, `?` for dynamic dimensions.
+        shape: String,
+    },
+    /// `--model` without an ONNX Runtime library.
+    #[error("--model needs the ONNX Runtime library: set ORT_DYLIB_PATH or pass --ort-lib (scripts/fetch-ort.sh fetches it)")]
+    NoOrtLib,
     /// The target did not accept the pool's connections.
     #[error("could not connect to {target}: {source}")]
     Connect {

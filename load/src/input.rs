@@ -3,7 +3,7 @@
 //!
 //! The generator asks nothing of the server: the tensor shapes come from the command line
 //! (the default, `input:f32:64`, is the input of the worker's synthetic models made with
-//! `--input-dim 64`). A few distinct items are built up front from a seeded RNG and sent in turn;
+//! `--input-dim 64`) or from the model file itself ([`inputs_of_model`], `--model`). A few distinct items are built up front from a seeded RNG and sent in turn;
 //! cloning one is cheap (the data is a shared [`Bytes`]), so the send path never
 //! generates numbers.
 
@@ -16,6 +16,50 @@ use rand::{Rng, SeedableRng};
 use tidepool_protocol::{DType, Tensor, Tensors};
 
 use crate::error::Error;
+
+/// The inputs of an ONNX model, as the worker serving it checks them: names, dtypes and
+/// shapes per item (without the batch dimension of a batched model).
+///
+/// Loads the model with ONNX Runtime through the worker's own loader, so that what is sent
+/// is exactly what the worker expects.
+pub fn inputs_of_model(
+    path: &std::path::Path,
+    ort_lib: &std::path::Path,
+) -> Result<Vec<InputSpec>, Error> {
+    use tidepool_worker::model::{LoadOptions, Model};
+    let model = Model::load(&LoadOptions {
+        path: path.to_owned(),
+        ort_lib: ort_lib.to_owned(),
+        device: tidepool_worker::DeviceChoice::Cpu,
+        threads: Some(1),
+    })
+    .map_err(|source| Error::Model {
+        path: path.to_owned(),
+        source,
+    })?;
+    let spec = model.spec();
+    spec.inputs
+        .iter()
+        .map(|io| {
+            let dims = io.item_dims(spec.batched);
+            let shape: Option<Vec<usize>> = dims.iter().copied().collect();
+            shape
+                .map(|shape| InputSpec {
+                    name: io.name.clone(),
+                    dtype: io.dtype,
+                    shape,
+                })
+                .ok_or_else(|| Error::DynamicInput {
+                    name: io.name.clone(),
+                    shape: dims
+                        .iter()
+                        .map(|d| d.map_or_else(|| "?".to_owned(), |d| d.to_string()))
+                        .collect::<Vec<_>>()
+                        .join("x"),
+                })
+        })
+        .collect()
+}
 
 /// One named input of the model, without the batch dimension.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::LoadConfig;
 use crate::error::Error;
-use crate::input::build_items;
+use crate::input::{build_items, inputs_of_model};
 use crate::live::{live_loop, LiveSources};
 use crate::outcome::Outcome;
 use crate::recorder::{Answer, Recorder};
@@ -30,8 +30,17 @@ const PING_EVERY: Duration = Duration::from_millis(200);
 /// to requests is in the [`Report`]. Cancelling `shutdown` stops the schedule; requests
 /// in flight still get up to `config.drain` to finish, and the report is still returned
 /// (marked interrupted).
-pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Report, Error> {
+pub async fn run(mut config: LoadConfig, shutdown: CancellationToken) -> Result<Report, Error> {
     config.validate()?;
+    if let Some(model) = &config.model {
+        let lib = config.ort_lib.as_deref().ok_or(Error::NoOrtLib)?;
+        let (model, lib) = (model.clone(), lib.to_owned());
+        // Loading a model is blocking work; keep it off the runtime's threads.
+        // A panic while loading is a bug: let it surface as one.
+        config.inputs = tokio::task::spawn_blocking(move || inputs_of_model(&model, &lib))
+            .await
+            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
+    }
     let items = build_items(&config.inputs, config.items, config.seed)?;
     let pool = Pool::connect(&config.target, config.connections, ClientOptions::default())
         .await
