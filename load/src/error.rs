@@ -33,9 +33,9 @@ pub enum Error {
     Model {
         /// The model.
         path: std::path::PathBuf,
-        /// What the worker's model loader said.
+        /// What the worker's model loader said (boxed: it is large, and rare).
         #[source]
-        source: tidepool_worker::Error,
+        source: Box<tidepool_worker::Error>,
     },
     /// A model input whose shape is not fixed, so no item can be shaped from it.
     #[error("model input {name:?} has a dynamic dimension besides the batch one ({shape}); give its shape with --input NAME:DTYPE:DIMS")]

@@ -35,7 +35,7 @@ pub fn inputs_of_model(
     })
     .map_err(|source| Error::Model {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     let spec = model.spec();
     spec.inputs
