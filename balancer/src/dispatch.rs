@@ -75,7 +75,7 @@ impl Shared {
 
     /// One attempt to hand `request` to a target now.
     pub(crate) async fn try_route(&self, mut request: Request, scratch: &mut Scratch) -> Routed {
-        if let Some(budget) = request.infer.deadline_ms {
+        if let Some(budget) = request.payload.deadline_ms() {
             let spent = request.pending.received().elapsed().as_millis();
             if spent >= u128::from(budget) {
                 request.pending.reject(

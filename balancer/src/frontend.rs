@@ -16,12 +16,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
-use futures::{SinkExt, StreamExt};
-use tidepool_protocol::{ErrorCode, ErrorReply, Message, MessageCodec, CONNECTION_ID};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use futures::StreamExt;
+use tidepool_protocol::raw::{self, Frame, RawKind, Rewrite};
+use tidepool_protocol::{
+    ErrorCode, ErrorReply, FrameCodec, Message, MessageCodec, RequestId, CONNECTION_ID,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -29,7 +33,7 @@ use tracing::Instrument;
 use crate::balancer::Shared;
 use crate::dispatch::Scratch;
 use crate::metrics::{Metrics, Reject};
-use crate::pending::{ClientConn, Outbound, Pending, Request, Slot};
+use crate::pending::{Answer, ClientConn, Outbound, Payload, Pending, Request, Slot};
 
 /// Accepts client connections until `shutdown`.
 pub(crate) async fn serve(
@@ -80,20 +84,26 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     tracing::debug!("client connected");
 
-    let codec = MessageCodec::new(shared.config.max_frame);
+    let max_frame = shared.config.max_frame;
     let (read, write) = stream.into_split();
-    let mut frames = FramedRead::new(Counted::new(read, &metrics), codec);
-    let sink = FramedWrite::new(Counted::new(write, &metrics), codec);
+    let mut frames = FramedRead::new(Counted::new(read, &metrics), FrameCodec::new(max_frame));
     let (answers, answers_rx) = mpsc::unbounded_channel();
     let conn = Arc::new(ClientConn::new(
         answers,
+        peer.to_string(),
         Arc::clone(&metrics),
         Arc::clone(&shared.lifecycle),
     ));
-    let writer =
-        tokio::spawn(write_loop(sink, answers_rx, Arc::downgrade(&conn)).in_current_span());
+    let writer = tokio::spawn(
+        write_loop(
+            Counted::new(write, &metrics),
+            max_frame,
+            answers_rx,
+            Arc::downgrade(&conn),
+        )
+        .in_current_span(),
+    );
 
-    let client_addr = peer.to_string();
     let permits = Arc::new(Semaphore::new(shared.config.max_client_in_flight));
     let mut scratch = Scratch::new();
     let idle_timeout = shared.config.idle_timeout;
@@ -128,7 +138,7 @@ async fn connection(
             }
             frame = frames.next() => frame,
         };
-        let msg = match frame {
+        let body = match frame {
             None => break,
             Some(Err(error)) => {
                 // The framing is lost: say why under id 0, then close.
@@ -137,52 +147,35 @@ async fn connection(
                 conn.send(Message::Error(error.reply()), Some(permit));
                 break;
             }
-            Some(Ok(Err(error))) => {
-                metrics.reject(Reject::BadRequest);
-                conn.send(Message::Error(error.reply()), Some(permit));
-                conn.touch();
-                continue;
-            }
-            Some(Ok(Ok(msg))) => msg,
+            Some(Ok(body)) => body,
         };
         conn.touch();
+        let msg = match raw::decode_body(body) {
+            Err(error) => {
+                metrics.reject(Reject::BadRequest);
+                conn.send(Message::Error(error.reply()), Some(permit));
+                continue;
+            }
+            Ok(Frame::Raw(raw)) if raw.kind() == RawKind::Infer => {
+                let id = raw.id();
+                submit(&shared, &conn, id, Payload::Raw(raw), permit, &mut scratch).await;
+                continue;
+            }
+            Ok(Frame::Raw(other)) => other.to_message(),
+            Ok(Frame::Message(msg)) => msg,
+        };
         match msg {
-            Message::Infer(mut infer) => {
+            Message::Infer(infer) => {
                 let id = infer.id;
-                let refusal = if id == CONNECTION_ID {
-                    Some("request id 0 is reserved for connection errors; number requests from 1")
-                } else {
-                    match conn.slots.entry(id) {
-                        dashmap::mapref::entry::Entry::Occupied(_) => {
-                            Some("a request with this id is already in flight on this connection")
-                        }
-                        dashmap::mapref::entry::Entry::Vacant(slot) => {
-                            slot.insert(Slot::Waiting);
-                            None
-                        }
-                    }
-                };
-                if let Some(refusal) = refusal {
-                    metrics.reject(Reject::BadRequest);
-                    conn.send(
-                        Message::Error(ErrorReply::new(id, ErrorCode::BadRequest, refusal)),
-                        Some(permit),
-                    );
-                    continue;
-                }
-                // As NLB preserves the client IP, the target learns who asked.
-                infer.client = Some(client_addr.clone());
-                let pending = Pending::new(Arc::clone(&conn), id, Some(permit));
-                shared
-                    .submit(
-                        Request {
-                            pending,
-                            infer,
-                            reroutes: 0,
-                        },
-                        &mut scratch,
-                    )
-                    .await;
+                submit(
+                    &shared,
+                    &conn,
+                    id,
+                    Payload::Decoded(infer),
+                    permit,
+                    &mut scratch,
+                )
+                .await;
             }
             Message::Cancel { id } => conn.cancel(id),
             Message::Ping { id } => {
@@ -220,30 +213,100 @@ async fn connection(
     tracing::debug!("client connection closed");
 }
 
+/// Gives a request read from `conn` a pending entry and routes it, or refuses its id.
+async fn submit(
+    shared: &Shared,
+    conn: &Arc<ClientConn>,
+    id: RequestId,
+    payload: Payload,
+    permit: OwnedSemaphorePermit,
+    scratch: &mut Scratch,
+) {
+    let refusal = if id == CONNECTION_ID {
+        Some("request id 0 is reserved for connection errors; number requests from 1")
+    } else {
+        match conn.slots.entry(id) {
+            dashmap::mapref::entry::Entry::Occupied(_) => {
+                Some("a request with this id is already in flight on this connection")
+            }
+            dashmap::mapref::entry::Entry::Vacant(slot) => {
+                slot.insert(Slot::Waiting);
+                None
+            }
+        }
+    };
+    if let Some(refusal) = refusal {
+        conn.metrics.reject(Reject::BadRequest);
+        conn.send(
+            Message::Error(ErrorReply::new(id, ErrorCode::BadRequest, refusal)),
+            Some(permit),
+        );
+        return;
+    }
+    let pending = Pending::new(Arc::clone(conn), id, Some(permit));
+    shared
+        .submit(
+            Request {
+                pending,
+                payload,
+                reroutes: 0,
+            },
+            scratch,
+        )
+        .await;
+}
+
+/// Past this many buffered bytes a burst is written before more answers are taken.
+const WRITE_BURST: usize = 64 * 1024;
+
 async fn write_loop(
-    mut sink: FramedWrite<Counted<tokio::net::tcp::OwnedWriteHalf>, MessageCodec>,
+    mut socket: Counted<tokio::net::tcp::OwnedWriteHalf>,
+    max_frame: usize,
     mut answers: mpsc::UnboundedReceiver<Outbound>,
     // Weak: a strong reference would keep the channel open, and the writer would never end.
     conn: Weak<ClientConn>,
 ) {
+    let mut codec = MessageCodec::new(max_frame);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    // Permits are released once their answers are written, not merely encoded.
+    let mut written: Vec<Outbound> = Vec::new();
     while let Some(first) = answers.recv().await {
         let mut next = Some(first);
+        // Encode everything queued, then write once: one syscall for a burst.
         while let Some(out) = next {
-            if let Err(error) = sink.feed(out.msg).await {
+            let encoded = match &out.answer {
+                Answer::Message(msg) => codec.encode_ref(msg, &mut buf),
+                Answer::Raw { result, client_id } => result.write_frame(
+                    &Rewrite {
+                        id: *client_id,
+                        ..Rewrite::default()
+                    },
+                    &mut buf,
+                    max_frame,
+                ),
+            };
+            if let Err(error) = encoded {
                 tracing::debug!(%error, "client writer stopped");
                 return;
             }
-            next = answers.try_recv().ok();
+            written.push(out);
+            next = if buf.len() < WRITE_BURST {
+                answers.try_recv().ok()
+            } else {
+                None
+            };
         }
-        if let Err(error) = sink.flush().await {
+        if let Err(error) = socket.write_all(&buf).await {
             tracing::debug!(%error, "client writer stopped");
             return;
         }
+        buf.clear();
+        written.clear();
         if let Some(conn) = conn.upgrade() {
             conn.touch();
         }
     }
-    let _ = sink.close().await;
+    let _ = socket.shutdown().await;
 }
 
 /// A socket half that adds the bytes it moves to `processed_bytes`.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use tidepool_protocol::{ErrorCode, ErrorReply, Infer, Message, RequestId};
+use tidepool_protocol::{ErrorCode, ErrorReply, Infer, Message, RawMessage, RequestId};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
@@ -36,8 +36,37 @@ pub(crate) enum Slot {
 /// One answer on its way to a client, holding the connection's in-flight permit until it
 /// is written, so that a client that does not read bounds what waits for it.
 pub(crate) struct Outbound {
-    pub(crate) msg: Message,
+    pub(crate) answer: Answer,
     pub(crate) _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What is written to the client.
+pub(crate) enum Answer {
+    /// A message the balancer made or decoded, its id already the client's.
+    Message(Message),
+    /// A target's `result` as received, written with the client's id spliced in.
+    Raw {
+        result: RawMessage,
+        client_id: RequestId,
+    },
+}
+
+/// The request as read from the client.
+pub(crate) enum Payload {
+    /// The common case: the frame as received, to be spliced (new id, deadline, client).
+    Raw(RawMessage),
+    /// A body that only the full decoder could read (an unusual encoding): re-encoded.
+    Decoded(Infer),
+}
+
+impl Payload {
+    /// The client's `deadline_ms`.
+    pub(crate) fn deadline_ms(&self) -> Option<u64> {
+        match self {
+            Payload::Raw(raw) => raw.deadline_ms(),
+            Payload::Decoded(infer) => infer.deadline_ms,
+        }
+    }
 }
 
 /// Requests alive in the whole balancer, for draining at shutdown.
@@ -82,6 +111,8 @@ impl Lifecycle {
 /// where each of its requests is.
 pub(crate) struct ClientConn {
     answers: mpsc::UnboundedSender<Outbound>,
+    /// The client's `ip:port`, sent to targets as `client` (as NLB preserves the client IP).
+    pub(crate) peer: String,
     /// Client id → where the request is. An id is here from the moment it is read until
     /// just before its answer is queued, so a reused id is refused only while in flight.
     pub(crate) slots: DashMap<RequestId, Slot>,
@@ -95,11 +126,13 @@ pub(crate) struct ClientConn {
 impl ClientConn {
     pub(crate) fn new(
         answers: mpsc::UnboundedSender<Outbound>,
+        peer: String,
         metrics: Arc<Metrics>,
         lifecycle: Arc<Lifecycle>,
     ) -> ClientConn {
         ClientConn {
             answers,
+            peer,
             slots: DashMap::new(),
             metrics,
             lifecycle,
@@ -111,9 +144,13 @@ impl ClientConn {
     /// Queues a frame for the client that answers no pending request (a pong, an error
     /// about an unreadable frame).
     pub(crate) fn send(&self, msg: Message, permit: Option<OwnedSemaphorePermit>) {
+        self.send_answer(Answer::Message(msg), permit);
+    }
+
+    fn send_answer(&self, answer: Answer, permit: Option<OwnedSemaphorePermit>) {
         // A closed channel means the writer is gone with the client: nobody to answer.
         let _ = self.answers.send(Outbound {
-            msg,
+            answer,
             _permit: permit,
         });
     }
@@ -188,6 +225,11 @@ impl Pending {
         self.received
     }
 
+    /// The client's address, for the `client` field.
+    pub(crate) fn peer(&self) -> &str {
+        &self.conn.peer
+    }
+
     /// Counts the request on the target it was routed to (replacing an earlier one).
     pub(crate) fn set_in_flight(&mut self, guard: InFlight) {
         self.in_flight = Some(guard);
@@ -235,7 +277,17 @@ impl Pending {
             guard.target().latency.record(self.received.elapsed());
         }
         msg.set_id(self.id);
-        self.finish(msg);
+        self.finish(Answer::Message(msg));
+    }
+
+    /// Answers with the target's `result` as received; the client's id is spliced in as it
+    /// is written.
+    pub(crate) fn answer_raw(mut self, result: RawMessage) {
+        if let Some(guard) = &self.in_flight {
+            guard.target().latency.record(self.received.elapsed());
+        }
+        let client_id = self.id;
+        self.finish(Answer::Raw { result, client_id });
     }
 
     /// Answers with the balancer's own error.
@@ -249,7 +301,7 @@ impl Pending {
         let mut reply = ErrorReply::new(self.id, code, message);
         reply.retry_after_ms = retry_after_ms;
         self.conn.metrics.reject(reason);
-        self.finish(Message::Error(reply));
+        self.finish(Answer::Message(Message::Error(reply)));
     }
 
     /// Answers `unavailable` because the request may have reached a target that is now
@@ -272,11 +324,11 @@ impl Pending {
         }
     }
 
-    fn finish(&mut self, msg: Message) {
+    fn finish(&mut self, answer: Answer) {
         self.answered = true;
         // Free the id before the answer can reach the client, who may reuse it at once.
         self.conn.slots.remove(&self.id);
-        self.conn.send(msg, self.permit.take());
+        self.conn.send_answer(answer, self.permit.take());
     }
 }
 
@@ -297,7 +349,9 @@ impl Drop for Pending {
                 )
             };
             self.conn.metrics.reject(reason);
-            self.finish(Message::Error(ErrorReply::new(self.id, code, message)));
+            self.finish(Answer::Message(Message::Error(ErrorReply::new(
+                self.id, code, message,
+            ))));
         }
         // Release the target before the drain count, so a drain that sees zero requests
         // also sees zero outstanding.
@@ -313,7 +367,7 @@ pub(crate) struct Request {
     /// Who answers it.
     pub(crate) pending: Pending,
     /// The request itself, its id still the client's until an upstream writes it.
-    pub(crate) infer: Infer,
+    pub(crate) payload: Payload,
     /// How many times it was routed again after a connection loss.
     pub(crate) reroutes: u32,
 }

@@ -16,20 +16,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use dashmap::DashMap;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
+use tidepool_protocol::raw::{self, Frame, RawKind, Rewrite};
 use tidepool_protocol::{
-    Error as ProtocolError, ErrorCode, Message, MessageCodec, RequestId, CONNECTION_ID,
+    Error as ProtocolError, ErrorCode, FrameCodec, Message, MessageCodec, RequestId, CONNECTION_ID,
 };
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::balancer::Shared;
 use crate::metrics::Reject;
-use crate::pending::{Pending, Request};
+use crate::pending::{Payload, Pending, Request};
 use crate::target::Target;
 
 /// Requests buffered towards one connection's writer.
@@ -74,17 +77,17 @@ impl UpstreamConn {
             next_id: AtomicU64::new(1),
             closed: target.stop.child_token(),
         });
-        let codec = MessageCodec::new(shared.config.max_frame);
+        let max_frame = shared.config.max_frame;
         shared.tasks.spawn(write_loop(
             Arc::clone(&conn),
-            FramedWrite::new(write, codec),
+            write,
             requests_rx,
             cancels_rx,
             Arc::clone(shared),
         ));
         shared.tasks.spawn(read_loop(
             Arc::clone(&conn),
-            FramedRead::new(read, codec),
+            FramedRead::new(read, FrameCodec::new(max_frame)),
             Arc::clone(shared),
         ));
         conn
@@ -125,18 +128,26 @@ fn reroute(shared: &Shared, mut request: Request) {
     }
 }
 
+// A temporary on the writer's stack, never stored in bulk: boxing the large variant would
+// cost an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Outgoing {
     Request(Forward),
     Cancel(RequestId),
 }
 
+/// Past this many buffered bytes a burst is written before more requests are taken.
+const WRITE_BURST: usize = 64 * 1024;
+
 async fn write_loop(
     conn: Arc<UpstreamConn>,
-    mut sink: FramedWrite<OwnedWriteHalf, MessageCodec>,
+    mut socket: OwnedWriteHalf,
     mut requests: mpsc::Receiver<Forward>,
     mut cancels: mpsc::UnboundedReceiver<RequestId>,
     shared: Arc<Shared>,
 ) {
+    let mut codec = MessageCodec::new(shared.config.max_frame);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
     'run: loop {
         let first = tokio::select! {
             biased;
@@ -146,27 +157,29 @@ async fn write_loop(
             else => break 'run,
         };
         let mut next = Some(first);
-        // Write everything queued, then flush once: one syscall for a burst.
+        // Encode everything queued, then write once: one syscall for a burst.
         while let Some(item) = next {
             let written = match item {
-                Outgoing::Request(forward) => {
-                    write_request(&conn, &mut sink, forward, &shared).await
-                }
-                Outgoing::Cancel(id) => sink.feed(Message::Cancel { id }).await,
+                Outgoing::Request(forward) => encode_request(&conn, &mut buf, forward, &shared),
+                Outgoing::Cancel(id) => codec.encode_ref(&Message::Cancel { id }, &mut buf),
             };
             if let Err(error) = written {
                 tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
                 break 'run;
+            }
+            if buf.len() >= WRITE_BURST {
+                break;
             }
             next = match requests.try_recv() {
                 Ok(forward) => Some(Outgoing::Request(forward)),
                 Err(_) => cancels.try_recv().ok().map(Outgoing::Cancel),
             };
         }
-        if let Err(error) = sink.flush().await {
+        if let Err(error) = socket.write_all(&buf).await {
             tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
             break 'run;
         }
+        buf.clear();
     }
     conn.closed.cancel();
     // Whatever is still in the channel was never written: route it again.
@@ -174,26 +187,30 @@ async fn write_loop(
     while let Some(forward) = requests.recv().await {
         reroute(&shared, forward.request);
     }
-    let _ = sink.close().await;
+    let _ = socket.shutdown().await;
 }
 
-/// Writes one request; an `Err` means the connection cannot go on.
-async fn write_request(
+/// Encodes one request into the write buffer; an `Err` means the connection cannot go on.
+///
+/// Requests encoded into the buffer count as written: their pending entries are in the
+/// map, and a connection lost before the buffer reaches the socket answers them
+/// `unavailable`, as it would for bytes in the kernel's send buffer.
+fn encode_request(
     conn: &UpstreamConn,
-    sink: &mut FramedWrite<OwnedWriteHalf, MessageCodec>,
+    buf: &mut BytesMut,
     forward: Forward,
     shared: &Shared,
 ) -> Result<(), ProtocolError> {
     let Forward {
         upstream_id,
-        request:
-            Request {
-                pending,
-                mut infer,
-                reroutes,
-            },
+        request: Request {
+            pending,
+            payload,
+            reroutes,
+        },
     } = forward;
-    if let Some(budget) = infer.deadline_ms {
+    let mut deadline_ms = None;
+    if let Some(budget) = payload.deadline_ms() {
         // The target's budget is what is left of the client's.
         let spent = u64::try_from(pending.received().elapsed().as_millis()).unwrap_or(u64::MAX);
         if spent >= budget {
@@ -207,9 +224,34 @@ async fn write_request(
             );
             return Ok(());
         }
-        infer.deadline_ms = Some(budget - spent);
+        deadline_ms = Some(budget - spent);
     }
-    infer.id = upstream_id;
+    let max_frame = shared.config.max_frame;
+    // As NLB preserves the client IP, the target learns who asked.
+    let encoded = match &payload {
+        Payload::Raw(raw) => raw.write_frame(
+            &Rewrite {
+                id: upstream_id,
+                deadline_ms,
+                client: Some(pending.peer()),
+            },
+            buf,
+            max_frame,
+        ),
+        Payload::Decoded(infer) => {
+            let mut infer = infer.clone();
+            infer.id = upstream_id;
+            infer.deadline_ms = deadline_ms;
+            infer.client = Some(pending.peer().to_owned());
+            MessageCodec::new(max_frame).encode_ref(&Message::Infer(infer), buf)
+        }
+    };
+    if let Err(error) = encoded {
+        // This one message could not be encoded (too large once rewritten); the
+        // stream is intact.
+        pending.reject(Reject::BadRequest, error.code(), error.to_string(), None);
+        return Ok(());
+    }
     // In the map before the frame is written, so the answer always finds it.
     conn.pending.insert(upstream_id, pending);
     if conn.is_closed() {
@@ -219,30 +261,19 @@ async fn write_request(
                 shared,
                 Request {
                     pending,
-                    infer,
+                    payload,
                     reroutes,
                 },
             );
         }
         return Err(ProtocolError::Io(std::io::ErrorKind::NotConnected.into()));
     }
-    match sink.feed(Message::Infer(infer)).await {
-        Ok(()) => Ok(()),
-        Err(ProtocolError::Io(error)) => Err(ProtocolError::Io(error)),
-        Err(error) => {
-            // This one message could not be encoded (too large once re-encoded); the
-            // stream is intact.
-            if let Some((_, pending)) = conn.pending.remove(&upstream_id) {
-                pending.reject(Reject::BadRequest, error.code(), error.to_string(), None);
-            }
-            Ok(())
-        }
-    }
+    Ok(())
 }
 
 async fn read_loop(
     conn: Arc<UpstreamConn>,
-    mut frames: FramedRead<OwnedReadHalf, MessageCodec>,
+    mut frames: FramedRead<OwnedReadHalf, FrameCodec>,
     shared: Arc<Shared>,
 ) {
     let reason = loop {
@@ -250,10 +281,13 @@ async fn read_loop(
             () = conn.closed.cancelled() => break None,
             frame = frames.next() => frame,
         };
-        match frame {
+        let body = match frame {
             None => break Some("closed by the target".to_owned()),
             Some(Err(error)) => break Some(error.to_string()),
-            Some(Ok(Err(error))) => {
+            Some(Ok(body)) => body,
+        };
+        match raw::decode_body(body) {
+            Err(error) => {
                 tracing::warn!(target = %conn.addr, %error, "unreadable frame from target");
                 if let Some((_, pending)) =
                     error.request_id().and_then(|id| conn.pending.remove(&id))
@@ -266,10 +300,21 @@ async fn read_loop(
                     );
                 }
             }
-            Some(Ok(Ok(Message::Error(reply)))) if reply.id == CONNECTION_ID => {
+            Ok(Frame::Raw(result)) if result.kind() == RawKind::Result => {
+                match conn.pending.remove(&result.id()) {
+                    Some((_, pending)) => pending.answer_raw(result),
+                    None => {
+                        tracing::trace!(target = %conn.addr, id = result.id(), "answer to a request that is gone")
+                    }
+                }
+            }
+            Ok(Frame::Raw(_)) => {
+                tracing::debug!(target = %conn.addr, kind = "infer", "unexpected frame from target ignored");
+            }
+            Ok(Frame::Message(Message::Error(reply))) if reply.id == CONNECTION_ID => {
                 break Some(format!("{}: {}", reply.code, reply.message));
             }
-            Some(Ok(Ok(msg @ (Message::Result(_) | Message::Error(_))))) => {
+            Ok(Frame::Message(msg @ (Message::Result(_) | Message::Error(_)))) => {
                 match conn.pending.remove(&msg.id()) {
                     Some((_, pending)) => pending.answer(msg),
                     None => {
@@ -277,7 +322,7 @@ async fn read_loop(
                     }
                 }
             }
-            Some(Ok(Ok(other))) => {
+            Ok(Frame::Message(other)) => {
                 tracing::debug!(target = %conn.addr, kind = other.kind(), "unexpected frame from target ignored");
             }
         }
