@@ -10,6 +10,8 @@ PY          := $(VENV)/bin/python
 CARGO       ?= cargo
 SIZE        ?= 64MiB
 export ORT_DYLIB_PATH ?= $(ORT_LIB)
+# docker-compose v1 where installed, else the compose plugin.
+COMPOSE     ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
 
 .PHONY: help setup ort venv build release test lint unit interop fuzz python-client demo bench \
         compose-up compose-down k8s-validate clean-local
@@ -63,12 +65,12 @@ k8s-validate: venv ## deploy/kubernetes against Kubernetes 1.31's schemas (K8S_V
 
 compose-up: ## image tidepool:local (PROFILE, SIZE) and a balancer with WORKERS workers (3) under docker-compose
 	scripts/docker-image.sh
-	docker-compose up -d --scale worker=$${WORKERS:-3}
-	@echo "balancer: $$(docker-compose port balancer 7000)  admin: http://$$(docker-compose port balancer 7001)/targets"
-	@echo "load: docker-compose --profile load run --rm load   stop: make compose-down"
+	$(COMPOSE) up -d --scale worker=$${WORKERS:-3}
+	@echo "balancer: $$($(COMPOSE) port balancer 7000)  admin: http://$$($(COMPOSE) port balancer 7001)/targets"
+	@echo "load: $(COMPOSE) --profile load run --rm load   stop: make compose-down"
 
 compose-down: ## stop the docker-compose cluster (workers drain first) and remove it
-	docker-compose down -v --remove-orphans
+	$(COMPOSE) down -v --remove-orphans
 
 demo: ort ## build, start an autoscaled local cluster, drive a compressed day, report (SIZE=1GiB for the 1 GB model)
 	SIZE=$(SIZE) scripts/demo.sh

@@ -56,7 +56,7 @@ echo "== starting the balancer on 127.0.0.1:$LISTEN_PORT (admin http://127.0.0.1
 # worker registers itself with the balancer once its model is loaded and warmed up.
 WORKER_CMD="$BIN/tidepool-worker serve --model $MODEL --listen 127.0.0.1:{port} --name worker-{index} \
   --register http://{admin} --threads 1 --max-batch 32 --max-delay 5ms --drain-timeout 10s"
-"$BIN/tidepool-balancer" --listen "127.0.0.1:$LISTEN_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
+RUST_LOG=info "$BIN/tidepool-balancer" --listen "127.0.0.1:$LISTEN_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
   --health-interval 1s --health-timeout 1s --healthy-threshold 2 --unhealthy-threshold 2 \
   --deregistration-delay 10s \
   --autoscale --worker-cmd "$WORKER_CMD" --min-workers 1 --max-workers "$MAX_WORKERS" \

@@ -78,11 +78,13 @@ async fn register(State(shared): State<Arc<Shared>>, Json(body): Json<Registrati
 }
 
 async fn deregister(State(shared): State<Arc<Shared>>, Path(addr): Path<String>) -> Response {
-    let Ok(addr) = addr.parse::<SocketAddr>() else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            format!("{addr:?} is not an ip:port address as GET /targets lists them"),
-        );
+    // The same names POST accepts: a worker registered as `host:port` deregisters as such.
+    let addr = match addr.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => match crate::balancer::resolve_one(&addr).await {
+            Ok(addr) => addr,
+            Err(error) => return problem(StatusCode::BAD_REQUEST, error.to_string()),
+        },
     };
     let Some(target) = shared.registry.get(addr) else {
         return problem(

@@ -128,8 +128,8 @@ pub struct Config {
     #[arg(long, env = "TIDEPOOL_MAX_CLIENT_IN_FLIGHT", default_value_t = 4096)]
     pub max_client_in_flight: usize,
 
-    /// Largest frame accepted from clients and targets, in bytes.
-    #[arg(long, env = "TIDEPOOL_MAX_FRAME", default_value_t = tidepool_protocol::DEFAULT_MAX_FRAME)]
+    /// Largest frame accepted from clients and targets (`64MiB`, `1GiB`, or bytes).
+    #[arg(long, env = "TIDEPOOL_MAX_FRAME", default_value = "64MiB", value_parser = parse_size)]
     pub max_frame: usize,
 
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before the rest
@@ -236,6 +236,15 @@ impl Config {
         self.autoscale.validate()?;
         Ok(())
     }
+}
+
+/// Parses a byte size such as `64MiB`, `1GiB` or `1048576` (bytes).
+fn parse_size(s: &str) -> Result<usize, String> {
+    let size = s
+        .trim()
+        .parse::<bytesize::ByteSize>()
+        .map_err(|_| format!("{s:?} is not a size like 64MiB, 1GiB or 1048576 (bytes)"))?;
+    usize::try_from(size.as_u64()).map_err(|_| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // A closed stderr (a log piped into `head`) must not panic the signal handler.
+        .log_internal_errors(false)
         .init();
     let config = Config::parse();
     let balancer = Balancer::bind(config)

@@ -30,6 +30,8 @@ async fn start() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // A closed stderr (a log piped into `head`) must not panic the signal handler.
+        .log_internal_errors(false)
         .init();
     let config = LoadConfig::parse();
     config.validate()?;

@@ -510,6 +510,10 @@ async fn admin_api_lists_registers_deregisters_and_reports() {
     assert_eq!(status, 404, "already deregistered");
     let (status, _) = http(lb.admin, "DELETE", "/targets/not-an-address", None).await;
     assert_eq!(status, 400);
+    // A name is resolved, as POST resolves it: b was registered as an address.
+    let by_name = format!("/targets/localhost:{}", b.addr().port());
+    let (status, body) = http(lb.admin, "DELETE", &by_name, None).await;
+    assert_eq!(status, 202, "{body}");
     let gone = a.addr();
     lb.wait_for("a drained", |h| h.targets().iter().all(|t| t.addr != gone))
         .await;

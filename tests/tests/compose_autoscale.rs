@@ -1,6 +1,6 @@
 //! The docker compose actuator for real, on this machine's docker engine: the balancer runs
 //! here as a process with `--autoscale --scale-cmd 'docker-compose … up -d --no-recreate
-//! --scale worker={n} worker'` over `deploy/compose/autoscale.yml`, whose workers use the
+//! --scale worker={count} worker'` over `deploy/compose/autoscale.yml`, whose workers use the
 //! host's network, bind a free port each and register themselves with the balancer.
 //!
 //! The balancer starts the first worker container itself (below --min-workers), load well
@@ -71,7 +71,7 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     );
     // Declared before the balancer, so dropped after it: the balancer stops scaling first.
     let cluster = Down(compose.clone());
-    let scale_cmd = compose.command_line("up -d --no-recreate --scale worker={n} worker");
+    let scale_cmd = compose.command_line("up -d --no-recreate --scale worker={count} worker");
     let mut args = balancer_args(listen, admin);
     args.extend(
         [

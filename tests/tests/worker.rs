@@ -200,6 +200,35 @@ async fn registers_with_a_balancer_that_starts_late_and_deregisters_on_shutdown(
     );
 }
 
+/// A balancer that restarts forgets its targets; the worker registers again on its own.
+#[tokio::test]
+async fn registers_again_with_a_balancer_that_restarted() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let admin_addr = StandInAdmin::reserve_port().await;
+    let admin = StandInAdmin::start_on(admin_addr).await;
+    let mut config = worker_config(&tiny.write());
+    config.register = Some(admin.url());
+    config.register_interval = Duration::from_millis(200);
+    config.advertise = Some("10.1.2.3:7100".into());
+    let worker = start_worker(config).await;
+    admin.wait_for(1, Duration::from_secs(10)).await;
+    drop(admin);
+    // Let the stand-in's listener close before binding its port again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let restarted = StandInAdmin::start_on(admin_addr).await;
+    let events = restarted.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(
+        events.first(),
+        Some(&AdminEvent::Register("10.1.2.3:7100".into()))
+    );
+    worker.shutdown().await.unwrap();
+    assert_eq!(
+        restarted.events().last(),
+        Some(&AdminEvent::Deregister("10.1.2.3:7100".into()))
+    );
+}
+
 /// `--listen HOST:0` without `--advertise` registers the port actually bound, not `:0`:
 /// replicas that share the host's network (deploy/compose/autoscale.yml) rely on it.
 #[tokio::test]

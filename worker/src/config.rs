@@ -69,6 +69,11 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_REGISTER")]
     pub register: Option<String>,
 
+    /// How often to register again once registered (idempotent), so that a balancer that
+    /// restarted and forgot this worker has it back within this time.
+    #[arg(long, env = "TIDEPOOL_WORKER_REGISTER_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub register_interval: Duration,
+
     /// Address to serve Prometheus metrics on (GET /metrics).
     #[arg(long, env = "TIDEPOOL_WORKER_METRICS")]
     pub metrics: Option<String>,
@@ -122,6 +127,7 @@ impl ServeConfig {
             advertise: None,
             name: None,
             register: None,
+            register_interval: Duration::from_secs(15),
             metrics: None,
             device: DeviceChoice::Auto,
             threads: None,
@@ -239,33 +245,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses a byte size: `1024`, `64KiB`, `64MiB`, `1GiB`, `1.5GB` (decimal units are powers of
 /// ten, binary units powers of two).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 64MiB or 1GiB"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; use B, KiB, MiB, GiB, KB, MB or GB"
-            ))
-        }
-    };
-    let bytes = number * multiplier as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(bytes as u64)
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|_| format!("{s:?} is not a size like 64MiB, 1GiB or 1024 (bytes)"))
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@
 //! - [`batcher`]: the batching actor: bounded queue, batches by size or delay, deadlines,
 //!   cancels, overload, the model thread, draining.
 //! - [`server`]: protocol connections: frames in, batcher, answers out, with backpressure.
-//! - [`registration`]: registering with the balancer's admin API once ready, and
-//!   deregistering first on shutdown.
+//! - [`registration`]: registering with the balancer's admin API once ready (and again
+//!   every few seconds, for a balancer that restarted), and deregistering first on shutdown.
 //! - [`metrics`]: counters and histograms, Prometheus text on `--metrics`.
 //! - [`synth`]: synthetic MLP models of any size, built with `ort::editor`.
 //! - [`error`]: the crate's one error type.
@@ -359,8 +359,9 @@ async fn serve_model(
 
     let registration = config.register.clone().map(|url| {
         let (advertise, stop) = (advertise.to_owned(), shutdown.clone());
+        let refresh = config.register_interval;
         tokio::spawn(async move {
-            let registered = registration::register(&url, &advertise, &stop).await;
+            let registered = registration::register(&url, &advertise, refresh, &stop).await;
             (url, registered)
         })
     });

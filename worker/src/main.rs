@@ -14,6 +14,8 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ort=warn")),
         )
         .with_writer(std::io::stderr)
+        // A closed stderr (a log piped into `head`) must not panic the signal handler.
+        .log_internal_errors(false)
         .init();
     match cli.command {
         Command::Synth(config) => {

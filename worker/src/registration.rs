@@ -2,7 +2,9 @@
 //!
 //! Once the worker is ready, [`register`] POSTs `{"addr": ADVERTISE}` to `URL/targets`,
 //! retrying with exponential backoff (100 ms doubling to 5 s) while the balancer is down or
-//! answers an error, until it answers 2xx or shutdown begins. On shutdown the worker calls
+//! answers an error, until it answers 2xx or shutdown begins. It then registers again every
+//! `--register-interval` (registration is idempotent), so a balancer that restarted and forgot its
+//! targets has this worker back within that time. On shutdown the worker calls
 //! [`deregister`] (DELETE `URL/targets/ADDR`) before it stops taking requests, so the balancer
 //! stops routing to it first.
 
@@ -32,17 +34,55 @@ fn targets_url(base: &str) -> String {
     format!("{}/targets", base.trim_end_matches('/'))
 }
 
-/// Registers `advertise` with the balancer at `base`, retrying until it succeeds (true) or
-/// `shutdown` fires (false).
-pub async fn register(base: &str, advertise: &str, shutdown: &CancellationToken) -> bool {
+/// Registers `advertise` with the balancer at `base` (retrying until it succeeds) and keeps
+/// it registered until `shutdown`; returns whether it was ever registered.
+pub async fn register(
+    base: &str,
+    advertise: &str,
+    refresh: Duration,
+    shutdown: &CancellationToken,
+) -> bool {
     let client = client();
     let url = targets_url(base);
+    if !register_once(&client, &url, advertise, shutdown).await {
+        return false;
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return true,
+            _ = tokio::time::sleep(refresh) => {}
+        }
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return true,
+            r = client.post(&url).json(&TargetBody { addr: advertise }).send() => r,
+        };
+        match outcome {
+            Ok(resp) if resp.status() == reqwest::StatusCode::CREATED => {
+                warn!(%url, addr = advertise, "registered again: the balancer had lost this worker (restarted?)");
+            }
+            Ok(resp) if resp.status().is_success() => debug!(%url, "registration refreshed"),
+            Ok(resp) => debug!(%url, status = %resp.status(), "registration refresh refused"),
+            Err(e) => {
+                debug!(%url, error = %e, "registration refresh failed; the balancer may be restarting")
+            }
+        }
+    }
+}
+
+/// Registers once, retrying with backoff until the balancer accepts (true) or `shutdown`
+/// fires (false).
+async fn register_once(
+    client: &reqwest::Client,
+    url: &str,
+    advertise: &str,
+    shutdown: &CancellationToken,
+) -> bool {
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1u32;
     loop {
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return false,
-            r = client.post(&url).json(&TargetBody { addr: advertise }).send() => r,
+            r = client.post(url).json(&TargetBody { addr: advertise }).send() => r,
         };
         match outcome {
             Ok(resp) if resp.status().is_success() => {

@@ -6,7 +6,7 @@
 //!   outstanding requests is deregistered, stopped with SIGTERM once its last request is
 //!   answered (or the deregistration delay passes), and only counted gone once it exited.
 //! - [`ScaleCommand`] (`--scale-cmd`): runs a command with the count, e.g.
-//!   `docker-compose up -d --no-recreate --scale worker={n}`. The orchestrator picks
+//!   `docker-compose up -d --no-recreate --scale worker={count}`. The orchestrator picks
 //!   which container goes on scale-in; the worker drains on the SIGTERM it gets and
 //!   deregisters itself first, so no request is lost either way. `deploy/compose/autoscale.yml`
 //!   is the tested setup (tests/tests/compose_autoscale.rs): this balancer on the host,
@@ -331,7 +331,7 @@ pub struct ScaleCommand {
 }
 
 impl ScaleCommand {
-    /// Runs `template` with `{n}` replaced, at most `timeout` per run.
+    /// Runs `template` with `{count}` replaced, at most `timeout` per run.
     pub fn new(template: String, timeout: Duration, start_timeout: Duration) -> ScaleCommand {
         ScaleCommand {
             template,
@@ -367,7 +367,7 @@ impl ScaleCommand {
     }
 
     async fn scale_to(&mut self, n: usize, _handle: &Handle) {
-        let line = self.template.replace("{n}", &n.to_string());
+        let line = self.template.replace("{count}", &n.to_string());
         let Ok(words) = shell_words::split(&line) else {
             tracing::error!(%line, "--scale-cmd has unbalanced quotes");
             return;

@@ -45,8 +45,8 @@ pub struct AutoscaleConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_CMD")]
     pub worker_cmd: Option<String>,
 
-    /// Command that sets the number of workers elsewhere; `{n}` is replaced by the count
-    /// (e.g. `docker-compose up -d --no-recreate --scale worker={n}`).
+    /// Command that sets the number of workers elsewhere; `{count}` is replaced by the
+    /// count (e.g. `docker-compose up -d --no-recreate --scale worker={count}`).
     #[arg(long, env = "TIDEPOOL_SCALE_CMD")]
     pub scale_cmd: Option<String>,
 
@@ -159,8 +159,11 @@ impl AutoscaleConfig {
             }
         }
         if let Some(cmd) = &self.scale_cmd {
-            if !cmd.contains("{n}") {
-                return bad("scale-cmd", "must contain {n}, where the worker count goes");
+            if !cmd.contains("{count}") {
+                return bad(
+                    "scale-cmd",
+                    "must contain {count}, where the worker count goes",
+                );
             }
             if shell_words::split(cmd).is_err() {
                 return bad("scale-cmd", "has unbalanced quotes");
