@@ -191,7 +191,8 @@ impl LoadConfig {
                 shape: vec![64],
             }],
             model: None,
-            ort_lib: None,
+            // As the command line does: the library comes from the environment.
+            ort_lib: std::env::var_os("ORT_DYLIB_PATH").map(Into::into),
             items: DEFAULT_ITEMS,
             seed: 0,
             drain: DEFAULT_DRAIN,
