@@ -137,6 +137,14 @@ pub struct Config {
     #[arg(long, env = "TIDEPOOL_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Threads of the async runtime. 1 (the default) runs every task on one thread, so
+    /// that handing a frame from one task to another never wakes another thread: on a
+    /// machine whose cores are shared with the targets this costs less CPU per frame
+    /// (bench/intro/last-run.md). 0 starts one worker thread per CPU core, N starts N;
+    /// worth it when the balancer has several cores to itself and one is not enough.
+    #[arg(long, env = "TIDEPOOL_RUNTIME_THREADS", default_value_t = 1)]
+    pub runtime_threads: usize,
+
     /// Autoscaling: the load signal, the policy and what acts on it.
     #[command(flatten)]
     pub autoscale: AutoscaleConfig,
@@ -167,6 +175,7 @@ impl Default for Config {
             max_client_in_flight: 4096,
             max_frame: tidepool_protocol::DEFAULT_MAX_FRAME,
             drain_timeout: Duration::from_secs(30),
+            runtime_threads: 1,
             autoscale: AutoscaleConfig::default(),
         }
     }
@@ -220,6 +229,12 @@ impl Config {
         }
         if self.max_client_in_flight == 0 {
             return bad("max-client-in-flight", "must be at least 1");
+        }
+        if self.runtime_threads > 1024 {
+            return bad(
+                "runtime-threads",
+                "must be at most 1024 (0: one per CPU core)",
+            );
         }
         if self.max_frame < 64 || self.max_frame > u32::MAX as usize {
             return bad("max-frame", "must be between 64 bytes and 4 GiB");

@@ -6,8 +6,7 @@ use clap::Parser;
 use tidepool_balancer::{Balancer, Config};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -18,6 +17,31 @@ async fn main() -> anyhow::Result<()> {
         .log_internal_errors(false)
         .init();
     let config = Config::parse();
+    // Checked before the runtime starts its threads; `bind` checks the rest again.
+    config
+        .validate()
+        .context("tidepool-balancer could not start")?;
+    runtime(config.runtime_threads)
+        .context("tidepool-balancer could not start its runtime")?
+        .block_on(serve(config))
+}
+
+/// The async runtime `--runtime-threads` asks for.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
+}
+
+/// Binds, runs until a signal, drains.
+async fn serve(config: Config) -> anyhow::Result<()> {
     let balancer = Balancer::bind(config)
         .await
         .context("tidepool-balancer could not start")?;
