@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# make bench: build in release mode, run the worker and balancer benchmarks, and assemble
-# BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
+# make bench: build in release mode, run the worker, balancer and autoscaling benchmarks, and
+# assemble BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
 # (bench/intro/*.md). BENCH_QUICK=1: a short smoke run on a small model; BENCHMARKS.md is then
 # written to bench-out/BENCHMARKS.quick.md instead, so the committed figures stay real.
-# BENCH_ONLY=worker|balancer: rerun one benchmark and reassemble with the other's last report.
+# BENCH_ONLY=worker|balancer|autoscale: rerun one benchmark and reassemble with the others' last
+# reports; BENCH_ONLY=none only reassembles (after editing an intro).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +38,18 @@ if [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
     target/release/tidepool-worker synth --out "$MODEL" --size "$SIZE"
 fi
 
+# The autoscaling benchmark serves the same 64 MiB model as `make demo` (input f32x256), small
+# enough that a worker starts in well under a second and the pool's size, not the model, is
+# what is measured.
+POOL_MODEL=build/models/demo-64MiB-256.onnx
+if [[ ! -f $POOL_MODEL || ! -f $POOL_MODEL.data ]]; then
+    echo "bench: writing the 64MiB pool model to $POOL_MODEL" >&2
+    target/release/tidepool-worker synth --out "$POOL_MODEL" --size 64MiB --input-dim 256 \
+        --output-dim 16 --layers 4 --seed 1
+fi
+
 ONLY=${BENCH_ONLY:-all}
+case $ONLY in all|worker|balancer|autoscale|none) ;; *) echo "bench: BENCH_ONLY must be worker, balancer, autoscale or none" >&2; exit 2 ;; esac
 if [[ $ONLY == all || $ONLY == worker ]]; then
     echo "bench: worker" >&2
     RUST_LOG=${RUST_LOG:-warn} target/release/bench-worker --model "$MODEL" --out "$OUT" >/dev/null
@@ -45,6 +57,13 @@ fi
 if [[ $ONLY == all || $ONLY == balancer ]]; then
     echo "bench: balancer" >&2
     RUST_LOG=${RUST_LOG:-warn} target/release/bench-balancer --out "$OUT" >/dev/null
+fi
+if [[ $ONLY == all || $ONLY == autoscale ]]; then
+    # About 8 minutes: a step up, then a 3-minute day against each pool, then single starts
+    # (the 1 GiB one reuses the worker benchmark's model).
+    echo "bench: autoscale" >&2
+    target/release/bench-autoscale --model "$POOL_MODEL" --big-model build/models/synth-1gib.onnx \
+        --out "$OUT" >/dev/null
 fi
 
 DEST=BENCHMARKS.md
@@ -61,5 +80,10 @@ DEST=BENCHMARKS.md
     cat bench/intro/balancer.md
     echo
     cat "$OUT/balancer.md"
+    if [[ -f $OUT/autoscale.md ]]; then
+        cat bench/intro/autoscale.md
+        echo
+        cat "$OUT/autoscale.md"
+    fi
 } > "$DEST"
 echo "bench: wrote $DEST (reports and JSON in $OUT/)" >&2

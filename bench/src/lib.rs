@@ -14,10 +14,15 @@
 //! - `bench-balancer`: tidepool-balancer against HAProxy (TCP mode, `balance leastconn`) and
 //!   against no balancer at all, in front of the same tiny targets: latency added, frames/s
 //!   at saturation, and p99 over a skewed pool (issue 4).
+//! - `bench-autoscale`: a compressed day of load against a pool fixed at the peak size and
+//!   against the autoscaled pool (worker-seconds and seconds within a p99 objective), and
+//!   the time from a step up in load to enough ready workers, taken apart (issue 6).
 //! - `bench-target`: the tiny targets `bench-balancer` starts in a process of their own: an
 //!   echo that answers at once, or a serial "model" with a fixed service time per item.
 //!
 //! ## Modules
+//! - [`autoscale`]: an autoscaling balancer as a child process, a `GET /scaling` poller,
+//!   worker-seconds, the share of seconds within an objective, worker starts from the logs.
 //! - [`openloop`]: an open-loop driver on plain threads and blocking sockets, with latency
 //!   from each request's intended send time at microsecond resolution.
 //! - [`pipeline`]: a closed-loop, pipelined driver that keeps a window of frames in flight
@@ -28,6 +33,7 @@
 //! - [`report`]: the Markdown and JSON report each binary writes.
 //! - [`stats`]: latency summaries from HDR histograms.
 
+pub mod autoscale;
 pub mod openloop;
 pub mod pipeline;
 pub mod process;

@@ -220,7 +220,7 @@ pub fn start_balancer(spec: &BalancerSpec) -> anyhow::Result<(Proc, SocketAddr)>
 }
 
 /// A plain HTTP/1.1 GET; the body as text.
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     write!(
