@@ -54,7 +54,7 @@ interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
 fuzz: ## build the decoder fuzz target and run it briefly (FUZZ_SECONDS)
 	scripts/fuzz.sh $${FUZZ_SECONDS:-20}
 
-bench: ort ## benchmarks (worker, balancer vs HAProxy) into BENCHMARKS.md, ~10 min; BENCH_QUICK=1 for a smoke run
+bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale for one
 	scripts/bench.sh
 
 python-client: venv ## the README's Python client against a live cluster
