@@ -272,8 +272,20 @@ async fn write_loop(
     let mut written: Vec<Outbound> = Vec::new();
     while let Some(first) = answers.recv().await {
         let mut next = Some(first);
+        let mut yielded = false;
         // Encode everything queued, then write once: one syscall for a burst.
-        while let Some(out) = next {
+        loop {
+            let Some(out) = next else {
+                // Let the tasks that are ready now (the other upstream connections answering
+                // this client) add their answers first: one `send` for all of them.
+                if yielded || buf.len() >= WRITE_BURST {
+                    break;
+                }
+                yielded = true;
+                tokio::task::yield_now().await;
+                next = answers.try_recv().ok();
+                continue;
+            };
             let encoded = match &out.answer {
                 Answer::Message(msg) => codec.encode_ref(msg, &mut buf),
                 Answer::Raw { result, client_id } => result.write_frame(

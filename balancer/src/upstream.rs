@@ -157,8 +157,24 @@ async fn write_loop(
             else => break 'run,
         };
         let mut next = Some(first);
+        let mut yielded = false;
         // Encode everything queued, then write once: one syscall for a burst.
-        while let Some(item) = next {
+        loop {
+            let Some(item) = next else {
+                // Let the tasks that are ready now (other clients' readers routing here) add
+                // their requests first: one `send` for all of them. Requests already in
+                // `buf` count as written meanwhile, as they would in the kernel's buffer.
+                if yielded || buf.len() >= WRITE_BURST {
+                    break;
+                }
+                yielded = true;
+                tokio::task::yield_now().await;
+                next = match requests.try_recv() {
+                    Ok(forward) => Some(Outgoing::Request(forward)),
+                    Err(_) => cancels.try_recv().ok().map(Outgoing::Cancel),
+                };
+                continue;
+            };
             let written = match item {
                 Outgoing::Request(forward) => encode_request(&conn, &mut buf, forward, &shared),
                 Outgoing::Cancel(id) => codec.encode_ref(&Message::Cancel { id }, &mut buf),
