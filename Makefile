@@ -45,6 +45,8 @@ lint: ## rustfmt and clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit: setup ## every cargo test in the workspace
+	# The end-to-end suites run the real binaries, which cargo test does not build by itself.
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
 interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
