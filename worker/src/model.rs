@@ -777,17 +777,7 @@ mod ort_tests {
     use ort::value::TensorElementType as T;
 
     use super::*;
-    use crate::test_support::{new_graph, ort_lib, outlet, scratch_dir, write_graph};
-
-    fn load(path: &Path) -> Model {
-        Model::load(&LoadOptions {
-            path: path.to_path_buf(),
-            ort_lib: ort_lib(),
-            device: DeviceChoice::Cpu,
-            threads: Some(1),
-        })
-        .unwrap()
-    }
+    use crate::test_support::{load_cpu, new_graph, ort_lib, outlet, scratch_dir, write_graph};
 
     #[test]
     fn integer_and_bool_tensors_are_stacked_and_split() {
@@ -813,7 +803,7 @@ mod ort_tests {
             .unwrap();
         write_graph(&path, graph);
 
-        let mut model = load(&path);
+        let mut model = load_cpu(&path);
         assert!(model.spec().batched);
         assert_eq!(model.spec().inputs[1].dtype, DType::Bool);
         model.warm_up().unwrap();
@@ -856,7 +846,7 @@ mod ort_tests {
             .unwrap();
         write_graph(&path, graph);
 
-        let mut model = load(&path);
+        let mut model = load_cpu(&path);
         assert!(!model.spec().batched);
         assert_eq!(model.spec().batch_limit(32), 1);
         let item = Tensors::from([(

@@ -386,20 +386,9 @@ mod tests {
 #[cfg(test)]
 mod ort_tests {
     use super::*;
-    use crate::config::DeviceChoice;
-    use crate::model::{Engine, LoadOptions, Model};
-    use crate::test_support::{ort_lib, scratch_dir};
+    use crate::model::Engine;
+    use crate::test_support::{load_cpu, ort_lib, scratch_dir};
     use tidepool_protocol::{Tensor, Tensors};
-
-    fn load(path: &Path) -> Model {
-        Model::load(&LoadOptions {
-            path: path.to_path_buf(),
-            ort_lib: ort_lib(),
-            device: DeviceChoice::Cpu,
-            threads: Some(1),
-        })
-        .unwrap()
-    }
 
     #[test]
     fn written_model_loads_batches_and_is_deterministic() {
@@ -413,8 +402,8 @@ mod ort_tests {
         write(&plan, &b, &ort_lib(), EXTERNAL_DATA_FROM).unwrap();
         // ONNX Runtime may order the initializers differently in each file; the weights, and
         // so the outputs, are the same.
-        let mut model = load(&a);
-        let mut twin = load(&b);
+        let mut model = load_cpu(&a);
+        let mut twin = load_cpu(&b);
         assert!(model.spec().batched);
         model.warm_up().unwrap();
         let items: Vec<Tensors> = (0..3)
@@ -458,7 +447,7 @@ mod ort_tests {
             "data file {data_len} bytes"
         );
         assert!(model_len < data_len, "model file {model_len} bytes");
-        let mut model = load(&out);
+        let mut model = load_cpu(&out);
         model.warm_up().unwrap();
     }
 }

@@ -76,3 +76,14 @@ pub(crate) fn new_graph() -> ort::editor::Graph {
     crate::model::environment(&ort_lib()).unwrap();
     ort::editor::Graph::new().unwrap()
 }
+
+/// Loads `path` on the CPU with one intra-op thread, as the unit tests run models.
+pub(crate) fn load_cpu(path: &std::path::Path) -> crate::model::Model {
+    crate::model::Model::load(&crate::model::LoadOptions {
+        path: path.to_path_buf(),
+        ort_lib: ort_lib(),
+        device: crate::config::DeviceChoice::Cpu,
+        threads: Some(1),
+    })
+    .expect("load the test model")
+}
