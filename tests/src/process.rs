@@ -34,9 +34,19 @@ pub fn binary(name: &str) -> PathBuf {
 /// it and released just before the process starts; in-process servers bind
 /// `127.0.0.1:0` instead.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
+    let [addr] = free_addrs();
+    addr
+}
+
+/// `N` distinct loopback addresses whose ports were free a moment ago.
+///
+/// All `N` are held at once while they are picked: two separate picks may return the same
+/// port, which would make a balancer's `--listen` and `--admin` collide.
+pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("bound listener has an address"))
 }
 
 /// `tidepool-balancer` arguments for tests: `listen` and `admin` addresses, health checks

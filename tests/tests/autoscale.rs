@@ -10,7 +10,9 @@ use std::time::Duration;
 use tidepool_balancer::AutoscaleConfig;
 use tidepool_tests::balancer::{fast_config, http, inputs, TestBalancer};
 use tidepool_tests::drive::Drive;
-use tidepool_tests::process::{balancer_args, binary, eventually, free_addr, wait_listening, Proc};
+use tidepool_tests::process::{
+    balancer_args, binary, eventually, free_addrs, wait_listening, Proc,
+};
 use tidepool_tests::stand_in::{StandIn, StandInConfig};
 use tidepool_tests::worker::{ort_lib, scratch_dir, TinyModel};
 use tokio_util::sync::CancellationToken;
@@ -133,7 +135,7 @@ async fn process_actuator_scales_out_replaces_and_drains_real_workers() {
         ..TinyModel::default()
     }
     .write();
-    let (listen, admin) = (free_addr(), free_addr());
+    let [listen, admin] = free_addrs();
     let worker_cmd = format!(
         "{} serve --model {} --listen 127.0.0.1:{{port}} --register http://{{admin}} --name auto-{{port}} \
          --threads 1 --max-batch 8 --max-delay 20ms --drain-timeout 10s --ort-lib {}",

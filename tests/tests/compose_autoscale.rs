@@ -24,7 +24,7 @@ use tidepool_tests::compose::{
     build_image, compose_program, docker, report, workspace_root, Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive, Tally};
-use tidepool_tests::process::{balancer_args, free_addr, wait_listening, Proc};
+use tidepool_tests::process::{balancer_args, free_addrs, wait_listening, Proc};
 use tidepool_tests::worker::scratch_dir;
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +57,7 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     let built = started.elapsed();
 
     let dir = scratch_dir("compose-autoscale");
-    let (listen, admin) = (free_addr(), free_addr());
+    let [listen, admin] = free_addrs();
     let register = format!("http://{admin}");
     let compose = Compose::new(
         program,

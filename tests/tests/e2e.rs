@@ -13,7 +13,9 @@ use std::time::Duration;
 use tidepool_protocol::{Client, Tensor, Tensors};
 use tidepool_tests::balancer::http;
 use tidepool_tests::drive::{Drive, Tally};
-use tidepool_tests::process::{balancer_args, eventually, free_addr, wait_listening, Proc};
+use tidepool_tests::process::{
+    balancer_args, eventually, free_addr, free_addrs, wait_listening, Proc,
+};
 use tidepool_tests::worker::{direct_run, ort_lib, scratch_dir, TinyModel};
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +42,7 @@ impl Cluster {
             ..TinyModel::default()
         }
         .write();
-        let (listen, admin) = (free_addr(), free_addr());
+        let [listen, admin] = free_addrs();
         let args = balancer_args(listen, admin);
         let balancer = Proc::start("balancer", "tidepool-balancer", &args, &dir);
         Cluster {

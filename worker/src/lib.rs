@@ -303,6 +303,34 @@ impl Run {
 }
 
 /// Loads the model, serves until `shutdown`, then deregisters and drains the batcher.
+/// After deregistration, keeps serving as usual until the balancer has closed its
+/// connections, or `limit` passes.
+///
+/// Frames the balancer wrote before it saw the deregistration may still be on the wire; a
+/// draining worker would answer them `shutting_down`, and one that stopped reading would
+/// lose them. The balancer closes a deregistered target's connections once its last request
+/// is answered, so their closing is the signal that nothing more is coming.
+async fn wait_for_balancer_to_let_go(metrics: &Metrics, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        let open = metrics.connections.load(Ordering::Relaxed);
+        if open <= 0 {
+            info!("the balancer closed its connections; draining");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                open,
+                ?limit,
+                "connections still open after deregistration; draining anyway"
+            );
+            return;
+        }
+        tick.tick().await;
+    }
+}
+
 async fn serve_model(
     config: &ServeConfig,
     advertise: &str,
@@ -371,7 +399,9 @@ async fn serve_model(
     // Deregister first, so the balancer stops sending before this worker stops taking.
     if let Some(task) = registration {
         if let Ok((url, true)) = task.await {
-            registration::deregister(&url, advertise).await;
+            if registration::deregister(&url, advertise).await {
+                wait_for_balancer_to_let_go(metrics, config.drain_timeout).await;
+            }
         }
     }
     phase_tx.send_replace(Phase::Draining);

@@ -111,15 +111,25 @@ async fn register_once(
 }
 
 /// Deregisters `advertise`: one attempt, bounded by a timeout, since shutdown must go on.
-pub async fn deregister(base: &str, advertise: &str) {
+/// True when the balancer took it (it no longer routes here).
+pub async fn deregister(base: &str, advertise: &str) -> bool {
     let url = format!("{}/{}", targets_url(base), advertise);
     match client().delete(&url).send().await {
-        Ok(resp)
-            if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND =>
-        {
+        Ok(resp) if resp.status().is_success() => {
             info!(%url, "deregistered from the balancer");
+            true
         }
-        Ok(resp) => warn!(%url, status = %resp.status(), "balancer refused deregistration"),
-        Err(e) => warn!(%url, error = %e, "could not deregister from the balancer"),
+        Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => {
+            info!(%url, "the balancer no longer lists this worker");
+            false
+        }
+        Ok(resp) => {
+            warn!(%url, status = %resp.status(), "balancer refused deregistration");
+            false
+        }
+        Err(e) => {
+            warn!(%url, error = %e, "could not deregister from the balancer");
+            false
+        }
     }
 }
