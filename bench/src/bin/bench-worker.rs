@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use clap::ValueEnum as _;
 use serde::Serialize;
 use tidepool_bench::report::{machine, Report};
 use tidepool_bench::stats::fmt_us;
@@ -51,6 +52,10 @@ struct Args {
     /// a full batch is queued while the previous one runs].
     #[arg(long)]
     clients: Option<usize>,
+    /// Where the model runs, for the direct runs and the worker alike (`cuda` needs a build
+    /// with `--features tidepool-worker/cuda` and the onnxruntime-gpu library).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    device: DeviceChoice,
 }
 
 /// Phase lengths.
@@ -110,12 +115,19 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let mut report = Report::new();
     report.para(&format!(
-        "Machine: {}. Model: `{}` ({:.2} GiB of weights), CPU execution provider, ONNX Runtime's default \
+        "Machine: {}. Model: `{}` ({:.2} GiB of weights), `--device {}`, ONNX Runtime's default \
          intra-op threads (one per core).{}",
         machine(),
         args.model.display(),
         weight_bytes(&args.model) as f64 / f64::from(1u32 << 30),
-        if args.quick { " **Quick smoke run (BENCH_QUICK=1): figures are not meaningful.**" } else { "" }
+        args.device
+            .to_possible_value()
+            .map_or_else(|| "cpu".to_owned(), |v| v.get_name().to_owned()),
+        if args.quick {
+            " **Quick smoke run (BENCH_QUICK=1): figures are not meaningful.**"
+        } else {
+            ""
+        }
     ));
     report.set("machine", machine());
     report.set("model", args.model.display().to_string());
@@ -213,7 +225,7 @@ fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<Direct
     let mut model = Model::load(&LoadOptions {
         path: args.model.clone(),
         ort_lib: args.ort_lib.clone(),
-        device: DeviceChoice::Cpu,
+        device: args.device,
         threads: None,
     })?;
     model.warm_up()?;
@@ -246,7 +258,7 @@ fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<Direct
 async fn start_worker(args: &Args, max_batch: usize) -> anyhow::Result<Worker> {
     let mut config = ServeConfig::new(&args.model, "127.0.0.1:0");
     config.ort_lib = Some(args.ort_lib.clone());
-    config.device = DeviceChoice::Cpu;
+    config.device = args.device;
     config.max_batch = max_batch;
     let worker = Worker::start(config).await?;
     if !worker.ready().await {
