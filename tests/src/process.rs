@@ -74,6 +74,29 @@ pub fn balancer_args(listen: SocketAddr, admin: SocketAddr) -> Vec<String> {
     .to_vec()
 }
 
+/// `tidepool-balancer` autoscaling arguments for tests: `--autoscale` between `min` and
+/// `max` workers at `target_load`, with a 1 s window, 1 s out and 3 s in, so a test sees a
+/// pool grow and shrink within seconds. The actuator flag (`--worker-cmd` or `--scale-cmd`)
+/// is the caller's.
+pub fn fast_scaling_args(min: usize, max: usize, target_load: f64) -> Vec<String> {
+    [
+        "--autoscale".to_owned(),
+        "--min-workers".to_owned(),
+        min.to_string(),
+        "--max-workers".to_owned(),
+        max.to_string(),
+        "--target-load".to_owned(),
+        target_load.to_string(),
+        "--scaling-window".to_owned(),
+        "1s".to_owned(),
+        "--scale-out-delay".to_owned(),
+        "1s".to_owned(),
+        "--scale-in-delay".to_owned(),
+        "3s".to_owned(),
+    ]
+    .to_vec()
+}
+
 /// A child process that is killed on drop.
 pub struct Proc {
     name: String,

@@ -11,7 +11,7 @@ use tidepool_balancer::AutoscaleConfig;
 use tidepool_tests::balancer::{fast_config, http, inputs, TestBalancer};
 use tidepool_tests::drive::Drive;
 use tidepool_tests::process::{
-    balancer_args, binary, eventually, free_addrs, wait_listening, Proc,
+    balancer_args, binary, eventually, fast_scaling_args, free_addrs, wait_listening, Proc,
 };
 use tidepool_tests::stand_in::{StandIn, StandInConfig};
 use tidepool_tests::worker::{ort_lib, scratch_dir, TinyModel};
@@ -144,26 +144,8 @@ async fn process_actuator_scales_out_replaces_and_drains_real_workers() {
         ort_lib().display()
     );
     let mut args = balancer_args(listen, admin);
-    args.extend(
-        [
-            "--autoscale",
-            "--worker-cmd",
-            &worker_cmd,
-            "--min-workers",
-            "1",
-            "--max-workers",
-            "3",
-            "--target-load",
-            "4",
-            "--scaling-window",
-            "1s",
-            "--scale-out-delay",
-            "1s",
-            "--scale-in-delay",
-            "3s",
-        ]
-        .map(String::from),
-    );
+    args.extend(fast_scaling_args(1, 3, 4.0));
+    args.extend(["--worker-cmd".to_owned(), worker_cmd]);
     let mut balancer = Proc::start("balancer", "tidepool-balancer", &args, &dir);
     wait_listening(admin, &balancer).await;
     let procs = [&balancer];

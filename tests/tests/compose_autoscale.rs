@@ -24,7 +24,7 @@ use tidepool_tests::compose::{
     build_image, compose_program, docker, report, workspace_root, Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive, Tally};
-use tidepool_tests::process::{balancer_args, free_addrs, wait_listening, Proc};
+use tidepool_tests::process::{balancer_args, fast_scaling_args, free_addrs, wait_listening, Proc};
 use tidepool_tests::worker::scratch_dir;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +36,7 @@ const MAX_WORKERS: usize = 3;
 /// Outstanding requests per worker the pool is sized for. Workers hold a request at least
 /// their --max-delay (20 ms, batches of 32 never fill here), so `HEAVY_RATE` keeps about
 /// 600 × 0.02 = 12 outstanding: three workers' worth.
-const TARGET_LOAD: &str = "4";
+const TARGET_LOAD: f64 = 4.0;
 const HEAVY_RATE: u32 = 600;
 /// About 0.4 outstanding: one worker is plenty.
 const LIGHT_RATE: u32 = 20;
@@ -73,26 +73,8 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     let cluster = Down(compose.clone());
     let scale_cmd = compose.command_line("up -d --no-recreate --scale worker={count} worker");
     let mut args = balancer_args(listen, admin);
-    args.extend(
-        [
-            "--autoscale",
-            "--scale-cmd",
-            &scale_cmd,
-            "--min-workers",
-            &MIN_WORKERS.to_string(),
-            "--max-workers",
-            &MAX_WORKERS.to_string(),
-            "--target-load",
-            TARGET_LOAD,
-            "--scaling-window",
-            "1s",
-            "--scale-out-delay",
-            "1s",
-            "--scale-in-delay",
-            "3s",
-        ]
-        .map(String::from),
-    );
+    args.extend(fast_scaling_args(MIN_WORKERS, MAX_WORKERS, TARGET_LOAD));
+    args.extend(["--scale-cmd".to_owned(), scale_cmd]);
     let mut balancer = Proc::start("balancer", "tidepool-balancer", &args, &dir);
     wait_listening(admin, &balancer).await;
 

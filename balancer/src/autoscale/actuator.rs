@@ -49,11 +49,12 @@ impl Actuator {
         }
     }
 
-    /// Workers started and not yet ready.
-    pub fn coming(&self, handle: &Handle) -> usize {
+    /// Workers started and not yet ready, given the registry's counts of `healthy` and
+    /// `initial` (registered, not yet healthy) targets.
+    pub fn coming(&self, healthy: usize, initial: usize) -> usize {
         match self {
             Actuator::Processes(pool) => pool.coming(),
-            Actuator::Command(cmd) => cmd.coming(handle),
+            Actuator::Command(cmd) => cmd.coming(healthy, initial),
         }
     }
 
@@ -349,19 +350,10 @@ impl ScaleCommand {
         }
     }
 
-    fn coming(&self, handle: &Handle) -> usize {
-        let present = handle
-            .targets()
-            .iter()
-            .filter(|t| matches!(t.state, TargetState::Healthy | TargetState::Initial))
-            .count();
-        let initial = handle
-            .targets()
-            .iter()
-            .filter(|t| t.state == TargetState::Initial)
-            .count();
+    fn coming(&self, healthy: usize, initial: usize) -> usize {
         match self.requested {
-            Some((n, _)) => initial.max(n.saturating_sub(present.saturating_sub(initial))),
+            // Asked for and not yet healthy, whether or not DNS has shown them yet.
+            Some((n, _)) => initial.max(n.saturating_sub(healthy)),
             None => initial,
         }
     }

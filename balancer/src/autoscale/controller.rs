@@ -68,7 +68,7 @@ pub(crate) fn sample(handle: &Handle, actuator: Option<&Actuator>, at: Instant) 
     }
     let coming = match actuator {
         // The actuator knows its own starting workers, registered or not yet.
-        Some(a) => a.coming(handle),
+        Some(a) => a.coming(ready, initial),
         None => initial,
     };
     Sample {
