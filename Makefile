@@ -14,10 +14,10 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 COMPOSE     ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
 
 .PHONY: help setup ort venv build release test lint unit interop fuzz python-client demo bench \
-        compose-up compose-down k8s-validate clean-local
+        compose-up compose-down k8s-validate docker-validate clean-local
 
 help: ## this list
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 setup: ort venv ## fetch ONNX Runtime and the Python tools (idempotent)
 
@@ -25,7 +25,7 @@ ort: $(ORT_LIB) ## fetch the ONNX Runtime library from the onnxruntime wheel int
 $(ORT_LIB):
 	ORT_VERSION=$(ORT_VERSION) scripts/fetch-ort.sh
 
-venv: $(VENV)/.ready ## Python tools: the interop fixtures, the README client, kubernetes-validate
+venv: $(VENV)/.ready ## Python tools: the interop fixtures, the README client, kubernetes-validate, the Dockerfile parser
 $(VENV)/.ready: scripts/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
@@ -37,7 +37,7 @@ build: ## debug build of every crate
 release: ## release build of the binaries
 	$(CARGO) build --release --workspace --bins
 
-test: setup lint unit interop fuzz python-client k8s-validate ## the whole suite: what CI runs
+test: setup lint unit interop fuzz python-client k8s-validate docker-validate ## the whole suite: what CI runs
 	@echo "make test: all checks passed"
 
 lint: ## rustfmt and clippy, warnings are errors
@@ -64,6 +64,9 @@ python-client: venv ## the README's Python client against a live cluster
 
 k8s-validate: venv ## deploy/kubernetes against Kubernetes 1.31's schemas (K8S_VERSION), offline; KEDA's ScaledObject too
 	PY=$(PY) scripts/validate-k8s.sh
+
+docker-validate: venv ## Dockerfile, Dockerfile.gpu, deploy/compose/gpu.yml against the workspace and deploy/image/contents.txt, offline
+	$(PY) scripts/validate-docker.py
 
 compose-up: ## image tidepool:local (PROFILE, SIZE) and a balancer with WORKERS workers (3) under docker-compose
 	scripts/docker-image.sh
