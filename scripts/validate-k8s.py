@@ -10,17 +10,22 @@ against each other.
    SCALED_OBJECT below: the fields KEDA documents, unknown ones rejected, the metrics-api
    trigger's metadata too; its HPA `behavior` is checked by the core HPA schema. Any other
    kind without a schema fails: add a schema here before adding one.
-3. Each kustomization (the root one: KEDA; hpa/: the HPA) is resolved to its resources,
-   and within each set: selectors match pod labels; the balancer's --target-dns names a
+3. Each top-level kustomization (the root one: KEDA; hpa/: the HPA; gpu/: KEDA, GPU
+   workers) is resolved to its resources, with its JSON 6902 `patches` and `images`
+   applied as kustomize does, and within each set: selectors match pod labels; the balancer's --target-dns names a
    headless Service of the workers with that port; the scaler scales the worker
    Deployment with the balancer's --min-workers/--max-workers and --target-load, reading
    a field /scaling has from the balancer's admin Service; probes and grace periods fit
-   the flags.
+   the flags. A worker that asks for a GPU (or runs `--device=cuda`) asks for exactly one
+   `nvidia.com/gpu`, runs `--device=cuda` on an image other than the balancer's, and has a
+   node selector and a toleration for the `nvidia.com/gpu` taint.
 4. A self-test: a few broken copies (a misspelt field in each kind of check) must fail,
    so a check that silently stopped checking is caught too.
 
 With kubectl on the PATH, `kubectl kustomize` also renders each kustomization, and the
-result is validated the same way (without it, that step is skipped with a note).
+result is validated the same way and compared with this script's own resolution, so that
+the patches checked are the patches kustomize applies (without kubectl, that step is
+skipped with a note).
 """
 
 import copy
@@ -31,6 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonpatch
+import jsonpointer
 import jsonschema
 import kubernetes_validate
 import yaml
@@ -43,6 +50,9 @@ SCALING_NUMBERS = {
     "current", "ready", "coming", "leaving", "total_load", "load_per_worker", "desired",
     "load_now", "target_load", "min_workers", "max_workers",
 }
+
+# Kinds without a namespace, which kustomize's `namespace:` leaves alone.
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253}
@@ -240,8 +250,69 @@ def resolve(kdir, errors, seen=None):
             errors.append(f"{kfile}: resource {res} does not exist")
     if "namespace" in k:
         for _, d in out:
-            d.setdefault("metadata", {})["namespace"] = k["namespace"]
+            if d.get("kind") not in CLUSTER_SCOPED:
+                d.setdefault("metadata", {})["namespace"] = k["namespace"]
+    for patch in k.get("patches") or []:
+        out = apply_patch(kfile, patch, out, errors)
+    for image in k.get("images") or []:
+        for _, d in out:
+            set_image(d, image)
     return out
+
+
+def targets(target, doc):
+    """Whether a patch's `target` (kind, name, namespace, group, version) selects `doc`."""
+    group, _, version = doc.get("apiVersion", "").rpartition("/")
+    meta = doc.get("metadata") or {}
+    have = {"kind": doc.get("kind"), "name": meta.get("name"), "namespace": meta.get("namespace"),
+            "group": group, "version": version}
+    return all(have.get(key) == want for key, want in target.items())
+
+
+def apply_patch(kfile, patch, docs, errors):
+    """`docs` with one `patches:` entry applied: a JSON 6902 patch (inline or a file)."""
+    if "patch" in patch:
+        ops = yaml.safe_load(patch["patch"])
+    else:
+        path = kfile.parent / patch.get("path", "")
+        if not path.is_file():
+            errors.append(f"{kfile}: patch {patch.get('path')} does not exist")
+            return docs
+        ops = yaml.safe_load(path.read_text())
+    if not isinstance(ops, list):
+        errors.append(f"{kfile}: a strategic-merge patch: only JSON 6902 patches (a list of "
+                      "ops) are applied by this check; write it as one")
+        return docs
+    target = patch.get("target") or {}
+    if not any(targets(target, d) for _, d in docs):
+        errors.append(f"{kfile}: patch target {target} matches no resource")
+    out = []
+    for f, d in docs:
+        if targets(target, d):
+            try:
+                d = jsonpatch.apply_patch(d, ops)
+            except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as e:
+                errors.append(f"{kfile}: patch on {where(d)} does not apply: {str(e).split(' in {')[0]}")
+        out.append((f, d))
+    return out
+
+
+def set_image(doc, image):
+    """kustomize's `images:` entry on a workload's containers: name matched without the tag."""
+    pod = ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}
+    for c in (pod.get("containers") or []) + (pod.get("initContainers") or []):
+        name, tag = split_image(c.get("image", ""))
+        if name == image.get("name"):
+            tag = image.get("newTag", tag)
+            c["image"] = image.get("newName", name) + (f":{tag}" if tag else "")
+
+
+def split_image(ref):
+    """(name, tag) of an image reference; a registry's :port is part of the name."""
+    name, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        return ref, None
+    return name, tag
 
 
 def flag(container, name):
@@ -319,6 +390,8 @@ def check_set(name, docs, errors):
         bad(f"worker terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop}s "
             f"+ --drain-timeout {drain}")
 
+    check_gpu(worker, bc, bad)
+
     # The scaler: the worker Deployment, the balancer's bounds and target.
     target_load = float(flag(bc, "target-load") or 32)
     bounds = (int(flag(bc, "min-workers") or 1), int(flag(bc, "max-workers") or 8))
@@ -372,6 +445,34 @@ def check_set(name, docs, errors):
             bad(f"{where(s)}: replicas {got} differ from the balancer's --min/--max-workers {bounds}")
 
 
+def check_gpu(worker, bc, bad):
+    """A worker on a GPU: one GPU, `--device=cuda`, the GPU image, a way onto GPU nodes."""
+    pod = worker["spec"]["template"]["spec"]
+    wc = pod["containers"][0]
+    res = wc.get("resources") or {}
+    limit = (res.get("limits") or {}).get("nvidia.com/gpu")
+    request = (res.get("requests") or {}).get("nvidia.com/gpu")
+    device = flag(wc, "device") or next((e.get("value") for e in wc.get("env") or []
+                                         if e.get("name") == "TIDEPOOL_WORKER_DEVICE"), None)
+    if limit is None and request is None and device != "cuda":
+        return  # a CPU worker
+    if str(limit) != "1" or request not in (None, limit):
+        bad(f"worker: nvidia.com/gpu limit {limit!r} (request {request!r}): want a limit of 1, "
+            "one GPU per pod (a worker runs one session on one device)")
+    if device != "cuda":
+        bad(f"worker asks for a GPU but runs --device={device or 'auto'}: want --device=cuda, "
+            "so that a pod whose GPU does not work fails instead of running on CPU")
+    if split_image(wc.get("image", ""))[0] == split_image(bc.get("image", ""))[0]:
+        bad(f"GPU worker runs {wc.get('image')!r}, the balancer's CPU image: want the GPU "
+            "image (Dockerfile.gpu)")
+    if not pod.get("nodeSelector") and not pod.get("affinity"):
+        bad("GPU worker has no nodeSelector (or affinity) for GPU nodes")
+    if not any(t.get("key") == "nvidia.com/gpu" and t.get("effect") in (None, "", "NoSchedule")
+               and (t.get("operator") == "Exists" or "value" in t)
+               for t in pod.get("tolerations") or []):
+        bad("GPU worker tolerates no `nvidia.com/gpu:NoSchedule` taint, which GPU nodes carry")
+
+
 def validate_dir(root):
     errors = []
     files = sorted(p for p in root.rglob("*.y*ml") if p.name != "kustomization.yaml")
@@ -380,9 +481,14 @@ def validate_dir(root):
             check_doc(doc, errors, path.relative_to(root))
     sets = {}
     reached = set()
-    for kfile in sorted(root.rglob("kustomization.yaml")):
-        kdir = kfile.parent
-        # The top-level sets: a kustomization with a scaler; `base` is part of both.
+    kdirs = [k.parent for k in sorted(root.rglob("kustomization.yaml"))]
+    # The top-level sets: kustomizations no other one includes (`base` and `keda` are
+    # parts of several), with a scaler.
+    parts = {(kdir / res).resolve() for kdir in kdirs
+             for res in (load_docs(kdir / "kustomization.yaml")[0].get("resources") or [])}
+    for kdir in kdirs:
+        if kdir.resolve() in parts:
+            continue  # resolved, and its errors shown, as part of the sets that include it
         resources = resolve(kdir, errors, reached)
         if any(d.get("kind") in ("ScaledObject", "HorizontalPodAutoscaler") for _, d in resources):
             sets[str(kdir.relative_to(root)) or "."] = [d for _, d in resources]
@@ -412,15 +518,29 @@ def rendered(root, sets):
         for doc in docs:
             check_doc(doc, errors, f"kustomize {name}")
         check_set(f"kustomize {name}", docs, errors)
+        # This script's resolution (patches, images, namespace) must be kustomize's, or the
+        # checks above looked at something else than what a cluster gets.
+        ours = {key(d): d for d in sets[name]}
+        for doc in docs:
+            if ours.get(key(doc)) != doc:
+                errors.append(f"kustomize {name}: {where(doc)} differs from this script's "
+                              "resolution of the same kustomization (fix resolve())")
+        if len(docs) != len(ours):
+            errors.append(f"kustomize {name}: {len(docs)} objects, this script resolved {len(ours)}")
     return errors
+
+
+def key(doc):
+    meta = doc.get("metadata") or {}
+    return (doc.get("kind"), meta.get("namespace"), meta.get("name"))
 
 
 def self_test(sets):
     """Broken copies that must fail; returns the mutations that passed anyway."""
-    def mutate(kind, change):
+    def mutate(kind, change, pick=None):
         for name, docs in sets.items():
             for i, d in enumerate(docs):
-                if d.get("kind") == kind:
+                if d.get("kind") == kind and (pick is None or pick(d)):
                     broken = copy.deepcopy(docs)
                     change(broken[i])
                     errors = []
@@ -428,12 +548,14 @@ def self_test(sets):
                         check_doc(doc, errors, "self-test")
                     check_set("self-test", broken, errors)
                     return bool(errors)
-        return True  # that kind is not here: nothing to break
+        # That kind is not here: nothing to break. A picked one (the GPU worker) must be.
+        return pick is None
 
     def rename(obj, old, new):
         obj[new] = obj.pop(old)
 
     wc = lambda d: d["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
+    gpu = lambda d: "nvidia.com/gpu" in (wc(d).get("resources") or {}).get("limits", {})  # noqa: E731
     cases = {
         "Deployment field misspelt (image -> imagee)":
             ("Deployment", lambda d: rename(wc(d), "image", "imagee")),
@@ -456,10 +578,23 @@ def self_test(sets):
         "HPA target misspelt (averageValue -> averagevalue)":
             ("HorizontalPodAutoscaler", lambda d: rename(
                 d["spec"]["metrics"][0]["external"]["target"], "averageValue", "averagevalue")),
+        "GPU worker without its GPU limit":
+            ("Deployment", lambda d: wc(d)["resources"]["limits"].pop("nvidia.com/gpu"), gpu),
+        "GPU worker with two GPUs":
+            ("Deployment", lambda d: wc(d)["resources"]["limits"].update({"nvidia.com/gpu": 2}), gpu),
+        "GPU worker on --device=auto":
+            ("Deployment", lambda d: wc(d).update(command=[
+                "--device=auto" if w == "--device=cuda" else w for w in wc(d)["command"]]), gpu),
+        "GPU worker on the CPU image":
+            ("Deployment", lambda d: wc(d).update(image="tidepool:local"), gpu),
+        "GPU worker without a node selector":
+            ("Deployment", lambda d: d["spec"]["template"]["spec"].pop("nodeSelector"), gpu),
+        "GPU worker without its toleration":
+            ("Deployment", lambda d: d["spec"]["template"]["spec"].pop("tolerations"), gpu),
         "an unknown kind":
             ("Namespace", lambda d: d.update(apiVersion="example.com/v1", kind="Thing")),
     }
-    return [what for what, (kind, change) in cases.items() if not mutate(kind, change)]
+    return [what for what, case in cases.items() if not mutate(*case)]
 
 
 def main():
