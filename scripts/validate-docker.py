@@ -181,7 +181,7 @@ def check_dockerfile(label, text, repo, errors):
     global_args, stages = {}, []
     for cmd in cmds:
         if cmd.cmd == "FROM":
-            words = cmd.value
+            words = cmd.value or ("",)
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
             stages.append(Stage(len(stages), expand(words[0], global_args), name, cmd.start_line))
             continue
