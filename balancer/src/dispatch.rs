@@ -1,17 +1,25 @@
-//! Handing one request to a target: take a snapshot, let [`routing::choose`] decide, count
-//! the request on the target, give it to one of the target's upstream connections; or
-//! queue it when every eligible target is full, or answer `unavailable` when none is.
+//! The [`Router`]: hands one request to a target. It takes the target group's snapshot,
+//! lets [`routing::choose`] decide, counts the request on the target, and gives it to one
+//! of the target's upstream connections; or queues it when every eligible target is full,
+//! or answers `unavailable` when none can take it. The wait queue's task ([`Router::run_queue`])
+//! lives here too: it is the router, retried as capacity appears.
 
-use std::sync::atomic::Ordering;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use tidepool_protocol::ErrorCode;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::balancer::Shared;
 use crate::config::RoutingPolicy;
-use crate::metrics::Reject;
+use crate::metrics::{Metrics, Reject};
 use crate::pending::Request;
+use crate::queue::{QueueHandle, QueueReceiver};
+use crate::registry::TargetGroup;
 use crate::routing::{self, Candidate, Choice};
 use crate::target::InFlight;
 use crate::upstream::Forward;
@@ -32,7 +40,21 @@ impl Scratch {
     }
 }
 
-/// The outcome of [`Shared::try_route`].
+/// How requests are routed: `--routing`, `--fail-open`, `--max-outstanding`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RoutingSettings {
+    /// How a target is picked among the eligible ones.
+    pub(crate) policy: RoutingPolicy,
+    /// With no healthy target, route to the registered ones anyway.
+    pub(crate) fail_open: bool,
+    /// Most requests outstanding on one target; `None` for no limit.
+    pub(crate) max_outstanding: Option<usize>,
+    /// The retry hint given with `unavailable` when no target can take a request: the
+    /// time until the next health check may change that.
+    pub(crate) retry_after: Duration,
+}
+
+/// The outcome of [`Router::try_route`].
 pub(crate) enum Routed {
     /// Handed to a target, or answered (cancelled, deadline passed).
     Done,
@@ -42,11 +64,43 @@ pub(crate) enum Routed {
     NoTarget(Request),
 }
 
-impl Shared {
+/// Routes requests to the target group's targets, queueing those that must wait.
+pub(crate) struct Router {
+    group: TargetGroup,
+    queue: QueueHandle,
+    settings: RoutingSettings,
+    /// The round-robin ticket counter.
+    round_robin: AtomicUsize,
+    /// For the time requests spend in the queue.
+    metrics: Arc<Metrics>,
+}
+
+impl Router {
+    /// A router over `group` that queues through `queue`.
+    pub(crate) fn new(
+        group: TargetGroup,
+        queue: QueueHandle,
+        settings: RoutingSettings,
+        metrics: Arc<Metrics>,
+    ) -> Router {
+        Router {
+            group,
+            queue,
+            settings,
+            round_robin: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    /// True when some request could be routed now (a `ping` to the balancer passes).
+    pub(crate) fn routable(&self) -> bool {
+        self.group.routable(self.settings.fail_open)
+    }
+
     /// Routes a newly read request, queueing it when it must wait.
     pub(crate) async fn submit(&self, request: Request, scratch: &mut Scratch) {
         // While others wait, a new request waits behind them: first come, first served.
-        if self.queue.signal.len() > 0 {
+        if self.queue.signal().len() > 0 {
             self.queue.push(request);
             return;
         }
@@ -59,12 +113,12 @@ impl Shared {
 
     /// Answers a request no target can take.
     pub(crate) fn no_target(&self, request: Request) {
-        let message = if self.config.fail_open {
+        let message = if self.settings.fail_open {
             "no target is registered and reachable"
         } else {
             "no target is healthy (fail-open is off)"
         };
-        let retry = u64::try_from(self.config.health_interval.as_millis()).unwrap_or(u64::MAX);
+        let retry = u64::try_from(self.settings.retry_after.as_millis()).unwrap_or(u64::MAX);
         request.pending.reject(
             Reject::NoTarget,
             ErrorCode::Unavailable,
@@ -75,20 +129,12 @@ impl Shared {
 
     /// One attempt to hand `request` to a target now.
     pub(crate) async fn try_route(&self, mut request: Request, scratch: &mut Scratch) -> Routed {
-        if let Some(budget) = request.payload.deadline_ms() {
-            let spent = request.pending.received().elapsed().as_millis();
-            if spent >= u128::from(budget) {
-                request.pending.reject(
-                    Reject::DeadlineExceeded,
-                    ErrorCode::DeadlineExceeded,
-                    format!("the deadline of {budget} ms passed while the request waited in the balancer"),
-                    None,
-                );
-                return Routed::Done;
-            }
+        if let Err(passed) = request.payload.deadline_left(request.pending.received()) {
+            request.pending.deadline_passed(passed);
+            return Routed::Done;
         }
-        let limit = self.config.max_outstanding;
-        let targets = self.registry.snapshot();
+        let limit = self.settings.max_outstanding;
+        let targets = self.group.snapshot();
         scratch.candidates.clear();
         scratch.candidates.extend(targets.iter().map(|t| {
             let outstanding = t.outstanding();
@@ -102,14 +148,14 @@ impl Shared {
         }));
         // Each pass that fails marks one candidate unusable, so this ends.
         for _ in 0..=targets.len() {
-            let ticket = match self.config.routing {
+            let ticket = match self.settings.policy {
                 RoutingPolicy::RoundRobin => self.round_robin.fetch_add(1, Ordering::Relaxed),
                 _ => 0,
             };
             let index = match routing::choose(
-                self.config.routing,
+                self.settings.policy,
                 &scratch.candidates,
-                self.config.fail_open,
+                self.settings.fail_open,
                 ticket,
                 &mut scratch.rng,
             ) {
@@ -157,4 +203,86 @@ impl Shared {
         }
         Routed::NoTarget(request)
     }
+
+    /// The wait queue's task: routes waiting requests as capacity appears, answers
+    /// `overloaded` past `--queue-timeout`. Stops at `stop` (the drain deadline); what
+    /// still waits then is answered `shutting_down`.
+    pub(crate) async fn run_queue(&self, mut rx: QueueReceiver, stop: CancellationToken) {
+        let signal = Arc::clone(self.queue.signal());
+        let timeout = self.queue.timeout();
+        let mut waiting: VecDeque<(Request, Instant)> = VecDeque::new();
+        let mut scratch = Scratch::new();
+        loop {
+            // Entries are in arrival order with one timeout, so the front expires first.
+            let expiry = waiting.front().map(|(_, since)| *since + timeout);
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                request = rx.recv() => match request {
+                    Some(request) => waiting.push_back((request, Instant::now())),
+                    None => break,
+                },
+                () = signal.woken() => {}
+                () = sleep_until(expiry) => {}
+            }
+            while let Ok(request) = rx.try_recv() {
+                waiting.push_back((request, Instant::now()));
+            }
+
+            let now = Instant::now();
+            while waiting
+                .front()
+                .is_some_and(|(_, since)| *since + timeout <= now)
+            {
+                let Some((request, since)) = waiting.pop_front() else {
+                    break;
+                };
+                signal.left(1);
+                self.metrics.queue_wait.record(now - since);
+                request.pending.reject(
+                    Reject::QueueTimeout,
+                    ErrorCode::Overloaded,
+                    format!(
+                        "waited {} in the balancer's queue without a target below its outstanding limit",
+                        humantime::format_duration(timeout)
+                    ),
+                    Some(self.queue.retry_after_ms()),
+                );
+            }
+
+            while let Some((request, since)) = waiting.pop_front() {
+                match self.try_route(request, &mut scratch).await {
+                    Routed::Done => {
+                        signal.left(1);
+                        self.metrics.queue_wait.record(since.elapsed());
+                    }
+                    Routed::Full(request) => {
+                        waiting.push_front((request, since));
+                        break;
+                    }
+                    Routed::NoTarget(request) => {
+                        signal.left(1);
+                        self.metrics.queue_wait.record(since.elapsed());
+                        self.no_target(request);
+                    }
+                }
+            }
+        }
+        rx.close();
+        signal.left(waiting.len());
+        // Dropping the entries answers them (`shutting_down`, the drain deadline has passed).
+        drop(waiting);
+        while let Ok(request) = rx.try_recv() {
+            signal.left(1);
+            drop(request);
+        }
+    }
 }
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+

@@ -49,11 +49,13 @@
 mod admin;
 pub mod autoscale;
 mod balancer;
+mod burst;
 pub mod config;
 mod discovery;
 mod dispatch;
 pub mod error;
 mod frontend;
+mod handle;
 mod health;
 mod metrics;
 mod pending;
@@ -63,11 +65,12 @@ pub mod routing;
 pub mod target;
 mod upstream;
 
-pub use autoscale::{AutoscaleConfig, ScalingStatus};
-pub use balancer::{Balancer, Handle};
+pub use autoscale::{AutoscaleConfig, Pool, ScalingStatus};
+pub use balancer::Balancer;
 pub use config::{Config, HealthProtocol, RoutingPolicy};
 pub use discovery::{Resolver, SystemResolver};
 pub use error::Error;
+pub use handle::Handle;
 pub use target::{TargetInfo, TargetState};
 
 use tokio_util::sync::CancellationToken;

@@ -20,8 +20,17 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-use crate::balancer::Handle;
+use super::pool::Pool;
 use crate::target::TargetState;
+
+/// The default of `--worker-start-timeout`: a started worker that is not healthy within
+/// this time is stopped and replaced. Loading a large model can take minutes.
+pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Longest run of one `--scale-cmd` before it counts as failed: `docker-compose up` may
+/// pull an image first, which can take minutes, but a command that hangs must not stop
+/// the scaling loop for good.
+pub const SCALE_CMD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One of the two actuators.
 #[derive(Debug)]
@@ -34,18 +43,18 @@ pub enum Actuator {
 
 impl Actuator {
     /// Keeps the pool in line between decisions: reaps, promotes, drains, replaces.
-    pub async fn tick(&mut self, handle: &Handle) {
+    pub async fn tick(&mut self, pool: &dyn Pool) {
         match self {
-            Actuator::Processes(pool) => pool.tick(handle),
-            Actuator::Command(cmd) => cmd.tick(handle),
+            Actuator::Processes(processes) => processes.tick(pool),
+            Actuator::Command(cmd) => cmd.tick(pool),
         }
     }
 
     /// Makes the pool `n` workers.
-    pub async fn scale_to(&mut self, n: usize, handle: &Handle) {
+    pub async fn scale_to(&mut self, n: usize, pool: &dyn Pool) {
         match self {
-            Actuator::Processes(pool) => pool.scale_to(n, handle),
-            Actuator::Command(cmd) => cmd.scale_to(n, handle).await,
+            Actuator::Processes(processes) => processes.scale_to(n, pool),
+            Actuator::Command(cmd) => cmd.scale_to(n, pool).await,
         }
     }
 
@@ -157,19 +166,19 @@ impl ProcessPool {
             .collect()
     }
 
-    fn tick(&mut self, handle: &Handle) {
+    fn tick(&mut self, pool: &dyn Pool) {
         let now = Instant::now();
         let mut i = 0;
         while i < self.workers.len() {
             let w = &mut self.workers[i];
             if let Ok(Some(status)) = w.child.try_wait() {
                 let w = self.workers.swap_remove(i);
-                exited(&w, status, handle);
+                exited(&w, status, pool);
                 continue;
             }
             match w.phase {
                 Phase::Starting => {
-                    if handle
+                    if pool
                         .target(w.addr)
                         .is_some_and(|t| t.state == TargetState::Healthy)
                     {
@@ -183,7 +192,7 @@ impl ProcessPool {
                 }
                 Phase::Running => {}
                 Phase::Leaving { since, terminated } => {
-                    let outstanding = handle
+                    let outstanding = pool
                         .targets()
                         .iter()
                         .filter(|t| t.addr == w.addr)
@@ -215,7 +224,7 @@ impl ProcessPool {
         }
     }
 
-    fn scale_to(&mut self, n: usize, handle: &Handle) {
+    fn scale_to(&mut self, n: usize, pool: &dyn Pool) {
         self.want = n;
         let active = self.active();
         if active.len() < n {
@@ -225,13 +234,13 @@ impl ProcessPool {
             return;
         }
         // Scale in by work: the workers with the fewest outstanding requests go.
-        let load = |addr: SocketAddr| handle.target(addr).map_or(0, |t| t.outstanding);
+        let load = |addr: SocketAddr| pool.target(addr).map_or(0, |t| t.outstanding);
         let mut by_load: Vec<(usize, SocketAddr)> = active.iter().map(|&a| (load(a), a)).collect();
         by_load.sort();
         for (outstanding, addr) in by_load.into_iter().take(active.len() - n) {
             if let Some(w) = self.workers.iter_mut().find(|w| w.addr == addr) {
                 tracing::info!(worker = %addr, outstanding, "scale-in: deregistering worker");
-                handle.deregister(addr);
+                pool.deregister(addr);
                 w.phase = Phase::Leaving {
                     since: Instant::now(),
                     terminated: None,
@@ -302,14 +311,14 @@ impl ProcessPool {
     }
 }
 
-fn exited(w: &Managed, status: ExitStatus, handle: &Handle) {
+fn exited(w: &Managed, status: ExitStatus, pool: &dyn Pool) {
     match w.phase {
         Phase::Leaving { .. } => {
             tracing::info!(worker = %w.addr, %status, "scale-in: worker gone");
         }
         _ => {
             tracing::warn!(worker = %w.addr, %status, "worker exited unexpectedly; replacing it");
-            handle.deregister(w.addr);
+            pool.deregister(w.addr);
         }
     }
 }
@@ -342,7 +351,7 @@ impl ScaleCommand {
         }
     }
 
-    fn tick(&mut self, _handle: &Handle) {
+    fn tick(&mut self, _pool: &dyn Pool) {
         if let Some((_, at)) = self.requested {
             if at.elapsed() > self.start_timeout {
                 self.requested = None;
@@ -358,7 +367,7 @@ impl ScaleCommand {
         }
     }
 
-    async fn scale_to(&mut self, n: usize, _handle: &Handle) {
+    async fn scale_to(&mut self, n: usize, _pool: &dyn Pool) {
         let line = self.template.replace("{count}", &n.to_string());
         let Ok(words) = shell_words::split(&line) else {
             tracing::error!(%line, "--scale-cmd has unbalanced quotes");
@@ -389,3 +398,4 @@ impl ScaleCommand {
         }
     }
 }
+
