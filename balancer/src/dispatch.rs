@@ -286,3 +286,339 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tidepool_protocol::{ErrorReply, Infer, InferResult, Message, RequestId};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::HealthProtocol;
+    use crate::health::HealthCheck;
+    use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Payload, Pending, Slot};
+    use crate::queue::QueueSignal;
+    use crate::registry::GroupSettings;
+    use crate::target::{Target, TargetState, Thresholds};
+    use crate::upstream::{Outlets, UpstreamConn, UpstreamSettings};
+
+    const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+    const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+    fn settings(policy: RoutingPolicy) -> RoutingSettings {
+        RoutingSettings {
+            policy,
+            fail_open: true,
+            max_outstanding: None,
+            retry_after: HEALTH_INTERVAL,
+        }
+    }
+
+    /// A router over targets whose connections are channels the test reads, one client
+    /// connection whose answers the test reads, and the queue task running.
+    struct Fixture {
+        router: Arc<Router>,
+        group: TargetGroup,
+        client: Arc<ClientConn>,
+        answers: mpsc::UnboundedReceiver<Outbound>,
+        scratch: Scratch,
+        next_id: RequestId,
+        stop: CancellationToken,
+    }
+
+    impl Fixture {
+        fn new(settings: RoutingSettings, queue_capacity: usize) -> Fixture {
+            let metrics = Arc::new(Metrics::default());
+            let signal = Arc::new(QueueSignal::default());
+            let (queue, rx) = QueueHandle::new(queue_capacity, QUEUE_TIMEOUT, Arc::clone(&signal));
+            let group = TargetGroup::new(
+                GroupSettings {
+                    connections_per_target: 1,
+                    deregistration_delay: Duration::from_secs(30),
+                    health: HealthCheck {
+                        protocol: HealthProtocol::Tcp,
+                        interval: HEALTH_INTERVAL,
+                        timeout: Duration::from_secs(1),
+                        thresholds: Thresholds {
+                            healthy: 1,
+                            unhealthy: 1,
+                        },
+                    },
+                    upstream: UpstreamSettings {
+                        connect_timeout: Duration::from_secs(1),
+                        max_frame: 1 << 20,
+                    },
+                },
+                signal,
+                queue.reroute(),
+                Arc::clone(&metrics),
+            );
+            let router = Arc::new(Router::new(
+                group.clone(),
+                queue,
+                settings,
+                Arc::clone(&metrics),
+            ));
+            let stop = CancellationToken::new();
+            tokio::spawn({
+                let (router, stop) = (Arc::clone(&router), stop.clone());
+                async move { router.run_queue(rx, stop).await }
+            });
+            let (tx, answers) = mpsc::unbounded_channel();
+            let client = Arc::new(ClientConn::new(
+                tx,
+                "192.0.2.1:5000".to_owned(),
+                metrics,
+                Arc::new(Lifecycle::default()),
+            ));
+            Fixture {
+                router,
+                group,
+                client,
+                answers,
+                scratch: Scratch::new(),
+                next_id: 1,
+                stop,
+            }
+        }
+
+        /// A target at 127.0.0.1:`port` in `state`, with one open connection whose
+        /// writer's side the test holds.
+        fn target(&self, port: u16, state: TargetState) -> (Arc<Target>, Outlets) {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let target = self.group.register_idle(addr, 1);
+            let (conn, outlets) = UpstreamConn::new(addr, target.stop.child_token());
+            target.attach(0, conn);
+            if state != TargetState::Initial {
+                target.set_health(state);
+            }
+            (target, outlets)
+        }
+
+        /// Reads a new request from the client and submits it; returns its client id.
+        async fn submit(&mut self) -> RequestId {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.client.slots.insert(id, Slot::Waiting);
+            let request = Request {
+                pending: Pending::new(Arc::clone(&self.client), id, None),
+                payload: Payload::Decoded(Infer {
+                    id,
+                    ..Infer::default()
+                }),
+                reroutes: 0,
+            };
+            self.router.submit(request, &mut self.scratch).await;
+            id
+        }
+
+        /// The next answer the client got, if any.
+        fn answer(&mut self) -> Option<Message> {
+            match self.answers.try_recv().ok()?.answer {
+                Answer::Message(msg) => Some(msg),
+                Answer::Raw { .. } => panic!("no raw answer is made in these tests"),
+            }
+        }
+
+        /// The next answer, which must be an error.
+        fn error(&mut self) -> ErrorReply {
+            match self.answer() {
+                Some(Message::Error(reply)) => reply,
+                other => panic!("expected an error answer, got {other:?}"),
+            }
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    /// Lets the queue task run up to its next wait.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// The requests a target's connection received, in order.
+    fn received(outlets: &mut Outlets) -> Vec<Forward> {
+        std::iter::from_fn(|| outlets.requests.try_recv().ok()).collect()
+    }
+
+    /// Answers a forwarded request as the target would.
+    fn complete(forward: Forward) {
+        forward.request.pending.answer(Message::Result(InferResult {
+            id: forward.upstream_id,
+            ..InferResult::default()
+        }));
+    }
+
+    /// A fixture with one healthy target that takes one request at a time
+    /// (`--max-outstanding 1`) and a queue of `queue_capacity`.
+    fn one_place(queue_capacity: usize) -> (Fixture, Arc<Target>, Outlets) {
+        let f = Fixture::new(
+            RoutingSettings {
+                max_outstanding: Some(1),
+                ..settings(RoutingPolicy::P2c)
+            },
+            queue_capacity,
+        );
+        let (target, conn) = f.target(1, TargetState::Healthy);
+        (f, target, conn)
+    }
+
+    /// Holds `n` requests outstanding on `target`.
+    fn load(target: &Arc<Target>, n: usize) -> Vec<InFlight> {
+        (0..n)
+            .map(|_| InFlight::try_acquire(target, None).unwrap())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_sends_to_the_less_loaded_of_two() {
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        let (busy, mut busy_conn) = f.target(1, TargetState::Healthy);
+        let (_idle, mut idle_conn) = f.target(2, TargetState::Healthy);
+        let _held = load(&busy, 5);
+        // With two targets p2c always compares both; the idle one stays below 5 throughout.
+        for _ in 0..5 {
+            f.submit().await;
+        }
+        assert_eq!(received(&mut idle_conn).len(), 5);
+        assert!(received(&mut busy_conn).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_scan_sends_to_the_least_loaded_of_all() {
+        let mut f = Fixture::new(settings(RoutingPolicy::FullScan), 8);
+        let (a, mut a_conn) = f.target(1, TargetState::Healthy);
+        let (b, mut b_conn) = f.target(2, TargetState::Healthy);
+        let (c, mut c_conn) = f.target(3, TargetState::Healthy);
+        let _held = [load(&a, 3), load(&b, 1), load(&c, 2)];
+        f.submit().await;
+        assert_eq!(b.outstanding(), 2, "counted on its target");
+        assert_eq!(received(&mut b_conn).len(), 1);
+        assert!(received(&mut a_conn).is_empty() && received(&mut c_conn).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fail_open_routes_to_unhealthy_targets_when_none_is_healthy() {
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        let (_sick, mut sick_conn) = f.target(1, TargetState::Unhealthy);
+        f.submit().await;
+        assert_eq!(received(&mut sick_conn).len(), 1);
+        assert!(f.router.routable());
+
+        let mut f = Fixture::new(
+            RoutingSettings {
+                fail_open: false,
+                ..settings(RoutingPolicy::P2c)
+            },
+            8,
+        );
+        let (_sick, mut sick_conn) = f.target(1, TargetState::Unhealthy);
+        let id = f.submit().await;
+        assert!(received(&mut sick_conn).is_empty());
+        assert!(!f.router.routable());
+        let reply = f.error();
+        assert_eq!(reply.id, id);
+        assert_eq!(reply.code, ErrorCode::Unavailable);
+        assert!(
+            reply.message.contains("fail-open is off"),
+            "{}",
+            reply.message
+        );
+        assert_eq!(reply.retry_after_ms, Some(5000), "the next health check");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_answers_overloaded() {
+        let (mut f, _a, mut a_conn) = one_place(1);
+        f.submit().await;
+        f.submit().await;
+        let third = f.submit().await;
+        settle().await;
+        assert_eq!(received(&mut a_conn).len(), 1);
+        assert_eq!(f.router.queue.signal().len(), 1, "the second waits");
+        let reply = f.error();
+        assert_eq!(reply.id, third);
+        assert_eq!(reply.code, ErrorCode::Overloaded);
+        assert!(
+            reply.message.contains("queue of 1 is full"),
+            "{}",
+            reply.message
+        );
+        assert_eq!(reply.retry_after_ms, Some(1000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_no_longer_than_the_queue_timeout() {
+        let (mut f, _a, mut a_conn) = one_place(4);
+        f.submit().await;
+        let waiting = f.submit().await;
+        settle().await;
+        tokio::time::sleep(QUEUE_TIMEOUT - Duration::from_millis(1)).await;
+        settle().await;
+        assert!(f.answer().is_none(), "still waiting");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
+        let reply = f.error();
+        assert_eq!(reply.id, waiting);
+        assert_eq!(reply.code, ErrorCode::Overloaded);
+        assert!(reply.message.contains("waited 1s"), "{}", reply.message);
+        assert_eq!(f.router.queue.signal().len(), 0);
+        assert_eq!(received(&mut a_conn).len(), 1, "only the first was routed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_woken_as_requests_complete_first_come_first_served() {
+        let (mut f, target, mut conn) = one_place(8);
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(f.submit().await);
+        }
+        settle().await;
+        assert_eq!(f.router.queue.signal().len(), 3);
+
+        // Each completion frees the one place, and the oldest waiter takes it.
+        let mut answered = Vec::new();
+        for _ in 0..4 {
+            let mut sent = received(&mut conn);
+            assert_eq!(sent.len(), 1, "one at a time: the limit is 1");
+            assert_eq!(target.outstanding(), 1);
+            complete(sent.remove(0));
+            settle().await;
+            match f.answer() {
+                Some(Message::Result(result)) => answered.push(result.id),
+                other => panic!("expected a result, got {other:?}"),
+            }
+        }
+        assert_eq!(answered, ids, "answered in arrival order");
+        assert_eq!(f.router.queue.signal().len(), 0);
+        assert_eq!(target.outstanding(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_request_waits_behind_the_queued_ones() {
+        let (mut f, target, mut conn) = one_place(8);
+        f.submit().await;
+        let queued = f.submit().await;
+        settle().await;
+        // Room appears, but before the queue task runs a new request arrives: it may not
+        // overtake the one already waiting.
+        complete(received(&mut conn).remove(0));
+        let late = f.submit().await;
+        settle().await;
+        let sent = received(&mut conn);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(target.outstanding(), 1);
+        complete(sent.into_iter().next().unwrap());
+        settle().await;
+        complete(received(&mut conn).remove(0));
+        settle().await;
+        let order: Vec<RequestId> = std::iter::from_fn(|| f.answer()).map(|m| m.id()).collect();
+        assert_eq!(order, vec![1, queued, late]);
+    }
+}

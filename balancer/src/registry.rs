@@ -204,6 +204,12 @@ impl TargetGroup {
         (target, true)
     }
 
+    /// Registers `addr` with no health check and no connections: tests attach their own.
+    #[cfg(test)]
+    pub(crate) fn register_idle(&self, addr: SocketAddr, weight: u32) -> Arc<Target> {
+        self.insert(addr, weight).0
+    }
+
     /// Deregisters `addr`: no new requests; in-flight ones may finish until the
     /// deregistration delay ends. False when it was not registered.
     pub(crate) fn deregister(&self, addr: SocketAddr) -> bool {
@@ -289,3 +295,210 @@ impl TargetGroup {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HealthProtocol;
+    use crate::queue::QueueHandle;
+    use crate::target::{InFlight, Thresholds};
+
+    const DELAY: Duration = Duration::from_secs(30);
+
+    /// A group whose targets would be checked over TCP once an hour; the queue behind it
+    /// is closed (nothing is routed in these tests).
+    fn group() -> TargetGroup {
+        let signal = Arc::new(QueueSignal::default());
+        let (queue, _rx) = QueueHandle::new(8, Duration::from_secs(1), Arc::clone(&signal));
+        let settings = GroupSettings {
+            connections_per_target: 2,
+            deregistration_delay: DELAY,
+            health: HealthCheck {
+                protocol: HealthProtocol::Tcp,
+                interval: Duration::from_secs(3600),
+                timeout: Duration::from_secs(1),
+                thresholds: Thresholds {
+                    healthy: 2,
+                    unhealthy: 2,
+                },
+            },
+            upstream: UpstreamSettings {
+                connect_timeout: Duration::from_secs(1),
+                max_frame: 1 << 20,
+            },
+        };
+        TargetGroup::new(
+            settings,
+            signal,
+            queue.reroute(),
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    /// An address nothing listens on: connections to it are refused at once.
+    fn closed_addr() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Lets the group's spawned tasks run up to their next wait.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn states(group: &TargetGroup) -> Vec<(SocketAddr, TargetState)> {
+        group.all().iter().map(|t| (t.addr(), t.state())).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn register_is_idempotent_and_stop_ends_the_targets_tasks() {
+        let group = group();
+        let a = closed_addr();
+        let (target, new) = group.register(a, 2);
+        assert!(new);
+        assert_eq!(target.weight(), 2);
+        let (again, new) = group.register(a, 5);
+        assert!(
+            !new,
+            "a second registration of the same address is the same target"
+        );
+        assert!(Arc::ptr_eq(&target, &again));
+        assert_eq!(again.weight(), 2);
+        assert_eq!(group.snapshot().len(), 1);
+        assert_eq!(states(&group), vec![(a, TargetState::Initial)]);
+        assert!(Arc::ptr_eq(&group.get(a).unwrap(), &target));
+
+        // The health check and both connection slots run until the group stops.
+        settle().await;
+        group.stop();
+        assert!(target.stop.is_cancelled());
+        tokio::time::timeout(Duration::from_secs(60), group.stopped())
+            .await
+            .expect("every task of the group ends once it stops");
+
+        // A target registered after the stop is born stopped.
+        let (late, _) = group.register(closed_addr(), 1);
+        assert!(late.stop.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_target_closes_at_once_and_stays_listed_until_the_delay() {
+        let group = group();
+        let target = group.register_idle(addr(1), 1);
+        let guard = InFlight::try_acquire(&target, None).unwrap();
+
+        assert!(group.deregister(addr(1)));
+        assert!(!group.deregister(addr(1)), "already deregistered");
+        assert!(group.snapshot().is_empty(), "routing no longer sees it");
+        assert!(group.get(addr(1)).is_none());
+        assert_eq!(states(&group), vec![(addr(1), TargetState::Draining)]);
+
+        // Its request may finish: the connections stay open meanwhile.
+        tokio::time::sleep(DELAY / 2).await;
+        assert!(!target.stop.is_cancelled());
+
+        // The last request finished: connections close now, the listing waits for the delay.
+        drop(guard);
+        settle().await;
+        assert!(target.stop.is_cancelled());
+        assert_eq!(states(&group), vec![(addr(1), TargetState::Draining)]);
+        tokio::time::sleep(DELAY / 2 - Duration::from_millis(1)).await;
+        settle().await;
+        assert_eq!(group.all().len(), 1);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        settle().await;
+        assert!(group.all().is_empty(), "gone once the delay ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_that_never_drains_is_closed_when_the_delay_ends() {
+        let group = group();
+        let target = group.register_idle(addr(1), 1);
+        let _stuck = InFlight::try_acquire(&target, None).unwrap();
+        group.deregister(addr(1));
+        tokio::time::sleep(DELAY - Duration::from_millis(1)).await;
+        settle().await;
+        assert!(!target.stop.is_cancelled());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        settle().await;
+        assert!(
+            target.stop.is_cancelled(),
+            "its connections close, answering the rest"
+        );
+        assert!(group.all().is_empty());
+        assert_eq!(target.outstanding(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn re_registering_a_draining_address_makes_a_new_target() {
+        let group = group();
+        let old = group.register_idle(addr(1), 1);
+        let _busy = InFlight::try_acquire(&old, None).unwrap();
+        group.deregister(addr(1));
+        let (new, is_new) = group.register(addr(1), 1);
+        assert!(is_new);
+        assert!(!Arc::ptr_eq(&old, &new));
+        // Both are listed: the registered one first (a stable sort by address).
+        assert_eq!(
+            states(&group),
+            vec![
+                (addr(1), TargetState::Initial),
+                (addr(1), TargetState::Draining)
+            ]
+        );
+        assert_eq!(group.snapshot().len(), 1);
+        assert!(Arc::ptr_eq(&group.snapshot()[0], &new));
+
+        // The new one drains on its own, beside the old one.
+        assert!(group.deregister(addr(1)));
+        assert_eq!(group.all().len(), 2);
+        assert!(group
+            .all()
+            .iter()
+            .all(|t| t.state() == TargetState::Draining));
+        group.stop();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_ends_the_listing_and_stop_ends_the_drains() {
+        let group = group();
+        let idle = group.register_idle(addr(1), 1);
+        let busy = group.register_idle(addr(2), 1);
+        let _held = InFlight::try_acquire(&busy, None).unwrap();
+        let serving = group.register_idle(addr(3), 1);
+        group.deregister(addr(1));
+        group.deregister(addr(2));
+        settle().await;
+        assert!(idle.stop.is_cancelled());
+        assert_eq!(group.all().len(), 3);
+
+        // Shutdown begins: a drained target need not wait out its delay in the list.
+        group.close();
+        assert!(group.is_closing());
+        settle().await;
+        assert_eq!(
+            states(&group),
+            vec![
+                (addr(2), TargetState::Draining),
+                (addr(3), TargetState::Initial)
+            ]
+        );
+        assert!(
+            !serving.stop.is_cancelled(),
+            "closing does not stop targets"
+        );
+
+        // The last step: every target stops, draining or not, and every drain ends.
+        group.stop();
+        assert!(busy.stop.is_cancelled() && serving.stop.is_cancelled());
+        tokio::time::timeout(Duration::from_secs(1), group.stopped())
+            .await
+            .expect("the drains end with the stop");
+        assert_eq!(states(&group), vec![(addr(3), TargetState::Initial)]);
+    }
+}

@@ -399,3 +399,132 @@ impl ScaleCommand {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autoscale::pool::fake::FakePool;
+
+    /// A worker command that starts a real process and serves nothing: it sleeps until it
+    /// is signalled. `{port}` lands in `$0`.
+    const SLEEPER: &str = "sh -c 'exec sleep 60' {port}";
+
+    fn process_pool() -> ProcessPool {
+        ProcessPool::new(
+            SLEEPER.to_owned(),
+            "127.0.0.1:7001".parse().unwrap(),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        )
+    }
+
+    /// Waits for the process behind `addr` to exit (it was signalled or killed).
+    async fn exit_of(pool: &mut ProcessPool, addr: SocketAddr) {
+        let worker = pool.workers.iter_mut().find(|w| w.addr == addr).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), worker.child.wait())
+            .await
+            .expect("the worker exits within 10 s")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn processes_start_become_ready_and_leave_by_least_work() {
+        let fake = FakePool::default();
+        let mut actuator = Actuator::Processes(process_pool());
+        actuator.scale_to(2, &fake).await;
+        let Actuator::Processes(pool) = &mut actuator else {
+            unreachable!()
+        };
+        let started = pool.active();
+        assert_eq!(started.len(), 2);
+        assert_ne!(started[0], started[1], "each on its own port");
+        assert_eq!(actuator.coming(0, 0), 2, "started, not yet healthy");
+
+        // Healthy in the registry: ready. The second is busier.
+        fake.set(started[0], TargetState::Healthy, 0);
+        fake.set(started[1], TargetState::Healthy, 3);
+        actuator.tick(&fake).await;
+        assert_eq!(actuator.coming(2, 0), 0);
+
+        // Scale in by work: the idle one is deregistered and leaves.
+        actuator.scale_to(1, &fake).await;
+        assert_eq!(fake.deregistered(), vec![started[0]]);
+        assert_eq!(actuator.leaving(), 1);
+        // Nothing outstanding on it: SIGTERM at the next tick; gone once it exited.
+        actuator.tick(&fake).await;
+        let Actuator::Processes(pool) = &mut actuator else {
+            unreachable!()
+        };
+        exit_of(pool, started[0]).await;
+        actuator.tick(&fake).await;
+        assert_eq!(actuator.leaving(), 0);
+        let Actuator::Processes(pool) = &mut actuator else {
+            unreachable!()
+        };
+        assert_eq!(pool.active(), vec![started[1]]);
+        assert_eq!(
+            fake.deregistered(),
+            vec![started[0]],
+            "no replacement asked"
+        );
+
+        actuator.shutdown(Duration::from_secs(5)).await;
+        let Actuator::Processes(pool) = &actuator else {
+            unreachable!()
+        };
+        assert!(pool.active().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_dies_is_deregistered_and_replaced() {
+        let fake = FakePool::default();
+        let mut pool = process_pool();
+        pool.scale_to(1, &fake);
+        let first = pool.active()[0];
+        fake.set(first, TargetState::Healthy, 0);
+        pool.tick(&fake);
+        pool.workers[0].child.start_kill().unwrap();
+        exit_of(&mut pool, first).await;
+
+        pool.tick(&fake);
+        assert_eq!(fake.deregistered(), vec![first]);
+        let active = pool.active();
+        assert_eq!(active.len(), 1, "back to what was asked");
+        assert_ne!(active[0], first);
+        assert_eq!(pool.coming(), 1);
+        pool.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn a_scale_command_counts_what_it_asked_for_as_coming() {
+        let fake = FakePool::default();
+        let mut ok = Actuator::Command(ScaleCommand::new(
+            "true {count}".to_owned(),
+            Duration::from_secs(10),
+            WORKER_START_TIMEOUT,
+        ));
+        assert_eq!(ok.coming(1, 0), 0);
+        ok.scale_to(3, &fake).await;
+        assert_eq!(ok.coming(1, 0), 2, "asked for 3, 1 healthy");
+        assert_eq!(ok.coming(1, 2), 2, "registered ones count once");
+        assert_eq!(ok.leaving(), 0, "the orchestrator drains its own");
+
+        // A failed run asks for nothing: only registered targets count.
+        let mut failing = Actuator::Command(ScaleCommand::new(
+            "false {count}".to_owned(),
+            Duration::from_secs(10),
+            WORKER_START_TIMEOUT,
+        ));
+        failing.scale_to(3, &fake).await;
+        assert_eq!(failing.coming(1, 1), 1);
+
+        // So does a run that does not finish in time.
+        let mut hanging = Actuator::Command(ScaleCommand::new(
+            "sleep 30 {count}".to_owned(),
+            Duration::from_millis(50),
+            WORKER_START_TIMEOUT,
+        ));
+        hanging.scale_to(3, &fake).await;
+        assert_eq!(hanging.coming(1, 0), 0);
+    }
+}

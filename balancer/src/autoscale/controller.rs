@@ -169,3 +169,91 @@ pub(crate) async fn run(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::autoscale::pool::fake::FakePool;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn policy() -> PolicyConfig {
+        PolicyConfig {
+            min_workers: 1,
+            max_workers: 4,
+            target_load: 10.0,
+            scale_out_delay: Duration::from_secs(2),
+            window: Duration::from_secs(1),
+            ..PolicyConfig::DEFAULT
+        }
+    }
+
+    fn status(slot: &StatusSlot) -> Option<ScalingStatus> {
+        slot.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    #[test]
+    fn a_sample_counts_serving_targets_and_the_queue() {
+        let pool = FakePool::default();
+        pool.set(addr(1), TargetState::Healthy, 7);
+        pool.set(addr(2), TargetState::Healthy, 3);
+        pool.set(addr(3), TargetState::Initial, 0);
+        pool.set(addr(4), TargetState::Unhealthy, 2);
+        pool.set(addr(5), TargetState::Draining, 50);
+        pool.set_queue_len(4);
+        let s = sample(&pool, None, Instant::now());
+        assert_eq!((s.ready, s.coming, s.leaving), (2, 1, 0));
+        assert_eq!(
+            s.load, 16.0,
+            "outstanding of the serving targets plus the queue"
+        );
+        assert_eq!(s.max_worker_load, 7.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_publishes_its_decision_each_second_and_stops() {
+        let pool = FakePool::default();
+        pool.set(addr(1), TargetState::Healthy, 30);
+        pool.set(addr(2), TargetState::Healthy, 30);
+        let slot = StatusSlot::default();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            pool.clone(),
+            policy(),
+            None,
+            Arc::clone(&slot),
+            stop.clone(),
+            Duration::from_secs(1),
+        ));
+
+        // The first tick is at once; the decision waits for a full window.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let first = status(&slot).expect("a status after the first tick");
+        assert_eq!(first.decision.action, Action::Hold);
+        assert_eq!(first.load_now, 60.0);
+        assert_eq!(
+            first.decision.desired, 4,
+            "ceil(60 / 10) clamped to --max-workers"
+        );
+
+        // The need held past --scale-out-delay: the policy asks for more workers. There
+        // is no actuator, so nothing acts on it.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let later = status(&slot).unwrap();
+        assert_eq!(later.decision.action, Action::ScaleOut(4), "{later:?}");
+        assert!(later.last_action.is_none());
+        assert!(later.actuator.starts_with("none"));
+
+        // The signal follows the pool.
+        pool.set(addr(1), TargetState::Healthy, 0);
+        pool.set(addr(2), TargetState::Healthy, 0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(status(&slot).unwrap().load_now, 0.0);
+
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
