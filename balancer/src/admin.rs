@@ -7,9 +7,10 @@
 //! - `DELETE /targets/{addr}`: starts draining; `202 Accepted`, or `404` when unknown.
 //! - `GET /healthz`: `200 ok` while serving, `503` once shutdown began.
 //! - `GET /metrics`: Prometheus text.
+//!
+//! The routes hold a [`Handle`], the same view a program embedding the balancer gets.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -19,22 +20,23 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::balancer::Shared;
+use crate::discovery::resolve_one;
+use crate::handle::Handle;
 use crate::target::TargetInfo;
 
-/// The admin routes over the balancer's shared state.
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
+/// The admin routes over a handle to the running balancer.
+pub(crate) fn router(handle: Handle) -> Router {
     Router::new()
         .route("/targets", get(list).post(register))
         .route("/targets/{addr}", axum::routing::delete(deregister))
         .route("/healthz", get(healthz))
         .route("/scaling", get(scaling))
         .route("/metrics", get(metrics))
-        .with_state(shared)
+        .with_state(handle)
 }
 
-async fn list(State(shared): State<Arc<Shared>>) -> Json<Vec<TargetInfo>> {
-    Json(shared.registry.infos())
+async fn list(State(handle): State<Handle>) -> Json<Vec<TargetInfo>> {
+    Json(handle.targets())
 }
 
 /// The body of `POST /targets`.
@@ -49,8 +51,8 @@ fn problem(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-async fn register(State(shared): State<Arc<Shared>>, Json(body): Json<Registration>) -> Response {
-    if shared.shutting_down.is_cancelled() {
+async fn register(State(handle): State<Handle>, Json(body): Json<Registration>) -> Response {
+    if handle.shutting_down() {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "the balancer is shutting down".to_owned(),
@@ -62,13 +64,11 @@ async fn register(State(shared): State<Arc<Shared>>, Json(body): Json<Registrati
             "weight must be at least 1".to_owned(),
         );
     }
-    let addr = match crate::balancer::resolve_one(&body.addr).await {
+    let addr = match resolve_one(&body.addr).await {
         Ok(addr) => addr,
         Err(error) => return problem(StatusCode::BAD_REQUEST, error.to_string()),
     };
-    let (target, new) = shared
-        .registry
-        .register(&shared, addr, body.weight.unwrap_or(1));
+    let (target, new) = handle.group().register(addr, body.weight.unwrap_or(1));
     let status = if new {
         StatusCode::CREATED
     } else {
@@ -77,32 +77,28 @@ async fn register(State(shared): State<Arc<Shared>>, Json(body): Json<Registrati
     (status, Json(TargetInfo::from(&*target))).into_response()
 }
 
-async fn deregister(State(shared): State<Arc<Shared>>, Path(addr): Path<String>) -> Response {
+async fn deregister(State(handle): State<Handle>, Path(addr): Path<String>) -> Response {
     // The same names POST accepts: a worker registered as `host:port` deregisters as such.
     let addr = match addr.parse::<SocketAddr>() {
         Ok(addr) => addr,
-        Err(_) => match crate::balancer::resolve_one(&addr).await {
+        Err(_) => match resolve_one(&addr).await {
             Ok(addr) => addr,
             Err(error) => return problem(StatusCode::BAD_REQUEST, error.to_string()),
         },
     };
-    let Some(target) = shared.registry.get(addr) else {
+    let Some(target) = handle.group().get(addr) else {
         return problem(
             StatusCode::NOT_FOUND,
             format!("target {addr} is not registered"),
         );
     };
-    shared.registry.deregister(&shared, addr);
+    handle.deregister(addr);
+    // Read after deregistering: the answer shows the target draining.
     (StatusCode::ACCEPTED, Json(TargetInfo::from(&*target))).into_response()
 }
 
-async fn scaling(State(shared): State<Arc<Shared>>) -> Response {
-    let status = shared
-        .scaling
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    match status {
+async fn scaling(State(handle): State<Handle>) -> Response {
+    match handle.scaling() {
         Some(status) => Json(status).into_response(),
         None => problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -111,25 +107,18 @@ async fn scaling(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.shutting_down.is_cancelled() {
+async fn healthz(State(handle): State<Handle>) -> Response {
+    if handle.shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else {
         (StatusCode::OK, "ok\n").into_response()
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let body = shared
-        .metrics
-        .render(&shared.registry.all(), shared.queue.signal.len());
-    let scaling = shared
-        .scaling
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let body = match scaling {
-        Some(status) => body + &crate::metrics::render_scaling(&status),
+async fn metrics(State(handle): State<Handle>) -> Response {
+    let body = handle.metrics_text();
+    let body = match handle.scaling() {
+        Some(status) => body + &status.prometheus(),
         None => body,
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
@@ -138,10 +127,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 /// Serves the admin API on `listener` until `stop`.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
+    handle: Handle,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(shared))
+    axum::serve(listener, router(handle))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
 }

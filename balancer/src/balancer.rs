@@ -1,52 +1,50 @@
-//! [`Balancer`]: binding, running and stopping; [`Handle`]: what a program embedding the
-//! balancer (tests, the autoscaler) reads and changes while it runs.
+//! [`Balancer`]: the composition root. It builds each owner from the configuration (the
+//! target group, the router and its wait queue, the request lifecycle, the metrics, the
+//! scaling status), hands each task the narrow context it needs, and runs the shutdown
+//! sequence. Nothing in the crate imports this module.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::autoscale::actuator::{Actuator, ProcessPool, ScaleCommand};
+use crate::autoscale::actuator::{Actuator, ProcessPool, ScaleCommand, SCALE_CMD_TIMEOUT};
 use crate::autoscale::controller::StatusSlot;
-use crate::autoscale::{self, ScalingStatus};
 use crate::config::Config;
-use crate::discovery::{Resolver, SystemResolver};
+use crate::discovery::{resolve_one, Resolver, SystemResolver};
+use crate::dispatch::{Router, RoutingSettings};
 use crate::error::Error;
+use crate::frontend::FrontendContext;
+use crate::handle::Handle;
+use crate::health::HealthCheck;
 use crate::metrics::Metrics;
-use crate::pending::{Lifecycle, Request};
-use crate::queue::{QueueHandle, QueueSignal};
-use crate::registry::Registry;
-use crate::target::{TargetInfo, TargetState};
-use crate::{admin, discovery, frontend, queue};
+use crate::pending::Lifecycle;
+use crate::queue::{QueueHandle, QueueReceiver, QueueSignal};
+use crate::registry::{GroupSettings, TargetGroup};
+use crate::target::Thresholds;
+use crate::upstream::UpstreamSettings;
+use crate::{admin, autoscale, discovery, frontend};
 
-/// Everything the balancer's tasks share. Routing reads it without locks.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) lifecycle: Arc<Lifecycle>,
-    pub(crate) registry: Registry,
-    pub(crate) queue: QueueHandle,
-    /// The round-robin ticket counter.
-    pub(crate) round_robin: AtomicUsize,
-    /// Target tasks: health checks, upstream connections, drains.
-    pub(crate) tasks: TaskTracker,
-    /// Cancelled when shutdown begins (`/healthz` turns 503).
-    pub(crate) shutting_down: CancellationToken,
-    /// The autoscaling loop's latest status (`GET /scaling`).
-    pub(crate) scaling: StatusSlot,
-}
+/// After the drain, how long client connections may take to write their last answers
+/// and the target group's tasks to end, before the balancer stops without them: a
+/// client that does not read its answers must not hold the process.
+const CONNECTION_GRACE: Duration = Duration::from_secs(2);
 
 /// A balancer whose sockets are bound, ready to [`run`](Balancer::run).
 pub struct Balancer {
-    shared: Arc<Shared>,
+    config: Config,
+    group: TargetGroup,
+    router: Arc<Router>,
+    handle: Handle,
+    metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
+    scaling: StatusSlot,
     listener: TcpListener,
     admin: TcpListener,
-    queue_rx: mpsc::UnboundedReceiver<Request>,
+    queue_rx: QueueReceiver,
     resolver: Arc<dyn Resolver>,
     /// `--target` addresses, resolved at bind time so that a typo fails at start.
     static_targets: Vec<SocketAddr>,
@@ -76,22 +74,40 @@ impl Balancer {
         }
         let listener = bind(config.listen, "listen")?;
         let admin = bind(config.admin, "admin")?;
+
+        let metrics = Arc::new(Metrics::default());
+        let lifecycle = Arc::new(Lifecycle::default());
+        let scaling = StatusSlot::default();
         let signal = Arc::new(QueueSignal::default());
         let (queue, queue_rx) =
             QueueHandle::new(config.queue, config.queue_timeout, Arc::clone(&signal));
-        let shared = Arc::new(Shared {
-            metrics: Arc::new(Metrics::default()),
-            lifecycle: Arc::new(Lifecycle::default()),
-            registry: Registry::new(signal),
+        let group = TargetGroup::new(
+            group_settings(&config),
+            Arc::clone(&signal),
+            queue.reroute(),
+            Arc::clone(&metrics),
+        );
+        let router = Arc::new(Router::new(
+            group.clone(),
             queue,
-            round_robin: AtomicUsize::new(0),
-            tasks: TaskTracker::new(),
-            shutting_down: CancellationToken::new(),
-            scaling: StatusSlot::default(),
-            config,
-        });
+            routing_settings(&config),
+            Arc::clone(&metrics),
+        ));
+        let handle = Handle::new(
+            group.clone(),
+            signal,
+            Arc::clone(&lifecycle),
+            Arc::clone(&metrics),
+            Arc::clone(&scaling),
+        );
         Ok(Balancer {
-            shared,
+            config,
+            group,
+            router,
+            handle,
+            metrics,
+            lifecycle,
+            scaling,
             listener,
             admin,
             queue_rx,
@@ -102,56 +118,54 @@ impl Balancer {
 
     /// The address clients connect to (the real port when bound to port 0).
     pub fn listen_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.shared.config.listen)
+        self.listener.local_addr().unwrap_or(self.config.listen)
     }
 
     /// The admin API's address.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or(self.shared.config.admin)
+        self.admin.local_addr().unwrap_or(self.config.admin)
     }
 
     /// A handle to read and change the running balancer's targets.
     pub fn handle(&self) -> Handle {
-        Handle {
-            shared: Arc::clone(&self.shared),
-        }
+        self.handle.clone()
     }
 
     /// Serves until `shutdown` is cancelled, then drains: stops accepting, lets requests
     /// in flight finish within `--drain-timeout`, answers the rest `shutting_down`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Balancer {
-            shared,
-            listener,
-            admin,
-            queue_rx,
-            resolver,
-            static_targets,
-        } = self;
-        let config = &shared.config;
+        // Each owner moves to the task that needs it (`self` is taken apart field by field).
+        let config = &self.config;
+        let (group, lifecycle) = (&self.group, &self.lifecycle);
         // Past the drain deadline: the queue stops, targets close.
         let hard_stop = CancellationToken::new();
         // The admin API outlives the drain, so that it can be watched.
         let admin_stop = CancellationToken::new();
 
-        let admin_addr = admin.local_addr().unwrap_or(config.admin);
-        let queue_task = tokio::spawn(queue::run(Arc::clone(&shared), queue_rx, hard_stop.clone()));
-        let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&shared), admin_stop.clone()));
-        for addr in static_targets {
-            shared.registry.register(&shared, addr, 1);
+        let admin_addr = self.admin.local_addr().unwrap_or(config.admin);
+        let queue_task = tokio::spawn({
+            let (router, stop) = (Arc::clone(&self.router), hard_stop.clone());
+            async move { router.run_queue(self.queue_rx, stop).await }
+        });
+        let admin_task = tokio::spawn(admin::serve(
+            self.admin,
+            self.handle.clone(),
+            admin_stop.clone(),
+        ));
+        for addr in self.static_targets {
+            group.register(addr, 1);
         }
-        if !config.target_dns.is_empty() {
-            shared.tasks.spawn(discovery::run(
-                Arc::clone(&shared),
+        let discovery_task = (!config.target_dns.is_empty()).then(|| {
+            tokio::spawn(discovery::run(
+                group.clone(),
                 config.target_dns.clone(),
-                resolver,
+                self.resolver,
+                config.dns_interval,
                 shutdown.child_token(),
-            ));
-        }
+            ))
+        });
         tracing::info!(
-            listen = %listener.local_addr().map_err(|e| Error::Bind { what: "listen", addr: config.listen, source: e })?,
+            listen = %self.listener.local_addr().map_err(|e| Error::Bind { what: "listen", addr: config.listen, source: e })?,
             routing = ?config.routing,
             "balancer serving"
         );
@@ -160,57 +174,66 @@ impl Balancer {
         // requests in flight before it stops them.
         let scaling_stop = CancellationToken::new();
         let scaling_task = tokio::spawn(autoscale::controller::run(
-            Handle {
-                shared: Arc::clone(&shared),
-            },
+            self.handle,
             config.autoscale.policy(),
             actuator(config, admin_addr),
-            Arc::clone(&shared.scaling),
+            self.scaling,
             scaling_stop.clone(),
             config.drain_timeout,
         ));
 
         let connections = TaskTracker::new();
+        let frontend = FrontendContext {
+            router: self.router,
+            max_frame: config.max_frame,
+            idle_timeout: config.idle_timeout,
+            max_client_in_flight: config.max_client_in_flight,
+            metrics: self.metrics,
+            lifecycle: Arc::clone(lifecycle),
+        };
         frontend::serve(
-            listener,
-            Arc::clone(&shared),
+            self.listener,
+            frontend,
             shutdown.clone(),
             connections.clone(),
         )
         .await;
 
-        shared.shutting_down.cancel();
-        let in_flight = shared.lifecycle.live();
+        group.close();
+        let in_flight = lifecycle.live();
         tracing::info!(in_flight, timeout = %humantime::format_duration(config.drain_timeout), "shutting down: draining");
         tokio::select! {
-            () = shared.lifecycle.all_done() => tracing::info!("drained: every request answered"),
+            () = lifecycle.all_done() => tracing::info!("drained: every request answered"),
             () = tokio::time::sleep(config.drain_timeout) => tracing::warn!(
-                unanswered = shared.lifecycle.live(),
+                unanswered = lifecycle.live(),
                 "drain timeout passed; answering the rest shutting_down"
             ),
         }
-        shared.lifecycle.set_stopping();
+        lifecycle.set_stopping();
         scaling_stop.cancel();
         if let Err(join) = scaling_task.await {
             tracing::warn!(%join, "autoscaling task failed");
         }
         hard_stop.cancel();
-        shared.registry.stop_all();
+        group.stop();
         let _ = queue_task.await;
 
         // Let connections write their last answers; a client that does not read them
         // does not hold the process.
         connections.close();
-        shared.tasks.close();
-        let grace = Duration::from_secs(2);
-        if tokio::time::timeout(grace, async {
+        if tokio::time::timeout(CONNECTION_GRACE, async {
             connections.wait().await;
-            shared.tasks.wait().await;
+            group.stopped().await;
+            if let Some(discovery) = discovery_task {
+                let _ = discovery.await;
+            }
         })
         .await
         .is_err()
         {
-            tracing::warn!("some connections did not close within {grace:?}; leaving them");
+            tracing::warn!(
+                "some connections did not close within {CONNECTION_GRACE:?}; leaving them"
+            );
         }
         admin_stop.cancel();
         match admin_task.await {
@@ -222,99 +245,35 @@ impl Balancer {
     }
 }
 
-/// A cloneable view of a running balancer, for tests and for the autoscaler: targets and
-/// their outstanding counts, the queue, and registration.
-#[derive(Clone)]
-pub struct Handle {
-    shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for Handle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handle")
-            .field("targets", &self.targets())
-            .field("queue_len", &self.queue_len())
-            .finish()
+/// The target group's settings from the flags.
+fn group_settings(config: &Config) -> GroupSettings {
+    GroupSettings {
+        connections_per_target: config.connections_per_target,
+        deregistration_delay: config.deregistration_delay,
+        health: HealthCheck {
+            protocol: config.health_protocol,
+            interval: config.health_interval,
+            timeout: config.health_timeout,
+            thresholds: Thresholds {
+                healthy: config.healthy_threshold,
+                unhealthy: config.unhealthy_threshold,
+            },
+        },
+        upstream: UpstreamSettings {
+            connect_timeout: config.connect_timeout,
+            max_frame: config.max_frame,
+        },
     }
 }
 
-impl Handle {
-    /// Every target, draining ones included, sorted by address.
-    pub fn targets(&self) -> Vec<TargetInfo> {
-        self.shared.registry.infos()
-    }
-
-    /// The target registered at `addr` (not draining), if any.
-    pub fn target(&self, addr: SocketAddr) -> Option<TargetInfo> {
-        self.shared
-            .registry
-            .get(addr)
-            .map(|t| TargetInfo::from(&*t))
-    }
-
-    /// Targets in the healthy state.
-    pub fn healthy_count(&self) -> usize {
-        self.shared
-            .registry
-            .snapshot()
-            .iter()
-            .filter(|t| t.state() == TargetState::Healthy)
-            .count()
-    }
-
-    /// Requests outstanding on all targets together.
-    pub fn outstanding(&self) -> usize {
-        self.shared
-            .registry
-            .all()
-            .iter()
-            .map(|t| t.outstanding())
-            .sum()
-    }
-
-    /// The autoscaling loop's latest status, as `GET /scaling` shows it (none in the
-    /// first second).
-    pub fn scaling(&self) -> Option<ScalingStatus> {
-        self.shared
-            .scaling
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Requests waiting in the balancer's queue for a target with room.
-    pub fn queue_len(&self) -> usize {
-        self.shared.queue.signal.len()
-    }
-
-    /// Requests read from clients and not yet answered (queued, routed or in flight).
-    pub fn pending(&self) -> usize {
-        self.shared.lifecycle.live()
-    }
-
-    /// Client connections open now.
-    pub fn active_flows(&self) -> u64 {
-        self.shared
-            .metrics
-            .active_flows
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// The Prometheus text `/metrics` serves.
-    pub fn metrics_text(&self) -> String {
-        self.shared
-            .metrics
-            .render(&self.shared.registry.all(), self.queue_len())
-    }
-
-    /// Registers a target (idempotent); true when it is new.
-    pub fn register(&self, addr: SocketAddr, weight: u32) -> bool {
-        self.shared.registry.register(&self.shared, addr, weight).1
-    }
-
-    /// Starts draining a target; false when it was not registered.
-    pub fn deregister(&self, addr: SocketAddr) -> bool {
-        self.shared.registry.deregister(&self.shared, addr)
+/// The router's settings from the flags.
+fn routing_settings(config: &Config) -> RoutingSettings {
+    RoutingSettings {
+        policy: config.routing,
+        fail_open: config.fail_open,
+        max_outstanding: config.max_outstanding,
+        // The next health check may make a target healthy.
+        retry_after: config.health_interval,
     }
 }
 
@@ -329,22 +288,6 @@ fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Error> {
     socket.set_nodelay(true).map_err(fail)?;
     socket.bind(addr).map_err(fail)?;
     socket.listen(1024).map_err(fail)
-}
-
-/// Resolves `host:port` to its first address.
-pub(crate) async fn resolve_one(addr: &str) -> Result<SocketAddr, Error> {
-    if let Ok(addr) = addr.parse() {
-        return Ok(addr);
-    }
-    let mut addrs = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|source| Error::Resolve {
-            addr: addr.to_owned(),
-            source,
-        })?;
-    addrs.next().ok_or_else(|| Error::NoAddress {
-        addr: addr.to_owned(),
-    })
 }
 
 /// The actuator `--autoscale` asks for, if any.
@@ -365,7 +308,7 @@ fn actuator(config: &Config, admin: SocketAddr) -> Option<Actuator> {
     scaling.scale_cmd.as_ref().map(|template| {
         Actuator::Command(ScaleCommand::new(
             template.clone(),
-            Duration::from_secs(300),
+            SCALE_CMD_TIMEOUT,
             scaling.worker_start_timeout,
         ))
     })

@@ -87,6 +87,11 @@ pub struct Config {
     #[arg(long, env = "TIDEPOOL_HEALTH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub health_timeout: Duration,
 
+    /// Time one attempt to open a connection to a target may take before it is given up
+    /// and retried with backoff.
+    #[arg(long, env = "TIDEPOOL_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
     /// Consecutive passed checks that make a target healthy.
     #[arg(long, env = "TIDEPOOL_HEALTHY_THRESHOLD", default_value_t = 5)]
     pub healthy_threshold: u32,
@@ -164,6 +169,7 @@ impl Default for Config {
             health_protocol: HealthProtocol::Tidepool,
             health_interval: Duration::from_secs(30),
             health_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             healthy_threshold: 5,
             unhealthy_threshold: 2,
             deregistration_delay: Duration::from_secs(300),
@@ -214,6 +220,9 @@ impl Config {
                     humantime::format_duration(self.health_interval)
                 ),
             );
+        }
+        if self.connect_timeout.is_zero() {
+            return bad("connect-timeout", "must be above zero");
         }
         if self.dns_interval.is_zero() && !self.target_dns.is_empty() {
             return bad("dns-interval", "must be above zero");

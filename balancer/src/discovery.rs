@@ -2,17 +2,20 @@
 //! new addresses are registered, vanished ones deregistered (they drain as any other).
 //!
 //! The [`Resolver`] is a trait so that tests (and other discovery sources) can supply
-//! addresses without a DNS server.
+//! addresses without a DNS server. The task holds the target group, nothing else of the
+//! balancer.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::balancer::Shared;
+use crate::error::Error;
+use crate::registry::TargetGroup;
 
 /// Resolves `name:port` to every address behind it.
 pub trait Resolver: Send + Sync + 'static {
@@ -30,15 +33,32 @@ impl Resolver for SystemResolver {
     }
 }
 
-/// Re-resolves `names` until `stop`, keeping the registry in step.
+/// Resolves `host:port` to its first address (`--target`, the admin API).
+pub(crate) async fn resolve_one(addr: &str) -> Result<SocketAddr, Error> {
+    if let Ok(addr) = addr.parse() {
+        return Ok(addr);
+    }
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| Error::Resolve {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    addrs.next().ok_or_else(|| Error::NoAddress {
+        addr: addr.to_owned(),
+    })
+}
+
+/// Re-resolves `names` every `interval` until `stop`, keeping `group` in step.
 ///
 /// Only addresses this task registered are ever deregistered by it, so a `--target` or an
 /// admin registration of the same address is left alone. A failed resolution keeps the
 /// previous addresses: a DNS outage must not empty the target group.
 pub(crate) async fn run(
-    shared: Arc<Shared>,
+    group: TargetGroup,
     names: Vec<String>,
     resolver: Arc<dyn Resolver>,
+    interval: Duration,
     stop: CancellationToken,
 ) {
     let mut owned: HashMap<String, BTreeSet<SocketAddr>> = HashMap::new();
@@ -62,7 +82,7 @@ pub(crate) async fn run(
                     next.insert(*addr);
                     continue;
                 }
-                let (_, new) = shared.registry.register(&shared, *addr, 1);
+                let (_, new) = group.register(*addr, 1);
                 if new {
                     tracing::info!(%name, %addr, "address appeared in DNS; registered");
                     next.insert(*addr);
@@ -71,14 +91,14 @@ pub(crate) async fn run(
             for addr in mine.difference(&fresh) {
                 if !owned.values().any(|set| set.contains(addr)) {
                     tracing::info!(%name, %addr, "address vanished from DNS; deregistering");
-                    shared.registry.deregister(&shared, *addr);
+                    group.deregister(*addr);
                 }
             }
             owned.insert(name.clone(), next);
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(shared.config.dns_interval) => {}
+            () = tokio::time::sleep(interval) => {}
         }
     }
 }

@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::StreamExt;
@@ -30,15 +31,32 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::balancer::Shared;
-use crate::dispatch::Scratch;
+use crate::burst::WRITE_BURST;
+use crate::dispatch::{Router, Scratch};
 use crate::metrics::{Metrics, Reject};
-use crate::pending::{Answer, ClientConn, Outbound, Payload, Pending, Request, Slot};
+use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Payload, Pending, Request, Slot};
+
+/// What client connections need: the router and the limits of a connection.
+#[derive(Clone)]
+pub(crate) struct FrontendContext {
+    /// Where each request goes; also answers `ping` (can anything be routed now?).
+    pub(crate) router: Arc<Router>,
+    /// Largest frame accepted from a client (`--max-frame`).
+    pub(crate) max_frame: usize,
+    /// A connection with no traffic and nothing in flight this long is closed.
+    pub(crate) idle_timeout: Duration,
+    /// Requests one connection may have in flight before reading stops.
+    pub(crate) max_client_in_flight: usize,
+    /// Flows, bytes and rejections.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Requests alive in the whole balancer, for draining.
+    pub(crate) lifecycle: Arc<Lifecycle>,
+}
 
 /// Accepts client connections until `shutdown`.
 pub(crate) async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    ctx: FrontendContext,
     shutdown: CancellationToken,
     connections: TaskTracker,
 ) {
@@ -56,9 +74,7 @@ pub(crate) async fn serve(
             },
         };
         let span = tracing::debug_span!("client", %peer);
-        connections.spawn(
-            connection(stream, peer, Arc::clone(&shared), shutdown.clone()).instrument(span),
-        );
+        connections.spawn(connection(stream, peer, ctx.clone(), shutdown.clone()).instrument(span));
     }
 }
 
@@ -74,17 +90,17 @@ impl Drop for FlowGuard {
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    shared: Arc<Shared>,
+    ctx: FrontendContext,
     shutdown: CancellationToken,
 ) {
-    let metrics = Arc::clone(&shared.metrics);
+    let metrics = Arc::clone(&ctx.metrics);
     metrics.new_flows.fetch_add(1, Ordering::Relaxed);
     metrics.active_flows.fetch_add(1, Ordering::Relaxed);
     let _flow = FlowGuard(Arc::clone(&metrics));
     let _ = stream.set_nodelay(true);
     tracing::debug!("client connected");
 
-    let max_frame = shared.config.max_frame;
+    let max_frame = ctx.max_frame;
     let (read, write) = stream.into_split();
     let mut frames = FramedRead::new(Counted::new(read, &metrics), FrameCodec::new(max_frame));
     let (answers, answers_rx) = mpsc::unbounded_channel();
@@ -92,7 +108,7 @@ async fn connection(
         answers,
         peer.to_string(),
         Arc::clone(&metrics),
-        Arc::clone(&shared.lifecycle),
+        Arc::clone(&ctx.lifecycle),
     ));
     let writer = tokio::spawn(
         write_loop(
@@ -104,9 +120,9 @@ async fn connection(
         .in_current_span(),
     );
 
-    let permits = Arc::new(Semaphore::new(shared.config.max_client_in_flight));
+    let permits = Arc::new(Semaphore::new(ctx.max_client_in_flight));
     let mut scratch = Scratch::new();
-    let idle_timeout = shared.config.idle_timeout;
+    let idle_timeout = ctx.idle_timeout;
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
     let mut client_gone = true;
@@ -158,7 +174,15 @@ async fn connection(
             }
             Ok(Frame::Raw(raw)) if raw.kind() == RawKind::Infer => {
                 let id = raw.id();
-                submit(&shared, &conn, id, Payload::Raw(raw), permit, &mut scratch).await;
+                submit(
+                    &ctx.router,
+                    &conn,
+                    id,
+                    Payload::Raw(raw),
+                    permit,
+                    &mut scratch,
+                )
+                .await;
                 continue;
             }
             Ok(Frame::Raw(other)) => other.to_message(),
@@ -168,7 +192,7 @@ async fn connection(
             Message::Infer(infer) => {
                 let id = infer.id;
                 submit(
-                    &shared,
+                    &ctx.router,
                     &conn,
                     id,
                     Payload::Decoded(infer),
@@ -179,7 +203,7 @@ async fn connection(
             }
             Message::Cancel { id } => conn.cancel(id),
             Message::Ping { id } => {
-                let answer = if shared.registry.routable(shared.config.fail_open) {
+                let answer = if ctx.router.routable() {
                     Message::Pong { id }
                 } else {
                     Message::Error(
@@ -215,7 +239,7 @@ async fn connection(
 
 /// Gives a request read from `conn` a pending entry and routes it, or refuses its id.
 async fn submit(
-    shared: &Shared,
+    router: &Router,
     conn: &Arc<ClientConn>,
     id: RequestId,
     payload: Payload,
@@ -244,7 +268,7 @@ async fn submit(
         return;
     }
     let pending = Pending::new(Arc::clone(conn), id, Some(permit));
-    shared
+    router
         .submit(
             Request {
                 pending,
@@ -255,9 +279,6 @@ async fn submit(
         )
         .await;
 }
-
-/// Past this many buffered bytes a burst is written before more answers are taken.
-const WRITE_BURST: usize = 64 * 1024;
 
 async fn write_loop(
     mut socket: Counted<tokio::net::tcp::OwnedWriteHalf>,

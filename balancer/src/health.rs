@@ -1,5 +1,8 @@
-//! The health-check task of one target: a check every `--health-interval`, its result fed
-//! to the target's [`HealthCounter`], the state moved when a threshold is reached.
+//! The health-check task of one target: a check every interval, its result fed to the
+//! target's [`HealthCounter`], the state moved when a threshold is reached.
+//!
+//! The task receives the one target it checks and a [`HealthCheck`] value with its own
+//! settings (as pingora's `HealthCheck` holds its thresholds), never the whole configuration.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,51 +11,62 @@ use std::time::Duration;
 use tidepool_protocol::Client;
 use tokio::net::TcpStream;
 
-use crate::balancer::Shared;
 use crate::config::HealthProtocol;
 use crate::target::{HealthCounter, Target, TargetState, Thresholds};
 
-/// Checks `target` until it stops or starts draining.
-pub(crate) async fn run(target: Arc<Target>, shared: Arc<Shared>) {
-    let config = &shared.config;
-    let mut counter = HealthCounter::new(Thresholds {
-        healthy: config.healthy_threshold,
-        unhealthy: config.unhealthy_threshold,
-    });
-    loop {
-        let passed = tokio::select! {
-            () = target.stop.cancelled() => return,
-            passed = check(target.addr(), config.health_protocol, config.health_timeout) => passed,
-        };
-        if target.state() == TargetState::Draining {
-            return;
-        }
-        tracing::trace!(target = %target.addr(), passed, "health check");
-        if let Some(next) = counter.record(passed) {
-            if let Some(previous) = target.set_health(next) {
-                tracing::info!(target = %target.addr(), from = %previous, to = %next, "target health changed");
-            }
-        }
-        tokio::select! {
-            () = target.stop.cancelled() => return,
-            () = tokio::time::sleep(config.health_interval) => {}
-        }
-    }
+/// How a target group checks its targets: `--health-*` and the two thresholds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HealthCheck {
+    /// What a check does.
+    pub(crate) protocol: HealthProtocol,
+    /// Time between the end of one check and the start of the next.
+    pub(crate) interval: Duration,
+    /// Time a check may take before it counts as failed.
+    pub(crate) timeout: Duration,
+    /// Consecutive results that move the state.
+    pub(crate) thresholds: Thresholds,
 }
 
-/// One check: passes when the target answers in time.
-pub(crate) async fn check(addr: SocketAddr, protocol: HealthProtocol, timeout: Duration) -> bool {
-    let attempt = async {
-        match protocol {
-            HealthProtocol::Tcp => TcpStream::connect(addr).await.is_ok(),
-            HealthProtocol::Tidepool => match Client::connect(addr).await {
-                // Only `pong` passes; a target that answers `unavailable` is not ready.
-                Ok(client) => client.ping(timeout).await.is_ok(),
-                Err(_) => false,
-            },
+impl HealthCheck {
+    /// Checks `target` until it stops or starts draining.
+    pub(crate) async fn run(self, target: Arc<Target>) {
+        let mut counter = HealthCounter::new(self.thresholds);
+        loop {
+            let passed = tokio::select! {
+                () = target.stop.cancelled() => return,
+                passed = self.check(target.addr()) => passed,
+            };
+            if target.state() == TargetState::Draining {
+                return;
+            }
+            tracing::trace!(target = %target.addr(), passed, "health check");
+            if let Some(next) = counter.record(passed) {
+                if let Some(previous) = target.set_health(next) {
+                    tracing::info!(target = %target.addr(), from = %previous, to = %next, "target health changed");
+                }
+            }
+            tokio::select! {
+                () = target.stop.cancelled() => return,
+                () = tokio::time::sleep(self.interval) => {}
+            }
         }
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or(false)
+    }
+
+    /// One check: passes when the target answers within the timeout.
+    pub(crate) async fn check(&self, addr: SocketAddr) -> bool {
+        let timeout = self.timeout;
+        let attempt = async {
+            match self.protocol {
+                HealthProtocol::Tcp => TcpStream::connect(addr).await.is_ok(),
+                HealthProtocol::Tidepool => match Client::connect(addr).await {
+                    // Only `pong` passes; a target that answers `unavailable` is not ready.
+                    Ok(client) => client.ping(timeout).await.is_ok(),
+                    Err(_) => false,
+                },
+            }
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .unwrap_or(false)
+    }
 }

@@ -8,11 +8,11 @@
 //! 1. [`frontend`] reads a frame from a client connection and gives the request a
 //!    [`pending`] entry, which owns the client's id and answers exactly once: explicitly,
 //!    or when dropped.
-//! 2. [`dispatch`] takes the [`registry`]'s snapshot and lets [`routing`] choose a target
-//!    (a pure function: p2c, full scan or round-robin over the healthy targets, with
-//!    fail-open); the request is counted on the target by an in-flight guard
+//! 2. The router in [`dispatch`] takes the target group's snapshot and lets [`routing`]
+//!    choose a target (a pure function: p2c, full scan or round-robin over the healthy
+//!    targets, with fail-open); the request is counted on the target by an in-flight guard
 //!    ([`target`]). When every eligible target is at `--max-outstanding` it waits in the
-//!    [`queue`].
+//!    [`queue`], whose task the router runs.
 //! 3. [`upstream`] writes it to one of the target's persistent connections under a fresh
 //!    id, and takes the answer back to the pending entry, which restores the client's id.
 //!
@@ -21,6 +21,33 @@
 //! [`metrics`]' Prometheus text, and [`autoscale`] turns the outstanding counts into the
 //! pool size the load needs (`GET /scaling`), starting and stopping workers with
 //! `--autoscale`.
+//!
+//! ## Who owns what
+//! Each piece of state has one owner behind a cheap-to-clone handle, and each task gets the
+//! settings it needs, never the whole [`Config`]:
+//! - `registry`'s `TargetGroup` owns the targets, their snapshot, the draining list, its
+//!   task tracker and its shutdown tokens, with its `GroupSettings`. It spawns and stops
+//!   each target's health check (`health`'s `HealthCheck`) and upstream connections
+//!   (`upstream`'s `UpstreamContext`, whose `Reroute` handle is the only way back into
+//!   the queue).
+//! - `dispatch`'s `Router` owns the wait queue's sending side, the routing settings and
+//!   the round-robin counter, over a clone of the group.
+//! - `frontend` receives a `FrontendContext`: the router and a connection's limits.
+//! - [`Handle`] (`handle`) is the view for embedding programs and the admin API; the
+//!   autoscaler depends on the [`Pool`] trait, which `Handle` implements.
+//! - `balancer` is the composition root: it builds the owners from the [`Config`] and
+//!   runs the shutdown sequence. No module imports it.
+//!
+//! The import graph (`use crate::…` outside tests) has one cycle, among the request's own
+//! data types: [`target`] (a target holds its connections and wakes the queue), `pending`
+//! (a pending entry knows the connection it was sent on), `upstream` (a connection holds
+//! pending entries and hands unwritten requests back), `queue` (which carries requests)
+//! and `metrics` (targets keep latency histograms; metrics render targets). Every other
+//! edge points down this list, each module importing only those below it:
+//! `balancer` → `admin` → `handle` → `frontend` → `dispatch` → `discovery` → `registry`
+//! → `health` → [`routing`] → [`config`] → [`autoscale`] → the data types → `burst`,
+//! `error`. (`autoscale` sees one data type, [`target`]'s `TargetInfo`. Neighbours in the
+//! list need not import each other: `admin` and `frontend` do not.)
 //!
 //! ## Embedding
 //! ```no_run
@@ -49,11 +76,13 @@
 mod admin;
 pub mod autoscale;
 mod balancer;
+mod burst;
 pub mod config;
 mod discovery;
 mod dispatch;
 pub mod error;
 mod frontend;
+mod handle;
 mod health;
 mod metrics;
 mod pending;
@@ -63,11 +92,12 @@ pub mod routing;
 pub mod target;
 mod upstream;
 
-pub use autoscale::{AutoscaleConfig, ScalingStatus};
-pub use balancer::{Balancer, Handle};
+pub use autoscale::{AutoscaleConfig, Pool, ScalingStatus};
+pub use balancer::Balancer;
 pub use config::{Config, HealthProtocol, RoutingPolicy};
 pub use discovery::{Resolver, SystemResolver};
 pub use error::Error;
+pub use handle::Handle;
 pub use target::{TargetInfo, TargetState};
 
 use tokio_util::sync::CancellationToken;

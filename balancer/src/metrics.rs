@@ -278,32 +278,6 @@ impl Metrics {
     }
 }
 
-/// The autoscaling gauges: what an HPA on Prometheus scales on.
-pub(crate) fn render_scaling(status: &crate::autoscale::ScalingStatus) -> String {
-    let d = &status.decision;
-    let mut out = String::with_capacity(1024);
-    for (name, help, value) in [
-        (
-            "tidepool_load_per_worker",
-            "Outstanding plus queued requests per healthy worker, averaged over the scaling window.",
-            d.load_per_worker,
-        ),
-        (
-            "tidepool_load_total",
-            "Outstanding plus queued requests, averaged over the scaling window.",
-            d.total_load,
-        ),
-        ("tidepool_target_load", "The load per worker the pool is sized for.", status.target_load),
-        ("tidepool_desired_workers", "Workers the scaling policy asks for.", d.desired as f64),
-        ("tidepool_ready_workers", "Workers healthy and serving.", d.ready as f64),
-        ("tidepool_coming_workers", "Workers started and not ready yet.", d.coming as f64),
-        ("tidepool_leaving_workers", "Workers draining after a scale-in.", d.leaving as f64),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,6 +67,29 @@ impl Payload {
             Payload::Decoded(infer) => infer.deadline_ms,
         }
     }
+
+    /// What is left of the client's deadline for a request read at `received`: `None`
+    /// when it has none, [`DeadlinePassed`] when it ran out inside the balancer.
+    ///
+    /// The one deadline check: routing asks before choosing a target, the upstream writer
+    /// before writing (and sends the target what is left).
+    pub(crate) fn deadline_left(&self, received: Instant) -> Result<Option<u64>, DeadlinePassed> {
+        let Some(budget_ms) = self.deadline_ms() else {
+            return Ok(None);
+        };
+        let spent = u64::try_from(received.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if spent >= budget_ms {
+            return Err(DeadlinePassed { budget_ms });
+        }
+        Ok(Some(budget_ms - spent))
+    }
+}
+
+/// A request's deadline ran out while it was still in the balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DeadlinePassed {
+    /// The client's `deadline_ms`.
+    pub(crate) budget_ms: u64,
 }
 
 /// Requests alive in the whole balancer, for draining at shutdown.
@@ -302,6 +325,19 @@ impl Pending {
         reply.retry_after_ms = retry_after_ms;
         self.conn.metrics.reject(reason);
         self.finish(Answer::Message(Message::Error(reply)));
+    }
+
+    /// Answers `deadline_exceeded`: the deadline ran out before a target got the request.
+    pub(crate) fn deadline_passed(self, passed: DeadlinePassed) {
+        self.reject(
+            Reject::DeadlineExceeded,
+            ErrorCode::DeadlineExceeded,
+            format!(
+                "the deadline of {} ms passed while the request waited in the balancer",
+                passed.budget_ms
+            ),
+            None,
+        );
     }
 
     /// Answers `unavailable` because the request may have reached a target that is now

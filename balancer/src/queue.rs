@@ -1,23 +1,20 @@
 //! The balancer's wait queue: requests that found every eligible target at its
 //! `--max-outstanding` limit wait here, in order, for `--queue-timeout` at most.
 //!
-//! An actor: one task owns the queue; requests reach it over a channel whose length is
-//! bounded by a counter checked before sending (`--queue`), and finishing requests wake
-//! it through [`QueueSignal`]. Requests re-routed after a connection loss pass through it
-//! too, ahead of the bound, since they were already admitted.
+//! The queue is an actor: one task owns the waiting requests (the loop lives beside the
+//! router that routes them, in `dispatch.rs`); requests reach it over a channel whose
+//! length is bounded by a counter checked before sending (`--queue`), and finishing
+//! requests wake it through [`QueueSignal`]. This file holds the two ways in:
+//! [`QueueHandle`] for new requests (bounded) and [`Reroute`] for requests an upstream
+//! connection hands back unwritten (already admitted, so past the bound).
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tidepool_protocol::ErrorCode;
 use tokio::sync::{mpsc, Notify};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::balancer::Shared;
-use crate::dispatch::{Routed, Scratch};
 use crate::metrics::Reject;
 use crate::pending::Request;
 
@@ -42,12 +39,53 @@ impl QueueSignal {
             self.wake.notify_one();
         }
     }
+
+    /// Waits for [`wake`](QueueSignal::wake) (the queue task's side).
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// `n` requests left the queue (routed or answered) (the queue task's side).
+    pub(crate) fn left(&self, n: usize) {
+        self.len.fetch_sub(n, Ordering::AcqRel);
+    }
 }
 
-/// The sending side of the queue.
-pub(crate) struct QueueHandle {
+/// The receiving end, owned by the queue task.
+pub(crate) type QueueReceiver = mpsc::UnboundedReceiver<Request>;
+
+/// A way into the queue for requests that were already admitted: an upstream connection
+/// hands back what it never wrote. Narrow on purpose, so that upstream code can reach
+/// nothing else of routing.
+#[derive(Clone, Debug)]
+pub(crate) struct Reroute {
     tx: mpsc::UnboundedSender<Request>,
-    pub(crate) signal: Arc<QueueSignal>,
+    signal: Arc<QueueSignal>,
+}
+
+impl Reroute {
+    /// Puts an already admitted request (re-routed after a connection loss) in the queue,
+    /// past the bound.
+    pub(crate) fn send(&self, request: Request) {
+        self.signal.len.fetch_add(1, Ordering::AcqRel);
+        self.send_counted(request);
+    }
+
+    /// Sends a request already counted in the length.
+    fn send_counted(&self, request: Request) {
+        if let Err(mpsc::error::SendError(request)) = self.tx.send(request) {
+            // The queue task has stopped: the balancer is past its drain deadline. The
+            // pending entry answers `shutting_down` as it drops.
+            self.signal.left(1);
+            drop(request);
+        }
+    }
+}
+
+/// The sending side of the queue for new requests: bounded by `--queue`.
+#[derive(Debug)]
+pub(crate) struct QueueHandle {
+    inlet: Reroute,
     capacity: usize,
     timeout: Duration,
 }
@@ -58,17 +96,31 @@ impl QueueHandle {
         capacity: usize,
         timeout: Duration,
         signal: Arc<QueueSignal>,
-    ) -> (QueueHandle, mpsc::UnboundedReceiver<Request>) {
+    ) -> (QueueHandle, QueueReceiver) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             QueueHandle {
-                tx,
-                signal,
+                inlet: Reroute { tx, signal },
                 capacity,
                 timeout,
             },
             rx,
         )
+    }
+
+    /// The queue's length and wake-up.
+    pub(crate) fn signal(&self) -> &Arc<QueueSignal> {
+        &self.inlet.signal
+    }
+
+    /// The way in for re-routed requests, for the upstream connections.
+    pub(crate) fn reroute(&self) -> Reroute {
+        self.inlet.clone()
+    }
+
+    /// Longest wait in the queue (`--queue-timeout`).
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The hint given with `overloaded`.
@@ -82,6 +134,7 @@ impl QueueHandle {
     /// queue is full.
     pub(crate) fn push(&self, request: Request) {
         let admitted = self
+            .inlet
             .signal
             .len
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -100,108 +153,6 @@ impl QueueHandle {
             );
             return;
         }
-        self.send(request);
-    }
-
-    /// Puts a request that was already admitted (re-routed after a connection loss) in
-    /// the queue, past the bound.
-    pub(crate) fn reroute(&self, request: Request) {
-        self.signal.len.fetch_add(1, Ordering::AcqRel);
-        self.send(request);
-    }
-
-    fn send(&self, request: Request) {
-        if let Err(mpsc::error::SendError(request)) = self.tx.send(request) {
-            // The queue task has stopped: the balancer is past its drain deadline. The
-            // pending entry answers `shutting_down` as it drops.
-            self.signal.len.fetch_sub(1, Ordering::AcqRel);
-            drop(request);
-        }
-    }
-}
-
-/// The queue task: routes waiting requests as capacity appears, answers `overloaded`
-/// past the timeout. Stops at `stop` (the drain deadline); what still waits then is
-/// answered `shutting_down`.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<Request>,
-    stop: CancellationToken,
-) {
-    let signal = Arc::clone(&shared.queue.signal);
-    let timeout = shared.config.queue_timeout;
-    let mut waiting: VecDeque<(Request, Instant)> = VecDeque::new();
-    let mut scratch = Scratch::new();
-    loop {
-        // Entries are in arrival order with one timeout, so the front expires first.
-        let expiry = waiting.front().map(|(_, since)| *since + timeout);
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            request = rx.recv() => match request {
-                Some(request) => waiting.push_back((request, Instant::now())),
-                None => break,
-            },
-            () = signal.wake.notified() => {}
-            () = sleep_until(expiry) => {}
-        }
-        while let Ok(request) = rx.try_recv() {
-            waiting.push_back((request, Instant::now()));
-        }
-
-        let now = Instant::now();
-        while waiting
-            .front()
-            .is_some_and(|(_, since)| *since + timeout <= now)
-        {
-            let Some((request, since)) = waiting.pop_front() else {
-                break;
-            };
-            signal.len.fetch_sub(1, Ordering::AcqRel);
-            shared.metrics.queue_wait.record(now - since);
-            request.pending.reject(
-                Reject::QueueTimeout,
-                ErrorCode::Overloaded,
-                format!(
-                    "waited {} in the balancer's queue without a target below its outstanding limit",
-                    humantime::format_duration(timeout)
-                ),
-                Some(shared.queue.retry_after_ms()),
-            );
-        }
-
-        while let Some((request, since)) = waiting.pop_front() {
-            match shared.try_route(request, &mut scratch).await {
-                Routed::Done => {
-                    signal.len.fetch_sub(1, Ordering::AcqRel);
-                    shared.metrics.queue_wait.record(since.elapsed());
-                }
-                Routed::Full(request) => {
-                    waiting.push_front((request, since));
-                    break;
-                }
-                Routed::NoTarget(request) => {
-                    signal.len.fetch_sub(1, Ordering::AcqRel);
-                    shared.metrics.queue_wait.record(since.elapsed());
-                    shared.no_target(request);
-                }
-            }
-        }
-    }
-    rx.close();
-    let dropped = waiting.len();
-    signal.len.fetch_sub(dropped, Ordering::AcqRel);
-    // Dropping the entries answers them (`shutting_down`, the drain deadline has passed).
-    drop(waiting);
-    while let Ok(request) = rx.try_recv() {
-        signal.len.fetch_sub(1, Ordering::AcqRel);
-        drop(request);
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+        self.inlet.send_counted(request);
     }
 }

@@ -1,60 +1,129 @@
-//! The target group: registration, deregistration with its delay, and the snapshot that
-//! routing reads.
+//! The target group: the one owner of the targets. It registers and deregisters them,
+//! spawns and stops each target's health check and upstream connections, keeps the
+//! snapshot that routing reads, and lists draining targets until their delay ends.
 //!
 //! Targets live in a [`DashMap`] by address. Routing does not iterate the map: it reads
 //! an immutable snapshot (`Arc<[Arc<Target>]>` behind an [`ArcSwap`]) rebuilt on every
 //! registration change, so the request path takes no lock at all. A deregistered target
 //! leaves the map at once (the same address can be registered again right away, as a new
 //! target) and waits in the draining list until its requests finish or the delay ends.
+//!
+//! [`TargetGroup`] is a cheap-to-clone handle over a private `Shared` (as mini-redis's
+//! `Db`, pingora's `Backends`): the router, the admin API, DNS discovery and the
+//! autoscaler each hold one. It owns its background work: every task it spawns runs on
+//! its own [`TaskTracker`] and stops with [`TargetGroup::stop`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::balancer::Shared;
-use crate::queue::QueueSignal;
+use crate::health::HealthCheck;
+use crate::metrics::Metrics;
+use crate::queue::{QueueSignal, Reroute};
 use crate::target::{Target, TargetInfo, TargetState};
-use crate::{health, upstream};
+use crate::upstream::{self, UpstreamContext, UpstreamSettings};
 
-/// The set of targets.
-pub(crate) struct Registry {
+/// What a target group needs to know about its targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GroupSettings {
+    /// Persistent connections kept open to each target.
+    pub(crate) connections_per_target: usize,
+    /// How long a deregistered target may finish its requests.
+    pub(crate) deregistration_delay: Duration,
+    /// How each target's health is checked.
+    pub(crate) health: HealthCheck,
+    /// How each target's connections are opened and what they carry.
+    pub(crate) upstream: UpstreamSettings,
+}
+
+/// The set of targets; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct TargetGroup {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: GroupSettings,
     active: DashMap<SocketAddr, Arc<Target>>,
-    /// Deregistered targets still finishing their requests, by a serial number (the same
-    /// address may drain twice).
+    /// Deregistered targets still finishing their requests (or still listed until their
+    /// delay ends), by a serial number: the same address may drain twice.
     draining: DashMap<u64, Arc<Target>>,
     serial: AtomicU64,
     snapshot: ArcSwap<Vec<Arc<Target>>>,
     /// Serializes snapshot rebuilds: without it, two concurrent changes could each
     /// store a snapshot missing the other's target.
     rebuild: Mutex<()>,
+    /// Woken by targets when capacity appears; given to each new target.
     signal: Arc<QueueSignal>,
+    /// What each target's upstream connections get.
+    upstream: UpstreamContext,
+    /// Health checks, upstream connections and drains.
+    tasks: TaskTracker,
+    /// Cancelled when the balancer begins to shut down: drained targets stop waiting out
+    /// their delay in the list.
+    closing: CancellationToken,
+    /// Cancelled by [`TargetGroup::stop`]: every target stops, and so does any target
+    /// registered afterwards.
+    stopped: CancellationToken,
 }
 
-impl Registry {
-    pub(crate) fn new(signal: Arc<QueueSignal>) -> Registry {
-        Registry {
-            active: DashMap::new(),
-            draining: DashMap::new(),
-            serial: AtomicU64::new(0),
-            snapshot: ArcSwap::from_pointee(Vec::new()),
-            rebuild: Mutex::new(()),
-            signal,
+impl std::fmt::Debug for TargetGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetGroup")
+            .field("targets", &self.snapshot().len())
+            .field("draining", &self.shared.draining.len())
+            .finish()
+    }
+}
+
+impl TargetGroup {
+    /// An empty group. Its targets wake `signal` when capacity appears, and their
+    /// connections hand requests they never wrote back to `reroute`.
+    pub(crate) fn new(
+        settings: GroupSettings,
+        signal: Arc<QueueSignal>,
+        reroute: Reroute,
+        metrics: Arc<Metrics>,
+    ) -> TargetGroup {
+        let tasks = TaskTracker::new();
+        TargetGroup {
+            shared: Arc::new(Shared {
+                active: DashMap::new(),
+                draining: DashMap::new(),
+                serial: AtomicU64::new(0),
+                snapshot: ArcSwap::from_pointee(Vec::new()),
+                rebuild: Mutex::new(()),
+                signal,
+                upstream: UpstreamContext {
+                    settings: settings.upstream,
+                    reroute,
+                    metrics,
+                    tasks: tasks.clone(),
+                },
+                tasks,
+                closing: CancellationToken::new(),
+                stopped: CancellationToken::new(),
+                settings,
+            }),
         }
     }
 
     /// The registered targets (not the draining ones), as routing sees them.
     pub(crate) fn snapshot(&self) -> Arc<Vec<Arc<Target>>> {
-        self.snapshot.load_full()
+        self.shared.snapshot.load_full()
     }
 
     /// Every target, draining ones included, sorted by address.
     pub(crate) fn all(&self) -> Vec<Arc<Target>> {
         let mut all: Vec<_> = self.snapshot().iter().cloned().collect();
-        all.extend(self.draining.iter().map(|e| Arc::clone(e.value())));
+        all.extend(self.shared.draining.iter().map(|e| Arc::clone(e.value())));
         all.sort_by_key(|t| t.addr());
         all
     }
@@ -66,7 +135,7 @@ impl Registry {
 
     /// The registered target at `addr`.
     pub(crate) fn get(&self, addr: SocketAddr) -> Option<Arc<Target>> {
-        self.active.get(&addr).map(|e| Arc::clone(e.value()))
+        self.shared.active.get(&addr).map(|e| Arc::clone(e.value()))
     }
 
     /// True when some request could be routed now (a `ping` to the balancer passes).
@@ -83,104 +152,353 @@ impl Registry {
         })
     }
 
-    /// Registers `addr`; idempotent. Returns the target and whether it is new.
-    pub(crate) fn register(
-        &self,
-        shared: &Arc<Shared>,
-        addr: SocketAddr,
-        weight: u32,
-    ) -> (Arc<Target>, bool) {
-        let target = match self.active.entry(addr) {
-            Entry::Occupied(e) => return (Arc::clone(e.get()), false),
-            Entry::Vacant(e) => {
-                let target = Arc::new(Target::new(
-                    addr,
-                    weight,
-                    shared.config.connections_per_target,
-                    Arc::clone(&self.signal),
-                ));
-                e.insert(Arc::clone(&target));
-                target
-            }
-        };
-        self.rebuild();
+    /// True once the balancer began to shut down ([`close`](TargetGroup::close)).
+    pub(crate) fn is_closing(&self) -> bool {
+        self.shared.closing.is_cancelled()
+    }
+
+    /// Registers `addr` and starts its health check and connections; idempotent.
+    /// Returns the target and whether it is new.
+    pub(crate) fn register(&self, addr: SocketAddr, weight: u32) -> (Arc<Target>, bool) {
+        let (target, new) = self.insert(addr, weight);
+        if !new {
+            return (target, false);
+        }
         tracing::info!(target = %addr, weight = target.weight(), "target registered");
+        let shared = &self.shared;
         shared
             .tasks
-            .spawn(health::run(Arc::clone(&target), Arc::clone(shared)));
+            .spawn(shared.settings.health.run(Arc::clone(&target)));
         for slot in 0..target.conn_slots() {
             shared.tasks.spawn(upstream::maintain(
                 Arc::clone(&target),
                 slot,
-                Arc::clone(shared),
+                shared.upstream.clone(),
             ));
         }
         (target, true)
     }
 
+    /// Adds a target to the map and the snapshot, without starting anything.
+    fn insert(&self, addr: SocketAddr, weight: u32) -> (Arc<Target>, bool) {
+        let shared = &self.shared;
+        let target = match shared.active.entry(addr) {
+            Entry::Occupied(e) => return (Arc::clone(e.get()), false),
+            Entry::Vacant(e) => {
+                let target = Arc::new(Target::new(
+                    addr,
+                    weight,
+                    shared.settings.connections_per_target,
+                    Arc::clone(&shared.signal),
+                ));
+                e.insert(Arc::clone(&target));
+                target
+            }
+        };
+        // After the insert: `stop` cancels `stopped` before it looks at the targets, so
+        // a target registered meanwhile is either seen there or stopped here.
+        if shared.stopped.is_cancelled() {
+            target.stop.cancel();
+        }
+        self.rebuild();
+        (target, true)
+    }
+
+    /// Registers `addr` with no health check and no connections: tests attach their own.
+    #[cfg(test)]
+    pub(crate) fn register_idle(&self, addr: SocketAddr, weight: u32) -> Arc<Target> {
+        self.insert(addr, weight).0
+    }
+
     /// Deregisters `addr`: no new requests; in-flight ones may finish until the
     /// deregistration delay ends. False when it was not registered.
-    pub(crate) fn deregister(&self, shared: &Arc<Shared>, addr: SocketAddr) -> bool {
-        let Some((_, target)) = self.active.remove(&addr) else {
+    pub(crate) fn deregister(&self, addr: SocketAddr) -> bool {
+        let shared = &self.shared;
+        let Some((_, target)) = shared.active.remove(&addr) else {
             return false;
         };
         target.start_draining();
-        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        self.draining.insert(serial, Arc::clone(&target));
+        let serial = shared.serial.fetch_add(1, Ordering::Relaxed);
+        shared.draining.insert(serial, Arc::clone(&target));
         self.rebuild();
         tracing::info!(
             target = %addr,
             outstanding = target.outstanding(),
-            delay = %humantime::format_duration(shared.config.deregistration_delay),
+            delay = %humantime::format_duration(shared.settings.deregistration_delay),
             "target draining"
         );
-        shared
-            .tasks
-            .spawn(drain(target, serial, Arc::clone(shared)));
+        shared.tasks.spawn(self.clone().drain(target, serial));
         true
     }
 
-    /// Stops every target's tasks and connections (the last step of shutdown).
-    pub(crate) fn stop_all(&self) {
+    /// The balancer begins to shut down: targets that finished draining leave the list
+    /// at once instead of at the end of their delay. Targets keep serving.
+    pub(crate) fn close(&self) {
+        self.shared.closing.cancel();
+    }
+
+    /// Stops every target's health check and connections (the last step of shutdown);
+    /// requests still written to a target are answered as their connections close.
+    pub(crate) fn stop(&self) {
+        self.shared.stopped.cancel();
         for t in self.all() {
             t.stop.cancel();
         }
     }
 
+    /// Waits until every task of the group has ended (after [`stop`](TargetGroup::stop)).
+    pub(crate) async fn stopped(&self) {
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+    }
+
     fn rebuild(&self) {
-        let _serial = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
-        let mut targets: Vec<_> = self.active.iter().map(|e| Arc::clone(e.value())).collect();
+        let shared = &self.shared;
+        let _serial = shared.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        let mut targets: Vec<_> = shared
+            .active
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
         targets.sort_by_key(|t| t.addr());
-        self.snapshot.store(Arc::new(targets));
+        shared.snapshot.store(Arc::new(targets));
+    }
+
+    /// Waits for a draining target's requests, or the end of the delay, then closes it.
+    ///
+    /// A target whose last request finished early has its connections closed at once but
+    /// stays listed as `draining` until the delay ends, as NLB shows it: `GET /targets`
+    /// then tells a deregistration that is over from one that never happened.
+    async fn drain(self, target: Arc<Target>, serial: u64) {
+        let delay = tokio::time::sleep(self.shared.settings.deregistration_delay);
+        tokio::pin!(delay);
+        let outcome = tokio::select! {
+            () = target.idle() => "no request left",
+            () = &mut delay => "deregistration delay passed",
+            () = target.stop.cancelled() => "balancer stopped",
+        };
+        tracing::info!(
+            target = %target.addr(),
+            outcome,
+            unanswered = target.outstanding(),
+            "target deregistered"
+        );
+        // Closing the connections answers what is left `unavailable`.
+        target.stop.cancel();
+        if outcome == "no request left" {
+            tokio::select! {
+                () = &mut delay => {}
+                () = self.shared.closing.cancelled() => {}
+            }
+        }
+        self.shared.draining.remove(&serial);
     }
 }
 
-/// Waits for a draining target's requests, or the end of the delay, then closes it.
-///
-/// A target whose last request finished early has its connections closed at once but stays
-/// listed as `draining` until the delay ends, as NLB shows it: `GET /targets` then tells a
-/// deregistration that is over from one that never happened.
-async fn drain(target: Arc<Target>, serial: u64, shared: Arc<Shared>) {
-    let delay = tokio::time::sleep(shared.config.deregistration_delay);
-    tokio::pin!(delay);
-    let outcome = tokio::select! {
-        () = target.idle() => "no request left",
-        () = &mut delay => "deregistration delay passed",
-        () = target.stop.cancelled() => "balancer stopped",
-    };
-    tracing::info!(
-        target = %target.addr(),
-        outcome,
-        unanswered = target.outstanding(),
-        "target deregistered"
-    );
-    // Closing the connections answers what is left `unavailable`.
-    target.stop.cancel();
-    if outcome == "no request left" {
-        tokio::select! {
-            () = &mut delay => {}
-            () = shared.shutting_down.cancelled() => {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HealthProtocol;
+    use crate::queue::QueueHandle;
+    use crate::target::{InFlight, Thresholds};
+
+    const DELAY: Duration = Duration::from_secs(30);
+
+    /// A group whose targets would be checked over TCP once an hour; the queue behind it
+    /// is closed (nothing is routed in these tests).
+    fn group() -> TargetGroup {
+        let signal = Arc::new(QueueSignal::default());
+        let (queue, _rx) = QueueHandle::new(8, Duration::from_secs(1), Arc::clone(&signal));
+        let settings = GroupSettings {
+            connections_per_target: 2,
+            deregistration_delay: DELAY,
+            health: HealthCheck {
+                protocol: HealthProtocol::Tcp,
+                interval: Duration::from_secs(3600),
+                timeout: Duration::from_secs(1),
+                thresholds: Thresholds {
+                    healthy: 2,
+                    unhealthy: 2,
+                },
+            },
+            upstream: UpstreamSettings {
+                connect_timeout: Duration::from_secs(1),
+                max_frame: 1 << 20,
+            },
+        };
+        TargetGroup::new(
+            settings,
+            signal,
+            queue.reroute(),
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    /// An address nothing listens on: connections to it are refused at once.
+    fn closed_addr() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Lets the group's spawned tasks run up to their next wait.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
         }
     }
-    shared.registry.draining.remove(&serial);
+
+    fn states(group: &TargetGroup) -> Vec<(SocketAddr, TargetState)> {
+        group.all().iter().map(|t| (t.addr(), t.state())).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn register_is_idempotent_and_stop_ends_the_targets_tasks() {
+        let group = group();
+        let a = closed_addr();
+        let (target, new) = group.register(a, 2);
+        assert!(new);
+        assert_eq!(target.weight(), 2);
+        let (again, new) = group.register(a, 5);
+        assert!(
+            !new,
+            "a second registration of the same address is the same target"
+        );
+        assert!(Arc::ptr_eq(&target, &again));
+        assert_eq!(again.weight(), 2);
+        assert_eq!(group.snapshot().len(), 1);
+        assert_eq!(states(&group), vec![(a, TargetState::Initial)]);
+        assert!(Arc::ptr_eq(&group.get(a).unwrap(), &target));
+
+        // The health check and both connection slots run until the group stops.
+        settle().await;
+        group.stop();
+        assert!(target.stop.is_cancelled());
+        tokio::time::timeout(Duration::from_secs(60), group.stopped())
+            .await
+            .expect("every task of the group ends once it stops");
+
+        // A target registered after the stop is born stopped.
+        let (late, _) = group.register(closed_addr(), 1);
+        assert!(late.stop.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_target_closes_at_once_and_stays_listed_until_the_delay() {
+        let group = group();
+        let target = group.register_idle(addr(1), 1);
+        let guard = InFlight::try_acquire(&target, None).unwrap();
+
+        assert!(group.deregister(addr(1)));
+        assert!(!group.deregister(addr(1)), "already deregistered");
+        assert!(group.snapshot().is_empty(), "routing no longer sees it");
+        assert!(group.get(addr(1)).is_none());
+        assert_eq!(states(&group), vec![(addr(1), TargetState::Draining)]);
+
+        // Its request may finish: the connections stay open meanwhile.
+        tokio::time::sleep(DELAY / 2).await;
+        assert!(!target.stop.is_cancelled());
+
+        // The last request finished: connections close now, the listing waits for the delay.
+        drop(guard);
+        settle().await;
+        assert!(target.stop.is_cancelled());
+        assert_eq!(states(&group), vec![(addr(1), TargetState::Draining)]);
+        tokio::time::sleep(DELAY / 2 - Duration::from_millis(1)).await;
+        settle().await;
+        assert_eq!(group.all().len(), 1);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        settle().await;
+        assert!(group.all().is_empty(), "gone once the delay ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_that_never_drains_is_closed_when_the_delay_ends() {
+        let group = group();
+        let target = group.register_idle(addr(1), 1);
+        let _stuck = InFlight::try_acquire(&target, None).unwrap();
+        group.deregister(addr(1));
+        tokio::time::sleep(DELAY - Duration::from_millis(1)).await;
+        settle().await;
+        assert!(!target.stop.is_cancelled());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        settle().await;
+        assert!(
+            target.stop.is_cancelled(),
+            "its connections close, answering the rest"
+        );
+        assert!(group.all().is_empty());
+        assert_eq!(target.outstanding(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn re_registering_a_draining_address_makes_a_new_target() {
+        let group = group();
+        let old = group.register_idle(addr(1), 1);
+        let _busy = InFlight::try_acquire(&old, None).unwrap();
+        group.deregister(addr(1));
+        let (new, is_new) = group.register(addr(1), 1);
+        assert!(is_new);
+        assert!(!Arc::ptr_eq(&old, &new));
+        // Both are listed: the registered one first (a stable sort by address).
+        assert_eq!(
+            states(&group),
+            vec![
+                (addr(1), TargetState::Initial),
+                (addr(1), TargetState::Draining)
+            ]
+        );
+        assert_eq!(group.snapshot().len(), 1);
+        assert!(Arc::ptr_eq(&group.snapshot()[0], &new));
+
+        // The new one drains on its own, beside the old one.
+        assert!(group.deregister(addr(1)));
+        assert_eq!(group.all().len(), 2);
+        assert!(group
+            .all()
+            .iter()
+            .all(|t| t.state() == TargetState::Draining));
+        group.stop();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_ends_the_listing_and_stop_ends_the_drains() {
+        let group = group();
+        let idle = group.register_idle(addr(1), 1);
+        let busy = group.register_idle(addr(2), 1);
+        let _held = InFlight::try_acquire(&busy, None).unwrap();
+        let serving = group.register_idle(addr(3), 1);
+        group.deregister(addr(1));
+        group.deregister(addr(2));
+        settle().await;
+        assert!(idle.stop.is_cancelled());
+        assert_eq!(group.all().len(), 3);
+
+        // Shutdown begins: a drained target need not wait out its delay in the list.
+        group.close();
+        assert!(group.is_closing());
+        settle().await;
+        assert_eq!(
+            states(&group),
+            vec![
+                (addr(2), TargetState::Draining),
+                (addr(3), TargetState::Initial)
+            ]
+        );
+        assert!(
+            !serving.stop.is_cancelled(),
+            "closing does not stop targets"
+        );
+
+        // The last step: every target stops, draining or not, and every drain ends.
+        group.stop();
+        assert!(busy.stop.is_cancelled() && serving.stop.is_cancelled());
+        tokio::time::timeout(Duration::from_secs(1), group.stopped())
+            .await
+            .expect("the drains end with the stop");
+        assert_eq!(states(&group), vec![(addr(3), TargetState::Initial)]);
+    }
 }

@@ -29,16 +29,38 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::balancer::Shared;
-use crate::metrics::Reject;
+use crate::burst::WRITE_BURST;
+use crate::metrics::{Metrics, Reject};
 use crate::pending::{Payload, Pending, Request};
+use crate::queue::Reroute;
 use crate::target::Target;
 
 /// Requests buffered towards one connection's writer.
 const SEND_QUEUE: usize = 1024;
 /// Times one request may be routed again after connection losses.
 const MAX_REROUTES: u32 = 3;
+
+/// The settings of a target's upstream connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct UpstreamSettings {
+    /// Time one connection attempt may take (`--connect-timeout`).
+    pub(crate) connect_timeout: Duration,
+    /// Largest frame accepted from the target and written to it (`--max-frame`).
+    pub(crate) max_frame: usize,
+}
+
+/// What a target's connections need besides the target itself: their settings, the way
+/// back to the wait queue for requests never written, the reset counter, and the tracker
+/// their tasks run on (the target group's, so that the group can wait for them).
+#[derive(Clone, Debug)]
+pub(crate) struct UpstreamContext {
+    pub(crate) settings: UpstreamSettings,
+    pub(crate) reroute: Reroute,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) tasks: TaskTracker,
+}
 
 /// A routed request on its way to one connection.
 pub(crate) struct Forward {
@@ -62,11 +84,16 @@ pub(crate) struct UpstreamConn {
     closed: CancellationToken,
 }
 
+/// The writer's side of an [`UpstreamConn`]: what it takes requests and cancels from.
+pub(crate) struct Outlets {
+    pub(crate) requests: mpsc::Receiver<Forward>,
+    pub(crate) cancels: mpsc::UnboundedReceiver<RequestId>,
+}
+
 impl UpstreamConn {
-    /// Starts the reader and writer tasks over `stream`.
-    fn start(stream: TcpStream, target: &Target, shared: &Arc<Shared>) -> Arc<UpstreamConn> {
-        let addr = target.addr();
-        let (read, write) = stream.into_split();
+    /// A connection to `addr` that closes with `closed`, and the ends its writer reads.
+    /// Apart from [`start`](UpstreamConn::start), tests use it to stand in for a socket.
+    pub(crate) fn new(addr: SocketAddr, closed: CancellationToken) -> (Arc<UpstreamConn>, Outlets) {
         let (requests, requests_rx) = mpsc::channel(SEND_QUEUE);
         let (cancels, cancels_rx) = mpsc::unbounded_channel();
         let conn = Arc::new(UpstreamConn {
@@ -75,20 +102,31 @@ impl UpstreamConn {
             cancels,
             pending: DashMap::new(),
             next_id: AtomicU64::new(1),
-            closed: target.stop.child_token(),
+            closed,
         });
-        let max_frame = shared.config.max_frame;
-        shared.tasks.spawn(write_loop(
+        let outlets = Outlets {
+            requests: requests_rx,
+            cancels: cancels_rx,
+        };
+        (conn, outlets)
+    }
+
+    /// Starts the reader and writer tasks over `stream`.
+    fn start(stream: TcpStream, target: &Target, ctx: &UpstreamContext) -> Arc<UpstreamConn> {
+        let (read, write) = stream.into_split();
+        let (conn, outlets) = UpstreamConn::new(target.addr(), target.stop.child_token());
+        let max_frame = ctx.settings.max_frame;
+        ctx.tasks.spawn(write_loop(
             Arc::clone(&conn),
             write,
-            requests_rx,
-            cancels_rx,
-            Arc::clone(shared),
+            outlets,
+            max_frame,
+            ctx.reroute.clone(),
         ));
-        shared.tasks.spawn(read_loop(
+        ctx.tasks.spawn(read_loop(
             Arc::clone(&conn),
             FramedRead::new(read, FrameCodec::new(max_frame)),
-            Arc::clone(shared),
+            Arc::clone(&ctx.metrics),
         ));
         conn
     }
@@ -115,7 +153,7 @@ impl UpstreamConn {
 }
 
 /// Routes a request again after its connection closed before writing it.
-fn reroute(shared: &Shared, mut request: Request) {
+fn reroute(queue: &Reroute, mut request: Request) {
     request.pending.clear_in_flight();
     request.pending.mark_waiting();
     request.reroutes += 1;
@@ -124,7 +162,7 @@ fn reroute(shared: &Shared, mut request: Request) {
             "{MAX_REROUTES} target connections closed before the request could be written"
         ));
     } else {
-        shared.queue.reroute(request);
+        queue.send(request);
     }
 }
 
@@ -136,17 +174,18 @@ enum Outgoing {
     Cancel(RequestId),
 }
 
-/// Past this many buffered bytes a burst is written before more requests are taken.
-const WRITE_BURST: usize = 64 * 1024;
-
 async fn write_loop(
     conn: Arc<UpstreamConn>,
     mut socket: OwnedWriteHalf,
-    mut requests: mpsc::Receiver<Forward>,
-    mut cancels: mpsc::UnboundedReceiver<RequestId>,
-    shared: Arc<Shared>,
+    outlets: Outlets,
+    max_frame: usize,
+    queue: Reroute,
 ) {
-    let mut codec = MessageCodec::new(shared.config.max_frame);
+    let Outlets {
+        mut requests,
+        mut cancels,
+    } = outlets;
+    let mut codec = MessageCodec::new(max_frame);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     'run: loop {
         let first = tokio::select! {
@@ -176,7 +215,9 @@ async fn write_loop(
                 continue;
             };
             let written = match item {
-                Outgoing::Request(forward) => encode_request(&conn, &mut buf, forward, &shared),
+                Outgoing::Request(forward) => {
+                    encode_request(&conn, &mut buf, forward, max_frame, &queue)
+                }
                 Outgoing::Cancel(id) => codec.encode_ref(&Message::Cancel { id }, &mut buf),
             };
             if let Err(error) = written {
@@ -201,7 +242,7 @@ async fn write_loop(
     // Whatever is still in the channel was never written: route it again.
     requests.close();
     while let Some(forward) = requests.recv().await {
-        reroute(&shared, forward.request);
+        reroute(&queue, forward.request);
     }
     let _ = socket.shutdown().await;
 }
@@ -215,7 +256,8 @@ fn encode_request(
     conn: &UpstreamConn,
     buf: &mut BytesMut,
     forward: Forward,
-    shared: &Shared,
+    max_frame: usize,
+    queue: &Reroute,
 ) -> Result<(), ProtocolError> {
     let Forward {
         upstream_id,
@@ -225,24 +267,14 @@ fn encode_request(
             reroutes,
         },
     } = forward;
-    let mut deadline_ms = None;
-    if let Some(budget) = payload.deadline_ms() {
-        // The target's budget is what is left of the client's.
-        let spent = u64::try_from(pending.received().elapsed().as_millis()).unwrap_or(u64::MAX);
-        if spent >= budget {
-            pending.reject(
-                Reject::DeadlineExceeded,
-                ErrorCode::DeadlineExceeded,
-                format!(
-                    "the deadline of {budget} ms passed while the request waited in the balancer"
-                ),
-                None,
-            );
+    // The target's budget is what is left of the client's.
+    let deadline_ms = match payload.deadline_left(pending.received()) {
+        Ok(left) => left,
+        Err(passed) => {
+            pending.deadline_passed(passed);
             return Ok(());
         }
-        deadline_ms = Some(budget - spent);
-    }
-    let max_frame = shared.config.max_frame;
+    };
     // As NLB preserves the client IP, the target learns who asked.
     let encoded = match &payload {
         Payload::Raw(raw) => raw.write_frame(
@@ -274,7 +306,7 @@ fn encode_request(
         // The reader may have emptied the map already; whoever removes it owns it.
         if let Some((_, pending)) = conn.pending.remove(&upstream_id) {
             reroute(
-                shared,
+                queue,
                 Request {
                     pending,
                     payload,
@@ -290,7 +322,7 @@ fn encode_request(
 async fn read_loop(
     conn: Arc<UpstreamConn>,
     mut frames: FramedRead<OwnedReadHalf, FrameCodec>,
-    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
 ) {
     let reason = loop {
         let frame = tokio::select! {
@@ -344,7 +376,7 @@ async fn read_loop(
         }
     };
     if let Some(reason) = &reason {
-        shared.metrics.target_resets.fetch_add(1, Ordering::Relaxed);
+        metrics.target_resets.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(target = %conn.addr, %reason, in_flight = conn.pending.len(), "upstream connection lost");
     }
     conn.closed.cancel();
@@ -362,20 +394,20 @@ async fn read_loop(
 
 /// Keeps connection slot `slot` of `target` open until the target stops: connects,
 /// waits for the connection to close, reconnects with backoff.
-pub(crate) async fn maintain(target: Arc<Target>, slot: usize, shared: Arc<Shared>) {
+pub(crate) async fn maintain(target: Arc<Target>, slot: usize, ctx: UpstreamContext) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(50);
     const MAX_BACKOFF: Duration = Duration::from_secs(5);
     let mut backoff = FIRST_BACKOFF;
     loop {
         let connected = tokio::select! {
             () = target.stop.cancelled() => return,
-            r = tokio::time::timeout(shared.config.health_timeout, TcpStream::connect(target.addr())) => r,
+            r = tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(target.addr())) => r,
         };
         match connected {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 backoff = FIRST_BACKOFF;
-                let conn = UpstreamConn::start(stream, &target, &shared);
+                let conn = UpstreamConn::start(stream, &target, &ctx);
                 target.attach(slot, Arc::clone(&conn));
                 tracing::debug!(target = %target.addr(), slot, "upstream connection open");
                 conn.closed.cancelled().await;

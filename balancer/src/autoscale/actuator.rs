@@ -20,8 +20,17 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-use crate::balancer::Handle;
+use super::pool::Pool;
 use crate::target::TargetState;
+
+/// The default of `--worker-start-timeout`: a started worker that is not healthy within
+/// this time is stopped and replaced. Loading a large model can take minutes.
+pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Longest run of one `--scale-cmd` before it counts as failed: `docker-compose up` may
+/// pull an image first, which can take minutes, but a command that hangs must not stop
+/// the scaling loop for good.
+pub const SCALE_CMD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One of the two actuators.
 #[derive(Debug)]
@@ -34,18 +43,18 @@ pub enum Actuator {
 
 impl Actuator {
     /// Keeps the pool in line between decisions: reaps, promotes, drains, replaces.
-    pub async fn tick(&mut self, handle: &Handle) {
+    pub async fn tick(&mut self, pool: &dyn Pool) {
         match self {
-            Actuator::Processes(pool) => pool.tick(handle),
-            Actuator::Command(cmd) => cmd.tick(handle),
+            Actuator::Processes(processes) => processes.tick(pool),
+            Actuator::Command(cmd) => cmd.tick(pool),
         }
     }
 
     /// Makes the pool `n` workers.
-    pub async fn scale_to(&mut self, n: usize, handle: &Handle) {
+    pub async fn scale_to(&mut self, n: usize, pool: &dyn Pool) {
         match self {
-            Actuator::Processes(pool) => pool.scale_to(n, handle),
-            Actuator::Command(cmd) => cmd.scale_to(n, handle).await,
+            Actuator::Processes(processes) => processes.scale_to(n, pool),
+            Actuator::Command(cmd) => cmd.scale_to(n, pool).await,
         }
     }
 
@@ -157,19 +166,19 @@ impl ProcessPool {
             .collect()
     }
 
-    fn tick(&mut self, handle: &Handle) {
+    fn tick(&mut self, pool: &dyn Pool) {
         let now = Instant::now();
         let mut i = 0;
         while i < self.workers.len() {
             let w = &mut self.workers[i];
             if let Ok(Some(status)) = w.child.try_wait() {
                 let w = self.workers.swap_remove(i);
-                exited(&w, status, handle);
+                exited(&w, status, pool);
                 continue;
             }
             match w.phase {
                 Phase::Starting => {
-                    if handle
+                    if pool
                         .target(w.addr)
                         .is_some_and(|t| t.state == TargetState::Healthy)
                     {
@@ -183,7 +192,7 @@ impl ProcessPool {
                 }
                 Phase::Running => {}
                 Phase::Leaving { since, terminated } => {
-                    let outstanding = handle
+                    let outstanding = pool
                         .targets()
                         .iter()
                         .filter(|t| t.addr == w.addr)
@@ -215,7 +224,7 @@ impl ProcessPool {
         }
     }
 
-    fn scale_to(&mut self, n: usize, handle: &Handle) {
+    fn scale_to(&mut self, n: usize, pool: &dyn Pool) {
         self.want = n;
         let active = self.active();
         if active.len() < n {
@@ -225,13 +234,13 @@ impl ProcessPool {
             return;
         }
         // Scale in by work: the workers with the fewest outstanding requests go.
-        let load = |addr: SocketAddr| handle.target(addr).map_or(0, |t| t.outstanding);
+        let load = |addr: SocketAddr| pool.target(addr).map_or(0, |t| t.outstanding);
         let mut by_load: Vec<(usize, SocketAddr)> = active.iter().map(|&a| (load(a), a)).collect();
         by_load.sort();
         for (outstanding, addr) in by_load.into_iter().take(active.len() - n) {
             if let Some(w) = self.workers.iter_mut().find(|w| w.addr == addr) {
                 tracing::info!(worker = %addr, outstanding, "scale-in: deregistering worker");
-                handle.deregister(addr);
+                pool.deregister(addr);
                 w.phase = Phase::Leaving {
                     since: Instant::now(),
                     terminated: None,
@@ -302,14 +311,14 @@ impl ProcessPool {
     }
 }
 
-fn exited(w: &Managed, status: ExitStatus, handle: &Handle) {
+fn exited(w: &Managed, status: ExitStatus, pool: &dyn Pool) {
     match w.phase {
         Phase::Leaving { .. } => {
             tracing::info!(worker = %w.addr, %status, "scale-in: worker gone");
         }
         _ => {
             tracing::warn!(worker = %w.addr, %status, "worker exited unexpectedly; replacing it");
-            handle.deregister(w.addr);
+            pool.deregister(w.addr);
         }
     }
 }
@@ -342,7 +351,7 @@ impl ScaleCommand {
         }
     }
 
-    fn tick(&mut self, _handle: &Handle) {
+    fn tick(&mut self, _pool: &dyn Pool) {
         if let Some((_, at)) = self.requested {
             if at.elapsed() > self.start_timeout {
                 self.requested = None;
@@ -358,7 +367,7 @@ impl ScaleCommand {
         }
     }
 
-    async fn scale_to(&mut self, n: usize, _handle: &Handle) {
+    async fn scale_to(&mut self, n: usize, _pool: &dyn Pool) {
         let line = self.template.replace("{count}", &n.to_string());
         let Ok(words) = shell_words::split(&line) else {
             tracing::error!(%line, "--scale-cmd has unbalanced quotes");
@@ -387,5 +396,135 @@ impl ScaleCommand {
                 tracing::error!(timeout = ?self.timeout, "--scale-cmd did not finish in time")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autoscale::pool::fake::FakePool;
+
+    /// A worker command that starts a real process and serves nothing: it sleeps until it
+    /// is signalled. `{port}` lands in `$0`.
+    const SLEEPER: &str = "sh -c 'exec sleep 60' {port}";
+
+    fn process_pool() -> ProcessPool {
+        ProcessPool::new(
+            SLEEPER.to_owned(),
+            "127.0.0.1:7001".parse().unwrap(),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        )
+    }
+
+    /// Waits for the process behind `addr` to exit (it was signalled or killed).
+    async fn exit_of(pool: &mut ProcessPool, addr: SocketAddr) {
+        let worker = pool.workers.iter_mut().find(|w| w.addr == addr).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), worker.child.wait())
+            .await
+            .expect("the worker exits within 10 s")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn processes_start_become_ready_and_leave_by_least_work() {
+        let fake = FakePool::default();
+        let mut actuator = Actuator::Processes(process_pool());
+        actuator.scale_to(2, &fake).await;
+        let Actuator::Processes(pool) = &mut actuator else {
+            unreachable!()
+        };
+        let started = pool.active();
+        assert_eq!(started.len(), 2);
+        assert_ne!(started[0], started[1], "each on its own port");
+        assert_eq!(actuator.coming(0, 0), 2, "started, not yet healthy");
+
+        // Healthy in the registry: ready. The second is busier.
+        fake.set(started[0], TargetState::Healthy, 0);
+        fake.set(started[1], TargetState::Healthy, 3);
+        actuator.tick(&fake).await;
+        assert_eq!(actuator.coming(2, 0), 0);
+
+        // Scale in by work: the idle one is deregistered and leaves.
+        actuator.scale_to(1, &fake).await;
+        assert_eq!(fake.deregistered(), vec![started[0]]);
+        assert_eq!(actuator.leaving(), 1);
+        // Nothing outstanding on it: SIGTERM at the next tick; gone once it exited.
+        actuator.tick(&fake).await;
+        let Actuator::Processes(pool) = &mut actuator else {
+            unreachable!()
+        };
+        exit_of(pool, started[0]).await;
+        actuator.tick(&fake).await;
+        assert_eq!(actuator.leaving(), 0);
+        let Actuator::Processes(pool) = &mut actuator else {
+            unreachable!()
+        };
+        assert_eq!(pool.active(), vec![started[1]]);
+        assert_eq!(
+            fake.deregistered(),
+            vec![started[0]],
+            "no replacement asked"
+        );
+
+        actuator.shutdown(Duration::from_secs(5)).await;
+        let Actuator::Processes(pool) = &actuator else {
+            unreachable!()
+        };
+        assert!(pool.active().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_dies_is_deregistered_and_replaced() {
+        let fake = FakePool::default();
+        let mut pool = process_pool();
+        pool.scale_to(1, &fake);
+        let first = pool.active()[0];
+        fake.set(first, TargetState::Healthy, 0);
+        pool.tick(&fake);
+        pool.workers[0].child.start_kill().unwrap();
+        exit_of(&mut pool, first).await;
+
+        pool.tick(&fake);
+        assert_eq!(fake.deregistered(), vec![first]);
+        let active = pool.active();
+        assert_eq!(active.len(), 1, "back to what was asked");
+        assert_ne!(active[0], first);
+        assert_eq!(pool.coming(), 1);
+        pool.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn a_scale_command_counts_what_it_asked_for_as_coming() {
+        let fake = FakePool::default();
+        let mut ok = Actuator::Command(ScaleCommand::new(
+            "true {count}".to_owned(),
+            Duration::from_secs(10),
+            WORKER_START_TIMEOUT,
+        ));
+        assert_eq!(ok.coming(1, 0), 0);
+        ok.scale_to(3, &fake).await;
+        assert_eq!(ok.coming(1, 0), 2, "asked for 3, 1 healthy");
+        assert_eq!(ok.coming(1, 2), 2, "registered ones count once");
+        assert_eq!(ok.leaving(), 0, "the orchestrator drains its own");
+
+        // A failed run asks for nothing: only registered targets count.
+        let mut failing = Actuator::Command(ScaleCommand::new(
+            "false {count}".to_owned(),
+            Duration::from_secs(10),
+            WORKER_START_TIMEOUT,
+        ));
+        failing.scale_to(3, &fake).await;
+        assert_eq!(failing.coming(1, 1), 1);
+
+        // So does a run that does not finish in time.
+        let mut hanging = Actuator::Command(ScaleCommand::new(
+            "sleep 30 {count}".to_owned(),
+            Duration::from_millis(50),
+            WORKER_START_TIMEOUT,
+        ));
+        hanging.scale_to(3, &fake).await;
+        assert_eq!(hanging.coming(1, 0), 0);
     }
 }

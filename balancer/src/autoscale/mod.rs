@@ -21,15 +21,26 @@
 pub mod actuator;
 pub(crate) mod controller;
 pub mod policy;
-
-use std::time::Duration;
+mod pool;
 
 use clap::Args;
+use std::time::Duration;
 
 pub use controller::ScalingStatus;
 pub use policy::{decide, Action, Decision, History, PolicyConfig, Sample};
+pub use pool::Pool;
 
 use crate::error::Error;
+
+/// A [`Duration`] as the text of a flag's default (`10s`, `5m`), so that a flag's default
+/// and `--help` come from the same constant as the code's own defaults.
+macro_rules! duration_default {
+    ($duration:expr) => {{
+        static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        TEXT.get_or_init(|| humantime::format_duration($duration).to_string())
+            .as_str()
+    }};
+}
 
 /// The autoscaling flags (part of the balancer's [`Config`](crate::Config)).
 #[derive(Clone, Debug, PartialEq, Args)]
@@ -51,38 +62,42 @@ pub struct AutoscaleConfig {
     pub scale_cmd: Option<String>,
 
     /// The fewest workers the pool keeps.
-    #[arg(long, env = "TIDEPOOL_MIN_WORKERS", default_value_t = 1)]
+    #[arg(long, env = "TIDEPOOL_MIN_WORKERS", default_value_t = PolicyConfig::DEFAULT.min_workers)]
     pub min_workers: usize,
 
     /// The most workers the pool grows to.
-    #[arg(long, env = "TIDEPOOL_MAX_WORKERS", default_value_t = 8)]
+    #[arg(long, env = "TIDEPOOL_MAX_WORKERS", default_value_t = PolicyConfig::DEFAULT.max_workers)]
     pub max_workers: usize,
 
     /// Outstanding plus queued requests per worker that the pool is sized for (see the
     /// module docs: about the workers' --max-batch).
-    #[arg(long, env = "TIDEPOOL_TARGET_LOAD", default_value_t = 32.0)]
+    #[arg(long, env = "TIDEPOOL_TARGET_LOAD", default_value_t = PolicyConfig::DEFAULT.target_load)]
     pub target_load: f64,
 
     /// How long the need for more workers must last before scaling out.
-    #[arg(long, env = "TIDEPOOL_SCALE_OUT_DELAY", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TIDEPOOL_SCALE_OUT_DELAY", value_parser = humantime::parse_duration,
+        default_value = duration_default!(PolicyConfig::DEFAULT.scale_out_delay))]
     pub scale_out_delay: Duration,
 
     /// How long the room for fewer workers must last before scaling in.
-    #[arg(long, env = "TIDEPOOL_SCALE_IN_DELAY", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TIDEPOOL_SCALE_IN_DELAY", value_parser = humantime::parse_duration,
+        default_value = duration_default!(PolicyConfig::DEFAULT.scale_in_delay))]
     pub scale_in_delay: Duration,
 
     /// The averaging window of the load signal.
-    #[arg(long, env = "TIDEPOOL_SCALING_WINDOW", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TIDEPOOL_SCALING_WINDOW", value_parser = humantime::parse_duration,
+        default_value = duration_default!(PolicyConfig::DEFAULT.window))]
     pub scaling_window: Duration,
 
     /// A started worker that is not healthy within this time is stopped and replaced.
-    #[arg(long, env = "TIDEPOOL_WORKER_START_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TIDEPOOL_WORKER_START_TIMEOUT", value_parser = humantime::parse_duration,
+        default_value = duration_default!(actuator::WORKER_START_TIMEOUT))]
     pub worker_start_timeout: Duration,
 }
 
 impl Default for AutoscaleConfig {
     fn default() -> Self {
-        let policy = PolicyConfig::default();
+        let policy = PolicyConfig::DEFAULT;
         AutoscaleConfig {
             autoscale: false,
             worker_cmd: None,
@@ -93,7 +108,7 @@ impl Default for AutoscaleConfig {
             scale_out_delay: policy.scale_out_delay,
             scale_in_delay: policy.scale_in_delay,
             scaling_window: policy.window,
-            worker_start_timeout: Duration::from_secs(300),
+            worker_start_timeout: actuator::WORKER_START_TIMEOUT,
         }
     }
 }
@@ -108,7 +123,7 @@ impl AutoscaleConfig {
             scale_out_delay: self.scale_out_delay,
             scale_in_delay: self.scale_in_delay,
             window: self.scaling_window,
-            ..PolicyConfig::default()
+            ..PolicyConfig::DEFAULT
         }
     }
 

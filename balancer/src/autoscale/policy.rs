@@ -42,18 +42,24 @@ pub struct PolicyConfig {
     pub overload_factor: f64,
 }
 
+impl PolicyConfig {
+    /// The defaults: the one source of the policy's settings, for [`Default`] and for the
+    /// defaults of the `--min-workers` … `--scaling-window` flags.
+    pub const DEFAULT: PolicyConfig = PolicyConfig {
+        min_workers: 1,
+        max_workers: 8,
+        target_load: 32.0,
+        scale_out_delay: Duration::from_secs(10),
+        scale_in_delay: Duration::from_secs(300),
+        window: Duration::from_secs(5),
+        in_margin: 0.2,
+        overload_factor: 2.0,
+    };
+}
+
 impl Default for PolicyConfig {
     fn default() -> Self {
-        PolicyConfig {
-            min_workers: 1,
-            max_workers: 8,
-            target_load: 32.0,
-            scale_out_delay: Duration::from_secs(10),
-            scale_in_delay: Duration::from_secs(300),
-            window: Duration::from_secs(5),
-            in_margin: 0.2,
-            overload_factor: 2.0,
-        }
+        PolicyConfig::DEFAULT
     }
 }
 

@@ -1,0 +1,10 @@
+//! The write-burst size shared by the balancer's two writers (to clients in
+//! `frontend.rs`, to targets in `upstream.rs`).
+//!
+//! Both writers encode everything queued for their socket into one buffer and write it
+//! with one syscall. Past this many buffered bytes a burst is written before more frames
+//! are taken, so that one busy writer neither holds a large buffer nor delays the first
+//! frame of a burst for long. One constant, so that the two sides cannot drift apart.
+
+/// Past this many buffered bytes a burst is written before more frames are taken.
+pub(crate) const WRITE_BURST: usize = 64 * 1024;
