@@ -56,8 +56,8 @@ pub mod registration;
 pub mod server;
 pub mod spec;
 pub mod synth;
-#[cfg(test)]
-mod test_support;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
