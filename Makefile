@@ -40,14 +40,25 @@ release: ## release build of the binaries
 test: setup lint unit interop fuzz python-client k8s-validate ## the whole suite: what CI runs
 	@echo "make test: all checks passed"
 
-lint: ## rustfmt and clippy, warnings are errors
+lint: ## rustfmt and clippy, warnings are errors; tidepool-load builds as a protocol-only client
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	# Without its default `onnx` feature, tidepool-load (and tidepool-probe) must build with no
+	# ONNX Runtime, axum or reqwest in its dependencies, and still pass clippy.
+	$(CARGO) clippy -p tidepool-load --no-default-features --all-targets -- -D warnings
+	$(CARGO) build -p tidepool-load --no-default-features
+	@heavy=$$($(CARGO) tree -p tidepool-load --no-default-features -e normal,build --prefix none \
+	    | grep -E '^(ort|ort-sys|axum|reqwest|tidepool-worker) ' | sort -u); \
+	if [[ -n $$heavy ]]; then \
+	    echo "tidepool-load --no-default-features depends on: $$heavy (keep them behind the onnx feature)" >&2; exit 1; \
+	fi
 
 unit: setup ## every cargo test in the workspace
 	# The end-to-end suites run the real binaries, which cargo test does not build by itself.
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
+	# tidepool-load without the onnx feature: --model is refused, saying why.
+	$(CARGO) test -p tidepool-load --no-default-features --lib
 
 interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
 	$(CARGO) test -p tidepool-protocol --test interop
