@@ -59,6 +59,8 @@ unit: setup ## every cargo test in the workspace
 	$(CARGO) test --workspace
 	# tidepool-load without the onnx feature: --model is refused, saying why.
 	$(CARGO) test -p tidepool-load --no-default-features --lib
+	# BENCHMARKS.md's assembly, on fake reports (no benchmark runs).
+	scripts/test-bench-assemble.sh
 
 interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
 	$(CARGO) test -p tidepool-protocol --test interop
@@ -67,7 +69,7 @@ interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
 fuzz: ## build the decoder fuzz target and run it briefly (FUZZ_SECONDS)
 	scripts/fuzz.sh $${FUZZ_SECONDS:-20}
 
-bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale for one
+bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
 	scripts/bench.sh
 
 python-client: venv ## the README's Python client against a live cluster
