@@ -66,7 +66,7 @@ interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
 	$(CARGO) test -p tidepool-protocol --test interop
 	$(PY) protocol/tests/interop/interop.py check
 
-fuzz: ## build the decoder fuzz target and run it briefly (FUZZ_SECONDS)
+fuzz: ## build the protocol fuzz targets (decoder, raw scanner) and run them briefly (FUZZ_SECONDS, split between them)
 	scripts/fuzz.sh $${FUZZ_SECONDS:-20}
 
 bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
