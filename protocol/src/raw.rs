@@ -63,6 +63,24 @@ pub struct Rewrite<'a> {
     pub client: Option<&'a str>,
 }
 
+impl Rewrite<'_> {
+    /// `msg` changed as this rewrite says: what a receiver decodes from the frame that
+    /// [`RawMessage::write_frame`] writes (a `result` keeps no deadline or client).
+    pub fn applied_to(&self, msg: &Message) -> Message {
+        let mut msg = msg.clone();
+        msg.set_id(self.id);
+        if let Message::Infer(infer) = &mut msg {
+            if self.deadline_ms.is_some() {
+                infer.deadline_ms = self.deadline_ms;
+            }
+            if let Some(client) = self.client {
+                infer.client = Some(client.to_owned());
+            }
+        }
+        msg
+    }
+}
+
 /// An `infer` or `result` body whose top-level keys were located, valid as far as
 /// [`Message::decode`] is concerned.
 ///
@@ -518,19 +536,9 @@ mod tests {
         Bytes::from(msg.to_msgpack().unwrap())
     }
 
-    /// What a receiver decodes from a spliced frame: `msg` changed as `rewrite` says.
+    /// What a receiver decodes from a spliced frame.
     fn expected(msg: &Message, rewrite: &Rewrite<'_>) -> Message {
-        let mut msg = msg.clone();
-        msg.set_id(rewrite.id);
-        if let Message::Infer(infer) = &mut msg {
-            if rewrite.deadline_ms.is_some() {
-                infer.deadline_ms = rewrite.deadline_ms;
-            }
-            if let Some(client) = rewrite.client {
-                infer.client = Some(client.to_owned());
-            }
-        }
-        msg
+        rewrite.applied_to(msg)
     }
 
     /// Writes the frame, checks its prefix, and decodes its body in full.
