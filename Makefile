@@ -40,23 +40,36 @@ release: ## release build of the binaries
 test: setup lint unit interop fuzz python-client k8s-validate docker-validate ## the whole suite: what CI runs
 	@echo "make test: all checks passed"
 
-lint: ## rustfmt and clippy, warnings are errors
+lint: ## rustfmt and clippy, warnings are errors; tidepool-load builds as a protocol-only client
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	# Without its default `onnx` feature, tidepool-load (and tidepool-probe) must build with no
+	# ONNX Runtime, axum or reqwest in its dependencies, and still pass clippy.
+	$(CARGO) clippy -p tidepool-load --no-default-features --all-targets -- -D warnings
+	$(CARGO) build -p tidepool-load --no-default-features
+	@heavy=$$($(CARGO) tree -p tidepool-load --no-default-features -e normal,build --prefix none \
+	    | grep -E '^(ort|ort-sys|axum|reqwest|tidepool-worker) ' | sort -u); \
+	if [[ -n $$heavy ]]; then \
+	    echo "tidepool-load --no-default-features depends on: $$heavy (keep them behind the onnx feature)" >&2; exit 1; \
+	fi
 
 unit: setup ## every cargo test in the workspace
 	# The end-to-end suites run the real binaries, which cargo test does not build by itself.
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
+	# tidepool-load without the onnx feature: --model is refused, saying why.
+	$(CARGO) test -p tidepool-load --no-default-features --lib
+	# BENCHMARKS.md's assembly, on fake reports (no benchmark runs).
+	scripts/test-bench-assemble.sh
 
 interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
 	$(CARGO) test -p tidepool-protocol --test interop
 	$(PY) protocol/tests/interop/interop.py check
 
-fuzz: ## build the decoder fuzz target and run it briefly (FUZZ_SECONDS)
+fuzz: ## build the protocol fuzz targets (decoder, raw scanner) and run them briefly (FUZZ_SECONDS, split between them)
 	scripts/fuzz.sh $${FUZZ_SECONDS:-20}
 
-bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale for one
+bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
 	scripts/bench.sh
 
 python-client: venv ## the README's Python client against a live cluster

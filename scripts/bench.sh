@@ -3,8 +3,9 @@
 # assemble BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
 # (bench/intro/*.md). BENCH_QUICK=1: a short smoke run on a small model; BENCHMARKS.md is then
 # written to bench-out/BENCHMARKS.quick.md instead, so the committed figures stay real.
-# BENCH_ONLY=worker|balancer|autoscale: rerun one benchmark and reassemble with the others' last
-# reports; BENCH_ONLY=none only reassembles (after editing an intro).
+# BENCH_ONLY=worker|balancer|autoscale: rerun one benchmark and splice its report into
+# BENCHMARKS.md, keeping the committed reports of the others; BENCH_ONLY=none only reassembles
+# (after editing an intro). scripts/bench-assemble.sh does the assembly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,41 +16,44 @@ QUICK=${BENCH_QUICK:-0}
 export BENCH_QUICK=$QUICK
 mkdir -p "$OUT" build/models
 
-ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(scripts/fetch-ort.sh)}
-export ORT_DYLIB_PATH
-
-if ! command -v haproxy >/dev/null; then
-    echo "bench: installing haproxy (Debian package) for the balancer comparison" >&2
-    SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq haproxy >/dev/null
-fi
-
-echo "bench: building (release)" >&2
-$CARGO build --release -p tidepool-worker -p tidepool-balancer -p tidepool-bench --bins
-
-if [[ $QUICK == 1 ]]; then
-    SIZE=64MiB; MODEL=build/models/synth-64mib.onnx
-else
-    SIZE=1GiB; MODEL=build/models/synth-1gib.onnx
-fi
-if [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
-    echo "bench: writing the synthetic $SIZE model to $MODEL (about 20 s and 3.4 GB of memory for 1GiB)" >&2
-    target/release/tidepool-worker synth --out "$MODEL" --size "$SIZE"
-fi
-
-# The autoscaling benchmark serves the same 64 MiB model as `make demo` (input f32x256), small
-# enough that a worker starts in well under a second and the pool's size, not the model, is
-# what is measured.
-POOL_MODEL=build/models/demo-64MiB-256.onnx
-if [[ ! -f $POOL_MODEL || ! -f $POOL_MODEL.data ]]; then
-    echo "bench: writing the 64MiB pool model to $POOL_MODEL" >&2
-    target/release/tidepool-worker synth --out "$POOL_MODEL" --size 64MiB --input-dim 256 \
-        --output-dim 16 --layers 4 --seed 1
-fi
-
 ONLY=${BENCH_ONLY:-all}
 case $ONLY in all|worker|balancer|autoscale|none) ;; *) echo "bench: BENCH_ONLY must be worker, balancer, autoscale or none" >&2; exit 2 ;; esac
+# Nothing to build or run when only reassembling.
+if [[ $ONLY != none ]]; then
+    ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(scripts/fetch-ort.sh)}
+    export ORT_DYLIB_PATH
+
+    if ! command -v haproxy >/dev/null; then
+        echo "bench: installing haproxy (Debian package) for the balancer comparison" >&2
+        SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq haproxy >/dev/null
+    fi
+
+    echo "bench: building (release)" >&2
+    $CARGO build --release -p tidepool-worker -p tidepool-balancer -p tidepool-bench --bins
+
+    if [[ $QUICK == 1 ]]; then
+        SIZE=64MiB; MODEL=build/models/synth-64mib.onnx
+    else
+        SIZE=1GiB; MODEL=build/models/synth-1gib.onnx
+    fi
+    if [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
+        echo "bench: writing the synthetic $SIZE model to $MODEL (about 20 s and 3.4 GB of memory for 1GiB)" >&2
+        target/release/tidepool-worker synth --out "$MODEL" --size "$SIZE"
+    fi
+
+    # The autoscaling benchmark serves the same 64 MiB model as `make demo` (input f32x256), small
+    # enough that a worker starts in well under a second and the pool's size, not the model, is
+    # what is measured.
+    POOL_MODEL=build/models/demo-64MiB-256.onnx
+    if [[ ! -f $POOL_MODEL || ! -f $POOL_MODEL.data ]]; then
+        echo "bench: writing the 64MiB pool model to $POOL_MODEL" >&2
+        target/release/tidepool-worker synth --out "$POOL_MODEL" --size 64MiB --input-dim 256 \
+            --output-dim 16 --layers 4 --seed 1
+    fi
+fi
+
 if [[ $ONLY == all || $ONLY == worker ]]; then
     echo "bench: worker" >&2
     RUST_LOG=${RUST_LOG:-warn} target/release/bench-worker --model "$MODEL" --out "$OUT" >/dev/null
@@ -66,24 +70,14 @@ if [[ $ONLY == all || $ONLY == autoscale ]]; then
         --out "$OUT" >/dev/null
 fi
 
+# Assemble: the sections run now from $OUT, the others' reports kept from the committed
+# BENCHMARKS.md (scripts/bench-assemble.sh says how).
+case $ONLY in all) FRESH="worker balancer autoscale" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
 DEST=BENCHMARKS.md
 [[ $QUICK == 1 ]] && DEST=$OUT/BENCHMARKS.quick.md
-{
-    cat bench/intro/header.md
-    echo
-    echo "Last run: $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -n $(git status --porcelain -- balancer worker protocol 2>/dev/null) ]] && echo ' (with uncommitted changes in balancer/, worker/ or protocol/)')."
-    echo
-    if [[ $QUICK == 0 && -f bench/intro/last-run.md ]]; then cat bench/intro/last-run.md; echo; fi
-    cat bench/intro/worker.md
-    echo
-    cat "$OUT/worker.md"
-    cat bench/intro/balancer.md
-    echo
-    cat "$OUT/balancer.md"
-    if [[ -f $OUT/autoscale.md ]]; then
-        cat bench/intro/autoscale.md
-        echo
-        cat "$OUT/autoscale.md"
-    fi
-} > "$DEST"
+DIRTY=""
+[[ -n $(git status --porcelain -- balancer worker protocol 2>/dev/null) ]] && DIRTY=" (with uncommitted changes in balancer/, worker/ or protocol/)"
+FRESH=$FRESH OUT=$OUT INTRO=bench/intro SOURCE=BENCHMARKS.md DEST=$DEST NOTES=$((1 - QUICK)) \
+    STAMP="$(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$DIRTY" \
+    scripts/bench-assemble.sh
 echo "bench: wrote $DEST (reports and JSON in $OUT/)" >&2

@@ -123,7 +123,8 @@ pub struct LoadConfig {
 
     /// Shape the items from this ONNX model's inputs instead of --input: its names,
     /// dtypes and shapes, without the batch dimension (loads the model with ONNX Runtime,
-    /// so it needs ORT_DYLIB_PATH or --ort-lib; every input's shape must be fixed).
+    /// so it needs ORT_DYLIB_PATH or --ort-lib; every input's shape must be fixed). Needs the
+    /// `onnx` cargo feature, on by default.
     #[arg(long, env = "TIDEPOOL_LOAD_MODEL", conflicts_with = "inputs")]
     #[serde(skip)]
     pub model: Option<std::path::PathBuf>,
@@ -248,6 +249,14 @@ impl LoadConfig {
         if self.items == 0 {
             return invalid("items", "must be at least 1");
         }
+        if !cfg!(feature = "onnx") && self.model.is_some() {
+            return invalid(
+                "model",
+                "this tidepool-load was built without the `onnx` feature, so it cannot read a model; \
+                 give the inputs with --input NAME:DTYPE:DIMS, or rebuild with the default features \
+                 (cargo build -p tidepool-load)",
+            );
+        }
         Ok(())
     }
 
@@ -298,6 +307,21 @@ mod opt_secs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_is_refused_only_without_the_onnx_feature() {
+        let mut config = LoadConfig::new("h:1");
+        config.model = Some("model.onnx".into());
+        match (cfg!(feature = "onnx"), config.validate()) {
+            (true, result) => result.unwrap(),
+            (false, Err(Error::InvalidConfig { flag, reason })) => {
+                assert_eq!(flag, "model");
+                assert!(reason.contains("`onnx` feature"), "{reason}");
+                assert!(reason.contains("--input NAME:DTYPE:DIMS"), "{reason}");
+            }
+            (false, other) => panic!("--model without the onnx feature: {other:?}"),
+        }
+    }
 
     #[test]
     fn new_matches_the_command_line_defaults() {

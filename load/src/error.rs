@@ -29,6 +29,7 @@ pub enum Error {
         reason: String,
     },
     /// `--model` could not be loaded.
+    #[cfg(feature = "onnx")]
     #[error("could not read the inputs of model {}: {source}", path.display())]
     Model {
         /// The model.

@@ -3,7 +3,8 @@
 //!
 //! The generator asks nothing of the server: the tensor shapes come from the command line
 //! (the default, `input:f32:64`, is the input of the worker's synthetic models made with
-//! `--input-dim 64`) or from the model file itself ([`inputs_of_model`], `--model`). A few distinct items are built up front from a seeded RNG and sent in turn;
+//! `--input-dim 64`) or from the model file itself (`inputs_of_model`, `--model`, with the
+//! `onnx` feature). A few distinct items are built up front from a seeded RNG and sent in turn;
 //! cloning one is cheap (the data is a shared [`Bytes`]), so the send path never
 //! generates numbers.
 
@@ -21,7 +22,8 @@ use crate::error::Error;
 /// shapes per item (without the batch dimension of a batched model).
 ///
 /// Loads the model with ONNX Runtime through the worker's own loader, so that what is sent
-/// is exactly what the worker expects.
+/// is exactly what the worker expects. Only with the `onnx` feature (the default).
+#[cfg(feature = "onnx")]
 pub fn inputs_of_model(
     path: &std::path::Path,
     ort_lib: &std::path::Path,

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::LoadConfig;
 use crate::error::Error;
-use crate::input::{build_items, inputs_of_model};
+use crate::input::build_items;
 use crate::live::{live_loop, LiveSources};
 use crate::outcome::Outcome;
 use crate::recorder::{Answer, Recorder};
@@ -30,18 +30,15 @@ const PING_EVERY: Duration = Duration::from_millis(200);
 /// to requests is in the [`Report`]. Cancelling `shutdown` stops the schedule; requests
 /// in flight still get up to `config.drain` to finish, and the report is still returned
 /// (marked interrupted).
-pub async fn run(mut config: LoadConfig, shutdown: CancellationToken) -> Result<Report, Error> {
+pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Report, Error> {
     config.validate()?;
-    if let Some(model) = &config.model {
-        let lib = config.ort_lib.as_deref().ok_or(Error::NoOrtLib)?;
-        let (model, lib) = (model.clone(), lib.to_owned());
-        // Loading a model is blocking work; keep it off the runtime's threads.
-        // A panic while loading is a bug: let it surface as one.
-        config.inputs = tokio::task::spawn_blocking(move || inputs_of_model(&model, &lib))
-            .await
-            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
-    }
-    let items = build_items(&config.inputs, config.items, config.seed)?;
+    let inputs = match &config.model {
+        #[cfg(feature = "onnx")]
+        Some(model) => inputs_of_model(model, config.ort_lib.as_deref()).await?,
+        // Without the `onnx` feature, validate() has refused --model.
+        _ => config.inputs.clone(),
+    };
+    let items = build_items(&inputs, config.items, config.seed)?;
     let pool = Pool::connect(&config.target, config.connections, ClientOptions::default())
         .await
         .map_err(|source| Error::Connect {
@@ -148,7 +145,7 @@ pub async fn run(mut config: LoadConfig, shutdown: CancellationToken) -> Result<
         deadline_ms: config
             .deadline
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        inputs: config.inputs.iter().map(ToString::to_string).collect(),
+        inputs: inputs.iter().map(ToString::to_string).collect(),
     };
     let recorder = match Arc::try_unwrap(recorder) {
         Ok(mutex) => mutex.into_inner().unwrap_or_else(|p| p.into_inner()),
@@ -226,4 +223,20 @@ async fn request(r: Request) {
 fn lock(recorder: &Mutex<Recorder>) -> std::sync::MutexGuard<'_, Recorder> {
     // A panic while holding the lock leaves tallies that are still worth reporting.
     recorder.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// `--model`'s inputs, read off the event loop. Without the `onnx` feature,
+/// [`LoadConfig::validate`] refuses `--model` before it gets here.
+#[cfg(feature = "onnx")]
+async fn inputs_of_model(
+    model: &std::path::Path,
+    ort_lib: Option<&std::path::Path>,
+) -> Result<Vec<crate::InputSpec>, Error> {
+    let lib = ort_lib.ok_or(Error::NoOrtLib)?.to_owned();
+    let model = model.to_owned();
+    // Loading a model is blocking work; keep it off the runtime's threads.
+    // A panic while loading is a bug: let it surface as one.
+    tokio::task::spawn_blocking(move || crate::input::inputs_of_model(&model, &lib))
+        .await
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
 }

@@ -1,5 +1,6 @@
 //! `--model`: items shaped from the model file match what a worker serving it expects.
-
+//! Only with the `onnx` feature, which `--model` needs.
+#![cfg(feature = "onnx")]
 // A failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
 

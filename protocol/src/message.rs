@@ -255,33 +255,118 @@ fn recover_id(body: &[u8]) -> Option<RequestId> {
     rmp_serde::from_slice::<IdOnly>(body).ok().map(|m| m.id)
 }
 
-#[derive(Serialize)]
+/// The wire names of a message's top-level keys: the one place they are spelled. The
+/// encoder writes them from here, the raw scanner and splicer ([`crate::raw`]) read and write
+/// them from here, and a test holds the decoder's field names (serde attributes, which take
+/// only literals) to this list.
+pub(crate) mod key {
+    /// The message type: `infer`, `result`, `error`, `cancel`, `ping`, `pong`.
+    pub(crate) const TYPE: &str = "type";
+    /// The request id.
+    pub(crate) const ID: &str = "id";
+    /// An `infer`'s tensors.
+    pub(crate) const INPUTS: &str = "inputs";
+    /// An `infer`'s time budget.
+    pub(crate) const DEADLINE_MS: &str = "deadline_ms";
+    /// The original client's address, added by a balancer.
+    pub(crate) const CLIENT: &str = "client";
+    /// A `result`'s tensors.
+    pub(crate) const OUTPUTS: &str = "outputs";
+    /// A `result`'s time queued.
+    pub(crate) const QUEUE_US: &str = "queue_us";
+    /// A `result`'s batch run time.
+    pub(crate) const INFER_US: &str = "infer_us";
+    /// A `result`'s batch size.
+    pub(crate) const BATCH_SIZE: &str = "batch_size";
+    /// A `result`'s worker name.
+    pub(crate) const WORKER: &str = "worker";
+    /// An `error`'s code.
+    pub(crate) const CODE: &str = "code";
+    /// An `error`'s message.
+    pub(crate) const MESSAGE: &str = "message";
+    /// An `error`'s retry hint.
+    pub(crate) const RETRY_AFTER_MS: &str = "retry_after_ms";
+
+    /// Every top-level key the decoder knows, each allowed once in a message.
+    pub(crate) const ALL: [&str; 13] = [
+        TYPE,
+        ID,
+        INPUTS,
+        DEADLINE_MS,
+        CLIENT,
+        OUTPUTS,
+        QUEUE_US,
+        INFER_US,
+        BATCH_SIZE,
+        WORKER,
+        CODE,
+        MESSAGE,
+        RETRY_AFTER_MS,
+    ];
+}
+
+/// A message as written: the key, then each field that is present, in this order.
 struct WireOut<'a> {
-    #[serde(rename = "type")]
     kind: &'static str,
     id: RequestId,
-    #[serde(skip_serializing_if = "Option::is_none")]
     inputs: Option<&'a Tensors>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     deadline_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     client: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     outputs: Option<&'a Tensors>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     queue_us: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     infer_us: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     batch_size: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     worker: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<ErrorCode>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     retry_after_ms: Option<u64>,
+}
+
+impl Serialize for WireOut<'_> {
+    /// One map with string keys from [`key`], absent fields left out: the bytes a derived
+    /// struct serializer writes in rmp-serde's struct-map mode, with the names in one place.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        fn entry<M: SerializeMap, T: Serialize + ?Sized>(
+            map: &mut M,
+            key: &'static str,
+            value: Option<&T>,
+        ) -> Result<(), M::Error> {
+            match value {
+                Some(value) => map.serialize_entry(key, value),
+                None => Ok(()),
+            }
+        }
+        let present = [
+            self.inputs.is_some(),
+            self.deadline_ms.is_some(),
+            self.client.is_some(),
+            self.outputs.is_some(),
+            self.queue_us.is_some(),
+            self.infer_us.is_some(),
+            self.batch_size.is_some(),
+            self.worker.is_some(),
+            self.code.is_some(),
+            self.message.is_some(),
+            self.retry_after_ms.is_some(),
+        ];
+        let len = 2 + present.iter().filter(|p| **p).count();
+        let mut map = serializer.serialize_map(Some(len))?;
+        map.serialize_entry(key::TYPE, self.kind)?;
+        map.serialize_entry(key::ID, &self.id)?;
+        entry(&mut map, key::INPUTS, self.inputs)?;
+        entry(&mut map, key::DEADLINE_MS, self.deadline_ms.as_ref())?;
+        entry(&mut map, key::CLIENT, self.client)?;
+        entry(&mut map, key::OUTPUTS, self.outputs)?;
+        entry(&mut map, key::QUEUE_US, self.queue_us.as_ref())?;
+        entry(&mut map, key::INFER_US, self.infer_us.as_ref())?;
+        entry(&mut map, key::BATCH_SIZE, self.batch_size.as_ref())?;
+        entry(&mut map, key::WORKER, self.worker)?;
+        entry(&mut map, key::CODE, self.code.as_ref())?;
+        entry(&mut map, key::MESSAGE, self.message)?;
+        entry(&mut map, key::RETRY_AFTER_MS, self.retry_after_ms.as_ref())?;
+        map.end()
+    }
 }
 
 impl<'a> WireOut<'a> {
@@ -331,7 +416,9 @@ impl<'a> From<&'a Message> for WireOut<'a> {
     }
 }
 
-/// Every field any message may carry; unknown keys are skipped by serde.
+/// Every field any message may carry; unknown keys are skipped by serde. The field names are
+/// the wire's ([`key::ALL`]; serde's attributes take only literals, so a test holds them to
+/// that list).
 #[derive(Deserialize)]
 struct WireIn<'a> {
     #[serde(rename = "type", borrow)]
@@ -447,6 +534,55 @@ pub(crate) mod tests {
 
     fn tensor() -> Tensor {
         Tensor::from_vec(vec![2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).unwrap()
+    }
+
+    /// The field names serde derived for `WireIn`, as its `Deserialize` hands them to a
+    /// deserializer.
+    fn wire_in_fields() -> &'static [&'static str] {
+        use serde::de::{value::Error as DeError, Error as _, Visitor};
+        struct Recorder(std::cell::Cell<&'static [&'static str]>);
+        impl<'de> serde::Deserializer<'de> for &Recorder {
+            type Error = DeError;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, DeError> {
+                Err(DeError::custom("recorder"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _name: &'static str,
+                fields: &'static [&'static str],
+                _visitor: V,
+            ) -> Result<V::Value, DeError> {
+                self.0.set(fields);
+                Err(DeError::custom("recorder"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let recorder = Recorder(std::cell::Cell::new(&[]));
+        assert!(WireIn::deserialize(&recorder).is_err());
+        recorder.0.get()
+    }
+
+    #[test]
+    fn the_decoder_and_the_encoder_use_the_key_list() {
+        assert_eq!(
+            wire_in_fields(),
+            key::ALL,
+            "WireIn's field names drifted from key::ALL"
+        );
+        // Every key any message encodes is a known one, and between them they use them all.
+        let mut used = std::collections::BTreeSet::new();
+        for msg in every_message() {
+            let map: BTreeMap<String, serde::de::IgnoredAny> =
+                rmp_serde::from_slice(&msg.to_msgpack().unwrap()).unwrap();
+            used.extend(map.into_keys());
+        }
+        let all: std::collections::BTreeSet<String> =
+            key::ALL.iter().map(|k| (*k).to_owned()).collect();
+        assert_eq!(used, all);
     }
 
     pub(crate) fn every_message() -> Vec<Message> {

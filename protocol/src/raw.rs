@@ -20,7 +20,7 @@ use std::ops::Range;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::Error;
-use crate::message::{Message, RequestId};
+use crate::message::{key, Message, RequestId};
 use crate::tensor::DType;
 
 /// The kinds of message a [`RawMessage`] holds: the two that carry tensors.
@@ -61,6 +61,24 @@ pub struct Rewrite<'a> {
     /// When `Some`, the `client` to write, replacing any the message had; `None` keeps the
     /// message's own, if any.
     pub client: Option<&'a str>,
+}
+
+impl Rewrite<'_> {
+    /// `msg` changed as this rewrite says: what a receiver decodes from the frame that
+    /// [`RawMessage::write_frame`] writes (a `result` keeps no deadline or client).
+    pub fn applied_to(&self, msg: &Message) -> Message {
+        let mut msg = msg.clone();
+        msg.set_id(self.id);
+        if let Message::Infer(infer) = &mut msg {
+            if self.deadline_ms.is_some() {
+                infer.deadline_ms = self.deadline_ms;
+            }
+            if let Some(client) = self.client {
+                infer.client = Some(client.to_owned());
+            }
+        }
+        msg
+    }
 }
 
 /// An `infer` or `result` body whose top-level keys were located, valid as far as
@@ -157,22 +175,22 @@ impl RawMessage {
         for range in cut.iter().flatten() {
             dst.extend_from_slice(&self.body[at..range.start]);
             if *range == self.id_entry {
-                put_uint_entry(dst, "id", rewrite.id);
+                put_uint_entry(dst, key::ID, rewrite.id);
             } else if Some(range) == self.deadline_entry.as_ref() {
                 if let Some(deadline) = rewrite.deadline_ms {
-                    put_uint_entry(dst, "deadline_ms", deadline);
+                    put_uint_entry(dst, key::DEADLINE_MS, deadline);
                 }
             } else if let Some(client) = rewrite.client {
-                put_str_entry(dst, "client", client);
+                put_str_entry(dst, key::CLIENT, client);
             }
             at = range.end;
         }
         dst.extend_from_slice(&self.body[at..]);
         if let (true, Some(deadline)) = (added_deadline, rewrite.deadline_ms) {
-            put_uint_entry(dst, "deadline_ms", deadline);
+            put_uint_entry(dst, key::DEADLINE_MS, deadline);
         }
         if let (true, Some(client)) = (added_client, rewrite.client) {
-            put_str_entry(dst, "client", client);
+            put_str_entry(dst, key::CLIENT, client);
         }
         let len = dst.len() - start - 4;
         if len > max_frame {
@@ -211,28 +229,13 @@ struct Scanned {
     first_entry: usize,
 }
 
-/// The top-level keys the full decoder knows, each allowed once.
-const KNOWN: [&str; 13] = [
-    "type",
-    "id",
-    "inputs",
-    "deadline_ms",
-    "client",
-    "outputs",
-    "queue_us",
-    "infer_us",
-    "batch_size",
-    "worker",
-    "code",
-    "message",
-    "retry_after_ms",
-];
-
 fn scan(body: &[u8]) -> Option<Scanned> {
     let mut c = Cursor { buf: body, pos: 0 };
     let entries = c.map_len()?;
     let first_entry = c.pos;
-    let mut seen = [false; KNOWN.len()];
+    // The known keys seen so far (`key::ALL`, the names the encoder writes): each is
+    // allowed once.
+    let mut seen = [false; key::ALL.len()];
     let mut kind = None;
     let mut id = None;
     let mut has_tensors = [false; 2];
@@ -241,53 +244,53 @@ fn scan(body: &[u8]) -> Option<Scanned> {
     let mut client_entry = None;
     for _ in 0..entries {
         let entry_start = c.pos;
-        let key = c.str()?;
-        let Some(k) = KNOWN.iter().position(|known| *known == key) else {
+        let name = c.str()?;
+        let Some(k) = key::ALL.iter().position(|known| *known == name) else {
             c.skip()?;
             continue;
         };
         if std::mem::replace(&mut seen[k], true) {
             return None; // the full decoder refuses a duplicate field
         }
-        match key {
-            "type" => {
+        match name {
+            key::TYPE => {
                 kind = Some(match c.str()? {
                     "infer" => RawKind::Infer,
                     "result" => RawKind::Result,
                     _ => return None,
                 });
             }
-            "id" => {
+            key::ID => {
                 id = Some((c.uint()?, entry_start..0));
             }
-            "inputs" => {
+            key::INPUTS => {
                 tensors(&mut c)?;
                 has_tensors[0] = true;
             }
-            "outputs" => {
+            key::OUTPUTS => {
                 tensors(&mut c)?;
                 has_tensors[1] = true;
             }
-            "deadline_ms" => {
+            key::DEADLINE_MS => {
                 deadline_ms = c.opt(Cursor::uint)?;
                 deadline_entry = Some(entry_start..0);
             }
-            "client" => {
+            key::CLIENT => {
                 c.opt(Cursor::str)?;
                 client_entry = Some(entry_start..0);
             }
-            "batch_size" => {
+            key::BATCH_SIZE => {
                 if c.opt(Cursor::uint)?
                     .is_some_and(|n| n > u64::from(u32::MAX))
                 {
                     return None;
                 }
             }
-            "queue_us" | "infer_us" | "retry_after_ms" => {
+            key::QUEUE_US | key::INFER_US | key::RETRY_AFTER_MS => {
                 c.opt(Cursor::uint)?;
             }
             _ => {
-                // worker, code, message: strings.
+                // worker, code, message: strings (every other known key).
                 c.opt(Cursor::str)?;
             }
         }
@@ -533,19 +536,9 @@ mod tests {
         Bytes::from(msg.to_msgpack().unwrap())
     }
 
-    /// What a receiver decodes from a spliced frame: `msg` changed as `rewrite` says.
+    /// What a receiver decodes from a spliced frame.
     fn expected(msg: &Message, rewrite: &Rewrite<'_>) -> Message {
-        let mut msg = msg.clone();
-        msg.set_id(rewrite.id);
-        if let Message::Infer(infer) = &mut msg {
-            if rewrite.deadline_ms.is_some() {
-                infer.deadline_ms = rewrite.deadline_ms;
-            }
-            if let Some(client) = rewrite.client {
-                infer.client = Some(client.to_owned());
-            }
-        }
-        msg
+        rewrite.applied_to(msg)
     }
 
     /// Writes the frame, checks its prefix, and decodes its body in full.

@@ -19,27 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// The ONNX Runtime library: `ORT_DYLIB_PATH`, else `libonnxruntime.so.*` in the repository's
-/// `.ort/` folder. Panics with the command to run when there is none.
-pub fn ort_lib() -> PathBuf {
-    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
-        return PathBuf::from(path);
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.ort");
-    std::fs::read_dir(&dir)
-        .ok()
-        .and_then(|entries| {
-            entries.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so."))
-            })
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no ONNX Runtime library: set ORT_DYLIB_PATH or run `make ort` (looked in {})",
-                dir.display()
-            )
-        })
-}
+/// `.ort/` folder; the worker crate's lookup, so that every test finds the same library.
+pub use tidepool_worker::test_support::ort_lib;
 
 /// A fresh empty directory under the system's temporary directory.
 pub fn scratch_dir(tag: &str) -> PathBuf {

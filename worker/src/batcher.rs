@@ -43,7 +43,14 @@ use tracing::{debug, error, info, warn};
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::model::{Engine, ModelSpec};
+use crate::spec::ModelSpec;
+
+/// Runs batches of items: what the batcher's model thread needs of a model. The worker's is
+/// [`crate::Model`] (an ONNX Runtime session); the tests below use stand-ins.
+pub trait Engine: Send + 'static {
+    /// Runs one batch of checked, same-shaped items and returns each item's outputs, in order.
+    fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error>;
+}
 
 /// How the batcher batches.
 #[derive(Clone, Copy, Debug)]

@@ -14,11 +14,13 @@
 //! ## Modules
 //! - [`config`]: the command line (`serve`, `synth`), flags with `TIDEPOOL_*` environment
 //!   fallbacks, validated before anything is bound.
-//! - [`model`]: the ONNX Runtime session: loading (external data included), the model's
-//!   inputs and outputs as a [`ModelSpec`], checking an item against it, running one batch.
-//!   No async.
+//! - [`spec`]: the model's contract as a [`ModelSpec`]: inputs and outputs, checking an
+//!   item against them, whether items batch. No ONNX Runtime types.
+//! - [`model`]: the ONNX Runtime session: loading (external data included), reading its
+//!   [`ModelSpec`], running one batch. No async.
 //! - [`batcher`]: the batching actor: bounded queue, batches by size or delay, deadlines,
-//!   cancels, overload, the model thread, draining.
+//!   cancels, overload, and the model thread that drives an [`Engine`] (the session, or a
+//!   stand-in in tests).
 //! - [`server`]: protocol connections: frames in, batcher, answers out, with backpressure.
 //! - [`registration`]: registering with the balancer's admin API once ready (and again
 //!   every few seconds, for a balancer that restarted), and deregistering first on shutdown.
@@ -52,9 +54,10 @@ pub mod metrics;
 pub mod model;
 pub mod registration;
 pub mod server;
+pub mod spec;
 pub mod synth;
-#[cfg(test)]
-mod test_support;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -68,12 +71,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-pub use batcher::{BatchConfig, Batcher, BatcherHandle, Rejection, Reply, Ticket};
+pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply, Ticket};
 pub use config::{Cli, Command, DeviceChoice, ServeConfig, SynthConfig};
 pub use error::Error;
 pub use metrics::Metrics;
-pub use model::{Device, Engine, LoadOptions, Model, ModelSpec};
+pub use model::{Device, LoadOptions, Model};
 pub use server::Phase;
+pub use spec::{IoSpec, ModelSpec};
 pub use synth::SynthPlan;
 
 /// How long connections get, after the queue has drained, to write their last answers before

@@ -1,18 +1,16 @@
-//! The model: an ONNX Runtime session, what its inputs and outputs look like, and one batch run.
+//! The model: an ONNX Runtime session, reading its inputs and outputs into a [`ModelSpec`],
+//! and one batch run.
 //!
 //! Nothing here is async. [`Model::load`] loads the ONNX Runtime library (once per process),
 //! opens the model (with its external data, which ONNX Runtime finds next to the file) on the
-//! chosen device, and reads its inputs and outputs into a [`ModelSpec`]. The spec is shared with
-//! the connections, which check every item against it ([`ModelSpec::check`]) before it is
-//! queued; the session itself belongs to the model thread, which calls [`Model::run`].
+//! chosen device, and reads its inputs and outputs into a [`ModelSpec`] (the contract, in
+//! [`crate::spec`]). The spec is shared with the connections, which check every item against
+//! it before it is queued; the session itself belongs to the model thread, which runs it as
+//! the batcher's [`Engine`].
 //!
-//! Items travel without a batch dimension. When every input and output of the model has a
-//! dynamic leading dimension the model is *batched*: items are stacked along a new leading
-//! axis and outputs split back along it. Otherwise an item is the model's whole input and runs
-//! alone. Each item's bytes are copied exactly once, into the batch tensor; each output is
-//! copied once, out of ONNX Runtime's buffer into the item's answer.
+//! Each item's bytes are copied exactly once, into the batch tensor; each output is copied
+//! once, out of ONNX Runtime's buffer into the item's answer.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -25,8 +23,10 @@ use ort::value::{DynTensor, DynValue, Outlet, TensorElementType, ValueType};
 use tidepool_protocol::{DType, Tensor, Tensors};
 use tracing::{info, warn};
 
+use crate::batcher::Engine;
 use crate::config::DeviceChoice;
 use crate::error::Error;
+use crate::spec::{IoSpec, ModelSpec};
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("the worker copies little-endian wire bytes straight into ONNX Runtime tensors and needs a little-endian target");
@@ -94,189 +94,6 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// One model input or output as the model declares it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IoSpec {
-    /// The name.
-    pub name: String,
-    /// The element type.
-    pub dtype: DType,
-    /// The model's full shape, batch dimension included; `None` for a dynamic dimension.
-    pub dims: Vec<Option<usize>>,
-}
-
-impl IoSpec {
-    fn from_outlet(outlet: &Outlet) -> Result<IoSpec, Error> {
-        let name = outlet.name().to_owned();
-        let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
-            return Err(Error::UnsupportedModel {
-                name,
-                reason: "not a tensor (sequences, maps and optionals are not served)",
-            });
-        };
-        let Some(dtype) = dtype_of(*ty) else {
-            return Err(Error::UnsupportedModel {
-                name,
-                reason: "element type has no protocol dtype this worker can copy (f16, bf16, strings and sub-byte types are not served)",
-            });
-        };
-        let dims = shape.iter().map(|&d| usize::try_from(d).ok()).collect();
-        Ok(IoSpec { name, dtype, dims })
-    }
-
-    /// The shape one item has: without the leading dimension when the model is batched.
-    pub fn item_dims(&self, batched: bool) -> &[Option<usize>] {
-        if batched {
-            &self.dims[1..]
-        } else {
-            &self.dims
-        }
-    }
-
-    fn describe(&self, batched: bool) -> String {
-        format!("{} {}", self.dtype, dims_string(self.item_dims(batched)))
-    }
-}
-
-fn dims_string(dims: &[Option<usize>]) -> String {
-    let mut s = String::from("[");
-    for (i, d) in dims.iter().enumerate() {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        match d {
-            Some(d) => {
-                let _ = write!(s, "{d}");
-            }
-            None => s.push('?'),
-        }
-    }
-    s.push(']');
-    s
-}
-
-/// What a model takes and gives, and whether its items can be stacked into batches.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModelSpec {
-    /// The inputs, in the model's order.
-    pub inputs: Vec<IoSpec>,
-    /// The outputs, in the model's order.
-    pub outputs: Vec<IoSpec>,
-    /// True when every input and output has a dynamic leading dimension, so items (which
-    /// travel without it) are stacked along it. False: each item is a whole input and runs
-    /// alone.
-    pub batched: bool,
-}
-
-impl ModelSpec {
-    /// Builds a spec, deciding whether the model is batched.
-    pub fn new(inputs: Vec<IoSpec>, outputs: Vec<IoSpec>) -> ModelSpec {
-        let leading_dynamic = |io: &IoSpec| io.dims.first().is_some_and(Option::is_none);
-        let batched = !inputs.is_empty()
-            && inputs.iter().all(leading_dynamic)
-            && outputs.iter().all(leading_dynamic);
-        ModelSpec {
-            inputs,
-            outputs,
-            batched,
-        }
-    }
-
-    /// How many items one run may hold: `max_batch` for a batched model, else 1.
-    pub fn batch_limit(&self, max_batch: usize) -> usize {
-        if self.batched {
-            max_batch.max(1)
-        } else {
-            1
-        }
-    }
-
-    /// The model's inputs described for an error message: `x: f32 [8]` per input.
-    pub fn describe_inputs(&self) -> String {
-        let parts: Vec<String> = self
-            .inputs
-            .iter()
-            .map(|io| format!("{}: {}", io.name, io.describe(self.batched)))
-            .collect();
-        parts.join(", ")
-    }
-
-    /// Checks one item against the model: every input present, nothing extra, each with the
-    /// model's dtype and per-item shape. The error says what differs.
-    pub fn check(&self, item: &Tensors) -> Result<(), Error> {
-        for name in item.keys() {
-            if !self.inputs.iter().any(|io| &io.name == name) {
-                return Err(Error::UnknownInput {
-                    name: name.clone(),
-                    expected: self.describe_inputs(),
-                });
-            }
-        }
-        for io in &self.inputs {
-            let Some(tensor) = item.get(&io.name) else {
-                return Err(Error::MissingInput {
-                    name: io.name.clone(),
-                    expected: self.describe_inputs(),
-                });
-            };
-            if tensor.dtype() != io.dtype {
-                return Err(Error::InputDType {
-                    name: io.name.clone(),
-                    expected: io.dtype,
-                    got: tensor.dtype(),
-                });
-            }
-            let want = io.item_dims(self.batched);
-            let fits = tensor.shape().len() == want.len()
-                && tensor
-                    .shape()
-                    .iter()
-                    .zip(want)
-                    .all(|(&got, want)| want.is_none_or(|w| w == got));
-            if !fits {
-                return Err(Error::InputShape {
-                    name: io.name.clone(),
-                    expected: dims_string(want),
-                    got: tensor.shape().to_vec(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// True when two checked items can share a batch: their inputs have the same shapes
-    /// (which only matters for models with dynamic dimensions past the batch one).
-    pub fn same_shapes(a: &Tensors, b: &Tensors) -> bool {
-        a.len() == b.len()
-            && a.iter()
-                .zip(b)
-                .all(|((na, ta), (nb, tb))| na == nb && ta.shape() == tb.shape())
-    }
-
-    /// An item of zeros that passes [`ModelSpec::check`], dynamic dimensions set to 1: the
-    /// warm-up batch.
-    pub fn zero_item(&self) -> Result<Tensors, Error> {
-        self.inputs
-            .iter()
-            .map(|io| {
-                let shape: Vec<usize> = io
-                    .item_dims(self.batched)
-                    .iter()
-                    .map(|d| d.unwrap_or(1))
-                    .collect();
-                let len = shape.iter().product::<usize>() * io.dtype.size();
-                let tensor = Tensor::new(io.dtype, shape, Bytes::from(vec![0u8; len])).map_err(
-                    |source| Error::Tensor {
-                        name: io.name.clone(),
-                        source,
-                    },
-                )?;
-                Ok((io.name.clone(), tensor))
-            })
-            .collect()
-    }
-}
-
 /// How to open a model.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -288,12 +105,6 @@ pub struct LoadOptions {
     pub device: DeviceChoice,
     /// Intra-op threads; `None` leaves ONNX Runtime's default.
     pub threads: Option<usize>,
-}
-
-/// Runs batches of items. The batcher's model thread owns one; tests use stand-ins.
-pub trait Engine: Send + 'static {
-    /// Runs one batch of checked, same-shaped items and returns each item's outputs, in order.
-    fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error>;
 }
 
 /// A loaded model: the session, its spec and its device.
@@ -328,12 +139,12 @@ impl Model {
         let inputs = session
             .inputs()
             .iter()
-            .map(IoSpec::from_outlet)
+            .map(io_spec)
             .collect::<Result<Vec<_>, _>>()?;
         let outputs = session
             .outputs()
             .iter()
-            .map(IoSpec::from_outlet)
+            .map(io_spec)
             .collect::<Result<Vec<_>, _>>()?;
         let spec = Arc::new(ModelSpec::new(inputs, outputs));
         info!(
@@ -445,6 +256,26 @@ impl Engine for Model {
         }
         Ok(answers)
     }
+}
+
+/// One input or output of a loaded session as the spec describes it; refuses what the worker
+/// cannot serve.
+fn io_spec(outlet: &Outlet) -> Result<IoSpec, Error> {
+    let name = outlet.name().to_owned();
+    let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
+        return Err(Error::UnsupportedModel {
+            name,
+            reason: "not a tensor (sequences, maps and optionals are not served)",
+        });
+    };
+    let Some(dtype) = dtype_of(*ty) else {
+        return Err(Error::UnsupportedModel {
+            name,
+            reason: "element type has no protocol dtype this worker can copy (f16, bf16, strings and sub-byte types are not served)",
+        });
+    };
+    let dims = shape.iter().map(|&d| usize::try_from(d).ok()).collect();
+    Ok(IoSpec { name, dtype, dims })
 }
 
 fn session_builder(
@@ -626,149 +457,6 @@ fn read_bytes(
         .map(|&d| usize::try_from(d).unwrap_or(0))
         .collect();
     Ok((shape, bytes))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(batched_dims: bool) -> ModelSpec {
-        let lead = if batched_dims { None } else { Some(1) };
-        ModelSpec::new(
-            vec![
-                IoSpec {
-                    name: "x".into(),
-                    dtype: DType::F32,
-                    dims: vec![lead, Some(4)],
-                },
-                IoSpec {
-                    name: "mask".into(),
-                    dtype: DType::I64,
-                    dims: vec![lead, None],
-                },
-            ],
-            vec![IoSpec {
-                name: "y".into(),
-                dtype: DType::F32,
-                dims: vec![lead, Some(2)],
-            }],
-        )
-    }
-
-    fn tensor(dtype: DType, shape: &[usize]) -> Tensor {
-        let len = shape.iter().product::<usize>() * dtype.size();
-        Tensor::new(dtype, shape.to_vec(), Bytes::from(vec![0u8; len])).unwrap()
-    }
-
-    fn item(x: Tensor, mask: Tensor) -> Tensors {
-        Tensors::from([("x".to_owned(), x), ("mask".to_owned(), mask)])
-    }
-
-    #[test]
-    fn batched_only_when_every_leading_dim_is_dynamic() {
-        assert!(spec(true).batched);
-        assert!(!spec(false).batched);
-        assert_eq!(spec(true).batch_limit(32), 32);
-        assert_eq!(spec(false).batch_limit(32), 1);
-    }
-
-    #[test]
-    fn a_good_item_passes() {
-        let s = spec(true);
-        s.check(&item(tensor(DType::F32, &[4]), tensor(DType::I64, &[7])))
-            .unwrap();
-        let z = s.zero_item().unwrap();
-        s.check(&z).unwrap();
-        assert_eq!(z["mask"].shape(), &[1]);
-    }
-
-    #[test]
-    fn every_validation_error_says_what_differs() {
-        let s = spec(true);
-        let good_mask = || tensor(DType::I64, &[3]);
-
-        let mut missing = item(tensor(DType::F32, &[4]), good_mask());
-        missing.remove("mask");
-        let err = s.check(&missing).unwrap_err();
-        assert!(
-            matches!(err, Error::MissingInput { ref name, .. } if name == "mask"),
-            "{err}"
-        );
-        assert!(err.to_string().contains("x: f32 [4]"), "{err}");
-
-        let mut extra = item(tensor(DType::F32, &[4]), good_mask());
-        extra.insert("z".into(), tensor(DType::F32, &[1]));
-        let err = s.check(&extra).unwrap_err();
-        assert!(
-            matches!(err, Error::UnknownInput { ref name, .. } if name == "z"),
-            "{err}"
-        );
-
-        let err = s
-            .check(&item(tensor(DType::F64, &[4]), good_mask()))
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::InputDType {
-                    expected: DType::F32,
-                    got: DType::F64,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(
-            err.to_string().contains("f64") && err.to_string().contains("f32"),
-            "{err}"
-        );
-
-        let err = s
-            .check(&item(tensor(DType::F32, &[5]), good_mask()))
-            .unwrap_err();
-        assert!(
-            matches!(err, Error::InputShape { ref got, .. } if got == &vec![5]),
-            "{err}"
-        );
-        assert!(err.to_string().contains("[4]"), "{err}");
-
-        // The batch dimension is not sent.
-        let err = s
-            .check(&item(tensor(DType::F32, &[1, 4]), good_mask()))
-            .unwrap_err();
-        assert!(matches!(err, Error::InputShape { .. }), "{err}");
-
-        for err in [
-            s.check(&missing).unwrap_err(),
-            s.check(&extra).unwrap_err(),
-            s.check(&item(tensor(DType::F32, &[5]), good_mask()))
-                .unwrap_err(),
-        ] {
-            assert_eq!(err.code(), tidepool_protocol::ErrorCode::BadRequest);
-        }
-    }
-
-    #[test]
-    fn unbatched_items_carry_the_whole_shape() {
-        let s = spec(false);
-        s.check(&item(
-            tensor(DType::F32, &[1, 4]),
-            tensor(DType::I64, &[1, 9]),
-        ))
-        .unwrap();
-        assert!(s
-            .check(&item(tensor(DType::F32, &[4]), tensor(DType::I64, &[1, 9])))
-            .is_err());
-    }
-
-    #[test]
-    fn same_shapes_compares_every_input() {
-        let a = item(tensor(DType::F32, &[4]), tensor(DType::I64, &[3]));
-        let b = item(tensor(DType::F32, &[4]), tensor(DType::I64, &[3]));
-        let c = item(tensor(DType::F32, &[4]), tensor(DType::I64, &[5]));
-        assert!(ModelSpec::same_shapes(&a, &b));
-        assert!(!ModelSpec::same_shapes(&a, &c));
-    }
 }
 
 #[cfg(test)]

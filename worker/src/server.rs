@@ -33,7 +33,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::batcher::{BatcherHandle, Canceller, Reply};
 use crate::metrics::{Metrics, Outcome};
-use crate::model::ModelSpec;
+use crate::spec::ModelSpec;
 
 /// Where the worker is in its life, as connections see it.
 #[derive(Clone, Debug)]

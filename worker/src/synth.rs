@@ -386,7 +386,7 @@ mod tests {
 #[cfg(test)]
 mod ort_tests {
     use super::*;
-    use crate::model::Engine;
+    use crate::batcher::Engine;
     use crate::test_support::{load_cpu, ort_lib, scratch_dir};
     use tidepool_protocol::{Tensor, Tensors};
 

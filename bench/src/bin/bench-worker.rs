@@ -24,8 +24,7 @@ use tidepool_bench::report::{machine, Report};
 use tidepool_bench::stats::fmt_us;
 use tidepool_load::{CancellationToken, InputSpec, LoadConfig};
 use tidepool_protocol::{ClientOptions, Pool, Tensors};
-use tidepool_worker::model::ModelSpec;
-use tidepool_worker::{DeviceChoice, Engine, LoadOptions, Model, ServeConfig, Worker};
+use tidepool_worker::{DeviceChoice, Engine, LoadOptions, Model, ModelSpec, ServeConfig, Worker};
 
 /// Worker benchmark: worker vs direct ONNX Runtime, batching vs none, latency at half load.
 #[derive(Debug, Parser)]
