@@ -6,6 +6,8 @@
 # BENCH_ONLY=worker|balancer|autoscale: rerun one benchmark and splice its report into
 # BENCHMARKS.md, keeping the committed reports of the others; BENCH_ONLY=none only reassembles
 # (after editing an intro). scripts/bench-assemble.sh does the assembly.
+# BENCH_BASELINE=<commit>: the balancer benchmark also runs tidepool-balancer built from that
+# commit (in a scratch worktree under build/), beside today's, for before/after figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,6 +62,17 @@ if [[ $ONLY == all || $ONLY == worker ]]; then
 fi
 if [[ $ONLY == all || $ONLY == balancer ]]; then
     echo "bench: balancer" >&2
+    if [[ -n ${BENCH_BASELINE:-} ]]; then
+        BASE_DIR=build/baseline
+        BASE_REV=$(git rev-parse --short "$BENCH_BASELINE")
+        echo "bench: building the baseline balancer at $BASE_REV" >&2
+        git worktree remove --force "$BASE_DIR" 2>/dev/null || rm -rf "$BASE_DIR"
+        git worktree add --detach --quiet "$BASE_DIR" "$BASE_REV"
+        # The baseline's own target dir: sharing ours would rebuild both every time.
+        (cd "$BASE_DIR" && $CARGO build --release --quiet -p tidepool-balancer --bins)
+        export BENCH_BASELINE_BIN=$PWD/$BASE_DIR/target/release/tidepool-balancer
+        export BENCH_BASELINE_LABEL="commit $BASE_REV"
+    fi
     RUST_LOG=${RUST_LOG:-warn} target/release/bench-balancer --out "$OUT" >/dev/null
 fi
 if [[ $ONLY == all || $ONLY == autoscale ]]; then

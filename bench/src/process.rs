@@ -183,6 +183,9 @@ pub struct BalancerSpec {
     pub routing: &'static str,
     /// The targets, registered with `--target`.
     pub targets: Vec<SocketAddr>,
+    /// Another build of tidepool-balancer to run instead of this one's (a baseline built
+    /// from an earlier commit, for before/after figures from the same run).
+    pub binary: Option<PathBuf>,
 }
 
 /// Starts the release tidepool-balancer binary with fast health checks, and returns once
@@ -190,7 +193,11 @@ pub struct BalancerSpec {
 pub fn start_balancer(spec: &BalancerSpec) -> anyhow::Result<(Proc, SocketAddr)> {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let mut command = Command::new(sibling_exe("tidepool-balancer")?);
+    let binary = match &spec.binary {
+        Some(path) => path.clone(),
+        None => sibling_exe("tidepool-balancer")?,
+    };
+    let mut command = Command::new(binary);
     command
         .env("RUST_LOG", "warn")
         .args(["--listen", &listen.to_string()])

@@ -41,6 +41,13 @@ struct Args {
     /// f32 elements per item (small frames).
     #[arg(long, default_value_t = 16)]
     item_len: usize,
+    /// A second tidepool-balancer binary (built from an earlier commit) measured beside this
+    /// one in every section: before/after figures from the same run, on the same noise.
+    #[arg(long, env = "BENCH_BASELINE_BIN")]
+    baseline: Option<PathBuf>,
+    /// What the baseline is, for the report (a commit).
+    #[arg(long, env = "BENCH_BASELINE_LABEL", default_value = "baseline")]
+    baseline_label: String,
 }
 
 /// The contenders in front of the targets.
@@ -48,6 +55,8 @@ struct Args {
 enum Via {
     Direct,
     Tidepool,
+    /// `--baseline`: the same balancer from an earlier commit.
+    Baseline,
     Haproxy,
 }
 
@@ -56,6 +65,7 @@ impl Via {
         match self {
             Via::Direct => "direct to one target",
             Via::Tidepool => "tidepool-balancer (p2c)",
+            Via::Baseline => "tidepool-balancer baseline (p2c)",
             Via::Haproxy => "HAProxy (leastconn)",
         }
     }
@@ -65,6 +75,7 @@ impl Via {
 struct Setup {
     _targets: Proc,
     balancer: Proc,
+    baseline: Option<Proc>,
     haproxy: Proc,
     addrs: BTreeMap<Via, SocketAddr>,
 }
@@ -78,9 +89,16 @@ fn main() -> anyhow::Result<()> {
     }
     let mut report = Report::new();
     report.para(&format!(
-        "Machine: {}. {}.{}",
+        "Machine: {}. {}.{}{}",
         machine(),
         haproxy_version(),
+        match &args.baseline {
+            Some(_) => format!(
+                " The baseline rows are tidepool-balancer built from {}, run beside today's in every section.",
+                args.baseline_label
+            ),
+            None => String::new(),
+        },
         if args.quick {
             " **Quick smoke run (BENCH_QUICK=1): figures are not meaningful.**"
         } else {
@@ -90,6 +108,9 @@ fn main() -> anyhow::Result<()> {
     report.set("machine", machine());
     report.set("haproxy", haproxy_version());
     report.set("quick", args.quick);
+    if args.baseline.is_some() {
+        report.set("baseline", &args.baseline_label);
+    }
 
     let setup = fast_setup(&args)?;
     latency(&args, &setup, &mut report)?;
@@ -117,18 +138,33 @@ fn fast_setup(args: &Args) -> anyhow::Result<Setup> {
     let (balancer, balancer_addr) = start_balancer(&BalancerSpec {
         routing: "p2c",
         targets: addrs.clone(),
+        binary: None,
     })?;
     let haproxy_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let haproxy = start_haproxy(&args.out.join("haproxy-fast"), haproxy_addr, &addrs)?;
+    let mut via = BTreeMap::from([
+        (Via::Direct, addrs[0]),
+        (Via::Tidepool, balancer_addr),
+        (Via::Haproxy, haproxy_addr),
+    ]);
+    let baseline = match &args.baseline {
+        Some(binary) => {
+            let (proc, addr) = start_balancer(&BalancerSpec {
+                routing: "p2c",
+                targets: addrs.clone(),
+                binary: Some(binary.clone()),
+            })?;
+            via.insert(Via::Baseline, addr);
+            Some(proc)
+        }
+        None => None,
+    };
     Ok(Setup {
         _targets: targets,
         balancer,
+        baseline,
         haproxy,
-        addrs: BTreeMap::from([
-            (Via::Direct, addrs[0]),
-            (Via::Tidepool, balancer_addr),
-            (Via::Haproxy, haproxy_addr),
-        ]),
+        addrs: via,
     })
 }
 
@@ -257,6 +293,12 @@ fn latency(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result<()
         ));
         report.set("latency_goal_met", met);
     }
+    if let (Some(ours), Some(before)) = (ours, rows.iter().find(|r| r.via == Via::Baseline)) {
+        report.para(&format!(
+            "Against the baseline ({}): {:+.0} µs added at p50 today, {:+.0} µs before.",
+            args.baseline_label, ours.added_p50_us, before.added_p50_us
+        ));
+    }
     report.set("latency", &rows);
     Ok(())
 }
@@ -284,6 +326,7 @@ fn throughput(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result
             let pid = match via {
                 Via::Direct => None,
                 Via::Tidepool => Some(setup.balancer.pid()),
+                Via::Baseline => setup.baseline.as_ref().map(Proc::pid),
                 Via::Haproxy => Some(setup.haproxy.pid()),
             };
             let cpu_before = pid.map(cpu_seconds);
@@ -366,6 +409,20 @@ fn throughput(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result
         report.set("throughput_goal_met", met);
         report.set("throughput_ratio", ratio);
     }
+    if let (Some(ours), Some(before)) = (rows.get(&Via::Tidepool), rows.get(&Via::Baseline)) {
+        let ratio = ours.mean_per_second / before.mean_per_second.max(1.0);
+        let cpu = |r: &ThroughputRow| {
+            r.cpu_ms_per_1k
+                .map_or("—".to_owned(), |c| format!("{c:.1} ms"))
+        };
+        report.para(&format!(
+            "Against the baseline ({}): {ratio:.2}× its frames/s; CPU per 1000 frames {} today, {} before.",
+            args.baseline_label,
+            cpu(ours),
+            cpu(before)
+        ));
+        report.set("baseline_throughput_ratio", ratio);
+    }
     report.set("throughput", rows.values().collect::<Vec<_>>());
     Ok(())
 }
@@ -390,13 +447,27 @@ fn skewed(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     let rate = capacity * 0.5;
     let (seconds, drain) = if args.quick { (3, 2) } else { (12, 8) };
     let connections = 8;
-    let contenders: [(&str, Option<&'static str>); 3] = [
-        ("tidepool-balancer, least outstanding (p2c)", Some("p2c")),
-        ("tidepool-balancer, round-robin", Some("round-robin")),
-        ("HAProxy, leastconn (per connection)", None),
+    let mut contenders: Vec<(&str, Option<&'static str>, Option<PathBuf>)> = vec![
+        (
+            "tidepool-balancer, least outstanding (p2c)",
+            Some("p2c"),
+            None,
+        ),
+        ("tidepool-balancer, round-robin", Some("round-robin"), None),
+        ("HAProxy, leastconn (per connection)", None, None),
     ];
+    if let Some(binary) = &args.baseline {
+        contenders.insert(
+            1,
+            (
+                "tidepool-balancer baseline, least outstanding (p2c)",
+                Some("p2c"),
+                Some(binary.clone()),
+            ),
+        );
+    }
     let mut rows = Vec::new();
-    for (name, routing) in contenders {
+    for (name, routing, binary) in contenders {
         eprintln!("skewed pool: {name}");
         // Fresh targets each time: a backlog left on the slow one must not carry over.
         let (_targets, addrs) = start_targets(&services)?;
@@ -405,6 +476,7 @@ fn skewed(args: &Args, report: &mut Report) -> anyhow::Result<()> {
             Some(routing) => start_balancer(&BalancerSpec {
                 routing,
                 targets: addrs.clone(),
+                binary,
             })?,
             None => {
                 let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
