@@ -23,6 +23,7 @@
 //! - [`registration`]: registering with the balancer's admin API once ready (and again
 //!   every few seconds, for a balancer that restarted), and deregistering first on shutdown.
 //! - [`metrics`]: counters and histograms, Prometheus text on `--metrics`.
+//! - [`parent`]: `--exit-with-parent`, draining when the parent's pipe on stdin closes.
 //! - [`synth`]: synthetic MLP models of any size, built with `ort::editor`.
 //! - [`error`]: the crate's one error type.
 //!
@@ -50,6 +51,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod parent;
 pub mod registration;
 pub mod server;
 pub mod synth;
@@ -135,6 +137,9 @@ impl Worker {
         let metrics = Arc::new(Metrics::default());
         let (phase_tx, phase) = watch::channel(Phase::Loading);
         let shutdown = CancellationToken::new();
+        if config.exit_with_parent {
+            parent::exit_with_parent(shutdown.clone()).map_err(Error::ParentWatch)?;
+        }
         let run = Run {
             config,
             listener,
@@ -248,12 +253,18 @@ impl Run {
             })
         });
 
+        let budget = config.budget();
+        metrics.set_frame_budget(budget.clone());
         let context = Arc::new(server::ServerContext {
             phase: phase_tx.subscribe(),
             name,
             metrics: Arc::clone(&metrics),
             max_in_flight: config.max_in_flight,
             max_frame: usize::try_from(config.max_frame).unwrap_or(usize::MAX),
+            budget,
+            frame_timeout: ServeConfig::limit(config.frame_timeout),
+            idle_timeout: ServeConfig::limit(config.idle_timeout),
+            max_connections: config.max_connections,
         });
         let tracker = TaskTracker::new();
         let (stop_accepting, close, abort) = (
