@@ -31,9 +31,12 @@
 //! [`Worker::start`] validates the configuration, binds the listeners, and loads the model in
 //! the background; until the model is loaded and one warm-up batch has run, requests and pings
 //! are answered `unavailable`. Then it serves, and registers if asked. When its shutdown token
-//! fires (SIGTERM or SIGINT in the binary) it deregisters, stops accepting, lets the queue
-//! drain within `--drain-timeout` (what is left is answered `shutting_down`), writes the last
-//! answers, and [`Worker::wait`] returns.
+//! fires (SIGTERM or SIGINT in the binary; with `--exit-with-parent`, also the end of file of
+//! the parent's pipe on stdin) it deregisters, stops accepting, lets the queue drain within
+//! `--drain-timeout` (what is left is answered `shutting_down`), writes the last answers, and
+//! [`Worker::wait`] returns. Open connections are read until they have been quiet for
+//! [`server::SHUTDOWN_QUIET`], every frame read answered, so nothing on the wire at the
+//! signal is dropped unanswered.
 //!
 //! ## In-process use (tests, embedding)
 //! ```no_run
