@@ -1,17 +1,19 @@
 //! Feeds arbitrary bytes to the frame decoder, cut at an arbitrary point, and checks what
 //! must hold whatever arrives: no panic; every frame that decodes re-encodes to a frame
 //! that decodes to the same message; errors that are not fatal name a request id only
-//! when one was readable.
+//! when one was readable; and every body the `raw` scanner passes (what a balancer
+//! forwards) the full decoder (what a worker runs) accepts, with the same id.
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tidepool_protocol::{encode_frame, MessageCodec};
+use tidepool_protocol::{encode_frame, FrameCodec, Message, MessageCodec, RawMessage};
 use tokio_util::codec::Decoder;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, data)) = data.split_first() else { return };
     let cut = (cut as usize).min(data.len());
+    raw_implies_decode(data);
     let mut codec = MessageCodec::new(1 << 20);
     let mut buf = BytesMut::from(&data[..cut]);
     let mut rest = &data[cut..];
@@ -43,3 +45,15 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// Every frame body in `data` that the raw scanner passes decodes in full, same id.
+fn raw_implies_decode(data: &[u8]) {
+    let mut frames = FrameCodec::new(1 << 20);
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(body)) = frames.decode(&mut buf) {
+        if let Some(raw) = RawMessage::scan(body.clone()) {
+            let msg = Message::decode(&body).expect("the decoder accepts what raw passes");
+            assert_eq!(msg.id(), raw.id());
+        }
+    }
+}

@@ -34,6 +34,26 @@ pub enum Error {
         /// Bytes that arrived.
         got: usize,
     },
+    /// A started frame did not finish arriving within the receiver's frame timeout.
+    #[error("frame not complete within {timeout:?} ({got} of {expected} bytes received); send each frame whole and promptly, or raise the receiver's --frame-timeout")]
+    FrameTimeout {
+        /// The receiver's frame timeout.
+        timeout: std::time::Duration,
+        /// Bytes of the frame that arrived, prefix included.
+        got: usize,
+        /// Bytes the frame should have had, prefix included (4 while the prefix is incomplete).
+        expected: usize,
+    },
+    /// The frame body goes beyond one of the decoder's [`Limits`](crate::Limits).
+    #[error("message refused: {what} above the protocol's limit of {max} (PROTOCOL.md, \"Decoder limits\")")]
+    LimitExceeded {
+        /// The request id, when it could be read.
+        id: Option<RequestId>,
+        /// What the limit is about.
+        what: &'static str,
+        /// The limit.
+        max: usize,
+    },
     /// The frame body is not a MessagePack map of the expected shape.
     #[error("frame body is not a valid protocol message: {source}")]
     Malformed {
@@ -184,6 +204,7 @@ impl Error {
     pub fn request_id(&self) -> Option<RequestId> {
         match self {
             Error::Malformed { id, .. }
+            | Error::LimitExceeded { id, .. }
             | Error::UnknownDType { id, .. }
             | Error::TensorLength { id, .. } => *id,
             Error::UnknownType { id, .. } | Error::MissingField { id, .. } => Some(*id),
@@ -198,6 +219,7 @@ impl Error {
             Error::FrameTooLarge { .. }
                 | Error::EmptyFrame
                 | Error::Truncated { .. }
+                | Error::FrameTimeout { .. }
                 | Error::Io(_)
         )
     }

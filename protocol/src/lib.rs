@@ -21,24 +21,38 @@
 //! - [`raw`]: [`RawMessage`], `infer` and `result` bodies forwarded without decoding
 //!   their tensors: the id (and a balancer's `deadline_ms` and `client`) rewritten by
 //!   splicing byte ranges; [`FrameCodec`] yields the undecoded bodies.
+//! - [`limits`]: [`Limits`], how deep, long and wide a body may be: one set, checked alike
+//!   by the full decoder and the `raw` scanner, so whatever a balancer forwards a worker
+//!   accepts.
+//! - [`budget`]: [`FrameBudget`], a byte budget for frames being read or held, with a
+//!   ceiling per connection.
+//! - [`reader`]: [`FrameReader`], frames read within a budget (backpressure instead of
+//!   allocation) and a frame timeout.
 //! - [`client`]: [`Client`], pipelined calls over one connection with deadlines and
 //!   cancel-on-drop, and [`Pool`], a few connections used least-busy first.
 //! - [`error`]: [`Error`], the crate's one error type.
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod client;
 pub mod codec;
 pub mod error;
+pub mod limits;
 pub mod message;
 pub mod raw;
+pub mod reader;
 pub mod tensor;
+
+pub use budget::{ConnectionBudget, FrameBudget, FramePermit};
 
 pub use client::{CallOptions, Client, ClientOptions, Pool};
 pub use codec::{encode_frame, FrameCodec, Inbound, MessageCodec, DEFAULT_MAX_FRAME};
 pub use error::Error;
+pub use limits::{LimitExceeded, Limits};
 pub use message::{
     ErrorCode, ErrorReply, Infer, InferResult, Message, RequestId, Tensors, CONNECTION_ID,
 };
 pub use raw::{Frame, RawKind, RawMessage, Rewrite};
+pub use reader::FrameReader;
 pub use tensor::{DType, Element, Tensor};

@@ -14,6 +14,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::limits::Limits;
+use crate::raw::Cursor;
 use crate::tensor::{expected_len, DType, Tensor, WireTensor};
 
 /// A request id, chosen by whoever sends the request.
@@ -228,12 +230,25 @@ impl Message {
             .map_err(Error::Encode)
     }
 
-    /// Decodes one frame body. Tensor data in the result are slices of `body`.
+    /// Decodes one frame body within [`Limits::PROTOCOL`]. Tensor data in the result are
+    /// slices of `body`.
     ///
     /// On failure the error carries the request id when the body had a readable one,
     /// so the request can be answered under its own id.
     pub fn decode(body: &Bytes) -> Result<Message, Error> {
-        let wire: WireIn<'_> = match rmp_serde::from_slice(body) {
+        Message::decode_with(body, &Limits::PROTOCOL)
+    }
+
+    /// Decodes one frame body within `limits`: the same walk as the
+    /// [`raw`](crate::raw) scanner's comes first, so a body one refuses the other refuses too.
+    pub fn decode_with(body: &Bytes, limits: &Limits) -> Result<Message, Error> {
+        limits
+            .check(body)
+            .map_err(|limit| limit.into_error(recover_id(body)))?;
+        let mut de = rmp_serde::Deserializer::from_read_ref(&body[..]);
+        // The walk above bounds the depth; serde's own guard must never be the tighter one.
+        de.set_max_depth(limits.max_depth.saturating_add(8));
+        let wire = match WireIn::deserialize(&mut de) {
             Ok(wire) => wire,
             Err(source) => {
                 return Err(Error::Malformed {
@@ -242,17 +257,22 @@ impl Message {
                 })
             }
         };
-        wire.into_message(body)
+        wire.into_message(body, limits)
     }
 }
 
-/// Best effort: the `id` of a body whose other fields did not decode.
+/// Best effort: the `id` of a body whose other fields did not decode. Reads only the top-level
+/// keys and steps over their values without recursion, so it finds the id of a body however
+/// deeply nested its other values are.
 fn recover_id(body: &[u8]) -> Option<RequestId> {
-    #[derive(Deserialize)]
-    struct IdOnly {
-        id: RequestId,
+    let mut c = Cursor::new(body);
+    for _ in 0..c.map_len()? {
+        if c.str()? == "id" {
+            return c.uint();
+        }
+        c.skip()?;
     }
-    rmp_serde::from_slice::<IdOnly>(body).ok().map(|m| m.id)
+    None
 }
 
 /// The wire names of a message's top-level keys: the one place they are spelled. The
@@ -449,7 +469,7 @@ struct WireIn<'a> {
 }
 
 impl WireIn<'_> {
-    fn into_message(self, body: &Bytes) -> Result<Message, Error> {
+    fn into_message(self, body: &Bytes, limits: &Limits) -> Result<Message, Error> {
         let id = self.id;
         let missing = |field: &'static str| Error::MissingField {
             id,
@@ -459,13 +479,23 @@ impl WireIn<'_> {
         Ok(match &*self.kind {
             "infer" => Message::Infer(Infer {
                 id,
-                inputs: tensors(id, self.inputs.ok_or_else(|| missing("inputs"))?, body)?,
+                inputs: tensors(
+                    id,
+                    self.inputs.ok_or_else(|| missing("inputs"))?,
+                    body,
+                    limits,
+                )?,
                 deadline_ms: self.deadline_ms,
                 client: self.client,
             }),
             "result" => Message::Result(InferResult {
                 id,
-                outputs: tensors(id, self.outputs.ok_or_else(|| missing("outputs"))?, body)?,
+                outputs: tensors(
+                    id,
+                    self.outputs.ok_or_else(|| missing("outputs"))?,
+                    body,
+                    limits,
+                )?,
                 queue_us: self.queue_us,
                 infer_us: self.infer_us,
                 batch_size: self.batch_size,
@@ -494,9 +524,13 @@ fn tensors(
     id: RequestId,
     wire: BTreeMap<String, WireTensor<'_>>,
     body: &Bytes,
+    limits: &Limits,
 ) -> Result<Tensors, Error> {
     wire.into_iter()
         .map(|(name, t)| {
+            limits
+                .check_dims(t.shape.len())
+                .map_err(|limit| limit.into_error(Some(id)))?;
             let dtype: DType = t.dtype.parse().map_err(|_| Error::UnknownDType {
                 id: Some(id),
                 dtype: t.dtype.to_string(),

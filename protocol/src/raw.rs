@@ -8,7 +8,8 @@
 //! [`Message::decode`] would accept it too, with the same content: every tensor is checked
 //! (`dtype` known, `shape` unsigned, `data` a `bin` of exactly `product(shape) × size(dtype)`
 //! bytes), every known field has its type, no known key appears twice, and the map ends
-//! exactly at the end of the body. Whatever it does not recognise as plainly valid (an
+//! exactly at the end of the body; and first of all, the body is within the same
+//! [`Limits`] the full decoder checks. Whatever it does not recognise as plainly valid (an
 //! unusual encoding, a broken message) goes to the full decoder, whose answer, error
 //! messages included, is the reference.
 //!
@@ -20,6 +21,7 @@ use std::ops::Range;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::Error;
+use crate::limits::Limits;
 use crate::message::{key, Message, RequestId};
 use crate::tensor::DType;
 
@@ -41,12 +43,18 @@ pub enum Frame {
     Message(Message),
 }
 
-/// Reads one frame body (without its length prefix): a [`Frame::Raw`] when the scan
-/// accepts it, else the full decoder's message or error.
+/// Reads one frame body (without its length prefix) within [`Limits::PROTOCOL`]: a
+/// [`Frame::Raw`] when the scan accepts it, else the full decoder's message or error.
 pub fn decode_body(body: Bytes) -> Result<Frame, Error> {
-    match RawMessage::scan(body.clone()) {
+    decode_body_with(body, &Limits::PROTOCOL)
+}
+
+/// [`decode_body`] within `limits`. A body beyond them is never [`Frame::Raw`]: it is the
+/// full decoder's [`Error::LimitExceeded`], under the request's id when it has one.
+pub fn decode_body_with(body: Bytes, limits: &Limits) -> Result<Frame, Error> {
+    match RawMessage::scan_with(body.clone(), limits) {
         Some(raw) => Ok(Frame::Raw(raw)),
-        None => Message::decode(&body).map(Frame::Message),
+        None => Message::decode_with(&body, limits).map(Frame::Message),
     }
 }
 
@@ -103,10 +111,16 @@ pub struct RawMessage {
 }
 
 impl RawMessage {
-    /// Scans a body; `None` when it is not an `infer` or `result` that the scan can vouch
-    /// for (decode such a body with [`Message::decode`]).
+    /// Scans a body within [`Limits::PROTOCOL`]; `None` when it is not an `infer` or
+    /// `result` that the scan can vouch for (decode such a body with [`Message::decode`]).
     pub fn scan(body: Bytes) -> Option<RawMessage> {
-        let s = scan(&body)?;
+        RawMessage::scan_with(body, &Limits::PROTOCOL)
+    }
+
+    /// Scans a body within `limits` (the full decoder's: [`Message::decode_with`]).
+    pub fn scan_with(body: Bytes, limits: &Limits) -> Option<RawMessage> {
+        limits.check(&body).ok()?;
+        let s = scan(&body, limits)?;
         Some(RawMessage {
             body,
             kind: s.kind,
@@ -229,7 +243,7 @@ struct Scanned {
     first_entry: usize,
 }
 
-fn scan(body: &[u8]) -> Option<Scanned> {
+fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
     let mut c = Cursor { buf: body, pos: 0 };
     let entries = c.map_len()?;
     let first_entry = c.pos;
@@ -264,11 +278,11 @@ fn scan(body: &[u8]) -> Option<Scanned> {
                 id = Some((c.uint()?, entry_start..0));
             }
             key::INPUTS => {
-                tensors(&mut c)?;
+                tensors(&mut c, limits)?;
                 has_tensors[0] = true;
             }
             key::OUTPUTS => {
-                tensors(&mut c)?;
+                tensors(&mut c, limits)?;
                 has_tensors[1] = true;
             }
             key::DEADLINE_MS => {
@@ -334,15 +348,15 @@ fn scan(body: &[u8]) -> Option<Scanned> {
 }
 
 /// A map of name → tensor, each checked as the full decoder does.
-fn tensors(c: &mut Cursor<'_>) -> Option<()> {
+fn tensors(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     for _ in 0..c.map_len()? {
         c.str()?;
-        tensor(c)?;
+        tensor(c, limits)?;
     }
     Some(())
 }
 
-fn tensor(c: &mut Cursor<'_>) -> Option<()> {
+fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     let mut dtype: Option<DType> = None;
     // Where the shape array starts: read again once the dtype is known, so the product
     // folds from the element size as the full decoder's does (same overflow, same answer).
@@ -353,7 +367,9 @@ fn tensor(c: &mut Cursor<'_>) -> Option<()> {
             "dtype" if dtype.is_none() => dtype = Some(c.str()?.parse().ok()?),
             "shape" if shape_at.is_none() => {
                 shape_at = Some(c.pos);
-                for _ in 0..c.array_len()? {
+                let dims = c.array_len()?;
+                limits.check_dims(dims).ok()?;
+                for _ in 0..dims {
                     c.uint()?;
                 }
             }
@@ -377,12 +393,17 @@ fn tensor(c: &mut Cursor<'_>) -> Option<()> {
 
 /// A read position in a body. Every method returns `None` on anything it does not
 /// accept, truncation included.
-struct Cursor<'a> {
+pub(crate) struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Cursor<'a> {
+    /// A cursor at the start of `buf`.
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Cursor { buf, pos: 0 }
+    }
+
     fn byte(&mut self) -> Option<u8> {
         let b = *self.buf.get(self.pos)?;
         self.pos += 1;
@@ -404,7 +425,7 @@ impl<'a> Cursor<'a> {
         )
     }
 
-    fn map_len(&mut self) -> Option<usize> {
+    pub(crate) fn map_len(&mut self) -> Option<usize> {
         match self.byte()? {
             b @ 0x80..=0x8f => Some(usize::from(b & 0x0f)),
             0xde => Some(self.be(2)? as usize),
@@ -422,7 +443,7 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    fn str(&mut self) -> Option<&'a str> {
+    pub(crate) fn str(&mut self) -> Option<&'a str> {
         let len = match self.byte()? {
             b @ 0xa0..=0xbf => usize::from(b & 0x1f),
             0xd9 => self.be(1)? as usize,
@@ -443,7 +464,7 @@ impl<'a> Cursor<'a> {
         self.take(len)
     }
 
-    fn uint(&mut self) -> Option<u64> {
+    pub(crate) fn uint(&mut self) -> Option<u64> {
         match self.byte()? {
             b @ 0x00..=0x7f => Some(u64::from(b)),
             0xcc => self.be(1),
@@ -465,7 +486,7 @@ impl<'a> Cursor<'a> {
 
     /// Steps over one value of any of MessagePack's plain types; `None` on extension
     /// types, the reserved marker and strings that are not UTF-8.
-    fn skip(&mut self) -> Option<()> {
+    pub(crate) fn skip(&mut self) -> Option<()> {
         // Values still to step over; arrays and maps add their items. Each value takes at
         // least one byte, so a lying length runs out of body rather than looping on.
         let mut left: usize = 1;

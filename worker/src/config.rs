@@ -26,6 +26,8 @@ pub struct Cli {
 
 /// The worker's subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once at start-up and moved once: the size difference costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Load a model and serve it until SIGTERM or SIGINT.
     Serve(ServeConfig),
@@ -104,14 +106,49 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: usize,
 
-    /// Largest frame accepted or sent, in bytes.
+    /// Largest frame accepted or sent, in bytes. Keep it at least the balancer's --max-frame:
+    /// a frame above it is a framing error that closes the connection, and a balancer's
+    /// connection carries other clients' requests. Memory is bounded by --frame-budget, not by
+    /// this.
     #[arg(long, env = "TIDEPOOL_WORKER_MAX_FRAME", default_value = "64MiB", value_parser = parse_size)]
     pub max_frame: u64,
+
+    /// Bytes of frames being read or held (until their item is copied into a batch), all
+    /// connections together. A connection whose next frame does not fit stops being read
+    /// until bytes come back (TCP backpressure) instead of allocating it.
+    #[arg(long, env = "TIDEPOOL_WORKER_FRAME_BUDGET", default_value = "256MiB", value_parser = parse_size)]
+    pub frame_budget: u64,
+
+    /// Most of --frame-budget one connection may hold at once [default: the larger of 64MiB
+    /// and --max-frame].
+    #[arg(long, env = "TIDEPOOL_WORKER_CONNECTION_FRAME_BUDGET", value_parser = parse_size)]
+    pub connection_frame_budget: Option<u64>,
+
+    /// A frame whose first byte has arrived must be complete within this, or the connection is
+    /// closed (time waiting for --frame-budget excluded); 0: no limit.
+    #[arg(long, env = "TIDEPOOL_WORKER_FRAME_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub frame_timeout: Duration,
+
+    /// A connection with nothing in flight and nothing arriving for this long is closed (NLB's
+    /// TCP idle timeout is 350 s); 0: never.
+    #[arg(long, env = "TIDEPOOL_WORKER_IDLE_TIMEOUT", default_value = "350s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Most open protocol connections; beyond it a new connection is answered `unavailable`
+    /// and closed.
+    #[arg(long, env = "TIDEPOOL_WORKER_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
 
     /// How long shutdown waits for queued and running items before answering the rest
     /// `shutting_down`.
     #[arg(long, env = "TIDEPOOL_WORKER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Drain and exit when standard input reaches end of file: start the worker with its stdin
+    /// a pipe whose write end the parent holds and never writes, and it exits when the parent
+    /// dies, SIGKILL included. Refused when stdin is not a pipe or a socket.
+    #[arg(long, env = "TIDEPOOL_WORKER_EXIT_WITH_PARENT")]
+    pub exit_with_parent: bool,
 
     /// The ONNX Runtime shared library (libonnxruntime.so); scripts/fetch-ort.sh fetches it.
     #[arg(long, env = "ORT_DYLIB_PATH")]
@@ -136,9 +173,29 @@ impl ServeConfig {
             queue: 1024,
             max_in_flight: 256,
             max_frame: tidepool_protocol::DEFAULT_MAX_FRAME as u64,
+            frame_budget: 256 << 20,
+            connection_frame_budget: None,
+            frame_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(350),
+            max_connections: 1024,
+            exit_with_parent: false,
             drain_timeout: Duration::from_secs(30),
             ort_lib: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
         }
+    }
+
+    /// The frame budget these settings describe.
+    pub fn budget(&self) -> tidepool_protocol::FrameBudget {
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let per_connection = self
+            .connection_frame_budget
+            .unwrap_or(self.max_frame.max(64 << 20));
+        tidepool_protocol::FrameBudget::new(size(self.frame_budget), size(per_connection))
+    }
+
+    /// A duration flag where 0 means "no limit".
+    pub fn limit(duration: Duration) -> Option<Duration> {
+        (!duration.is_zero()).then_some(duration)
     }
 
     /// Checks what can be checked without binding or loading anything.
@@ -166,6 +223,28 @@ impl ServeConfig {
         }
         if self.max_frame < 1024 || self.max_frame > u64::from(u32::MAX) {
             return invalid("max-frame", "must be between 1KiB and 4GiB");
+        }
+        if self.max_connections == 0 {
+            return invalid("max-connections", "must be at least 1");
+        }
+        let largest = self.budget().largest_frame() as u64;
+        if self.max_frame > largest {
+            return invalid(
+                "frame-budget",
+                &format!(
+                    "admits frames of at most {largest} bytes, below --max-frame {}: large frames \
+                     may use 7/8 of --frame-budget, and one connection at most \
+                     --connection-frame-budget; raise them or lower --max-frame",
+                    self.max_frame
+                ),
+            );
+        }
+        if self.exit_with_parent && !crate::parent::stdin_is_a_pipe() {
+            return invalid(
+                "exit-with-parent",
+                "standard input is not a pipe or a socket, so its end of file would not mean \
+                 the parent is gone; start the worker with stdin a pipe its parent holds",
+            );
         }
         if self.listen.parse::<SocketAddr>().is_err() {
             return invalid("listen", "expected IP:PORT, like 0.0.0.0:7100");
@@ -335,6 +414,44 @@ mod tests {
             c.validate(),
             Err(Error::InvalidConfig { flag: "model", .. })
         ));
+    }
+
+    #[test]
+    fn the_frame_budget_must_admit_the_largest_frame() {
+        let mut c = ServeConfig::new("/nonexistent.onnx", "127.0.0.1:0");
+        // The defaults: 64 MiB frames in a 256 MiB budget.
+        assert_eq!(c.budget().largest_frame(), 64 << 20);
+        c.frame_budget = 64 << 20;
+        let err = c.validate().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidConfig {
+                    flag: "frame-budget",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("lower --max-frame"), "{err}");
+        c.max_frame = 16 << 20;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig { flag: "model", .. })
+        ));
+        c.connection_frame_budget = Some(8 << 20);
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                flag: "frame-budget",
+                ..
+            })
+        ));
+        assert_eq!(ServeConfig::limit(Duration::ZERO), None);
+        assert_eq!(
+            ServeConfig::limit(Duration::from_secs(1)),
+            Some(Duration::from_secs(1))
+        );
     }
 
     #[test]

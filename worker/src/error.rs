@@ -175,6 +175,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// `--exit-with-parent`: the thread that watches standard input could not be started.
+    #[error("--exit-with-parent: could not start watching standard input: {0}")]
+    ParentWatch(#[source] std::io::Error),
     /// The model thread could not be started, or ended without saying why.
     #[error("model thread: {0}")]
     ModelThread(&'static str),

@@ -25,6 +25,7 @@
 //! - [`registration`]: registering with the balancer's admin API once ready (and again
 //!   every few seconds, for a balancer that restarted), and deregistering first on shutdown.
 //! - [`metrics`]: counters and histograms, Prometheus text on `--metrics`.
+//! - [`parent`]: `--exit-with-parent`, draining when the parent's pipe on stdin closes.
 //! - [`synth`]: synthetic MLP models of any size, built with `ort::editor`.
 //! - [`error`]: the crate's one error type.
 //!
@@ -32,9 +33,12 @@
 //! [`Worker::start`] validates the configuration, binds the listeners, and loads the model in
 //! the background; until the model is loaded and one warm-up batch has run, requests and pings
 //! are answered `unavailable`. Then it serves, and registers if asked. When its shutdown token
-//! fires (SIGTERM or SIGINT in the binary) it deregisters, stops accepting, lets the queue
-//! drain within `--drain-timeout` (what is left is answered `shutting_down`), writes the last
-//! answers, and [`Worker::wait`] returns.
+//! fires (SIGTERM or SIGINT in the binary; with `--exit-with-parent`, also the end of file of
+//! the parent's pipe on stdin) it deregisters, stops accepting, lets the queue drain within
+//! `--drain-timeout` (what is left is answered `shutting_down`), writes the last answers, and
+//! [`Worker::wait`] returns. Open connections are read until they have been quiet for
+//! [`server::SHUTDOWN_QUIET`], every frame read answered, so nothing on the wire at the
+//! signal is dropped unanswered.
 //!
 //! ## In-process use (tests, embedding)
 //! ```no_run
@@ -52,6 +56,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod parent;
 pub mod registration;
 pub mod server;
 pub mod spec;
@@ -139,6 +144,9 @@ impl Worker {
         let metrics = Arc::new(Metrics::default());
         let (phase_tx, phase) = watch::channel(Phase::Loading);
         let shutdown = CancellationToken::new();
+        if config.exit_with_parent {
+            parent::exit_with_parent(shutdown.clone()).map_err(Error::ParentWatch)?;
+        }
         let run = Run {
             config,
             listener,
@@ -252,12 +260,18 @@ impl Run {
             })
         });
 
+        let budget = config.budget();
+        metrics.set_frame_budget(budget.clone());
         let context = Arc::new(server::ServerContext {
             phase: phase_tx.subscribe(),
             name,
             metrics: Arc::clone(&metrics),
             max_in_flight: config.max_in_flight,
             max_frame: usize::try_from(config.max_frame).unwrap_or(usize::MAX),
+            budget,
+            frame_timeout: ServeConfig::limit(config.frame_timeout),
+            idle_timeout: ServeConfig::limit(config.idle_timeout),
+            max_connections: config.max_connections,
         });
         let tracker = TaskTracker::new();
         let (stop_accepting, close, abort) = (

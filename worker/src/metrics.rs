@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::routing::get;
 use axum::Router;
-use tidepool_protocol::ErrorCode;
+use tidepool_protocol::{ErrorCode, FrameBudget};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -124,8 +124,15 @@ pub struct Metrics {
     pub connections: AtomicI64,
     /// True once the model is loaded and warmed up, false again while draining.
     pub ready: AtomicBool,
+    /// Connections closed because a started frame did not complete within --frame-timeout.
+    pub frame_timeouts: AtomicU64,
+    /// Connections closed after --idle-timeout with nothing in flight or arriving.
+    pub idle_timeouts: AtomicU64,
+    /// Connections refused because --max-connections were open.
+    pub connections_refused: AtomicU64,
     items: [AtomicU64; OUTCOMES],
     device: OnceLock<&'static str>,
+    frame_budget: OnceLock<FrameBudget>,
 }
 
 impl Default for Metrics {
@@ -137,8 +144,12 @@ impl Default for Metrics {
             infer_time: Histogram::new(MICROS_BOUNDS, 1e6),
             connections: AtomicI64::new(0),
             ready: AtomicBool::new(false),
+            frame_timeouts: AtomicU64::new(0),
+            idle_timeouts: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
             items: std::array::from_fn(|_| AtomicU64::new(0)),
             device: OnceLock::new(),
+            frame_budget: OnceLock::new(),
         }
     }
 }
@@ -152,6 +163,11 @@ impl Metrics {
     /// Items answered with this outcome so far.
     pub fn items(&self, outcome: Outcome) -> u64 {
         self.items[outcome.index()].load(Ordering::Relaxed)
+    }
+
+    /// Records the frame budget whose use `/metrics` shows (once).
+    pub fn set_frame_budget(&self, budget: FrameBudget) {
+        let _ = self.frame_budget.set(budget);
     }
 
     /// Records the device the model runs on (once).
@@ -208,6 +224,47 @@ impl Metrics {
             self.connections.load(Ordering::Relaxed),
             u8::from(self.ready.load(Ordering::Relaxed))
         );
+        let counters: [(&str, &str, &AtomicU64); 3] = [
+            (
+                "tidepool_worker_frame_timeouts_total",
+                "Connections closed because a started frame did not complete within --frame-timeout.",
+                &self.frame_timeouts,
+            ),
+            (
+                "tidepool_worker_idle_timeouts_total",
+                "Connections closed after --idle-timeout with nothing in flight or arriving.",
+                &self.idle_timeouts,
+            ),
+            (
+                "tidepool_worker_connections_refused_total",
+                "Connections refused because --max-connections were open.",
+                &self.connections_refused,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        if let Some(budget) = self.frame_budget.get() {
+            let _ = writeln!(
+                out,
+                "# HELP tidepool_worker_frame_budget_bytes Bytes of frames being read or held, all connections together.\n\
+                 # TYPE tidepool_worker_frame_budget_bytes gauge\n\
+                 tidepool_worker_frame_budget_bytes {}\n\
+                 # HELP tidepool_worker_frame_budget_limit_bytes The frame budget (--frame-budget).\n\
+                 # TYPE tidepool_worker_frame_budget_limit_bytes gauge\n\
+                 tidepool_worker_frame_budget_limit_bytes {}\n\
+                 # HELP tidepool_worker_frame_budget_waits_total Times a connection stopped being read because its next frame did not fit the budget.\n\
+                 # TYPE tidepool_worker_frame_budget_waits_total counter\n\
+                 tidepool_worker_frame_budget_waits_total {}",
+                budget.held(),
+                budget.total(),
+                budget.waits()
+            );
+        }
         if let Some(device) = self.device.get() {
             let _ = writeln!(
                 out,
@@ -266,7 +323,21 @@ mod tests {
         m.item(Outcome::Error(ErrorCode::Overloaded));
         m.set_device("cpu");
         m.queue_depth.store(7, Ordering::Relaxed);
+        m.frame_timeouts.fetch_add(2, Ordering::Relaxed);
+        let budget = FrameBudget::new(1 << 20, 1 << 20);
+        let _held = budget.connection().try_acquire(1000).unwrap();
+        m.set_frame_budget(budget);
         let text = m.render();
+        for needle in [
+            "tidepool_worker_frame_timeouts_total 2",
+            "tidepool_worker_idle_timeouts_total 0",
+            "tidepool_worker_connections_refused_total 0",
+            "tidepool_worker_frame_budget_bytes 1000",
+            "tidepool_worker_frame_budget_limit_bytes 1048576",
+            "tidepool_worker_frame_budget_waits_total 0",
+        ] {
+            assert!(text.contains(needle), "{needle} in {text}");
+        }
         assert!(text.contains("tidepool_worker_queue_depth 7"), "{text}");
         assert!(
             text.contains("tidepool_worker_batch_size_bucket{le=\"4\"} 1"),

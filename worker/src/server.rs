@@ -10,6 +10,20 @@
 //! A connection holds only its own pending requests: their ids (a duplicate id in flight is a
 //! `bad_request`) and, per id, the [`Canceller`] a `cancel` uses. When it closes, its pending
 //! tickets are dropped and the batcher skips those items.
+//!
+//! No client can hurt another through a connection:
+//! - A body that does not decode (malformed, beyond the protocol's
+//!   [`Limits`](tidepool_protocol::Limits), the wrong types) is answered under its own id and the
+//!   connection goes on: a balancer's connection carries many clients' requests. Only framing
+//!   errors (a length prefix of 0 or above `--max-frame`, a frame that does not complete within
+//!   `--frame-timeout`) close it, since the stream cannot be followed after them.
+//! - Frames are read with a [`FrameReader`] within the worker's [`FrameBudget`]: a connection
+//!   whose next frame does not fit stops being read until bytes come back.
+//! - A connection with nothing in flight and nothing arriving for `--idle-timeout` is closed,
+//!   and beyond `--max-connections` new ones are answered `unavailable` and closed.
+//! - Once shutdown began, frames are still read and answered (`shutting_down` once the queue
+//!   has drained) until the connection has been quiet for [`SHUTDOWN_QUIET`], so a client that
+//!   wrote just before it saw the shutdown gets answers rather than a reset.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,12 +35,13 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tidepool_protocol::{
-    ErrorCode, ErrorReply, Infer, InferResult, Message, MessageCodec, RequestId,
+    encode_frame, Error as ProtocolError, ErrorCode, ErrorReply, FrameBudget, FrameReader, Infer,
+    InferResult, Message, MessageCodec, RequestId, CONNECTION_ID,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -64,10 +79,26 @@ pub struct ServerContext {
     pub max_in_flight: usize,
     /// Largest frame read or written.
     pub max_frame: usize,
+    /// The bytes of frames being read or held, all connections together.
+    pub budget: FrameBudget,
+    /// How long a started frame may take to arrive; `None`: no limit.
+    pub frame_timeout: Option<Duration>,
+    /// How long a connection may sit with nothing in flight and nothing arriving; `None`:
+    /// forever.
+    pub idle_timeout: Option<Duration>,
+    /// Most open connections.
+    pub max_connections: usize,
 }
 
 /// How long to wait before retrying while the model loads.
 const LOADING_RETRY_MS: u64 = 1_000;
+
+/// The retry hint given to a connection refused by `--max-connections`.
+const REFUSED_RETRY_MS: u64 = 1_000;
+
+/// After shutdown began and the queue has drained, a connection closes once nothing is in
+/// flight and nothing has arrived for this long.
+pub const SHUTDOWN_QUIET: Duration = Duration::from_millis(200);
 
 /// Accepts connections until `stop_accepting` fires. Each connection stops reading when
 /// `close` fires and ends once its pending answers are written; `abort` ends it at once
@@ -80,6 +111,8 @@ pub async fn accept(
     close: CancellationToken,
     abort: CancellationToken,
 ) {
+    let slots = Arc::new(Semaphore::new(context.max_connections));
+    let mut refusals = LogThrottle::default();
     loop {
         let accepted = tokio::select! {
             _ = stop_accepting.cancelled() => break,
@@ -87,11 +120,16 @@ pub async fn accept(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    refuse(stream, peer, &context, &mut refusals);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let context = Arc::clone(&context);
                 let (close, abort) = (close.clone(), abort.clone());
                 tracker.spawn(
-                    connection(stream, context, close, abort).instrument(info_span!("conn", %peer)),
+                    connection(stream, context, close, abort, slot)
+                        .instrument(info_span!("conn", %peer)),
                 );
             }
             Err(e) => {
@@ -105,6 +143,55 @@ pub async fn accept(
         }
     }
     debug!("stopped accepting connections");
+}
+
+/// Answers a connection beyond `--max-connections` with `unavailable` (if its socket takes the
+/// frame at once: a refusal must not wait on the client) and closes it.
+fn refuse(stream: TcpStream, peer: SocketAddr, context: &ServerContext, log: &mut LogThrottle) {
+    context
+        .metrics
+        .connections_refused
+        .fetch_add(1, Ordering::Relaxed);
+    if let Some(also) = log.allow(Instant::now()) {
+        warn!(%peer, max_connections = context.max_connections, also_refused = also,
+              "--max-connections reached; refusing a connection");
+    }
+    let reply = ErrorReply::new(
+        CONNECTION_ID,
+        ErrorCode::Unavailable,
+        format!(
+            "the worker has its --max-connections ({}) open; retry later, or on another worker",
+            context.max_connections
+        ),
+    )
+    .retry_after(REFUSED_RETRY_MS);
+    if let Ok(frame) = encode_frame(&Message::Error(reply)) {
+        let _ = stream.try_write(&frame);
+    }
+}
+
+/// Logs at most once a second, counting what it left out: a flood of refusals must not
+/// become a flood of log lines.
+#[derive(Debug, Default)]
+struct LogThrottle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    /// `Some(events left out since the last line)` when a line may be logged now.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
 }
 
 /// An answer on its way out: the message, and whether it ends an `infer` (for the metrics).
@@ -128,24 +215,37 @@ async fn connection(
     context: Arc<ServerContext>,
     close: CancellationToken,
     abort: CancellationToken,
+    _slot: OwnedSemaphorePermit,
 ) {
     context.metrics.connections.fetch_add(1, Ordering::Relaxed);
     debug!("connection opened");
-    let codec = MessageCodec::new(context.max_frame);
     let (read, write) = stream.into_split();
-    let mut reader = FramedRead::new(read, codec);
-    let mut writer = FramedWrite::new(write, codec);
+    let mut reader = FrameReader::new(read, context.max_frame, context.budget.connection())
+        .frame_timeout(context.frame_timeout);
+    let mut writer = FramedWrite::new(write, MessageCodec::new(context.max_frame));
     let max_in_flight = context.max_in_flight;
+    let idle_timeout = context.idle_timeout;
     let mut conn = Connection {
         context,
         pending: FuturesUnordered::new(),
         in_flight: HashMap::new(),
     };
     let mut reading = true;
+    let mut closing = false;
+    let mut last_active = Instant::now();
     let reason = loop {
         if !reading && conn.pending.is_empty() {
             break "done";
         }
+        // Quiet: nothing in flight, no frame under way. Idle for --idle-timeout, or, once
+        // shutdown began, for SHUTDOWN_QUIET, the connection is closed.
+        let quiet_limit = if closing {
+            Some(SHUTDOWN_QUIET)
+        } else {
+            idle_timeout
+        };
+        let quiet_armed = reading && conn.pending.is_empty() && !reader.in_frame();
+        let quiet_until = quiet_limit.map(|limit| last_active + limit);
         let outgoing: Vec<Answer> = tokio::select! {
             _ = abort.cancelled() => break "aborted at the end of the drain",
             Some((id, answer)) = conn.pending.next(), if !conn.pending.is_empty() => {
@@ -158,29 +258,59 @@ async fn connection(
                 }
                 batch
             }
-            frame = reader.next(), if reading && conn.pending.len() < max_in_flight => match frame {
-                None => {
-                    reading = false;
-                    Vec::new()
+            frame = reader.next_frame(), if reading && conn.pending.len() < max_in_flight => {
+                last_active = Instant::now();
+                match frame {
+                    Ok(None) => {
+                        reading = false;
+                        Vec::new()
+                    }
+                    Ok(Some(body)) => match Message::decode(&body) {
+                        Ok(message) => conn.handle(message).into_iter().collect(),
+                        // One bad message: answered under its own id, the connection goes on.
+                        Err(e) => vec![Answer { message: Message::Error(e.reply()), counts: true }],
+                    },
+                    Err(e) => {
+                        // The framing is lost: answer once and close.
+                        let reason = match &e {
+                            ProtocolError::FrameTimeout { .. } => {
+                                conn.context.metrics.frame_timeouts.fetch_add(1, Ordering::Relaxed);
+                                warn!(error = %e, "frame timeout; closing the connection");
+                                "frame timeout"
+                            }
+                            ProtocolError::Io(_) | ProtocolError::Truncated { .. } => "read failed",
+                            _ => "bad frame",
+                        };
+                        let answer = Answer { message: Message::Error(e.reply()), counts: false };
+                        let _ = write_all(&mut writer, vec![answer], &conn.context.metrics, &abort).await;
+                        break reason;
+                    }
                 }
-                Some(Ok(Ok(message))) => conn.handle(message).into_iter().collect(),
-                Some(Ok(Err(e))) => vec![Answer { message: Message::Error(e.reply()), counts: true }],
-                Some(Err(e)) => {
-                    // The framing is lost: answer once and close.
-                    let answer = Answer { message: Message::Error(e.reply()), counts: false };
-                    let _ = write_all(&mut writer, vec![answer], &conn.context.metrics, &abort).await;
-                    break "bad frame";
+            }
+            _ = sleep_until_some(quiet_until), if quiet_armed => {
+                if reader.in_frame() {
+                    // A frame began after this wait was armed: the frame timeout governs it.
+                    continue;
                 }
-            },
-            _ = close.cancelled(), if reading => {
-                reading = false;
+                if closing {
+                    break "closed after shutdown";
+                }
+                conn.context.metrics.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                info!(idle_timeout = ?idle_timeout, "idle timeout; closing the connection");
+                break "idle timeout";
+            }
+            _ = close.cancelled(), if !closing => {
+                // Keep reading: frames already on their way are answered (shutting_down).
+                closing = true;
+                last_active = Instant::now();
                 Vec::new()
             }
         };
-        if !outgoing.is_empty()
-            && !write_all(&mut writer, outgoing, &conn.context.metrics, &abort).await
-        {
-            break "write failed";
+        if !outgoing.is_empty() {
+            last_active = Instant::now();
+            if !write_all(&mut writer, outgoing, &conn.context.metrics, &abort).await {
+                break "write failed";
+            }
         }
     };
     conn.context
@@ -188,6 +318,14 @@ async fn connection(
         .connections
         .fetch_sub(1, Ordering::Relaxed);
     debug!(reason, abandoned = conn.pending.len(), "connection closed");
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Writes answers (the socket's backpressure holds the connection here) and flushes once.
@@ -359,4 +497,250 @@ fn answer(id: RequestId, reply: Reply, worker: String) -> Message {
 /// Logs where the worker listens.
 pub fn log_listening(addr: SocketAddr, name: &str) {
     info!(%addr, name, "listening for protocol connections");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::Framed;
+
+    /// The accept loop over a loading (or draining) worker: no model needed for what the
+    /// connection itself decides.
+    struct Server {
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        phase: watch::Sender<Phase>,
+        close: CancellationToken,
+        stop: CancellationToken,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.stop.cancel();
+            self.close.cancel();
+        }
+    }
+
+    async fn serve(tune: impl FnOnce(&mut ServerContext)) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (phase, receiver) = watch::channel(Phase::Loading);
+        let metrics = Arc::new(Metrics::default());
+        let mut context = ServerContext {
+            phase: receiver,
+            name: "w".into(),
+            metrics: Arc::clone(&metrics),
+            max_in_flight: 8,
+            max_frame: 1 << 20,
+            budget: FrameBudget::new(4 << 20, 2 << 20),
+            frame_timeout: Some(Duration::from_secs(10)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            max_connections: 16,
+        };
+        tune(&mut context);
+        let (stop, close) = (CancellationToken::new(), CancellationToken::new());
+        tokio::spawn(accept(
+            listener,
+            Arc::new(context),
+            TaskTracker::new(),
+            stop.clone(),
+            close.clone(),
+            CancellationToken::new(),
+        ));
+        Server {
+            addr,
+            metrics,
+            phase,
+            close,
+            stop,
+        }
+    }
+
+    async fn connect(addr: SocketAddr) -> Framed<TcpStream, MessageCodec> {
+        Framed::new(
+            TcpStream::connect(addr).await.unwrap(),
+            MessageCodec::default(),
+        )
+    }
+
+    async fn next(framed: &mut Framed<TcpStream, MessageCodec>) -> Option<Message> {
+        framed.next().await.map(|frame| frame.unwrap().unwrap())
+    }
+
+    fn error(message: Option<Message>) -> ErrorReply {
+        match message {
+            Some(Message::Error(e)) => e,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    /// An `infer` whose unknown key holds `depth` nested one-element arrays.
+    fn poison(id: RequestId, depth: usize) -> Vec<u8> {
+        let mut body = Message::Infer(Infer {
+            id,
+            ..Infer::default()
+        })
+        .to_msgpack()
+        .unwrap();
+        body[0] += 1;
+        body.extend_from_slice(b"\xa6future");
+        body.extend(std::iter::repeat_n(0x91, depth));
+        body.push(0xc0);
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    #[tokio::test]
+    async fn a_bad_message_is_answered_under_its_id_and_the_connection_goes_on() {
+        let server = serve(|_| {}).await;
+        let mut framed = connect(server.addr).await;
+        framed
+            .get_mut()
+            .write_all(&poison(42, 5_000))
+            .await
+            .unwrap();
+        framed.send(Message::Ping { id: 7 }).await.unwrap();
+        let refused = error(next(&mut framed).await);
+        assert_eq!((refused.id, refused.code), (42, ErrorCode::BadRequest));
+        assert!(refused.message.contains("nesting"), "{}", refused.message);
+        // The bystander on the same connection gets its own answer (the model is loading).
+        let bystander = error(next(&mut framed).await);
+        assert_eq!((bystander.id, bystander.code), (7, ErrorCode::Unavailable));
+        framed.send(Message::Ping { id: 8 }).await.unwrap();
+        assert_eq!(error(next(&mut framed).await).id, 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slowloris_is_cut_at_the_frame_timeout_not_the_idle_timeout() {
+        let server = serve(|c| c.idle_timeout = Some(Duration::from_secs(5))).await;
+        let mut framed = connect(server.addr).await;
+        let started = Instant::now();
+        let (mut read, mut write) = framed.get_mut().split();
+        let trickle = async {
+            for byte in [0u8, 0, 0, 100].into_iter().chain([0xc0; 100]) {
+                if write.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        let mut got = Vec::new();
+        tokio::select! {
+            _ = trickle => panic!("the whole frame was trickled in"),
+            _ = read.read_to_end(&mut got) => {}
+        }
+        let cut_at = started.elapsed();
+        assert!(
+            cut_at >= Duration::from_secs(10) && cut_at < Duration::from_secs(12),
+            "{cut_at:?}"
+        );
+        let mut buf = bytes::BytesMut::from(&got[..]);
+        let reply = tokio_util::codec::Decoder::decode(&mut MessageCodec::default(), &mut buf)
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let reply = error(Some(reply));
+        assert_eq!(reply.id, CONNECTION_ID);
+        assert!(
+            reply.message.contains("--frame-timeout"),
+            "{}",
+            reply.message
+        );
+        assert_eq!(server.metrics.frame_timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(server.metrics.idle_timeouts.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_is_closed_at_the_idle_timeout() {
+        let server = serve(|_| {}).await;
+        let mut framed = connect(server.addr).await;
+        framed.send(Message::Ping { id: 1 }).await.unwrap();
+        assert_eq!(error(next(&mut framed).await).id, 1);
+        let answered = Instant::now();
+        assert!(next(&mut framed).await.is_none(), "closed");
+        assert!(answered.elapsed() >= Duration::from_secs(60));
+        assert_eq!(server.metrics.idle_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn beyond_max_connections_a_connection_is_refused_and_a_slot_comes_back() {
+        let server = serve(|c| c.max_connections = 2).await;
+        let mut a = connect(server.addr).await;
+        let mut b = connect(server.addr).await;
+        for (framed, id) in [(&mut a, 1), (&mut b, 2)] {
+            framed.send(Message::Ping { id }).await.unwrap();
+            assert_eq!(error(next(framed).await).id, id);
+        }
+        let mut c = connect(server.addr).await;
+        let refused = error(next(&mut c).await);
+        assert_eq!(
+            (refused.id, refused.code),
+            (CONNECTION_ID, ErrorCode::Unavailable)
+        );
+        assert!(
+            refused.message.contains("--max-connections"),
+            "{}",
+            refused.message
+        );
+        assert!(next(&mut c).await.is_none());
+        assert_eq!(
+            server.metrics.connections_refused.load(Ordering::Relaxed),
+            1
+        );
+        // The others are still served; once one leaves, its slot is free again.
+        b.send(Message::Ping { id: 3 }).await.unwrap();
+        assert_eq!(error(next(&mut b).await).id, 3);
+        drop(a);
+        for attempt in 0.. {
+            let mut d = connect(server.addr).await;
+            d.send(Message::Ping { id: 4 }).await.unwrap();
+            if error(next(&mut d).await).id == 4 {
+                break;
+            }
+            assert!(
+                attempt < 100,
+                "the closed connection's slot never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_read_after_shutdown_began_are_answered_then_the_connection_closes() {
+        let server = serve(|_| {}).await;
+        let mut framed = connect(server.addr).await;
+        framed.send(Message::Ping { id: 1 }).await.unwrap();
+        assert_eq!(error(next(&mut framed).await).id, 1);
+
+        server.phase.send_replace(Phase::Draining);
+        server.close.cancel();
+        tokio::time::sleep(SHUTDOWN_QUIET / 4).await;
+        for id in 2..5 {
+            framed
+                .send(Message::Infer(Infer {
+                    id,
+                    ..Infer::default()
+                }))
+                .await
+                .unwrap();
+            tokio::time::sleep(SHUTDOWN_QUIET / 2).await;
+        }
+        for id in 2..5 {
+            let answer = error(next(&mut framed).await);
+            assert_eq!((answer.id, answer.code), (id, ErrorCode::ShuttingDown));
+        }
+        assert!(next(&mut framed).await.is_none(), "closed once quiet");
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_once_a_second() {
+        let mut log = LogThrottle::default();
+        let t0 = Instant::now();
+        assert_eq!(log.allow(t0), Some(0));
+        assert_eq!(log.allow(t0 + Duration::from_millis(10)), None);
+        assert_eq!(log.allow(t0 + Duration::from_millis(500)), None);
+        assert_eq!(log.allow(t0 + Duration::from_secs(1)), Some(2));
+    }
 }
