@@ -190,7 +190,7 @@ impl Failure {
             }
             Failure::Malformed => {
                 "the Authorization header is not one `Bearer <token>`: send exactly one, with \
-                 the token of the balancer's --admin-token-file (or TIDEPOOL_ADMIN_TOKEN)"
+                 the admin token of the balancer's --admin-token-file (or TIDEPOOL_ADMIN_TOKEN)"
             }
             Failure::Wrong => {
                 "the admin token is wrong: use the one in the balancer's --admin-token-file \
