@@ -14,7 +14,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 COMPOSE     ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
 
 .PHONY: help setup ort venv build release test lint unit interop fuzz python-client demo bench \
-        compose-up compose-down k8s-validate docker-validate clean-local
+        compose-up compose-down secrets k8s-validate docker-validate clean-local
 
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -81,10 +81,13 @@ k8s-validate: venv ## deploy/kubernetes against Kubernetes 1.31's schemas (K8S_V
 docker-validate: venv ## Dockerfile, Dockerfile.gpu, deploy/compose/gpu.yml against the workspace and deploy/image/contents.txt, offline
 	$(PY) scripts/validate-docker.py
 
-compose-up: ## image tidepool:local (PROFILE, SIZE) and a balancer with WORKERS workers (3) under docker-compose
+secrets: ## the admin token docker-compose mounts, deploy/secrets/admin.token (kept if it exists; FORCE=1 for a new one)
+	scripts/make-secrets.sh
+
+compose-up: secrets ## image tidepool:local (PROFILE, SIZE) and a balancer with WORKERS workers (3) under docker-compose
 	scripts/docker-image.sh
 	$(COMPOSE) up -d --scale worker=$${WORKERS:-3}
-	@echo "balancer: $$($(COMPOSE) port balancer 7000)  admin: http://$$($(COMPOSE) port balancer 7001)/targets"
+	@echo "balancer: $$($(COMPOSE) port balancer 7000)  admin: http://$$($(COMPOSE) port balancer 7001)/targets (Authorization: Bearer \$$(cat deploy/secrets/admin.token))"
 	@echo "load: $(COMPOSE) --profile load run --rm load   stop: make compose-down"
 
 compose-down: ## stop the docker-compose cluster (workers drain first) and remove it

@@ -18,7 +18,11 @@ against each other.
    a field /scaling has from the balancer's admin Service; probes and grace periods fit
    the flags. A worker that asks for a GPU (or runs `--device=cuda`) asks for exactly one
    `nvidia.com/gpu`, runs `--device=cuda` on an image other than the balancer's, and has a
-   node selector and a toleration for the `nvidia.com/gpu` taint.
+   node selector and a toleration for the `nvidia.com/gpu` taint. The control plane: a
+   balancer whose --admin is not loopback reads --admin-token-file from a mounted Secret of
+   the set that has that key; every NetworkPolicy selects existing pods and names ports
+   they have; the workers' --listen port is reachable from the balancer's pods only, and
+   the admin port only from selected namespaces, never from everywhere.
 4. A self-test: a few broken copies (a misspelt field in each kind of check) must fail,
    so a check that silently stopped checking is caught too.
 
@@ -391,6 +395,8 @@ def check_set(name, docs, errors):
             f"+ --drain-timeout {drain}")
 
     check_gpu(worker, bc, bad)
+    check_admin_token(balancer, bc, docs, bad)
+    check_network_policies(deployments, balancer, worker, bc, wc, find("NetworkPolicy"), bad)
 
     # The scaler: the worker Deployment, the balancer's bounds and target.
     target_load = float(flag(bc, "target-load") or 32)
@@ -443,6 +449,113 @@ def check_set(name, docs, errors):
                     bad(f"{where(s)}: averageValue is not the balancer's --target-load {target_load:g}")
         if got != bounds:
             bad(f"{where(s)}: replicas {got} differ from the balancer's --min/--max-workers {bounds}")
+
+
+def check_admin_token(balancer, bc, docs, bad):
+    """Beyond loopback the balancer needs --admin-token-file, from a Secret of the set."""
+    admin = flag(bc, "admin") or "127.0.0.1:7001"
+    if admin.startswith("127.") or admin.startswith("[::1]"):
+        return
+    path = flag(bc, "admin-token-file")
+    if not path:
+        bad(f"balancer --admin={admin} is beyond loopback without --admin-token-file: it "
+            "refuses to start (mount the token from a Secret)")
+        return
+    pod = balancer["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    mount = next((m for m in bc.get("volumeMounts") or []
+                  if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+    if mount is None:
+        bad(f"balancer --admin-token-file={path} is on no volume mount")
+        return
+    secret = (volumes.get(mount["name"]) or {}).get("secret")
+    if not secret:
+        bad(f"balancer --admin-token-file={path}: volume {mount['name']} is not a Secret")
+        return
+    key = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    found = [d for d in docs if d.get("kind") == "Secret"
+             and d["metadata"]["name"] == secret.get("secretName")]
+    if not found:
+        bad(f"balancer mounts Secret {secret.get('secretName')!r}, which is not in the set")
+    elif key not in {**(found[0].get("stringData") or {}), **(found[0].get("data") or {})}:
+        bad(f"Secret/{secret.get('secretName')} has no key {key!r} (--admin-token-file={path})")
+
+
+def selects(selector, labels):
+    """Whether a label selector (matchLabels, matchExpressions In/NotIn/Exists) selects."""
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        have = labels.get(e["key"])
+        op = e["operator"]
+        if (op == "In" and have not in e.get("values", [])) or \
+                (op == "NotIn" and have in e.get("values", [])) or \
+                (op == "Exists" and have is None) or (op == "DoesNotExist" and have is not None):
+            return False
+    return True
+
+
+def check_network_policies(deployments, balancer, worker, bc, wc, policies, bad):
+    """Policies select real pods and ports; workers and the admin API are fenced in."""
+    def pod_labels(d):
+        return d["spec"]["template"]["metadata"].get("labels") or {}
+
+    def ports_of(d):
+        out = set()
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            for p in c.get("ports") or []:
+                out |= {p["containerPort"], p.get("name")}
+        return out - {None}
+
+    if not policies:
+        bad("no NetworkPolicy: every pod of the cluster could reach the workers and the admin API")
+        return
+    for pol in policies:
+        spec = pol["spec"]
+        selected = [d for d in deployments.values() if selects(spec.get("podSelector") or {}, pod_labels(d))]
+        if not selected:
+            bad(f"{where(pol)}: podSelector {spec.get('podSelector')} selects no pods here")
+        for rule in spec.get("ingress") or []:
+            for port in rule.get("ports") or []:
+                for d in selected:
+                    if port.get("port") is not None and port["port"] not in ports_of(d):
+                        bad(f"{where(pol)}: port {port['port']!r} is not a port of "
+                            f"Deployment/{d['metadata']['name']}'s pods")
+            for peer in rule.get("from") or []:
+                if "podSelector" in peer and "namespaceSelector" not in peer and not any(
+                        selects(peer["podSelector"], pod_labels(d)) for d in deployments.values()):
+                    bad(f"{where(pol)}: from podSelector {peer['podSelector']} selects no pods here")
+
+    def fenced(d, port_names, allowed, what):
+        """Every rule of a policy selecting `d` that opens one of `port_names` admits only
+        peers `allowed` accepts; and some policy selects `d` at all."""
+        mine = [p for p in policies if selects(p["spec"].get("podSelector") or {}, pod_labels(d))
+                and "Ingress" in (p["spec"].get("policyTypes") or ["Ingress"])]
+        if not mine:
+            bad(f"no NetworkPolicy selects Deployment/{d['metadata']['name']}: {what}")
+            return
+        for pol in mine:
+            for rule in pol["spec"].get("ingress") or []:
+                ports = {p.get("port") for p in rule.get("ports") or []}
+                if ports and not ports & port_names:
+                    continue
+                peers = rule.get("from") or []
+                if not peers or not all(allowed(peer) for peer in peers):
+                    bad(f"{where(pol)}: a rule opens {sorted(map(str, port_names))} to "
+                        f"{peers or 'everyone'}: {what}")
+
+    listen = port_of(flag(wc, "listen") or ":7100")
+    worker_ports = {listen} | {p.get("name") for c in worker["spec"]["template"]["spec"]["containers"]
+                               for p in c.get("ports") or [] if p["containerPort"] == listen}
+    fenced(worker, worker_ports,
+           lambda peer: set(peer) == {"podSelector"} and selects(peer["podSelector"], pod_labels(balancer)),
+           "only the balancer may reach the workers' port")
+    admin = port_of(flag(bc, "admin") or ":7001")
+    admin_ports = {admin} | {p.get("name") for p in bc.get("ports") or [] if p["containerPort"] == admin}
+    fenced(balancer, admin_ports,
+           lambda peer: "namespaceSelector" in peer and (peer["namespaceSelector"] or {}) != {},
+           "only the monitoring/KEDA namespaces may reach the admin port")
 
 
 def check_gpu(worker, bc, bad):
@@ -591,6 +704,25 @@ def self_test(sets):
             ("Deployment", lambda d: d["spec"]["template"]["spec"].pop("nodeSelector"), gpu),
         "GPU worker without its toleration":
             ("Deployment", lambda d: d["spec"]["template"]["spec"].pop("tolerations"), gpu),
+        "balancer beyond loopback without its token file":
+            ("Deployment", lambda d: wc(d).update(command=[
+                w for w in wc(d)["command"] if not w.startswith("--admin-token-file")]),
+             lambda d: d["metadata"]["name"] == "tidepool-balancer"),
+        "token Secret without the key the balancer reads":
+            ("Secret", lambda d: rename(d["stringData"], "admin.token", "token")),
+        "NetworkPolicy selecting no pods":
+            ("NetworkPolicy", lambda d: d["spec"]["podSelector"]["matchLabels"].update(
+                {"app.kubernetes.io/name": "tidepool-workers"}),
+             lambda d: d["metadata"]["name"] == "tidepool-worker"),
+        "NetworkPolicy naming a port the pods lack":
+            ("NetworkPolicy", lambda d: d["spec"]["ingress"][0]["ports"][0].update(port="proto"),
+             lambda d: d["metadata"]["name"] == "tidepool-worker"),
+        "workers' port open to everyone":
+            ("NetworkPolicy", lambda d: d["spec"]["ingress"][0].pop("from"),
+             lambda d: d["metadata"]["name"] == "tidepool-worker"),
+        "admin port open to everyone":
+            ("NetworkPolicy", lambda d: d["spec"]["ingress"][1].pop("from"),
+             lambda d: d["metadata"]["name"] == "tidepool-balancer"),
         "an unknown kind":
             ("Namespace", lambda d: d.update(apiVersion="example.com/v1", kind="Thing")),
     }

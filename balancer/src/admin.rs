@@ -3,35 +3,52 @@
 //! - `GET /targets`: every target, draining ones included: address, state, outstanding,
 //!   weight, routed, since when (RFC 3339).
 //! - `POST /targets` with `{"addr": "host:port", "weight": 2}` (weight optional):
-//!   registers; `201 Created` when new, `200 OK` when already registered.
+//!   registers; `201 Created` when new (or revived from draining), `200 OK` when already
+//!   registered; `400` for the balancer's own or an unroutable address, `403` outside
+//!   `--register-allow`, `429` at `--max-targets`.
 //! - `DELETE /targets/{addr}`: starts draining; `202 Accepted`, or `404` when unknown.
 //! - `GET /healthz`: `200 ok` while serving, `503` once shutdown began.
+//! - `GET /scaling`: the autoscaling signal and decision (JSON).
 //! - `GET /metrics`: Prometheus text.
+//!
+//! With an admin token (`crate::auth` says why and how), the three `/targets` routes need
+//! it, and with `--admin-auth-reads` `/metrics` and `/scaling` too; `/healthz` never does.
 //!
 //! The routes hold a [`Handle`], the same view a program embedding the balancer gets.
 
 use std::net::SocketAddr;
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{middleware, Extension, Json, Router};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{self, AdminAuth};
 use crate::discovery::resolve_one;
 use crate::handle::Handle;
 use crate::target::TargetInfo;
+use crate::validation::TargetRefusal;
 
-/// The admin routes over a handle to the running balancer.
-pub(crate) fn router(handle: Handle) -> Router {
+/// The admin routes over a handle to the running balancer, guarded by `auth`.
+pub(crate) fn router(handle: Handle, auth: AdminAuth) -> Router {
+    let guard = middleware::from_fn_with_state(auth.clone(), auth::require);
+    let mut reads = Router::new()
+        .route("/scaling", get(scaling))
+        .route("/metrics", get(metrics));
+    if auth.guards_reads() {
+        reads = reads.route_layer(guard.clone());
+    }
     Router::new()
         .route("/targets", get(list).post(register))
         .route("/targets/{addr}", axum::routing::delete(deregister))
+        // Everything above needs the token (when there is one); what follows may not.
+        .route_layer(guard)
+        .merge(reads)
         .route("/healthz", get(healthz))
-        .route("/scaling", get(scaling))
-        .route("/metrics", get(metrics))
+        .layer(Extension(auth))
         .with_state(handle)
 }
 
@@ -51,7 +68,11 @@ fn problem(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-async fn register(State(handle): State<Handle>, Json(body): Json<Registration>) -> Response {
+async fn register(
+    State(handle): State<Handle>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Json(body): Json<Registration>,
+) -> Response {
     if handle.shutting_down() {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -68,7 +89,24 @@ async fn register(State(handle): State<Handle>, Json(body): Json<Registration>) 
         Ok(addr) => addr,
         Err(error) => return problem(StatusCode::BAD_REQUEST, error.to_string()),
     };
-    let (target, new) = handle.group().register(addr, body.weight.unwrap_or(1));
+    let (target, new) = match handle.group().register(addr, body.weight.unwrap_or(1)) {
+        Ok(registered) => registered,
+        Err(reason) => {
+            let peer = peer.map(|Extension(ConnectInfo(p))| p.to_string());
+            tracing::warn!(
+                target = %addr,
+                peer = peer.as_deref().unwrap_or("unknown"),
+                reason = reason.reason(),
+                "registration refused: {reason}"
+            );
+            let status = match reason {
+                TargetRefusal::NotAllowed { .. } => StatusCode::FORBIDDEN,
+                TargetRefusal::Full { .. } => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return problem(status, format!("target {addr} refused: {reason}"));
+        }
+    };
     let status = if new {
         StatusCode::CREATED
     } else {
@@ -115,8 +153,8 @@ async fn healthz(State(handle): State<Handle>) -> Response {
     }
 }
 
-async fn metrics(State(handle): State<Handle>) -> Response {
-    let body = handle.metrics_text();
+async fn metrics(State(handle): State<Handle>, Extension(auth): Extension<AdminAuth>) -> Response {
+    let body = handle.metrics_text() + &auth.prometheus();
     let body = match handle.scaling() {
         Some(status) => body + &status.prometheus(),
         None => body,
@@ -124,13 +162,16 @@ async fn metrics(State(handle): State<Handle>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-/// Serves the admin API on `listener` until `stop`.
+/// Serves the admin API on `listener` until `stop`. Each request knows its peer's
+/// address (`ConnectInfo`), for the log lines of refusals.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     handle: Handle,
+    auth: AdminAuth,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(handle))
+    let app = router(handle, auth).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
 }

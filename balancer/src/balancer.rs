@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{AdminAuth, AdminToken};
 use crate::autoscale::actuator::{Actuator, ProcessPool, ScaleCommand, SCALE_CMD_TIMEOUT};
 use crate::autoscale::controller::StatusSlot;
 use crate::config::Config;
@@ -26,6 +27,7 @@ use crate::queue::{QueueHandle, QueueReceiver, QueueSignal};
 use crate::registry::{GroupSettings, TargetGroup};
 use crate::target::Thresholds;
 use crate::upstream::UpstreamSettings;
+use crate::validation::TargetRules;
 use crate::{admin, autoscale, discovery, frontend};
 
 /// After the drain, how long client connections may take to write their last answers
@@ -44,6 +46,10 @@ pub struct Balancer {
     scaling: StatusSlot,
     listener: TcpListener,
     admin: TcpListener,
+    /// The admin API's token and refusal counts.
+    auth: AdminAuth,
+    /// The admin token, for the workers `--worker-cmd` starts.
+    token: Option<AdminToken>,
     queue_rx: QueueReceiver,
     resolver: Arc<dyn Resolver>,
     /// `--target` addresses, resolved at bind time so that a typo fails at start.
@@ -60,7 +66,8 @@ impl std::fmt::Debug for Balancer {
 }
 
 impl Balancer {
-    /// Validates `config`, resolves `--target`s and binds both listeners.
+    /// Validates `config`, reads the admin token, resolves `--target`s (each must pass the
+    /// target rules) and binds both listeners.
     pub async fn bind(config: Config) -> Result<Balancer, Error> {
         Balancer::bind_with(config, Arc::new(SystemResolver)).await
     }
@@ -68,12 +75,32 @@ impl Balancer {
     /// As [`bind`](Balancer::bind), with `resolver` for `--target-dns` names.
     pub async fn bind_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<Balancer, Error> {
         config.validate()?;
+        let token = config.admin_credentials()?;
         let mut static_targets = Vec::with_capacity(config.targets.len());
         for target in &config.targets {
             static_targets.push(resolve_one(target).await?);
         }
         let listener = bind(config.listen, "listen")?;
         let admin = bind(config.admin, "admin")?;
+        // The bound addresses: with port 0 the real ports are only known now.
+        let rules = TargetRules::new(
+            vec![
+                ("listen", listener.local_addr().unwrap_or(config.listen)),
+                ("admin", admin.local_addr().unwrap_or(config.admin)),
+            ],
+            config.register_allow.clone(),
+            config.max_targets,
+        );
+        for &addr in &static_targets {
+            rules
+                .check(addr)
+                .map_err(|reason| Error::TargetRefused { addr, reason })?;
+        }
+        let auth = AdminAuth::new(
+            token.clone(),
+            config.admin_auth_reads,
+            config.admin_insecure_no_auth && !config.admin.ip().is_loopback(),
+        );
 
         let metrics = Arc::new(Metrics::default());
         let lifecycle = Arc::new(Lifecycle::default());
@@ -83,6 +110,7 @@ impl Balancer {
             QueueHandle::new(config.queue, config.queue_timeout, Arc::clone(&signal));
         let group = TargetGroup::new(
             group_settings(&config),
+            rules,
             Arc::clone(&signal),
             queue.reroute(),
             Arc::clone(&metrics),
@@ -110,6 +138,8 @@ impl Balancer {
             scaling,
             listener,
             admin,
+            auth,
+            token,
             queue_rx,
             resolver,
             static_targets,
@@ -147,13 +177,18 @@ impl Balancer {
             let (router, stop) = (Arc::clone(&self.router), hard_stop.clone());
             async move { router.run_queue(self.queue_rx, stop).await }
         });
+        warn_if_open(config, self.token.is_some(), admin_addr);
         let admin_task = tokio::spawn(admin::serve(
             self.admin,
             self.handle.clone(),
+            self.auth,
             admin_stop.clone(),
         ));
         for addr in self.static_targets {
-            group.register(addr, 1);
+            // Checked at bind; only the cap could refuse one, and validate() checked it.
+            if let Err(reason) = group.register(addr, 1) {
+                tracing::warn!(target = %addr, %reason, "--target refused");
+            }
         }
         let discovery_task = (!config.target_dns.is_empty()).then(|| {
             tokio::spawn(discovery::run(
@@ -176,7 +211,7 @@ impl Balancer {
         let scaling_task = tokio::spawn(autoscale::controller::run(
             self.handle,
             config.autoscale.policy(),
-            actuator(config, admin_addr),
+            actuator(config, admin_addr, self.token),
             self.scaling,
             scaling_stop.clone(),
             config.drain_timeout,
@@ -290,20 +325,40 @@ fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Error> {
     socket.listen(1024).map_err(fail)
 }
 
-/// The actuator `--autoscale` asks for, if any.
-fn actuator(config: &Config, admin: SocketAddr) -> Option<Actuator> {
+/// Says at start how the admin API is protected, loudly when it is not.
+fn warn_if_open(config: &Config, token: bool, admin: SocketAddr) {
+    if token {
+        tracing::info!(%admin, reads_guarded = config.admin_auth_reads, "admin API: mutating endpoints and GET /targets need the bearer token");
+    } else if admin.ip().is_loopback() {
+        tracing::info!(%admin, "admin API without a token: loopback only");
+    } else {
+        tracing::warn!(
+            %admin,
+            "admin API WITHOUT AUTHENTICATION beyond loopback (--admin-insecure-no-auth): \
+             anyone who reaches this port can register targets and redirect every client's \
+             requests; give a token with --admin-token-file"
+        );
+    }
+}
+
+/// The actuator `--autoscale` asks for, if any. Workers it starts get `token` to
+/// register with.
+fn actuator(config: &Config, admin: SocketAddr, token: Option<AdminToken>) -> Option<Actuator> {
     let scaling = &config.autoscale;
     if !scaling.autoscale {
         return None;
     }
     if let Some(template) = &scaling.worker_cmd {
-        return Some(Actuator::Processes(ProcessPool::new(
-            template.clone(),
-            admin,
-            config.deregistration_delay,
-            scaling.worker_start_timeout,
-            config.drain_timeout,
-        )));
+        return Some(Actuator::Processes(
+            ProcessPool::new(
+                template.clone(),
+                admin,
+                config.deregistration_delay,
+                scaling.worker_start_timeout,
+                config.drain_timeout,
+            )
+            .with_register_token(token),
+        ));
     }
     scaling.scale_cmd.as_ref().map(|template| {
         Actuator::Command(ScaleCommand::new(

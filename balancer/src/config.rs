@@ -6,12 +6,19 @@
 //! deregistration delay 300 s, idle timeout 350 s, fail-open on).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
+use ipnet::IpNet;
 
+use crate::auth::{AdminToken, ADMIN_TOKEN_ENV, MAKE_TOKEN};
 use crate::autoscale::AutoscaleConfig;
 use crate::error::Error;
+use crate::validation::parse_net;
+
+/// The default of `--max-targets`.
+pub const MAX_TARGETS: usize = 256;
 
 /// How each request picks its target among the eligible ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -153,6 +160,40 @@ pub struct Config {
     /// Autoscaling: the load signal, the policy and what acts on it.
     #[command(flatten)]
     pub autoscale: AutoscaleConfig,
+
+    /// File holding the admin API's bearer token (one line of at least 32 visible ASCII
+    /// characters; make one with `head -c 32 /dev/urandom | base64 > admin.token`).
+    /// Every mutating endpoint and GET /targets then need `Authorization: Bearer TOKEN`.
+    /// The token can come from the environment variable TIDEPOOL_ADMIN_TOKEN instead; it
+    /// has no flag of its own, since a flag's value shows in `ps`.
+    #[arg(long, env = "TIDEPOOL_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The admin token itself: `main` fills it from TIDEPOOL_ADMIN_TOKEN; a program
+    /// embedding the balancer sets it directly. Never a flag (see --admin-token-file).
+    #[arg(skip)]
+    pub admin_token: Option<AdminToken>,
+
+    /// Serve the admin API on a non-loopback --admin address without a token: anyone who
+    /// reaches the port can then change routing. Only for networks nothing else can reach.
+    #[arg(long, env = "TIDEPOOL_ADMIN_INSECURE_NO_AUTH")]
+    pub admin_insecure_no_auth: bool,
+
+    /// Require the admin token for GET /metrics and GET /scaling too (GET /healthz stays
+    /// open for probes). Prometheus then needs `authorization: {credentials_file: ...}`,
+    /// KEDA a TriggerAuthentication of type bearer.
+    #[arg(long, env = "TIDEPOOL_ADMIN_AUTH_READS")]
+    pub admin_auth_reads: bool,
+
+    /// Most targets registered at once; registrations past it are refused (429 at the
+    /// admin API).
+    #[arg(long, env = "TIDEPOOL_MAX_TARGETS", default_value_t = MAX_TARGETS)]
+    pub max_targets: usize,
+
+    /// Networks registered targets must be in, as CIDRs or single addresses (repeatable;
+    /// comma-separated in the env). Any address when absent.
+    #[arg(long, env = "TIDEPOOL_REGISTER_ALLOW", value_delimiter = ',', value_parser = parse_net)]
+    pub register_allow: Vec<IpNet>,
 }
 
 impl Default for Config {
@@ -183,6 +224,12 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             runtime_threads: 1,
             autoscale: AutoscaleConfig::default(),
+            admin_token_file: None,
+            admin_token: None,
+            admin_insecure_no_auth: false,
+            admin_auth_reads: false,
+            max_targets: MAX_TARGETS,
+            register_allow: Vec::new(),
         }
     }
 }
@@ -258,6 +305,82 @@ impl Config {
             }
         }
         self.autoscale.validate()?;
+        self.validate_control_plane()?;
+        Ok(())
+    }
+
+    /// The admin token: `admin_token` (TIDEPOOL_ADMIN_TOKEN) or `--admin-token-file`'s,
+    /// read and checked again on every call; none when neither is given.
+    pub fn admin_credentials(&self) -> Result<Option<AdminToken>, Error> {
+        match (&self.admin_token, &self.admin_token_file) {
+            (Some(_), Some(_)) => Err(Error::Config {
+                flag: "admin-token-file",
+                problem: format!("{ADMIN_TOKEN_ENV} is set too; give the token one way"),
+            }),
+            (Some(token), None) => Ok(Some(token.clone())),
+            (None, Some(path)) => AdminToken::from_file(path).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The admin token and the target rules' flags.
+    fn validate_control_plane(&self) -> Result<(), Error> {
+        let bad = |flag, problem: String| Err(Error::Config { flag, problem });
+        let token = self.admin_credentials()?;
+        if token.is_none() && !self.admin.ip().is_loopback() && !self.admin_insecure_no_auth {
+            return bad(
+                "admin-token-file",
+                format!(
+                    "the admin API would listen on {} (beyond loopback) without a token, and \
+                     anyone who reaches it could change where requests go. Make a token with \
+                     `{MAKE_TOKEN}` and pass --admin-token-file admin.token (or set \
+                     {ADMIN_TOKEN_ENV}), or bind --admin 127.0.0.1:{}, or, on a network nothing \
+                     else can reach, pass --admin-insecure-no-auth",
+                    self.admin,
+                    self.admin.port()
+                ),
+            );
+        }
+        if token.is_some() && self.admin_insecure_no_auth {
+            return bad(
+                "admin-insecure-no-auth",
+                "a token is given too; leave out one of the two".to_owned(),
+            );
+        }
+        if self.max_targets == 0 {
+            return bad("max-targets", "must be at least 1".to_owned());
+        }
+        if self.targets.len() > self.max_targets {
+            return bad(
+                "max-targets",
+                format!(
+                    "{} is fewer than the {} --target addresses",
+                    self.max_targets,
+                    self.targets.len()
+                ),
+            );
+        }
+        let scaling = &self.autoscale;
+        if scaling.autoscale && scaling.worker_cmd.is_some() {
+            if scaling.max_workers > self.max_targets {
+                return bad(
+                    "max-targets",
+                    format!(
+                        "{} is below --max-workers {}: the workers could not all register",
+                        self.max_targets, scaling.max_workers
+                    ),
+                );
+            }
+            let local = std::net::IpAddr::from([127, 0, 0, 1]);
+            if !self.register_allow.is_empty()
+                && !self.register_allow.iter().any(|n| n.contains(&local))
+            {
+                return bad(
+                    "register-allow",
+                    "--worker-cmd workers register 127.0.0.1 addresses; allow 127.0.0.1".to_owned(),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -323,5 +446,97 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_admin_api_beyond_loopback_needs_a_token_or_an_explicit_opt_out() {
+        let open = Config {
+            admin: "0.0.0.0:7001".parse().unwrap(),
+            ..Config::default()
+        };
+        let err = open.validate().unwrap_err().to_string();
+        for hint in [
+            "--admin-token-file",
+            "/dev/urandom",
+            "127.0.0.1:7001",
+            "--admin-insecure-no-auth",
+        ] {
+            assert!(err.contains(hint), "{err}");
+        }
+        let opted_out = Config {
+            admin_insecure_no_auth: true,
+            ..open.clone()
+        };
+        opted_out.validate().unwrap();
+        let token = AdminToken::new(&"t".repeat(40)).unwrap();
+        let with_token = Config {
+            admin_token: Some(token.clone()),
+            ..open.clone()
+        };
+        with_token.validate().unwrap();
+        assert_eq!(with_token.admin_credentials().unwrap(), Some(token.clone()));
+        let both = Config {
+            admin_insecure_no_auth: true,
+            ..with_token.clone()
+        };
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--admin-insecure-no-auth"));
+        let twice = Config {
+            admin_token_file: Some("/nonexistent/admin.token".into()),
+            ..with_token
+        };
+        let err = twice.validate().unwrap_err().to_string();
+        assert!(err.contains("TIDEPOOL_ADMIN_TOKEN"), "{err}");
+        let unreadable = Config {
+            admin_token_file: Some("/nonexistent/admin.token".into()),
+            ..open
+        };
+        let err = unreadable.validate().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/admin.token"), "{err}");
+    }
+
+    #[test]
+    fn target_rule_flags_parse_and_validate() {
+        let c = Config::parse_from([
+            "tidepool-balancer",
+            "--max-targets",
+            "3",
+            "--register-allow",
+            "10.0.0.0/8,192.0.2.1",
+            "--register-allow",
+            "fd00::/8",
+        ]);
+        assert_eq!(c.max_targets, 3);
+        let nets: Vec<String> = c.register_allow.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.1/32", "fd00::/8"]);
+        c.validate().unwrap();
+        assert!(Config::try_parse_from(["tidepool-balancer", "--register-allow", "lan"]).is_err());
+
+        let too_few = Config {
+            max_targets: 1,
+            targets: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            ..Config::default()
+        };
+        assert!(too_few
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--max-targets"));
+        let none = Config {
+            max_targets: 0,
+            ..Config::default()
+        };
+        assert!(none.validate().is_err());
+        let mut local_workers = Config {
+            register_allow: vec![parse_net("10.0.0.0/8").unwrap()],
+            ..Config::default()
+        };
+        local_workers.autoscale.autoscale = true;
+        local_workers.autoscale.worker_cmd = Some("worker --port {port}".into());
+        let err = local_workers.validate().unwrap_err().to_string();
+        assert!(err.contains("--register-allow"), "{err}");
     }
 }

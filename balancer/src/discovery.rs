@@ -49,7 +49,9 @@ pub(crate) async fn resolve_one(addr: &str) -> Result<SocketAddr, Error> {
     })
 }
 
-/// Re-resolves `names` every `interval` until `stop`, keeping `group` in step.
+/// Re-resolves `names` every `interval` until `stop`, keeping `group` in step. Addresses
+/// the group's rules refuse (the balancer itself, outside `--register-allow`, past
+/// `--max-targets`) are left out, and tried again each round.
 ///
 /// Only addresses this task registered are ever deregistered by it, so a `--target` or an
 /// admin registration of the same address is left alone. A failed resolution keeps the
@@ -62,6 +64,8 @@ pub(crate) async fn run(
     stop: CancellationToken,
 ) {
     let mut owned: HashMap<String, BTreeSet<SocketAddr>> = HashMap::new();
+    // Addresses the target rules refused, so that each is reported once, not every round.
+    let mut refused: BTreeSet<SocketAddr> = BTreeSet::new();
     loop {
         for name in &names {
             let resolved = tokio::select! {
@@ -82,10 +86,18 @@ pub(crate) async fn run(
                     next.insert(*addr);
                     continue;
                 }
-                let (_, new) = group.register(*addr, 1);
-                if new {
-                    tracing::info!(%name, %addr, "address appeared in DNS; registered");
-                    next.insert(*addr);
+                match group.register(*addr, 1) {
+                    Ok((_, true)) => {
+                        tracing::info!(%name, %addr, "address appeared in DNS; registered");
+                        refused.remove(addr);
+                        next.insert(*addr);
+                    }
+                    Ok((_, false)) => {}
+                    // The group logs each refusal; say once that DNS keeps offering it.
+                    Err(reason) if refused.insert(*addr) => {
+                        tracing::warn!(%name, %addr, %reason, "address in DNS refused as a target; retried every --dns-interval");
+                    }
+                    Err(_) => {}
                 }
             }
             for addr in mine.difference(&fresh) {

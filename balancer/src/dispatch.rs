@@ -301,6 +301,7 @@ mod tests {
     use crate::registry::GroupSettings;
     use crate::target::{Target, TargetState, Thresholds};
     use crate::upstream::{Outlets, UpstreamConn, UpstreamSettings};
+    use crate::validation::TargetRules;
 
     const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
     const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -349,6 +350,7 @@ mod tests {
                         max_frame: 1 << 20,
                     },
                 },
+                TargetRules::new(Vec::new(), Vec::new(), 64),
                 signal,
                 queue.reroute(),
                 Arc::clone(&metrics),

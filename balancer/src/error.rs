@@ -1,6 +1,9 @@
 //! The crate's error type: what can stop the balancer from starting or running.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::validation::TargetRefusal;
 
 /// Everything that can go wrong in tidepool-balancer outside of one request.
 ///
@@ -46,4 +49,29 @@ pub enum Error {
     /// The admin HTTP server failed.
     #[error("admin server failed: {0}")]
     Admin(#[source] std::io::Error),
+    /// The admin token file could not be read.
+    #[error("could not read the admin token file {path}: {source}")]
+    TokenFile {
+        /// The file named by `--admin-token-file`.
+        path: PathBuf,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin token breaks a rule (too short, not one line of visible ASCII).
+    #[error("the admin token from {from} {problem}")]
+    Token {
+        /// Where it came from: the flag and file, or the environment variable.
+        from: String,
+        /// Which rule it breaks; never the token itself.
+        problem: String,
+    },
+    /// An address may not be registered as a target.
+    #[error("target {addr} refused: {reason}")]
+    TargetRefused {
+        /// The address.
+        addr: SocketAddr,
+        /// Which rule refused it.
+        reason: TargetRefusal,
+    },
 }

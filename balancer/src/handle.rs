@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::autoscale::controller::StatusSlot;
 use crate::autoscale::{Pool, ScalingStatus};
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::pending::Lifecycle;
 use crate::queue::QueueSignal;
@@ -106,12 +107,17 @@ impl Handle {
     /// The Prometheus text of the balancer's own metrics (`/metrics` adds the scaling
     /// gauges once there is a status).
     pub fn metrics_text(&self) -> String {
-        self.metrics.render(&self.group.all(), self.queue_len())
+        self.metrics.render(&self.group.all(), self.queue_len()) + &self.group.rules().prometheus()
     }
 
-    /// Registers a target (idempotent); true when it is new.
-    pub fn register(&self, addr: SocketAddr, weight: u32) -> bool {
-        self.group.register(addr, weight).1
+    /// Registers a target (idempotent; a draining one is revived); true when it was not
+    /// registered before. Refused by the same rules as the admin API's registrations
+    /// (never the balancer itself, `--register-allow`, `--max-targets`).
+    pub fn register(&self, addr: SocketAddr, weight: u32) -> Result<bool, Error> {
+        self.group
+            .register(addr, weight)
+            .map(|(_, new)| new)
+            .map_err(|reason| Error::TargetRefused { addr, reason })
     }
 
     /// Starts draining a target; false when it was not registered.

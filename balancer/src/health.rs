@@ -28,15 +28,18 @@ pub(crate) struct HealthCheck {
 }
 
 impl HealthCheck {
-    /// Checks `target` until it stops or starts draining.
+    /// Checks `target` until it stops or starts draining. A target revived from draining
+    /// gets a new check; this one ends even if the revival came before it noticed the
+    /// drain (so that one target never has two).
     pub(crate) async fn run(self, target: Arc<Target>) {
         let mut counter = HealthCounter::new(self.thresholds);
+        let drains = target.drains();
         loop {
             let passed = tokio::select! {
                 () = target.stop.cancelled() => return,
                 passed = self.check(target.addr()) => passed,
             };
-            if target.state() == TargetState::Draining {
+            if target.state() == TargetState::Draining || target.drains() != drains {
                 return;
             }
             tracing::trace!(target = %target.addr(), passed, "health check");

@@ -17,8 +17,10 @@
 //!    id, and takes the answer back to the pending entry, which restores the client's id.
 //!
 //! Beside the path: [`health`] checks each target and moves its state, [`discovery`]
-//! keeps DNS names' addresses registered, [`admin`] serves the HTTP API and
-//! [`metrics`]' Prometheus text, and [`autoscale`] turns the outstanding counts into the
+//! keeps DNS names' addresses registered, [`admin`] serves the HTTP API (its bearer
+//! token checked by [`auth`]) and [`metrics`]' Prometheus text, [`validation`] holds the
+//! rules every registered address passes (never the balancer itself, `--max-targets`,
+//! `--register-allow`), and [`autoscale`] turns the outstanding counts into the
 //! pool size the load needs (`GET /scaling`), starting and stopping workers with
 //! `--autoscale`.
 //!
@@ -30,6 +32,10 @@
 //!   each target's health check (`health`'s `HealthCheck`) and upstream connections
 //!   (`upstream`'s `UpstreamContext`, whose `Reroute` handle is the only way back into
 //!   the queue).
+//! - The group also holds `validation`'s `TargetRules`, so that every way in (admin API,
+//!   `--target`, DNS) passes the same rules, and registers one at a time under its lock.
+//! - `auth`'s `AdminAuth` owns the admin token and the count of refused requests; the
+//!   admin routes share it.
 //! - `dispatch`'s `Router` owns the wait queue's sending side, the routing settings and
 //!   the round-robin counter, over a clone of the group.
 //! - `frontend` receives a `FrontendContext`: the router and a connection's limits.
@@ -45,9 +51,10 @@
 //! and `metrics` (targets keep latency histograms; metrics render targets). Every other
 //! edge points down this list, each module importing only those below it:
 //! `balancer` → `admin` → `handle` → `frontend` → `dispatch` → `discovery` → `registry`
-//! → `health` → [`routing`] → [`config`] → [`autoscale`] → the data types → `burst`,
-//! `error`. (`autoscale` sees one data type, [`target`]'s `TargetInfo`. Neighbours in the
-//! list need not import each other: `admin` and `frontend` do not.)
+//! → `health` → [`routing`] → [`config`] → [`autoscale`] → the data types → `auth` →
+//! `burst`, `error` → `validation`. (`autoscale` sees one data type, [`target`]'s
+//! `TargetInfo`, and `auth`'s token, which it hands to the workers it starts. Neighbours
+//! in the list need not import each other: `admin` and `frontend` do not.)
 //!
 //! ## Embedding
 //! ```no_run
@@ -64,7 +71,7 @@
 //! let (addr, handle) = (balancer.listen_addr(), balancer.handle());
 //! let shutdown = CancellationToken::new();
 //! let running = tokio::spawn(balancer.run(shutdown.clone()));
-//! handle.register("127.0.0.1:7100".parse().unwrap(), 1);
+//! handle.register("127.0.0.1:7100".parse().unwrap(), 1)?;
 //! // ... clients connect to `addr`; `handle.targets()` shows outstanding counts ...
 //! shutdown.cancel();
 //! running.await.unwrap()?;
@@ -74,6 +81,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod auth;
 pub mod autoscale;
 mod balancer;
 mod burst;
@@ -91,7 +99,9 @@ mod registry;
 pub mod routing;
 pub mod target;
 mod upstream;
+mod validation;
 
+pub use auth::{AdminToken, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
 pub use autoscale::{AutoscaleConfig, Pool, ScalingStatus};
 pub use balancer::Balancer;
 pub use config::{Config, HealthProtocol, RoutingPolicy};
@@ -99,6 +109,7 @@ pub use discovery::{Resolver, SystemResolver};
 pub use error::Error;
 pub use handle::Handle;
 pub use target::{TargetInfo, TargetState};
+pub use validation::TargetRefusal;
 
 use tokio_util::sync::CancellationToken;
 

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use tidepool_balancer::{Balancer, Config};
+use tidepool_balancer::{AdminToken, Balancer, Config};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
@@ -16,7 +16,9 @@ fn main() -> anyhow::Result<()> {
         // A closed stderr (a log piped into `head`) must not panic the signal handler.
         .log_internal_errors(false)
         .init();
-    let config = Config::parse();
+    let mut config = Config::parse();
+    // The token's one way in besides a file: the environment, never a flag (`ps`).
+    config.admin_token = AdminToken::from_env().context("tidepool-balancer could not start")?;
     // Checked before the runtime starts its threads; `bind` checks the rest again.
     config
         .validate()

@@ -5,8 +5,14 @@
 //! Targets live in a [`DashMap`] by address. Routing does not iterate the map: it reads
 //! an immutable snapshot (`Arc<[Arc<Target>]>` behind an [`ArcSwap`]) rebuilt on every
 //! registration change, so the request path takes no lock at all. A deregistered target
-//! leaves the map at once (the same address can be registered again right away, as a new
-//! target) and waits in the draining list until its requests finish or the delay ends.
+//! leaves the map at once and waits in the draining list until its requests finish or the
+//! delay ends. Registering its address again meanwhile revives it: the same target, its
+//! connections and requests, back in the map, so that an address is listed once. (When
+//! its connections have already closed, its listing goes and a new target takes its place.)
+//!
+//! Every registration passes the group's [`TargetRules`] (never the balancer itself,
+//! `--register-allow`, `--max-targets`), one registration at a time, so that two at once
+//! cannot both take the last place under the cap.
 //!
 //! [`TargetGroup`] is a cheap-to-clone handle over a private `Shared` (as mini-redis's
 //! `Db`, pingora's `Backends`): the router, the admin API, DNS discovery and the
@@ -14,7 +20,7 @@
 //! its own [`TaskTracker`] and stops with [`TargetGroup::stop`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::queue::{QueueSignal, Reroute};
 use crate::target::{Target, TargetInfo, TargetState};
 use crate::upstream::{self, UpstreamContext, UpstreamSettings};
+use crate::validation::{TargetRefusal, TargetRules};
 
 /// What a target group needs to know about its targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,10 +58,13 @@ pub(crate) struct TargetGroup {
 
 struct Shared {
     settings: GroupSettings,
+    rules: TargetRules,
+    /// Held while a registration is checked and made (never across an `.await`).
+    registering: Mutex<()>,
     active: DashMap<SocketAddr, Arc<Target>>,
     /// Deregistered targets still finishing their requests (or still listed until their
-    /// delay ends), by a serial number: the same address may drain twice.
-    draining: DashMap<u64, Arc<Target>>,
+    /// delay ends), by a serial number.
+    draining: DashMap<u64, Arc<Draining>>,
     serial: AtomicU64,
     snapshot: ArcSwap<Vec<Arc<Target>>>,
     /// Serializes snapshot rebuilds: without it, two concurrent changes could each
@@ -74,6 +84,17 @@ struct Shared {
     stopped: CancellationToken,
 }
 
+/// A deregistered target and what its drain needs to know.
+struct Draining {
+    target: Arc<Target>,
+    /// Its state before the drain, which a revival gives back.
+    previous: TargetState,
+    /// Cancelled when it is revived: the drain task stops waiting.
+    revived: CancellationToken,
+    /// Taken (set) by whichever comes first: the drain closing the target, or a revival.
+    claimed: AtomicBool,
+}
+
 impl std::fmt::Debug for TargetGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TargetGroup")
@@ -88,6 +109,7 @@ impl TargetGroup {
     /// connections hand requests they never wrote back to `reroute`.
     pub(crate) fn new(
         settings: GroupSettings,
+        rules: TargetRules,
         signal: Arc<QueueSignal>,
         reroute: Reroute,
         metrics: Arc<Metrics>,
@@ -95,6 +117,8 @@ impl TargetGroup {
         let tasks = TaskTracker::new();
         TargetGroup {
             shared: Arc::new(Shared {
+                rules,
+                registering: Mutex::new(()),
                 active: DashMap::new(),
                 draining: DashMap::new(),
                 serial: AtomicU64::new(0),
@@ -123,7 +147,12 @@ impl TargetGroup {
     /// Every target, draining ones included, sorted by address.
     pub(crate) fn all(&self) -> Vec<Arc<Target>> {
         let mut all: Vec<_> = self.snapshot().iter().cloned().collect();
-        all.extend(self.shared.draining.iter().map(|e| Arc::clone(e.value())));
+        all.extend(
+            self.shared
+                .draining
+                .iter()
+                .map(|e| Arc::clone(&e.value().target)),
+        );
         all.sort_by_key(|t| t.addr());
         all
     }
@@ -157,26 +186,87 @@ impl TargetGroup {
         self.shared.closing.is_cancelled()
     }
 
-    /// Registers `addr` and starts its health check and connections; idempotent.
-    /// Returns the target and whether it is new.
-    pub(crate) fn register(&self, addr: SocketAddr, weight: u32) -> (Arc<Target>, bool) {
-        let (target, new) = self.insert(addr, weight);
-        if !new {
-            return (target, false);
-        }
-        tracing::info!(target = %addr, weight = target.weight(), "target registered");
+    /// The rules registrations pass.
+    pub(crate) fn rules(&self) -> &TargetRules {
+        &self.shared.rules
+    }
+
+    /// Registers `addr` and starts its health check and connections; idempotent, and a
+    /// draining target at `addr` is revived. Returns the target and whether it was not
+    /// registered before (new or revived), or why the rules refuse it.
+    pub(crate) fn register(
+        &self,
+        addr: SocketAddr,
+        weight: u32,
+    ) -> Result<(Arc<Target>, bool), TargetRefusal> {
         let shared = &self.shared;
+        // A std mutex: nothing below awaits.
+        let _one_at_a_time = shared.registering.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(target) = self.get(addr) {
+            return Ok((target, false));
+        }
+        let allowed = shared.rules.check(addr).and_then(|()| {
+            let max = shared.rules.max_targets();
+            if shared.active.len() >= max {
+                Err(TargetRefusal::Full { max })
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(refusal) = allowed {
+            shared.rules.refused(&refusal);
+            // Callers say where it came from (the admin API's peer, a DNS name) and how often.
+            tracing::debug!(target = %addr, reason = refusal.reason(), "target refused: {refusal}");
+            return Err(refusal);
+        }
+        if let Some(target) = self.revive(addr) {
+            return Ok((target, true));
+        }
+        let (target, _) = self.insert(addr, weight);
+        tracing::info!(target = %addr, weight = target.weight(), "target registered");
+        self.start(&target);
+        Ok((target, true))
+    }
+
+    /// Takes the draining target at `addr` back, if its drain has not closed it; else
+    /// drops its listing, so that the new target is the address's only entry.
+    fn revive(&self, addr: SocketAddr) -> Option<Arc<Target>> {
+        let shared = &self.shared;
+        let serial = shared
+            .draining
+            .iter()
+            .find(|e| e.value().target.addr() == addr)
+            .map(|e| *e.key())?;
+        let (_, entry) = shared.draining.remove(&serial)?;
+        let target = Arc::clone(&entry.target);
+        if entry.claimed.swap(true, Ordering::AcqRel) || target.stop.is_cancelled() {
+            return None;
+        }
+        entry.revived.cancel();
+        target.revive(entry.previous);
+        shared.active.insert(addr, Arc::clone(&target));
+        self.rebuild();
+        tracing::info!(target = %addr, state = %target.state(), outstanding = target.outstanding(), "target revived: registered again while draining");
+        // Its connections kept running; its health check ended with the drain.
         shared
             .tasks
             .spawn(shared.settings.health.run(Arc::clone(&target)));
+        Some(target)
+    }
+
+    /// Starts a new target's health check and connections.
+    fn start(&self, target: &Arc<Target>) {
+        let shared = &self.shared;
+        shared
+            .tasks
+            .spawn(shared.settings.health.run(Arc::clone(target)));
         for slot in 0..target.conn_slots() {
             shared.tasks.spawn(upstream::maintain(
-                Arc::clone(&target),
+                Arc::clone(target),
                 slot,
                 shared.upstream.clone(),
             ));
         }
-        (target, true)
     }
 
     /// Adds a target to the map and the snapshot, without starting anything.
@@ -217,9 +307,15 @@ impl TargetGroup {
         let Some((_, target)) = shared.active.remove(&addr) else {
             return false;
         };
-        target.start_draining();
+        let previous = target.start_draining();
         let serial = shared.serial.fetch_add(1, Ordering::Relaxed);
-        shared.draining.insert(serial, Arc::clone(&target));
+        let entry = Arc::new(Draining {
+            target: Arc::clone(&target),
+            previous,
+            revived: CancellationToken::new(),
+            claimed: AtomicBool::new(false),
+        });
+        shared.draining.insert(serial, Arc::clone(&entry));
         self.rebuild();
         tracing::info!(
             target = %addr,
@@ -227,7 +323,7 @@ impl TargetGroup {
             delay = %humantime::format_duration(shared.settings.deregistration_delay),
             "target draining"
         );
-        shared.tasks.spawn(self.clone().drain(target, serial));
+        shared.tasks.spawn(self.clone().drain(entry, serial));
         true
     }
 
@@ -264,19 +360,26 @@ impl TargetGroup {
         shared.snapshot.store(Arc::new(targets));
     }
 
-    /// Waits for a draining target's requests, or the end of the delay, then closes it.
+    /// Waits for a draining target's requests, or the end of the delay, then closes it;
+    /// ends without closing it when it is revived first.
     ///
     /// A target whose last request finished early has its connections closed at once but
     /// stays listed as `draining` until the delay ends, as NLB shows it: `GET /targets`
     /// then tells a deregistration that is over from one that never happened.
-    async fn drain(self, target: Arc<Target>, serial: u64) {
+    async fn drain(self, entry: Arc<Draining>, serial: u64) {
+        let target = &entry.target;
         let delay = tokio::time::sleep(self.shared.settings.deregistration_delay);
         tokio::pin!(delay);
         let outcome = tokio::select! {
+            () = entry.revived.cancelled() => return,
             () = target.idle() => "no request left",
             () = &mut delay => "deregistration delay passed",
             () = target.stop.cancelled() => "balancer stopped",
         };
+        if entry.claimed.swap(true, Ordering::AcqRel) {
+            // Revived in the meantime: the target serves again.
+            return;
+        }
         tracing::info!(
             target = %target.addr(),
             outcome,
@@ -305,8 +408,12 @@ mod tests {
     const DELAY: Duration = Duration::from_secs(30);
 
     /// A group whose targets would be checked over TCP once an hour; the queue behind it
-    /// is closed (nothing is routed in these tests).
+    /// is closed (nothing is routed in these tests). Up to 16 targets, any address.
     fn group() -> TargetGroup {
+        group_with(TargetRules::new(Vec::new(), Vec::new(), 16))
+    }
+
+    fn group_with(rules: TargetRules) -> TargetGroup {
         let signal = Arc::new(QueueSignal::default());
         let (queue, _rx) = QueueHandle::new(8, Duration::from_secs(1), Arc::clone(&signal));
         let settings = GroupSettings {
@@ -328,6 +435,7 @@ mod tests {
         };
         TargetGroup::new(
             settings,
+            rules,
             signal,
             queue.reroute(),
             Arc::new(Metrics::default()),
@@ -359,10 +467,10 @@ mod tests {
     async fn register_is_idempotent_and_stop_ends_the_targets_tasks() {
         let group = group();
         let a = closed_addr();
-        let (target, new) = group.register(a, 2);
+        let (target, new) = group.register(a, 2).unwrap();
         assert!(new);
         assert_eq!(target.weight(), 2);
-        let (again, new) = group.register(a, 5);
+        let (again, new) = group.register(a, 5).unwrap();
         assert!(
             !new,
             "a second registration of the same address is the same target"
@@ -382,7 +490,7 @@ mod tests {
             .expect("every task of the group ends once it stops");
 
         // A target registered after the stop is born stopped.
-        let (late, _) = group.register(closed_addr(), 1);
+        let (late, _) = group.register(closed_addr(), 1).unwrap();
         assert!(late.stop.is_cancelled());
     }
 
@@ -435,32 +543,105 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn re_registering_a_draining_address_makes_a_new_target() {
+    async fn re_registering_a_draining_address_revives_it() {
         let group = group();
-        let old = group.register_idle(addr(1), 1);
-        let _busy = InFlight::try_acquire(&old, None).unwrap();
+        let old = group.register_idle(addr(1), 3);
+        let busy = InFlight::try_acquire(&old, None).unwrap();
         group.deregister(addr(1));
-        let (new, is_new) = group.register(addr(1), 1);
-        assert!(is_new);
-        assert!(!Arc::ptr_eq(&old, &new));
-        // Both are listed: the registered one first (a stable sort by address).
+        assert_eq!(states(&group), vec![(addr(1), TargetState::Draining)]);
+
+        let (revived, new) = group.register(addr(1), 1).unwrap();
+        assert!(new, "it was not registered: the answer says so (201)");
+        assert!(
+            Arc::ptr_eq(&old, &revived),
+            "the same target, connections and requests"
+        );
+        assert_eq!(revived.weight(), 3, "its weight is kept");
         assert_eq!(
             states(&group),
-            vec![
-                (addr(1), TargetState::Initial),
-                (addr(1), TargetState::Draining)
-            ]
+            vec![(addr(1), TargetState::Initial)],
+            "listed once"
         );
-        assert_eq!(group.snapshot().len(), 1);
-        assert!(Arc::ptr_eq(&group.snapshot()[0], &new));
+        assert!(
+            Arc::ptr_eq(&group.snapshot()[0], &old),
+            "routing sees it again"
+        );
+        assert_eq!(old.outstanding(), 1);
 
-        // The new one drains on its own, beside the old one.
+        // Its drain ended with the revival: the delay passing closes nothing.
+        drop(busy);
+        tokio::time::sleep(DELAY * 2).await;
+        settle().await;
+        assert!(!old.stop.is_cancelled());
+        assert_eq!(group.all().len(), 1);
+
+        // It can drain again, and is listed once then too.
         assert!(group.deregister(addr(1)));
-        assert_eq!(group.all().len(), 2);
-        assert!(group
-            .all()
-            .iter()
-            .all(|t| t.state() == TargetState::Draining));
+        settle().await;
+        assert!(old.stop.is_cancelled(), "nothing in flight: closed at once");
+        assert_eq!(states(&group), vec![(addr(1), TargetState::Draining)]);
+        group.stop();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn re_registering_a_closed_draining_address_replaces_its_listing() {
+        let group = group();
+        let old = group.register_idle(addr(1), 1);
+        group.deregister(addr(1));
+        settle().await;
+        assert!(
+            old.stop.is_cancelled(),
+            "nothing in flight: its connections closed"
+        );
+
+        let (new, is_new) = group.register(addr(1), 1).unwrap();
+        assert!(is_new);
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert_eq!(
+            states(&group),
+            vec![(addr(1), TargetState::Initial)],
+            "one entry for the address, not two"
+        );
+        // The old drain's end of delay removes nothing of the new target.
+        tokio::time::sleep(DELAY * 2).await;
+        settle().await;
+        assert_eq!(group.all().len(), 1);
+        assert!(!new.stop.is_cancelled());
+        group.stop();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rules_and_the_cap_refuse_registrations() {
+        let own = addr(7000);
+        let group = group_with(TargetRules::new(vec![("listen", own)], Vec::new(), 2));
+        assert!(matches!(
+            group.register(own, 1),
+            Err(TargetRefusal::Own {
+                listener: "listen",
+                ..
+            })
+        ));
+        group.register(addr(1), 1).unwrap();
+        group.register(addr(2), 1).unwrap();
+        assert_eq!(
+            group.register(addr(3), 1).unwrap_err(),
+            TargetRefusal::Full { max: 2 }
+        );
+        assert!(
+            !group.register(addr(2), 1).unwrap().1,
+            "a registered address is not refused at the cap: nothing is added"
+        );
+        // A draining target does not count; reviving one does.
+        group.deregister(addr(1));
+        group.register(addr(3), 1).unwrap();
+        assert_eq!(
+            group.register(addr(1), 1).unwrap_err(),
+            TargetRefusal::Full { max: 2 }
+        );
+        assert_eq!(group.snapshot().len(), 2);
+        let text = group.rules().prometheus();
+        assert!(text.contains("{reason=\"full\"} 2\n"), "{text}");
+        assert!(text.contains("{reason=\"own_address\"} 1\n"), "{text}");
         group.stop();
     }
 

@@ -158,6 +158,8 @@ pub struct Target {
     next_conn: AtomicUsize,
     /// Stops the target's health check and connections.
     pub(crate) stop: CancellationToken,
+    /// Times it began to drain (see [`Target::drains`]).
+    drains: AtomicU64,
     /// Woken when the outstanding count falls to zero (draining waits on it).
     idle: Notify,
     /// Woken when a request finishes, so that queued requests can take its place.
@@ -195,6 +197,7 @@ impl Target {
             live_conns: AtomicUsize::new(0),
             next_conn: AtomicUsize::new(0),
             stop: CancellationToken::new(),
+            drains: AtomicU64::new(0),
             idle: Notify::new(),
             signal,
         }
@@ -260,11 +263,32 @@ impl Target {
         }
     }
 
-    /// Marks the target draining; routing no longer picks it.
-    pub(crate) fn start_draining(&self) {
-        self.state
-            .store(TargetState::Draining as u8, Ordering::Release);
+    /// Marks the target draining; routing no longer picks it. Returns the state it had.
+    pub(crate) fn start_draining(&self) -> TargetState {
+        self.drains.fetch_add(1, Ordering::AcqRel);
+        let previous = self
+            .state
+            .swap(TargetState::Draining as u8, Ordering::AcqRel);
         *self.since.lock().unwrap_or_else(|p| p.into_inner()) = SystemTime::now();
+        TargetState::from_u8(previous)
+    }
+
+    /// Takes a draining target back (registered again before its drain ended) in the
+    /// state it had before; routing sees it again.
+    pub(crate) fn revive(&self, previous: TargetState) {
+        let state = match previous {
+            TargetState::Draining => TargetState::Initial,
+            other => other,
+        };
+        self.state.store(state as u8, Ordering::Release);
+        *self.since.lock().unwrap_or_else(|p| p.into_inner()) = SystemTime::now();
+        self.signal.wake();
+    }
+
+    /// How many times the target began to drain: a health check started before the last
+    /// drain stops, and the revived target gets a new one.
+    pub(crate) fn drains(&self) -> u64 {
+        self.drains.load(Ordering::Acquire)
     }
 
     /// Waits until nothing is outstanding.

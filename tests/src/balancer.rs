@@ -248,10 +248,25 @@ pub async fn http(
     path: &str,
     body: Option<&str>,
 ) -> (u16, String) {
+    let (status, _, body) = http_with(admin, method, path, &[], body).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request to the admin API with extra header lines (`"Authorization:
+/// Bearer …"`); returns the status, the response's head (status line and headers) and
+/// the body.
+pub async fn http_with(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&str>,
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(admin).await.expect("connect admin");
     let body = body.unwrap_or("");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream
@@ -272,7 +287,7 @@ pub async fn http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status code");
-    (status, body.to_owned())
+    (status, head.to_owned(), body.to_owned())
 }
 
 /// Bytes of a frame with `body` as its MessagePack body.

@@ -7,6 +7,8 @@
 //!   written to an env file, so that a command the balancer runs (`--scale-cmd`) sees the
 //!   same project as the test's own commands.
 //! - [`Down`]: tears the project down (`down -v`) when dropped, failed test or not.
+//! - [`make_secrets`]: the admin token the compose files mount, made by
+//!   scripts/make-secrets.sh in a test's own folder.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -228,6 +230,21 @@ impl Drop for Down {
             Err(error) => report(&format!("compose down of {}: {error}", self.0.project)),
         }
     }
+}
+
+/// The secrets the compose files mount (`TIDEPOOL_SECRETS`), made in `dir/secrets` by
+/// scripts/make-secrets.sh, as `make compose-up` makes them: returns that folder and the
+/// admin token.
+pub fn make_secrets(dir: &Path) -> (PathBuf, String) {
+    let secrets = dir.join("secrets");
+    let out = Command::new(workspace_root().join("scripts/make-secrets.sh"))
+        .arg(&secrets)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/make-secrets.sh");
+    must_succeed("scripts/make-secrets.sh", &out);
+    let token = std::fs::read_to_string(secrets.join("admin.token")).expect("read admin.token");
+    (secrets, token.trim_end().to_owned())
 }
 
 /// Runs `docker` with `args`; it must succeed; returns its stdout.

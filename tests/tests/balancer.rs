@@ -217,7 +217,7 @@ async fn draining_lets_in_flight_requests_finish_within_the_delay() {
     });
     lb.wait_for("one outstanding", |h| h.outstanding() == 1)
         .await;
-    assert!(lb.handle.register(b.addr(), 1));
+    assert!(lb.handle.register(b.addr(), 1).unwrap());
     assert!(lb.handle.deregister(a.addr()));
     let draining = lb.handle.targets();
     assert!(draining

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tidepool_protocol::{Client, Tensor, Tensors};
 use tidepool_tests::compose::{
-    build_image, compose_program, docker, report, workspace_root, Compose, Down,
+    build_image, compose_program, docker, make_secrets, report, workspace_root, Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive};
 use tidepool_tests::worker::scratch_dir;
@@ -64,6 +64,8 @@ async fn compose_cluster_survives_a_killed_worker() {
     build_image();
     let built = started.elapsed();
 
+    let dir = scratch_dir("compose");
+    let (secrets, token) = make_secrets(&dir);
     let compose = Compose::new(
         program,
         &workspace_root().join("docker-compose.yml"),
@@ -72,15 +74,22 @@ async fn compose_cluster_survives_a_killed_worker() {
             ("TIDEPOOL_HOST_PORT", "127.0.0.1:"),
             ("TIDEPOOL_HOST_ADMIN", "127.0.0.1:"),
             ("TIDEPOOL_DNS_INTERVAL", "1h"),
+            ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
         ],
-        &scratch_dir("compose"),
+        &dir,
     );
     let cluster = Down(compose.clone());
     compose.run(&["up", "-d", "--scale", &format!("worker={WORKERS}")]);
     let front = compose.port("balancer", 7000);
     let admin = compose.port("balancer", 7001);
 
-    let targets = wait_targets(admin, READY_WITHIN, "every worker healthy", |t| {
+    // The admin API listens beyond loopback in its container: /targets needs the token.
+    let unauthorized = tidepool_tests::balancer::http(admin, "GET", "/targets", None).await;
+    assert_eq!(
+        unauthorized.0, 401,
+        "GET /targets without the token: {unauthorized:?}"
+    );
+    let targets = wait_targets(admin, &token, READY_WITHIN, "every worker healthy", |t| {
         t.len() == WORKERS && t.values().all(|s| s == "healthy")
     })
     .await;
@@ -108,9 +117,13 @@ async fn compose_cluster_survives_a_killed_worker() {
         targets.contains_key(&victim),
         "killed worker {victim} is not among the targets {targets:?}"
     );
-    let states = wait_targets(admin, UNHEALTHY_WITHIN, "killed worker unhealthy", |t| {
-        t.get(&victim).map(String::as_str) == Some("unhealthy")
-    })
+    let states = wait_targets(
+        admin,
+        &token,
+        UNHEALTHY_WITHIN,
+        "killed worker unhealthy",
+        |t| t.get(&victim).map(String::as_str) == Some("unhealthy"),
+    )
     .await;
     let tally = load.await.unwrap();
     let raw = raw.await.unwrap();
@@ -230,9 +243,11 @@ impl ReplyCode for tidepool_protocol::Error {
     }
 }
 
-/// Polls `GET /targets` until `done` holds for the map address → state; returns that map.
+/// Polls `GET /targets` (with the admin `token`) until `done` holds for the map address →
+/// state; returns that map.
 async fn wait_targets(
     admin: SocketAddr,
+    token: &str,
     within: Duration,
     what: &str,
     done: impl Fn(&BTreeMap<String, String>) -> bool,
@@ -240,7 +255,7 @@ async fn wait_targets(
     let deadline = Instant::now() + within;
     let mut last = None;
     loop {
-        if let Some(targets) = get_targets(admin).await {
+        if let Some(targets) = get_targets(admin, token).await {
             if done(&targets) {
                 return targets;
             }
@@ -256,9 +271,11 @@ async fn wait_targets(
 
 /// `GET /targets` as address → state, or `None` while the admin API is not answering
 /// (docker's port proxy accepts before the balancer does).
-async fn get_targets(admin: SocketAddr) -> Option<BTreeMap<String, String>> {
+async fn get_targets(admin: SocketAddr, token: &str) -> Option<BTreeMap<String, String>> {
     let mut stream = TcpStream::connect(admin).await.ok()?;
-    let request = format!("GET /targets HTTP/1.0\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET /targets HTTP/1.0\r\nHost: {admin}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tidepool_tests::balancer::http;
 use tidepool_tests::compose::{
-    build_image, compose_program, docker, report, workspace_root, Compose, Down,
+    build_image, compose_program, docker, make_secrets, report, workspace_root, Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive, Tally};
 use tidepool_tests::process::{balancer_args, fast_scaling_args, free_addrs, wait_listening, Proc};
@@ -59,6 +59,8 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     let dir = scratch_dir("compose-autoscale");
     let [listen, admin] = free_addrs();
     let register = format!("http://{admin}");
+    // The workers register with the balancer's admin token, mounted as a compose secret.
+    let (secrets, _) = make_secrets(&dir);
     let compose = Compose::new(
         program,
         &workspace_root().join("deploy/compose/autoscale.yml"),
@@ -66,6 +68,7 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
         &[
             ("TIDEPOOL_REGISTER", register.as_str()),
             ("TIDEPOOL_MAX_DELAY", "20ms"),
+            ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
         ],
         &dir,
     );
@@ -75,6 +78,10 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     let mut args = balancer_args(listen, admin);
     args.extend(fast_scaling_args(MIN_WORKERS, MAX_WORKERS, TARGET_LOAD));
     args.extend(["--scale-cmd".to_owned(), scale_cmd]);
+    args.extend([
+        "--admin-token-file".to_owned(),
+        secrets.join("admin.token").display().to_string(),
+    ]);
     let mut balancer = Proc::start("balancer", "tidepool-balancer", &args, &dir);
     wait_listening(admin, &balancer).await;
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::Error;
+use crate::registration::RegisterToken;
 
 /// tidepool-worker: serves one ONNX model over the tidepool protocol, batching requests.
 #[derive(Debug, Parser)]
@@ -25,6 +26,8 @@ pub struct Cli {
 }
 
 /// The worker's subcommands.
+// Parsed once at start and moved into the worker: boxing the large variant would save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 // Parsed once at start-up and moved once: the size difference costs nothing worth a Box.
 #[allow(clippy::large_enum_variant)]
@@ -153,6 +156,18 @@ pub struct ServeConfig {
     /// The ONNX Runtime shared library (libonnxruntime.so); scripts/fetch-ort.sh fetches it.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
+
+    /// File holding the balancer's admin token, sent with --register's requests
+    /// (`Authorization: Bearer`). The token can come from the environment variable
+    /// TIDEPOOL_WORKER_REGISTER_TOKEN instead; it has no flag of its own, since a flag's
+    /// value shows in `ps`.
+    #[arg(long, env = "TIDEPOOL_WORKER_REGISTER_TOKEN_FILE")]
+    pub register_token_file: Option<PathBuf>,
+
+    /// The registration token itself: the binary fills it from
+    /// TIDEPOOL_WORKER_REGISTER_TOKEN; a program embedding the worker sets it directly.
+    #[arg(skip)]
+    pub register_token: Option<RegisterToken>,
 }
 
 impl ServeConfig {
@@ -181,6 +196,25 @@ impl ServeConfig {
             exit_with_parent: false,
             drain_timeout: Duration::from_secs(30),
             ort_lib: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
+            register_token_file: None,
+            register_token: None,
+        }
+    }
+
+    /// The registration token: `register_token` (TIDEPOOL_WORKER_REGISTER_TOKEN) or the
+    /// one in `--register-token-file`, read again on every call; none when neither is given.
+    pub fn register_credentials(&self) -> Result<Option<RegisterToken>, Error> {
+        match (&self.register_token, &self.register_token_file) {
+            (Some(_), Some(_)) => Err(Error::InvalidConfig {
+                flag: "register-token-file",
+                reason: format!(
+                    "{} is set too; give the token one way",
+                    crate::registration::TOKEN_ENV
+                ),
+            }),
+            (Some(token), None) => Ok(Some(token.clone())),
+            (None, Some(path)) => RegisterToken::from_file(path).map(Some),
+            (None, None) => Ok(None),
         }
     }
 
@@ -267,6 +301,7 @@ impl ServeConfig {
                 );
             }
         }
+        self.register_credentials()?;
         if !self.model.is_file() {
             return invalid("model", &format!("{} is not a file", self.model.display()));
         }

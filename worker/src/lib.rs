@@ -106,8 +106,12 @@ impl Worker {
     /// Validates `config`, binds the listeners, and starts loading the model in the
     /// background. Returns once the listeners are bound: the worker answers `unavailable`
     /// until [`Worker::ready`].
-    pub async fn start(config: ServeConfig) -> Result<Worker, Error> {
+    pub async fn start(mut config: ServeConfig) -> Result<Worker, Error> {
         config.validate()?;
+        // The registration token is read once, here, so that a file gone later does not
+        // fail a worker that has loaded its model.
+        config.register_token = config.register_credentials()?;
+        config.register_token_file = None;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -403,12 +407,13 @@ async fn serve_model(
         "ready"
     );
 
-    let registration = config.register.clone().map(|url| {
-        let (advertise, stop) = (advertise.to_owned(), shutdown.clone());
+    let registration = config.register.as_deref().map(|url| {
+        let registrar = registration::Registrar::new(url, advertise, config.register_token.clone());
+        let stop = shutdown.clone();
         let refresh = config.register_interval;
         tokio::spawn(async move {
-            let registered = registration::register(&url, &advertise, refresh, &stop).await;
-            (url, registered)
+            let registered = registrar.register(refresh, &stop).await;
+            (registrar, registered)
         })
     });
 
@@ -416,8 +421,8 @@ async fn serve_model(
     info!("shutting down");
     // Deregister first, so the balancer stops sending before this worker stops taking.
     if let Some(task) = registration {
-        if let Ok((url, true)) = task.await {
-            if registration::deregister(&url, advertise).await {
+        if let Ok((registrar, true)) = task.await {
+            if registrar.deregister().await {
                 wait_for_balancer_to_let_go(metrics, config.drain_timeout).await;
             }
         }

@@ -3,6 +3,7 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use tidepool_worker::registration::RegisterToken;
 use tidepool_worker::{synth, Cli, Command, Worker};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
@@ -32,7 +33,9 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Serve(config) => {
+        Command::Serve(mut config) => {
+            // The token's one way in besides a file: the environment, never a flag (`ps`).
+            config.register_token = RegisterToken::from_env()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("tidepool-io")

@@ -21,6 +21,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use super::pool::Pool;
+use crate::auth::{AdminToken, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
 use crate::target::TargetState;
 
 /// The default of `--worker-start-timeout`: a started worker that is not healthy within
@@ -116,6 +117,8 @@ pub struct ProcessPool {
     deregistration_delay: Duration,
     start_timeout: Duration,
     stop_timeout: Duration,
+    /// The admin token, given to each worker in its environment so that it can register.
+    register_token: Option<AdminToken>,
 }
 
 impl ProcessPool {
@@ -138,7 +141,15 @@ impl ProcessPool {
             deregistration_delay,
             start_timeout,
             stop_timeout,
+            register_token: None,
         }
+    }
+
+    /// Starts workers with `token` in their environment (`TIDEPOOL_WORKER_REGISTER_TOKEN`),
+    /// never on their command line, which `ps` shows.
+    pub fn with_register_token(mut self, token: Option<AdminToken>) -> ProcessPool {
+        self.register_token = token;
+        self
     }
 
     /// Workers started and not yet healthy.
@@ -271,12 +282,17 @@ impl ProcessPool {
         let Some((program, args)) = words.split_first() else {
             return;
         };
-        match Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(args)
             .stdin(Stdio::null())
             .kill_on_drop(true)
-            .spawn()
-        {
+            // A worker needs only the registration token, not the balancer's own variable.
+            .env_remove(ADMIN_TOKEN_ENV);
+        if let Some(token) = &self.register_token {
+            command.env(WORKER_TOKEN_ENV, token.expose());
+        }
+        match command.spawn() {
             Ok(child) => {
                 let addr = SocketAddr::new(self.host, port);
                 tracing::info!(worker = %addr, pid = child.id(), "started worker");
