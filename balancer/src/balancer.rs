@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::discovery::{resolve_one, Resolver, SystemResolver};
 use crate::dispatch::{Router, RoutingSettings};
 use crate::error::Error;
-use crate::frontend::FrontendContext;
+use crate::frontend::{ClientLimits, FrontendContext};
 use crate::handle::Handle;
 use crate::health::HealthCheck;
 use crate::metrics::Metrics;
@@ -190,7 +190,17 @@ impl Balancer {
             max_client_in_flight: config.max_client_in_flight,
             metrics: self.metrics,
             lifecycle: Arc::clone(lifecycle),
+            limits: ClientLimits {
+                budget: config.budget(),
+                frame_timeout: config.frame_timeout,
+                max_connections: config.max_connections,
+            },
         };
+        let _ = frontend
+            .metrics
+            .limits
+            .budget
+            .set(frontend.limits.budget.clone());
         frontend::serve(
             self.listener,
             frontend,

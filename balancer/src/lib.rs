@@ -90,6 +90,7 @@ mod queue;
 mod registry;
 pub mod routing;
 pub mod target;
+mod throttle;
 mod upstream;
 
 pub use autoscale::{AutoscaleConfig, Pool, ScalingStatus};
