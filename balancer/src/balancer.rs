@@ -194,6 +194,7 @@ impl Balancer {
                 budget: config.budget(),
                 frame_timeout: config.frame_timeout,
                 max_connections: config.max_connections,
+                request_timeout: config.request_timeout,
             },
         };
         let _ = frontend
@@ -272,6 +273,7 @@ fn group_settings(config: &Config) -> GroupSettings {
         upstream: UpstreamSettings {
             connect_timeout: config.connect_timeout,
             max_frame: config.max_frame,
+            keepalive: config.upstream_keepalive,
         },
     }
 }
@@ -307,13 +309,16 @@ fn actuator(config: &Config, admin: SocketAddr) -> Option<Actuator> {
         return None;
     }
     if let Some(template) = &scaling.worker_cmd {
-        return Some(Actuator::Processes(ProcessPool::new(
-            template.clone(),
-            admin,
-            config.deregistration_delay,
-            scaling.worker_start_timeout,
-            config.drain_timeout,
-        )));
+        return Some(Actuator::Processes(
+            ProcessPool::new(
+                template.clone(),
+                admin,
+                config.deregistration_delay,
+                scaling.worker_start_timeout,
+                config.drain_timeout,
+            )
+            .max_workers(scaling.max_workers),
+        ));
     }
     scaling.scale_cmd.as_ref().map(|template| {
         Actuator::Command(ScaleCommand::new(

@@ -78,6 +78,8 @@ pub(crate) struct ClientLimits {
     pub(crate) frame_timeout: Duration,
     /// Most open client connections.
     pub(crate) max_connections: usize,
+    /// The longest any request may take (`--request-timeout`); `deadline_ms` may shorten it.
+    pub(crate) request_timeout: Duration,
 }
 
 /// After shutdown began, a connection with nothing in flight closes once nothing has arrived
@@ -312,6 +314,7 @@ async fn connection(
                     Payload::Raw(raw),
                     permit,
                     &mut scratch,
+                    ctx.limits.request_timeout,
                 )
                 .await;
                 continue;
@@ -329,6 +332,7 @@ async fn connection(
                     Payload::Decoded(infer),
                     permit,
                     &mut scratch,
+                    ctx.limits.request_timeout,
                 )
                 .await;
             }
@@ -403,6 +407,7 @@ async fn submit(
     payload: Payload,
     permit: OwnedSemaphorePermit,
     scratch: &mut Scratch,
+    request_timeout: Duration,
 ) {
     let refusal = if id == CONNECTION_ID {
         Some("request id 0 is reserved for connection errors; number requests from 1")
@@ -425,7 +430,9 @@ async fn submit(
         );
         return;
     }
-    let pending = Pending::new(Arc::clone(conn), id, Some(permit));
+    let mut pending = Pending::new(Arc::clone(conn), id, Some(permit));
+    // The clock starts now, when the frame has been read.
+    pending.set_expiry(payload.deadline_ms(), request_timeout);
     router
         .submit(
             Request {

@@ -78,6 +78,7 @@ pub mod autoscale;
 mod balancer;
 mod burst;
 pub mod config;
+mod deadline;
 mod discovery;
 mod dispatch;
 pub mod error;
