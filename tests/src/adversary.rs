@@ -10,7 +10,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tidepool_protocol::Client;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::balancer::http;
+use crate::drive::{Drive, Tally};
 use crate::process::{eventually, Proc};
 use crate::worker::ort_lib;
 
@@ -39,7 +42,7 @@ pub fn map(entries: Vec<(&'static str, V)>) -> V {
 
 /// `value` as MessagePack.
 pub fn body(value: &V) -> Vec<u8> {
-    rmp_serde::to_vec(value).unwrap()
+    rmp_serde::to_vec(value).expect("every V encodes")
 }
 
 /// An `infer` of one tensor `x` built from its three fields, plus `extra` entries.
@@ -85,7 +88,8 @@ pub fn nested(depth: usize, level: &[u8]) -> Vec<u8> {
 
 /// A process's resident memory (VmRSS), from /proc.
 pub fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -158,4 +162,40 @@ impl Drop for KillOnDrop {
             .args(["-KILL", &self.0.to_string()])
             .status();
     }
+}
+
+/// A bystander: `rate` infers a second of `dim` features on its own connection to `addr`
+/// until the returned token is cancelled.
+pub fn bystander(
+    addr: SocketAddr,
+    rate: u32,
+    dim: usize,
+) -> (CancellationToken, tokio::task::JoinHandle<Tally>) {
+    let stop = CancellationToken::new();
+    let mut drive = Drive::new(addr, rate, dim, stop.clone());
+    drive.settle = Duration::from_secs(10);
+    (stop, drive.spawn())
+}
+
+/// Stops a [`bystander`] and asserts that every request it sent got exactly one answer, `ok`.
+pub async fn assert_bystander_served(
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Tally>,
+) {
+    stop.cancel();
+    let tally = task.await.expect("the bystander's task");
+    assert!(tally.sent > 0, "the bystander sent nothing");
+    tally.assert_exactly_once();
+    tally.assert_all_ok();
+}
+
+/// A well-formed `infer` body: request `id`, one f32 tensor of `dim` zeros.
+pub fn good_infer(id: u64, dim: usize) -> Vec<u8> {
+    infer_body(
+        V::U(id),
+        V::S("f32"),
+        V::A(vec![V::U(dim as u64)]),
+        f32_data(dim),
+        vec![],
+    )
 }

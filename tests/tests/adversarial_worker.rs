@@ -10,16 +10,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tidepool_protocol::{Client, ErrorCode, Infer, Message, Tensor, Tensors};
 use tidepool_tests::adversary::{
-    body, exited, f32_data, infer_body, map, metric, nested, rss_bytes, wait_ready, with_raw,
-    worker_args, KillOnDrop, V,
+    assert_bystander_served, body, bystander, exited, f32_data, good_infer, infer_body, map,
+    metric, nested, rss_bytes, wait_ready, with_raw, worker_args, KillOnDrop, V,
 };
 use tidepool_tests::balancer::{frame, RawConn};
-use tidepool_tests::drive::{Drive, Tally};
+use tidepool_tests::drive::Drive;
 use tidepool_tests::init_tracing;
 use tidepool_tests::process::{binary, eventually, free_addrs, Proc};
 use tidepool_tests::worker::{scratch_dir, start_worker, worker_config, TinyModel};
@@ -45,39 +44,15 @@ fn infer(id: u64) -> Message {
     })
 }
 
-/// A bystander: `rate` infers a second on its own connection until the returned token is
-/// cancelled; its tally must be all `ok`.
-fn bystander(addr: SocketAddr, rate: u32) -> (CancellationToken, tokio::task::JoinHandle<Tally>) {
-    let stop = CancellationToken::new();
-    let mut drive = Drive::new(addr, rate, DIM, stop.clone());
-    drive.settle = Duration::from_secs(10);
-    (stop, drive.spawn())
-}
-
-async fn assert_bystander_served(stop: CancellationToken, task: tokio::task::JoinHandle<Tally>) {
-    stop.cancel();
-    let tally = task.await.unwrap();
-    assert!(tally.sent > 0, "the bystander sent nothing");
-    tally.assert_all_ok();
-}
-
 #[tokio::test]
 async fn malformed_messages_are_answered_under_their_ids_beside_a_bystander_on_the_same_connection()
 {
     init_tracing();
     let worker = start_worker(worker_config(&TinyModel::default().write())).await;
-    let (stop, bystander) = bystander(worker.local_addr(), 200);
+    let (stop, bystander) = bystander(worker.local_addr(), 200, DIM);
     let mut conn = RawConn::connect(worker.local_addr()).await;
 
-    let good = |id| {
-        infer_body(
-            V::U(id),
-            V::S("f32"),
-            V::A(vec![V::U(DIM as u64)]),
-            f32_data(DIM),
-            vec![],
-        )
-    };
+    let good = |id| good_infer(id, DIM);
     // (body, the id its answer comes under, the code)
     let bad: Vec<(Vec<u8>, u64, ErrorCode)> = vec![
         // The poison frame: an unknown key holding 5,000 nested one-element arrays.
@@ -247,7 +222,7 @@ async fn slowloris_is_cut_at_the_frame_timeout_beside_a_bystander() {
     let mut config = worker_config(&TinyModel::default().write());
     config.frame_timeout = Duration::from_secs(2);
     let worker = start_worker(config).await;
-    let (stop, bystander) = bystander(worker.local_addr(), 100);
+    let (stop, bystander) = bystander(worker.local_addr(), 100, DIM);
 
     let mut slow = TcpStream::connect(worker.local_addr()).await.unwrap();
     let started = std::time::Instant::now();
@@ -299,7 +274,7 @@ async fn unfinished_large_frames_grow_the_worker_by_no_more_than_its_frame_budge
     );
     let worker = Proc::start("worker", "tidepool-worker", &args, &dir);
     wait_ready(listen, &[&worker]).await;
-    let (stop, bystander) = bystander(listen, 200);
+    let (stop, bystander) = bystander(listen, 200, DIM);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let baseline = rss_bytes(worker.pid());
 
