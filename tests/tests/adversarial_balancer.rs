@@ -309,6 +309,18 @@ async fn a_frozen_worker_costs_requests_their_deadline_and_no_more() {
     let s = stand("adv-bal-sigstop", &["--request-timeout", "3s"]).await;
     let mut conn = RawConn::connect(s.listen).await;
     s.worker.signal("STOP");
+    let pid = s.worker.pid();
+    eventually(
+        Duration::from_secs(10),
+        "the worker stopped",
+        &[&s.worker],
+        || async {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.trim_start().starts_with('T').then_some(())
+        },
+    )
+    .await;
     let sent = Instant::now();
     conn.send(infer(1, Some(500))).await;
     conn.send(infer(2, None)).await;
