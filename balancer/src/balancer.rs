@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::discovery::{resolve_one, Resolver, SystemResolver};
 use crate::dispatch::{Router, RoutingSettings};
 use crate::error::Error;
-use crate::frontend::FrontendContext;
+use crate::frontend::{ClientLimits, FrontendContext};
 use crate::handle::Handle;
 use crate::health::HealthCheck;
 use crate::metrics::Metrics;
@@ -225,7 +225,18 @@ impl Balancer {
             max_client_in_flight: config.max_client_in_flight,
             metrics: self.metrics,
             lifecycle: Arc::clone(lifecycle),
+            limits: ClientLimits {
+                budget: config.budget(),
+                frame_timeout: config.frame_timeout,
+                max_connections: config.max_connections,
+                request_timeout: config.request_timeout,
+            },
         };
+        let _ = frontend
+            .metrics
+            .limits
+            .budget
+            .set(frontend.limits.budget.clone());
         frontend::serve(
             self.listener,
             frontend,
@@ -297,6 +308,7 @@ fn group_settings(config: &Config) -> GroupSettings {
         upstream: UpstreamSettings {
             connect_timeout: config.connect_timeout,
             max_frame: config.max_frame,
+            keepalive: config.upstream_keepalive,
         },
     }
 }
@@ -357,7 +369,8 @@ fn actuator(config: &Config, admin: SocketAddr, token: Option<AdminToken>) -> Op
                 scaling.worker_start_timeout,
                 config.drain_timeout,
             )
-            .with_register_token(token),
+            .with_register_token(token)
+            .max_workers(scaling.max_workers),
         ));
     }
     scaling.scale_cmd.as_ref().map(|template| {

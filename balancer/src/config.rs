@@ -140,7 +140,10 @@ pub struct Config {
     #[arg(long, env = "TIDEPOOL_MAX_CLIENT_IN_FLIGHT", default_value_t = 4096)]
     pub max_client_in_flight: usize,
 
-    /// Largest frame accepted from clients and targets (`64MiB`, `1GiB`, or bytes).
+    /// Largest frame accepted from clients and targets (`64MiB`, `1GiB`, or bytes). Must
+    /// not exceed the workers' --max-frame (64MiB by default): a forwarded frame above it
+    /// would close a connection that carries other clients' requests. At most
+    /// --connection-frame-budget.
     #[arg(long, env = "TIDEPOOL_MAX_FRAME", default_value = "64MiB", value_parser = parse_size)]
     pub max_frame: usize,
 
@@ -194,6 +197,39 @@ pub struct Config {
     /// comma-separated in the env). Any address when absent.
     #[arg(long, env = "TIDEPOOL_REGISTER_ALLOW", value_delimiter = ',', value_parser = parse_net)]
     pub register_allow: Vec<IpNet>,
+    /// Bytes of client frames being read or held (until their answer is written or they are
+    /// refused), all connections together. A connection whose next frame does not fit stops
+    /// being read (TCP backpressure) instead of allocating it.
+    #[arg(long, env = "TIDEPOOL_FRAME_BUDGET", default_value = "256MiB", value_parser = parse_size)]
+    pub frame_budget: usize,
+
+    /// Most of --frame-budget one client connection may hold at once.
+    #[arg(long, env = "TIDEPOOL_CONNECTION_FRAME_BUDGET", default_value = "64MiB", value_parser = parse_size)]
+    pub connection_frame_budget: usize,
+
+    /// A client frame whose first byte has arrived must be complete within this, or the
+    /// connection is closed (time waiting for --frame-budget excluded). Also the longest a
+    /// client may leave its answers unread while the balancer waits to write them.
+    #[arg(long, env = "TIDEPOOL_FRAME_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub frame_timeout: Duration,
+
+    /// Most open client connections; beyond it a new one is answered `unavailable` and
+    /// closed.
+    #[arg(long, env = "TIDEPOOL_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// The longest a request without a `deadline_ms` may take, from the moment its frame was
+    /// read; a request with one gets the shorter of the two. Past it the balancer answers
+    /// `deadline_exceeded` and sends `cancel` to the target. Must be above zero: every
+    /// request ends.
+    #[arg(long, env = "TIDEPOOL_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// An upstream connection with nothing written for this long sends a `ping`, so that a
+    /// worker's idle timeout (350 s by default) never closes a connection the balancer is
+    /// about to use. Must be below the workers' --idle-timeout.
+    #[arg(long, env = "TIDEPOOL_UPSTREAM_KEEPALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upstream_keepalive: Duration,
 }
 
 impl Default for Config {
@@ -230,6 +266,12 @@ impl Default for Config {
             admin_auth_reads: false,
             max_targets: MAX_TARGETS,
             register_allow: Vec::new(),
+            frame_budget: 256 << 20,
+            connection_frame_budget: 64 << 20,
+            frame_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            request_timeout: Duration::from_secs(60),
+            upstream_keepalive: Duration::from_secs(30),
         }
     }
 }
@@ -294,6 +336,32 @@ impl Config {
         }
         if self.max_frame < 64 || self.max_frame > u32::MAX as usize {
             return bad("max-frame", "must be between 64 bytes and 4 GiB");
+        }
+        if self.max_connections == 0 {
+            return bad("max-connections", "must be at least 1");
+        }
+        if self.frame_timeout.is_zero() {
+            return bad("frame-timeout", "must be above zero");
+        }
+        if self.request_timeout.is_zero() {
+            return bad(
+                "request-timeout",
+                "must be above zero: it bounds requests that carry no deadline",
+            );
+        }
+        if self.upstream_keepalive.is_zero() {
+            return bad("upstream-keepalive", "must be above zero");
+        }
+        let largest = self.budget().largest_frame();
+        if self.max_frame > largest {
+            return bad(
+                "frame-budget",
+                format!(
+                    "--max-frame {} does not fit: one frame may use 7/8 of --frame-budget and \
+                     at most --connection-frame-budget; raise them or lower --max-frame",
+                    self.max_frame
+                ),
+            );
         }
         for name in &self.target_dns {
             if name
@@ -382,6 +450,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The budget client frames are read within (`--frame-budget`,
+    /// `--connection-frame-budget`).
+    pub fn budget(&self) -> tidepool_protocol::FrameBudget {
+        tidepool_protocol::FrameBudget::new(self.frame_budget, self.connection_frame_budget)
     }
 }
 

@@ -129,6 +129,10 @@ impl Router {
 
     /// One attempt to hand `request` to a target now.
     pub(crate) async fn try_route(&self, mut request: Request, scratch: &mut Scratch) -> Routed {
+        if request.pending.expired(Instant::now()) {
+            request.pending.time_up("waiting in the balancer");
+            return Routed::Done;
+        }
         if let Err(passed) = request.payload.deadline_left(request.pending.received()) {
             request.pending.deadline_passed(passed);
             return Routed::Done;
@@ -212,6 +216,13 @@ impl Router {
         let timeout = self.queue.timeout();
         let mut waiting: VecDeque<(Request, Instant)> = VecDeque::new();
         let mut scratch = Scratch::new();
+        // The earliest deadline (or request timeout) among the waiting: only when it has
+        // passed is the queue scanned for requests whose time is up.
+        let mut next_expiry: Option<Instant> = None;
+        let earlier = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         loop {
             // Entries are in arrival order with one timeout, so the front expires first.
             let expiry = waiting.front().map(|(_, since)| *since + timeout);
@@ -219,17 +230,37 @@ impl Router {
                 biased;
                 () = stop.cancelled() => break,
                 request = rx.recv() => match request {
-                    Some(request) => waiting.push_back((request, Instant::now())),
+                    Some(request) => {
+                        next_expiry = earlier(next_expiry, request.pending.expiry().map(|e| e.at));
+                        waiting.push_back((request, Instant::now()));
+                    }
                     None => break,
                 },
                 () = signal.woken() => {}
-                () = sleep_until(expiry) => {}
+                () = sleep_until(earlier(expiry, next_expiry)) => {}
             }
             while let Ok(request) = rx.try_recv() {
+                next_expiry = earlier(next_expiry, request.pending.expiry().map(|e| e.at));
                 waiting.push_back((request, Instant::now()));
             }
 
             let now = Instant::now();
+            if next_expiry.is_some_and(|at| at <= now) {
+                let before = waiting.len();
+                let mut kept = VecDeque::with_capacity(before);
+                next_expiry = None;
+                for (request, since) in waiting.drain(..) {
+                    if request.pending.expired(now) {
+                        self.metrics.queue_wait.record(now - since);
+                        request.pending.time_up("waiting in the balancer's queue");
+                    } else {
+                        next_expiry = earlier(next_expiry, request.pending.expiry().map(|e| e.at));
+                        kept.push_back((request, since));
+                    }
+                }
+                signal.left(before - kept.len());
+                waiting = kept;
+            }
             while waiting
                 .front()
                 .is_some_and(|(_, since)| *since + timeout <= now)
@@ -348,6 +379,7 @@ mod tests {
                     upstream: UpstreamSettings {
                         connect_timeout: Duration::from_secs(1),
                         max_frame: 1 << 20,
+                        keepalive: Duration::from_secs(30),
                     },
                 },
                 TargetRules::new(Vec::new(), Vec::new(), 64),

@@ -5,9 +5,22 @@
 //! of this connection wait for answers (TCP backpressure). The writer takes answers from
 //! the connection's channel and writes them in bursts, one flush per burst.
 //!
-//! A frame that breaks the framing (too large, zero length) is answered under id 0 and
-//! costs the client its connection, nothing more; a frame that is only a bad message is
-//! answered under its own id and the connection goes on.
+//! A frame that breaks the framing (too large, zero length, not complete within
+//! `--frame-timeout`) is answered under id 0 and costs the client its connection, nothing
+//! more; a frame that is only a bad message is answered under its own id and the connection
+//! goes on.
+//!
+//! No client can make the balancer hold more than its share:
+//! - frames are read with a [`FrameReader`] within the `--frame-budget`: a connection whose
+//!   next frame does not fit (the global budget or its per-connection ceiling) stops being
+//!   read until bytes come back, and nothing is allocated for it meanwhile;
+//! - a client that does not read its answers stops being read at `--max-client-in-flight`,
+//!   and is closed once a write has waited `--frame-timeout` on it;
+//! - beyond `--max-connections` a new connection is answered `unavailable` and closed.
+//!
+//! Once shutdown began a connection keeps being read: every frame is answered
+//! `shutting_down` (a `cancel` still cancels), and the connection closes once nothing is in
+//! flight and nothing has arrived for [`SHUTDOWN_QUIET`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,15 +31,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::StreamExt;
 use tidepool_protocol::raw::{self, Frame, RawKind, Rewrite};
 use tidepool_protocol::{
-    ErrorCode, ErrorReply, FrameCodec, Message, MessageCodec, RequestId, CONNECTION_ID,
+    encode_frame, Error as ProtocolError, ErrorCode, ErrorReply, FrameBudget, FrameReader, Message,
+    MessageCodec, RequestId, CONNECTION_ID,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -35,6 +47,7 @@ use crate::burst::WRITE_BURST;
 use crate::dispatch::{Router, Scratch};
 use crate::metrics::{Metrics, Reject};
 use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Payload, Pending, Request, Slot};
+use crate::throttle::LogThrottle;
 
 /// What client connections need: the router and the limits of a connection.
 #[derive(Clone)]
@@ -51,7 +64,30 @@ pub(crate) struct FrontendContext {
     pub(crate) metrics: Arc<Metrics>,
     /// Requests alive in the whole balancer, for draining.
     pub(crate) lifecycle: Arc<Lifecycle>,
+    /// What protects the balancer from its clients: the frame budget, the frame timeout,
+    /// the connection cap.
+    pub(crate) limits: ClientLimits,
 }
+
+/// The limits of `--frame-budget`, `--frame-timeout` and `--max-connections`.
+#[derive(Clone, Debug)]
+pub(crate) struct ClientLimits {
+    /// Bytes of client frames read or held, all connections together.
+    pub(crate) budget: FrameBudget,
+    /// How long a started frame may take to arrive, and how long answers may go unread.
+    pub(crate) frame_timeout: Duration,
+    /// Most open client connections.
+    pub(crate) max_connections: usize,
+    /// The longest any request may take (`--request-timeout`); `deadline_ms` may shorten it.
+    pub(crate) request_timeout: Duration,
+}
+
+/// After shutdown began, a connection with nothing in flight closes once nothing has arrived
+/// for this long: frames a client wrote before it saw the shutdown are still answered.
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(200);
+
+/// The retry hint given to a connection refused at `--max-connections`.
+const REFUSED_RETRY_MS: u64 = 1_000;
 
 /// Accepts client connections until `shutdown`.
 pub(crate) async fn serve(
@@ -60,6 +96,8 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     connections: TaskTracker,
 ) {
+    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let logs = Arc::new(Logs::default());
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -73,8 +111,53 @@ pub(crate) async fn serve(
                 }
             },
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            refuse(&stream, peer, &ctx, &logs.refused);
+            continue;
+        };
         let span = tracing::debug_span!("client", %peer);
-        connections.spawn(connection(stream, peer, ctx.clone(), shutdown.clone()).instrument(span));
+        connections.spawn(
+            connection(
+                stream,
+                peer,
+                ctx.clone(),
+                shutdown.clone(),
+                Arc::clone(&logs),
+                slot,
+            )
+            .instrument(span),
+        );
+    }
+}
+
+/// The log lines an attacker could repeat at will, one a second each.
+#[derive(Debug, Default)]
+struct Logs {
+    refused: LogThrottle,
+    frame_timeout: LogThrottle,
+    write_stall: LogThrottle,
+}
+
+/// Answers a connection beyond `--max-connections` with `unavailable` under id 0 (if its
+/// socket takes the frame at once: a refusal never waits on the client) and closes it.
+fn refuse(stream: &TcpStream, peer: SocketAddr, ctx: &FrontendContext, log: &LogThrottle) {
+    let limits = &ctx.metrics.limits;
+    limits.connections_refused.fetch_add(1, Ordering::Relaxed);
+    let max = ctx.limits.max_connections;
+    if let Some(also) = log.allow() {
+        tracing::warn!(%peer, max_connections = max, also_refused = also,
+            "--max-connections reached; refusing a client connection");
+    }
+    let reply = ErrorReply::new(
+        CONNECTION_ID,
+        ErrorCode::Unavailable,
+        format!(
+            "the balancer has its --max-connections ({max}) client connections open; retry later"
+        ),
+    )
+    .retry_after(REFUSED_RETRY_MS);
+    if let Ok(frame) = encode_frame(&Message::Error(reply)) {
+        let _ = stream.try_write(&frame);
     }
 }
 
@@ -92,6 +175,8 @@ async fn connection(
     peer: SocketAddr,
     ctx: FrontendContext,
     shutdown: CancellationToken,
+    logs: Arc<Logs>,
+    _slot: OwnedSemaphorePermit,
 ) {
     let metrics = Arc::clone(&ctx.metrics);
     metrics.new_flows.fetch_add(1, Ordering::Relaxed);
@@ -102,7 +187,12 @@ async fn connection(
 
     let max_frame = ctx.max_frame;
     let (read, write) = stream.into_split();
-    let mut frames = FramedRead::new(Counted::new(read, &metrics), FrameCodec::new(max_frame));
+    let mut frames = FrameReader::new(
+        Counted::new(read, &metrics),
+        max_frame,
+        ctx.limits.budget.connection(),
+    )
+    .frame_timeout(Some(ctx.limits.frame_timeout));
     let (answers, answers_rx) = mpsc::unbounded_channel();
     let conn = Arc::new(ClientConn::new(
         answers,
@@ -110,10 +200,17 @@ async fn connection(
         Arc::clone(&metrics),
         Arc::clone(&ctx.lifecycle),
     ));
+    // Cancelled when the writer gives up on the client: then nothing more is read either.
+    let writer_gone = CancellationToken::new();
     let writer = tokio::spawn(
         write_loop(
             Counted::new(write, &metrics),
-            max_frame,
+            Writer {
+                max_frame,
+                stall_timeout: ctx.limits.frame_timeout,
+                logs: Arc::clone(&logs),
+                gone: writer_gone.clone(),
+            },
             answers_rx,
             Arc::downgrade(&conn),
         )
@@ -125,6 +222,9 @@ async fn connection(
     let idle_timeout = ctx.idle_timeout;
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
+    // Once shutdown began: frames are still read, and answered `shutting_down`, until the
+    // connection has been quiet for SHUTDOWN_QUIET.
+    let mut closing = false;
     let mut client_gone = true;
 
     loop {
@@ -132,7 +232,12 @@ async fn connection(
         let permit = match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => tokio::select! {
-                () = shutdown.cancelled() => { client_gone = false; break }
+                () = writer_gone.cancelled() => break,
+                () = shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    idle.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_QUIET);
+                    continue;
+                }
                 permit = Arc::clone(&permits).acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
@@ -141,31 +246,59 @@ async fn connection(
         };
         let frame = tokio::select! {
             biased;
-            () = shutdown.cancelled() => { client_gone = false; break }
+            () = writer_gone.cancelled() => break,
+            () = shutdown.cancelled(), if !closing => {
+                closing = true;
+                idle.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_QUIET);
+                continue;
+            }
             () = &mut idle => {
-                let quiet_until = conn.last_activity() + idle_timeout;
-                if conn.slots.is_empty() && quiet_until <= tokio::time::Instant::now() {
-                    tracing::debug!(timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing");
+                let limit = if closing { SHUTDOWN_QUIET } else { idle_timeout };
+                let quiet_until = conn.last_activity() + limit;
+                let now = tokio::time::Instant::now();
+                // A frame under way is the frame timeout's to end.
+                if conn.slots.is_empty() && !frames.in_frame() && quiet_until <= now {
+                    if closing {
+                        tracing::debug!("quiet after shutdown; closing");
+                        client_gone = false;
+                    } else {
+                        tracing::debug!(timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing");
+                    }
                     break;
                 }
                 // Traffic since the timer was set, or requests still in flight.
-                idle.as_mut().reset(quiet_until.max(tokio::time::Instant::now() + idle_timeout / 8));
+                idle.as_mut().reset(quiet_until.max(now + limit / 8));
                 continue;
             }
-            frame = frames.next() => frame,
+            frame = frames.next_frame() => frame,
         };
         let body = match frame {
-            None => break,
-            Some(Err(error)) => {
+            Ok(None) => break,
+            Err(error) => {
+                if let ProtocolError::FrameTimeout { .. } = error {
+                    metrics
+                        .limits
+                        .frame_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(also) = logs.frame_timeout.allow() {
+                        tracing::warn!(%peer, %error, also_timed_out = also,
+                            "client frame not complete within --frame-timeout; closing the connection");
+                    }
+                } else {
+                    tracing::debug!(%error, "unreadable frame; closing the connection");
+                    metrics.reject(Reject::BadRequest);
+                }
                 // The framing is lost: say why under id 0, then close.
-                tracing::debug!(%error, "unreadable frame; closing the connection");
-                metrics.reject(Reject::BadRequest);
                 conn.send(Message::Error(error.reply()), Some(permit));
                 break;
             }
-            Some(Ok(body)) => body,
+            Ok(Some(body)) => body,
         };
         conn.touch();
+        if closing {
+            answer_closing(&conn, body, permit);
+            continue;
+        }
         let msg = match raw::decode_body(body) {
             Err(error) => {
                 metrics.reject(Reject::BadRequest);
@@ -181,6 +314,7 @@ async fn connection(
                     Payload::Raw(raw),
                     permit,
                     &mut scratch,
+                    ctx.limits.request_timeout,
                 )
                 .await;
                 continue;
@@ -198,6 +332,7 @@ async fn connection(
                     Payload::Decoded(infer),
                     permit,
                     &mut scratch,
+                    ctx.limits.request_timeout,
                 )
                 .await;
             }
@@ -237,6 +372,33 @@ async fn connection(
     tracing::debug!("client connection closed");
 }
 
+/// Answers a frame read after shutdown began: `shutting_down` under its id, never silence.
+/// A `cancel` still reaches the request it names.
+fn answer_closing(conn: &ClientConn, body: bytes::Bytes, permit: OwnedSemaphorePermit) {
+    let id = match raw::decode_body(body) {
+        Err(error) => {
+            conn.metrics.reject(Reject::BadRequest);
+            conn.send(Message::Error(error.reply()), Some(permit));
+            return;
+        }
+        Ok(Frame::Raw(raw)) => raw.id(),
+        Ok(Frame::Message(Message::Cancel { id })) => {
+            conn.cancel(id);
+            return;
+        }
+        Ok(Frame::Message(msg)) => msg.id(),
+    };
+    conn.metrics.reject(Reject::ShuttingDown);
+    conn.send(
+        Message::Error(ErrorReply::new(
+            id,
+            ErrorCode::ShuttingDown,
+            "the balancer is shutting down; send this request to another balancer, or retry once it is back",
+        )),
+        Some(permit),
+    );
+}
+
 /// Gives a request read from `conn` a pending entry and routes it, or refuses its id.
 async fn submit(
     router: &Router,
@@ -245,6 +407,7 @@ async fn submit(
     payload: Payload,
     permit: OwnedSemaphorePermit,
     scratch: &mut Scratch,
+    request_timeout: Duration,
 ) {
     let refusal = if id == CONNECTION_ID {
         Some("request id 0 is reserved for connection errors; number requests from 1")
@@ -267,7 +430,9 @@ async fn submit(
         );
         return;
     }
-    let pending = Pending::new(Arc::clone(conn), id, Some(permit));
+    let mut pending = Pending::new(Arc::clone(conn), id, Some(permit));
+    // The clock starts now, when the frame has been read.
+    pending.set_expiry(payload.deadline_ms(), request_timeout);
     router
         .submit(
             Request {
@@ -280,13 +445,30 @@ async fn submit(
         .await;
 }
 
+/// The client writer's settings.
+struct Writer {
+    max_frame: usize,
+    /// How long a write may wait on a client that does not read before it is given up.
+    stall_timeout: Duration,
+    logs: Arc<Logs>,
+    /// Cancelled as the writer ends, so that the reader stops too.
+    gone: CancellationToken,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
+}
+
 async fn write_loop(
     mut socket: Counted<tokio::net::tcp::OwnedWriteHalf>,
-    max_frame: usize,
+    writer: Writer,
     mut answers: mpsc::UnboundedReceiver<Outbound>,
     // Weak: a strong reference would keep the channel open, and the writer would never end.
     conn: Weak<ClientConn>,
 ) {
+    let max_frame = writer.max_frame;
     let mut codec = MessageCodec::new(max_frame);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     // Permits are released once their answers are written, not merely encoded.
@@ -329,9 +511,26 @@ async fn write_loop(
                 None
             };
         }
-        if let Err(error) = socket.write_all(&buf).await {
-            tracing::debug!(%error, "client writer stopped");
-            return;
+        // A client that does not read its answers holds at most --max-client-in-flight of
+        // them, and for --frame-timeout at most: then it is given up.
+        match tokio::time::timeout(writer.stall_timeout, socket.write_all(&buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "client writer stopped");
+                return;
+            }
+            Err(_) => {
+                socket
+                    .metrics
+                    .limits
+                    .write_stalls
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(also) = writer.logs.write_stall.allow() {
+                    tracing::warn!(timeout = %humantime::format_duration(writer.stall_timeout), also_stalled = also,
+                        "client did not read its answers within --frame-timeout; closing the connection");
+                }
+                return;
+            }
         }
         buf.clear();
         written.clear();

@@ -86,6 +86,7 @@ pub mod autoscale;
 mod balancer;
 mod burst;
 pub mod config;
+mod deadline;
 mod discovery;
 mod dispatch;
 pub mod error;
@@ -98,6 +99,7 @@ mod queue;
 mod registry;
 pub mod routing;
 pub mod target;
+mod throttle;
 mod upstream;
 mod validation;
 

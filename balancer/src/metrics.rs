@@ -136,6 +136,25 @@ pub(crate) struct Metrics {
     rejected: [AtomicU64; Reject::ALL.len()],
     /// Time requests spent in the wait queue.
     pub(crate) queue_wait: Histogram,
+    /// The limits that protect the balancer from its clients, each counted when it bites.
+    pub(crate) limits: LimitCounters,
+}
+
+/// How often each of the balancer's protective limits bit.
+#[derive(Debug, Default)]
+pub(crate) struct LimitCounters {
+    /// Client connections refused at `--max-connections`.
+    pub(crate) connections_refused: AtomicU64,
+    /// Client connections closed because a started frame did not complete within
+    /// `--frame-timeout`.
+    pub(crate) frame_timeouts: AtomicU64,
+    /// Client connections closed because their answers went unread for `--frame-timeout`.
+    pub(crate) write_stalls: AtomicU64,
+    /// Requests answered `deadline_exceeded` by the balancer after they were written to a
+    /// target (`deadline_ms` or `--request-timeout`).
+    pub(crate) request_timeouts: AtomicU64,
+    /// The client frame budget, for its bytes held and its waits (set once at bind).
+    pub(crate) budget: std::sync::OnceLock<tidepool_protocol::FrameBudget>,
 }
 
 impl Default for Metrics {
@@ -147,6 +166,7 @@ impl Default for Metrics {
             target_resets: AtomicU64::new(0),
             rejected: Default::default(),
             queue_wait: Histogram::latency(),
+            limits: LimitCounters::default(),
         }
     }
 }
@@ -223,6 +243,46 @@ impl Metrics {
             "gauge",
             queue_len as u64,
         );
+
+        let limits = &self.limits;
+        for (name, help, value) in [
+            (
+                "tidepool_connections_refused_total",
+                "Client connections refused at --max-connections.",
+                load(&limits.connections_refused),
+            ),
+            (
+                "tidepool_frame_timeouts_total",
+                "Client connections closed: a started frame did not complete within --frame-timeout.",
+                load(&limits.frame_timeouts),
+            ),
+            (
+                "tidepool_write_stalls_total",
+                "Client connections closed: their answers went unread for --frame-timeout.",
+                load(&limits.write_stalls),
+            ),
+            (
+                "tidepool_request_timeouts_total",
+                "Requests answered deadline_exceeded by the balancer after they reached a target.",
+                load(&limits.request_timeouts),
+            ),
+            (
+                "tidepool_frame_budget_waits_total",
+                "Times a client connection stopped being read because its next frame did not fit the --frame-budget.",
+                limits.budget.get().map_or(0, |b| b.waits()),
+            ),
+        ] {
+            gauge(&mut out, name, help, "counter", value);
+        }
+        if let Some(budget) = limits.budget.get() {
+            gauge(
+                &mut out,
+                "tidepool_frame_budget_held_bytes",
+                "Bytes of client frames being read or held, of --frame-budget.",
+                "gauge",
+                budget.held() as u64,
+            );
+        }
 
         let _ = writeln!(out, "# HELP tidepool_rejected_total Requests answered with an error by the balancer, by reason.\n# TYPE tidepool_rejected_total counter");
         for reason in Reject::ALL {

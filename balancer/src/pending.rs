@@ -85,6 +85,50 @@ impl Payload {
     }
 }
 
+/// When a request must be answered by, wherever it is, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Expiry {
+    /// The moment: when the frame was read plus the budget.
+    pub(crate) at: Instant,
+    /// The budget: the client's `deadline_ms`, or `--request-timeout` when that is shorter
+    /// or there is none.
+    pub(crate) cause: ExpiryCause,
+}
+
+/// Where a request's time limit comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ExpiryCause {
+    /// The client's `deadline_ms`.
+    Deadline(u64),
+    /// The balancer's `--request-timeout`.
+    RequestTimeout(std::time::Duration),
+}
+
+impl Expiry {
+    /// The limit of a request read at `received` with the client's `deadline_ms`, under
+    /// `request_timeout`.
+    pub(crate) fn new(
+        received: Instant,
+        deadline_ms: Option<u64>,
+        request_timeout: std::time::Duration,
+    ) -> Expiry {
+        let cause = match deadline_ms {
+            Some(ms) if std::time::Duration::from_millis(ms) <= request_timeout => {
+                ExpiryCause::Deadline(ms)
+            }
+            _ => ExpiryCause::RequestTimeout(request_timeout),
+        };
+        let budget = match cause {
+            ExpiryCause::Deadline(ms) => std::time::Duration::from_millis(ms),
+            ExpiryCause::RequestTimeout(timeout) => timeout,
+        };
+        Expiry {
+            at: received + budget,
+            cause,
+        }
+    }
+}
+
 /// A request's deadline ran out while it was still in the balancer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct DeadlinePassed {
@@ -221,6 +265,9 @@ pub(crate) struct Pending {
     received: Instant,
     in_flight: Option<InFlight>,
     permit: Option<OwnedSemaphorePermit>,
+    /// When the balancer answers `deadline_exceeded` itself, if the target has not
+    /// answered; `None` only for entries made in tests.
+    expiry: Option<Expiry>,
     answered: bool,
 }
 
@@ -239,6 +286,7 @@ impl Pending {
             received: Instant::now(),
             in_flight: None,
             permit,
+            expiry: None,
             answered: false,
         }
     }
@@ -246,6 +294,46 @@ impl Pending {
     /// When the request was read.
     pub(crate) fn received(&self) -> Instant {
         self.received
+    }
+
+    /// Sets when the request must be answered by: its deadline or `request_timeout`.
+    pub(crate) fn set_expiry(
+        &mut self,
+        deadline_ms: Option<u64>,
+        request_timeout: std::time::Duration,
+    ) {
+        self.expiry = Some(Expiry::new(self.received, deadline_ms, request_timeout));
+    }
+
+    /// When the request must be answered by.
+    pub(crate) fn expiry(&self) -> Option<Expiry> {
+        self.expiry
+    }
+
+    /// True when its time is up.
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        self.expiry.is_some_and(|e| e.at <= now)
+    }
+
+    /// Answers `deadline_exceeded` because its time ran out `where_` (in the queue, at a
+    /// target).
+    pub(crate) fn time_up(self, where_: &str) {
+        let message = match self.expiry.map(|e| e.cause) {
+            Some(ExpiryCause::RequestTimeout(timeout)) => format!(
+                "no answer within the balancer's --request-timeout of {} while the request was {where_}; send a deadline_ms, or ask the operator to raise it",
+                humantime::format_duration(timeout)
+            ),
+            Some(ExpiryCause::Deadline(ms)) => {
+                format!("the deadline of {ms} ms passed while the request was {where_}")
+            }
+            None => format!("the request's time ran out while it was {where_}"),
+        };
+        self.reject(
+            Reject::DeadlineExceeded,
+            ErrorCode::DeadlineExceeded,
+            message,
+            None,
+        );
     }
 
     /// The client's address, for the `client` field.

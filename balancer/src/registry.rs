@@ -431,6 +431,7 @@ mod tests {
             upstream: UpstreamSettings {
                 connect_timeout: Duration::from_secs(1),
                 max_frame: 1 << 20,
+                keepalive: Duration::from_secs(30),
             },
         };
         TargetGroup::new(

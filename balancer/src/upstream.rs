@@ -27,11 +27,13 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::burst::WRITE_BURST;
+use crate::deadline::Deadlines;
 use crate::metrics::{Metrics, Reject};
 use crate::pending::{Payload, Pending, Request};
 use crate::queue::Reroute;
@@ -49,6 +51,9 @@ pub(crate) struct UpstreamSettings {
     pub(crate) connect_timeout: Duration,
     /// Largest frame accepted from the target and written to it (`--max-frame`).
     pub(crate) max_frame: usize,
+    /// Quiet this long, a connection sends a `ping` (`--upstream-keepalive`), so that the
+    /// target's idle timeout never closes it under a request about to be written.
+    pub(crate) keepalive: Duration,
 }
 
 /// What a target's connections need besides the target itself: their settings, the way
@@ -120,8 +125,9 @@ impl UpstreamConn {
             Arc::clone(&conn),
             write,
             outlets,
-            max_frame,
+            ctx.settings,
             ctx.reroute.clone(),
+            Arc::clone(&ctx.metrics),
         ));
         ctx.tasks.spawn(read_loop(
             Arc::clone(&conn),
@@ -174,29 +180,113 @@ enum Outgoing {
     Cancel(RequestId),
 }
 
+/// What the writer tracks besides its socket: the deadlines of the requests it wrote,
+/// the one timer for all of them and for the keepalive, and the cancels it owes the
+/// target for requests the balancer answered itself.
+struct Timers {
+    deadlines: Deadlines,
+    /// Fires at the earliest deadline or when the keepalive is due, whichever is first;
+    /// moved only when an earlier deadline arrives or after it fired.
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    keepalive: Duration,
+    last_write: Instant,
+    /// Requests answered `deadline_exceeded` here, whose `cancel` is still to be written.
+    owed: Vec<RequestId>,
+}
+
+impl Timers {
+    fn new(keepalive: Duration) -> Timers {
+        let now = Instant::now();
+        Timers {
+            deadlines: Deadlines::default(),
+            sleep: Box::pin(tokio::time::sleep_until(now + keepalive)),
+            keepalive,
+            last_write: now,
+            owed: Vec::new(),
+        }
+    }
+
+    /// Tracks a written request's deadline.
+    fn track(&mut self, conn: &UpstreamConn, at: Instant, id: RequestId) {
+        let live = conn.pending.len();
+        self.deadlines
+            .push(at, id, live, |id| conn.pending.contains_key(&id));
+        if at < self.sleep.deadline() {
+            self.sleep.as_mut().reset(at);
+        }
+    }
+
+    /// The timer fired: answers the requests whose time is up (their late answers will find
+    /// nothing and be dropped) and owes the target their cancels; returns true when the
+    /// connection has been quiet for the keepalive and a `ping` is due.
+    fn fired(&mut self, conn: &UpstreamConn, metrics: &Metrics) -> bool {
+        let now = Instant::now();
+        for id in self.deadlines.due(now) {
+            if let Some((_, pending)) = conn.pending.remove(&id) {
+                metrics
+                    .limits
+                    .request_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                pending.time_up(&format!("at target {}", conn.addr));
+                self.owed.push(id);
+            }
+        }
+        let ping = now >= self.last_write + self.keepalive;
+        if ping {
+            // Counts as a write: the next one is due a keepalive from now.
+            self.last_write = now;
+        }
+        let next_keepalive = self.last_write + self.keepalive;
+        let next = self
+            .deadlines
+            .next()
+            .map_or(next_keepalive, |at| at.min(next_keepalive));
+        self.sleep.as_mut().reset(next);
+        ping
+    }
+}
+
 async fn write_loop(
     conn: Arc<UpstreamConn>,
     mut socket: OwnedWriteHalf,
     outlets: Outlets,
-    max_frame: usize,
+    settings: UpstreamSettings,
     queue: Reroute,
+    metrics: Arc<Metrics>,
 ) {
     let Outlets {
         mut requests,
         mut cancels,
     } = outlets;
+    let max_frame = settings.max_frame;
     let mut codec = MessageCodec::new(max_frame);
     let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut timers = Timers::new(settings.keepalive);
     'run: loop {
         let first = tokio::select! {
             biased;
             () = conn.closed.cancelled() => break 'run,
-            Some(forward) = requests.recv() => Outgoing::Request(forward),
-            Some(id) = cancels.recv() => Outgoing::Cancel(id),
+            Some(forward) = requests.recv() => Some(Outgoing::Request(forward)),
+            Some(id) = cancels.recv() => Some(Outgoing::Cancel(id)),
+            () = timers.sleep.as_mut() => {
+                if timers.fired(&conn, &metrics) {
+                    let ping = Message::Ping { id: conn.next_id() };
+                    if codec.encode_ref(&ping, &mut buf).is_err() {
+                        break 'run;
+                    }
+                }
+                None
+            }
             else => break 'run,
         };
-        let mut next = Some(first);
-        let mut yielded = false;
+        for id in timers.owed.drain(..) {
+            if codec.encode_ref(&Message::Cancel { id }, &mut buf).is_err() {
+                break 'run;
+            }
+        }
+        // A timer's ping or cancels alone need no wait for company.
+        let mut yielded = first.is_none();
+        let mut next = first;
         // Encode everything queued, then write once: one syscall for a burst.
         loop {
             let Some(item) = next else {
@@ -216,7 +306,7 @@ async fn write_loop(
             };
             let written = match item {
                 Outgoing::Request(forward) => {
-                    encode_request(&conn, &mut buf, forward, max_frame, &queue)
+                    encode_request(&conn, &mut buf, forward, max_frame, &queue, &mut timers)
                 }
                 Outgoing::Cancel(id) => codec.encode_ref(&Message::Cancel { id }, &mut buf),
             };
@@ -232,9 +322,29 @@ async fn write_loop(
                 Err(_) => cancels.try_recv().ok().map(Outgoing::Cancel),
             };
         }
-        if let Err(error) = socket.write_all(&buf).await {
-            tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
-            break 'run;
+        // A target that stopped reading (frozen, SIGSTOP) must not stop the deadlines of
+        // what it already has: the timer is served while the write waits.
+        let mut at = 0;
+        while at < buf.len() {
+            tokio::select! {
+                biased;
+                () = conn.closed.cancelled() => break 'run,
+                () = timers.sleep.as_mut() => {
+                    // A ping would be pointless behind a write that does not move.
+                    let _ = timers.fired(&conn, &metrics);
+                }
+                written = socket.write(&buf[at..]) => match written {
+                    Ok(0) => break 'run,
+                    Ok(n) => at += n,
+                    Err(error) => {
+                        tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
+                        break 'run;
+                    }
+                },
+            }
+        }
+        if !buf.is_empty() {
+            timers.last_write = Instant::now();
         }
         buf.clear();
     }
@@ -258,6 +368,7 @@ fn encode_request(
     forward: Forward,
     max_frame: usize,
     queue: &Reroute,
+    timers: &mut Timers,
 ) -> Result<(), ProtocolError> {
     let Forward {
         upstream_id,
@@ -300,8 +411,12 @@ fn encode_request(
         pending.reject(Reject::BadRequest, error.code(), error.to_string(), None);
         return Ok(());
     }
+    let expiry = pending.expiry().map(|e| e.at);
     // In the map before the frame is written, so the answer always finds it.
     conn.pending.insert(upstream_id, pending);
+    if let Some(at) = expiry {
+        timers.track(conn, at, upstream_id);
+    }
     if conn.is_closed() {
         // The reader may have emptied the map already; whoever removes it owns it.
         if let Some((_, pending)) = conn.pending.remove(&upstream_id) {
@@ -324,13 +439,19 @@ async fn read_loop(
     mut frames: FramedRead<OwnedReadHalf, FrameCodec>,
     metrics: Arc<Metrics>,
 ) {
+    let mut last_error: Option<String> = None;
     let reason = loop {
         let frame = tokio::select! {
             () = conn.closed.cancelled() => break None,
             frame = frames.next() => frame,
         };
         let body = match frame {
-            None => break Some("closed by the target".to_owned()),
+            None => {
+                break Some(match last_error.take() {
+                    Some(error) => format!("closed by the target after {error}"),
+                    None => "closed by the target".to_owned(),
+                })
+            }
             Some(Err(error)) => break Some(error.to_string()),
             Some(Ok(body)) => body,
         };
@@ -360,7 +481,14 @@ async fn read_loop(
                 tracing::debug!(target = %conn.addr, kind = "infer", "unexpected frame from target ignored");
             }
             Ok(Frame::Message(Message::Error(reply))) if reply.id == CONNECTION_ID => {
-                break Some(format!("{}: {}", reply.code, reply.message));
+                // Workers answer a message they cannot read under its own id, and close the
+                // connection themselves after a framing error: an error under id 0 names
+                // no request and fails none. It is the reason if the connection now ends.
+                tracing::warn!(target = %conn.addr, code = %reply.code, message = %reply.message, "connection-level error from target");
+                last_error = Some(format!("{}: {}", reply.code, reply.message));
+            }
+            Ok(Frame::Message(Message::Pong { .. })) => {
+                // The keepalive's answer: the connection is alive, nothing to do.
             }
             Ok(Frame::Message(msg @ (Message::Result(_) | Message::Error(_)))) => {
                 match conn.pending.remove(&msg.id()) {

@@ -1,5 +1,6 @@
 //! The harness every tidepool integration suite shares.
 //!
+//! - [`adversary`]: hand-made malformed bodies, VmRSS, metrics, a real worker's arguments.
 //! - [`stand_in`]: an in-process target that speaks the protocol with a configurable
 //!   delay and echoes its inputs, for testing clients and the balancer without a model.
 //! - [`balancer`]: an in-process balancer with fast health checks, raw frames, admin calls.
@@ -11,6 +12,7 @@
 //!
 //! Everything binds `127.0.0.1:0` and is stopped by the test that started it.
 
+pub mod adversary;
 pub mod balancer;
 pub mod compose;
 pub mod drive;

@@ -9,18 +9,19 @@
 // A failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
-use std::path::Path;
+use std::collections::HashMap;
 use std::time::Duration;
 
-use serde::Serialize;
 use tidepool_protocol::{Client, ErrorCode, Infer, Message, Tensor, Tensors};
-use tidepool_tests::balancer::{frame, http, RawConn};
-use tidepool_tests::drive::{Drive, Tally};
+use tidepool_tests::adversary::{
+    assert_bystander_served, body, bystander, exited, f32_data, good_infer, infer_body, map,
+    metric, nested, rss_bytes, wait_ready, with_raw, worker_args, KillOnDrop, V,
+};
+use tidepool_tests::balancer::{frame, RawConn};
+use tidepool_tests::drive::Drive;
 use tidepool_tests::init_tracing;
 use tidepool_tests::process::{binary, eventually, free_addrs, Proc};
-use tidepool_tests::worker::{ort_lib, scratch_dir, start_worker, worker_config, TinyModel};
+use tidepool_tests::worker::{scratch_dir, start_worker, worker_config, TinyModel};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -43,99 +44,15 @@ fn infer(id: u64) -> Message {
     })
 }
 
-/// A MessagePack value for hand-made bodies, including the ones no encoder would write.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum V {
-    U(u64),
-    I(i64),
-    S(&'static str),
-    B(#[serde(with = "serde_bytes")] Vec<u8>),
-    A(Vec<V>),
-    M(BTreeMap<&'static str, V>),
-}
-
-fn map(entries: Vec<(&'static str, V)>) -> V {
-    V::M(entries.into_iter().collect())
-}
-
-fn body(value: &V) -> Vec<u8> {
-    rmp_serde::to_vec(value).unwrap()
-}
-
-/// An `infer` of one tensor `x` built from its three fields, plus `extra` entries.
-fn infer_body(id: V, dtype: V, shape: V, data: V, extra: Vec<(&'static str, V)>) -> Vec<u8> {
-    let mut entries = vec![
-        ("type", V::S("infer")),
-        ("id", id),
-        (
-            "inputs",
-            map(vec![(
-                "input",
-                map(vec![("dtype", dtype), ("shape", shape), ("data", data)]),
-            )]),
-        ),
-    ];
-    entries.extend(extra);
-    body(&map(entries))
-}
-
-fn f32_data(n: usize) -> V {
-    V::B(vec![0; 4 * n])
-}
-
-/// `body` (a map of fewer than 15 entries) with one more entry: `key` holding the MessagePack
-/// bytes `value`, written by hand since a value nested thousands deep would overflow the
-/// stack of any recursive encoder.
-fn with_raw(mut body: Vec<u8>, key: &str, value: &[u8]) -> Vec<u8> {
-    assert!(matches!(body[0], 0x80..=0x8e), "a small fixmap");
-    body[0] += 1;
-    body.push(0xa0 | key.len() as u8);
-    body.extend_from_slice(key.as_bytes());
-    body.extend_from_slice(value);
-    body
-}
-
-/// `depth` levels of `level` around a 1.
-fn nested(depth: usize, level: &[u8]) -> Vec<u8> {
-    let mut out = level.repeat(depth);
-    out.push(0x01);
-    out
-}
-
-/// A bystander: `rate` infers a second on its own connection until the returned token is
-/// cancelled; its tally must be all `ok`.
-fn bystander(addr: SocketAddr, rate: u32) -> (CancellationToken, tokio::task::JoinHandle<Tally>) {
-    let stop = CancellationToken::new();
-    let mut drive = Drive::new(addr, rate, DIM, stop.clone());
-    drive.settle = Duration::from_secs(10);
-    (stop, drive.spawn())
-}
-
-async fn assert_bystander_served(stop: CancellationToken, task: tokio::task::JoinHandle<Tally>) {
-    stop.cancel();
-    let tally = task.await.unwrap();
-    assert!(tally.sent > 0, "the bystander sent nothing");
-    tally.assert_all_ok();
-}
-
 #[tokio::test]
 async fn malformed_messages_are_answered_under_their_ids_beside_a_bystander_on_the_same_connection()
 {
     init_tracing();
     let worker = start_worker(worker_config(&TinyModel::default().write())).await;
-    let (stop, bystander) = bystander(worker.local_addr(), 200);
+    let (stop, bystander) = bystander(worker.local_addr(), 200, DIM);
     let mut conn = RawConn::connect(worker.local_addr()).await;
 
-    let good = |id| {
-        infer_body(
-            V::U(id),
-            V::S("f32"),
-            V::A(vec![V::U(DIM as u64)]),
-            f32_data(DIM),
-            vec![],
-        )
-    };
+    let good = |id| good_infer(id, DIM);
     // (body, the id its answer comes under, the code)
     let bad: Vec<(Vec<u8>, u64, ErrorCode)> = vec![
         // The poison frame: an unknown key holding 5,000 nested one-element arrays.
@@ -305,7 +222,7 @@ async fn slowloris_is_cut_at_the_frame_timeout_beside_a_bystander() {
     let mut config = worker_config(&TinyModel::default().write());
     config.frame_timeout = Duration::from_secs(2);
     let worker = start_worker(config).await;
-    let (stop, bystander) = bystander(worker.local_addr(), 100);
+    let (stop, bystander) = bystander(worker.local_addr(), 100, DIM);
 
     let mut slow = TcpStream::connect(worker.local_addr()).await.unwrap();
     let started = std::time::Instant::now();
@@ -333,60 +250,6 @@ async fn slowloris_is_cut_at_the_frame_timeout_beside_a_bystander() {
     worker.shutdown().await.unwrap();
 }
 
-/// The worker's resident memory, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kb * 1024
-}
-
-/// A metric's value from the worker's `/metrics`.
-async fn metric(metrics: SocketAddr, name: &str) -> f64 {
-    let (_, text) = http(metrics, "GET", "/metrics", None).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
-fn worker_args(model: &Path, listen: SocketAddr, metrics: SocketAddr) -> Vec<String> {
-    [
-        "serve",
-        "--model",
-        &model.display().to_string(),
-        "--listen",
-        &listen.to_string(),
-        "--metrics",
-        &metrics.to_string(),
-        "--ort-lib",
-        &ort_lib().display().to_string(),
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--drain-timeout",
-        "5s",
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-async fn wait_ready(addr: SocketAddr, procs: &[&Proc]) {
-    eventually(
-        Duration::from_secs(60),
-        "the worker ready",
-        procs,
-        || async {
-            let client = Client::connect(addr).await.ok()?;
-            client.ping(Duration::from_secs(1)).await.ok()
-        },
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn unfinished_large_frames_grow_the_worker_by_no_more_than_its_frame_budget() {
     init_tracing();
@@ -411,7 +274,7 @@ async fn unfinished_large_frames_grow_the_worker_by_no_more_than_its_frame_budge
     );
     let worker = Proc::start("worker", "tidepool-worker", &args, &dir);
     wait_ready(listen, &[&worker]).await;
-    let (stop, bystander) = bystander(listen, 200);
+    let (stop, bystander) = bystander(listen, 200, DIM);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let baseline = rss_bytes(worker.pid());
 
@@ -538,27 +401,6 @@ async fn frames_on_the_wire_at_sigterm_are_answered() {
         2,
         "only results and shutting_down: {outcomes:?}"
     );
-}
-
-/// `/proc/PID` is gone, or the process is a zombie waiting to be reaped.
-fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
-}
-
-/// Kills a process by pid when dropped, so a failing test leaves no worker behind.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .status();
-    }
 }
 
 #[tokio::test]

@@ -29,8 +29,6 @@ pub struct Cli {
 // Parsed once at start and moved into the worker: boxing the large variant would save nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
-// Parsed once at start-up and moved once: the size difference costs nothing worth a Box.
-#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Load a model and serve it until SIGTERM or SIGINT.
     Serve(ServeConfig),

@@ -101,6 +101,10 @@ enum Phase {
 struct Managed {
     addr: SocketAddr,
     child: Child,
+    /// The write end of the worker's stdin pipe, never written: when the balancer dies,
+    /// SIGKILL included, the kernel closes it and the worker (`--exit-with-parent`, set
+    /// through its environment) drains and exits. Held for the worker's whole life.
+    _lifeline: Option<tokio::process::ChildStdin>,
     started: Instant,
     phase: Phase,
 }
@@ -119,6 +123,8 @@ pub struct ProcessPool {
     stop_timeout: Duration,
     /// The admin token, given to each worker in its environment so that it can register.
     register_token: Option<AdminToken>,
+    /// `--max-workers`: past it, targets this pool did not start are deregistered.
+    max_workers: usize,
 }
 
 impl ProcessPool {
@@ -142,6 +148,7 @@ impl ProcessPool {
             start_timeout,
             stop_timeout,
             register_token: None,
+            max_workers: usize::MAX,
         }
     }
 
@@ -150,6 +157,28 @@ impl ProcessPool {
     pub fn with_register_token(mut self, token: Option<AdminToken>) -> ProcessPool {
         self.register_token = token;
         self
+    }
+
+    /// Caps the pool at `n` workers (`--max-workers`): targets registered beyond it that
+    /// this pool did not start (a worker left running by an earlier balancer, registering
+    /// itself) are deregistered.
+    pub fn max_workers(mut self, n: usize) -> ProcessPool {
+        self.max_workers = n;
+        self
+    }
+
+    /// Registered targets, not draining, that this pool did not start, the least busy
+    /// first.
+    fn strangers(&self, pool: &dyn Pool) -> Vec<(usize, SocketAddr)> {
+        let mut strangers: Vec<(usize, SocketAddr)> = pool
+            .targets()
+            .into_iter()
+            .filter(|t| t.state != TargetState::Draining)
+            .filter(|t| !self.workers.iter().any(|w| w.addr == t.addr))
+            .map(|t| (t.outstanding, t.addr))
+            .collect();
+        strangers.sort();
+        strangers
     }
 
     /// Workers started and not yet healthy.
@@ -228,9 +257,20 @@ impl ProcessPool {
             }
             i += 1;
         }
-        // A worker that died is replaced here: the pool goes back to what was asked.
+        // Workers it did not start count in the pool; above --max-workers they go.
+        let strangers = self.strangers(pool);
         let active = self.active().len();
-        for _ in active..self.want {
+        let excess = (active + strangers.len())
+            .saturating_sub(self.max_workers)
+            .min(strangers.len());
+        for (outstanding, addr) in strangers.iter().take(excess) {
+            tracing::info!(worker = %addr, outstanding, max_workers = self.max_workers,
+                "deregistering a worker this balancer did not start: the pool is above --max-workers");
+            pool.deregister(*addr);
+        }
+        // A worker that died is replaced here: the pool goes back to what was asked.
+        let total = active + strangers.len() - excess;
+        for _ in total..self.want {
             self.start_one();
         }
     }
@@ -238,17 +278,28 @@ impl ProcessPool {
     fn scale_to(&mut self, n: usize, pool: &dyn Pool) {
         self.want = n;
         let active = self.active();
-        if active.len() < n {
-            for _ in active.len()..n {
+        // The pool is what it started plus what registered itself; only a pool below `n`
+        // starts anything, so a scale-in never starts a process.
+        let strangers = self.strangers(pool);
+        let total = active.len() + strangers.len();
+        if total < n {
+            for _ in total..n {
                 self.start_one();
             }
             return;
         }
-        // Scale in by work: the workers with the fewest outstanding requests go.
+        // Scale in: workers it did not start go first (deregistered; it cannot stop them),
+        // then its own by work, the fewest outstanding requests first.
+        let mut excess = total - n;
+        for (outstanding, addr) in strangers.into_iter().take(excess) {
+            tracing::info!(worker = %addr, outstanding, "scale-in: deregistering a worker this balancer did not start");
+            pool.deregister(addr);
+            excess -= 1;
+        }
         let load = |addr: SocketAddr| pool.target(addr).map_or(0, |t| t.outstanding);
         let mut by_load: Vec<(usize, SocketAddr)> = active.iter().map(|&a| (load(a), a)).collect();
         by_load.sort();
-        for (outstanding, addr) in by_load.into_iter().take(active.len() - n) {
+        for (outstanding, addr) in by_load.into_iter().take(excess) {
             if let Some(w) = self.workers.iter_mut().find(|w| w.addr == addr) {
                 tracing::info!(worker = %addr, outstanding, "scale-in: deregistering worker");
                 pool.deregister(addr);
@@ -283,9 +334,12 @@ impl ProcessPool {
             return;
         };
         let mut command = Command::new(program);
+        // Its stdin is a pipe whose write end only this process holds (opened
+        // close-on-exec): the worker exits with the balancer, however the balancer ends.
         command
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
+            .env("TIDEPOOL_WORKER_EXIT_WITH_PARENT", "true")
             .kill_on_drop(true)
             // A worker needs only the registration token, not the balancer's own variable.
             .env_remove(ADMIN_TOKEN_ENV);
@@ -293,12 +347,14 @@ impl ProcessPool {
             command.env(WORKER_TOKEN_ENV, token.expose());
         }
         match command.spawn() {
-            Ok(child) => {
+            Ok(mut child) => {
                 let addr = SocketAddr::new(self.host, port);
                 tracing::info!(worker = %addr, pid = child.id(), "started worker");
+                let lifeline = child.stdin.take();
                 self.workers.push(Managed {
                     addr,
                     child,
+                    _lifeline: lifeline,
                     started: Instant::now(),
                     phase: Phase::Starting,
                 });
@@ -509,6 +565,77 @@ mod tests {
         assert_ne!(active[0], first);
         assert_eq!(pool.coming(), 1);
         pool.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// `n` self-registered workers this pool did not start, healthy and idle.
+    fn strangers(fake: &FakePool, n: u16) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + i));
+                fake.set(addr, TargetState::Healthy, usize::from(i));
+                addr
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_scale_in_never_starts_a_process_and_strangers_go_first() {
+        let fake = FakePool::default();
+        let others = strangers(&fake, 5);
+        let mut pool = process_pool();
+        pool.scale_to(3, &fake);
+        assert!(pool.active().is_empty(), "nothing started on a scale-in");
+        assert_eq!(pool.coming(), 0, "only what it started counts as coming");
+        assert_eq!(
+            fake.deregistered(),
+            others[..2].to_vec(),
+            "the least busy first"
+        );
+    }
+
+    #[tokio::test]
+    async fn workers_it_did_not_start_are_deregistered_above_max_workers() {
+        let fake = FakePool::default();
+        let others = strangers(&fake, 5);
+        let mut pool = process_pool().max_workers(3);
+        pool.tick(&fake);
+        assert_eq!(fake.deregistered(), others[..2].to_vec());
+        assert!(pool.active().is_empty());
+        pool.tick(&fake);
+        assert_eq!(
+            fake.deregistered().len(),
+            2,
+            "at --max-workers now: no more"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_worker_exits_when_its_lifeline_closes() {
+        // Serves until its stdin reaches end of file, as `--exit-with-parent` does, and
+        // fails at once without the variable that asks for it.
+        let fake = FakePool::default();
+        let mut pool = ProcessPool::new(
+            r#"sh -c 'test "$TIDEPOOL_WORKER_EXIT_WITH_PARENT" = true && exec cat >/dev/null' {port}"#
+                .to_owned(),
+            "127.0.0.1:7001".parse().unwrap(),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        );
+        pool.scale_to(1, &fake);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let worker = &mut pool.workers[0];
+        assert!(
+            worker.child.try_wait().unwrap().is_none(),
+            "running while the balancer is"
+        );
+        // What the kernel does when the balancer dies, SIGKILL included.
+        worker._lifeline = None;
+        let status = tokio::time::timeout(Duration::from_secs(10), worker.child.wait())
+            .await
+            .expect("the worker exits within 10 s of its parent")
+            .unwrap();
+        assert!(status.success(), "{status}");
     }
 
     #[tokio::test]
