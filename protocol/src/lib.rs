@@ -23,6 +23,8 @@
 //!   splicing byte ranges; [`FrameCodec`] yields the undecoded bodies.
 //! - [`client`]: [`Client`], pipelined calls over one connection with deadlines and
 //!   cancel-on-drop, and [`Pool`], a few connections used least-busy first.
+//! - [`tls`]: rustls for clients and servers: PEM files, reloadable configurations, handshakes
+//!   bounded by a timeout, and [`tls::Stream`], a connection with or without TLS.
 //! - [`error`]: [`Error`], the crate's one error type.
 
 #![forbid(unsafe_code)]
@@ -33,6 +35,7 @@ pub mod error;
 pub mod message;
 pub mod raw;
 pub mod tensor;
+pub mod tls;
 
 pub use client::{CallOptions, Client, ClientOptions, Pool};
 pub use codec::{encode_frame, FrameCodec, Inbound, MessageCodec, DEFAULT_MAX_FRAME};
