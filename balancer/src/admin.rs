@@ -124,12 +124,16 @@ async fn metrics(State(handle): State<Handle>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-/// Serves the admin API on `listener` until `stop`.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves the admin API on `listener` (plain TCP, or TLS) until `stop`.
+pub(crate) async fn serve<L>(
+    listener: L,
     handle: Handle,
     stop: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router(handle))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

@@ -25,6 +25,7 @@ use crate::pending::Lifecycle;
 use crate::queue::{QueueHandle, QueueReceiver, QueueSignal};
 use crate::registry::{GroupSettings, TargetGroup};
 use crate::target::Thresholds;
+use crate::tls::{Tls, TlsListener};
 use crate::upstream::UpstreamSettings;
 use crate::{admin, autoscale, discovery, frontend};
 
@@ -48,6 +49,8 @@ pub struct Balancer {
     resolver: Arc<dyn Resolver>,
     /// `--target` addresses, resolved at bind time so that a typo fails at start.
     static_targets: Vec<SocketAddr>,
+    /// TLS of the client listener, the admin API and towards the targets, where asked for.
+    tls: Tls,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -68,6 +71,9 @@ impl Balancer {
     /// As [`bind`](Balancer::bind), with `resolver` for `--target-dns` names.
     pub async fn bind_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<Balancer, Error> {
         config.validate()?;
+        // Certificates are read before anything is bound, so that a wrong path fails at start.
+        let metrics = Arc::new(Metrics::default());
+        let tls = Tls::load(&config, &metrics.tls_failures)?;
         let mut static_targets = Vec::with_capacity(config.targets.len());
         for target in &config.targets {
             static_targets.push(resolve_one(target).await?);
@@ -75,14 +81,13 @@ impl Balancer {
         let listener = bind(config.listen, "listen")?;
         let admin = bind(config.admin, "admin")?;
 
-        let metrics = Arc::new(Metrics::default());
         let lifecycle = Arc::new(Lifecycle::default());
         let scaling = StatusSlot::default();
         let signal = Arc::new(QueueSignal::default());
         let (queue, queue_rx) =
             QueueHandle::new(config.queue, config.queue_timeout, Arc::clone(&signal));
         let group = TargetGroup::new(
-            group_settings(&config),
+            group_settings(&config, &tls),
             Arc::clone(&signal),
             queue.reroute(),
             Arc::clone(&metrics),
@@ -113,6 +118,7 @@ impl Balancer {
             queue_rx,
             resolver,
             static_targets,
+            tls,
         })
     }
 
@@ -147,11 +153,22 @@ impl Balancer {
             let (router, stop) = (Arc::clone(&self.router), hard_stop.clone());
             async move { router.run_queue(self.queue_rx, stop).await }
         });
-        let admin_task = tokio::spawn(admin::serve(
-            self.admin,
-            self.handle.clone(),
-            admin_stop.clone(),
-        ));
+        // Certificates are reloaded for as long as anything may handshake.
+        let tls_tasks = TaskTracker::new();
+        self.tls
+            .watch(config.tls_reload_interval, &admin_stop, &tls_tasks);
+        let admin_task = match self.tls.admin.clone() {
+            None => tokio::spawn(admin::serve(
+                self.admin,
+                self.handle.clone(),
+                admin_stop.clone(),
+            )),
+            Some(tls) => tokio::spawn(admin::serve(
+                TlsListener::new(self.admin, tls),
+                self.handle.clone(),
+                admin_stop.clone(),
+            )),
+        };
         for addr in self.static_targets {
             group.register(addr, 1);
         }
@@ -190,6 +207,7 @@ impl Balancer {
             max_client_in_flight: config.max_client_in_flight,
             metrics: self.metrics,
             lifecycle: Arc::clone(lifecycle),
+            tls: self.tls.client.clone(),
         };
         frontend::serve(
             self.listener,
@@ -240,13 +258,15 @@ impl Balancer {
             Ok(result) => result.map_err(Error::Admin)?,
             Err(join) => tracing::warn!(%join, "admin task failed"),
         }
+        tls_tasks.close();
+        tls_tasks.wait().await;
         tracing::info!("balancer stopped");
         Ok(())
     }
 }
 
 /// The target group's settings from the flags.
-fn group_settings(config: &Config) -> GroupSettings {
+fn group_settings(config: &Config, tls: &Tls) -> GroupSettings {
     GroupSettings {
         connections_per_target: config.connections_per_target,
         deregistration_delay: config.deregistration_delay,
@@ -263,6 +283,7 @@ fn group_settings(config: &Config) -> GroupSettings {
             connect_timeout: config.connect_timeout,
             max_frame: config.max_frame,
         },
+        upstream_tls: tls.upstream.clone(),
     }
 }
 

@@ -348,6 +348,7 @@ mod tests {
                         connect_timeout: Duration::from_secs(1),
                         max_frame: 1 << 20,
                     },
+                    upstream_tls: None,
                 },
                 signal,
                 queue.reroute(),

@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::StreamExt;
 use tidepool_protocol::raw::{self, Frame, RawKind, Rewrite};
+use tidepool_protocol::tls::{Stream, TlsAcceptor, WriteHalf};
 use tidepool_protocol::{
     ErrorCode, ErrorReply, FrameCodec, Message, MessageCodec, RequestId, CONNECTION_ID,
 };
@@ -31,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::burst::WRITE_BURST;
+use crate::burst::{write_burst, WRITE_BURST};
 use crate::dispatch::{Router, Scratch};
 use crate::metrics::{Metrics, Reject};
 use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Payload, Pending, Request, Slot};
@@ -51,6 +52,8 @@ pub(crate) struct FrontendContext {
     pub(crate) metrics: Arc<Metrics>,
     /// Requests alive in the whole balancer, for draining.
     pub(crate) lifecycle: Arc<Lifecycle>,
+    /// TLS on this listener (`--tls-cert`), else plain TCP.
+    pub(crate) tls: Option<TlsAcceptor>,
 }
 
 /// Accepts client connections until `shutdown`.
@@ -88,16 +91,28 @@ impl Drop for FlowGuard {
 }
 
 async fn connection(
-    stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     ctx: FrontendContext,
     shutdown: CancellationToken,
 ) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match &ctx.tls {
+        None => Stream::Plain(tcp),
+        // A failed or stalled handshake costs this connection only; the acceptor logs
+        // and counts it.
+        Some(tls) => tokio::select! {
+            () = shutdown.cancelled() => return,
+            handshake = tls.accept(tcp, peer) => match handshake {
+                Ok(stream) => stream,
+                Err(_) => return,
+            },
+        },
+    };
     let metrics = Arc::clone(&ctx.metrics);
     metrics.new_flows.fetch_add(1, Ordering::Relaxed);
     metrics.active_flows.fetch_add(1, Ordering::Relaxed);
     let _flow = FlowGuard(Arc::clone(&metrics));
-    let _ = stream.set_nodelay(true);
     tracing::debug!("client connected");
 
     let max_frame = ctx.max_frame;
@@ -281,7 +296,7 @@ async fn submit(
 }
 
 async fn write_loop(
-    mut socket: Counted<tokio::net::tcp::OwnedWriteHalf>,
+    mut socket: Counted<WriteHalf>,
     max_frame: usize,
     mut answers: mpsc::UnboundedReceiver<Outbound>,
     // Weak: a strong reference would keep the channel open, and the writer would never end.
@@ -329,7 +344,7 @@ async fn write_loop(
                 None
             };
         }
-        if let Err(error) = socket.write_all(&buf).await {
+        if let Err(error) = write_burst(&mut socket, &buf).await {
             tracing::debug!(%error, "client writer stopped");
             return;
         }

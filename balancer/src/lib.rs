@@ -18,7 +18,8 @@
 //!
 //! Beside the path: [`health`] checks each target and moves its state, [`discovery`]
 //! keeps DNS names' addresses registered, [`admin`] serves the HTTP API and
-//! [`metrics`]' Prometheus text, and [`autoscale`] turns the outstanding counts into the
+//! [`metrics`]' Prometheus text, `tls` sets up TLS on the client listener, towards the
+//! targets and on the admin API (reloading the certificates), and [`autoscale`] turns the outstanding counts into the
 //! pool size the load needs (`GET /scaling`), starting and stopping workers with
 //! `--autoscale`.
 //!
@@ -44,7 +45,7 @@
 //! pending entries and hands unwritten requests back), `queue` (which carries requests)
 //! and `metrics` (targets keep latency histograms; metrics render targets). Every other
 //! edge points down this list, each module importing only those below it:
-//! `balancer` → `admin` → `handle` → `frontend` → `dispatch` → `discovery` → `registry`
+//! `balancer` → `tls` → `admin` → `handle` → `frontend` → `dispatch` → `discovery` → `registry`
 //! → `health` → [`routing`] → [`config`] → [`autoscale`] → the data types → `burst`,
 //! `error`. (`autoscale` sees one data type, [`target`]'s `TargetInfo`. Neighbours in the
 //! list need not import each other: `admin` and `frontend` do not.)
@@ -90,6 +91,7 @@ mod queue;
 mod registry;
 pub mod routing;
 pub mod target;
+mod tls;
 mod upstream;
 
 pub use autoscale::{AutoscaleConfig, Pool, ScalingStatus};

@@ -29,9 +29,10 @@ use crate::metrics::Metrics;
 use crate::queue::{QueueSignal, Reroute};
 use crate::target::{Target, TargetInfo, TargetState};
 use crate::upstream::{self, UpstreamContext, UpstreamSettings};
+use tidepool_protocol::tls::TlsConnector;
 
 /// What a target group needs to know about its targets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) struct GroupSettings {
     /// Persistent connections kept open to each target.
     pub(crate) connections_per_target: usize,
@@ -41,6 +42,8 @@ pub(crate) struct GroupSettings {
     pub(crate) health: HealthCheck,
     /// How each target's connections are opened and what they carry.
     pub(crate) upstream: UpstreamSettings,
+    /// TLS towards the targets (`--upstream-tls-*`), for connections and health checks.
+    pub(crate) upstream_tls: Option<TlsConnector>,
 }
 
 /// The set of targets; cheap to clone.
@@ -103,6 +106,7 @@ impl TargetGroup {
                 signal,
                 upstream: UpstreamContext {
                     settings: settings.upstream,
+                    tls: settings.upstream_tls.clone(),
                     reroute,
                     metrics,
                     tasks: tasks.clone(),
@@ -166,9 +170,12 @@ impl TargetGroup {
         }
         tracing::info!(target = %addr, weight = target.weight(), "target registered");
         let shared = &self.shared;
-        shared
-            .tasks
-            .spawn(shared.settings.health.run(Arc::clone(&target)));
+        shared.tasks.spawn(
+            shared
+                .settings
+                .health
+                .run(Arc::clone(&target), shared.settings.upstream_tls.clone()),
+        );
         for slot in 0..target.conn_slots() {
             shared.tasks.spawn(upstream::maintain(
                 Arc::clone(&target),
@@ -325,6 +332,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 max_frame: 1 << 20,
             },
+            upstream_tls: None,
         };
         TargetGroup::new(
             settings,

@@ -20,18 +20,18 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use futures::StreamExt;
 use tidepool_protocol::raw::{self, Frame, RawKind, Rewrite};
+use tidepool_protocol::tls::{ReadHalf, Stream, TlsConnector, WriteHalf};
 use tidepool_protocol::{
     Error as ProtocolError, ErrorCode, FrameCodec, Message, MessageCodec, RequestId, CONNECTION_ID,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::burst::WRITE_BURST;
+use crate::burst::{write_burst, WRITE_BURST};
 use crate::metrics::{Metrics, Reject};
 use crate::pending::{Payload, Pending, Request};
 use crate::queue::Reroute;
@@ -57,6 +57,8 @@ pub(crate) struct UpstreamSettings {
 #[derive(Clone, Debug)]
 pub(crate) struct UpstreamContext {
     pub(crate) settings: UpstreamSettings,
+    /// TLS towards the target, when `--upstream-tls-ca` is given.
+    pub(crate) tls: Option<TlsConnector>,
     pub(crate) reroute: Reroute,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) tasks: TaskTracker,
@@ -112,7 +114,7 @@ impl UpstreamConn {
     }
 
     /// Starts the reader and writer tasks over `stream`.
-    fn start(stream: TcpStream, target: &Target, ctx: &UpstreamContext) -> Arc<UpstreamConn> {
+    fn start(stream: Stream, target: &Target, ctx: &UpstreamContext) -> Arc<UpstreamConn> {
         let (read, write) = stream.into_split();
         let (conn, outlets) = UpstreamConn::new(target.addr(), target.stop.child_token());
         let max_frame = ctx.settings.max_frame;
@@ -152,6 +154,21 @@ impl UpstreamConn {
     }
 }
 
+/// Opens a connection to a target, with the upstream TLS if any: the target's certificate
+/// must name the configured server name, or else the target's IP address. The connect
+/// timeout covers the handshake too (and the TLS handshake timeout bounds it alone).
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    tls: Option<&TlsConnector>,
+) -> Result<Stream, ProtocolError> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => Ok(Stream::Plain(tcp)),
+        Some(tls) => tls.connect(tcp, &addr.ip().to_string()).await,
+    }
+}
+
 /// Routes a request again after its connection closed before writing it.
 fn reroute(queue: &Reroute, mut request: Request) {
     request.pending.clear_in_flight();
@@ -176,7 +193,7 @@ enum Outgoing {
 
 async fn write_loop(
     conn: Arc<UpstreamConn>,
-    mut socket: OwnedWriteHalf,
+    mut socket: WriteHalf,
     outlets: Outlets,
     max_frame: usize,
     queue: Reroute,
@@ -232,7 +249,8 @@ async fn write_loop(
                 Err(_) => cancels.try_recv().ok().map(Outgoing::Cancel),
             };
         }
-        if let Err(error) = socket.write_all(&buf).await {
+        // Flushing a TLS stream sends the records still in its buffer; TCP's does nothing.
+        if let Err(error) = write_burst(&mut socket, &buf).await {
             tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
             break 'run;
         }
@@ -321,7 +339,7 @@ fn encode_request(
 
 async fn read_loop(
     conn: Arc<UpstreamConn>,
-    mut frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    mut frames: FramedRead<ReadHalf, FrameCodec>,
     metrics: Arc<Metrics>,
 ) {
     let reason = loop {
@@ -401,11 +419,10 @@ pub(crate) async fn maintain(target: Arc<Target>, slot: usize, ctx: UpstreamCont
     loop {
         let connected = tokio::select! {
             () = target.stop.cancelled() => return,
-            r = tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(target.addr())) => r,
+            r = tokio::time::timeout(ctx.settings.connect_timeout, connect(target.addr(), ctx.tls.as_ref())) => r,
         };
         match connected {
             Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
                 backoff = FIRST_BACKOFF;
                 let conn = UpstreamConn::start(stream, &target, &ctx);
                 target.attach(slot, Arc::clone(&conn));
