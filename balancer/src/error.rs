@@ -48,9 +48,9 @@ pub enum Error {
     Tls {
         /// Which side (`client listener`, `admin API`, `upstream`).
         side: &'static str,
-        /// What is wrong, naming the file.
+        /// What is wrong, naming the file (boxed: the enum stays small).
         #[source]
-        source: tidepool_protocol::Error,
+        source: Box<tidepool_protocol::Error>,
     },
     /// The admin HTTP server failed.
     #[error("admin server failed: {0}")]

@@ -51,7 +51,10 @@ impl Tls {
             };
             TlsAcceptor::new(side, &files, timeout, Arc::clone(counter))
                 .map(Some)
-                .map_err(|source| Error::Tls { side, source })
+                .map_err(|source| Error::Tls {
+                    side,
+                    source: Box::new(source),
+                })
         };
         let client = server(
             "client listener",
@@ -84,7 +87,10 @@ impl Tls {
                         timeout,
                         Arc::clone(&failures.upstream),
                     )
-                    .map_err(|source| Error::Tls { side, source })?,
+                    .map_err(|source| Error::Tls {
+                        side,
+                        source: Box::new(source),
+                    })?,
                 )
             }
         };

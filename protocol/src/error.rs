@@ -206,9 +206,9 @@ pub enum Error {
         what: &'static str,
         /// The file at fault.
         path: std::path::PathBuf,
-        /// rustls's reason.
+        /// rustls's reason (boxed: it is larger than every other variant).
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
     /// A TLS server name is neither a DNS name nor an IP address.
     #[error("{name:?} is not a DNS name or IP address a certificate can name")]

@@ -107,7 +107,7 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, Error> {
         roots.add(cert).map_err(|source| Error::TlsSetup {
             what: "CA bundle",
             path: path.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
     }
     Ok(roots)
@@ -156,7 +156,7 @@ impl ServerFiles {
         Error::TlsSetup {
             what: "server certificate and key",
             path: path.to_owned(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -197,7 +197,7 @@ impl ClientFiles {
             .map_err(|source| Error::TlsSetup {
                 what: "client configuration",
                 path: self.ca.clone(),
-                source,
+                source: Box::new(source),
             })?
             .with_root_certificates(roots);
         match (&self.cert, &self.key) {
@@ -207,7 +207,7 @@ impl ClientFiles {
                 .map_err(|source| Error::TlsSetup {
                     what: "client certificate and key",
                     path: key.clone(),
-                    source,
+                    source: Box::new(source),
                 }),
             (Some(path), None) | (None, Some(path)) => Err(Error::TlsPem {
                 what: "client certificate and key",

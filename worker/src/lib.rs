@@ -23,6 +23,8 @@
 //! - [`registration`]: registering with the balancer's admin API once ready (and again
 //!   every few seconds, for a balancer that restarted), and deregistering first on shutdown.
 //! - [`metrics`]: counters and histograms, Prometheus text on `--metrics`.
+//! - [`tls`]: TLS on the protocol listener (optionally requiring the balancer's client
+//!   certificate) and for registering with an https:// admin API.
 //! - [`synth`]: synthetic MLP models of any size, built with `ort::editor`.
 //! - [`error`]: the crate's one error type.
 //!
@@ -55,12 +57,14 @@ pub mod server;
 pub mod synth;
 #[cfg(test)]
 mod test_support;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tidepool_protocol::tls::TlsConnector;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -75,6 +79,7 @@ pub use metrics::Metrics;
 pub use model::{Device, Engine, LoadOptions, Model, ModelSpec};
 pub use server::Phase;
 pub use synth::SynthPlan;
+pub use tls::WorkerTls;
 
 /// How long connections get, after the queue has drained, to write their last answers before
 /// they are closed regardless (a client that never reads must not hold shutdown forever).
@@ -99,6 +104,9 @@ impl Worker {
     /// until [`Worker::ready`].
     pub async fn start(config: ServeConfig) -> Result<Worker, Error> {
         config.validate()?;
+        // Certificates are read before anything is bound, so that a wrong path fails at start.
+        let metrics = Arc::new(Metrics::default());
+        let tls = WorkerTls::load(&config, &metrics)?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -132,7 +140,6 @@ impl Worker {
             info!(url = %metrics::describe(m), "serving metrics");
         }
 
-        let metrics = Arc::new(Metrics::default());
         let (phase_tx, phase) = watch::channel(Phase::Loading);
         let shutdown = CancellationToken::new();
         let run = Run {
@@ -143,6 +150,7 @@ impl Worker {
             advertise: advertise.clone(),
             metrics: Arc::clone(&metrics),
             phase_tx,
+            tls,
         };
         let task = tokio::spawn(run.run(shutdown.clone()));
         Ok(Worker {
@@ -225,6 +233,7 @@ struct Run {
     advertise: String,
     metrics: Arc<Metrics>,
     phase_tx: watch::Sender<Phase>,
+    tls: WorkerTls,
 }
 
 impl Run {
@@ -237,7 +246,11 @@ impl Run {
             advertise,
             metrics,
             phase_tx,
+            tls,
         } = self;
+        // Certificates are reloaded for as long as anything may handshake.
+        let (tls_stop, tls_tasks) = (CancellationToken::new(), TaskTracker::new());
+        tls.watch(config.tls_reload_interval, &tls_stop, &tls_tasks);
         let metrics_stop = CancellationToken::new();
         let metrics_task = metrics_listener.map(|l| {
             let (metrics, stop) = (Arc::clone(&metrics), metrics_stop.clone());
@@ -254,6 +267,7 @@ impl Run {
             metrics: Arc::clone(&metrics),
             max_in_flight: config.max_in_flight,
             max_frame: usize::try_from(config.max_frame).unwrap_or(usize::MAX),
+            tls: tls.listener.clone(),
         });
         let tracker = TaskTracker::new();
         let (stop_accepting, close, abort) = (
@@ -270,7 +284,15 @@ impl Run {
             abort.clone(),
         ));
 
-        let result = serve_model(&config, &advertise, &metrics, &phase_tx, &shutdown).await;
+        let result = serve_model(
+            &config,
+            &advertise,
+            &metrics,
+            &phase_tx,
+            &shutdown,
+            tls.register.as_ref(),
+        )
+        .await;
 
         // Whatever happened, stop taking connections and let the open ones finish.
         phase_tx.send_replace(Phase::Draining);
@@ -290,6 +312,9 @@ impl Run {
             tracker.wait().await;
         }
         let _ = accept_task.await;
+        tls_stop.cancel();
+        tls_tasks.close();
+        tls_tasks.wait().await;
         metrics_stop.cancel();
         if let Some(task) = metrics_task {
             let _ = task.await;
@@ -337,6 +362,7 @@ async fn serve_model(
     metrics: &Arc<Metrics>,
     phase_tx: &watch::Sender<Phase>,
     shutdown: &CancellationToken,
+    register_tls: Option<&TlsConnector>,
 ) -> Result<(), Error> {
     let options = LoadOptions {
         path: config.model.clone(),
@@ -388,8 +414,10 @@ async fn serve_model(
     let registration = config.register.clone().map(|url| {
         let (advertise, stop) = (advertise.to_owned(), shutdown.clone());
         let refresh = config.register_interval;
+        let tls = register_tls.cloned();
         tokio::spawn(async move {
-            let registered = registration::register(&url, &advertise, refresh, &stop).await;
+            let registered =
+                registration::register(&url, &advertise, refresh, &stop, tls.as_ref()).await;
             (url, registered)
         })
     });
@@ -399,7 +427,7 @@ async fn serve_model(
     // Deregister first, so the balancer stops sending before this worker stops taking.
     if let Some(task) = registration {
         if let Ok((url, true)) = task.await {
-            if registration::deregister(&url, advertise).await {
+            if registration::deregister(&url, advertise, register_tls).await {
                 wait_for_balancer_to_let_go(metrics, config.drain_timeout).await;
             }
         }

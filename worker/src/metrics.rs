@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::routing::get;
 use axum::Router;
+use tidepool_protocol::tls::HandshakeFailures;
 use tidepool_protocol::ErrorCode;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -124,6 +125,8 @@ pub struct Metrics {
     pub connections: AtomicI64,
     /// True once the model is loaded and warmed up, false again while draining.
     pub ready: AtomicBool,
+    /// TLS handshakes on the protocol listener that failed or timed out.
+    pub tls_handshake_failures: Arc<HandshakeFailures>,
     items: [AtomicU64; OUTCOMES],
     device: OnceLock<&'static str>,
 }
@@ -137,6 +140,7 @@ impl Default for Metrics {
             infer_time: Histogram::new(MICROS_BOUNDS, 1e6),
             connections: AtomicI64::new(0),
             ready: AtomicBool::new(false),
+            tls_handshake_failures: Arc::default(),
             items: std::array::from_fn(|_| AtomicU64::new(0)),
             device: OnceLock::new(),
         }
@@ -207,6 +211,13 @@ impl Metrics {
              tidepool_worker_ready {}",
             self.connections.load(Ordering::Relaxed),
             u8::from(self.ready.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_worker_tls_handshake_failures_total TLS handshakes on the protocol listener that failed or timed out.\n\
+             # TYPE tidepool_worker_tls_handshake_failures_total counter\n\
+             tidepool_worker_tls_handshake_failures_total {}",
+            self.tls_handshake_failures.count()
         );
         if let Some(device) = self.device.get() {
             let _ = writeln!(

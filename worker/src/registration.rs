@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use serde::Serialize;
+use tidepool_protocol::tls::{ClientConfig, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -23,11 +24,19 @@ struct TargetBody<'a> {
     addr: &'a str,
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
+/// An HTTP client; with `tls`, https:// URLs are checked against the CA it holds now (a
+/// client is made when registration starts and for deregistration, so a CA rotated in
+/// between is picked up).
+fn client(tls: Option<&TlsConnector>) -> reqwest::Client {
+    let builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
+    let builder = match tls {
+        Some(tls) => builder.use_preconfigured_tls(ClientConfig::clone(&tls.config())),
+        None => builder,
+    };
+    builder.build().unwrap_or_else(|error| {
+        warn!(%error, "could not build the registration HTTP client; using the default one");
+        reqwest::Client::new()
+    })
 }
 
 fn targets_url(base: &str) -> String {
@@ -41,8 +50,9 @@ pub async fn register(
     advertise: &str,
     refresh: Duration,
     shutdown: &CancellationToken,
+    tls: Option<&TlsConnector>,
 ) -> bool {
-    let client = client();
+    let client = client(tls);
     let url = targets_url(base);
     if !register_once(&client, &url, advertise, shutdown).await {
         return false;
@@ -112,9 +122,9 @@ async fn register_once(
 
 /// Deregisters `advertise`: one attempt, bounded by a timeout, since shutdown must go on.
 /// True when the balancer took it (it no longer routes here).
-pub async fn deregister(base: &str, advertise: &str) -> bool {
+pub async fn deregister(base: &str, advertise: &str, tls: Option<&TlsConnector>) -> bool {
     let url = format!("{}/{}", targets_url(base), advertise);
-    match client().delete(&url).send().await {
+    match client(tls).delete(&url).send().await {
         Ok(resp) if resp.status().is_success() => {
             info!(%url, "deregistered from the balancer");
             true

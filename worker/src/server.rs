@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
+use tidepool_protocol::tls::{Stream, TlsAcceptor, WriteHalf};
 use tidepool_protocol::{
     ErrorCode, ErrorReply, Infer, InferResult, Message, MessageCodec, RequestId,
 };
@@ -64,6 +65,8 @@ pub struct ServerContext {
     pub max_in_flight: usize,
     /// Largest frame read or written.
     pub max_frame: usize,
+    /// TLS on the listener (`--tls-cert`), else plain TCP.
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// How long to wait before retrying while the model loads.
@@ -129,6 +132,20 @@ async fn connection(
     close: CancellationToken,
     abort: CancellationToken,
 ) {
+    let peer = stream.peer_addr();
+    let stream = match (&context.tls, peer) {
+        (None, _) => Stream::Plain(stream),
+        // A failed or stalled handshake costs this connection only; the acceptor logs and
+        // counts it.
+        (Some(tls), Ok(peer)) => tokio::select! {
+            _ = close.cancelled() => return,
+            handshake = tls.accept(stream, peer) => match handshake {
+                Ok(stream) => stream,
+                Err(_) => return,
+            },
+        },
+        (Some(_), Err(_)) => return,
+    };
     context.metrics.connections.fetch_add(1, Ordering::Relaxed);
     debug!("connection opened");
     let codec = MessageCodec::new(context.max_frame);
@@ -192,7 +209,7 @@ async fn connection(
 
 /// Writes answers (the socket's backpressure holds the connection here) and flushes once.
 async fn write_all(
-    writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, MessageCodec>,
+    writer: &mut FramedWrite<WriteHalf, MessageCodec>,
     answers: Vec<Answer>,
     metrics: &Metrics,
     abort: &CancellationToken,
