@@ -248,21 +248,35 @@ pub async fn http(
     path: &str,
     body: Option<&str>,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(admin).await.expect("connect admin");
+    let stream = TcpStream::connect(admin).await.expect("connect admin");
+    http_over(stream, &admin.to_string(), method, path, body).await
+}
+
+/// One HTTP/1.1 request over an open connection (plain or TLS) to `host`; returns the
+/// status and the body.
+pub async fn http_over<S>(
+    mut stream: S,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let body = body.unwrap_or("");
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream
         .write_all(request.as_bytes())
         .await
         .expect("write request");
+    stream.flush().await.expect("flush request");
     let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .await
-        .expect("read response");
+    // A TLS server may close without close_notify once it has answered; what arrived counts.
+    let _ = stream.read_to_end(&mut response).await;
     let response = String::from_utf8(response).expect("utf-8 response");
     let (head, body) = response
         .split_once("\r\n\r\n")
