@@ -14,7 +14,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 COMPOSE     ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
 
 .PHONY: help setup ort venv build release test lint unit interop fuzz python-client demo bench \
-        compose-up compose-down secrets k8s-validate docker-validate clean-local
+        compose-up compose-down secrets certs k8s-validate docker-validate clean-local
 
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMA
 
 python-client: venv ## the README's Python client against a live cluster
 	scripts/test-python-client.sh
+
+certs: ## a private CA and TLS certificates for the balancer and workers into deploy/certs (CERTS_DIR), with openssl
+	scripts/make-certs.sh $(or $(CERTS_DIR),deploy/certs)
 
 k8s-validate: venv ## deploy/kubernetes against Kubernetes 1.31's schemas (K8S_VERSION), offline; KEDA's ScaledObject too
 	PY=$(PY) scripts/validate-k8s.sh

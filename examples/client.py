@@ -25,6 +25,9 @@ def infer(sock, request_id, values, deadline_ms=5000):
 host, port = sys.argv[1].rsplit(":", 1)
 sock = socket.create_connection((host, int(port)))
 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+if len(sys.argv) > 3:  # TLS: the CA bundle that signed the balancer's certificate
+    import ssl
+    sock = ssl.create_default_context(cafile=sys.argv[3]).wrap_socket(sock, server_hostname=host)
 for request_id in range(1, 4):
     output, worker = infer(sock, request_id, [0.1 * request_id] * int(sys.argv[2]))
     print(f"request {request_id}: {len(output)} outputs from {worker}, first {output[0]:.4f}")

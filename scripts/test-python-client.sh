@@ -45,3 +45,28 @@ OUT="$("$PY" examples/client.py "127.0.0.1:$LISTEN" 8)" || { cat "$WORK"/*.log; 
 echo "$OUT"
 [ "$(grep -c 'outputs from py-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output"; cat "$WORK"/*.log; exit 1; }
 echo "python client: ok"
+
+# The same client over TLS, with certificates from scripts/make-certs.sh: a balancer with TLS
+# on its client listener, in front of a worker that requires the balancer's client certificate.
+scripts/make-certs.sh "$WORK/certs" >/dev/null
+C="$WORK/certs"
+TLS_LISTEN=$(free_port); TLS_ADMIN=$(free_port); TLS_WORKER=$(free_port)
+"$BIN/tidepool-worker" serve --model "$WORK/model.onnx" --listen "127.0.0.1:$TLS_WORKER" --name py-tls-worker \
+  --tls-cert "$C/worker.pem" --tls-key "$C/worker.key" --tls-client-ca "$C/ca.pem" --threads 1 2>"$WORK/tls-worker.log" &
+PIDS+=($!)
+"$BIN/tidepool-balancer" --listen "127.0.0.1:$TLS_LISTEN" --admin "127.0.0.1:$TLS_ADMIN" \
+  --health-interval 200ms --health-timeout 200ms --healthy-threshold 2 --target "127.0.0.1:$TLS_WORKER" \
+  --tls-cert "$C/balancer.pem" --tls-key "$C/balancer.key" \
+  --upstream-tls-ca "$C/ca.pem" --upstream-tls-server-name worker \
+  --upstream-tls-cert "$C/balancer-client.pem" --upstream-tls-key "$C/balancer-client.key" 2>"$WORK/tls-balancer.log" &
+PIDS+=($!)
+for _ in $(seq 1 100); do
+  if "$PY" -c "import json,sys,urllib.request; sys.exit(0 if any(t['state']=='healthy' for t in json.load(urllib.request.urlopen('http://127.0.0.1:$TLS_ADMIN/targets'))) else 1)" 2>/dev/null; then
+    break
+  fi
+  sleep 0.1
+done
+OUT="$("$PY" examples/client.py "127.0.0.1:$TLS_LISTEN" 8 "$C/ca.pem")" || { cat "$WORK"/tls-*.log; exit 1; }
+echo "$OUT"
+[ "$(grep -c 'outputs from py-tls-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output over TLS"; cat "$WORK"/tls-*.log; exit 1; }
+echo "python client over TLS: ok"

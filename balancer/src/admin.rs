@@ -18,10 +18,12 @@
 
 use std::net::SocketAddr;
 
+use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::IncomingStream;
 use axum::{middleware, Extension, Json, Router};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -70,7 +72,7 @@ fn problem(status: StatusCode, message: String) -> Response {
 
 async fn register(
     State(handle): State<Handle>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
     Json(body): Json<Registration>,
 ) -> Response {
     if handle.shutting_down() {
@@ -92,7 +94,7 @@ async fn register(
     let (target, new) = match handle.group().register(addr, body.weight.unwrap_or(1)) {
         Ok(registered) => registered,
         Err(reason) => {
-            let peer = peer.map(|Extension(ConnectInfo(p))| p.to_string());
+            let peer = peer.map(|Extension(ConnectInfo(Peer(p)))| p.to_string());
             tracing::warn!(
                 target = %addr,
                 peer = peer.as_deref().unwrap_or("unknown"),
@@ -162,15 +164,36 @@ async fn metrics(State(handle): State<Handle>, Extension(auth): Extension<AdminA
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-/// Serves the admin API on `listener` until `stop`. Each request knows its peer's
-/// address (`ConnectInfo`), for the log lines of refusals.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+/// The address of the client of one admin request, from whichever listener served it
+/// (axum's own `ConnectInfo<SocketAddr>` knows only a plain `TcpListener`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer(pub(crate) SocketAddr);
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, crate::tls::TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, crate::tls::TlsListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+/// Serves the admin API on `listener` (plain TCP, or TLS) until `stop`. Each request
+/// knows its peer's address (`ConnectInfo`), for the log lines of refusals.
+pub(crate) async fn serve<L>(
+    listener: L,
     handle: Handle,
     auth: AdminAuth,
     stop: CancellationToken,
-) -> std::io::Result<()> {
-    let app = router(handle, auth).into_make_service_with_connect_info::<SocketAddr>();
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    Peer: for<'a> Connected<IncomingStream<'a, L>>,
+{
+    let app = router(handle, auth).into_make_service_with_connect_info::<Peer>();
     axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

@@ -27,7 +27,6 @@
 //! - **The comparison** takes the same time whatever the presented token is, its length
 //!   included (both sides are padded to [`MAX_TOKEN_LEN`] bytes and compared with `subtle`).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -325,8 +324,8 @@ pub(crate) async fn require(
     auth.refused(failure);
     let peer = request
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(peer)| peer.to_string());
+        .get::<ConnectInfo<crate::admin::Peer>>()
+        .map(|ConnectInfo(crate::admin::Peer(peer))| peer.to_string());
     tracing::warn!(
         peer = peer.as_deref().unwrap_or("unknown"),
         method = %request.method(),

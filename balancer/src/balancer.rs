@@ -26,6 +26,7 @@ use crate::pending::Lifecycle;
 use crate::queue::{QueueHandle, QueueReceiver, QueueSignal};
 use crate::registry::{GroupSettings, TargetGroup};
 use crate::target::Thresholds;
+use crate::tls::{Tls, TlsListener};
 use crate::upstream::UpstreamSettings;
 use crate::validation::TargetRules;
 use crate::{admin, autoscale, discovery, frontend};
@@ -54,6 +55,8 @@ pub struct Balancer {
     resolver: Arc<dyn Resolver>,
     /// `--target` addresses, resolved at bind time so that a typo fails at start.
     static_targets: Vec<SocketAddr>,
+    /// TLS of the client listener, the admin API and towards the targets, where asked for.
+    tls: Tls,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -76,6 +79,9 @@ impl Balancer {
     pub async fn bind_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<Balancer, Error> {
         config.validate()?;
         let token = config.admin_credentials()?;
+        // Certificates are read before anything is bound, so that a wrong path fails at start.
+        let metrics = Arc::new(Metrics::default());
+        let tls = Tls::load(&config, &metrics.tls_failures)?;
         let mut static_targets = Vec::with_capacity(config.targets.len());
         for target in &config.targets {
             static_targets.push(resolve_one(target).await?);
@@ -102,14 +108,13 @@ impl Balancer {
             config.admin_insecure_no_auth && !config.admin.ip().is_loopback(),
         );
 
-        let metrics = Arc::new(Metrics::default());
         let lifecycle = Arc::new(Lifecycle::default());
         let scaling = StatusSlot::default();
         let signal = Arc::new(QueueSignal::default());
         let (queue, queue_rx) =
             QueueHandle::new(config.queue, config.queue_timeout, Arc::clone(&signal));
         let group = TargetGroup::new(
-            group_settings(&config),
+            group_settings(&config, &tls),
             rules,
             Arc::clone(&signal),
             queue.reroute(),
@@ -143,6 +148,7 @@ impl Balancer {
             queue_rx,
             resolver,
             static_targets,
+            tls,
         })
     }
 
@@ -177,13 +183,25 @@ impl Balancer {
             let (router, stop) = (Arc::clone(&self.router), hard_stop.clone());
             async move { router.run_queue(self.queue_rx, stop).await }
         });
+        // Certificates are reloaded for as long as anything may handshake.
+        let tls_tasks = TaskTracker::new();
+        self.tls
+            .watch(config.tls_reload_interval, &admin_stop, &tls_tasks);
         warn_if_open(config, self.token.is_some(), admin_addr);
-        let admin_task = tokio::spawn(admin::serve(
-            self.admin,
-            self.handle.clone(),
-            self.auth,
-            admin_stop.clone(),
-        ));
+        let admin_task = match self.tls.admin.clone() {
+            None => tokio::spawn(admin::serve(
+                self.admin,
+                self.handle.clone(),
+                self.auth,
+                admin_stop.clone(),
+            )),
+            Some(tls) => tokio::spawn(admin::serve(
+                TlsListener::new(self.admin, tls),
+                self.handle.clone(),
+                self.auth,
+                admin_stop.clone(),
+            )),
+        };
         for addr in self.static_targets {
             // Checked at bind; only the cap could refuse one, and validate() checked it.
             if let Err(reason) = group.register(addr, 1) {
@@ -231,6 +249,7 @@ impl Balancer {
                 max_connections: config.max_connections,
                 request_timeout: config.request_timeout,
             },
+            tls: self.tls.client.clone(),
         };
         let _ = frontend
             .metrics
@@ -286,13 +305,15 @@ impl Balancer {
             Ok(result) => result.map_err(Error::Admin)?,
             Err(join) => tracing::warn!(%join, "admin task failed"),
         }
+        tls_tasks.close();
+        tls_tasks.wait().await;
         tracing::info!("balancer stopped");
         Ok(())
     }
 }
 
 /// The target group's settings from the flags.
-fn group_settings(config: &Config) -> GroupSettings {
+fn group_settings(config: &Config, tls: &Tls) -> GroupSettings {
     GroupSettings {
         connections_per_target: config.connections_per_target,
         deregistration_delay: config.deregistration_delay,
@@ -310,6 +331,7 @@ fn group_settings(config: &Config) -> GroupSettings {
             max_frame: config.max_frame,
             keepalive: config.upstream_keepalive,
         },
+        upstream_tls: tls.upstream.clone(),
     }
 }
 

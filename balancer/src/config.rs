@@ -197,6 +197,7 @@ pub struct Config {
     /// comma-separated in the env). Any address when absent.
     #[arg(long, env = "TIDEPOOL_REGISTER_ALLOW", value_delimiter = ',', value_parser = parse_net)]
     pub register_allow: Vec<IpNet>,
+
     /// Bytes of client frames being read or held (until their answer is written or they are
     /// refused), all connections together. A connection whose next frame does not fit stops
     /// being read (TCP backpressure) instead of allocating it.
@@ -230,6 +231,61 @@ pub struct Config {
     /// about to use. Must be below the workers' --idle-timeout.
     #[arg(long, env = "TIDEPOOL_UPSTREAM_KEEPALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub upstream_keepalive: Duration,
+    /// TLS on the client listener: the certificate chain (PEM), with --tls-key.
+    #[arg(long, env = "TIDEPOOL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TIDEPOOL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS on the client listener: clients must present a certificate signed by a
+    /// CA in this bundle (PEM).
+    #[arg(long, env = "TIDEPOOL_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// TLS to the targets: the CA bundle (PEM) their certificates must chain to. Health
+    /// checks use the same TLS.
+    #[arg(long, env = "TIDEPOOL_UPSTREAM_TLS_CA")]
+    pub upstream_tls_ca: Option<PathBuf>,
+
+    /// The name the targets' certificates must carry [default: each target's IP address].
+    #[arg(
+        long,
+        env = "TIDEPOOL_UPSTREAM_TLS_SERVER_NAME",
+        requires = "upstream_tls_ca"
+    )]
+    pub upstream_tls_server_name: Option<String>,
+
+    /// The certificate (PEM) the balancer presents to targets that require one (workers
+    /// with --tls-client-ca), with --upstream-tls-key.
+    #[arg(long, env = "TIDEPOOL_UPSTREAM_TLS_CERT", requires_all = ["upstream_tls_key", "upstream_tls_ca"])]
+    pub upstream_tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --upstream-tls-cert.
+    #[arg(
+        long,
+        env = "TIDEPOOL_UPSTREAM_TLS_KEY",
+        requires = "upstream_tls_cert"
+    )]
+    pub upstream_tls_key: Option<PathBuf>,
+
+    /// TLS on the admin API: the certificate chain (PEM), with --admin-tls-key.
+    #[arg(long, env = "TIDEPOOL_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --admin-tls-cert.
+    #[arg(long, env = "TIDEPOOL_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
+
+    /// Longest a TLS handshake may take, on any side, before the connection is closed.
+    #[arg(long, env = "TIDEPOOL_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// How often the TLS files are checked for changes (they are also re-read on SIGHUP);
+    /// new handshakes use the new certificates, open connections keep theirs.
+    #[arg(long, env = "TIDEPOOL_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Duration,
 }
 
 impl Default for Config {
@@ -272,6 +328,17 @@ impl Default for Config {
             max_connections: 10_000,
             request_timeout: Duration::from_secs(60),
             upstream_keepalive: Duration::from_secs(30),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            upstream_tls_ca: None,
+            upstream_tls_server_name: None,
+            upstream_tls_cert: None,
+            upstream_tls_key: None,
+            admin_tls_cert: None,
+            admin_tls_key: None,
+            tls_handshake_timeout: tidepool_protocol::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+            tls_reload_interval: tidepool_protocol::tls::DEFAULT_RELOAD_POLL,
         }
     }
 }
@@ -374,6 +441,7 @@ impl Config {
         }
         self.autoscale.validate()?;
         self.validate_control_plane()?;
+        validate_tls(self)?;
         Ok(())
     }
 
@@ -459,6 +527,61 @@ impl Config {
     pub fn budget(&self) -> tidepool_protocol::FrameBudget {
         tidepool_protocol::FrameBudget::new(self.frame_budget, self.connection_frame_budget)
     }
+}
+
+/// Checks that the TLS flags go together (clap's `requires` catches most of it on the
+/// command line; this also covers a `Config` built in code).
+fn validate_tls(config: &Config) -> Result<(), Error> {
+    let bad = |flag: &'static str, problem: &str| {
+        Err(Error::Config {
+            flag,
+            problem: problem.to_owned(),
+        })
+    };
+    if config.tls_cert.is_some() != config.tls_key.is_some() {
+        return bad(
+            "tls-cert",
+            "--tls-cert and --tls-key go together; give both",
+        );
+    }
+    if config.tls_client_ca.is_some() && config.tls_cert.is_none() {
+        return bad(
+            "tls-client-ca",
+            "needs --tls-cert and --tls-key: client certificates are checked over TLS",
+        );
+    }
+    if config.admin_tls_cert.is_some() != config.admin_tls_key.is_some() {
+        return bad(
+            "admin-tls-cert",
+            "--admin-tls-cert and --admin-tls-key go together; give both",
+        );
+    }
+    if config.upstream_tls_cert.is_some() != config.upstream_tls_key.is_some() {
+        return bad(
+            "upstream-tls-cert",
+            "--upstream-tls-cert and --upstream-tls-key go together; give both",
+        );
+    }
+    let upstream_extras =
+        config.upstream_tls_cert.is_some() || config.upstream_tls_server_name.is_some();
+    if upstream_extras && config.upstream_tls_ca.is_none() {
+        return bad(
+            "upstream-tls-ca",
+            "is needed for --upstream-tls-cert or --upstream-tls-server-name: the CA that signed the targets' certificates",
+        );
+    }
+    if let Some(name) = &config.upstream_tls_server_name {
+        if let Err(error) = tidepool_protocol::tls::server_name(name) {
+            return bad("upstream-tls-server-name", &error.to_string());
+        }
+    }
+    if config.tls_handshake_timeout.is_zero() {
+        return bad("tls-handshake-timeout", "must be above zero");
+    }
+    if config.tls_reload_interval.is_zero() {
+        return bad("tls-reload-interval", "must be above zero");
+    }
+    Ok(())
 }
 
 /// Parses a byte size such as `64MiB`, `1GiB` or `1048576` (bytes).

@@ -381,6 +381,7 @@ mod tests {
                         max_frame: 1 << 20,
                         keepalive: Duration::from_secs(30),
                     },
+                    upstream_tls: None,
                 },
                 TargetRules::new(Vec::new(), Vec::new(), 64),
                 signal,

@@ -46,6 +46,15 @@ pub enum Error {
         /// The address as written.
         addr: String,
     },
+    /// TLS could not be set up from its files.
+    #[error("could not set up TLS for the {side}: {source}")]
+    Tls {
+        /// Which side (`client listener`, `admin API`, `upstream`).
+        side: &'static str,
+        /// What is wrong, naming the file (boxed: the enum stays small).
+        #[source]
+        source: Box<tidepool_protocol::Error>,
+    },
     /// The admin HTTP server failed.
     #[error("admin server failed: {0}")]
     Admin(#[source] std::io::Error),

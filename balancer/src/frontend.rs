@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tidepool_protocol::raw::{self, Frame, RawKind, Rewrite};
+use tidepool_protocol::tls::{Stream, TlsAcceptor, WriteHalf};
 use tidepool_protocol::{
     encode_frame, Error as ProtocolError, ErrorCode, ErrorReply, FrameBudget, FrameReader, Message,
     MessageCodec, RequestId, CONNECTION_ID,
@@ -43,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::burst::WRITE_BURST;
+use crate::burst::{write_burst, WRITE_BURST};
 use crate::dispatch::{Router, Scratch};
 use crate::metrics::{Metrics, Reject};
 use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Payload, Pending, Request, Slot};
@@ -67,6 +68,8 @@ pub(crate) struct FrontendContext {
     /// What protects the balancer from its clients: the frame budget, the frame timeout,
     /// the connection cap.
     pub(crate) limits: ClientLimits,
+    /// TLS on this listener (`--tls-cert`), else plain TCP.
+    pub(crate) tls: Option<TlsAcceptor>,
 }
 
 /// The limits of `--frame-budget`, `--frame-timeout` and `--max-connections`.
@@ -171,18 +174,30 @@ impl Drop for FlowGuard {
 }
 
 async fn connection(
-    stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     ctx: FrontendContext,
     shutdown: CancellationToken,
     logs: Arc<Logs>,
     _slot: OwnedSemaphorePermit,
 ) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match &ctx.tls {
+        None => Stream::Plain(tcp),
+        // A failed or stalled handshake costs this connection only; the acceptor logs
+        // and counts it.
+        Some(tls) => tokio::select! {
+            () = shutdown.cancelled() => return,
+            handshake = tls.accept(tcp, peer) => match handshake {
+                Ok(stream) => stream,
+                Err(_) => return,
+            },
+        },
+    };
     let metrics = Arc::clone(&ctx.metrics);
     metrics.new_flows.fetch_add(1, Ordering::Relaxed);
     metrics.active_flows.fetch_add(1, Ordering::Relaxed);
     let _flow = FlowGuard(Arc::clone(&metrics));
-    let _ = stream.set_nodelay(true);
     tracing::debug!("client connected");
 
     let max_frame = ctx.max_frame;
@@ -462,7 +477,7 @@ impl Drop for Writer {
 }
 
 async fn write_loop(
-    mut socket: Counted<tokio::net::tcp::OwnedWriteHalf>,
+    mut socket: Counted<WriteHalf>,
     writer: Writer,
     mut answers: mpsc::UnboundedReceiver<Outbound>,
     // Weak: a strong reference would keep the channel open, and the writer would never end.
@@ -511,9 +526,10 @@ async fn write_loop(
                 None
             };
         }
+        // Flushing a TLS stream sends the records still in its buffer; TCP's does nothing.
         // A client that does not read its answers holds at most --max-client-in-flight of
         // them, and for --frame-timeout at most: then it is given up.
-        match tokio::time::timeout(writer.stall_timeout, socket.write_all(&buf)).await {
+        match tokio::time::timeout(writer.stall_timeout, write_burst(&mut socket, &buf)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 tracing::debug!(%error, "client writer stopped");

@@ -8,11 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tidepool_protocol::Client;
+use tidepool_protocol::tls::TlsConnector;
+use tidepool_protocol::{Client, ClientOptions};
 use tokio::net::TcpStream;
 
 use crate::config::HealthProtocol;
 use crate::target::{HealthCounter, Target, TargetState, Thresholds};
+use crate::upstream;
 
 /// How a target group checks its targets: `--health-*` and the two thresholds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,16 +30,18 @@ pub(crate) struct HealthCheck {
 }
 
 impl HealthCheck {
-    /// Checks `target` until it stops or starts draining. A target revived from draining
-    /// gets a new check; this one ends even if the revival came before it noticed the
-    /// drain (so that one target never has two).
-    pub(crate) async fn run(self, target: Arc<Target>) {
+    /// Checks `target` until it stops or starts draining; with `tls`, the `tidepool`
+    /// check speaks TLS as the target's connections do (a target whose certificate is not
+    /// trusted fails its checks). A target revived from draining gets a new check; this
+    /// one ends even if the revival came before it noticed the drain (so that one target
+    /// never has two).
+    pub(crate) async fn run(self, target: Arc<Target>, tls: Option<TlsConnector>) {
         let mut counter = HealthCounter::new(self.thresholds);
         let drains = target.drains();
         loop {
             let passed = tokio::select! {
                 () = target.stop.cancelled() => return,
-                passed = self.check(target.addr()) => passed,
+                passed = self.check(target.addr(), tls.as_ref()) => passed,
             };
             if target.state() == TargetState::Draining || target.drains() != drains {
                 return;
@@ -56,14 +60,23 @@ impl HealthCheck {
     }
 
     /// One check: passes when the target answers within the timeout.
-    pub(crate) async fn check(&self, addr: SocketAddr) -> bool {
+    pub(crate) async fn check(&self, addr: SocketAddr, tls: Option<&TlsConnector>) -> bool {
         let timeout = self.timeout;
         let attempt = async {
             match self.protocol {
                 HealthProtocol::Tcp => TcpStream::connect(addr).await.is_ok(),
-                HealthProtocol::Tidepool => match Client::connect(addr).await {
-                    // Only `pong` passes; a target that answers `unavailable` is not ready.
-                    Ok(client) => client.ping(timeout).await.is_ok(),
+                HealthProtocol::Tidepool => match upstream::connect(addr, tls).await {
+                    Ok(stream) => {
+                        let (read, write) = stream.into_split();
+                        let client = Client::from_parts(
+                            addr.to_string(),
+                            read,
+                            write,
+                            ClientOptions::default(),
+                        );
+                        // Only `pong` passes; a target that answers `unavailable` is not ready.
+                        client.ping(timeout).await.is_ok()
+                    }
                     Err(_) => false,
                 },
             }

@@ -20,7 +20,9 @@
 //! keeps DNS names' addresses registered, [`admin`] serves the HTTP API (its bearer
 //! token checked by [`auth`]) and [`metrics`]' Prometheus text, [`validation`] holds the
 //! rules every registered address passes (never the balancer itself, `--max-targets`,
-//! `--register-allow`), and [`autoscale`] turns the outstanding counts into the
+//! `--register-allow`), `tls` sets up TLS on the client listener, towards the targets
+//! and on the admin API (reloading the certificates), and [`autoscale`] turns the
+//! outstanding counts into the
 //! pool size the load needs (`GET /scaling`), starting and stopping workers with
 //! `--autoscale`.
 //!
@@ -50,7 +52,7 @@
 //! pending entries and hands unwritten requests back), `queue` (which carries requests)
 //! and `metrics` (targets keep latency histograms; metrics render targets). Every other
 //! edge points down this list, each module importing only those below it:
-//! `balancer` → `admin` → `handle` → `frontend` → `dispatch` → `discovery` → `registry`
+//! `balancer` → `tls` → `admin` → `handle` → `frontend` → `dispatch` → `discovery` → `registry`
 //! → `health` → [`routing`] → [`config`] → [`autoscale`] → the data types → `auth` →
 //! `burst`, `error` → `validation`. (`autoscale` sees one data type, [`target`]'s
 //! `TargetInfo`, and `auth`'s token, which it hands to the workers it starts. Neighbours
@@ -100,6 +102,7 @@ mod registry;
 pub mod routing;
 pub mod target;
 mod throttle;
+mod tls;
 mod upstream;
 mod validation;
 

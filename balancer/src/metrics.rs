@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tidepool_protocol::tls::HandshakeFailures;
+
 use crate::target::{Target, TargetState};
 
 /// Why a request was answered with an error by the balancer itself.
@@ -121,6 +123,17 @@ impl Histogram {
     }
 }
 
+/// Failed TLS handshakes per side, rendered as `tidepool_tls_handshake_failures_total`.
+#[derive(Debug, Default)]
+pub(crate) struct TlsFailures {
+    /// On the client listener.
+    pub(crate) client: Arc<HandshakeFailures>,
+    /// On the admin API.
+    pub(crate) admin: Arc<HandshakeFailures>,
+    /// Towards targets (connections and health checks).
+    pub(crate) upstream: Arc<HandshakeFailures>,
+}
+
 /// The balancer's counters, shared by every task.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -138,6 +151,8 @@ pub(crate) struct Metrics {
     pub(crate) queue_wait: Histogram,
     /// The limits that protect the balancer from its clients, each counted when it bites.
     pub(crate) limits: LimitCounters,
+    /// Failed TLS handshakes, each side's counter shared with its acceptor or connector.
+    pub(crate) tls_failures: TlsFailures,
 }
 
 /// How often each of the balancer's protective limits bit.
@@ -167,6 +182,7 @@ impl Default for Metrics {
             rejected: Default::default(),
             queue_wait: Histogram::latency(),
             limits: LimitCounters::default(),
+            tls_failures: TlsFailures::default(),
         }
     }
 }
@@ -291,6 +307,20 @@ impl Metrics {
                 "tidepool_rejected_total{{reason=\"{}\"}} {}",
                 reason.as_str(),
                 load(&self.rejected[reason as usize])
+            );
+        }
+
+        let _ = writeln!(out, "# HELP tidepool_tls_handshake_failures_total TLS handshakes that failed or timed out, by side.\n# TYPE tidepool_tls_handshake_failures_total counter");
+        let tls = &self.tls_failures;
+        for (side, failures) in [
+            ("client", &tls.client),
+            ("admin", &tls.admin),
+            ("upstream", &tls.upstream),
+        ] {
+            let _ = writeln!(
+                out,
+                "tidepool_tls_handshake_failures_total{{side=\"{side}\"}} {}",
+                failures.count()
             );
         }
 

@@ -36,9 +36,10 @@ use crate::queue::{QueueSignal, Reroute};
 use crate::target::{Target, TargetInfo, TargetState};
 use crate::upstream::{self, UpstreamContext, UpstreamSettings};
 use crate::validation::{TargetRefusal, TargetRules};
+use tidepool_protocol::tls::TlsConnector;
 
 /// What a target group needs to know about its targets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) struct GroupSettings {
     /// Persistent connections kept open to each target.
     pub(crate) connections_per_target: usize,
@@ -48,6 +49,8 @@ pub(crate) struct GroupSettings {
     pub(crate) health: HealthCheck,
     /// How each target's connections are opened and what they carry.
     pub(crate) upstream: UpstreamSettings,
+    /// TLS towards the targets (`--upstream-tls-*`), for connections and health checks.
+    pub(crate) upstream_tls: Option<TlsConnector>,
 }
 
 /// The set of targets; cheap to clone.
@@ -127,6 +130,7 @@ impl TargetGroup {
                 signal,
                 upstream: UpstreamContext {
                     settings: settings.upstream,
+                    tls: settings.upstream_tls.clone(),
                     reroute,
                     metrics,
                     tasks: tasks.clone(),
@@ -248,18 +252,24 @@ impl TargetGroup {
         self.rebuild();
         tracing::info!(target = %addr, state = %target.state(), outstanding = target.outstanding(), "target revived: registered again while draining");
         // Its connections kept running; its health check ended with the drain.
-        shared
-            .tasks
-            .spawn(shared.settings.health.run(Arc::clone(&target)));
+        shared.tasks.spawn(
+            shared
+                .settings
+                .health
+                .run(Arc::clone(&target), shared.settings.upstream_tls.clone()),
+        );
         Some(target)
     }
 
     /// Starts a new target's health check and connections.
     fn start(&self, target: &Arc<Target>) {
         let shared = &self.shared;
-        shared
-            .tasks
-            .spawn(shared.settings.health.run(Arc::clone(target)));
+        shared.tasks.spawn(
+            shared
+                .settings
+                .health
+                .run(Arc::clone(target), shared.settings.upstream_tls.clone()),
+        );
         for slot in 0..target.conn_slots() {
             shared.tasks.spawn(upstream::maintain(
                 Arc::clone(target),
@@ -433,6 +443,7 @@ mod tests {
                 max_frame: 1 << 20,
                 keepalive: Duration::from_secs(30),
             },
+            upstream_tls: None,
         };
         TargetGroup::new(
             settings,

@@ -20,11 +20,11 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use futures::StreamExt;
 use tidepool_protocol::raw::{self, Frame, RawKind, Rewrite};
+use tidepool_protocol::tls::{ReadHalf, Stream, TlsConnector, WriteHalf};
 use tidepool_protocol::{
     Error as ProtocolError, ErrorCode, FrameCodec, Message, MessageCodec, RequestId, CONNECTION_ID,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -62,6 +62,8 @@ pub(crate) struct UpstreamSettings {
 #[derive(Clone, Debug)]
 pub(crate) struct UpstreamContext {
     pub(crate) settings: UpstreamSettings,
+    /// TLS towards the target, when `--upstream-tls-ca` is given.
+    pub(crate) tls: Option<TlsConnector>,
     pub(crate) reroute: Reroute,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) tasks: TaskTracker,
@@ -117,7 +119,7 @@ impl UpstreamConn {
     }
 
     /// Starts the reader and writer tasks over `stream`.
-    fn start(stream: TcpStream, target: &Target, ctx: &UpstreamContext) -> Arc<UpstreamConn> {
+    fn start(stream: Stream, target: &Target, ctx: &UpstreamContext) -> Arc<UpstreamConn> {
         let (read, write) = stream.into_split();
         let (conn, outlets) = UpstreamConn::new(target.addr(), target.stop.child_token());
         let max_frame = ctx.settings.max_frame;
@@ -155,6 +157,21 @@ impl UpstreamConn {
     /// Forwards a client's cancel for the request written under `upstream_id`.
     pub(crate) fn cancel(&self, upstream_id: RequestId) {
         let _ = self.cancels.send(upstream_id);
+    }
+}
+
+/// Opens a connection to a target, with the upstream TLS if any: the target's certificate
+/// must name the configured server name, or else the target's IP address. The connect
+/// timeout covers the handshake too (and the TLS handshake timeout bounds it alone).
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    tls: Option<&TlsConnector>,
+) -> Result<Stream, ProtocolError> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => Ok(Stream::Plain(tcp)),
+        Some(tls) => tls.connect(tcp, &addr.ip().to_string()).await,
     }
 }
 
@@ -248,7 +265,7 @@ impl Timers {
 
 async fn write_loop(
     conn: Arc<UpstreamConn>,
-    mut socket: OwnedWriteHalf,
+    mut socket: WriteHalf,
     outlets: Outlets,
     settings: UpstreamSettings,
     queue: Reroute,
@@ -336,6 +353,24 @@ async fn write_loop(
                 written = socket.write(&buf[at..]) => match written {
                     Ok(0) => break 'run,
                     Ok(n) => at += n,
+                    Err(error) => {
+                        tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
+                        break 'run;
+                    }
+                },
+            }
+        }
+        // Flushing a TLS stream sends the records still in its buffer; TCP's does nothing.
+        // Like the write, it must not hold up the deadlines of what the target already has.
+        loop {
+            tokio::select! {
+                biased;
+                () = conn.closed.cancelled() => break 'run,
+                () = timers.sleep.as_mut() => {
+                    let _ = timers.fired(&conn, &metrics);
+                }
+                flushed = socket.flush() => match flushed {
+                    Ok(()) => break,
                     Err(error) => {
                         tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
                         break 'run;
@@ -436,7 +471,7 @@ fn encode_request(
 
 async fn read_loop(
     conn: Arc<UpstreamConn>,
-    mut frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    mut frames: FramedRead<ReadHalf, FrameCodec>,
     metrics: Arc<Metrics>,
 ) {
     let mut last_error: Option<String> = None;
@@ -529,11 +564,10 @@ pub(crate) async fn maintain(target: Arc<Target>, slot: usize, ctx: UpstreamCont
     loop {
         let connected = tokio::select! {
             () = target.stop.cancelled() => return,
-            r = tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(target.addr())) => r,
+            r = tokio::time::timeout(ctx.settings.connect_timeout, connect(target.addr(), ctx.tls.as_ref())) => r,
         };
         match connected {
             Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
                 backoff = FIRST_BACKOFF;
                 let conn = UpstreamConn::start(stream, &target, &ctx);
                 target.attach(slot, Arc::clone(&conn));

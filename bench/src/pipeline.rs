@@ -4,10 +4,13 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::BytesMut;
+use rustls::{ClientConfig, ClientConnection};
+use rustls_pki_types::ServerName;
 use serde::Serialize;
 use tidepool_protocol::{Infer, Message, MessageCodec, Tensors};
 use tokio_util::codec::Decoder;
@@ -27,6 +30,8 @@ pub struct PipelineConfig {
     pub measure: Duration,
     /// The item every request carries.
     pub item: Tensors,
+    /// TLS towards `addr` (checked as the name `127.0.0.1`), else plain TCP.
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 /// What a saturation run measured.
@@ -51,8 +56,22 @@ pub fn run(config: &PipelineConfig) -> anyhow::Result<PipelineResult> {
                 .with_context(|| format!("connecting to {}", config.addr))?;
             stream.set_nodelay(true)?;
             let (item, window) = (config.item.clone(), config.window.max(1));
-            Ok(std::thread::spawn(move || {
-                one_connection(stream, &item, window, counting, end)
+            let tls = match &config.tls {
+                None => None,
+                Some(tls) => Some(ClientConnection::new(
+                    Arc::clone(tls),
+                    ServerName::IpAddress(config.addr.ip().into()),
+                )?),
+            };
+            Ok(std::thread::spawn(move || match tls {
+                None => one_connection(stream, &item, window, counting, end),
+                Some(tls) => one_connection(
+                    rustls::StreamOwned::new(tls, stream),
+                    &item,
+                    window,
+                    counting,
+                    end,
+                ),
             }))
         })
         .collect::<anyhow::Result<_>>()?;
@@ -68,18 +87,37 @@ pub fn run(config: &PipelineConfig) -> anyhow::Result<PipelineResult> {
     Ok(result)
 }
 
-fn one_connection(
-    mut stream: TcpStream,
+/// A connection the driver can time out reads on: plain TCP, or TLS over it.
+trait Socket: Read + Write {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Socket for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Socket for rustls::StreamOwned<ClientConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref()
+    }
+}
+
+fn one_connection<S: Socket>(
+    mut stream: S,
     item: &Tensors,
     window: usize,
     counting: Instant,
     end: Instant,
 ) -> anyhow::Result<(u64, u64)> {
-    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    stream
+        .tcp()
+        .set_read_timeout(Some(Duration::from_millis(100)))?;
     let mut codec = MessageCodec::default();
     let mut out = BytesMut::with_capacity(1 << 16);
     let mut next_id = 1u64;
-    let mut write_frames = |stream: &mut TcpStream, n: usize| -> anyhow::Result<()> {
+    let mut write_frames = |stream: &mut S, n: usize| -> anyhow::Result<()> {
         out.clear();
         for _ in 0..n {
             let infer = Message::Infer(Infer {
@@ -91,7 +129,9 @@ fn one_connection(
             next_id += 1;
             codec.encode_ref(&infer, &mut out)?;
         }
-        stream.write_all(&out).context("writing requests")
+        stream.write_all(&out).context("writing requests")?;
+        // TLS: the records leave the session's buffer here (TCP's flush does nothing).
+        stream.flush().context("writing requests")
     };
     write_frames(&mut stream, window)?;
     let (mut ok, mut errors) = (0u64, 0u64);

@@ -191,6 +191,14 @@ pub struct BalancerSpec {
 /// Starts the release tidepool-balancer binary with fast health checks, and returns once
 /// every target is healthy, with its listen address.
 pub fn start_balancer(spec: &BalancerSpec) -> anyhow::Result<(Proc, SocketAddr)> {
+    start_balancer_with(spec, &[])
+}
+
+/// As [`start_balancer`], with `extra` flags (`--tls-cert ...`).
+pub fn start_balancer_with(
+    spec: &BalancerSpec,
+    extra: &[String],
+) -> anyhow::Result<(Proc, SocketAddr)> {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let binary = match &spec.binary {
@@ -208,6 +216,7 @@ pub fn start_balancer(spec: &BalancerSpec) -> anyhow::Result<(Proc, SocketAddr)>
     for t in &spec.targets {
         command.args(["--target", &t.to_string()]);
     }
+    command.args(extra);
     let mut proc = Proc::spawn("tidepool-balancer", &mut command)?;
     wait_for_port(admin, Duration::from_secs(10))?;
     let started = Instant::now();

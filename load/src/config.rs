@@ -169,6 +169,15 @@ pub struct LoadConfig {
     /// No live line on stderr.
     #[arg(long, short, env = "TIDEPOOL_LOAD_QUIET")]
     pub quiet: bool,
+
+    /// Connect over TLS, trusting this CA bundle (PEM); the target's certificate must
+    /// name --tls-server-name, or else the host of --target.
+    #[arg(long, env = "TIDEPOOL_LOAD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The name the target's certificate must carry [default: the host of --target].
+    #[arg(long, env = "TIDEPOOL_LOAD_TLS_SERVER_NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
 }
 
 impl LoadConfig {
@@ -201,6 +210,8 @@ impl LoadConfig {
             json: None,
             timeline: None,
             quiet: true,
+            tls_ca: None,
+            tls_server_name: None,
         }
     }
 

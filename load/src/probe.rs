@@ -10,6 +10,8 @@
 //!   HTTP client library in the image.
 
 use std::time::Duration;
+use tidepool_protocol::tls::TlsConnector;
+use tidepool_protocol::ClientOptions;
 
 use tidepool_protocol::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,9 +26,13 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_RESPONSE: usize = 16 * 1024;
 
 /// Connects to `addr`, sends `ping`, and returns `Ok` on `pong`, all within `timeout`.
-pub async fn ping(addr: &str, timeout: Duration) -> Result<(), Error> {
+/// With `tls`, the connection speaks TLS (the probe's `--tls-*` flags).
+pub async fn ping(addr: &str, timeout: Duration, tls: Option<&TlsConnector>) -> Result<(), Error> {
     let attempt = async {
-        let client = Client::connect(addr).await?;
+        let client = match tls {
+            None => Client::connect(addr).await?,
+            Some(tls) => Client::connect_tls(addr, tls, ClientOptions::default()).await?,
+        };
         client.ping(timeout).await
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -187,11 +193,11 @@ mod tests {
     #[tokio::test]
     async fn ping_passes_only_when_ready() {
         let ready = StandIn::start(StandInConfig::default()).await;
-        ping(&ready.addr().to_string(), DEFAULT_TIMEOUT)
+        ping(&ready.addr().to_string(), DEFAULT_TIMEOUT, None)
             .await
             .unwrap();
         ready.set_ready(false);
-        assert!(ping(&ready.addr().to_string(), DEFAULT_TIMEOUT)
+        assert!(ping(&ready.addr().to_string(), DEFAULT_TIMEOUT, None)
             .await
             .is_err());
     }
@@ -203,7 +209,7 @@ mod tests {
             listener.local_addr().unwrap()
         };
         assert!(matches!(
-            ping(&addr.to_string(), DEFAULT_TIMEOUT).await,
+            ping(&addr.to_string(), DEFAULT_TIMEOUT, None).await,
             Err(Error::Ping { .. })
         ));
         assert!(matches!(

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tidepool_protocol::tls::{ClientFiles, TlsConnector};
 
 use tidepool_protocol::{CallOptions, ClientOptions, Pool, Tensors};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -39,12 +40,26 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Repo
         _ => config.inputs.clone(),
     };
     let items = build_items(&inputs, config.items, config.seed)?;
-    let pool = Pool::connect(&config.target, config.connections, ClientOptions::default())
-        .await
-        .map_err(|source| Error::Connect {
-            target: config.target.clone(),
-            source: Box::new(source),
-        })?;
+    let connect_error = |source| Error::Connect {
+        target: config.target.clone(),
+        source: Box::new(source),
+    };
+    let pool = match &config.tls_ca {
+        None => Pool::connect(&config.target, config.connections, ClientOptions::default()).await,
+        Some(ca) => {
+            let tls = TlsConnector::new(
+                "load",
+                &ClientFiles::trusting(ca),
+                config.tls_server_name.as_deref(),
+                tidepool_protocol::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+                Default::default(),
+            )
+            .map_err(connect_error)?;
+            let options = ClientOptions::default();
+            Pool::connect_tls(&config.target, config.connections, options, &tls).await
+        }
+    }
+    .map_err(connect_error)?;
     if !config.wait_ready.is_zero() {
         wait_ready(&pool, &config, &shutdown).await?;
     }

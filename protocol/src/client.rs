@@ -21,6 +21,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::codec::{MessageCodec, DEFAULT_MAX_FRAME};
 use crate::error::Error;
 use crate::message::{Infer, InferResult, Message, RequestId, Tensors, CONNECTION_ID};
+use crate::tls::{host_of, TlsConnector};
 
 /// Settings of one client connection.
 #[derive(Clone, Debug)]
@@ -101,6 +102,29 @@ impl Client {
         stream.set_nodelay(true)?;
         let peer = stream.peer_addr()?.to_string();
         let (read, write) = stream.into_split();
+        Ok(Client::from_parts(peer, read, write, options))
+    }
+
+    /// Connects over TLS: `addr` is `host:port`, and the server's certificate must chain to
+    /// the connector's CA and name the connector's server name, or else `host`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), tidepool_protocol::Error> {
+    /// use tidepool_protocol::tls::TlsConnector;
+    /// use tidepool_protocol::{Client, ClientOptions};
+    /// let tls = TlsConnector::trusting("certs/ca.pem")?;
+    /// let client = Client::connect_tls("balancer.internal:7000", &tls, ClientOptions::default()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_tls(
+        addr: &str,
+        tls: &TlsConnector,
+        options: ClientOptions,
+    ) -> Result<Client, Error> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr()?.to_string();
+        let (read, write) = tls.connect(stream, host_of(addr)).await?.into_split();
         Ok(Client::from_parts(peer, read, write, options))
     }
 
@@ -391,6 +415,23 @@ impl Pool {
         let mut clients = Vec::with_capacity(size.max(1));
         for _ in 0..size.max(1) {
             clients.push(Client::connect_with(addr, options.clone()).await?);
+        }
+        Ok(Pool {
+            clients: clients.into(),
+        })
+    }
+
+    /// Opens `size` TLS connections (at least one) to `addr` (`host:port`); see
+    /// [`Client::connect_tls`].
+    pub async fn connect_tls(
+        addr: &str,
+        size: usize,
+        options: ClientOptions,
+        tls: &TlsConnector,
+    ) -> Result<Pool, Error> {
+        let mut clients = Vec::with_capacity(size.max(1));
+        for _ in 0..size.max(1) {
+            clients.push(Client::connect_tls(addr, tls, options.clone()).await?);
         }
         Ok(Pool {
             clients: clients.into(),

@@ -197,6 +197,62 @@ pub enum Error {
         /// What it sent.
         detail: String,
     },
+
+    /// A TLS file could not be read.
+    #[error("could not read the TLS {what} {}: {source}; check the path and that this process may read it", path.display())]
+    TlsRead {
+        /// What the file should hold (`certificate`, `private key`).
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file holds no usable PEM of the kind expected.
+    #[error("{} is not a usable PEM {what}: {problem}; scripts/make-certs.sh shows how to make one", path.display())]
+    TlsPem {
+        /// What the file should hold.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// rustls refused the certificates or keys (a key that is not the certificate's, say).
+    #[error("the TLS {what} from {} cannot be used: {source}", path.display())]
+    TlsSetup {
+        /// What was being set up.
+        what: &'static str,
+        /// The file at fault.
+        path: std::path::PathBuf,
+        /// rustls's reason (boxed: it is larger than every other variant).
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    /// A TLS server name is neither a DNS name nor an IP address.
+    #[error("{name:?} is not a DNS name or IP address a certificate can name")]
+    TlsServerName {
+        /// The name given.
+        name: String,
+    },
+    /// A TLS handshake failed (untrusted or expired certificate, wrong name, no TLS).
+    #[error("TLS handshake with {peer} failed: {source}")]
+    TlsHandshake {
+        /// The other side.
+        peer: String,
+        /// rustls's reason, as an I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS handshake did not finish in time.
+    #[error("TLS handshake with {peer} did not finish within {timeout:?}")]
+    TlsHandshakeTimeout {
+        /// The other side.
+        peer: String,
+        /// The limit.
+        timeout: Duration,
+    },
 }
 
 impl Error {
@@ -221,6 +277,8 @@ impl Error {
                 | Error::Truncated { .. }
                 | Error::FrameTimeout { .. }
                 | Error::Io(_)
+                | Error::TlsHandshake { .. }
+                | Error::TlsHandshakeTimeout { .. }
         )
     }
 
@@ -230,7 +288,10 @@ impl Error {
             Error::FrameTooLarge { .. } | Error::TooLarge { .. } => ErrorCode::TooLarge,
             Error::Overloaded { .. } => ErrorCode::Overloaded,
             Error::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
-            Error::Unavailable { .. } | Error::ConnectionLost { .. } => ErrorCode::Unavailable,
+            Error::Unavailable { .. }
+            | Error::ConnectionLost { .. }
+            | Error::TlsHandshake { .. }
+            | Error::TlsHandshakeTimeout { .. } => ErrorCode::Unavailable,
             Error::Cancelled { .. } => ErrorCode::Cancelled,
             Error::ShuttingDown { .. } => ErrorCode::ShuttingDown,
             Error::Internal { .. }

@@ -30,6 +30,8 @@
 //!   allocation) and a frame timeout.
 //! - [`client`]: [`Client`], pipelined calls over one connection with deadlines and
 //!   cancel-on-drop, and [`Pool`], a few connections used least-busy first.
+//! - [`tls`]: rustls for clients and servers: PEM files, reloadable configurations, handshakes
+//!   bounded by a timeout, and [`tls::Stream`], a connection with or without TLS.
 //! - [`error`]: [`Error`], the crate's one error type.
 
 #![forbid(unsafe_code)]
@@ -43,6 +45,7 @@ pub mod message;
 pub mod raw;
 pub mod reader;
 pub mod tensor;
+pub mod tls;
 
 pub use budget::{ConnectionBudget, FrameBudget, FramePermit};
 

@@ -262,22 +262,53 @@ pub async fn http_with(
     headers: &[&str],
     body: Option<&str>,
 ) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(admin).await.expect("connect admin");
+    let stream = TcpStream::connect(admin).await.expect("connect admin");
+    http_over_with(stream, &admin.to_string(), method, path, headers, body).await
+}
+
+/// One HTTP/1.1 request over an open connection (plain or TLS) to `host`; returns the
+/// status and the body.
+pub async fn http_over<S>(
+    stream: S,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (status, _, body) = http_over_with(stream, host, method, path, &[], body).await;
+    (status, body)
+}
+
+/// [`http_over`] with extra header lines; returns the status, the response's head and the
+/// body.
+pub async fn http_over_with<S>(
+    mut stream: S,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&str>,
+) -> (u16, String, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let body = body.unwrap_or("");
     let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream
         .write_all(request.as_bytes())
         .await
         .expect("write request");
+    stream.flush().await.expect("flush request");
     let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .await
-        .expect("read response");
+    // A TLS server may close without close_notify once it has answered; what arrived counts.
+    let _ = stream.read_to_end(&mut response).await;
     let response = String::from_utf8(response).expect("utf-8 response");
     let (head, body) = response
         .split_once("\r\n\r\n")

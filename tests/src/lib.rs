@@ -7,6 +7,7 @@
 //! - [`compose`]: docker compose projects on this machine's engine, torn down on drop.
 //! - [`worker`]: tiny synthetic models, in-process workers, a stand-in admin API.
 //! - [`process`]: the real binaries as child processes, killed on drop.
+//! - [`tls`]: test certificates (made in-process) and https calls to a TLS admin API.
 //! - [`drive`]: a load driver that counts the answers to each request id on the wire.
 //! - [`init_tracing`]: logs for a failing test, once per process (`RUST_LOG`).
 //!
@@ -18,6 +19,7 @@ pub mod compose;
 pub mod drive;
 pub mod process;
 pub mod stand_in;
+pub mod tls;
 pub mod worker;
 
 use std::sync::Once;

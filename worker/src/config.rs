@@ -166,6 +166,30 @@ pub struct ServeConfig {
     /// TIDEPOOL_WORKER_REGISTER_TOKEN; a program embedding the worker sets it directly.
     #[arg(skip)]
     pub register_token: Option<RegisterToken>,
+    /// TLS on the protocol listener: the certificate chain (PEM), with --tls-key.
+    #[arg(long, env = "TIDEPOOL_WORKER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TIDEPOOL_WORKER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require clients (the balancer) to present a certificate signed by a CA in this
+    /// bundle (PEM), so that only they can reach this worker.
+    #[arg(long, env = "TIDEPOOL_WORKER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// The CA bundle (PEM) an https:// --register URL's certificate must chain to.
+    #[arg(long, env = "TIDEPOOL_WORKER_REGISTER_TLS_CA")]
+    pub register_tls_ca: Option<PathBuf>,
+
+    /// Longest a TLS handshake may take before the connection is closed.
+    #[arg(long, env = "TIDEPOOL_WORKER_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// How often the TLS files are checked for changes (they are also re-read on SIGHUP).
+    #[arg(long, env = "TIDEPOOL_WORKER_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
 }
 
 impl ServeConfig {
@@ -196,6 +220,12 @@ impl ServeConfig {
             ort_lib: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
             register_token_file: None,
             register_token: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            register_tls_ca: None,
+            tls_handshake_timeout: tidepool_protocol::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+            tls_reload_interval: tidepool_protocol::tls::DEFAULT_RELOAD_POLL,
         }
     }
 
@@ -295,11 +325,12 @@ impl ServeConfig {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return invalid(
                     "register",
-                    "expected an http:// URL of the balancer's admin API",
+                    "expected an http:// or https:// URL of the balancer's admin API",
                 );
             }
         }
         self.register_credentials()?;
+        self.validate_tls()?;
         if !self.model.is_file() {
             return invalid("model", &format!("{} is not a file", self.model.display()));
         }
@@ -309,6 +340,53 @@ impl ServeConfig {
                 return Err(Error::OrtLibNotFound { path: path.clone() })
             }
             Some(_) => {}
+        }
+        Ok(())
+    }
+}
+
+impl ServeConfig {
+    /// The TLS flags that must go together.
+    fn validate_tls(&self) -> Result<(), Error> {
+        let invalid = |flag, reason: &str| {
+            Err(Error::InvalidConfig {
+                flag,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid(
+                "tls-cert",
+                "--tls-cert and --tls-key go together; give both",
+            );
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return invalid(
+                "tls-client-ca",
+                "needs --tls-cert and --tls-key: client certificates are checked over TLS",
+            );
+        }
+        let https = self
+            .register
+            .as_deref()
+            .is_some_and(|url| url.starts_with("https://"));
+        if https && self.register_tls_ca.is_none() {
+            return invalid(
+                "register-tls-ca",
+                "an https:// --register URL needs the CA bundle that signed the balancer's admin certificate",
+            );
+        }
+        if self.register_tls_ca.is_some() && !https {
+            return invalid(
+                "register-tls-ca",
+                "is only used with an https:// --register URL",
+            );
+        }
+        if self.tls_handshake_timeout.is_zero() {
+            return invalid("tls-handshake-timeout", "must be above zero");
+        }
+        if self.tls_reload_interval.is_zero() {
+            return invalid("tls-reload-interval", "must be above zero");
         }
         Ok(())
     }

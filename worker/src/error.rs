@@ -76,6 +76,15 @@ pub enum Error {
         #[source]
         source: ort::Error,
     },
+    /// TLS could not be set up from its files.
+    #[error("could not set up TLS for the {side}: {source}")]
+    Tls {
+        /// Which side (`protocol listener`, `registration`).
+        side: &'static str,
+        /// What is wrong, naming the file (boxed: the enum stays small).
+        #[source]
+        source: Box<tidepool_protocol::Error>,
+    },
     /// The model file could not be loaded.
     #[error("could not load model {path}: {source}")]
     ModelLoad {

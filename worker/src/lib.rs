@@ -26,6 +26,8 @@
 //!   every few seconds, for a balancer that restarted), and deregistering first on shutdown.
 //! - [`metrics`]: counters and histograms, Prometheus text on `--metrics`.
 //! - [`parent`]: `--exit-with-parent`, draining when the parent's pipe on stdin closes.
+//! - [`tls`]: TLS on the protocol listener (optionally requiring the balancer's client
+//!   certificate) and for registering with an https:// admin API.
 //! - [`synth`]: synthetic MLP models of any size, built with `ort::editor`.
 //! - [`error`]: the crate's one error type.
 //!
@@ -63,12 +65,14 @@ pub mod spec;
 pub mod synth;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tidepool_protocol::tls::TlsConnector;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -84,6 +88,7 @@ pub use model::{Device, LoadOptions, Model};
 pub use server::Phase;
 pub use spec::{IoSpec, ModelSpec};
 pub use synth::SynthPlan;
+pub use tls::WorkerTls;
 
 /// How long connections get, after the queue has drained, to write their last answers before
 /// they are closed regardless (a client that never reads must not hold shutdown forever).
@@ -112,6 +117,9 @@ impl Worker {
         // fail a worker that has loaded its model.
         config.register_token = config.register_credentials()?;
         config.register_token_file = None;
+        // Certificates are read before anything is bound, so that a wrong path fails at start.
+        let metrics = Arc::new(Metrics::default());
+        let tls = WorkerTls::load(&config, &metrics)?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -145,7 +153,6 @@ impl Worker {
             info!(url = %metrics::describe(m), "serving metrics");
         }
 
-        let metrics = Arc::new(Metrics::default());
         let (phase_tx, phase) = watch::channel(Phase::Loading);
         let shutdown = CancellationToken::new();
         if config.exit_with_parent {
@@ -159,6 +166,7 @@ impl Worker {
             advertise: advertise.clone(),
             metrics: Arc::clone(&metrics),
             phase_tx,
+            tls,
         };
         let task = tokio::spawn(run.run(shutdown.clone()));
         Ok(Worker {
@@ -241,6 +249,7 @@ struct Run {
     advertise: String,
     metrics: Arc<Metrics>,
     phase_tx: watch::Sender<Phase>,
+    tls: WorkerTls,
 }
 
 impl Run {
@@ -253,7 +262,11 @@ impl Run {
             advertise,
             metrics,
             phase_tx,
+            tls,
         } = self;
+        // Certificates are reloaded for as long as anything may handshake.
+        let (tls_stop, tls_tasks) = (CancellationToken::new(), TaskTracker::new());
+        tls.watch(config.tls_reload_interval, &tls_stop, &tls_tasks);
         let metrics_stop = CancellationToken::new();
         let metrics_task = metrics_listener.map(|l| {
             let (metrics, stop) = (Arc::clone(&metrics), metrics_stop.clone());
@@ -276,6 +289,7 @@ impl Run {
             frame_timeout: ServeConfig::limit(config.frame_timeout),
             idle_timeout: ServeConfig::limit(config.idle_timeout),
             max_connections: config.max_connections,
+            tls: tls.listener.clone(),
         });
         let tracker = TaskTracker::new();
         let (stop_accepting, close, abort) = (
@@ -292,7 +306,15 @@ impl Run {
             abort.clone(),
         ));
 
-        let result = serve_model(&config, &advertise, &metrics, &phase_tx, &shutdown).await;
+        let result = serve_model(
+            &config,
+            &advertise,
+            &metrics,
+            &phase_tx,
+            &shutdown,
+            tls.register.as_ref(),
+        )
+        .await;
 
         // Whatever happened, stop taking connections and let the open ones finish.
         phase_tx.send_replace(Phase::Draining);
@@ -312,6 +334,9 @@ impl Run {
             tracker.wait().await;
         }
         let _ = accept_task.await;
+        tls_stop.cancel();
+        tls_tasks.close();
+        tls_tasks.wait().await;
         metrics_stop.cancel();
         if let Some(task) = metrics_task {
             let _ = task.await;
@@ -359,6 +384,7 @@ async fn serve_model(
     metrics: &Arc<Metrics>,
     phase_tx: &watch::Sender<Phase>,
     shutdown: &CancellationToken,
+    register_tls: Option<&TlsConnector>,
 ) -> Result<(), Error> {
     let options = LoadOptions {
         path: config.model.clone(),
@@ -408,7 +434,12 @@ async fn serve_model(
     );
 
     let registration = config.register.as_deref().map(|url| {
-        let registrar = registration::Registrar::new(url, advertise, config.register_token.clone());
+        let registrar = registration::Registrar::new(
+            url,
+            advertise,
+            config.register_token.clone(),
+            register_tls,
+        );
         let stop = shutdown.clone();
         let refresh = config.register_interval;
         tokio::spawn(async move {

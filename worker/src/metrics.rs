@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::routing::get;
 use axum::Router;
+use tidepool_protocol::tls::HandshakeFailures;
 use tidepool_protocol::{ErrorCode, FrameBudget};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -130,6 +131,8 @@ pub struct Metrics {
     pub idle_timeouts: AtomicU64,
     /// Connections refused because --max-connections were open.
     pub connections_refused: AtomicU64,
+    /// TLS handshakes on the protocol listener that failed or timed out.
+    pub tls_handshake_failures: Arc<HandshakeFailures>,
     items: [AtomicU64; OUTCOMES],
     device: OnceLock<&'static str>,
     frame_budget: OnceLock<FrameBudget>,
@@ -147,6 +150,7 @@ impl Default for Metrics {
             frame_timeouts: AtomicU64::new(0),
             idle_timeouts: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
+            tls_handshake_failures: Arc::default(),
             items: std::array::from_fn(|_| AtomicU64::new(0)),
             device: OnceLock::new(),
             frame_budget: OnceLock::new(),
@@ -265,6 +269,13 @@ impl Metrics {
                 budget.waits()
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_worker_tls_handshake_failures_total TLS handshakes on the protocol listener that failed or timed out.\n\
+             # TYPE tidepool_worker_tls_handshake_failures_total counter\n\
+             tidepool_worker_tls_handshake_failures_total {}",
+            self.tls_handshake_failures.count()
+        );
         if let Some(device) = self.device.get() {
             let _ = writeln!(
                 out,

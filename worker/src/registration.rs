@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use serde::Serialize;
+use tidepool_protocol::tls::{ClientConfig, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -130,6 +131,20 @@ struct TargetBody<'a> {
     addr: &'a str,
 }
 
+/// An HTTP client; with `tls`, https:// URLs are checked against the CA it holds when the
+/// registrar is made.
+fn client(tls: Option<&TlsConnector>) -> reqwest::Client {
+    let builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
+    let builder = match tls {
+        Some(tls) => builder.use_preconfigured_tls(ClientConfig::clone(&tls.config())),
+        None => builder,
+    };
+    builder.build().unwrap_or_else(|error| {
+        warn!(%error, "could not build the registration HTTP client; using the default one");
+        reqwest::Client::new()
+    })
+}
+
 /// What one registration attempt came to.
 enum Attempt {
     /// 2xx: registered; true when the balancer did not have this worker (201).
@@ -154,14 +169,16 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    /// A registrar of `advertise` with the admin API at `base` (`http://host:port`),
-    /// presenting `token` when given.
-    pub fn new(base: &str, advertise: &str, token: Option<RegisterToken>) -> Registrar {
+    /// A registrar of `advertise` with the admin API at `base` (`http://host:port`, or
+    /// `https://` checked against `tls`'s CA), presenting `token` when given.
+    pub fn new(
+        base: &str,
+        advertise: &str,
+        token: Option<RegisterToken>,
+        tls: Option<&TlsConnector>,
+    ) -> Registrar {
         Registrar {
-            client: reqwest::Client::builder()
-                .timeout(REQUEST_TIMEOUT)
-                .build()
-                .unwrap_or_else(|_| reqwest::Client::new()),
+            client: client(tls),
             url: format!("{}/targets", base.trim_end_matches('/')),
             advertise: advertise.to_owned(),
             token,

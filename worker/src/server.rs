@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
+use tidepool_protocol::tls::{Stream, TlsAcceptor, WriteHalf};
 use tidepool_protocol::{
     encode_frame, Error as ProtocolError, ErrorCode, ErrorReply, FrameBudget, FrameReader, Infer,
     InferResult, Message, MessageCodec, RequestId, CONNECTION_ID,
@@ -88,6 +89,8 @@ pub struct ServerContext {
     pub idle_timeout: Option<Duration>,
     /// Most open connections.
     pub max_connections: usize,
+    /// TLS on the listener (`--tls-cert`), else plain TCP.
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// How long to wait before retrying while the model loads.
@@ -217,6 +220,20 @@ async fn connection(
     abort: CancellationToken,
     _slot: OwnedSemaphorePermit,
 ) {
+    let peer = stream.peer_addr();
+    let stream = match (&context.tls, peer) {
+        (None, _) => Stream::Plain(stream),
+        // A failed or stalled handshake costs this connection only; the acceptor logs and
+        // counts it.
+        (Some(tls), Ok(peer)) => tokio::select! {
+            _ = close.cancelled() => return,
+            handshake = tls.accept(stream, peer) => match handshake {
+                Ok(stream) => stream,
+                Err(_) => return,
+            },
+        },
+        (Some(_), Err(_)) => return,
+    };
     context.metrics.connections.fetch_add(1, Ordering::Relaxed);
     debug!("connection opened");
     let (read, write) = stream.into_split();
@@ -330,7 +347,7 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 
 /// Writes answers (the socket's backpressure holds the connection here) and flushes once.
 async fn write_all(
-    writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, MessageCodec>,
+    writer: &mut FramedWrite<WriteHalf, MessageCodec>,
     answers: Vec<Answer>,
     metrics: &Metrics,
     abort: &CancellationToken,
@@ -537,6 +554,7 @@ mod tests {
             frame_timeout: Some(Duration::from_secs(10)),
             idle_timeout: Some(Duration::from_secs(60)),
             max_connections: 16,
+            tls: None,
         };
         tune(&mut context);
         let (stop, close) = (CancellationToken::new(), CancellationToken::new());

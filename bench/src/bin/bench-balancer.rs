@@ -7,10 +7,13 @@
 //! 2. Frames/s at saturation: small frames, pipelined, through each.
 //! 3. A skewed pool (one target several times slower, persistent client connections): p99
 //!    under least-outstanding (p2c), round-robin and HAProxy's leastconn.
+//! 4. TLS on the client listener against plain TCP, same targets, same run: the latency
+//!    TLS adds at p50 (one request at a time) and small frames/s at saturation.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -19,12 +22,16 @@ use serde::Serialize;
 use tidepool_bench::openloop::{self, OpenLoopConfig};
 use tidepool_bench::pipeline::{self, PipelineConfig, PipelineResult};
 use tidepool_bench::process::{
-    cpu_seconds, free_port, haproxy_version, start_balancer, start_haproxy, start_targets,
-    BalancerSpec, Proc,
+    cpu_seconds, free_port, haproxy_version, start_balancer, start_balancer_with, start_haproxy,
+    start_targets, BalancerSpec, Proc,
 };
 use tidepool_bench::report::{machine, Report};
 use tidepool_bench::small_item;
 use tidepool_bench::stats::{fmt_us, Latency};
+use tidepool_bench::stats::{histogram, record};
+use tidepool_protocol::tls::testing::Pki;
+use tidepool_protocol::tls::{ClientFiles, TlsConnector};
+use tidepool_protocol::{Client, ClientOptions};
 
 /// Balancer benchmark: tidepool-balancer vs HAProxy vs direct.
 #[derive(Debug, Parser)]
@@ -116,6 +123,7 @@ fn main() -> anyhow::Result<()> {
     latency(&args, &setup, &mut report)?;
     throughput(&args, &setup, &mut report)?;
     drop(setup);
+    tls_pair(&args, &mut report)?;
     skewed(&args, &mut report)?;
 
     report.write(&args.out, "balancer")?;
@@ -337,6 +345,7 @@ fn throughput(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result
                 warmup: Duration::from_secs(warmup),
                 measure: Duration::from_secs(measure),
                 item: small_item(args.item_len),
+                tls: None,
             })
             .with_context(|| format!("saturating {}", via.label()))?;
             let cpu = pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
@@ -424,6 +433,157 @@ fn throughput(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result
         report.set("baseline_throughput_ratio", ratio);
     }
     report.set("throughput", rows.values().collect::<Vec<_>>());
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct TlsRow {
+    tls: bool,
+    /// One request at a time on one connection, every round's samples together.
+    latency: Latency,
+    /// Pipelined small frames, per round.
+    frames_per_second: Vec<f64>,
+    mean_frames_per_second: f64,
+}
+
+/// One request at a time over `client` for `seconds`, into one histogram (after 200
+/// unrecorded requests to warm the path up).
+async fn closed_loop(
+    client: &Client,
+    item: &tidepool_protocol::Tensors,
+    seconds: u64,
+    into: &mut hdrhistogram::Histogram<u64>,
+) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        client.infer(item.clone()).await?;
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(seconds);
+    while std::time::Instant::now() < end {
+        let sent = std::time::Instant::now();
+        client.infer(item.clone()).await?;
+        record(into, sent.elapsed().as_nanos() as u64);
+    }
+    Ok(())
+}
+
+fn tls_pair(args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    let (rounds, seconds, warmup, measure) = if args.quick {
+        (1, 2, 1, 2)
+    } else {
+        (3, 5, 1, 6)
+    };
+    let (connections, window) = (8, 32);
+    let pki = Pki::new("bench");
+    let cert = pki.leaf("balancer", &["127.0.0.1"]);
+    let (_targets, addrs) = start_targets(&[Duration::ZERO; 3])?;
+    let spec = BalancerSpec {
+        routing: "p2c",
+        targets: addrs,
+        binary: None,
+    };
+    let (_plain_proc, plain) = start_balancer(&spec)?;
+    let tls_flags = [
+        "--tls-cert".to_owned(),
+        cert.cert.display().to_string(),
+        "--tls-key".to_owned(),
+        cert.key.display().to_string(),
+    ];
+    let (_tls_proc, secure) = start_balancer_with(&spec, &tls_flags)?;
+    let client_config = Arc::new(ClientFiles::trusting(pki.ca()).load()?);
+    let connector = TlsConnector::trusting(pki.ca())?;
+    let item = small_item(args.item_len);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+
+    let mut latency = [histogram(), histogram()];
+    let mut frames: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for (i, tls) in [false, true].into_iter().enumerate() {
+            eprintln!("tls: round {} of {rounds}, tls {tls}", round + 1);
+            runtime.block_on(async {
+                let client = if tls {
+                    Client::connect_tls(&secure.to_string(), &connector, ClientOptions::default())
+                        .await?
+                } else {
+                    Client::connect(plain).await?
+                };
+                closed_loop(&client, &item, seconds, &mut latency[i]).await
+            })?;
+            let r = pipeline::run(&PipelineConfig {
+                addr: if tls { secure } else { plain },
+                connections,
+                window,
+                warmup: Duration::from_secs(warmup),
+                measure: Duration::from_secs(measure),
+                item: item.clone(),
+                tls: tls.then(|| Arc::clone(&client_config)),
+            })
+            .with_context(|| format!("saturating the balancer, tls {tls}"))?;
+            anyhow::ensure!(r.errors == 0, "{} errors with tls {tls}", r.errors);
+            frames[i].push(r.per_second);
+        }
+    }
+    let rows: Vec<TlsRow> = [false, true]
+        .into_iter()
+        .enumerate()
+        .map(|(i, tls)| TlsRow {
+            tls,
+            latency: Latency::of(&latency[i]),
+            mean_frames_per_second: frames[i].iter().sum::<f64>() / frames[i].len().max(1) as f64,
+            frames_per_second: frames[i].clone(),
+        })
+        .collect();
+    let (off, on) = (&rows[0], &rows[1]);
+    let added_p50 = on.latency.p50_us - off.latency.p50_us;
+    let ratio = on.mean_frames_per_second / off.mean_frames_per_second.max(1.0);
+
+    report.heading("4. TLS on the client listener against plain TCP");
+    report.para(&format!(
+        "Two balancers in front of the same 3 echo targets, one with `--tls-cert/--tls-key` (TLS 1.3, \
+         ECDSA P-256, rustls with ring), one without; {rounds} interleaved rounds. Latency: one request at a \
+         time on one connection for {seconds} s per round (after 200 unrecorded). Frames/s: {connections} \
+         connections with {window} frames in flight each, {measure} s per round after {warmup} s of warm-up, \
+         a {}-byte tensor per frame. Handshakes are not in these figures (connections are persistent).",
+        args.item_len * 4
+    ));
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                if r.tls { "TLS" } else { "plain TCP" }.to_owned(),
+                fmt_us(r.latency.p50_us),
+                fmt_us(r.latency.p99_us),
+                format!("{:.0}", r.mean_frames_per_second),
+                r.frames_per_second
+                    .iter()
+                    .map(|f| format!("{f:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]
+        })
+        .collect();
+    report.table(
+        &[
+            "client listener",
+            "p50 (one at a time)",
+            "p99",
+            "frames/s (mean)",
+            "per round",
+        ],
+        &table,
+    );
+    let met = ratio >= 0.8;
+    report.para(&format!(
+        "TLS adds {added_p50:+.0} µs at p50 and carries {:.0}% of plain TCP's frames/s. \
+         **Goal: at most 20% fewer frames/s with TLS: {}**.",
+        ratio * 100.0,
+        if met { "met" } else { "missed" }
+    ));
+    report.set("tls", &rows);
+    report.set("tls_added_p50_us", added_p50);
+    report.set("tls_frames_ratio", ratio);
+    report.set("tls_goal_met", met);
     Ok(())
 }
 

@@ -9,11 +9,13 @@
 //! `docker inspect`'s health log). The tidepool image has no shell or curl; this is its
 //! healthcheck tool.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tidepool_load::probe;
+use tidepool_protocol::tls::{ClientFiles, TlsConnector};
 
 /// tidepool-probe: a one-shot readiness check for container healthchecks.
 #[derive(Debug, Parser)]
@@ -25,6 +27,23 @@ struct Args {
     /// How long the check may take before it fails.
     #[arg(long, global = true, value_parser = humantime::parse_duration, default_value = "2s")]
     timeout: Duration,
+
+    /// `ping` over TLS, trusting this CA bundle (PEM).
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
+
+    /// The client certificate (PEM) for a server that requires one (a worker with
+    /// --tls-client-ca), with --tls-key.
+    #[arg(long, global = true, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// The name the server's certificate must carry [default: the host of ADDR].
+    #[arg(long, global = true, requires = "tls_ca")]
+    tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,9 +72,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match &args.tls_ca {
+        None => None,
+        Some(ca) => {
+            let files = ClientFiles {
+                ca: ca.clone(),
+                cert: args.tls_cert.clone(),
+                key: args.tls_key.clone(),
+            };
+            let timeout = args.timeout;
+            match TlsConnector::new(
+                "probe",
+                &files,
+                args.tls_server_name.as_deref(),
+                timeout,
+                Default::default(),
+            ) {
+                Ok(tls) => Some(tls),
+                Err(error) => {
+                    eprintln!("tidepool-probe: {error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     let outcome = runtime.block_on(async {
         match &args.check {
-            Check::Ping { addr } => probe::ping(addr, args.timeout)
+            Check::Ping { addr } => probe::ping(addr, args.timeout, tls.as_ref())
                 .await
                 .map(|()| "pong".to_owned()),
             Check::Http { url } => probe::http_get(url, args.timeout)

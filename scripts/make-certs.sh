@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Makes a private CA and the certificates tidepool's TLS needs, with openssl, into DIR
+# (default deploy/certs, which git ignores). Never commit what it writes: the keys are
+# secrets. Run it again to rotate: the processes re-read their files on SIGHUP or within
+# --tls-reload-interval, and connections already open keep working.
+#
+#   scripts/make-certs.sh [DIR]        # or: make certs
+#
+# DIR/ca.pem               the CA: clients trust it (--upstream-tls-ca, --tls-client-ca,
+#                          --register-tls-ca, Python's ssl.create_default_context(cafile=))
+# DIR/balancer.{pem,key}   the balancer's listener and admin API: names balancer, localhost,
+#                          127.0.0.1 and $TIDEPOOL_CERT_NAMES (comma-separated, DNS or IP)
+# DIR/worker.{pem,key}     every worker's listener: names `worker` (the balancer checks it
+#                          with --upstream-tls-server-name worker)
+# DIR/balancer-client.{pem,key}  the balancer's client certificate towards workers that
+#                          require one (--upstream-tls-cert/--upstream-tls-key)
+#
+# The keys are written 0640: a container's non-root user may need to read them
+# (chgrp them to its group, or mount them as a Secret with a fitting mode).
+set -euo pipefail
+DIR="${1:-deploy/certs}"
+DAYS="${TIDEPOOL_CERT_DAYS:-365}"
+command -v openssl >/dev/null || {
+    echo "make-certs.sh needs openssl (apt-get install openssl)" >&2
+    exit 1
+}
+mkdir -p "$DIR"
+cd "$DIR"
+
+san_list() { # name,name,... -> DNS:a,IP:1.2.3.4,...
+    local out="" n
+    IFS=, read -ra names <<<"$1"
+    for n in "${names[@]}"; do
+        [ -z "$n" ] && continue
+        if [[ "$n" =~ ^[0-9.]+$ || "$n" == *:* ]]; then out+="IP:$n,"; else out+="DNS:$n,"; fi
+    done
+    echo "${out%,}"
+}
+
+if [ ! -f ca.pem ] || [ ! -f ca.key ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout ca.key -out ca.pem -days "$((DAYS * 3))" -subj "/CN=tidepool CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+fi
+
+leaf() { # name cn sans usage
+    local name=$1 cn=$2 sans=$3 usage=$4
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$name.key" -out "$name.csr" -subj "/CN=$cn" 2>/dev/null
+    {
+        echo "basicConstraints=CA:FALSE"
+        echo "keyUsage=critical,digitalSignature"
+        echo "extendedKeyUsage=$usage"
+        [ -n "$sans" ] && echo "subjectAltName=$sans"
+    } >"$name.ext"
+    openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out "$name.pem" -days "$DAYS" -extfile "$name.ext" 2>/dev/null
+    rm -f "$name.csr" "$name.ext"
+    chmod 0640 "$name.key"
+}
+
+leaf balancer balancer "$(san_list "balancer,localhost,127.0.0.1,${TIDEPOOL_CERT_NAMES:-}")" serverAuth
+leaf worker worker "$(san_list "worker,localhost,127.0.0.1")" serverAuth
+leaf balancer-client balancer "" clientAuth
+chmod 0600 ca.key
+echo "certificates in $DIR: ca.pem, balancer.pem/.key, worker.pem/.key, balancer-client.pem/.key"
