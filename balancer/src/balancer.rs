@@ -176,6 +176,7 @@ impl Balancer {
         let scaling_task = tokio::spawn(autoscale::controller::run(
             self.handle,
             config.autoscale.policy(),
+            config.autoscale.foresight(),
             actuator(config, admin_addr),
             self.scaling,
             scaling_stop.clone(),

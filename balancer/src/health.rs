@@ -4,7 +4,6 @@
 //! The task receives the one target it checks and a [`HealthCheck`] value with its own
 //! settings (as pingora's `HealthCheck` holds its thresholds), never the whole configuration.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +33,7 @@ impl HealthCheck {
         loop {
             let passed = tokio::select! {
                 () = target.stop.cancelled() => return,
-                passed = self.check(target.addr()) => passed,
+                passed = self.check(&target) => passed,
             };
             if target.state() == TargetState::Draining {
                 return;
@@ -52,15 +51,22 @@ impl HealthCheck {
         }
     }
 
-    /// One check: passes when the target answers within the timeout.
-    pub(crate) async fn check(&self, addr: SocketAddr) -> bool {
-        let timeout = self.timeout;
+    /// One check: passes when the target answers within the timeout. A `pong`'s load
+    /// report (the worker's busy share) is recorded on the target for the autoscaler.
+    pub(crate) async fn check(&self, target: &Target) -> bool {
+        let (addr, timeout) = (target.addr(), self.timeout);
         let attempt = async {
             match self.protocol {
                 HealthProtocol::Tcp => TcpStream::connect(addr).await.is_ok(),
                 HealthProtocol::Tidepool => match Client::connect(addr).await {
                     // Only `pong` passes; a target that answers `unavailable` is not ready.
-                    Ok(client) => client.ping(timeout).await.is_ok(),
+                    Ok(client) => match client.ping_load(timeout).await {
+                        Ok(load) => {
+                            target.set_reported_load(load);
+                            true
+                        }
+                        Err(_) => false,
+                    },
                     Err(_) => false,
                 },
             }
