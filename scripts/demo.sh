@@ -52,6 +52,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 admin() { python3 -c "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=2).read().decode())" "http://127.0.0.1:$ADMIN_PORT$1"; }
+# One number field of GET /scaling (0 while the balancer does not answer).
+scaling() { admin /scaling 2>/dev/null | python3 -c "import json,sys;print(json.load(sys.stdin)[sys.argv[1]])" "$1" 2>/dev/null || echo 0; }
 
 echo "== starting the balancer on 127.0.0.1:$LISTEN_PORT (admin http://127.0.0.1:$ADMIN_PORT), autoscaling 1..$MAX_WORKERS workers"
 # The balancer starts the workers itself (--worker-cmd), each on a port it picks, and each
@@ -69,8 +71,7 @@ PIDS+=($!)
 
 echo "== waiting for the first worker"
 for _ in $(seq 1 240); do
-  ready=$(admin /scaling 2>/dev/null | python3 -c "import json,sys;print(json.load(sys.stdin)['ready'])" 2>/dev/null || echo 0)
-  [ "$ready" -ge 1 ] && break
+  [ "$(scaling ready)" -ge 1 ] && break
   sleep 0.5
 done
 admin /targets
@@ -90,8 +91,7 @@ if [ -z "${RATE:-}" ]; then
   echo "   one worker: about $CAPACITY items/s; the day's peak: $RATE items/s"
   echo "   waiting for the pool to settle back to one worker"
   for _ in $(seq 1 120); do
-    current=$(admin /scaling 2>/dev/null | python3 -c "import json,sys;print(json.load(sys.stdin)['current'])" 2>/dev/null || echo 0)
-    [ "$current" -le 1 ] && break
+    [ "$(scaling current)" -le 1 ] && break
     sleep 1
   done
 fi
