@@ -5,15 +5,17 @@
 # Ctrl-C included (the balancer stops the workers it started, each draining first).
 #
 #   SIZE=64MiB (default) or SIZE=1GiB for the seed's 1 GB model
-#   RATE=peak items/s (default: sized for SIZE on this machine), DURATION=2m,
-#   MAX_WORKERS=3, TARGET_LOAD=16 (outstanding requests per worker the pool is sized for)
+#   RATE=peak items/s (default: 1.6 times one worker's capacity, measured at start, so the
+#   peak needs about three workers at 70% busy), DURATION=2m, MAX_WORKERS=3,
+#   TARGET_LOAD=32 (the in-flight guard: outstanding requests per worker)
+# Workers run one thread each, so on a 2-core machine a second worker really adds capacity.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 SIZE="${SIZE:-64MiB}"
 DURATION="${DURATION:-2m}"
 MAX_WORKERS="${MAX_WORKERS:-3}"
-TARGET_LOAD="${TARGET_LOAD:-16}"
+TARGET_LOAD="${TARGET_LOAD:-32}"
 LISTEN_PORT="${LISTEN_PORT:-7000}"
 ADMIN_PORT="${ADMIN_PORT:-9000}"
 OUT="$ROOT/demo-out"
@@ -23,8 +25,8 @@ export RUST_LOG="${RUST_LOG:-warn}"
 mkdir -p "$OUT" "$ROOT/build/models"
 
 case "$SIZE" in
-  1GiB|1024MiB) RATE="${RATE:-150}"; INPUT_DIM=8192; OUTPUT_DIM=8192; LAYERS=4 ;;
-  *)            RATE="${RATE:-1200}"; INPUT_DIM=256; OUTPUT_DIM=16; LAYERS=4 ;;
+  1GiB|1024MiB) INPUT_DIM=8192; OUTPUT_DIM=8192; LAYERS=4 ;;
+  *)            INPUT_DIM=256; OUTPUT_DIM=16; LAYERS=4 ;;
 esac
 
 echo "== building release binaries"
@@ -50,6 +52,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 admin() { python3 -c "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=2).read().decode())" "http://127.0.0.1:$ADMIN_PORT$1"; }
+# One number field of GET /scaling (0 while the balancer does not answer).
+scaling() { admin /scaling 2>/dev/null | python3 -c "import json,sys;print(json.load(sys.stdin)[sys.argv[1]])" "$1" 2>/dev/null || echo 0; }
 
 echo "== starting the balancer on 127.0.0.1:$LISTEN_PORT (admin http://127.0.0.1:$ADMIN_PORT), autoscaling 1..$MAX_WORKERS workers"
 # The balancer starts the workers itself (--worker-cmd), each on a port it picks, and each
@@ -60,17 +64,37 @@ RUST_LOG=info "$BIN/tidepool-balancer" --listen "127.0.0.1:$LISTEN_PORT" --admin
   --health-interval 1s --health-timeout 1s --healthy-threshold 2 --unhealthy-threshold 2 \
   --deregistration-delay 10s \
   --autoscale --worker-cmd "$WORKER_CMD" --min-workers 1 --max-workers "$MAX_WORKERS" \
-  --target-load "$TARGET_LOAD" --scaling-window 3s --scale-out-delay 4s --scale-in-delay 15s \
+  --target-load "$TARGET_LOAD" --scaling-window 10s --panic-window 2s --scale-in-delay 10s \
+  --worker-startup 3s \
   2> "$OUT/balancer.log" &
 PIDS+=($!)
 
 echo "== waiting for the first worker"
 for _ in $(seq 1 240); do
-  ready=$(admin /scaling 2>/dev/null | python3 -c "import json,sys;print(json.load(sys.stdin)['ready'])" 2>/dev/null || echo 0)
-  [ "$ready" -ge 1 ] && break
+  [ "$(scaling ready)" -ge 1 ] && break
   sleep 0.5
 done
 admin /targets
+
+if [ -z "${RATE:-}" ]; then
+  # One worker's capacity on this machine: a constant overload for 8 s, its answers per
+  # second. The day's peak is 1.6 times that: ceil(1.6 / 0.7) = 3 workers at the top.
+  # Straight at the worker, not through the balancer: the autoscaler will start others
+  # meanwhile (that overload is a surge), and they must not count.
+  echo "== measuring one worker's capacity"
+  FIRST=$(admin /targets | python3 -c "import json,sys;print(json.load(sys.stdin)[0]['addr'])")
+  "$BIN/tidepool-load" --target "$FIRST" --profile constant --rate 20000 \
+    --duration 8s --model "$MODEL" --deadline 5s --quiet --json "$OUT/capacity.json" >/dev/null 2>&1 || true
+  CAPACITY=$(python3 -c "import json,sys;print(int(json.load(open(sys.argv[1]))['throughput']))" "$OUT/capacity.json" 2>/dev/null || echo 0)
+  [ "$CAPACITY" -gt 0 ] || CAPACITY=500
+  RATE=$(( CAPACITY * 16 / 10 ))
+  echo "   one worker: about $CAPACITY items/s; the day's peak: $RATE items/s"
+  echo "   waiting for the pool to settle back to one worker"
+  for _ in $(seq 1 120); do
+    [ "$(scaling current)" -le 1 ] && break
+    sleep 1
+  done
+fi
 
 echo "== driving a day-shaped load: peak $RATE items/s over $DURATION"
 "$BIN/tidepool-load" --target "127.0.0.1:$LISTEN_PORT" --profile day --rate "$RATE" \

@@ -52,8 +52,13 @@ K8S_VERSION = os.environ.get("K8S_VERSION", "1.31")
 # Decision it flattens) that a scaler can read as a number.
 SCALING_NUMBERS = {
     "current", "ready", "coming", "leaving", "total_load", "load_per_worker", "desired",
-    "load_now", "target_load", "min_workers", "max_workers",
+    "load_now", "target_load", "min_workers", "max_workers", "busy_total", "stable_demand",
+    "panic_demand", "headroom_demand", "startup_s", "target_utilization",
 }
+
+# /scaling fields and gauges counted in workers: a scaler on them divides by 1.
+IN_WORKERS = {"desired", "stable_demand", "panic_demand", "headroom_demand",
+              "tidepool_desired_workers", "tidepool_demand_stable_workers"}
 
 # Kinds without a namespace, which kustomize's `namespace:` leaves alone.
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
@@ -424,6 +429,8 @@ def check_set(name, docs, errors):
                         float(meta.get("targetValue", "nan")) != target_load:
                     bad(f"{where(s)}: targetValue {meta.get('targetValue')} is not the balancer's "
                         f"--target-load {target_load:g}")
+                if meta.get("valueLocation") in IN_WORKERS and float(meta.get("targetValue", "nan")) != 1:
+                    bad(f"{where(s)}: {meta.get('valueLocation')} counts workers: targetValue must be 1")
                 u = re.fullmatch(r"http://([a-z0-9-]+)(?:\.([a-z0-9-]+)(?:\.svc\.cluster\.local)?)?:(\d+)/scaling",
                                  meta.get("url", ""))
                 if not u:
@@ -442,8 +449,12 @@ def check_set(name, docs, errors):
             for metric in spec.get("metrics") or []:
                 ext = metric.get("external") or {}
                 name_ = (ext.get("metric") or {}).get("name")
-                if name_ not in ("tidepool_load_total", "tidepool_desired_workers"):
+                if name_ not in ("tidepool_load_total", "tidepool_desired_workers",
+                                 "tidepool_demand_stable_workers"):
                     bad(f"{where(s)}: metric {name_!r} is not a balancer gauge the adapter serves")
+                if name_ in IN_WORKERS and \
+                        float((ext.get("target") or {}).get("averageValue", "nan")) != 1:
+                    bad(f"{where(s)}: {name_} counts workers: averageValue must be 1")
                 if name_ == "tidepool_load_total" and \
                         float((ext.get("target") or {}).get("averageValue", "nan")) != target_load:
                     bad(f"{where(s)}: averageValue is not the balancer's --target-load {target_load:g}")

@@ -229,6 +229,7 @@ impl Balancer {
         let scaling_task = tokio::spawn(autoscale::controller::run(
             self.handle,
             config.autoscale.policy(),
+            config.autoscale.foresight(),
             actuator(config, admin_addr, self.token),
             self.scaling,
             scaling_stop.clone(),

@@ -354,7 +354,7 @@ async fn connection(
             Message::Cancel { id } => conn.cancel(id),
             Message::Ping { id } => {
                 let answer = if ctx.router.routable() {
-                    Message::Pong { id }
+                    Message::pong(id)
                 } else {
                     Message::Error(
                         ErrorReply::new(id, ErrorCode::Unavailable, "no target can take requests")

@@ -4,7 +4,6 @@
 //! The task receives the one target it checks and a [`HealthCheck`] value with its own
 //! settings (as pingora's `HealthCheck` holds its thresholds), never the whole configuration.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +40,7 @@ impl HealthCheck {
         loop {
             let passed = tokio::select! {
                 () = target.stop.cancelled() => return,
-                passed = self.check(target.addr(), tls.as_ref()) => passed,
+                passed = self.check(&target, tls.as_ref()) => passed,
             };
             if target.state() == TargetState::Draining || target.drains() != drains {
                 return;
@@ -59,9 +58,10 @@ impl HealthCheck {
         }
     }
 
-    /// One check: passes when the target answers within the timeout.
-    pub(crate) async fn check(&self, addr: SocketAddr, tls: Option<&TlsConnector>) -> bool {
-        let timeout = self.timeout;
+    /// One check: passes when the target answers within the timeout. A `pong`'s load
+    /// report (the worker's busy share) is recorded on the target for the autoscaler.
+    pub(crate) async fn check(&self, target: &Target, tls: Option<&TlsConnector>) -> bool {
+        let (addr, timeout) = (target.addr(), self.timeout);
         let attempt = async {
             match self.protocol {
                 HealthProtocol::Tcp => TcpStream::connect(addr).await.is_ok(),
@@ -75,7 +75,13 @@ impl HealthCheck {
                             ClientOptions::default(),
                         );
                         // Only `pong` passes; a target that answers `unavailable` is not ready.
-                        client.ping(timeout).await.is_ok()
+                        match client.ping_load(timeout).await {
+                            Ok(load) => {
+                                target.set_reported_load(load);
+                                true
+                            }
+                            Err(_) => false,
+                        }
                     }
                     Err(_) => false,
                 },

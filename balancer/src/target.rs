@@ -10,6 +10,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
+use tidepool_protocol::Load;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -164,6 +165,9 @@ pub struct Target {
     idle: Notify,
     /// Woken when a request finishes, so that queued requests can take its place.
     signal: Arc<QueueSignal>,
+    /// The load its last `pong` reported; written by the health check, read by the
+    /// autoscaler. A std mutex: held only to copy two numbers, never across an await.
+    reported: Mutex<Option<Load>>,
 }
 
 impl fmt::Debug for Target {
@@ -200,6 +204,7 @@ impl Target {
             drains: AtomicU64::new(0),
             idle: Notify::new(),
             signal,
+            reported: Mutex::new(None),
         }
     }
 
@@ -226,6 +231,16 @@ impl Target {
     /// Requests routed to it and not yet answered.
     pub fn outstanding(&self) -> usize {
         self.outstanding.get()
+    }
+
+    /// The load (busy share, queue delay) the target's last `pong` reported, if any.
+    pub fn reported_load(&self) -> Option<Load> {
+        *self.reported.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the load a health check's `pong` reported (`None`: it reported none).
+    pub(crate) fn set_reported_load(&self, load: Option<Load>) {
+        *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = load;
     }
 
     /// Requests routed to it since it was registered.
@@ -382,7 +397,7 @@ impl Drop for InFlight {
 }
 
 /// What the library API and the admin API report about one target.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct TargetInfo {
     /// The target's address.
     pub addr: SocketAddr,
@@ -397,6 +412,12 @@ pub struct TargetInfo {
     /// When its state last changed (RFC 3339 in JSON).
     #[serde(serialize_with = "rfc3339")]
     pub since: SystemTime,
+    /// The busy share (0 to 1) its last `pong` reported: the fraction of recent wall time
+    /// its model thread ran batches. `None` until a health check brings one (TCP checks
+    /// never do, nor workers that do not report it).
+    pub busy: Option<f64>,
+    /// The queue delay its last `pong` reported, in microseconds.
+    pub queue_us: Option<u64>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -405,6 +426,7 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
 
 impl From<&Target> for TargetInfo {
     fn from(t: &Target) -> Self {
+        let reported = t.reported_load();
         TargetInfo {
             addr: t.addr,
             state: t.state(),
@@ -412,6 +434,8 @@ impl From<&Target> for TargetInfo {
             weight: t.weight,
             routed: t.routed(),
             since: t.since(),
+            busy: reported.map(|l| f64::from(l.busy)),
+            queue_us: reported.map(|l| l.queue_us),
         }
     }
 }

@@ -108,6 +108,9 @@ impl Pool {
             .args(["--scale-out-delay", &secs(spec.scale_out_delay)])
             .args(["--scale-in-delay", &secs(spec.scale_in_delay)])
             .args(["--scaling-window", &secs(spec.window)])
+            // The panic window may not be longer than the stable one; with the bench's short
+            // window they are the same (the busy-share policy with its in-flight guard).
+            .args(["--panic-window", &secs(spec.window)])
             .stdout(Stdio::null())
             .stderr(log);
         let mut pool = Pool {

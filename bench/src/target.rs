@@ -99,7 +99,7 @@ async fn connection(stream: TcpStream, model: Option<mpsc::Sender<Job>>, name: S
                 break;
             }
             Ok(Err(error)) => Message::Error(error.reply()),
-            Ok(Ok(Message::Ping { id })) => Message::Pong { id },
+            Ok(Ok(Message::Ping { id })) => Message::pong(id),
             Ok(Ok(Message::Infer(infer))) => match &model {
                 None => result(infer, &name, Duration::ZERO),
                 Some(model) => {

@@ -20,7 +20,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::codec::{MessageCodec, DEFAULT_MAX_FRAME};
 use crate::error::Error;
-use crate::message::{Infer, InferResult, Message, RequestId, Tensors, CONNECTION_ID};
+use crate::message::{Infer, InferResult, Load, Message, RequestId, Tensors, CONNECTION_ID};
 use crate::tls::{host_of, TlsConnector};
 
 /// Settings of one client connection.
@@ -216,12 +216,19 @@ impl Client {
 
     /// Sends `ping`; `Ok` when the server answered `pong` (it is ready).
     pub async fn ping(&self, timeout: Duration) -> Result<(), Error> {
+        self.ping_load(timeout).await.map(drop)
+    }
+
+    /// Sends `ping`; `Ok` when the server answered `pong` (it is ready), with the load the
+    /// `pong` reported (a worker's busy share and queue delay; `None` from a server that
+    /// does not report one).
+    pub async fn ping_load(&self, timeout: Duration) -> Result<Option<Load>, Error> {
         let id = self.next_id();
         match self
             .call(id, Message::Ping { id }, Some(timeout), false)
             .await?
         {
-            Message::Pong { .. } => Ok(()),
+            Message::Pong { load, .. } => Ok(load),
             Message::Error(reply) => Err(Error::from_reply(reply)),
             other => Err(self.violation(format!("answered ping with {}", other.kind()))),
         }

@@ -341,7 +341,7 @@ pub(crate) mod tests {
             ),
             any::<u64>().prop_map(|id| Message::Cancel { id }),
             any::<u64>().prop_map(|id| Message::Ping { id }),
-            any::<u64>().prop_map(|id| Message::Pong { id }),
+            any::<u64>().prop_map(Message::pong),
         ]
     }
 

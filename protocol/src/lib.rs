@@ -54,7 +54,7 @@ pub use codec::{encode_frame, FrameCodec, Inbound, MessageCodec, DEFAULT_MAX_FRA
 pub use error::Error;
 pub use limits::{LimitExceeded, Limits};
 pub use message::{
-    ErrorCode, ErrorReply, Infer, InferResult, Message, RequestId, Tensors, CONNECTION_ID,
+    ErrorCode, ErrorReply, Infer, InferResult, Load, Message, RequestId, Tensors, CONNECTION_ID,
 };
 pub use raw::{Frame, RawKind, RawMessage, Rewrite};
 pub use reader::FrameReader;

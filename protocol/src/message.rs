@@ -54,7 +54,23 @@ pub enum Message {
     Pong {
         /// The id of the `ping` it answers.
         id: RequestId,
+        /// How loaded the server is, when it says (a worker does; a balancer and older
+        /// workers do not).
+        load: Option<Load>,
     },
+}
+
+/// A worker's load as its `pong` reports it: what an autoscaler needs to size the pool
+/// on a signal that grows in step with the offered load (unlike requests in flight,
+/// which stay low until a batching worker saturates).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Load {
+    /// The fraction of wall time, 0 to 1, the model thread spent running batches over the
+    /// last few seconds (wire key `busy`).
+    pub busy: f32,
+    /// The time items waited in the queue before their batch ran, averaged over the same
+    /// recent seconds, in microseconds (wire key `queue_us`).
+    pub queue_us: u64,
 }
 
 /// An `infer` request: one item, without the batch dimension.
@@ -190,7 +206,7 @@ impl Message {
             Message::Infer(m) => m.id,
             Message::Result(m) => m.id,
             Message::Error(m) => m.id,
-            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id } => *id,
+            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id, .. } => *id,
         }
     }
 
@@ -200,8 +216,13 @@ impl Message {
             Message::Infer(m) => m.id = new,
             Message::Result(m) => m.id = new,
             Message::Error(m) => m.id = new,
-            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id } => *id = new,
+            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id, .. } => *id = new,
         }
+    }
+
+    /// A `pong` answering `id`, without a load report.
+    pub fn pong(id: RequestId) -> Message {
+        Message::Pong { id, load: None }
     }
 
     /// The `type` string on the wire.
@@ -306,9 +327,11 @@ pub(crate) mod key {
     pub(crate) const MESSAGE: &str = "message";
     /// An `error`'s retry hint.
     pub(crate) const RETRY_AFTER_MS: &str = "retry_after_ms";
+    /// A `pong`'s busy share.
+    pub(crate) const BUSY: &str = "busy";
 
     /// Every top-level key the decoder knows, each allowed once in a message.
-    pub(crate) const ALL: [&str; 13] = [
+    pub(crate) const ALL: [&str; 14] = [
         TYPE,
         ID,
         INPUTS,
@@ -322,6 +345,7 @@ pub(crate) mod key {
         CODE,
         MESSAGE,
         RETRY_AFTER_MS,
+        BUSY,
     ];
 }
 
@@ -340,6 +364,7 @@ struct WireOut<'a> {
     code: Option<ErrorCode>,
     message: Option<&'a str>,
     retry_after_ms: Option<u64>,
+    busy: Option<f32>,
 }
 
 impl Serialize for WireOut<'_> {
@@ -369,6 +394,7 @@ impl Serialize for WireOut<'_> {
             self.code.is_some(),
             self.message.is_some(),
             self.retry_after_ms.is_some(),
+            self.busy.is_some(),
         ];
         let len = 2 + present.iter().filter(|p| **p).count();
         let mut map = serializer.serialize_map(Some(len))?;
@@ -385,6 +411,7 @@ impl Serialize for WireOut<'_> {
         entry(&mut map, key::CODE, self.code.as_ref())?;
         entry(&mut map, key::MESSAGE, self.message)?;
         entry(&mut map, key::RETRY_AFTER_MS, self.retry_after_ms.as_ref())?;
+        entry(&mut map, key::BUSY, self.busy.as_ref())?;
         map.end()
     }
 }
@@ -405,6 +432,7 @@ impl<'a> WireOut<'a> {
             code: None,
             message: None,
             retry_after_ms: None,
+            busy: None,
         }
     }
 }
@@ -429,6 +457,12 @@ impl<'a> From<&'a Message> for WireOut<'a> {
                 w.code = Some(e.code);
                 w.message = Some(&e.message);
                 w.retry_after_ms = e.retry_after_ms;
+            }
+            Message::Pong {
+                load: Some(load), ..
+            } => {
+                w.busy = Some(load.busy);
+                w.queue_us = Some(load.queue_us);
             }
             Message::Cancel { .. } | Message::Ping { .. } | Message::Pong { .. } => {}
         }
@@ -466,6 +500,8 @@ struct WireIn<'a> {
     message: Option<String>,
     #[serde(default)]
     retry_after_ms: Option<u64>,
+    #[serde(default)]
+    busy: Option<f32>,
 }
 
 impl WireIn<'_> {
@@ -509,7 +545,14 @@ impl WireIn<'_> {
             }),
             "cancel" => Message::Cancel { id },
             "ping" => Message::Ping { id },
-            "pong" => Message::Pong { id },
+            // A load report needs its busy share; a bare `queue_us` is ignored.
+            "pong" => Message::Pong {
+                id,
+                load: self.busy.map(|busy| Load {
+                    busy,
+                    queue_us: self.queue_us.unwrap_or(0),
+                }),
+            },
             other => {
                 return Err(Error::UnknownType {
                     id,
@@ -645,7 +688,14 @@ pub(crate) mod tests {
             Message::Error(ErrorReply::new(9, ErrorCode::Overloaded, "queue full").retry_after(50)),
             Message::Cancel { id: u64::MAX },
             Message::Ping { id: 1 },
-            Message::Pong { id: 1 },
+            Message::pong(1),
+            Message::Pong {
+                id: 2,
+                load: Some(Load {
+                    busy: 0.625,
+                    queue_us: 1800,
+                }),
+            },
         ]
     }
 

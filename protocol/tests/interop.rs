@@ -57,7 +57,7 @@ fn expected() -> BTreeMap<&'static str, Message> {
         ),
         ("cancel", Message::Cancel { id: 3 }),
         ("ping", Message::Ping { id: 4 }),
-        ("pong", Message::Pong { id: 4 }),
+        ("pong", Message::pong(4)),
         ("unknown_keys", Message::Ping { id: 5 }),
     ]
     .into()

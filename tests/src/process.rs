@@ -75,7 +75,7 @@ pub fn balancer_args(listen: SocketAddr, admin: SocketAddr) -> Vec<String> {
 }
 
 /// `tidepool-balancer` autoscaling arguments for tests: `--autoscale` between `min` and
-/// `max` workers at `target_load`, with a 1 s window, 1 s out and 3 s in, so a test sees a
+/// `max` workers at `target_load`, with 1 s stable and panic windows, 1 s out and 3 s in, so a test sees a
 /// pool grow and shrink within seconds. The actuator flag (`--worker-cmd` or `--scale-cmd`)
 /// is the caller's.
 pub fn fast_scaling_args(min: usize, max: usize, target_load: f64) -> Vec<String> {
@@ -88,6 +88,8 @@ pub fn fast_scaling_args(min: usize, max: usize, target_load: f64) -> Vec<String
         "--target-load".to_owned(),
         target_load.to_string(),
         "--scaling-window".to_owned(),
+        "1s".to_owned(),
+        "--panic-window".to_owned(),
         "1s".to_owned(),
         "--scale-out-delay".to_owned(),
         "1s".to_owned(),

@@ -213,7 +213,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
             Message::Ping { id } => {
                 shared.stats.pings.fetch_add(1, Ordering::Relaxed);
                 let answer = if shared.ready.load(Ordering::Relaxed) {
-                    Message::Pong { id }
+                    Message::pong(id)
                 } else {
                     Message::Error(ErrorReply::new(
                         id,

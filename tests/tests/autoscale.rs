@@ -36,6 +36,7 @@ async fn scaling_endpoint_reports_the_signal_and_the_wish() {
         max_workers: 10,
         target_load: 10.0,
         scaling_window: Duration::from_secs(1),
+        panic_window: Duration::from_secs(1),
         scale_out_delay: Duration::from_secs(1),
         ..AutoscaleConfig::default()
     };
@@ -88,12 +89,15 @@ async fn scaling_endpoint_reports_the_signal_and_the_wish() {
     assert!(status["load_now"].as_f64().unwrap() > 0.0);
     assert!(status["total_load"].as_f64().unwrap() > 40.0);
     assert!(
-        status["reason"]
-            .as_str()
-            .unwrap()
-            .contains("load per worker"),
+        status["reason"].as_str().unwrap().contains("demand"),
         "{status}"
     );
+    // The stand-ins report no busy share: the in-flight guard sizes the pool, and 3 times
+    // the pool's worth within the panic window is a surge.
+    assert_eq!(status["signal"], "in_flight", "{status}");
+    assert_eq!(status["busy_total"], serde_json::Value::Null);
+    assert_eq!(status["mode"], "panic", "{status}");
+    assert!(status["stable_demand"].as_f64().unwrap() > 4.0, "{status}");
     assert!(status["actuator"].as_str().unwrap().starts_with("none"));
 
     let (_, metrics) = http(admin, "GET", "/metrics", None).await;
@@ -102,6 +106,9 @@ async fn scaling_endpoint_reports_the_signal_and_the_wish() {
         "tidepool_desired_workers ",
         "tidepool_ready_workers 2",
         "tidepool_target_load 10",
+        "tidepool_scaling_panic 1",
+        "tidepool_demand_stable_workers ",
+        "tidepool_busy_total 0",
     ] {
         assert!(metrics.contains(gauge), "{gauge} missing from /metrics");
     }

@@ -568,7 +568,7 @@ async fn malformed_frames_cost_only_their_connection() {
     let answer = raw.recv(SECOND).await.unwrap();
     assert_eq!(error_code(&answer), Some(ErrorCode::BadRequest));
     // A known id with a bad field is answered under that id.
-    raw.send(Message::Pong { id: 9 }).await;
+    raw.send(Message::pong(9)).await;
     let answer = raw.recv(SECOND).await.unwrap();
     assert_eq!(
         (answer.id(), error_code(&answer)),

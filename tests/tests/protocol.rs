@@ -253,7 +253,7 @@ async fn malformed_frames_get_the_right_code() {
     let codes: Vec<_> = answers
         .iter()
         .map(|m| match m {
-            Message::Pong { id } => (*id, None),
+            Message::Pong { id, .. } => (*id, None),
             other => {
                 let (id, code) = error_of(other);
                 (id, Some(code))

@@ -163,7 +163,7 @@ async fn duplicate_ids_cancel_and_ping_over_raw_frames() {
         Some(ErrorCode::BadRequest),
         "{answers:?}"
     );
-    assert_eq!(answers[1], Message::Pong { id: 2 });
+    assert!(matches!(answers[1], Message::Pong { id: 2, .. }));
     assert_eq!(code(&answers[2]), Some(ErrorCode::Cancelled), "{answers:?}");
     assert_eq!(answers[2].id(), 1);
     assert!(

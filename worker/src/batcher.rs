@@ -41,6 +41,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::busy::BusyMeter;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::spec::ModelSpec;
@@ -318,7 +319,10 @@ impl Batcher {
         let (done_tx, done_rx) = mpsc::channel::<BatchDone>(2);
         let thread = std::thread::Builder::new()
             .name("tidepool-model".into())
-            .spawn(move || model_thread(engine, batch_rx, done_tx))
+            .spawn({
+                let meter = metrics.busy.clone();
+                move || model_thread(engine, batch_rx, done_tx, meter)
+            })
             .map_err(|_| Error::ModelThread("could not spawn the model thread"))?;
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(capacity)),
@@ -659,15 +663,19 @@ fn model_thread<E: Engine>(
     mut engine: E,
     mut batches: mpsc::Receiver<Vec<Running>>,
     done: mpsc::Sender<BatchDone>,
+    meter: BusyMeter,
 ) {
     while let Some(batch) = batches.blocking_recv() {
         let size = batch.len();
         let started = std::time::Instant::now();
+        let queued_us = batch.iter().map(|r| r.queue_us).sum::<u64>() / size.max(1) as u64;
+        meter.batch_started(started, queued_us);
         let result = {
             let items: Vec<&Tensors> = batch.iter().map(|r| &r.inputs).collect();
             catch_unwind(AssertUnwindSafe(|| engine.run(&items)))
         };
         let infer_us = micros(started.elapsed());
+        meter.batch_finished(std::time::Instant::now());
         match result {
             Ok(Ok(outputs)) if outputs.len() == size => {
                 for (item, outputs) in batch.into_iter().zip(outputs) {

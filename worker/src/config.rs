@@ -63,7 +63,8 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_ADVERTISE")]
     pub advertise: Option<String>,
 
-    /// Name reported in every result's `worker` field [default: the advertised address].
+    /// Name reported in every result's `worker` field [default: the advertised address, else
+    /// the listen address, with the host name in place of an unspecified IP (0.0.0.0)].
     #[arg(long, env = "TIDEPOOL_WORKER_NAME")]
     pub name: Option<String>,
 

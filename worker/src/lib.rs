@@ -54,6 +54,7 @@
 //! ```
 
 pub mod batcher;
+pub mod busy;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -81,6 +82,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply, Ticket};
+pub use busy::BusyMeter;
 pub use config::{Cli, Command, DeviceChoice, ServeConfig, SynthConfig};
 pub use error::Error;
 pub use metrics::Metrics;
@@ -147,7 +149,10 @@ impl Worker {
         if config.register.is_some() && config.advertise.is_none() && addr.ip().is_unspecified() {
             warn!(%addr, "registering an unspecified address; pass --advertise HOST:PORT that the balancer can reach");
         }
-        let name = config.name.clone().unwrap_or_else(|| advertise.clone());
+        let name = config
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name(config.advertise.as_deref(), addr, host_name()));
         server::log_listening(addr, &name);
         if let Some(m) = metrics_addr {
             info!(url = %metrics::describe(m), "serving metrics");
@@ -463,4 +468,46 @@ async fn serve_model(
     batcher_stop.cancel();
     batcher.join().await;
     Ok(())
+}
+
+/// The worker's name when `--name` is not given: unique and recognisable wherever it runs,
+/// so that reports count workers right. The advertised address when there is one; else the
+/// bound address, except that an unspecified one (`0.0.0.0:7100`, the same for every
+/// replica of a compose service) is replaced by the machine's host name (a container's is
+/// its id) and the port.
+fn default_name(advertise: Option<&str>, bound: SocketAddr, host: Option<String>) -> String {
+    match (advertise, host) {
+        (Some(advertise), _) => advertise.to_owned(),
+        (None, Some(host)) if bound.ip().is_unspecified() => format!("{host}:{}", bound.port()),
+        (None, _) => bound.to_string(),
+    }
+}
+
+/// This machine's host name, if the system says.
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_name_is_unique_per_replica() {
+        let any: SocketAddr = "0.0.0.0:7100".parse().unwrap();
+        let host = || Some("a1b2c3d4e5f6".to_owned());
+        assert_eq!(default_name(None, any, host()), "a1b2c3d4e5f6:7100");
+        assert_eq!(
+            default_name(Some("10.0.0.7:7100"), any, host()),
+            "10.0.0.7:7100",
+            "the advertised address wins"
+        );
+        let local: SocketAddr = "127.0.0.1:45001".parse().unwrap();
+        assert_eq!(default_name(None, local, host()), "127.0.0.1:45001");
+        assert_eq!(default_name(None, any, None), "0.0.0.0:7100");
+    }
 }

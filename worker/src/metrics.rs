@@ -13,6 +13,8 @@ use axum::routing::get;
 use axum::Router;
 use tidepool_protocol::tls::HandshakeFailures;
 use tidepool_protocol::{ErrorCode, FrameBudget};
+
+use crate::busy::BusyMeter;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -136,6 +138,9 @@ pub struct Metrics {
     items: [AtomicU64; OUTCOMES],
     device: OnceLock<&'static str>,
     frame_budget: OnceLock<FrameBudget>,
+    /// The model thread's busy share and the queue delay (the batcher's model thread
+    /// feeds it; `pong` reports it).
+    pub busy: BusyMeter,
 }
 
 impl Default for Metrics {
@@ -154,6 +159,7 @@ impl Default for Metrics {
             items: std::array::from_fn(|_| AtomicU64::new(0)),
             device: OnceLock::new(),
             frame_budget: OnceLock::new(),
+            busy: BusyMeter::default(),
         }
     }
 }
@@ -275,6 +281,18 @@ impl Metrics {
              # TYPE tidepool_worker_tls_handshake_failures_total counter\n\
              tidepool_worker_tls_handshake_failures_total {}",
             self.tls_handshake_failures.count()
+        );
+        let load = self.busy.load();
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_worker_busy_ratio Fraction of wall time the model thread ran batches, averaged over the last seconds (5 s time constant).\n\
+             # TYPE tidepool_worker_busy_ratio gauge\n\
+             tidepool_worker_busy_ratio {}\n\
+             # HELP tidepool_worker_queue_delay_seconds Time items waited before their batch ran, averaged the same way.\n\
+             # TYPE tidepool_worker_queue_delay_seconds gauge\n\
+             tidepool_worker_queue_delay_seconds {}",
+            load.busy,
+            load.queue_us as f64 / 1e6
         );
         if let Some(device) = self.device.get() {
             let _ = writeln!(

@@ -390,7 +390,10 @@ impl Connection {
             }
             Message::Ping { id } => Some(Answer {
                 message: match &*self.context.phase.borrow() {
-                    Phase::Ready { .. } => Message::Pong { id },
+                    Phase::Ready { .. } => Message::Pong {
+                        id,
+                        load: Some(self.context.metrics.busy.load()),
+                    },
                     Phase::Loading => Message::Error(
                         ErrorReply::new(
                             id,

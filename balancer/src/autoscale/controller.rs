@@ -1,4 +1,5 @@
-//! The control loop: once a second, sample the pool, decide, act, publish.
+//! The control loop: once a second, sample the pool, time start-ups, learn the day, decide,
+//! act, publish.
 
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
@@ -8,8 +9,10 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::actuator::Actuator;
-use super::policy::{decide, Action, Decision, History, PolicyConfig, Sample};
+use super::forecast::{DayProfile, Predictive};
+use super::policy::{decide, Action, Decision, History, Mode, Outlook, PolicyConfig, Sample};
 use super::pool::Pool;
+use super::startup::StartupClock;
 use crate::target::TargetState;
 
 /// What `GET /scaling` answers: the signal, the policy's wish and whether it is acted on.
@@ -21,8 +24,19 @@ pub struct ScalingStatus {
     /// Outstanding plus queued requests right now (not averaged): the total load a KEDA
     /// metrics-api scaler divides by its `targetValue`.
     pub load_now: f64,
-    /// The load per worker the pool is sized for.
+    /// The in-flight guard's load per worker.
     pub target_load: f64,
+    /// The busy share per worker the pool is sized for.
+    pub target_utilization: f64,
+    /// The stable window, in seconds.
+    pub stable_window_s: f64,
+    /// The panic window, in seconds.
+    pub panic_window_s: f64,
+    /// Whether the start-up time is measured from this pool's workers (else assumed from
+    /// `--worker-startup`).
+    pub startup_measured: bool,
+    /// `--predictive`.
+    pub predictive: Predictive,
     /// `--min-workers`.
     pub min_workers: usize,
     /// `--max-workers`.
@@ -50,8 +64,48 @@ impl ScalingStatus {
     /// The autoscaling gauges in Prometheus text: what an HPA on Prometheus scales on.
     pub(crate) fn prometheus(&self) -> String {
         let d = &self.decision;
-        let mut out = String::with_capacity(1024);
+        let mut out = String::with_capacity(2048);
         for (name, help, value) in [
+            (
+                "tidepool_busy_total",
+                "The ready workers' busy shares summed (fraction of wall time their model threads ran batches), now.",
+                d.busy_total.unwrap_or(0.0),
+            ),
+            (
+                "tidepool_demand_stable_workers",
+                "Workers the load needs, averaged over the stable window.",
+                d.stable_demand,
+            ),
+            (
+                "tidepool_demand_panic_workers",
+                "Workers the load needs, averaged over the panic window.",
+                d.panic_demand,
+            ),
+            (
+                "tidepool_demand_headroom_workers",
+                "Workers the load is expected to need one start-up time from now.",
+                d.headroom_demand,
+            ),
+            (
+                "tidepool_demand_forecast_workers",
+                "Workers the remembered day expects within the next start-up time (--predictive; 0 without a forecast).",
+                d.forecast_demand.unwrap_or(0.0),
+            ),
+            (
+                "tidepool_scaling_panic",
+                "1 while the autoscaler is in panic mode (a surge), 0 in stable mode.",
+                f64::from(u8::from(d.mode == Mode::Panic)),
+            ),
+            (
+                "tidepool_worker_startup_seconds",
+                "The workers' start-up time the policy plans with (measured, or --worker-startup).",
+                d.startup_s,
+            ),
+            (
+                "tidepool_target_utilization",
+                "The busy share per worker the pool is sized for.",
+                self.target_utilization,
+            ),
             (
                 "tidepool_load_per_worker",
                 "Outstanding plus queued requests per healthy worker, averaged over the scaling window.",
@@ -62,7 +116,7 @@ impl ScalingStatus {
                 "Outstanding plus queued requests, averaged over the scaling window.",
                 d.total_load,
             ),
-            ("tidepool_target_load", "The load per worker the pool is sized for.", self.target_load),
+            ("tidepool_target_load", "The in-flight guard's load per worker.", self.target_load),
             ("tidepool_desired_workers", "Workers the scaling policy asks for.", d.desired as f64),
             ("tidepool_ready_workers", "Workers healthy and serving.", d.ready as f64),
             ("tidepool_coming_workers", "Workers started and not ready yet.", d.coming as f64),
@@ -86,9 +140,16 @@ pub(crate) fn sample(pool: &dyn Pool, actuator: Option<&Actuator>, at: Instant) 
     let targets = pool.targets();
     let serving = targets.iter().filter(|t| t.state != TargetState::Draining);
     let (mut ready, mut initial, mut outstanding, mut max_worker_load) = (0, 0, 0usize, 0usize);
+    let (mut busy, mut reporting) = (0.0, 0usize);
     for t in serving {
         match t.state {
-            TargetState::Healthy => ready += 1,
+            TargetState::Healthy => {
+                ready += 1;
+                if let Some(b) = t.busy {
+                    busy += b.clamp(0.0, 1.0);
+                    reporting += 1;
+                }
+            }
             TargetState::Initial => initial += 1,
             _ => {}
         }
@@ -107,6 +168,68 @@ pub(crate) fn sample(pool: &dyn Pool, actuator: Option<&Actuator>, at: Instant) 
         leaving: actuator.map_or(0, Actuator::leaving),
         load: (outstanding + pool.queue_len()) as f64,
         max_worker_load: max_worker_load as f64,
+        // A ready worker that has not reported yet (its first check is on its way) is
+        // assumed as busy as the others.
+        busy: (reporting > 0).then(|| busy * ready as f64 / reporting as f64),
+    }
+}
+
+/// What the loop needs besides the policy: how `--predictive` and `--worker-startup` are set.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Foresight {
+    /// `--predictive`.
+    pub(crate) predictive: Predictive,
+    /// `--predictive-period`.
+    pub(crate) period: Duration,
+    /// `--worker-startup`: the start-up time until one is measured.
+    pub(crate) startup: Duration,
+}
+
+impl Default for Foresight {
+    fn default() -> Self {
+        Foresight {
+            predictive: Predictive::Off,
+            period: super::PREDICTIVE_PERIOD,
+            startup: super::WORKER_STARTUP,
+        }
+    }
+}
+
+/// The loop's memory beyond the samples: start-up times and the remembered day.
+struct Memory {
+    startup: StartupClock,
+    day: Option<DayProfile>,
+    predictive: Predictive,
+}
+
+impl Memory {
+    fn new(foresight: Foresight) -> Self {
+        Memory {
+            startup: StartupClock::new(foresight.startup),
+            day: (foresight.predictive != Predictive::Off)
+                .then(|| DayProfile::new(foresight.period)),
+            predictive: foresight.predictive,
+        }
+    }
+
+    /// Learns from `sample` (taken at wall-clock `wall`) and says what the policy should
+    /// know beyond the samples.
+    fn outlook(&mut self, policy: &PolicyConfig, sample: &Sample, wall: SystemTime) -> Outlook {
+        self.startup.observe(sample.ready, sample.coming, sample.at);
+        let startup = self.startup.estimate();
+        let since_epoch = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let forecast = self.day.as_mut().and_then(|day| {
+            let demand = super::policy::demand_of(policy, sample);
+            day.record(since_epoch, demand);
+            day.forecast(since_epoch, startup)
+        });
+        Outlook {
+            startup,
+            forecast,
+            act_on_forecast: self.predictive == Predictive::On,
+        }
     }
 }
 
@@ -114,6 +237,7 @@ pub(crate) fn sample(pool: &dyn Pool, actuator: Option<&Actuator>, at: Instant) 
 pub(crate) async fn run(
     pool: impl Pool,
     policy: PolicyConfig,
+    foresight: Foresight,
     mut actuator: Option<Actuator>,
     slot: StatusSlot,
     stop: CancellationToken,
@@ -121,6 +245,7 @@ pub(crate) async fn run(
 ) {
     let keep = History::keep_for(&policy);
     let mut history = History::new();
+    let mut memory = Memory::new(foresight);
     let mut last_action: Option<LastAction> = None;
     let actuator_name = match &actuator {
         Some(Actuator::Processes(_)) => "processes (--worker-cmd)",
@@ -140,12 +265,18 @@ pub(crate) async fn run(
         let now = tokio::time::Instant::now().into_std();
         let sample = sample(&pool, actuator.as_ref(), now);
         history.push(sample, keep);
-        let decision = decide(&policy, &history, now);
+        let outlook = memory.outlook(&policy, &sample, SystemTime::now());
+        let decision = decide(&policy, &history, now, &outlook);
         tracing::trace!(?decision, "scaling decision");
         if let (Some(a), Action::ScaleOut(n) | Action::ScaleIn(n)) =
             (actuator.as_mut(), decision.action)
         {
-            tracing::info!(action = ?decision.action, reason = %decision.reason, "autoscaling");
+            tracing::info!(action = ?decision.action, mode = decision.mode.as_str(), reason = %decision.reason, "autoscaling");
+            if let Action::ScaleOut(n) = decision.action {
+                memory
+                    .startup
+                    .asked(n.saturating_sub(decision.current), now);
+            }
             a.scale_to(n, &pool).await;
             last_action = Some(LastAction {
                 action: decision.action,
@@ -156,6 +287,11 @@ pub(crate) async fn run(
             decision,
             load_now: sample.load,
             target_load: policy.target_load,
+            target_utilization: policy.target_utilization,
+            stable_window_s: policy.window.as_secs_f64(),
+            panic_window_s: policy.panic_window.as_secs_f64(),
+            startup_measured: memory.startup.is_measured(),
+            predictive: memory.predictive,
             min_workers: policy.min_workers,
             max_workers: policy.max_workers,
             actuator: actuator_name,
@@ -185,8 +321,8 @@ mod tests {
             min_workers: 1,
             max_workers: 4,
             target_load: 10.0,
-            scale_out_delay: Duration::from_secs(2),
-            window: Duration::from_secs(1),
+            window: Duration::from_secs(4),
+            panic_window: Duration::from_secs(2),
             ..PolicyConfig::DEFAULT
         }
     }
@@ -211,6 +347,55 @@ mod tests {
             "outstanding of the serving targets plus the queue"
         );
         assert_eq!(s.max_worker_load, 7.0);
+        assert_eq!(s.busy, None, "no worker reported a busy share");
+
+        // Busy shares: the ready workers' summed, one not yet reporting counted as the
+        // average of the others; draining and starting workers do not count.
+        pool.set_busy(addr(1), Some(0.75));
+        pool.set_busy(addr(3), Some(0.5));
+        pool.set_busy(addr(5), Some(1.0));
+        let s = sample(&pool, None, Instant::now());
+        assert_eq!(s.busy, Some(1.5));
+    }
+
+    #[test]
+    fn the_memory_times_start_ups_and_forecasts_only_when_asked() {
+        let t0 = Instant::now();
+        let sample = |ready, coming, secs| Sample {
+            at: t0 + Duration::from_secs(secs),
+            ready,
+            coming,
+            leaving: 0,
+            load: 0.0,
+            max_worker_load: 0.0,
+            busy: Some(ready as f64 * 0.5),
+        };
+        let mut m = Memory::new(Foresight::default());
+        let wall = SystemTime::now();
+        let o = m.outlook(&policy(), &sample(1, 0, 0), wall);
+        assert_eq!(
+            (o.startup, o.forecast),
+            (super::super::WORKER_STARTUP, None)
+        );
+        m.startup.asked(1, t0);
+        m.outlook(&policy(), &sample(1, 1, 1), wall);
+        let o = m.outlook(&policy(), &sample(2, 0, 4), wall);
+        assert_eq!(o.startup, Duration::from_secs(4));
+        assert!(!o.act_on_forecast);
+
+        let mut m = Memory::new(Foresight {
+            predictive: Predictive::ForecastOnly,
+            period: Duration::from_secs(96),
+            ..Foresight::default()
+        });
+        let day0 = SystemTime::UNIX_EPOCH + Duration::from_secs(96 * 1000);
+        for t in 0..200 {
+            let o = m.outlook(&policy(), &sample(2, 0, t), day0 + Duration::from_secs(t));
+            assert!(!o.act_on_forecast);
+            if t > 100 {
+                assert!(o.forecast.is_some(), "a period has passed at {t}s");
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -223,13 +408,14 @@ mod tests {
         let task = tokio::spawn(run(
             pool.clone(),
             policy(),
+            Foresight::default(),
             None,
             Arc::clone(&slot),
             stop.clone(),
             Duration::from_secs(1),
         ));
 
-        // The first tick is at once; the decision waits for a full window.
+        // The first tick is at once; the decision waits for a full panic window.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let first = status(&slot).expect("a status after the first tick");
         assert_eq!(first.decision.action, Action::Hold);
@@ -239,13 +425,17 @@ mod tests {
             "ceil(60 / 10) clamped to --max-workers"
         );
 
-        // The need held past --scale-out-delay: the policy asks for more workers. There
+        // 60 in flight needs 6 workers, 3 times the 2 there are: panic, out at once. There
         // is no actuator, so nothing acts on it.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let later = status(&slot).unwrap();
         assert_eq!(later.decision.action, Action::ScaleOut(4), "{later:?}");
+        assert_eq!(later.decision.mode, Mode::Panic);
         assert!(later.last_action.is_none());
         assert!(later.actuator.starts_with("none"));
+        let text = later.prometheus();
+        assert!(text.contains("tidepool_scaling_panic 1"), "{text}");
+        assert!(text.contains("tidepool_desired_workers 4"), "{text}");
 
         // The signal follows the pool.
         pool.set(addr(1), TargetState::Healthy, 0);

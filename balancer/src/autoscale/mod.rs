@@ -1,34 +1,43 @@
-//! Autoscaling: the worker pool follows the load, as ECS Service Auto Scaling would size a
-//! Fargate service, from the signal the balancer already has.
+//! Autoscaling: the worker pool follows the load, as Knative's autoscaler sizes a service,
+//! from a signal the balancer already has.
 //!
-//! Every second the [`controller`] reads the registry — requests outstanding at each
-//! worker and waiting in the balancer's queue — and turns it into a [`policy::Sample`].
-//! The [`policy`] (a pure function of the recent samples and the clock) says how many
-//! workers the pool needs; the result is published at `GET /scaling` and as Prometheus
-//! gauges whether or not this balancer acts on it (KEDA or an HPA can act instead). With
-//! `--autoscale`, an [`actuator`] makes it so: worker processes on this machine
-//! (`--worker-cmd`), or a command that sets the replica count (`--scale-cmd`, for docker
-//! compose).
+//! Every second the [`controller`] reads the registry — each ready worker's busy share (the
+//! fraction of recent wall time its model thread ran batches, from the `pong` of its health
+//! check), requests outstanding at each worker and waiting in the balancer's queue — and
+//! turns it into a [`policy::Sample`]. The [`policy`] (a pure function of the recent
+//! samples, the clock and the measured [`startup`] time) says how many workers the pool
+//! needs: a stable window for normal decisions, a panic window for surges, and, with
+//! `--predictive`, a [`forecast`] from the load remembered by time of day. The result is
+//! published at `GET /scaling` and as Prometheus gauges whether or not this balancer acts
+//! on it (KEDA or an HPA can act instead). With `--autoscale`, an [`actuator`] makes it so:
+//! worker processes on this machine (`--worker-cmd`), or a command that sets the replica
+//! count (`--scale-cmd`, for docker compose).
 //!
-//! ## Why the default target is 32 outstanding per worker
-//! A worker batches up to `--max-batch` (32 by default) items. With about one batch's worth
-//! of requests outstanding per worker, one batch runs while the next fills: batches stay
-//! full, so each item costs the least compute, and an item waits at most about one batch
-//! time in the queue. Well below that, batches run part-empty and the pool is larger than
-//! it needs to be; well above it, queues grow and latency with them. Set `--target-load`
-//! to the workers' `--max-batch` when it differs.
+//! ## Why the busy share, at 70%
+//! A batching worker answers more load with fuller batches, so its requests in flight stay
+//! low until it saturates and then shoot up: a policy on them acts only once latency has
+//! gone. The busy share grows in step with the load, so `ceil(total busy / 0.7)` (Knative's
+//! default target utilization) asks for a worker while there is still 30% room, one
+//! start-up time before it is needed. Requests in flight remain a guard, at
+//! `--target-load` per worker (about the workers' `--max-batch`: one batch running while
+//! the next fills): past saturation, where busy shares stop at 1, and for workers that do
+//! not report a busy share (TCP health checks, older workers), they size the pool.
 
 pub mod actuator;
 pub(crate) mod controller;
+pub mod forecast;
 pub mod policy;
 mod pool;
+pub mod startup;
 
 use clap::Args;
 use std::time::Duration;
 
 pub use controller::ScalingStatus;
-pub use policy::{decide, Action, Decision, History, PolicyConfig, Sample};
+pub use forecast::{DayProfile, Predictive};
+pub use policy::{decide, Action, Decision, History, Mode, Outlook, PolicyConfig, Sample, Signal};
 pub use pool::Pool;
+pub use startup::StartupClock;
 
 use crate::error::Error;
 
@@ -69,22 +78,23 @@ pub struct AutoscaleConfig {
     #[arg(long, env = "TIDEPOOL_MAX_WORKERS", default_value_t = PolicyConfig::DEFAULT.max_workers)]
     pub max_workers: usize,
 
-    /// Outstanding plus queued requests per worker that the pool is sized for (see the
-    /// module docs: about the workers' --max-batch).
+    /// The in-flight guard: outstanding plus queued requests per worker that the pool needs
+    /// at least (see the module docs: about the workers' --max-batch).
     #[arg(long, env = "TIDEPOOL_TARGET_LOAD", default_value_t = PolicyConfig::DEFAULT.target_load)]
     pub target_load: f64,
 
-    /// How long the need for more workers must last before scaling out.
+    /// How long a stable-mode need for more workers must last before scaling out (a surge
+    /// in the panic window never waits).
     #[arg(long, env = "TIDEPOOL_SCALE_OUT_DELAY", value_parser = humantime::parse_duration,
         default_value = duration_default!(PolicyConfig::DEFAULT.scale_out_delay))]
     pub scale_out_delay: Duration,
 
-    /// How long the room for fewer workers must last before scaling in.
+    /// The scale-down delay: the pool shrinks only to the most workers wanted over this time.
     #[arg(long, env = "TIDEPOOL_SCALE_IN_DELAY", value_parser = humantime::parse_duration,
         default_value = duration_default!(PolicyConfig::DEFAULT.scale_in_delay))]
     pub scale_in_delay: Duration,
 
-    /// The averaging window of the load signal.
+    /// The stable window: the averaging window of normal decisions.
     #[arg(long, env = "TIDEPOOL_SCALING_WINDOW", value_parser = humantime::parse_duration,
         default_value = duration_default!(PolicyConfig::DEFAULT.window))]
     pub scaling_window: Duration,
@@ -93,7 +103,53 @@ pub struct AutoscaleConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_START_TIMEOUT", value_parser = humantime::parse_duration,
         default_value = duration_default!(actuator::WORKER_START_TIMEOUT))]
     pub worker_start_timeout: Duration,
+
+    /// The busy share per worker the pool is sized for (0 to 1): the fraction of wall time
+    /// each worker's model thread runs batches. Below 1 so that a rise has room while new
+    /// workers start.
+    #[arg(long, env = "TIDEPOOL_TARGET_UTILIZATION", default_value_t = PolicyConfig::DEFAULT.target_utilization)]
+    pub target_utilization: f64,
+
+    /// The panic window: a surge this short that needs --panic-threshold times the workers
+    /// there are scales out at once (and nothing scales in for a --scaling-window after).
+    #[arg(long, env = "TIDEPOOL_PANIC_WINDOW", value_parser = humantime::parse_duration,
+        default_value = duration_default!(PolicyConfig::DEFAULT.panic_window))]
+    pub panic_window: Duration,
+
+    /// How many times the current workers the panic window's demand must reach to panic.
+    #[arg(long, env = "TIDEPOOL_PANIC_THRESHOLD", default_value_t = PolicyConfig::DEFAULT.panic_threshold)]
+    pub panic_threshold: f64,
+
+    /// One decision grows the pool at most this many times.
+    #[arg(long, env = "TIDEPOOL_MAX_SCALE_UP_RATE", default_value_t = PolicyConfig::DEFAULT.max_scale_up_rate)]
+    pub max_scale_up_rate: f64,
+
+    /// One decision shrinks the pool at most by this factor (2: at most half of it).
+    #[arg(long, env = "TIDEPOOL_MAX_SCALE_DOWN_RATE", default_value_t = PolicyConfig::DEFAULT.max_scale_down_rate)]
+    pub max_scale_down_rate: f64,
+
+    /// How long a worker takes from start to ready, assumed until the autoscaler has
+    /// measured its own workers' start-ups.
+    #[arg(long, env = "TIDEPOOL_WORKER_STARTUP", value_parser = humantime::parse_duration,
+        default_value = duration_default!(WORKER_STARTUP))]
+    pub worker_startup: Duration,
+
+    /// Predictive pre-warm: remember the load by time of day and report (forecast-only) or
+    /// also start workers one start-up time before the usual rise (on). Never scales in.
+    #[arg(long, env = "TIDEPOOL_PREDICTIVE", value_enum, default_value_t = Predictive::Off)]
+    pub predictive: Predictive,
+
+    /// The period the load repeats over, for --predictive: a day, or a demo's short day.
+    #[arg(long, env = "TIDEPOOL_PREDICTIVE_PERIOD", value_parser = humantime::parse_duration,
+        default_value = duration_default!(PREDICTIVE_PERIOD))]
+    pub predictive_period: Duration,
 }
+
+/// The default of `--worker-startup`: the start-up time assumed until one is measured.
+pub const WORKER_STARTUP: Duration = Duration::from_secs(10);
+
+/// The default of `--predictive-period`: a day.
+pub const PREDICTIVE_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl Default for AutoscaleConfig {
     fn default() -> Self {
@@ -109,6 +165,14 @@ impl Default for AutoscaleConfig {
             scale_in_delay: policy.scale_in_delay,
             scaling_window: policy.window,
             worker_start_timeout: actuator::WORKER_START_TIMEOUT,
+            target_utilization: policy.target_utilization,
+            panic_window: policy.panic_window,
+            panic_threshold: policy.panic_threshold,
+            max_scale_up_rate: policy.max_scale_up_rate,
+            max_scale_down_rate: policy.max_scale_down_rate,
+            worker_startup: WORKER_STARTUP,
+            predictive: Predictive::Off,
+            predictive_period: PREDICTIVE_PERIOD,
         }
     }
 }
@@ -123,7 +187,21 @@ impl AutoscaleConfig {
             scale_out_delay: self.scale_out_delay,
             scale_in_delay: self.scale_in_delay,
             window: self.scaling_window,
+            target_utilization: self.target_utilization,
+            panic_window: self.panic_window,
+            panic_threshold: self.panic_threshold,
+            max_scale_up_rate: self.max_scale_up_rate,
+            max_scale_down_rate: self.max_scale_down_rate,
             ..PolicyConfig::DEFAULT
+        }
+    }
+
+    /// What the control loop needs beyond the policy: `--predictive` and the start-up time.
+    pub(crate) fn foresight(&self) -> controller::Foresight {
+        controller::Foresight {
+            predictive: self.predictive,
+            period: self.predictive_period,
+            startup: self.worker_startup,
         }
     }
 
@@ -149,6 +227,35 @@ impl AutoscaleConfig {
         }
         if self.scaling_window.is_zero() {
             return bad("scaling-window", "must be above zero");
+        }
+        if !(self.target_utilization > 0.0 && self.target_utilization <= 1.0) {
+            return bad(
+                "target-utilization",
+                "must be above 0 and at most 1, e.g. 0.7 (70% of each worker's time busy)",
+            );
+        }
+        if self.panic_window.is_zero() || self.panic_window > self.scaling_window {
+            return bad(
+                "panic-window",
+                "must be above zero and at most --scaling-window (e.g. 6s against 60s)",
+            );
+        }
+        if !(self.panic_threshold.is_finite() && self.panic_threshold > 1.0) {
+            return bad("panic-threshold", "must be a number above 1, e.g. 2");
+        }
+        if !(self.max_scale_up_rate.is_finite() && self.max_scale_up_rate > 1.0) {
+            return bad("max-scale-up-rate", "must be a number above 1, e.g. 10");
+        }
+        if !(self.max_scale_down_rate.is_finite() && self.max_scale_down_rate > 1.0) {
+            return bad("max-scale-down-rate", "must be a number above 1, e.g. 2");
+        }
+        if self.predictive != Predictive::Off
+            && self.predictive_period < Duration::from_secs(forecast::BUCKETS as u64)
+        {
+            return bad(
+                "predictive-period",
+                "must be at least 96s (the period is remembered in 96 buckets), e.g. 24h",
+            );
         }
         match (&self.worker_cmd, &self.scale_cmd) {
             (Some(_), Some(_)) => {

@@ -1,18 +1,43 @@
-//! The scaling policy: target tracking, as ECS Service Auto Scaling and Ray Serve do it.
+//! The scaling policy: Knative's autoscaler (stable and panic windows) over a signal that
+//! grows in step with the load.
 //!
-//! A pure function of the recent history of the load signal and the clock: no I/O, no
-//! state of its own, so it is tested exhaustively with paused time and property tests.
+//! A pure function of the recent samples, the clock and an [`Outlook`] (the start-up time,
+//! a forecast): no I/O, no state of its own, so it is tested with injected instants and
+//! property tests.
 //!
-//! - `desired = ceil(ready × load_per_worker / target)`, clamped to `[min, max]`, where
-//!   `load_per_worker` is `(outstanding + queued) / ready` averaged over `window`.
-//! - **Out fast**: every sample over the last `scale_out_delay` must want more workers than
-//!   there are now (ready *and coming*: a worker still loading its model counts, so a slow
-//!   load does not trigger a second scale-out). The pool grows to the *smallest* of those
-//!   wishes, the level the need held at throughout.
-//! - **In slowly**: every sample over the last `scale_in_delay` must want fewer, no worker
-//!   may be overloaded now, and the pool shrinks only to the *largest* of those wishes,
-//!   and only as far as keeps the load per worker under `target × (1 - in_margin)` (a
-//!   dead band, so a noisy constant load does not flap), judged on the period's peak.
+//! ## The signal: demand, in workers
+//! Each sample's *demand* is how many workers its load needs:
+//! `busy / --target-utilization`, where `busy` is the sum of the ready workers' busy shares
+//! (the fraction of wall time each model thread ran batches, from their `pong`s). Requests
+//! in flight are no good alone: a batching worker folds more load into fuller batches, so
+//! they stay low until it saturates and then shoot up, and a policy on them acts only after
+//! latency has gone. They stay as a guard: demand is at least
+//! `(outstanding + queued) / --target-load`, which is what sizes the pool beyond
+//! saturation (where busy shares stop at 1) and when workers report no busy share (TCP
+//! health checks, older workers).
+//!
+//! ## The decision
+//! - **Stable mode**: `desired = ceil(demand averaged over --scaling-window (60 s))`,
+//!   raised by the start-up headroom below.
+//! - **Panic mode**: when the demand averaged over `--panic-window` (6 s) reaches
+//!   `--panic-threshold` (2) times the workers there are, the pool scales out at once to
+//!   the panic window's wish, and stays in panic until a whole stable window passes
+//!   without that; it never scales in while in panic.
+//! - **Start-up headroom**: capacity asked for now arrives one start-up time later (the
+//!   controller measures it). While the demand rises (a least-squares line over the stable
+//!   window slopes up), the policy extends the line over the start-up time and sizes for
+//!   the demand then, so the workers are ready when the load arrives. The scale-down delay
+//!   looks at the same wishes, so a pool grown ahead of a rise is not shrunk at once.
+//! - **Forecast** (`--predictive on`): the pool is at least what the remembered day says
+//!   the next start-up time needs. A forecast never scales in.
+//! - **Rates**: one decision grows the pool at most `--max-scale-up-rate` times and shrinks
+//!   it at most by `--max-scale-down-rate` times.
+//! - **Scale-down delay**: the pool shrinks only to the *largest* stable wish over the
+//!   last `--scale-in-delay` (with a 10% dead band, so a load hovering at a whole number
+//!   of workers does not flap), with no worker coming or leaving and none overloaded (more
+//!   than `--target-load × 2` outstanding).
+//! - `--scale-out-delay` (0 by default, as Knative) makes a stable-mode scale-out wait
+//!   until every stable wish over that time wanted more; panic never waits.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -26,35 +51,56 @@ pub struct PolicyConfig {
     pub min_workers: usize,
     /// Never more workers than this.
     pub max_workers: usize,
-    /// The load per worker (outstanding + queued requests) the pool is sized for.
+    /// The busy share per worker the pool is sized for (0 to 1).
+    pub target_utilization: f64,
+    /// The in-flight guard: outstanding plus queued requests per worker the pool needs at
+    /// least (about the workers' `--max-batch`).
     pub target_load: f64,
-    /// How long the need for more workers must hold before scaling out.
+    /// How long a stable-mode need for more workers must hold before scaling out.
     pub scale_out_delay: Duration,
-    /// How long the room for fewer workers must hold before scaling in.
+    /// The scale-down delay: the pool shrinks only to the largest wish over this time.
     pub scale_in_delay: Duration,
-    /// The averaging window of the load signal.
+    /// The stable window: the averaging window of normal decisions.
     pub window: Duration,
-    /// Scale in only while the load per worker after it stays below
-    /// `target × (1 - in_margin)`.
+    /// The panic window: the short averaging window that detects a surge.
+    pub panic_window: Duration,
+    /// Panic when the panic window's demand reaches this many times the current workers.
+    pub panic_threshold: f64,
+    /// One decision grows the pool at most this many times (at least by one worker).
+    pub max_scale_up_rate: f64,
+    /// One decision shrinks the pool at most by this factor.
+    pub max_scale_down_rate: f64,
+    /// Scale in only to a pool the scale-down delay's peak demand stays this fraction
+    /// under (a dead band against flapping).
     pub in_margin: f64,
-    /// A worker with more outstanding requests than `target × overload_factor` is
+    /// A worker with more outstanding requests than `target_load × overload_factor` is
     /// overloaded: no scale-in happens while one is.
     pub overload_factor: f64,
 }
 
 impl PolicyConfig {
     /// The defaults: the one source of the policy's settings, for [`Default`] and for the
-    /// defaults of the `--min-workers` … `--scaling-window` flags.
+    /// defaults of the autoscaling flags. The windows, threshold and utilization are
+    /// Knative's; the scale-down delay keeps a worker through short lulls.
     pub const DEFAULT: PolicyConfig = PolicyConfig {
         min_workers: 1,
         max_workers: 8,
+        target_utilization: 0.7,
         target_load: 32.0,
-        scale_out_delay: Duration::from_secs(10),
-        scale_in_delay: Duration::from_secs(300),
-        window: Duration::from_secs(5),
-        in_margin: 0.2,
+        scale_out_delay: Duration::ZERO,
+        scale_in_delay: Duration::from_secs(120),
+        window: Duration::from_secs(60),
+        panic_window: Duration::from_secs(6),
+        panic_threshold: 2.0,
+        max_scale_up_rate: 10.0,
+        max_scale_down_rate: 2.0,
+        in_margin: 0.1,
         overload_factor: 2.0,
     };
+
+    fn clamp(&self, n: usize) -> usize {
+        n.clamp(self.min_workers, self.max_workers.max(self.min_workers))
+    }
 }
 
 impl Default for PolicyConfig {
@@ -80,6 +126,20 @@ pub struct Sample {
     pub load: f64,
     /// The most outstanding requests at any one worker.
     pub max_worker_load: f64,
+    /// The ready workers' busy shares summed (a worker that did not report counts as the
+    /// average of those that did); `None` when none reported one.
+    pub busy: Option<f64>,
+}
+
+/// What the policy knows beyond the samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Outlook {
+    /// How long a worker takes from being asked for to ready.
+    pub startup: Duration,
+    /// The demand the remembered day expects within the next start-up time, if known.
+    pub forecast: Option<f64>,
+    /// Whether to act on the forecast (`--predictive on`) or only report it.
+    pub act_on_forecast: bool,
 }
 
 /// The recent samples, oldest first, bounded to what the policy can look at.
@@ -116,10 +176,16 @@ impl History {
         self.samples.back()
     }
 
-    /// How much history `config` needs kept: the longer delay and the window before it,
-    /// plus a few samples so that a tick arriving a little late still sees a full span.
+    /// How much history `config` needs kept: a stable window before each sample of the
+    /// longest look-back (the scale-down delay, the panic memory of a stable window), plus
+    /// a few samples so that a tick arriving a little late still sees a full span.
     pub fn keep_for(config: &PolicyConfig) -> Duration {
-        config.scale_in_delay.max(config.scale_out_delay) + config.window + Duration::from_secs(3)
+        config
+            .scale_in_delay
+            .max(config.scale_out_delay)
+            .max(config.window)
+            + config.window
+            + Duration::from_secs(3)
     }
 }
 
@@ -135,6 +201,37 @@ pub enum Action {
     ScaleIn(usize),
 }
 
+/// Which window decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Normal decisions on the stable window.
+    Stable,
+    /// A surge: out at once on the panic window, never in.
+    Panic,
+}
+
+impl Mode {
+    /// The lowercase name, for metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Stable => "stable",
+            Mode::Panic => "panic",
+        }
+    }
+}
+
+/// Which signal the demand came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    /// The workers' busy shares.
+    Busy,
+    /// Requests in flight (no worker reports a busy share, or the in-flight guard needs
+    /// more: workers beyond saturation).
+    InFlight,
+}
+
 /// A decision with the figures behind it, as `GET /scaling` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Decision {
@@ -146,11 +243,29 @@ pub struct Decision {
     pub coming: usize,
     /// Workers leaving (draining after a scale-in).
     pub leaving: usize,
-    /// Outstanding plus queued requests, averaged over the window.
+    /// Outstanding plus queued requests, averaged over the stable window.
     pub total_load: f64,
-    /// `total_load / ready`, averaged over the window (0 with no ready worker).
+    /// `total_load / ready`, averaged over the stable window (0 with no ready worker).
     pub load_per_worker: f64,
-    /// What the formula asks for now, clamped to `[min, max]`.
+    /// The ready workers' busy shares summed, now (`None`: none reported one).
+    pub busy_total: Option<f64>,
+    /// What the latest demand came from.
+    pub signal: Signal,
+    /// Demand in workers, averaged over the stable window.
+    pub stable_demand: f64,
+    /// Demand in workers, averaged over the panic window.
+    pub panic_demand: f64,
+    /// The demand expected one start-up time from now (the stable demand while the load
+    /// does not rise).
+    pub headroom_demand: f64,
+    /// The start-up time the policy plans with, in seconds.
+    pub startup_s: f64,
+    /// The forecast demand within the next start-up time (`--predictive`), if any.
+    pub forecast_demand: Option<f64>,
+    /// Stable or panic.
+    pub mode: Mode,
+    /// The pool the policy wants now, clamped to `[min, max]` (what an external scaler
+    /// should set).
     pub desired: usize,
     /// What to do.
     pub action: Action,
@@ -158,186 +273,30 @@ pub struct Decision {
     pub reason: String,
 }
 
-/// The policy: `(history, now) → decision`.
-pub fn decide(config: &PolicyConfig, history: &History, now: Instant) -> Decision {
-    let clamp = |n: usize| {
-        n.clamp(
-            config.min_workers,
-            config.max_workers.max(config.min_workers),
-        )
-    };
-    let Some(latest) = history.latest().copied() else {
-        return Decision {
-            current: 0,
-            ready: 0,
-            coming: 0,
-            leaving: 0,
-            total_load: 0.0,
-            load_per_worker: 0.0,
-            desired: clamp(0),
-            action: Action::Hold,
-            reason: "no data yet".to_owned(),
-        };
-    };
-    let current = latest.ready + latest.coming;
-    let (total_load, load_per_worker) = averaged(history, now, config.window);
-    let desired_now = clamp(wanted(config, latest.ready, load_per_worker));
-    let decision = |action: Action, reason: String| Decision {
-        current,
-        ready: latest.ready,
-        coming: latest.coming,
-        leaving: latest.leaving,
-        total_load,
-        load_per_worker,
-        desired: desired_now,
-        action,
-        reason,
-    };
-
-    // Below the floor or above the ceiling: correct at once, whatever the load.
-    if current < config.min_workers {
-        return decision(
-            Action::ScaleOut(clamp(current)),
-            format!(
-                "{current} workers is below --min-workers {}",
-                config.min_workers
-            ),
-        );
-    }
-    if current > config.max_workers.max(config.min_workers) {
-        return decision(
-            Action::ScaleIn(clamp(current)),
-            format!(
-                "{current} workers is above --max-workers {}",
-                config.max_workers
-            ),
-        );
-    }
-    let span = match history.samples().next() {
-        Some(first) => now.saturating_duration_since(first.at),
-        None => Duration::ZERO,
-    };
-    if span < config.window {
-        return decision(
-            Action::Hold,
-            format!(
-                "collecting data: {:.0?} of {:.0?} window",
-                span, config.window
-            ),
-        );
-    }
-
-    // Over a period: the smallest and largest wish of its samples (each from its own
-    // windowed average) and the peak windowed load.
-    let wishes = |period: Duration| -> Option<(usize, usize, f64)> {
-        if span < period + config.window {
-            return None;
-        }
-        let (mut lo, mut hi, mut peak) = (usize::MAX, 0, 0.0f64);
-        for s in history.samples().rev() {
-            if now.saturating_duration_since(s.at) > period {
-                break;
-            }
-            let (total, lpw) = averaged(history, s.at, config.window);
-            let w = clamp(wanted(config, s.ready, lpw));
-            lo = lo.min(w);
-            hi = hi.max(w);
-            peak = peak.max(total);
-        }
-        (lo != usize::MAX).then_some((lo, hi, peak))
-    };
-
-    if desired_now > current {
-        return match wishes(config.scale_out_delay) {
-            Some((lo, _, _)) if lo > current => decision(
-                Action::ScaleOut(lo),
-                format!(
-                    "load per worker {load_per_worker:.1} above target {:.1} for {:.0?}: {current} -> {lo}",
-                    config.target_load, config.scale_out_delay
-                ),
-            ),
-            _ => decision(
-                Action::Hold,
-                format!(
-                    "load per worker {load_per_worker:.1} above target {:.1}; waiting for it to hold {:.0?}",
-                    config.target_load, config.scale_out_delay
-                ),
-            ),
-        };
-    }
-
-    if desired_now < current && latest.leaving > 0 {
-        return decision(
-            Action::Hold,
-            format!(
-                "{} worker(s) still draining from the last scale-in",
-                latest.leaving
-            ),
-        );
-    }
-    if desired_now < current && latest.coming == 0 {
-        if latest.max_worker_load > config.target_load * config.overload_factor {
-            return decision(
-                Action::Hold,
-                format!(
-                    "a worker has {:.0} outstanding (over {:.0}); no scale-in while one is overloaded",
-                    latest.max_worker_load,
-                    config.target_load * config.overload_factor
-                ),
-            );
-        }
-        if let Some((_, hi, peak)) = wishes(config.scale_in_delay) {
-            // Shrink no further than keeps the period's peak load under the dead band.
-            let ceiling = config.target_load * (1.0 - config.in_margin);
-            let mut to = hi.max(config.min_workers);
-            while to < current && peak / to as f64 > ceiling {
-                to += 1;
-            }
-            if to < current {
-                return decision(
-                    Action::ScaleIn(to),
-                    format!(
-                        "load per worker {load_per_worker:.1} below target {:.1} for {:.0?}: {current} -> {to}",
-                        config.target_load, config.scale_in_delay
-                    ),
-                );
-            }
-        }
-        return decision(
-            Action::Hold,
-            format!(
-                "load per worker {load_per_worker:.1} below target {:.1}; waiting {:.0?} of steady room before scaling in",
-                config.target_load, config.scale_in_delay
-            ),
-        );
-    }
-
-    decision(
-        Action::Hold,
-        format!(
-            "load per worker {load_per_worker:.1} for target {:.1}: {current} workers fit",
-            config.target_load
-        ),
-    )
+/// One sample's demand in workers: what the controller remembers by time of day.
+pub fn demand_of(config: &PolicyConfig, s: &Sample) -> f64 {
+    demand(config, s).0
 }
 
-/// Workers needed to bring `load_per_worker` over `ready` workers to the target.
-fn wanted(config: &PolicyConfig, ready: usize, load_per_worker: f64) -> usize {
-    if ready == 0 {
-        // Nothing measured per worker: keep at least one coming.
-        return 1;
-    }
-    let raw = (ready as f64 * load_per_worker / config.target_load).ceil();
-    if raw.is_finite() && raw >= 0.0 {
-        raw as usize
-    } else {
-        usize::MAX
+/// One sample's demand in workers, and the signal that set it.
+fn demand(config: &PolicyConfig, s: &Sample) -> (f64, Signal) {
+    let in_flight = s.load / config.target_load;
+    match s.busy {
+        Some(busy) if busy / config.target_utilization >= in_flight => {
+            (busy / config.target_utilization, Signal::Busy)
+        }
+        _ => (in_flight, Signal::InFlight),
     }
 }
 
-/// (total load, load per ready worker), averaged over the `window` before `at`.
-fn averaged(history: &History, at: Instant, window: Duration) -> (f64, f64) {
-    let (mut total, mut per, mut n) = (0.0, 0.0, 0usize);
+/// The averages over `window` before `at`: (demand, total load, load per ready worker).
+fn averaged(
+    config: &PolicyConfig,
+    history: &History,
+    at: Instant,
+    window: Duration,
+) -> (f64, f64, f64) {
+    let (mut demand_sum, mut total, mut per, mut n) = (0.0, 0.0, 0.0, 0usize);
     for s in history.samples().rev() {
         if s.at > at {
             continue;
@@ -345,6 +304,7 @@ fn averaged(history: &History, at: Instant, window: Duration) -> (f64, f64) {
         if at.saturating_duration_since(s.at) > window {
             break;
         }
+        demand_sum += demand(config, s).0;
         total += s.load;
         per += if s.ready > 0 {
             s.load / s.ready as f64
@@ -354,10 +314,299 @@ fn averaged(history: &History, at: Instant, window: Duration) -> (f64, f64) {
         n += 1;
     }
     if n == 0 {
-        (0.0, 0.0)
+        (0.0, 0.0, 0.0)
     } else {
-        (total / n as f64, per / n as f64)
+        let n = n as f64;
+        (demand_sum / n, total / n, per / n)
     }
+}
+
+/// Whole workers for a demand (a hair under an integer is that integer: float noise must
+/// not ask for one more).
+fn workers(demand: f64) -> usize {
+    let n = (demand - 1e-9).ceil();
+    if n.is_finite() && n > 0.0 {
+        n as usize
+    } else {
+        0
+    }
+}
+
+/// Whether the panic window's demand at `s.at` reached the threshold over its workers.
+fn panicked_at(config: &PolicyConfig, history: &History, s: &Sample) -> bool {
+    let (panic, _, _) = averaged(config, history, s.at, config.panic_window);
+    let workers_then = (s.ready + s.coming).max(1) as f64;
+    panic >= config.panic_threshold * workers_then
+}
+
+/// The stable-mode wish at `at`: the stable demand, or, while the demand rises, what its
+/// trend over the stable window (a least-squares line) reaches one start-up time ahead.
+fn stable_wish(
+    config: &PolicyConfig,
+    history: &History,
+    at: Instant,
+    startup: Duration,
+) -> (usize, f64) {
+    let (stable, _, _) = averaged(config, history, at, config.window);
+    let (mut n, mut sx, mut sy, mut sxx, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for s in history.samples().rev() {
+        if s.at > at {
+            continue;
+        }
+        let back = at.saturating_duration_since(s.at);
+        if back > config.window {
+            break;
+        }
+        let (x, y) = (-back.as_secs_f64(), demand(config, s).0);
+        n += 1.0;
+        sx += x;
+        sy += y;
+        sxx += x * x;
+        sxy += x * y;
+    }
+    let spread = n * sxx - sx * sx;
+    let ahead = if n >= 3.0 && spread > 0.0 {
+        let slope = (n * sxy - sx * sy) / spread;
+        let now_value = (sy - slope * sx) / n;
+        if slope > 0.0 {
+            now_value + slope * startup.as_secs_f64()
+        } else {
+            stable
+        }
+    } else {
+        stable
+    };
+    let ahead = ahead.max(stable);
+    (config.clamp(workers(ahead)), ahead)
+}
+
+/// The policy: `(history, now, outlook) → decision`.
+pub fn decide(
+    config: &PolicyConfig,
+    history: &History,
+    now: Instant,
+    outlook: &Outlook,
+) -> Decision {
+    let Some(latest) = history.latest().copied() else {
+        return Decision {
+            current: 0,
+            ready: 0,
+            coming: 0,
+            leaving: 0,
+            total_load: 0.0,
+            load_per_worker: 0.0,
+            busy_total: None,
+            signal: Signal::InFlight,
+            stable_demand: 0.0,
+            panic_demand: 0.0,
+            headroom_demand: 0.0,
+            startup_s: outlook.startup.as_secs_f64(),
+            forecast_demand: outlook.forecast,
+            mode: Mode::Stable,
+            desired: config.clamp(0),
+            action: Action::Hold,
+            reason: "no data yet".to_owned(),
+        };
+    };
+    let current = latest.ready + latest.coming;
+    let (stable_demand, total_load, load_per_worker) =
+        averaged(config, history, now, config.window);
+    let (panic_demand, _, _) = averaged(config, history, now, config.panic_window);
+    let (wish_stable, headroom_demand) = stable_wish(config, history, now, outlook.startup);
+    let span = match history.samples().next() {
+        Some(first) => now.saturating_duration_since(first.at),
+        None => Duration::ZERO,
+    };
+    // In panic from the moment the panic window reaches the threshold until a whole stable
+    // window passes without it.
+    let panicking = span >= config.panic_window
+        && history
+            .samples()
+            .rev()
+            .take_while(|s| now.saturating_duration_since(s.at) <= config.window)
+            .any(|s| panicked_at(config, history, s));
+    let mode = if panicking { Mode::Panic } else { Mode::Stable };
+    let forecast_wish = outlook
+        .forecast
+        .filter(|_| outlook.act_on_forecast)
+        .map_or(0, |f| config.clamp(workers(f)));
+    let wish = match mode {
+        Mode::Panic => config
+            .clamp(workers(panic_demand))
+            .max(wish_stable)
+            .max(current),
+        Mode::Stable => wish_stable,
+    }
+    .max(forecast_wish);
+    let desired = config.clamp(wish);
+    let decision = |action: Action, reason: String| Decision {
+        current,
+        ready: latest.ready,
+        coming: latest.coming,
+        leaving: latest.leaving,
+        total_load,
+        load_per_worker,
+        busy_total: latest.busy,
+        signal: demand(config, &latest).1,
+        stable_demand,
+        panic_demand,
+        headroom_demand,
+        startup_s: outlook.startup.as_secs_f64(),
+        forecast_demand: outlook.forecast,
+        mode,
+        desired,
+        action,
+        reason,
+    };
+
+    // Below the floor or above the ceiling: correct at once, whatever the load.
+    if current < config.min_workers {
+        return decision(
+            Action::ScaleOut(config.clamp(current)),
+            format!(
+                "{current} workers is below --min-workers {}",
+                config.min_workers
+            ),
+        );
+    }
+    if current > config.max_workers.max(config.min_workers) {
+        return decision(
+            Action::ScaleIn(config.clamp(current)),
+            format!(
+                "{current} workers is above --max-workers {}",
+                config.max_workers
+            ),
+        );
+    }
+    if span < config.panic_window {
+        return decision(
+            Action::Hold,
+            format!(
+                "collecting data: {:.0?} of {:.0?} panic window",
+                span, config.panic_window
+            ),
+        );
+    }
+
+    if desired > current {
+        // At most `--max-scale-up-rate` times the pool, and at least one more worker.
+        let cap = ((current.max(1) as f64) * config.max_scale_up_rate).ceil() as usize;
+        let to = desired.min(cap.max(current + 1));
+        let why = if forecast_wish == desired && forecast_wish > wish_stable.max(current) {
+            format!(
+                "forecast: the usual load {:.1} workers' worth within the {:.0?} start-up",
+                outlook.forecast.unwrap_or_default(),
+                outlook.startup
+            )
+        } else if mode == Mode::Panic {
+            format!(
+                "panic: demand {panic_demand:.1} workers over {:.0?} is at least {}x the {current} there are",
+                config.panic_window, config.panic_threshold
+            )
+        } else if headroom_demand > stable_demand + 1e-9 {
+            format!(
+                "demand {stable_demand:.1} workers over {:.0?}, rising to {headroom_demand:.1} within the {:.0?} start-up",
+                config.window, outlook.startup
+            )
+        } else {
+            format!(
+                "demand {stable_demand:.1} workers over {:.0?} at {:.0}% target utilization",
+                config.window,
+                config.target_utilization * 100.0
+            )
+        };
+        if mode == Mode::Stable && !config.scale_out_delay.is_zero() && forecast_wish <= current {
+            let held = span >= config.scale_out_delay + config.panic_window
+                && history
+                    .samples()
+                    .rev()
+                    .take_while(|s| now.saturating_duration_since(s.at) <= config.scale_out_delay)
+                    .all(|s| stable_wish(config, history, s.at, outlook.startup).0 > current);
+            if !held {
+                return decision(
+                    Action::Hold,
+                    format!(
+                        "{why}; waiting for it to hold {:.0?}",
+                        config.scale_out_delay
+                    ),
+                );
+            }
+        }
+        return decision(Action::ScaleOut(to), format!("{why}: {current} -> {to}"));
+    }
+
+    if desired < current {
+        let hold = |why: String| decision(Action::Hold, why);
+        if mode == Mode::Panic {
+            return hold(format!(
+                "panic: no scale-in until a {:.0?} stable window passes without a surge",
+                config.window
+            ));
+        }
+        if latest.leaving > 0 {
+            return hold(format!(
+                "{} worker(s) still draining from the last scale-in",
+                latest.leaving
+            ));
+        }
+        if latest.coming > 0 {
+            return hold(format!(
+                "{} worker(s) still starting; no scale-in meanwhile",
+                latest.coming
+            ));
+        }
+        let overload = config.target_load * config.overload_factor;
+        if latest.max_worker_load > overload {
+            return hold(format!(
+                "a worker has {:.0} outstanding (over {overload:.0}); no scale-in while one is overloaded",
+                latest.max_worker_load
+            ));
+        }
+        let look_back = config.scale_in_delay.max(config.window);
+        if span < look_back {
+            return hold(format!(
+                "demand {stable_demand:.1} workers; {:.0?} of the {look_back:.0?} scale-down delay seen",
+                span
+            ));
+        }
+        // The largest stable wish over the scale-down delay: a lull shorter than it keeps
+        // its workers.
+        // A dead band: shrink only to a pool that keeps that peak `in_margin` under its
+        // size, so that a load hovering at a whole number of workers does not flap.
+        let peak_demand = history
+            .samples()
+            .rev()
+            .take_while(|s| now.saturating_duration_since(s.at) <= config.scale_in_delay)
+            .map(|s| stable_wish(config, history, s.at, outlook.startup).1)
+            .fold(0.0, f64::max);
+        let peak = config
+            .clamp(workers(peak_demand / (1.0 - config.in_margin)))
+            .max(desired);
+        let floor = ((current as f64) / config.max_scale_down_rate.max(1.0)).ceil() as usize;
+        let to = config.clamp(peak.max(floor));
+        if to < current {
+            return decision(
+                Action::ScaleIn(to),
+                format!(
+                    "demand {stable_demand:.1} workers, at most {peak} wanted over the {:.0?} scale-down delay: {current} -> {to}",
+                    config.scale_in_delay
+                ),
+            );
+        }
+        return hold(format!(
+            "demand {stable_demand:.1} workers; {peak} wanted within the {:.0?} scale-down delay",
+            config.scale_in_delay
+        ));
+    }
+
+    decision(
+        Action::Hold,
+        format!(
+            "demand {stable_demand:.1} workers over {:.0?} ({:?} mode): {current} workers fit",
+            config.window,
+            mode.as_str()
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -369,27 +618,40 @@ mod tests {
         PolicyConfig {
             min_workers: 1,
             max_workers: 10,
+            target_utilization: 0.5,
             target_load: 10.0,
-            scale_out_delay: Duration::from_secs(10),
-            scale_in_delay: Duration::from_secs(60),
-            window: Duration::from_secs(5),
+            scale_in_delay: Duration::from_secs(20),
+            window: Duration::from_secs(10),
+            panic_window: Duration::from_secs(2),
             ..PolicyConfig::default()
         }
     }
 
-    /// Feeds one sample a second and returns every decision.
-    fn run(
+    fn outlook() -> Outlook {
+        Outlook {
+            startup: Duration::from_secs(3),
+            ..Outlook::default()
+        }
+    }
+
+    /// A pool of workers that are ready at once, under `offered(t)` workers' worth of
+    /// work: each is busy `offered / pool` (at most 1), and requests pile up in flight only
+    /// beyond saturation. Returns each second's (t, pool, decision).
+    fn run_with(
         config: &PolicyConfig,
+        outlook: &Outlook,
         seconds: u64,
         mut pool: usize,
-        load_at: impl Fn(u64) -> f64,
-    ) -> Vec<(u64, usize, Action)> {
+        offered: impl Fn(u64) -> f64,
+    ) -> Vec<(u64, usize, Decision)> {
         let start = Instant::now();
         let mut history = History::new();
         let mut out = Vec::new();
         for t in 0..seconds {
             let at = start + Duration::from_secs(t);
-            let load = load_at(t);
+            let work = offered(t);
+            let over = (work - pool as f64).max(0.0);
+            let load = 2.0 * work.min(pool as f64) + 50.0 * over;
             history.push(
                 Sample {
                     at,
@@ -398,87 +660,199 @@ mod tests {
                     leaving: 0,
                     load,
                     max_worker_load: load / pool as f64,
+                    busy: Some(work.min(pool as f64)),
                 },
                 History::keep_for(config),
             );
-            let d = decide(config, &history, at);
+            let d = decide(config, &history, at, outlook);
             match d.action {
                 Action::ScaleOut(n) | Action::ScaleIn(n) => pool = n,
                 Action::Hold => {}
             }
-            out.push((t, pool, d.action));
+            out.push((t, pool, d));
         }
         out
     }
 
+    fn changes(decisions: &[(u64, usize, Decision)]) -> Vec<(u64, Action)> {
+        decisions
+            .iter()
+            .filter(|(_, _, d)| d.action != Action::Hold)
+            .map(|(t, _, d)| (*t, d.action))
+            .collect()
+    }
+
     #[test]
     fn no_decision_without_enough_data() {
-        let c = config();
-        let decisions = run(&c, 4, 1, |_| 1000.0);
-        assert!(decisions.iter().all(|(_, _, a)| *a == Action::Hold));
+        let decisions = run_with(&config(), &outlook(), 2, 1, |_| 0.9);
+        assert!(changes(&decisions).is_empty());
+        assert!(
+            decisions[0].2.reason.starts_with("no data")
+                || decisions[0].2.reason.starts_with("collecting")
+        );
     }
 
     #[test]
-    fn scales_out_only_after_the_need_holds() {
-        let c = config();
-        // 40 outstanding on 1 worker with target 10: 4 workers wanted.
-        let decisions = run(&c, 30, 1, |_| 40.0);
+    fn the_busy_share_scales_out_before_the_knee() {
+        // 2 workers 80% busy, with few requests in flight: the in-flight signal sees no
+        // need, the busy share does (1.6 / 0.5 = 4 workers).
+        let decisions = run_with(&config(), &outlook(), 30, 2, |_| 1.6);
         let first = decisions
             .iter()
-            .find(|(_, _, a)| *a != Action::Hold)
+            .find(|(_, _, d)| d.action != Action::Hold)
             .unwrap();
-        assert_eq!(first.2, Action::ScaleOut(4));
-        assert!(
-            first.0 >= 15,
-            "scaled out at {}s, before window + delay",
-            first.0
-        );
-        // And only once: the pool now fits.
-        assert_eq!(
-            decisions
-                .iter()
-                .filter(|(_, _, a)| *a != Action::Hold)
-                .count(),
-            1
-        );
+        assert_eq!(first.2.action, Action::ScaleOut(4), "{:?}", first.2);
+        assert_eq!(first.2.signal, Signal::Busy);
+        assert_eq!(first.2.mode, Mode::Stable);
+        assert_eq!(changes(&decisions).len(), 1, "and only once: the pool fits");
     }
 
     #[test]
-    fn scales_in_slowly_and_by_what_the_load_allows() {
+    fn a_surge_panics_and_scales_out_at_once() {
         let c = config();
-        let decisions = run(&c, 200, 8, |_| 20.0);
-        let changes: Vec<_> = decisions
-            .iter()
-            .filter(|(_, _, a)| *a != Action::Hold)
-            .collect();
-        assert_eq!(changes.len(), 1, "{changes:?}");
-        // Not before the window and the whole scale-in delay.
-        assert!(changes[0].0 >= 65);
-        // 20 outstanding with target 10 and a 20% margin: 3 workers (6.7 each), not 2.
-        assert_eq!(changes[0].2, Action::ScaleIn(3));
+        // A 5x step at 30 s on a pool sized for the quiet level.
+        let decisions = run_with(&c, &outlook(), 60, 2, |t| if t < 30 { 0.8 } else { 4.0 });
+        let (t, action) = changes(&decisions)[0];
+        assert!((30..=32).contains(&t), "scaled out at {t}s");
+        assert!(matches!(action, Action::ScaleOut(_)), "{action:?}");
+        assert_eq!(decisions[t as usize].2.mode, Mode::Panic);
+        let pool = decisions[t as usize + 3].1;
+        assert!(
+            pool >= 8,
+            "the 4 workers' worth needs 8 at 50%: {pool} within 3 s"
+        );
     }
 
     #[test]
-    fn coming_workers_count() {
+    fn never_scales_in_during_panic() {
+        let c = config();
+        // A surge, then nothing: the pool waits a stable window out before shrinking.
+        let decisions = run_with(&c, &outlook(), 120, 2, |t| {
+            if (20..26).contains(&t) {
+                6.0
+            } else {
+                0.2
+            }
+        });
+        let surge = changes(&decisions)[0].0;
+        for (t, _, d) in &decisions {
+            if d.mode == Mode::Panic {
+                assert!(
+                    !matches!(d.action, Action::ScaleIn(_)),
+                    "scale-in in panic at {t}s"
+                );
+            }
+        }
+        let first_in = changes(&decisions)
+            .into_iter()
+            .find(|(_, a)| matches!(a, Action::ScaleIn(_)))
+            .expect("it shrinks in the end");
+        assert!(first_in.0 >= surge + c.window.as_secs(), "{first_in:?}");
+    }
+
+    #[test]
+    fn scales_in_after_the_delay_and_by_at_most_half() {
+        let c = config();
+        let decisions = run_with(&c, &outlook(), 200, 8, |_| 0.4);
+        let moves = changes(&decisions);
+        assert!(moves[0].0 >= c.scale_in_delay.as_secs(), "{moves:?}");
+        assert_eq!(moves[0].1, Action::ScaleIn(4), "halved, not straight to 1");
+        assert_eq!(decisions.last().unwrap().1, 1, "{moves:?}");
+        assert!(moves.iter().all(|(_, a)| matches!(a, Action::ScaleIn(_))));
+    }
+
+    #[test]
+    fn a_lull_shorter_than_the_delay_keeps_the_workers() {
+        let c = config();
+        // 12 s lulls between 18 s of 1.8 workers' worth (4 workers at 50%).
+        let decisions = run_with(
+            &c,
+            &outlook(),
+            120,
+            4,
+            |t| if t % 30 < 12 { 0.3 } else { 1.8 },
+        );
+        assert!(
+            decisions.iter().all(|(_, pool, _)| *pool >= 4),
+            "{:?}",
+            changes(&decisions)
+        );
+    }
+
+    #[test]
+    fn a_slower_start_up_scales_out_earlier_on_a_ramp() {
+        let c = config();
+        let ramp = |t: u64| 0.4 + 0.05 * t as f64;
+        let first_out = |startup: u64| {
+            let o = Outlook {
+                startup: Duration::from_secs(startup),
+                ..Outlook::default()
+            };
+            changes(&run_with(&c, &o, 60, 1, ramp))
+                .into_iter()
+                .find(|(_, a)| matches!(a, Action::ScaleOut(_)))
+                .unwrap()
+                .0
+        };
+        assert!(
+            first_out(20) < first_out(0),
+            "{} vs {}",
+            first_out(20),
+            first_out(0)
+        );
+    }
+
+    #[test]
+    fn the_in_flight_guard_covers_workers_without_a_busy_share() {
         let c = config();
         let start = Instant::now();
         let mut h = History::new();
-        for t in 0..30 {
+        for t in 0..12 {
+            let at = start + Duration::from_secs(t);
             h.push(
                 Sample {
-                    at: start + Duration::from_secs(t),
-                    ready: 1,
-                    coming: 3,
+                    at,
+                    ready: 2,
+                    coming: 0,
                     leaving: 0,
-                    load: 40.0,
-                    max_worker_load: 40.0,
+                    load: 60.0,
+                    max_worker_load: 30.0,
+                    busy: None,
                 },
                 History::keep_for(&c),
             );
         }
-        let d = decide(&c, &h, start + Duration::from_secs(29));
-        assert_eq!(d.current, 4);
-        assert_eq!(d.action, Action::Hold);
+        let d = decide(&c, &h, start + Duration::from_secs(11), &outlook());
+        assert_eq!(d.signal, Signal::InFlight);
+        assert_eq!(d.desired, 6, "60 in flight / 10 per worker");
+        assert!(matches!(d.action, Action::ScaleOut(6)), "{d:?}");
+    }
+
+    #[test]
+    fn a_forecast_adds_workers_only_when_acted_on_and_never_removes_any() {
+        let c = config();
+        let quiet = |_| 0.4;
+        let mut o = Outlook {
+            forecast: Some(3.0),
+            ..outlook()
+        };
+        let only = run_with(&c, &o, 10, 1, quiet);
+        assert!(changes(&only).is_empty(), "forecast-only acts on nothing");
+        assert_eq!(only.last().unwrap().2.forecast_demand, Some(3.0));
+        o.act_on_forecast = true;
+        let acted = run_with(&c, &o, 10, 1, quiet);
+        assert_eq!(changes(&acted)[0].1, Action::ScaleOut(3));
+        assert!(acted
+            .iter()
+            .find(|(_, _, d)| d.action != Action::Hold)
+            .unwrap()
+            .2
+            .reason
+            .starts_with("forecast"));
+        // A quiet forecast on a busy pool: the pool stays.
+        o.forecast = Some(0.1);
+        let busy = run_with(&c, &o, 60, 4, |_| 1.9);
+        assert!(changes(&busy).is_empty(), "{:?}", changes(&busy));
     }
 
     #[test]
@@ -488,120 +862,94 @@ mod tests {
             ..config()
         };
         let start = Instant::now();
+        let sample = |ready| Sample {
+            at: start,
+            ready,
+            coming: 0,
+            leaving: 0,
+            load: 0.0,
+            max_worker_load: 0.0,
+            busy: None,
+        };
         let mut h = History::new();
-        h.push(
-            Sample {
-                at: start,
-                ready: 0,
-                coming: 0,
-                leaving: 0,
-                load: 0.0,
-                max_worker_load: 0.0,
-            },
-            Duration::from_secs(100),
+        h.push(sample(0), Duration::from_secs(100));
+        assert_eq!(
+            decide(&c, &h, start, &outlook()).action,
+            Action::ScaleOut(2)
         );
-        assert_eq!(decide(&c, &h, start).action, Action::ScaleOut(2));
         let mut h = History::new();
-        h.push(
-            Sample {
-                at: start,
-                ready: 12,
-                coming: 0,
-                leaving: 0,
-                load: 0.0,
-                max_worker_load: 0.0,
-            },
-            Duration::from_secs(100),
+        h.push(sample(12), Duration::from_secs(100));
+        assert_eq!(
+            decide(&c, &h, start, &outlook()).action,
+            Action::ScaleIn(10)
         );
-        assert_eq!(decide(&c, &h, start).action, Action::ScaleIn(10));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn follows_a_step_with_paused_time() {
-        let c = config();
-        let mut h = History::new();
-        let mut pool = 2usize;
-        let mut out_at = None;
-        let start = tokio::time::Instant::now();
-        for _ in 0..40 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let now = tokio::time::Instant::now().into_std();
-            let load = if start.elapsed() > Duration::from_secs(10) {
-                60.0
-            } else {
-                10.0
-            };
-            h.push(
-                Sample {
-                    at: now,
-                    ready: pool,
-                    coming: 0,
-                    leaving: 0,
-                    load,
-                    max_worker_load: load / pool as f64,
-                },
-                History::keep_for(&c),
-            );
-            if let Action::ScaleOut(n) = decide(&c, &h, now).action {
-                pool = n;
-                out_at.get_or_insert(start.elapsed());
-            }
-        }
-        assert_eq!(pool, 6);
-        let at = out_at.unwrap();
-        assert!(
-            at >= Duration::from_secs(20) && at <= Duration::from_secs(27),
-            "{at:?}"
-        );
+    #[test]
+    fn a_scale_out_delay_waits_in_stable_mode() {
+        let c = PolicyConfig {
+            scale_out_delay: Duration::from_secs(5),
+            ..config()
+        };
+        let decisions = run_with(&c, &outlook(), 30, 2, |_| 1.6);
+        let (t, a) = changes(&decisions)[0];
+        assert_eq!(a, Action::ScaleOut(4));
+        assert!(t >= 7, "at {t}s");
     }
 
     proptest! {
-        /// Whatever the load, the pool stays within [min, max] and never shrinks while a
-        /// worker is overloaded.
+        /// Whatever the load, the pool stays within [min, max], never shrinks while a
+        /// worker is overloaded or in panic, and moves by at most the rates.
         #[test]
-        fn bounds_and_no_scale_in_under_overload(
-            loads in proptest::collection::vec(0.0f64..500.0, 1..120),
+        fn bounds_rates_and_no_scale_in_under_overload_or_panic(
+            loads in proptest::collection::vec(0.0f64..12.0, 1..90),
             min in 1usize..4, extra in 0usize..8, start_pool in 1usize..12,
         ) {
             let c = PolicyConfig { min_workers: min, max_workers: min + extra, ..config() };
-            let start = Instant::now();
-            let mut h = History::new();
+            let max = c.max_workers.max(min);
+            let decisions = run_with(&c, &outlook(), loads.len() as u64, start_pool, |t| loads[t as usize]);
             let mut pool = start_pool;
-            for (t, load) in loads.iter().enumerate() {
-                let at = start + Duration::from_secs(t as u64);
-                let sample = Sample { at, ready: pool, coming: 0, leaving: 0, load: *load, max_worker_load: *load / pool as f64 };
-                h.push(sample, History::keep_for(&c));
-                let d = decide(&c, &h, at);
+            for (_, after, d) in &decisions {
                 match d.action {
-                    Action::ScaleOut(n) => { prop_assert!(n > pool && n <= c.max_workers.max(min)); pool = n; }
+                    Action::ScaleOut(n) => {
+                        prop_assert!(n > pool && n <= max);
+                        if pool >= min {
+                            prop_assert!(n as f64 <= (pool as f64 * c.max_scale_up_rate).ceil().max(pool as f64 + 1.0));
+                        }
+                    }
                     Action::ScaleIn(n) => {
                         prop_assert!(n < pool && n >= min);
-                        if pool <= c.max_workers {
-                            prop_assert!(sample.max_worker_load <= c.target_load * c.overload_factor);
+                        if pool <= max {
+                            prop_assert!(d.mode == Mode::Stable);
+                            prop_assert!(n as f64 >= pool as f64 / c.max_scale_down_rate);
                         }
-                        pool = n;
                     }
                     Action::Hold => {}
                 }
-                prop_assert!(d.desired >= min && d.desired <= c.max_workers.max(min));
+                prop_assert!(d.desired >= min && d.desired <= max);
+                pool = *after;
             }
         }
 
-        /// A noisy constant load settles once and then stays: no oscillation.
+        /// A noisy constant load settles and then stays: no back and forth.
         #[test]
         fn no_oscillation_on_noisy_constant_load(
-            level in 5.0f64..80.0, noise in 0.0f64..0.3, seed in any::<u64>(), start_pool in 1usize..8,
+            level in 0.2f64..6.0, noise in 0.0f64..0.2, seed in any::<u64>(), start_pool in 1usize..8,
         ) {
-            let c = config();
+            let c = PolicyConfig { window: Duration::from_secs(60), panic_window: Duration::from_secs(6), scale_in_delay: Duration::from_secs(60), ..config() };
             let mut state = seed | 1;
             let mut rng = move || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; (state % 10_000) as f64 / 10_000.0 };
-            let noisy: Vec<f64> = (0..1200).map(|_| level * (1.0 + noise * (2.0 * rng() - 1.0))).collect();
-            let decisions = run(&c, 1200, start_pool, |t| noisy[t as usize]);
-            let moves: Vec<_> = decisions.iter().filter(|(_, _, a)| *a != Action::Hold).map(|(t, _, a)| (*t, *a)).collect();
+            // Noisy work, read through the workers' 5 s average as their busy shares are.
+            let k = 1.0 - (-1.0f64 / 5.0).exp();
+            let mut smooth = level;
+            let noisy: Vec<f64> = (0..600).map(|_| { smooth += (level * (1.0 + noise * (2.0 * rng() - 1.0)) - smooth) * k; smooth }).collect();
+            let decisions = run_with(&c, &outlook(), 600, start_pool, |t| noisy[t as usize]);
+            let moves = changes(&decisions);
             let reversals = moves.windows(2).filter(|w| matches!(w, [(_, Action::ScaleOut(_)), (_, Action::ScaleIn(_))] | [(_, Action::ScaleIn(_)), (_, Action::ScaleOut(_))])).count();
-            prop_assert!(reversals == 0, "moves {:?}", moves);
-            // A few steps in one direction while it finds the level, never back and forth.
-            prop_assert!(moves.len() <= 4, "moves {:?}", moves);
+            prop_assert!(reversals <= 1, "moves {:?}", moves);
+            // A few steps while it finds the level (an overshoot from a saturated start
+            // comes back down once), never back and forth.
+            prop_assert!(moves.len() <= 6, "moves {:?}", moves);
         }
     }
 }

@@ -60,10 +60,19 @@ pub(crate) mod fake {
                 weight: 1,
                 routed: 0,
                 since: SystemTime::UNIX_EPOCH,
+                busy: None,
+                queue_us: None,
             };
             let mut s = self.state();
             s.targets.retain(|t| t.addr != addr);
             s.targets.push(info);
+        }
+
+        /// Sets the busy share the target at `addr` reported.
+        pub(crate) fn set_busy(&self, addr: SocketAddr, busy: Option<f64>) {
+            for t in self.state().targets.iter_mut().filter(|t| t.addr == addr) {
+                t.busy = busy;
+            }
         }
 
         /// Sets the balancer's queue length.
