@@ -34,6 +34,7 @@ pub fn inputs_of_model(
         ort_lib: ort_lib.to_owned(),
         device: tidepool_worker::DeviceChoice::Cpu,
         threads: Some(1),
+        padding: tidepool_worker::PaddingOptions::default(),
     })
     .map_err(|source| Error::Model {
         path: path.to_owned(),

@@ -15,7 +15,8 @@
 //! - [`config`]: the command line (`serve`, `synth`), flags with `TIDEPOOL_*` environment
 //!   fallbacks, validated before anything is bound.
 //! - [`spec`]: the model's contract as a [`ModelSpec`]: inputs and outputs, checking an
-//!   item against them, whether items batch. No ONNX Runtime types.
+//!   item against them, whether items batch, and padding items of different lengths into
+//!   one batch (dimensions recognised by their ONNX symbolic names). No ONNX Runtime types.
 //! - [`model`]: the ONNX Runtime session: loading (external data included), reading its
 //!   [`ModelSpec`], running one batch. No async.
 //! - [`batcher`]: the batching actor: bounded queue, batches by size or delay, deadlines,
@@ -31,7 +32,8 @@
 //!
 //! ## Lifecycle
 //! [`Worker::start`] validates the configuration, binds the listeners, and loads the model in
-//! the background; until the model is loaded and one warm-up batch has run, requests and pings
+//! the background; until the model is loaded and warm-up has run the shapes traffic will use
+//! (one item and a full batch at a few lengths), requests and pings
 //! are answered `unavailable`. Then it serves, and registers if asked. When its shutdown token
 //! fires (SIGTERM or SIGINT in the binary; with `--exit-with-parent`, also the end of file of
 //! the parent's pipe on stdin) it deregisters, stops accepting, lets the queue drain within
@@ -56,6 +58,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod model;
+mod pad;
 pub mod parent;
 pub mod registration;
 pub mod server;
@@ -77,12 +80,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply, Ticket};
-pub use config::{Cli, Command, DeviceChoice, ServeConfig, SynthConfig};
+pub use config::{Cli, Command, DeviceChoice, ModelFile, ServeConfig, SynthConfig};
 pub use error::Error;
 pub use metrics::Metrics;
-pub use model::{Device, LoadOptions, Model};
+pub use model::{Device, LoadOptions, Model, WarmUp};
 pub use server::Phase;
-pub use spec::{IoSpec, ModelSpec};
+pub use spec::{Fit, IoSpec, ModelSpec, Padding, PaddingOptions};
 pub use synth::SynthPlan;
 
 /// How long connections get, after the queue has drained, to write their last answers before
@@ -356,17 +359,24 @@ async fn serve_model(
     phase_tx: &watch::Sender<Phase>,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
+    let model_file = config.model_file()?;
     let options = LoadOptions {
         path: config.model.clone(),
         ort_lib: config.ort_lib.clone().ok_or(Error::OrtLibMissing)?,
         device: config.device,
         threads: config.threads,
+        padding: model_file.padding(),
+    };
+    let warm_up = WarmUp {
+        max_batch: config.max_batch,
+        lengths: config.warm_up_lengths(),
+        max_batch_tokens: config.max_batch_tokens,
     };
     let load = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let mut model = Model::load(&options)?;
-        model.warm_up()?;
-        info!(elapsed = ?started.elapsed(), "model loaded and warmed up");
+        let ran = model.warm_up(&warm_up)?;
+        info!(elapsed = ?started.elapsed(), batches = ?ran, "model loaded and warmed up (batch size, length)");
         Ok::<_, Error>(model)
     });
     let model = tokio::select! {
@@ -378,8 +388,11 @@ async fn serve_model(
     };
     metrics.set_device(model.device().as_str());
     let spec = Arc::clone(model.spec());
+    let padding_note = spec.padding_note.clone();
     let batch_config = BatchConfig {
         max_batch: spec.batch_limit(config.max_batch),
+        max_batch_tokens: config.max_batch_tokens,
+        buckets: config.length_buckets.clone(),
         max_delay: config.max_delay,
         queue: config.queue,
         drain_timeout: config.drain_timeout,
@@ -387,7 +400,7 @@ async fn serve_model(
     let batcher_stop = CancellationToken::new();
     let batcher = Batcher::start(
         model,
-        batch_config,
+        batch_config.clone(),
         Arc::clone(metrics),
         batcher_stop.clone(),
     )?;
@@ -400,6 +413,8 @@ async fn serve_model(
         max_batch = batch_config.max_batch,
         max_delay = ?batch_config.max_delay,
         queue = batch_config.queue,
+        max_batch_tokens = ?batch_config.max_batch_tokens,
+        padding = %padding_note,
         "ready"
     );
 

@@ -453,7 +453,8 @@ impl Connection {
             return reject(e.code(), e.to_string(), None);
         }
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-        let ticket = match batcher.submit(inputs, deadline) {
+        let fit = spec.fit(&inputs);
+        let ticket = match batcher.submit(inputs, fit, deadline) {
             Ok(ticket) => ticket,
             Err(rejection) => {
                 return reject(rejection.code, rejection.message, rejection.retry_after_ms)

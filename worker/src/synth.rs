@@ -405,7 +405,7 @@ mod ort_tests {
         let mut model = load_cpu(&a);
         let mut twin = load_cpu(&b);
         assert!(model.spec().batched);
-        model.warm_up().unwrap();
+        model.warm_up(&crate::model::WarmUp::batch(4)).unwrap();
         let items: Vec<Tensors> = (0..3)
             .map(|i| {
                 let x: Vec<f32> = (0..8).map(|j| (i * 8 + j) as f32 / 10.0).collect();
@@ -448,6 +448,6 @@ mod ort_tests {
         );
         assert!(model_len < data_len, "model file {model_len} bytes");
         let mut model = load_cpu(&out);
-        model.warm_up().unwrap();
+        model.warm_up(&crate::model::WarmUp::batch(4)).unwrap();
     }
 }

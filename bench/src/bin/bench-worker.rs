@@ -226,8 +226,11 @@ fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<Direct
         ort_lib: args.ort_lib.clone(),
         device: args.device,
         threads: None,
+        padding: tidepool_worker::PaddingOptions::default(),
     })?;
-    model.warm_up()?;
+    model.warm_up(&tidepool_worker::WarmUp::batch(
+        args.batches.iter().copied().max().unwrap_or(1),
+    ))?;
     eprintln!("direct: loaded in {:.1?}", started.elapsed());
     let spec = (**model.spec()).clone();
     let pool = tidepool_load::input::build_items(&input_specs(&spec), 64, 0)?;
