@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::limits::Limits;
+use crate::metadata::ModelMetadata;
 use crate::raw::Cursor;
 use crate::tensor::{expected_len, DType, Tensor, WireTensor};
 
@@ -55,6 +56,24 @@ pub enum Message {
         /// The id of the `ping` it answers.
         id: RequestId,
     },
+    /// Client to server: describe the model served (inputs, outputs, batching rules).
+    Metadata {
+        /// The request id.
+        id: RequestId,
+    },
+    /// Server to client: the answer to `metadata`.
+    MetadataResult(MetadataResult),
+}
+
+/// A `metadata_result`: the model a server serves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetadataResult {
+    /// The id of the `metadata` request it answers.
+    pub id: RequestId,
+    /// The model.
+    pub model: ModelMetadata,
+    /// The name of the worker that answered.
+    pub worker: Option<String>,
 }
 
 /// An `infer` request: one item, without the batch dimension.
@@ -190,7 +209,11 @@ impl Message {
             Message::Infer(m) => m.id,
             Message::Result(m) => m.id,
             Message::Error(m) => m.id,
-            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id } => *id,
+            Message::MetadataResult(m) => m.id,
+            Message::Cancel { id }
+            | Message::Ping { id }
+            | Message::Pong { id }
+            | Message::Metadata { id } => *id,
         }
     }
 
@@ -200,7 +223,11 @@ impl Message {
             Message::Infer(m) => m.id = new,
             Message::Result(m) => m.id = new,
             Message::Error(m) => m.id = new,
-            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id } => *id = new,
+            Message::MetadataResult(m) => m.id = new,
+            Message::Cancel { id }
+            | Message::Ping { id }
+            | Message::Pong { id }
+            | Message::Metadata { id } => *id = new,
         }
     }
 
@@ -213,6 +240,8 @@ impl Message {
             Message::Cancel { .. } => "cancel",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
+            Message::Metadata { .. } => "metadata",
+            Message::MetadataResult(_) => "metadata_result",
         }
     }
 
@@ -306,9 +335,11 @@ pub(crate) mod key {
     pub(crate) const MESSAGE: &str = "message";
     /// An `error`'s retry hint.
     pub(crate) const RETRY_AFTER_MS: &str = "retry_after_ms";
+    /// A `metadata_result`'s model description.
+    pub(crate) const MODEL: &str = "model";
 
     /// Every top-level key the decoder knows, each allowed once in a message.
-    pub(crate) const ALL: [&str; 13] = [
+    pub(crate) const ALL: [&str; 14] = [
         TYPE,
         ID,
         INPUTS,
@@ -322,6 +353,7 @@ pub(crate) mod key {
         CODE,
         MESSAGE,
         RETRY_AFTER_MS,
+        MODEL,
     ];
 }
 
@@ -340,6 +372,7 @@ struct WireOut<'a> {
     code: Option<ErrorCode>,
     message: Option<&'a str>,
     retry_after_ms: Option<u64>,
+    model: Option<&'a ModelMetadata>,
 }
 
 impl Serialize for WireOut<'_> {
@@ -369,6 +402,7 @@ impl Serialize for WireOut<'_> {
             self.code.is_some(),
             self.message.is_some(),
             self.retry_after_ms.is_some(),
+            self.model.is_some(),
         ];
         let len = 2 + present.iter().filter(|p| **p).count();
         let mut map = serializer.serialize_map(Some(len))?;
@@ -385,6 +419,7 @@ impl Serialize for WireOut<'_> {
         entry(&mut map, key::CODE, self.code.as_ref())?;
         entry(&mut map, key::MESSAGE, self.message)?;
         entry(&mut map, key::RETRY_AFTER_MS, self.retry_after_ms.as_ref())?;
+        entry(&mut map, key::MODEL, self.model)?;
         map.end()
     }
 }
@@ -405,6 +440,7 @@ impl<'a> WireOut<'a> {
             code: None,
             message: None,
             retry_after_ms: None,
+            model: None,
         }
     }
 }
@@ -430,7 +466,14 @@ impl<'a> From<&'a Message> for WireOut<'a> {
                 w.message = Some(&e.message);
                 w.retry_after_ms = e.retry_after_ms;
             }
-            Message::Cancel { .. } | Message::Ping { .. } | Message::Pong { .. } => {}
+            Message::MetadataResult(m) => {
+                w.model = Some(&m.model);
+                w.worker = m.worker.as_deref();
+            }
+            Message::Cancel { .. }
+            | Message::Ping { .. }
+            | Message::Pong { .. }
+            | Message::Metadata { .. } => {}
         }
         w
     }
@@ -466,6 +509,8 @@ struct WireIn<'a> {
     message: Option<String>,
     #[serde(default)]
     retry_after_ms: Option<u64>,
+    #[serde(default)]
+    model: Option<ModelMetadata>,
 }
 
 impl WireIn<'_> {
@@ -510,6 +555,12 @@ impl WireIn<'_> {
             "cancel" => Message::Cancel { id },
             "ping" => Message::Ping { id },
             "pong" => Message::Pong { id },
+            "metadata" => Message::Metadata { id },
+            "metadata_result" => Message::MetadataResult(MetadataResult {
+                id,
+                model: self.model.ok_or_else(|| missing("model"))?,
+                worker: self.worker,
+            }),
             other => {
                 return Err(Error::UnknownType {
                     id,
@@ -646,6 +697,12 @@ pub(crate) mod tests {
             Message::Cancel { id: u64::MAX },
             Message::Ping { id: 1 },
             Message::Pong { id: 1 },
+            Message::Metadata { id: 2 },
+            Message::MetadataResult(MetadataResult {
+                id: 2,
+                model: crate::metadata::tests::encoder(),
+                worker: Some("w1".to_owned()),
+            }),
         ]
     }
 

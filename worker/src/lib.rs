@@ -83,9 +83,9 @@ pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply,
 pub use config::{Cli, Command, DeviceChoice, ModelFile, ServeConfig, SynthConfig};
 pub use error::Error;
 pub use metrics::Metrics;
-pub use model::{Device, LoadOptions, Model, WarmUp};
+pub use model::{Device, Identity, LoadOptions, Model, WarmUp};
 pub use server::Phase;
-pub use spec::{Fit, IoSpec, ModelSpec, Padding, PaddingOptions};
+pub use spec::{About, Fit, IoSpec, ModelSpec, Padding, PaddingOptions};
 pub use synth::SynthPlan;
 
 /// How long connections get, after the queue has drained, to write their last answers before
@@ -352,6 +352,15 @@ async fn wait_for_balancer_to_let_go(metrics: &Metrics, limit: Duration) {
     }
 }
 
+/// A model's default name: its file name without `.onnx`.
+fn model_name(path: &std::path::Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.strip_suffix(".onnx").unwrap_or(&name).to_owned()
+}
+
 async fn serve_model(
     config: &ServeConfig,
     advertise: &str,
@@ -389,6 +398,21 @@ async fn serve_model(
     metrics.set_device(model.device().as_str());
     let spec = Arc::clone(model.spec());
     let padding_note = spec.padding_note.clone();
+    let metadata = Arc::new(
+        spec.metadata(&About {
+            name: model_file
+                .name
+                .clone()
+                .unwrap_or_else(|| model_name(&config.model)),
+            version: model_file
+                .version
+                .clone()
+                .or_else(|| model.identity().onnx_version.map(|v| v.to_string())),
+            hash: model.identity().hash.clone(),
+            max_batch: config.max_batch,
+            max_batch_tokens: config.max_batch_tokens,
+        }),
+    );
     let batch_config = BatchConfig {
         max_batch: spec.batch_limit(config.max_batch),
         max_batch_tokens: config.max_batch_tokens,
@@ -407,6 +431,7 @@ async fn serve_model(
     phase_tx.send_replace(Phase::Ready {
         batcher: batcher.handle(),
         spec,
+        metadata,
     });
     metrics.ready.store(true, Ordering::Relaxed);
     info!(

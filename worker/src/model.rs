@@ -138,6 +138,17 @@ pub struct Model {
     session: Session,
     spec: Arc<ModelSpec>,
     device: Device,
+    identity: Identity,
+}
+
+/// What identifies a loaded model file, for its metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// `sha256:` and the hex digest of the `.onnx` file (external data files are not
+    /// included); `None` when the file could not be read again.
+    pub hash: Option<String>,
+    /// The ONNX file's own `model_version`, when it sets one.
+    pub onnx_version: Option<i64>,
 }
 
 impl std::fmt::Debug for Model {
@@ -184,11 +195,26 @@ impl Model {
         if !spec.batched {
             warn!("the model's leading dimension is fixed: every item runs alone (batch size 1)");
         }
+        let identity = Identity {
+            hash: file_hash(&options.path),
+            // ONNX writes 0 when no version was set.
+            onnx_version: session
+                .metadata()
+                .ok()
+                .and_then(|m| m.version())
+                .filter(|&v| v != 0),
+        };
         Ok(Model {
             session,
             spec,
             device,
+            identity,
         })
+    }
+
+    /// What identifies the model file.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     /// What the model takes and gives.
@@ -340,6 +366,34 @@ impl Engine for Model {
         }
         Ok(answers)
     }
+}
+
+/// `sha256:HEX` of a file, read in chunks; `None` (with a warning) when it cannot be read.
+fn file_hash(path: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let hash = || -> std::io::Result<String> {
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let digest = hasher.finalize();
+        let mut hex = String::with_capacity(7 + digest.len() * 2);
+        hex.push_str("sha256:");
+        for b in digest {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        Ok(hex)
+    };
+    hash()
+        .map_err(|e| warn!(path = %path.display(), error = %e, "could not hash the model file"))
+        .ok()
 }
 
 /// An item's share of a padded output must lie inside the batch's output: a model that names

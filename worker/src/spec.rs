@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use bytes::Bytes;
-use tidepool_protocol::{DType, Tensor, Tensors};
+use tidepool_protocol::{DType, ModelMetadata, PaddingMetadata, Tensor, TensorMetadata, Tensors};
 
 use crate::error::Error;
 
@@ -159,6 +159,21 @@ impl Fit {
             tokens: 1,
         }
     }
+}
+
+/// What the model's metadata says beyond its inputs and outputs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct About {
+    /// The model's name.
+    pub name: String,
+    /// Its version, if it has one.
+    pub version: Option<String>,
+    /// A digest of the model file (`sha256:...`).
+    pub hash: Option<String>,
+    /// The batcher's largest batch.
+    pub max_batch: usize,
+    /// The batcher's token budget.
+    pub max_batch_tokens: Option<usize>,
 }
 
 /// What a model takes and gives, and whether its items can be stacked into batches.
@@ -361,6 +376,42 @@ impl ModelSpec {
             }
         }
         Fit { key, tokens }
+    }
+
+    /// The model as the protocol's `metadata` answer describes it: per-item shapes with
+    /// dynamic dimensions as -1 and their symbolic names, and the batching rules.
+    pub fn metadata(&self, about: &About) -> ModelMetadata {
+        let describe = |io: &IoSpec| TensorMetadata {
+            name: io.name.clone(),
+            dtype: io.dtype,
+            shape: io
+                .item_dims(self.batched)
+                .iter()
+                .map(|d| d.map_or(-1, |d| i64::try_from(d).unwrap_or(i64::MAX)))
+                .collect(),
+            dims: io.symbols[usize::from(self.batched).min(io.symbols.len())..].to_vec(),
+        };
+        ModelMetadata {
+            name: about.name.clone(),
+            version: about.version.clone(),
+            platform: "onnxruntime".to_owned(),
+            hash: about.hash.clone(),
+            inputs: self.inputs.iter().map(describe).collect(),
+            outputs: self.outputs.iter().map(describe).collect(),
+            batched: self.batched,
+            max_batch: u32::try_from(self.batch_limit(about.max_batch)).unwrap_or(u32::MAX),
+            max_batch_tokens: about.max_batch_tokens.map(|t| t as u64),
+            padding: self.padding.as_ref().map(|p| PaddingMetadata {
+                axes: p.axes.clone(),
+                values: self
+                    .inputs
+                    .iter()
+                    .zip(&p.values)
+                    .map(|(io, &v)| (io.name.clone(), v))
+                    .collect(),
+            }),
+            padding_note: Some(self.padding_note.clone()),
+        }
     }
 
     /// One element of input number `input`'s pad value, little-endian (zero when the model
@@ -762,6 +813,29 @@ mod tests {
             vec![3, 3]
         );
         assert_eq!(s.output_item_shape(&s.outputs[0], &[8], &[3]), vec![8]);
+    }
+
+    #[test]
+    fn metadata_describes_per_item_shapes_names_and_padding() {
+        let about = About {
+            name: "enc".into(),
+            version: Some("3".into()),
+            hash: None,
+            max_batch: 16,
+            max_batch_tokens: Some(512),
+        };
+        let m = encoder().metadata(&about);
+        assert_eq!((m.name.as_str(), m.max_batch, m.batched), ("enc", 16, true));
+        assert_eq!(m.inputs[0].shape, vec![-1]);
+        assert_eq!(m.inputs[0].dims, vec!["sequence".to_owned()]);
+        assert_eq!(m.outputs[1].shape, vec![-1, 3]);
+        assert_eq!(m.outputs[0].shape, vec![8]);
+        let padding = m.padding.unwrap();
+        assert_eq!(padding.values["mask"], 0.0);
+        assert_eq!(m.max_batch_tokens, Some(512));
+        // An unbatched model shows its whole shape and runs one item at a time.
+        let m = spec(false).metadata(&about);
+        assert_eq!((m.inputs[0].shape.clone(), m.max_batch), (vec![1, 4], 1));
     }
 
     #[test]
