@@ -33,6 +33,7 @@ use tracing::Instrument;
 
 use crate::burst::WRITE_BURST;
 use crate::dispatch::{Router, Scratch};
+use crate::metadata;
 use crate::metrics::{Metrics, Reject};
 use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Payload, Pending, Request, Slot};
 
@@ -202,6 +203,7 @@ async fn connection(
                 .await;
             }
             Message::Cancel { id } => conn.cancel(id),
+            Message::Metadata { id } => metadata::answer(&ctx.router, &conn, id, permit),
             Message::Ping { id } => {
                 let answer = if ctx.router.routable() {
                     Message::Pong { id }
@@ -219,7 +221,10 @@ async fn connection(
                     Message::Error(ErrorReply::new(
                         other.id(),
                         ErrorCode::BadRequest,
-                        format!("clients send infer, cancel or ping, not {}", other.kind()),
+                        format!(
+                            "clients send infer, cancel, ping or metadata, not {}",
+                            other.kind()
+                        ),
                     )),
                     Some(permit),
                 );

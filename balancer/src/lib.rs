@@ -20,7 +20,8 @@
 //! keeps DNS names' addresses registered, [`admin`] serves the HTTP API and
 //! [`metrics`]' Prometheus text, and [`autoscale`] turns the outstanding counts into the
 //! pool size the load needs (`GET /scaling`), starting and stopping workers with
-//! `--autoscale`.
+//! `--autoscale`. A client's `metadata` request is answered by [`metadata`] from one
+//! healthy target.
 //!
 //! ## Who owns what
 //! Each piece of state has one owner behind a cheap-to-clone handle, and each task gets the
@@ -84,6 +85,7 @@ pub mod error;
 mod frontend;
 mod handle;
 mod health;
+mod metadata;
 mod metrics;
 mod pending;
 mod queue;
