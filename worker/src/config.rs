@@ -425,6 +425,16 @@ fn parse_pad(s: &str) -> Result<(String, f64), String> {
     Ok((name.trim().to_owned(), value))
 }
 
+/// The kinds of synthetic model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum SynthKind {
+    /// MatMul + bias + Relu layers over a feature vector.
+    #[default]
+    Mlp,
+    /// A transformer encoder over token ids with an attention mask.
+    Transformer,
+}
+
 /// `tidepool-worker synth`: the shape and size of a synthetic model.
 #[derive(Clone, Debug, Args)]
 pub struct SynthConfig {
@@ -432,9 +442,28 @@ pub struct SynthConfig {
     #[arg(long)]
     pub out: PathBuf,
 
-    /// About how many bytes of f32 weights, like `64MiB` or `1GiB`.
+    /// What to build: an MLP (`mlp`, sized by --size) or a transformer encoder
+    /// (`transformer`: token embeddings, --layers attention + MLP blocks of --width, a masked
+    /// mean pool), the shape of a real text model.
+    #[arg(long, value_enum, default_value_t = SynthKind::Mlp)]
+    pub kind: SynthKind,
+
+    /// About how many bytes of f32 weights, like `64MiB` or `1GiB` (--kind mlp, which needs
+    /// it).
     #[arg(long, value_parser = parse_size)]
-    pub size: u64,
+    pub size: Option<u64>,
+
+    /// The transformer's hidden width (BERT-base: 768).
+    #[arg(long, default_value_t = 256)]
+    pub width: usize,
+
+    /// The transformer's attention heads; the width must divide by it [default: width / 64].
+    #[arg(long)]
+    pub heads: Option<usize>,
+
+    /// The transformer's vocabulary: token ids are below it.
+    #[arg(long, default_value_t = 1000)]
+    pub vocab: usize,
 
     /// Features per input item [default: the hidden width].
     #[arg(long)]
@@ -584,7 +613,8 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Synth(SynthConfig {
-                size: 1_048_576,
+                size: Some(1_048_576),
+                kind: SynthKind::Mlp,
                 layers: 4,
                 ..
             })

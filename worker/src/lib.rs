@@ -28,6 +28,8 @@
 //! - [`metrics`]: counters and histograms, Prometheus text on `--metrics`.
 //! - [`parent`]: `--exit-with-parent`, draining when the parent's pipe on stdin closes.
 //! - [`synth`]: synthetic MLP models of any size, built with `ort::editor`.
+//! - [`synth_transformer`]: a synthetic transformer encoder (token ids and attention mask,
+//!   N attention + MLP layers of a given width, a masked mean pool): a text model's shape.
 //! - [`error`]: the crate's one error type.
 //!
 //! ## Lifecycle
@@ -64,6 +66,7 @@ pub mod registration;
 pub mod server;
 pub mod spec;
 pub mod synth;
+pub mod synth_transformer;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 

@@ -130,7 +130,7 @@ pub const TEST_VOCAB: usize = 16;
 pub fn write_test_model(kind: TestModel, path: &std::path::Path) {
     build_test_model(kind, path).expect("write the test model");
     if matches!(kind, TestModel::Encoder | TestModel::Tagger) {
-        rename_batch_dims(path);
+        crate::synth::rename_batch_dims(path, "sequence", "batch_sz").expect("rename dims");
     }
 }
 
@@ -178,7 +178,7 @@ fn build_test_model(kind: TestModel, path: &std::path::Path) -> ort::Result<()> 
     let mut graph = ort::editor::Graph::new()?;
     // ONNX Runtime's model editor writes the first symbolic name of an outlet on every
     // dynamic dimension of it, so every dynamic dimension is written as `sequence` and the
-    // batch ones are renamed afterwards (`rename_batch_dims`).
+    // batch ones are renamed afterwards (`synth::rename_batch_dims`).
     let text = ["sequence", "sequence"];
     match kind {
         TestModel::Encoder => {
@@ -278,28 +278,4 @@ fn build_test_model(kind: TestModel, path: &std::path::Path) -> ort::Result<()> 
         .with_optimized_model_path(path)?;
     drop(model.into_session(&builder)?);
     Ok(())
-}
-
-/// Renames the first dynamic dimension of every graph input and output from `sequence` to
-/// `batch_sz` in the written file: byte for byte (the names are as long), so the protobuf
-/// lengths stay right. Each outlet's dimensions are written in order, the batch one first.
-fn rename_batch_dims(path: &std::path::Path) {
-    let mut bytes = std::fs::read(path).expect("read the test model");
-    let (from, to) = (b"sequence", b"batch_sz");
-    // A dimension's name is a protobuf string field: its tag (field 2, length-delimited) and
-    // its length come right before it.
-    let needle: Vec<u8> = [&[0x12, 8][..], from].concat();
-    // Consecutive dimensions of one shape are separated by exactly the next dimension's own
-    // tag and length (2 bytes); anything else starts another outlet's shape.
-    let mut at = 0;
-    let mut previous_end = None;
-    while let Some(found) = bytes[at..].windows(needle.len()).position(|w| w == needle) {
-        let start = at + found;
-        if previous_end.is_none_or(|end| start - end != 2) {
-            bytes[start + 2..start + 2 + to.len()].copy_from_slice(to);
-        }
-        previous_end = Some(start + needle.len());
-        at = start + needle.len();
-    }
-    std::fs::write(path, bytes).expect("write the test model");
 }
