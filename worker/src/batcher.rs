@@ -18,7 +18,8 @@
 //!   with items of the same key (identical shapes, or any length for a model that pads), in
 //!   the same length bucket when `buckets` are set, and while the batch's size times its
 //!   longest item stays within `max_batch_tokens` (a single item always runs). The oldest item
-//!   always leads the next batch, so no item is passed over for ever.
+//!   always leads the next batch, so no item is passed over for ever; the rest are chosen
+//!   nearest in length to it first, so that padding wastes little when the queue is deep.
 //! - **Deadlines and cancels.** Items past their deadline are answered `deadline_exceeded`
 //!   while still queued (a timer wakes the actor for the earliest one). A [`Canceller`]
 //!   removes an item that is still queued and answers it `cancelled`; an item that already
@@ -587,36 +588,45 @@ impl Actor {
         }
     }
 
-    /// Takes the oldest item and, oldest first, up to `max_batch` items that may share its
-    /// batch: the same key and bucket, within the token budget.
+    /// Takes the oldest item and up to `max_batch - 1` items that may share its batch (the
+    /// same key and bucket, within the token budget), nearest in length to it first (oldest
+    /// first among equals), so a padded batch wastes as little as the queue allows.
     fn take_batch(&mut self, now: Instant) -> Vec<Running> {
-        let mut taken: Vec<Queued> =
-            Vec::with_capacity(self.config.max_batch.min(self.queue.len()));
         let Some(first) = self.queue.pop_front() else {
             return Vec::new();
         };
         let bucket = self.bucket(first.fit.tokens);
-        let mut longest = first.fit.tokens;
-        taken.push(first);
-        let mut i = 0;
-        while taken.len() < self.config.max_batch && i < self.queue.len() {
-            let fit = &self.queue[i].fit;
-            let longer = longest.max(fit.tokens);
-            let fits = fit.key == taken[0].fit.key
-                && self.bucket(fit.tokens) == bucket
-                && self
-                    .config
-                    .max_batch_tokens
-                    .is_none_or(|budget| (taken.len() + 1).saturating_mul(longer) <= budget);
-            if fits {
-                if let Some(item) = self.queue.remove(i) {
-                    longest = longer;
-                    taken.push(item);
-                }
-            } else {
-                i += 1;
+        let lead = first.fit.tokens;
+        // Candidates by queue position, nearest in length first; a stable sort keeps the
+        // queue's order among equals, so a model of one shape batches strictly oldest first.
+        let mut candidates: Vec<usize> = (0..self.queue.len())
+            .filter(|&i| {
+                let fit = &self.queue[i].fit;
+                fit.key == first.fit.key && self.bucket(fit.tokens) == bucket
+            })
+            .collect();
+        candidates.sort_by_key(|&i| self.queue[i].fit.tokens.abs_diff(lead));
+        let mut chosen = Vec::new();
+        let mut longest = lead;
+        for i in candidates {
+            if chosen.len() + 1 >= self.config.max_batch {
+                break;
+            }
+            let longer = longest.max(self.queue[i].fit.tokens);
+            let within = self
+                .config
+                .max_batch_tokens
+                .is_none_or(|budget| (chosen.len() + 2).saturating_mul(longer) <= budget);
+            if within {
+                longest = longer;
+                chosen.push(i);
             }
         }
+        // Remove from the back so the positions still hold.
+        chosen.sort_unstable_by(|a, b| b.cmp(a));
+        let mut taken: Vec<Queued> = Vec::with_capacity(chosen.len() + 1);
+        taken.push(first);
+        taken.extend(chosen.into_iter().filter_map(|i| self.queue.remove(i)));
         taken
             .into_iter()
             .map(|item| {
@@ -1070,6 +1080,32 @@ mod tests {
             fit(0, 5),
         ];
         assert_eq!(batches_of(cfg, fits).await, vec![4, 1, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_leads_and_items_nearest_its_length_join_it() {
+        let rig = Rig::new(config(3, Duration::ZERO), true, Behaviour::Echo);
+        let first = rig.submit(-1.0);
+        rig.until_started(1).await;
+        let tickets: Vec<Ticket> = [50, 10, 48, 12, 52]
+            .into_iter()
+            .enumerate()
+            .map(|(i, len)| {
+                rig.batcher
+                    .handle()
+                    .submit(item(i as f32), fit(0, len), None)
+                    .unwrap()
+            })
+            .collect();
+        rig.open(8);
+        first.wait().await.unwrap();
+        let mut sizes = Vec::new();
+        for t in tickets {
+            sizes.push(t.wait().await.unwrap().batch_size);
+        }
+        // 50 leads with 48 and 52; then 10 with 12.
+        assert_eq!(sizes, vec![3, 2, 3, 2, 3]);
+        assert_eq!(rig.started(), vec![1, 3, 2]);
     }
 
     #[tokio::test(start_paused = true)]
