@@ -3,8 +3,8 @@
 //!
 //! Nothing here knows ONNX Runtime: [`crate::model`] reads a [`ModelSpec`] out of a loaded
 //! session, and everything else (the connections that check each item before it is queued,
-//! the batcher that groups items of the same shapes, the warm-up batch) works from the spec
-//! alone, so it is tested without a model.
+//! the batcher that groups the items that may share a batch, the warm-up batches, the
+//! `metadata` answer) works from the spec alone, so it is tested without a model.
 //!
 //! Items travel without a batch dimension. When every input and output of the model has a
 //! dynamic leading dimension the model is *batched*: items are stacked along a new leading
