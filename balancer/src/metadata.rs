@@ -13,7 +13,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tidepool_protocol::{Client, ErrorCode, ErrorReply, Message, MetadataResult, RequestId};
+use tidepool_protocol::{
+    Client, ErrorCode, ErrorReply, Message, MetadataResult, RequestId, CONNECTION_ID,
+};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::dispatch::Router;
@@ -32,6 +34,17 @@ pub(crate) fn answer(
     id: RequestId,
     permit: OwnedSemaphorePermit,
 ) {
+    if id == CONNECTION_ID {
+        conn.send(
+            Message::Error(ErrorReply::new(
+                id,
+                ErrorCode::BadRequest,
+                "request id 0 is reserved for connection errors; number requests from 1",
+            )),
+            Some(permit),
+        );
+        return;
+    }
     let targets = router.healthy_targets();
     let conn = Arc::clone(conn);
     tokio::spawn(async move {

@@ -39,7 +39,7 @@ pub enum Error {
         source: Box<tidepool_worker::Error>,
     },
     /// A model input whose shape is not fixed, so no item can be shaped from it.
-    #[error("model input {name:?} has a dynamic dimension besides the batch one ({shape}); give its shape with --input NAME:DTYPE:DIMS")]
+    #[error("model input {name:?} has a dynamic dimension besides the batch one ({shape}); give its shape with --input NAME:DTYPE:DIMS, or ask the target with --from-metadata (free lengths from --lengths)")]
     DynamicInput {
         /// The input.
         name: String,
