@@ -24,14 +24,19 @@ PIDS=()
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-LISTEN=$(free_port); ADMIN=$(free_port); WORKER=$(free_port)
+LISTEN=$(free_port); ADMIN=$(free_port); WORKER=$(free_port); TEXT=$(free_port)
 
 "$BIN/tidepool-worker" synth --out "$WORK/model.onnx" --size 64KiB --input-dim 8 --output-dim 4 >/dev/null
+"$BIN/tidepool-worker" synth --kind transformer --out "$WORK/text.onnx" --width 32 --layers 2 --vocab 50 >/dev/null
 "$BIN/tidepool-balancer" --listen "127.0.0.1:$LISTEN" --admin "127.0.0.1:$ADMIN" \
   --health-interval 200ms --health-timeout 200ms --healthy-threshold 2 2>"$WORK/balancer.log" &
 PIDS+=($!)
 "$BIN/tidepool-worker" serve --model "$WORK/model.onnx" --listen "127.0.0.1:$WORKER" --name py-worker \
   --register "http://127.0.0.1:$ADMIN" --threads 1 2>"$WORK/worker.log" &
+PIDS+=($!)
+# A text model with inputs of free length, served directly.
+"$BIN/tidepool-worker" serve --model "$WORK/text.onnx" --listen "127.0.0.1:$TEXT" --name text-worker \
+  --threads 1 2>"$WORK/text.log" &
 PIDS+=($!)
 
 for _ in $(seq 1 100); do
@@ -41,9 +46,27 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-OUT="$("$PY" examples/client.py "127.0.0.1:$LISTEN" 8)" || { cat "$WORK"/*.log; exit 1; }
+OUT="$("$PY" examples/client.py "127.0.0.1:$LISTEN")" || { cat "$WORK"/*.log; exit 1; }
 echo "$OUT"
-[ "$(grep -c 'outputs from py-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output"; cat "$WORK"/*.log; exit 1; }
+grep -q '^model model: input f32 \[8\]' <<<"$OUT" || { echo "unexpected metadata"; cat "$WORK"/*.log; exit 1; }
+[ "$(grep -c 'output f32 \[4\] from py-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output"; cat "$WORK"/*.log; exit 1; }
+
+# The text worker answers ping once it has loaded and warmed up; the client's metadata
+# call is answered `unavailable` before that, so wait for it.
+for _ in $(seq 1 100); do
+  if "$PY" -c "
+import socket,struct,sys,msgpack
+s=socket.create_connection(('127.0.0.1',$TEXT)); b=msgpack.packb({'type':'ping','id':1})
+s.sendall(struct.pack('>I',len(b))+b); n=struct.unpack('>I',s.recv(4))[0]
+sys.exit(0 if msgpack.unpackb(s.recv(n))['type']=='pong' else 1)" 2>/dev/null; then
+    break
+  fi
+  sleep 0.1
+done
+OUT="$("$PY" examples/client.py "127.0.0.1:$TEXT")" || { cat "$WORK"/*.log; exit 1; }
+echo "$OUT"
+grep -q "^model text: input_ids i64 \[-1\], attention_mask i64 \[-1\]" <<<"$OUT" || { echo "unexpected metadata"; cat "$WORK"/*.log; exit 1; }
+[ "$(grep -c 'embedding f32 \[32\] from text-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output"; cat "$WORK"/*.log; exit 1; }
 echo "python client: ok"
 
 # The same client over TLS, with certificates from scripts/make-certs.sh: a balancer with TLS
@@ -66,7 +89,7 @@ for _ in $(seq 1 100); do
   fi
   sleep 0.1
 done
-OUT="$("$PY" examples/client.py "127.0.0.1:$TLS_LISTEN" 8 "$C/ca.pem")" || { cat "$WORK"/tls-*.log; exit 1; }
+OUT="$("$PY" examples/client.py "127.0.0.1:$TLS_LISTEN" "$C/ca.pem")" || { cat "$WORK"/tls-*.log; exit 1; }
 echo "$OUT"
 [ "$(grep -c 'outputs from py-tls-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output over TLS"; cat "$WORK"/tls-*.log; exit 1; }
 echo "python client over TLS: ok"

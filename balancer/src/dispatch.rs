@@ -97,6 +97,21 @@ impl Router {
         self.group.routable(self.settings.fail_open)
     }
 
+    /// The healthy targets' addresses, for what any one of them can answer (`metadata`).
+    pub(crate) fn healthy_targets(&self) -> Vec<std::net::SocketAddr> {
+        self.group
+            .snapshot()
+            .iter()
+            .filter(|t| t.state() == crate::target::TargetState::Healthy)
+            .map(|t| t.addr())
+            .collect()
+    }
+
+    /// The TLS towards the targets, for connections of a request's own (`metadata`).
+    pub(crate) fn upstream_tls(&self) -> Option<tidepool_protocol::tls::TlsConnector> {
+        self.group.upstream_tls()
+    }
+
     /// Routes a newly read request, queueing it when it must wait.
     pub(crate) async fn submit(&self, request: Request, scratch: &mut Scratch) {
         // While others wait, a new request waits behind them: first come, first served.

@@ -46,6 +46,7 @@ use tracing::Instrument;
 
 use crate::burst::{write_burst, WRITE_BURST};
 use crate::dispatch::{Router, Scratch};
+use crate::metadata;
 use crate::metrics::{Metrics, Reject};
 use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Payload, Pending, Request, Slot};
 use crate::throttle::LogThrottle;
@@ -352,6 +353,7 @@ async fn connection(
                 .await;
             }
             Message::Cancel { id } => conn.cancel(id),
+            Message::Metadata { id } => metadata::answer(&ctx.router, &conn, id, permit),
             Message::Ping { id } => {
                 let answer = if ctx.router.routable() {
                     Message::pong(id)
@@ -369,7 +371,10 @@ async fn connection(
                     Message::Error(ErrorReply::new(
                         other.id(),
                         ErrorCode::BadRequest,
-                        format!("clients send infer, cancel or ping, not {}", other.kind()),
+                        format!(
+                            "clients send infer, cancel, ping or metadata, not {}",
+                            other.kind()
+                        ),
                     )),
                     Some(permit),
                 );

@@ -24,7 +24,8 @@
 //! and on the admin API (reloading the certificates), and [`autoscale`] turns the
 //! outstanding counts into the
 //! pool size the load needs (`GET /scaling`), starting and stopping workers with
-//! `--autoscale`.
+//! `--autoscale`. A client's `metadata` request is answered by [`metadata`] from one
+//! healthy target.
 //!
 //! ## Who owns what
 //! Each piece of state has one owner behind a cheap-to-clone handle, and each task gets the
@@ -95,6 +96,7 @@ pub mod error;
 mod frontend;
 mod handle;
 mod health;
+mod metadata;
 mod metrics;
 mod pending;
 mod queue;

@@ -143,6 +143,12 @@ impl TargetGroup {
         }
     }
 
+    /// The TLS the targets' connections speak (`--upstream-tls-ca`), for anything else
+    /// that connects to a target (the balancer's `metadata` answer).
+    pub(crate) fn upstream_tls(&self) -> Option<TlsConnector> {
+        self.shared.settings.upstream_tls.clone()
+    }
+
     /// The registered targets (not the draining ones), as routing sees them.
     pub(crate) fn snapshot(&self) -> Arc<Vec<Arc<Target>>> {
         self.shared.snapshot.load_full()

@@ -11,6 +11,9 @@
 //! - `bench-worker`: the synthetic 1 GiB model driven directly through ONNX Runtime at
 //!   several batch sizes, against the worker at saturation, batching on against
 //!   `--max-batch 1`, and latency at half of capacity (issue 3).
+//! - `bench-text`: the worker on a synthetic transformer (`synth --kind transformer`) at
+//!   mixed against fixed sentence lengths, and the batching gain over `--max-batch 1`
+//!   (issue 13).
 //! - `bench-balancer`: tidepool-balancer against HAProxy (TCP mode, `balance leastconn`) and
 //!   against no balancer at all, in front of the same tiny targets: latency added, frames/s
 //!   at saturation, and p99 over a skewed pool (issue 4).
@@ -31,6 +34,8 @@
 //! - [`process`]: child processes that stop with their handle, free ports, waiting for a
 //!   port to accept.
 //! - [`report`]: the Markdown and JSON report each binary writes.
+//! - [`saturate`]: a closed-loop driver over the protocol client, for a worker's capacity,
+//!   mean batch size and latency at saturation.
 //! - [`stats`]: latency summaries from HDR histograms.
 
 pub mod autoscale;
@@ -38,6 +43,7 @@ pub mod openloop;
 pub mod pipeline;
 pub mod process;
 pub mod report;
+pub mod saturate;
 pub mod stats;
 pub mod target;
 

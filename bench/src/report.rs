@@ -6,6 +6,20 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+/// The flags every worker benchmark binary takes (flattened into its own).
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    /// The ONNX Runtime library.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: std::path::PathBuf,
+    /// Directory for the Markdown and JSON reports.
+    #[arg(long, default_value = "bench-out")]
+    pub out: std::path::PathBuf,
+    /// A short smoke run; the figures mean little.
+    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub quick: bool,
+}
+
 /// A report being written: Markdown text and a JSON object, side by side.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -49,6 +63,14 @@ impl Report {
         self.markdown.push('\n');
     }
 
+    /// Records what every worker benchmark's JSON starts with: the machine, the model and
+    /// whether the run was a quick smoke run.
+    pub fn set_run(&mut self, model: &Path, quick: bool) {
+        self.set("machine", machine());
+        self.set("model", model.display().to_string());
+        self.set("quick", quick);
+    }
+
     /// Records `value` under `key` in the JSON document.
     pub fn set(&mut self, key: &str, value: impl Serialize) {
         let value = serde_json::to_value(value).unwrap_or(Value::Null);
@@ -66,6 +88,15 @@ impl Report {
         std::fs::write(dir.join(format!("{name}.md")), &self.markdown)?;
         let json = serde_json::to_string_pretty(&self.json).map_err(std::io::Error::other)?;
         std::fs::write(dir.join(format!("{name}.json")), json + "\n")
+    }
+}
+
+/// The sentence a quick smoke run's report carries (with a leading space), or nothing.
+pub fn quick_note(quick: bool) -> &'static str {
+    if quick {
+        " **Quick smoke run (BENCH_QUICK=1): figures are not meaningful.**"
+    } else {
+        ""
     }
 }
 

@@ -129,6 +129,18 @@ pub struct LoadConfig {
     #[serde(skip)]
     pub model: Option<std::path::PathBuf>,
 
+    /// Shape the items from the target's answer to `metadata` (the model's inputs, dtypes and
+    /// per-item shapes) instead of --input: nothing to open, and it works through a
+    /// balancer. Dynamic dimensions (a sentence's length) take lengths from --lengths;
+    /// inputs named like a mask are all ones.
+    #[arg(long, env = "TIDEPOOL_LOAD_FROM_METADATA", conflicts_with_all = ["inputs", "model"])]
+    pub from_metadata: bool,
+
+    /// With --from-metadata, the length of each dynamic dimension: N, or MIN..MAX for
+    /// lengths drawn uniformly per item (mixed-length traffic, as text models get).
+    #[arg(long, env = "TIDEPOOL_LOAD_LENGTHS", default_value = "16", value_parser = parse_lengths)]
+    pub lengths: (usize, usize),
+
     /// The ONNX Runtime library, for --model.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     #[serde(skip)]
@@ -201,6 +213,8 @@ impl LoadConfig {
                 shape: vec![64],
             }],
             model: None,
+            from_metadata: false,
+            lengths: (16, 16),
             // As the command line does: the library comes from the environment.
             ort_lib: std::env::var_os("ORT_DYLIB_PATH").map(Into::into),
             items: DEFAULT_ITEMS,
@@ -260,6 +274,9 @@ impl LoadConfig {
         if self.items == 0 {
             return invalid("items", "must be at least 1");
         }
+        if self.lengths.0 == 0 || self.lengths.0 > self.lengths.1 {
+            return invalid("lengths", "expected N or MIN..MAX with 1 <= MIN <= MAX");
+        }
         if !cfg!(feature = "onnx") && self.model.is_some() {
             return invalid(
                 "model",
@@ -286,6 +303,19 @@ impl LoadConfig {
                 length: self.burst_length,
             },
         }
+    }
+}
+
+/// Parses `--lengths`: `N` or `MIN..MAX`.
+fn parse_lengths(s: &str) -> Result<(usize, usize), String> {
+    let number = |n: &str| {
+        n.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?}: expected N or MIN..MAX, like 16 or 8..128"))
+    };
+    match s.split_once("..") {
+        Some((low, high)) => Ok((number(low)?, number(high)?)),
+        None => number(s).map(|n| (n, n)),
     }
 }
 

@@ -39,13 +39,25 @@ pub enum Error {
         source: Box<tidepool_worker::Error>,
     },
     /// A model input whose shape is not fixed, so no item can be shaped from it.
-    #[error("model input {name:?} has a dynamic dimension besides the batch one ({shape}); give its shape with --input NAME:DTYPE:DIMS")]
+    #[error("model input {name:?} has a dynamic dimension besides the batch one ({shape}); give its shape with --input NAME:DTYPE:DIMS, or ask the target with --from-metadata (free lengths from --lengths)")]
     DynamicInput {
         /// The input.
         name: String,
         /// Its shape, `?` for dynamic dimensions.
         shape: String,
     },
+    /// `--from-metadata`: the target did not describe its model.
+    #[error("--from-metadata: {target} did not describe its model: {source} (is it a tidepool worker or balancer with a ready worker? else give --input NAME:DTYPE:DIMS)")]
+    Metadata {
+        /// The target.
+        target: String,
+        /// What the call said.
+        #[source]
+        source: Box<tidepool_protocol::Error>,
+    },
+    /// The connection pool holds no connection.
+    #[error("no connection to the target is open")]
+    NoConnection,
     /// `--model` without an ONNX Runtime library.
     #[error("--model needs the ONNX Runtime library: set ORT_DYLIB_PATH or pass --ort-lib (scripts/fetch-ort.sh fetches it)")]
     NoOrtLib,

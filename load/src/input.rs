@@ -1,10 +1,11 @@
 //! The items to send: `--input NAME:DTYPE:DIMS` specifications and the random tensors
 //! built from them.
 //!
-//! The generator asks nothing of the server: the tensor shapes come from the command line
-//! (the default, `input:f32:64`, is the input of the worker's synthetic models made with
-//! `--input-dim 64`) or from the model file itself (`inputs_of_model`, `--model`, with the
-//! `onnx` feature). A few distinct items are built up front from a seeded RNG and sent in turn;
+//! The tensor shapes come from the command line (the default, `input:f32:64`, is the input
+//! of the worker's synthetic models made with `--input-dim 64`), from the server's answer to
+//! `metadata` (`items_from_metadata`, `--from-metadata`: nothing to open, and dynamic
+//! dimensions such as a sentence's length drawn from `--lengths`), or from the model file
+//! itself (`inputs_of_model`, `--model`, with the `onnx` feature). A few distinct items are built up front from a seeded RNG and sent in turn;
 //! cloning one is cheap (the data is a shared [`Bytes`]), so the send path never
 //! generates numbers.
 
@@ -14,7 +15,7 @@ use std::str::FromStr;
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tidepool_protocol::{DType, Tensor, Tensors};
+use tidepool_protocol::{DType, ModelMetadata, Tensor, Tensors};
 
 use crate::error::Error;
 
@@ -34,6 +35,7 @@ pub fn inputs_of_model(
         ort_lib: ort_lib.to_owned(),
         device: tidepool_worker::DeviceChoice::Cpu,
         threads: Some(1),
+        padding: tidepool_worker::PaddingOptions::default(),
     })
     .map_err(|source| Error::Model {
         path: path.to_owned(),
@@ -144,6 +146,81 @@ pub fn build_items(specs: &[InputSpec], count: usize, seed: u64) -> Result<Vec<T
         .collect()
 }
 
+/// Builds `count` distinct items (at least one) for the inputs a server described: fixed
+/// dimensions as described, each dynamic one a length drawn uniformly from `lengths`
+/// (inclusive), one length per dimension name within an item (a sentence's ids and mask
+/// agree). Inputs whose name contains `mask` are all ones (every position real); the rest
+/// is random as in [`build_items`]. The same seed gives the same items.
+pub fn items_from_metadata(
+    model: &ModelMetadata,
+    lengths: (usize, usize),
+    count: usize,
+    seed: u64,
+) -> Result<Vec<Tensors>, Error> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (low, high) = (lengths.0.min(lengths.1), lengths.0.max(lengths.1));
+    (0..count.max(1))
+        .map(|_| {
+            let mut named: std::collections::BTreeMap<&str, usize> = Default::default();
+            model
+                .inputs
+                .iter()
+                .map(|input| {
+                    let shape: Vec<usize> = input
+                        .shape
+                        .iter()
+                        .enumerate()
+                        .map(|(axis, &d)| match usize::try_from(d) {
+                            Ok(d) => d,
+                            Err(_) => {
+                                let name = input.dims.get(axis).map_or("", String::as_str);
+                                let mut draw = || rng.random_range(low..=high);
+                                if name.is_empty() {
+                                    draw()
+                                } else {
+                                    *named.entry(name).or_insert_with(draw)
+                                }
+                            }
+                        })
+                        .collect();
+                    let spec = InputSpec {
+                        name: input.name.clone(),
+                        dtype: input.dtype,
+                        shape,
+                    };
+                    let tensor = if spec.name.contains("mask") {
+                        ones(&spec)
+                    } else {
+                        random_tensor(&spec, &mut rng)
+                    }
+                    .map_err(|source| Error::Tensor {
+                        name: spec.name.clone(),
+                        source: Box::new(source),
+                    })?;
+                    Ok((spec.name, tensor))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A tensor of ones in `spec`'s dtype.
+fn ones(spec: &InputSpec) -> Result<Tensor, tidepool_protocol::Error> {
+    let one: Vec<u8> = match spec.dtype {
+        DType::F32 => 1f32.to_le_bytes().to_vec(),
+        DType::F64 => 1f64.to_le_bytes().to_vec(),
+        DType::F16 => f32_to_f16(1.0).to_le_bytes().to_vec(),
+        DType::Bf16 => 1f32.to_le_bytes()[2..].to_vec(),
+        int => {
+            let mut v = vec![0u8; int.size()];
+            v[0] = 1;
+            v
+        }
+    };
+    let len: usize = spec.shape.iter().product();
+    Tensor::new(spec.dtype, spec.shape.clone(), Bytes::from(one.repeat(len)))
+}
+
 fn random_tensor(spec: &InputSpec, rng: &mut StdRng) -> Result<Tensor, tidepool_protocol::Error> {
     let len: usize = spec.shape.iter().product();
     let mut data = Vec::with_capacity(len * spec.dtype.size());
@@ -187,6 +264,56 @@ fn f32_to_f16(x: f32) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn items_from_metadata_draw_one_length_per_name_and_fill_masks_with_ones() {
+        let text = |name: &str| tidepool_protocol::TensorMetadata {
+            name: name.into(),
+            dtype: DType::I64,
+            shape: vec![-1],
+            dims: vec!["sequence".into()],
+        };
+        let model = ModelMetadata {
+            name: "m".into(),
+            version: None,
+            platform: "onnxruntime".into(),
+            hash: None,
+            inputs: vec![
+                text("input_ids"),
+                text("attention_mask"),
+                tidepool_protocol::TensorMetadata {
+                    name: "extra".into(),
+                    dtype: DType::F16,
+                    shape: vec![2, -1],
+                    dims: vec![String::new(), String::new()],
+                },
+            ],
+            outputs: Vec::new(),
+            batched: true,
+            max_batch: 8,
+            max_batch_tokens: None,
+            padding: None,
+            padding_note: None,
+        };
+        let items = items_from_metadata(&model, (3, 40), 50, 7).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for item in &items {
+            let len = item["input_ids"].shape()[0];
+            assert!((3..=40).contains(&len));
+            assert_eq!(item["attention_mask"].shape(), &[len]);
+            assert!(item["attention_mask"]
+                .to_vec::<i64>()
+                .unwrap()
+                .iter()
+                .all(|&v| v == 1));
+            assert_eq!(item["extra"].shape()[0], 2);
+            seen.insert(len);
+        }
+        assert!(seen.len() > 10, "lengths spread over the range: {seen:?}");
+        assert_eq!(items, items_from_metadata(&model, (3, 40), 50, 7).unwrap());
+        let fixed = items_from_metadata(&model, (16, 16), 3, 0).unwrap();
+        assert!(fixed.iter().all(|i| i["input_ids"].shape() == [16]));
+    }
 
     #[test]
     fn parses_specs() {

@@ -13,12 +13,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::LoadConfig;
 use crate::error::Error;
-use crate::input::build_items;
+use crate::input::{build_items, items_from_metadata};
 use crate::live::{live_loop, LiveSources};
 use crate::outcome::Outcome;
 use crate::recorder::{Answer, Recorder};
 use crate::report::{Report, RunInfo};
 use crate::schedule::Schedule;
+
+/// How long `--from-metadata` waits for the target to describe its model.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often `--wait-ready` pings.
 const PING_EVERY: Duration = Duration::from_millis(200);
@@ -33,13 +36,6 @@ const PING_EVERY: Duration = Duration::from_millis(200);
 /// (marked interrupted).
 pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Report, Error> {
     config.validate()?;
-    let inputs = match &config.model {
-        #[cfg(feature = "onnx")]
-        Some(model) => inputs_of_model(model, config.ort_lib.as_deref()).await?,
-        // Without the `onnx` feature, validate() has refused --model.
-        _ => config.inputs.clone(),
-    };
-    let items = build_items(&inputs, config.items, config.seed)?;
     let connect_error = |source| Error::Connect {
         target: config.target.clone(),
         source: Box::new(source),
@@ -63,6 +59,50 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Repo
     if !config.wait_ready.is_zero() {
         wait_ready(&pool, &config, &shutdown).await?;
     }
+    // The items, and their inputs described for the report (NAME:DTYPE:DIMS).
+    let (items, inputs) = if config.from_metadata {
+        let client = pool.pick().ok_or(Error::NoConnection)?;
+        let model = client
+            .metadata(METADATA_TIMEOUT)
+            .await
+            .map_err(|source| Error::Metadata {
+                target: config.target.clone(),
+                source: Box::new(source),
+            })?;
+        let (low, high) = config.lengths;
+        let length = if low == high {
+            low.to_string()
+        } else {
+            format!("{low}..{high}")
+        };
+        let described = model
+            .inputs
+            .iter()
+            .map(|input| {
+                let dims: Vec<String> = input
+                    .shape
+                    .iter()
+                    .map(|&d| if d < 0 { length.clone() } else { d.to_string() })
+                    .collect();
+                format!("{}:{}:{}", input.name, input.dtype, dims.join("x"))
+            })
+            .collect();
+        (
+            items_from_metadata(&model, config.lengths, config.items, config.seed)?,
+            described,
+        )
+    } else {
+        let inputs = match &config.model {
+            #[cfg(feature = "onnx")]
+            Some(model) => inputs_of_model(model, config.ort_lib.as_deref()).await?,
+            // Without the `onnx` feature, validate() has refused --model.
+            _ => config.inputs.clone(),
+        };
+        (
+            build_items(&inputs, config.items, config.seed)?,
+            inputs.iter().map(ToString::to_string).collect(),
+        )
+    };
 
     let profile = config.rate_profile();
     let schedule = Schedule::new(profile, config.duration, config.arrivals, config.seed);
@@ -160,7 +200,7 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Repo
         deadline_ms: config
             .deadline
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        inputs: inputs.iter().map(ToString::to_string).collect(),
+        inputs,
     };
     let recorder = match Arc::try_unwrap(recorder) {
         Ok(mutex) => mutex.into_inner().unwrap_or_else(|p| p.into_inner()),

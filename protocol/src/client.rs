@@ -21,6 +21,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::codec::{MessageCodec, DEFAULT_MAX_FRAME};
 use crate::error::Error;
 use crate::message::{Infer, InferResult, Load, Message, RequestId, Tensors, CONNECTION_ID};
+use crate::metadata::ModelMetadata;
 use crate::tls::{host_of, TlsConnector};
 
 /// Settings of one client connection.
@@ -231,6 +232,20 @@ impl Client {
             Message::Pong { load, .. } => Ok(load),
             Message::Error(reply) => Err(Error::from_reply(reply)),
             other => Err(self.violation(format!("answered ping with {}", other.kind()))),
+        }
+    }
+
+    /// Asks what model the server serves: its inputs and outputs (per-item shapes, dynamic
+    /// dimensions) and batching rules. A balancer answers from one of its healthy workers.
+    pub async fn metadata(&self, timeout: Duration) -> Result<ModelMetadata, Error> {
+        let id = self.next_id();
+        match self
+            .call(id, Message::Metadata { id }, Some(timeout), false)
+            .await?
+        {
+            Message::MetadataResult(answer) => Ok(answer.model),
+            Message::Error(reply) => Err(Error::from_reply(reply)),
+            other => Err(self.violation(format!("answered metadata with {}", other.kind()))),
         }
     }
 

@@ -6,8 +6,9 @@
 //! - A **frame** is a 4-byte unsigned big-endian length `L`, then `L` bytes holding one
 //!   MessagePack map with string keys. `L = 0` or `L` above the receiver's maximum
 //!   (64 MiB by default) is answered with an `error` frame and the connection closes.
-//! - Every map has `type` and `id`. Requests (`infer`, `cancel`, `ping`) carry the id the
-//!   client chose; answers (`result`, `error`, `pong`) carry the id of the request they
+//! - Every map has `type` and `id`. Requests (`infer`, `cancel`, `ping`, `metadata`) carry
+//!   the id the client chose; answers (`result`, `error`, `pong`, `metadata_result`) carry
+//!   the id of the request they
 //!   answer, in any order. Unknown keys are ignored.
 //! - A **tensor** is a map `{dtype, shape, data}` whose `data` is MessagePack `bin` of
 //!   little-endian row-major elements. One `infer` is one item: shapes exclude the batch
@@ -15,6 +16,9 @@
 //!
 //! ## Modules
 //! - [`message`]: the message types and their MessagePack mapping.
+//! - [`metadata`]: [`ModelMetadata`], the answer to `metadata`: the model's inputs and
+//!   outputs (per-item shapes, dynamic dimensions and their names) and batching rules,
+//!   after KServe v2's model metadata.
 //! - [`tensor`]: [`Tensor`] and [`DType`]; tensors hold [`bytes::Bytes`] cut from the
 //!   read buffer, so forwarding one never copies its elements.
 //! - [`codec`]: [`MessageCodec`], the tokio-util `Decoder`/`Encoder` for frames.
@@ -42,6 +46,7 @@ pub mod codec;
 pub mod error;
 pub mod limits;
 pub mod message;
+pub mod metadata;
 pub mod raw;
 pub mod reader;
 pub mod tensor;
@@ -54,8 +59,10 @@ pub use codec::{encode_frame, FrameCodec, Inbound, MessageCodec, DEFAULT_MAX_FRA
 pub use error::Error;
 pub use limits::{LimitExceeded, Limits};
 pub use message::{
-    ErrorCode, ErrorReply, Infer, InferResult, Load, Message, RequestId, Tensors, CONNECTION_ID,
+    ErrorCode, ErrorReply, Infer, InferResult, Load, Message, MetadataResult, RequestId, Tensors,
+    CONNECTION_ID,
 };
+pub use metadata::{ModelMetadata, PaddingMetadata, TensorMetadata};
 pub use raw::{Frame, RawKind, RawMessage, Rewrite};
 pub use reader::FrameReader;
 pub use tensor::{DType, Element, Tensor};

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::limits::Limits;
+use crate::metadata::ModelMetadata;
 use crate::raw::Cursor;
 use crate::tensor::{expected_len, DType, Tensor, WireTensor};
 
@@ -58,6 +59,24 @@ pub enum Message {
         /// workers do not).
         load: Option<Load>,
     },
+    /// Client to server: describe the model served (inputs, outputs, batching rules).
+    Metadata {
+        /// The request id.
+        id: RequestId,
+    },
+    /// Server to client: the answer to `metadata`.
+    MetadataResult(MetadataResult),
+}
+
+/// A `metadata_result`: the model a server serves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetadataResult {
+    /// The id of the `metadata` request it answers.
+    pub id: RequestId,
+    /// The model.
+    pub model: ModelMetadata,
+    /// The name of the worker that answered.
+    pub worker: Option<String>,
 }
 
 /// A worker's load as its `pong` reports it: what an autoscaler needs to size the pool
@@ -206,7 +225,11 @@ impl Message {
             Message::Infer(m) => m.id,
             Message::Result(m) => m.id,
             Message::Error(m) => m.id,
-            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id, .. } => *id,
+            Message::MetadataResult(m) => m.id,
+            Message::Cancel { id }
+            | Message::Ping { id }
+            | Message::Pong { id, .. }
+            | Message::Metadata { id } => *id,
         }
     }
 
@@ -216,7 +239,11 @@ impl Message {
             Message::Infer(m) => m.id = new,
             Message::Result(m) => m.id = new,
             Message::Error(m) => m.id = new,
-            Message::Cancel { id } | Message::Ping { id } | Message::Pong { id, .. } => *id = new,
+            Message::MetadataResult(m) => m.id = new,
+            Message::Cancel { id }
+            | Message::Ping { id }
+            | Message::Pong { id, .. }
+            | Message::Metadata { id } => *id = new,
         }
     }
 
@@ -234,6 +261,8 @@ impl Message {
             Message::Cancel { .. } => "cancel",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
+            Message::Metadata { .. } => "metadata",
+            Message::MetadataResult(_) => "metadata_result",
         }
     }
 
@@ -329,9 +358,11 @@ pub(crate) mod key {
     pub(crate) const RETRY_AFTER_MS: &str = "retry_after_ms";
     /// A `pong`'s busy share.
     pub(crate) const BUSY: &str = "busy";
+    /// A `metadata_result`'s model description.
+    pub(crate) const MODEL: &str = "model";
 
     /// Every top-level key the decoder knows, each allowed once in a message.
-    pub(crate) const ALL: [&str; 14] = [
+    pub(crate) const ALL: [&str; 15] = [
         TYPE,
         ID,
         INPUTS,
@@ -346,6 +377,7 @@ pub(crate) mod key {
         MESSAGE,
         RETRY_AFTER_MS,
         BUSY,
+        MODEL,
     ];
 }
 
@@ -365,6 +397,7 @@ struct WireOut<'a> {
     message: Option<&'a str>,
     retry_after_ms: Option<u64>,
     busy: Option<f32>,
+    model: Option<&'a ModelMetadata>,
 }
 
 impl Serialize for WireOut<'_> {
@@ -395,6 +428,7 @@ impl Serialize for WireOut<'_> {
             self.message.is_some(),
             self.retry_after_ms.is_some(),
             self.busy.is_some(),
+            self.model.is_some(),
         ];
         let len = 2 + present.iter().filter(|p| **p).count();
         let mut map = serializer.serialize_map(Some(len))?;
@@ -412,6 +446,7 @@ impl Serialize for WireOut<'_> {
         entry(&mut map, key::MESSAGE, self.message)?;
         entry(&mut map, key::RETRY_AFTER_MS, self.retry_after_ms.as_ref())?;
         entry(&mut map, key::BUSY, self.busy.as_ref())?;
+        entry(&mut map, key::MODEL, self.model)?;
         map.end()
     }
 }
@@ -433,6 +468,7 @@ impl<'a> WireOut<'a> {
             message: None,
             retry_after_ms: None,
             busy: None,
+            model: None,
         }
     }
 }
@@ -464,7 +500,14 @@ impl<'a> From<&'a Message> for WireOut<'a> {
                 w.busy = Some(load.busy);
                 w.queue_us = Some(load.queue_us);
             }
-            Message::Cancel { .. } | Message::Ping { .. } | Message::Pong { .. } => {}
+            Message::MetadataResult(m) => {
+                w.model = Some(&m.model);
+                w.worker = m.worker.as_deref();
+            }
+            Message::Cancel { .. }
+            | Message::Ping { .. }
+            | Message::Pong { .. }
+            | Message::Metadata { .. } => {}
         }
         w
     }
@@ -502,6 +545,7 @@ struct WireIn<'a> {
     retry_after_ms: Option<u64>,
     #[serde(default)]
     busy: Option<f32>,
+    model: Option<ModelMetadata>,
 }
 
 impl WireIn<'_> {
@@ -553,6 +597,12 @@ impl WireIn<'_> {
                     queue_us: self.queue_us.unwrap_or(0),
                 }),
             },
+            "metadata" => Message::Metadata { id },
+            "metadata_result" => Message::MetadataResult(MetadataResult {
+                id,
+                model: self.model.ok_or_else(|| missing("model"))?,
+                worker: self.worker,
+            }),
             other => {
                 return Err(Error::UnknownType {
                     id,
@@ -696,6 +746,12 @@ pub(crate) mod tests {
                     queue_us: 1800,
                 }),
             },
+            Message::Metadata { id: 2 },
+            Message::MetadataResult(MetadataResult {
+                id: 2,
+                model: crate::metadata::tests::encoder(),
+                worker: Some("w1".to_owned()),
+            }),
         ]
     }
 

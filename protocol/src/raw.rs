@@ -303,6 +303,10 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
             key::QUEUE_US | key::INFER_US | key::RETRY_AFTER_MS => {
                 c.opt(Cursor::uint)?;
             }
+            key::MODEL => {
+                // Only a `metadata_result` carries it, and that is never forwarded raw.
+                return None;
+            }
             _ => {
                 // worker, code, message: strings (every other known key).
                 c.opt(Cursor::str)?;

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 use bytes::BytesMut;
 use tidepool_protocol::{
-    encode_frame, ErrorCode, ErrorReply, Infer, InferResult, Message, MessageCodec, Tensor,
+    encode_frame, DType, ErrorCode, ErrorReply, Infer, InferResult, Message, MessageCodec,
+    MetadataResult, ModelMetadata, PaddingMetadata, Tensor, TensorMetadata,
 };
 use tokio_util::codec::Decoder;
 
@@ -59,8 +60,51 @@ fn expected() -> BTreeMap<&'static str, Message> {
         ("ping", Message::Ping { id: 4 }),
         ("pong", Message::pong(4)),
         ("unknown_keys", Message::Ping { id: 5 }),
+        ("metadata", Message::Metadata { id: 6 }),
+        (
+            "metadata_result",
+            Message::MetadataResult(MetadataResult {
+                id: 6,
+                model: ModelMetadata {
+                    name: "encoder".to_owned(),
+                    version: Some("2".to_owned()),
+                    platform: "onnxruntime".to_owned(),
+                    hash: None,
+                    inputs: vec![text("input_ids"), text("attention_mask")],
+                    outputs: vec![TensorMetadata {
+                        name: "embedding".to_owned(),
+                        dtype: DType::F32,
+                        shape: vec![4],
+                        dims: vec![String::new()],
+                    }],
+                    batched: true,
+                    max_batch: 32,
+                    max_batch_tokens: None,
+                    padding: Some(PaddingMetadata {
+                        axes: vec!["sequence".to_owned()],
+                        values: [
+                            ("attention_mask".to_owned(), 0.0),
+                            ("input_ids".to_owned(), 0.0),
+                        ]
+                        .into(),
+                    }),
+                    padding_note: None,
+                },
+                worker: Some("worker-1".to_owned()),
+            }),
+        ),
     ]
     .into()
+}
+
+/// A text input of one dynamic dimension named `sequence`.
+fn text(name: &str) -> TensorMetadata {
+    TensorMetadata {
+        name: name.to_owned(),
+        dtype: DType::I64,
+        shape: vec![-1],
+        dims: vec!["sequence".to_owned()],
+    }
 }
 
 fn decode_one(bytes: &[u8]) -> Message {

@@ -666,3 +666,48 @@ async fn deadline_budget_shrinks_by_the_time_spent_in_the_balancer() {
     assert_eq!(echoed(&result.outputs), 1.0);
     lb.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn metadata_is_answered_from_a_healthy_worker() {
+    use tidepool_tests::worker::{scratch_dir, start_worker, worker_config};
+    use tidepool_worker::test_support::{write_test_model, TestModel};
+    init_tracing();
+    let path = scratch_dir("classifier").join("classifier.onnx");
+    write_test_model(TestModel::Classifier, &path);
+    let worker = start_worker(worker_config(&path)).await;
+
+    // Before any target is healthy: unavailable, saying so.
+    let empty = TestBalancer::start(fast_config(&[])).await;
+    let err = empty
+        .client()
+        .await
+        .metadata(Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
+    assert!(err.to_string().contains("no healthy target"), "{err}");
+    empty.stop().await.unwrap();
+
+    let balancer = TestBalancer::start(fast_config(&[worker.local_addr()])).await;
+    balancer.wait_healthy(1).await;
+    let model = balancer
+        .client()
+        .await
+        .metadata(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(model.name, "classifier");
+    let outputs: Vec<(&str, Vec<i64>)> = model
+        .outputs
+        .iter()
+        .map(|o| (o.name.as_str(), o.shape.clone()))
+        .collect();
+    assert_eq!(
+        outputs,
+        vec![("probabilities", vec![4]), ("label", vec![])],
+        "a class label has no dimension left per item"
+    );
+    assert!(model.padding.is_none(), "fixed shapes need no padding");
+    balancer.stop().await.unwrap();
+    worker.shutdown().await.unwrap();
+}

@@ -392,3 +392,85 @@ async fn a_client_that_does_not_read_is_not_read_either() {
     drop(sender.await.unwrap());
     worker.shutdown().await.unwrap();
 }
+
+/// A sentence of `len` token ids with its mask of ones.
+fn sentence(len: usize, seed: usize) -> Tensors {
+    let ids: Vec<i64> = (0..len)
+        .map(|i| ((i * 5 + seed * 3 + 1) % tidepool_worker::test_support::TEST_VOCAB) as i64)
+        .collect();
+    BTreeMap::from([
+        (
+            "input_ids".to_owned(),
+            Tensor::from_vec(vec![len], ids).unwrap(),
+        ),
+        (
+            "attention_mask".to_owned(),
+            Tensor::from_vec(vec![len], vec![1i64; len]).unwrap(),
+        ),
+    ])
+}
+
+#[tokio::test]
+async fn a_text_encoder_describes_itself_and_batches_mixed_lengths_as_alone() {
+    use tidepool_worker::test_support::{write_test_model, TestModel};
+    init_tracing();
+    let path = tidepool_tests::worker::scratch_dir("encoder").join("encoder.onnx");
+    write_test_model(TestModel::Encoder, &path);
+    let mut config = worker_config(&path);
+    config.max_batch = 16;
+    config.max_delay = Duration::from_millis(50);
+    config.max_batch_tokens = Some(16 * 64);
+    config.name = Some("encoder-worker".into());
+    let worker = start_worker(config).await;
+    let client = Client::connect(worker.local_addr()).await.unwrap();
+
+    let model = client.metadata(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(model.name, "encoder");
+    assert_eq!(model.platform, "onnxruntime");
+    assert!(model
+        .hash
+        .as_deref()
+        .is_some_and(|h| h.starts_with("sha256:") && h.len() == 71));
+    assert_eq!(
+        (model.batched, model.max_batch, model.max_batch_tokens),
+        (true, 16, Some(1024))
+    );
+    let names: Vec<&str> = model.inputs.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, vec!["input_ids", "attention_mask"]);
+    assert_eq!(model.inputs[0].shape, vec![-1]);
+    assert_eq!(model.inputs[0].dims, vec!["sequence".to_owned()]);
+    assert_eq!(model.outputs[0].shape, vec![4]);
+    let padding = model.padding.unwrap();
+    assert_eq!(padding.axes, vec!["sequence".to_owned()]);
+
+    // Each length alone first (one at a time: batches of one), then all at once.
+    let lengths: Vec<usize> = (0..32).map(|i| 1 + (i * 7) % 40).collect();
+    let mut alone = Vec::new();
+    for (i, &len) in lengths.iter().enumerate() {
+        let result = client.infer(sentence(len, i)).await.unwrap();
+        assert_eq!(result.batch_size, Some(1));
+        alone.push(result.outputs["embedding"].to_vec::<f32>().unwrap());
+    }
+    let calls = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| client.infer(sentence(len, i)));
+    let results = futures::future::join_all(calls).await;
+    let mut largest = 0;
+    for (result, alone) in results.into_iter().zip(&alone) {
+        let result = result.unwrap();
+        largest = largest.max(result.batch_size.unwrap());
+        let batched = result.outputs["embedding"].to_vec::<f32>().unwrap();
+        for (b, a) in batched.iter().zip(alone) {
+            assert!(
+                (b - a).abs() <= 1e-5 * a.abs().max(1.0),
+                "batched {b} vs alone {a}"
+            );
+        }
+    }
+    assert!(
+        largest > 4,
+        "32 items of lengths 1 to 40 never shared a batch (largest {largest})"
+    );
+    worker.shutdown().await.unwrap();
+}

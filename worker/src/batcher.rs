@@ -14,6 +14,12 @@
 //!   item has waited `max_delay`, or at once when `max_delay` is zero (a batch is then whatever
 //!   is queued when the model becomes free). With the model busy, a full batch is handed over
 //!   so that it starts the moment the current one ends; partial batches keep filling instead.
+//! - **Which items share a batch.** Each item comes with its [`Fit`]: items share a batch only
+//!   with items of the same key (identical shapes, or any length for a model that pads), in
+//!   the same length bucket when `buckets` are set, and while the batch's size times its
+//!   longest item stays within `max_batch_tokens` (a single item always runs). The oldest item
+//!   always leads the next batch, so no item is passed over for ever; the rest are chosen
+//!   nearest in length to it first, so that padding wastes little when the queue is deep.
 //! - **Deadlines and cancels.** Items past their deadline are answered `deadline_exceeded`
 //!   while still queued (a timer wakes the actor for the earliest one). A [`Canceller`]
 //!   removes an item that is still queued and answers it `cancelled`; an item that already
@@ -44,20 +50,27 @@ use tracing::{debug, error, info, warn};
 use crate::busy::BusyMeter;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::spec::ModelSpec;
+use crate::spec::Fit;
 
 /// Runs batches of items: what the batcher's model thread needs of a model. The worker's is
 /// [`crate::Model`] (an ONNX Runtime session); the tests below use stand-ins.
 pub trait Engine: Send + 'static {
-    /// Runs one batch of checked, same-shaped items and returns each item's outputs, in order.
+    /// Runs one batch of checked items that share a [`Fit::key`] and returns each item's
+    /// outputs, in order.
     fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error>;
 }
 
 /// How the batcher batches.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BatchConfig {
     /// Most items per batch (already 1 for a model that cannot batch).
     pub max_batch: usize,
+    /// Most tokens per batch: its size times its longest item's [`Fit::tokens`]; `None`: no
+    /// limit beyond `max_batch`.
+    pub max_batch_tokens: Option<usize>,
+    /// Upper bounds of length buckets, ascending: items batch only with items whose length
+    /// falls in the same bucket (lengths past the last bound share one). Empty: one bucket.
+    pub buckets: Vec<usize>,
     /// Longest the oldest item waits for a batch to fill; zero: no timer.
     pub max_delay: Duration,
     /// Most items waiting.
@@ -179,6 +192,7 @@ impl Drop for Responder {
 #[derive(Debug)]
 struct Queued {
     inputs: Tensors,
+    fit: Fit,
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: Responder,
@@ -222,9 +236,15 @@ pub struct BatcherHandle {
 }
 
 impl BatcherHandle {
-    /// Queues one checked item. Answers at once with `overloaded` when the queue is full and
-    /// with `shutting_down` once shutdown has begun.
-    pub fn submit(&self, inputs: Tensors, deadline: Option<Instant>) -> Result<Ticket, Rejection> {
+    /// Queues one checked item with its [`Fit`] ([`crate::ModelSpec::fit`]). Answers at once
+    /// with `overloaded` when the queue is full and with `shutting_down` once shutdown has
+    /// begun.
+    pub fn submit(
+        &self,
+        inputs: Tensors,
+        fit: Fit,
+        deadline: Option<Instant>,
+    ) -> Result<Ticket, Rejection> {
         if self.tx.is_closed() {
             return Err(shutting_down());
         }
@@ -246,6 +266,7 @@ impl BatcherHandle {
         let cancelled = Arc::new(AtomicBool::new(false));
         let item = Queued {
             inputs,
+            fit,
             deadline,
             enqueued: Instant::now(),
             reply: Responder(Some(tx)),
@@ -571,23 +592,45 @@ impl Actor {
         }
     }
 
-    /// Takes up to `max_batch` items sharing the oldest item's shapes, oldest first.
+    /// Takes the oldest item and up to `max_batch - 1` items that may share its batch (the
+    /// same key and bucket, within the token budget), nearest in length to it first (oldest
+    /// first among equals), so a padded batch wastes as little as the queue allows.
     fn take_batch(&mut self, now: Instant) -> Vec<Running> {
-        let mut taken: Vec<Queued> =
-            Vec::with_capacity(self.config.max_batch.min(self.queue.len()));
-        if let Some(first) = self.queue.pop_front() {
-            taken.push(first);
-        }
-        let mut i = 0;
-        while taken.len() < self.config.max_batch && i < self.queue.len() {
-            if ModelSpec::same_shapes(&self.queue[i].inputs, &taken[0].inputs) {
-                if let Some(item) = self.queue.remove(i) {
-                    taken.push(item);
-                }
-            } else {
-                i += 1;
+        let Some(first) = self.queue.pop_front() else {
+            return Vec::new();
+        };
+        let bucket = self.bucket(first.fit.tokens);
+        let lead = first.fit.tokens;
+        // Candidates by queue position, nearest in length first; a stable sort keeps the
+        // queue's order among equals, so a model of one shape batches strictly oldest first.
+        let mut candidates: Vec<usize> = (0..self.queue.len())
+            .filter(|&i| {
+                let fit = &self.queue[i].fit;
+                fit.key == first.fit.key && self.bucket(fit.tokens) == bucket
+            })
+            .collect();
+        candidates.sort_by_key(|&i| self.queue[i].fit.tokens.abs_diff(lead));
+        let mut chosen = Vec::new();
+        let mut longest = lead;
+        for i in candidates {
+            if chosen.len() + 1 >= self.config.max_batch {
+                break;
+            }
+            let longer = longest.max(self.queue[i].fit.tokens);
+            let within = self
+                .config
+                .max_batch_tokens
+                .is_none_or(|budget| (chosen.len() + 2).saturating_mul(longer) <= budget);
+            if within {
+                longest = longer;
+                chosen.push(i);
             }
         }
+        // Remove from the back so the positions still hold.
+        chosen.sort_unstable_by(|a, b| b.cmp(a));
+        let mut taken: Vec<Queued> = Vec::with_capacity(chosen.len() + 1);
+        taken.push(first);
+        taken.extend(chosen.into_iter().filter_map(|i| self.queue.remove(i)));
         taken
             .into_iter()
             .map(|item| {
@@ -601,6 +644,11 @@ impl Actor {
                 }
             })
             .collect()
+    }
+
+    /// The length bucket an item of `tokens` falls in.
+    fn bucket(&self, tokens: usize) -> usize {
+        self.config.buckets.partition_point(|&bound| bound < tokens)
     }
 
     /// When the actor must wake up even if nothing arrives: the oldest item's `max_delay`
@@ -783,7 +831,10 @@ mod tests {
         }
 
         fn submit(&self, v: f32) -> Ticket {
-            self.batcher.handle().submit(item(v), None).unwrap()
+            self.batcher
+                .handle()
+                .submit(item(v), Fit::any(), None)
+                .unwrap()
         }
 
         fn started(&self) -> Vec<usize> {
@@ -808,6 +859,8 @@ mod tests {
     fn config(max_batch: usize, max_delay: Duration) -> BatchConfig {
         BatchConfig {
             max_batch,
+            max_batch_tokens: None,
+            buckets: Vec::new(),
             max_delay,
             queue: 64,
             drain_timeout: Duration::from_secs(30),
@@ -883,7 +936,11 @@ mod tests {
         rig.until_started(1).await;
         let handle = rig.batcher.handle();
         let late = handle
-            .submit(item(1.0), Some(Instant::now() + Duration::from_millis(5)))
+            .submit(
+                item(1.0),
+                Fit::any(),
+                Some(Instant::now() + Duration::from_millis(5)),
+            )
             .unwrap();
         let patient = rig.submit(2.0);
         // The model is busy; the deadline passes while the item waits.
@@ -931,7 +988,11 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let queued: Vec<Ticket> = (2..4).map(|i| rig.submit(i as f32)).collect();
-        let err = rig.batcher.handle().submit(item(9.0), None).unwrap_err();
+        let err = rig
+            .batcher
+            .handle()
+            .submit(item(9.0), Fit::any(), None)
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::Overloaded);
         assert!(err.retry_after_ms.is_some_and(|ms| ms >= 1), "{err:?}");
         rig.open(4);
@@ -965,6 +1026,105 @@ mod tests {
         assert!(rig.submit(1.0).wait().await.is_ok());
     }
 
+    fn fit(key: usize, tokens: usize) -> Fit {
+        Fit {
+            key: vec![key],
+            tokens,
+        }
+    }
+
+    /// Submits items of the given fits while the model is busy with a first one, then lets
+    /// everything run; returns the sizes of the batches after the first.
+    async fn batches_of(cfg: BatchConfig, fits: Vec<Fit>) -> Vec<usize> {
+        let rig = Rig::new(cfg, true, Behaviour::Echo);
+        let first = rig.submit(-1.0);
+        rig.until_started(1).await;
+        let tickets: Vec<Ticket> = fits
+            .into_iter()
+            .enumerate()
+            .map(|(i, fit)| {
+                rig.batcher
+                    .handle()
+                    .submit(item(i as f32), fit, None)
+                    .unwrap()
+            })
+            .collect();
+        rig.open(64);
+        first.wait().await.unwrap();
+        for (i, t) in tickets.into_iter().enumerate() {
+            let done = t.wait().await.unwrap();
+            assert_eq!(value(&done), i as f32, "each item gets its own answer");
+        }
+        rig.started()[1..].to_vec()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_of_different_lengths_share_a_batch_under_one_key() {
+        let fits = (1..=6).map(|len| fit(0, len * 10)).collect();
+        assert_eq!(batches_of(config(8, Duration::ZERO), fits).await, vec![6]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_of_different_keys_never_share_a_batch() {
+        let fits = vec![fit(1, 1), fit(2, 1), fit(1, 1), fit(2, 1)];
+        assert_eq!(
+            batches_of(config(8, Duration::ZERO), fits).await,
+            vec![2, 2]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_budget_cuts_a_batch_of_long_items() {
+        let mut cfg = config(8, Duration::ZERO);
+        cfg.max_batch_tokens = Some(100);
+        // The oldest (10 tokens) leads; 4 items of 25 fill 100; the long one runs alone,
+        // even above the budget; the rest follow.
+        let fits = vec![
+            fit(0, 10),
+            fit(0, 25),
+            fit(0, 250),
+            fit(0, 25),
+            fit(0, 25),
+            fit(0, 5),
+        ];
+        assert_eq!(batches_of(cfg, fits).await, vec![4, 1, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_leads_and_items_nearest_its_length_join_it() {
+        let rig = Rig::new(config(3, Duration::ZERO), true, Behaviour::Echo);
+        let first = rig.submit(-1.0);
+        rig.until_started(1).await;
+        let tickets: Vec<Ticket> = [50, 10, 48, 12, 52]
+            .into_iter()
+            .enumerate()
+            .map(|(i, len)| {
+                rig.batcher
+                    .handle()
+                    .submit(item(i as f32), fit(0, len), None)
+                    .unwrap()
+            })
+            .collect();
+        rig.open(8);
+        first.wait().await.unwrap();
+        let mut sizes = Vec::new();
+        for t in tickets {
+            sizes.push(t.wait().await.unwrap().batch_size);
+        }
+        // 50 leads with 48 and 52; then 10 with 12.
+        assert_eq!(sizes, vec![3, 2, 3, 2, 3]);
+        assert_eq!(rig.started(), vec![1, 3, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn length_buckets_keep_short_items_apart_from_long_ones() {
+        let mut cfg = config(8, Duration::ZERO);
+        cfg.buckets = vec![16, 128];
+        let fits = vec![fit(0, 3), fit(0, 100), fit(0, 16), fit(0, 17), fit(0, 500)];
+        // [3, 16] in the first bucket, [100, 17] in the second, [500] past the last bound.
+        assert_eq!(batches_of(cfg, fits).await, vec![2, 2, 1]);
+    }
+
     // Real time from here: a drain deadline is a timer, and paused time would jump to it
     // while the model thread is still working.
 
@@ -976,7 +1136,7 @@ mod tests {
         rig.shutdown.cancel();
         let err = loop {
             // The actor closes the queue on its next turn.
-            match rig.batcher.handle().submit(item(9.0), None) {
+            match rig.batcher.handle().submit(item(9.0), Fit::any(), None) {
                 Err(e) => break e,
                 Ok(t) => {
                     drop(t);

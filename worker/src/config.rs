@@ -94,6 +94,35 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
 
+    /// Most tokens in one batch: its size times the length of its longest item (for a text
+    /// model, the padded sequence length), as text-embeddings-inference's max_batch_tokens
+    /// [default: no limit beyond --max-batch]. An item longer than this runs alone.
+    #[arg(long, env = "TIDEPOOL_WORKER_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+
+    /// Length buckets, as ascending upper bounds (`32,128,512`): items batch only with items
+    /// whose length falls in the same bucket, so short items are not padded to long ones
+    /// [default: one bucket].
+    #[arg(long, env = "TIDEPOOL_WORKER_LENGTH_BUCKETS", value_delimiter = ',')]
+    pub length_buckets: Vec<usize>,
+
+    /// Pad value of an input, `NAME=VALUE` (repeat, or separate with commas), used where items
+    /// of different lengths are padded to share a batch [default: 0; also read from the
+    /// model's config file MODEL.tidepool.json].
+    #[arg(long = "pad", env = "TIDEPOOL_WORKER_PAD", value_delimiter = ',', value_parser = parse_pad)]
+    pub pad: Vec<(String, f64)>,
+
+    /// Batch only items of identical shapes, never padding: for a model whose answers padding
+    /// would change (one that does not mask padded positions). Also `"padding": false` in the
+    /// model's config file.
+    #[arg(long, env = "TIDEPOOL_WORKER_NO_PADDING")]
+    pub no_padding: bool,
+
+    /// Lengths of the dynamic dimensions warm-up runs (one item and a full batch at each)
+    /// before the worker reports ready [default: the length buckets, else 16 and 128].
+    #[arg(long, env = "TIDEPOOL_WORKER_WARM_UP_LENGTHS", value_delimiter = ',')]
+    pub warm_up_lengths: Vec<usize>,
+
     /// Longest the oldest queued item waits for a batch to fill; 0 runs whatever is queued as
     /// soon as the model is free.
     #[arg(long, env = "TIDEPOOL_WORKER_MAX_DELAY", default_value = "2ms", value_parser = parse_duration)]
@@ -207,6 +236,11 @@ impl ServeConfig {
             device: DeviceChoice::Auto,
             threads: None,
             max_batch: 32,
+            max_batch_tokens: None,
+            length_buckets: Vec::new(),
+            pad: Vec::new(),
+            no_padding: false,
+            warm_up_lengths: Vec::new(),
             max_delay: Duration::from_millis(2),
             queue: 1024,
             max_in_flight: 256,
@@ -274,6 +308,21 @@ impl ServeConfig {
         }
         if self.queue == 0 {
             return invalid("queue", "must be at least 1");
+        }
+        if self.max_batch_tokens == Some(0) {
+            return invalid(
+                "max-batch-tokens",
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+        if self.length_buckets.contains(&0) || !self.length_buckets.is_sorted_by(|a, b| a < b) {
+            return invalid(
+                "length-buckets",
+                "expected ascending lengths above 0, like 32,128,512",
+            );
+        }
+        if self.warm_up_lengths.contains(&0) {
+            return invalid("warm-up-lengths", "lengths must be at least 1");
         }
         if self.max_in_flight == 0 {
             return invalid("max-in-flight", "must be at least 1");
@@ -391,6 +440,109 @@ impl ServeConfig {
         }
         Ok(())
     }
+
+    /// The lengths warm-up runs: --warm-up-lengths, else the length buckets, else 16 and 128.
+    pub fn warm_up_lengths(&self) -> Vec<usize> {
+        if !self.warm_up_lengths.is_empty() {
+            self.warm_up_lengths.clone()
+        } else if !self.length_buckets.is_empty() {
+            self.length_buckets.clone()
+        } else {
+            vec![16, 128]
+        }
+    }
+
+    /// The model's config file (MODEL.tidepool.json) if there is one, with the flags laid
+    /// over it: `--no-padding` turns padding off, `--pad` values replace the file's.
+    pub fn model_file(&self) -> Result<ModelFile, Error> {
+        let mut file = ModelFile::load_next_to(&self.model)?;
+        if self.no_padding {
+            file.padding = Some(false);
+        }
+        file.pad.extend(self.pad.iter().cloned());
+        Ok(file)
+    }
+}
+
+/// A model's own settings, in a JSON file next to it (`model.onnx.tidepool.json`), so that a
+/// model travels with how it is served:
+///
+/// ```json
+/// {"name": "minilm", "version": "2", "padding": true, "pad": {"input_ids": 0}}
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    /// The model's name in its metadata [default: the file name without `.onnx`].
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The model's version in its metadata [default: the ONNX file's own model version].
+    #[serde(default)]
+    pub version: Option<String>,
+    /// False: batch only items of identical shapes (see `--no-padding`).
+    #[serde(default)]
+    pub padding: Option<bool>,
+    /// Pad values by input name.
+    #[serde(default)]
+    pub pad: std::collections::BTreeMap<String, f64>,
+}
+
+impl ModelFile {
+    /// The config file's path for a model: the model's path with `.tidepool.json` appended.
+    pub fn path_for(model: &std::path::Path) -> PathBuf {
+        let mut name = model.as_os_str().to_owned();
+        name.push(".tidepool.json");
+        PathBuf::from(name)
+    }
+
+    /// Reads the config file next to `model`; no file is an empty config.
+    pub fn load_next_to(model: &std::path::Path) -> Result<ModelFile, Error> {
+        let path = ModelFile::path_for(model);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ModelFile::default()),
+            Err(e) => {
+                return Err(Error::ModelConfig {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        serde_json::from_str(&text).map_err(|e| Error::ModelConfig {
+            path,
+            reason: format!("{e} (expected keys: name, version, padding, pad)"),
+        })
+    }
+
+    /// The padding settings it describes.
+    pub fn padding(&self) -> crate::spec::PaddingOptions {
+        crate::spec::PaddingOptions {
+            enabled: self.padding.unwrap_or(true),
+            values: self.pad.clone(),
+        }
+    }
+}
+
+/// Parses `NAME=VALUE` for `--pad`.
+fn parse_pad(s: &str) -> Result<(String, f64), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=VALUE, like input_ids=0"))?;
+    let value = value
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| format!("{s:?}: the value {value:?} is not a number"))?;
+    Ok((name.trim().to_owned(), value))
+}
+
+/// The kinds of synthetic model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum SynthKind {
+    /// MatMul + bias + Relu layers over a feature vector.
+    #[default]
+    Mlp,
+    /// A transformer encoder over token ids with an attention mask.
+    Transformer,
 }
 
 /// `tidepool-worker synth`: the shape and size of a synthetic model.
@@ -400,9 +552,28 @@ pub struct SynthConfig {
     #[arg(long)]
     pub out: PathBuf,
 
-    /// About how many bytes of f32 weights, like `64MiB` or `1GiB`.
+    /// What to build: an MLP (`mlp`, sized by --size) or a transformer encoder
+    /// (`transformer`: token embeddings, --layers attention + MLP blocks of --width, a masked
+    /// mean pool), the shape of a real text model.
+    #[arg(long, value_enum, default_value_t = SynthKind::Mlp)]
+    pub kind: SynthKind,
+
+    /// About how many bytes of f32 weights, like `64MiB` or `1GiB` (--kind mlp, which needs
+    /// it).
     #[arg(long, value_parser = parse_size)]
-    pub size: u64,
+    pub size: Option<u64>,
+
+    /// The transformer's hidden width (BERT-base: 768).
+    #[arg(long, default_value_t = 256)]
+    pub width: usize,
+
+    /// The transformer's attention heads; the width must divide by it [default: width / 64].
+    #[arg(long)]
+    pub heads: Option<usize>,
+
+    /// The transformer's vocabulary: token ids are below it.
+    #[arg(long, default_value_t = 1000)]
+    pub vocab: usize,
 
     /// Features per input item [default: the hidden width].
     #[arg(long)]
@@ -445,6 +616,61 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padding_flags_and_the_model_file_combine() {
+        let dir = std::env::temp_dir().join(format!("tidepool-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("m.onnx");
+        let cli = Cli::try_parse_from([
+            "tidepool-worker",
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--pad",
+            "input_ids=1,attention_mask=0",
+            "--max-batch-tokens",
+            "4096",
+            "--length-buckets",
+            "32,128",
+        ])
+        .unwrap();
+        let Command::Serve(mut c) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(c.max_batch_tokens, Some(4096));
+        assert_eq!(c.warm_up_lengths(), vec![32, 128]);
+        // No file: the flags alone.
+        let file = c.model_file().unwrap();
+        assert_eq!(file.padding().values["input_ids"], 1.0);
+        assert!(file.padding().enabled);
+        std::fs::write(
+            ModelFile::path_for(&model),
+            r#"{"name": "minilm", "padding": true, "pad": {"input_ids": 3, "token_type_ids": 0}}"#,
+        )
+        .unwrap();
+        c.no_padding = true;
+        let file = c.model_file().unwrap();
+        assert_eq!(file.name.as_deref(), Some("minilm"));
+        assert!(!file.padding().enabled, "--no-padding wins");
+        assert_eq!(file.pad["input_ids"], 1.0, "--pad wins over the file");
+        assert_eq!(file.pad["token_type_ids"], 0.0);
+        std::fs::write(ModelFile::path_for(&model), r#"{"pading": false}"#).unwrap();
+        let err = c.model_file().unwrap_err();
+        assert!(
+            err.to_string().contains("pading") && err.to_string().contains("m.onnx.tidepool.json"),
+            "{err}"
+        );
+        assert!(parse_pad("ids").unwrap_err().contains("NAME=VALUE"));
+        assert!(parse_pad("ids=x").unwrap_err().contains("not a number"));
+        c.length_buckets = vec![128, 32];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--length-buckets"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn durations() {
@@ -497,7 +723,8 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Synth(SynthConfig {
-                size: 1_048_576,
+                size: Some(1_048_576),
+                kind: SynthKind::Mlp,
                 layers: 4,
                 ..
             })

@@ -163,6 +163,54 @@ pub enum Error {
         /// The shape sent.
         got: Vec<usize>,
     },
+    /// Two input dimensions with one symbolic name have different lengths in one item.
+    #[error("input {name:?} has {symbol} length {len}, but input {first:?} has {first_len}; dimensions named {symbol:?} must agree within one item")]
+    LengthMismatch {
+        /// The dimension's symbolic name.
+        symbol: String,
+        /// The input that set the length.
+        first: String,
+        /// Its length.
+        first_len: usize,
+        /// The input that disagrees.
+        name: String,
+        /// Its length.
+        len: usize,
+    },
+    /// A configured pad value does not fit the model.
+    #[error("pad value for input {name:?}: {reason}")]
+    PadValue {
+        /// The input named.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A model output along a padded dimension is shorter than an item's own length.
+    #[error("model output {name:?} has length {got} along {symbol:?}, shorter than an item's {expected}; set `padding: false` for this model")]
+    OutputLength {
+        /// The output.
+        name: String,
+        /// The padded dimension's name.
+        symbol: String,
+        /// The item's length.
+        expected: usize,
+        /// The output's length in the batch.
+        got: usize,
+    },
+    /// A batch held items of different shapes for a model that is not padded.
+    #[error("a batch held items whose input {name:?} differs in shape, and the model is not padded; this is a bug in the batcher")]
+    MixedShapes {
+        /// The input.
+        name: String,
+    },
+    /// The model's config file could not be read.
+    #[error("could not read model config {path}: {reason}")]
+    ModelConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 
     /// A socket could not be bound.
     #[error("could not bind {what} on {addr}: {source}")]
@@ -217,7 +265,8 @@ impl Error {
             Error::MissingInput { .. }
             | Error::UnknownInput { .. }
             | Error::InputDType { .. }
-            | Error::InputShape { .. } => ErrorCode::BadRequest,
+            | Error::InputShape { .. }
+            | Error::LengthMismatch { .. } => ErrorCode::BadRequest,
             _ => ErrorCode::Internal,
         }
     }

@@ -15,7 +15,8 @@
 //! - [`config`]: the command line (`serve`, `synth`), flags with `TIDEPOOL_*` environment
 //!   fallbacks, validated before anything is bound.
 //! - [`spec`]: the model's contract as a [`ModelSpec`]: inputs and outputs, checking an
-//!   item against them, whether items batch. No ONNX Runtime types.
+//!   item against them, whether items batch, and padding items of different lengths into
+//!   one batch (dimensions recognised by their ONNX symbolic names). No ONNX Runtime types.
 //! - [`model`]: the ONNX Runtime session: loading (external data included), reading its
 //!   [`ModelSpec`], running one batch. No async.
 //! - [`batcher`]: the batching actor: bounded queue, batches by size or delay, deadlines,
@@ -29,11 +30,14 @@
 //! - [`tls`]: TLS on the protocol listener (optionally requiring the balancer's client
 //!   certificate) and for registering with an https:// admin API.
 //! - [`synth`]: synthetic MLP models of any size, built with `ort::editor`.
+//! - [`synth_transformer`]: a synthetic transformer encoder (token ids and attention mask,
+//!   N attention + MLP layers of a given width, a masked mean pool): a text model's shape.
 //! - [`error`]: the crate's one error type.
 //!
 //! ## Lifecycle
 //! [`Worker::start`] validates the configuration, binds the listeners, and loads the model in
-//! the background; until the model is loaded and one warm-up batch has run, requests and pings
+//! the background; until the model is loaded and warm-up has run the shapes traffic will use
+//! (one item and a full batch at a few lengths), requests and pings
 //! are answered `unavailable`. Then it serves, and registers if asked. When its shutdown token
 //! fires (SIGTERM or SIGINT in the binary; with `--exit-with-parent`, also the end of file of
 //! the parent's pipe on stdin) it deregisters, stops accepting, lets the queue drain within
@@ -59,11 +63,13 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod model;
+mod pad;
 pub mod parent;
 pub mod registration;
 pub mod server;
 pub mod spec;
 pub mod synth;
+pub mod synth_transformer;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 pub mod tls;
@@ -83,12 +89,12 @@ use tracing::{error, info, warn};
 
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply, Ticket};
 pub use busy::BusyMeter;
-pub use config::{Cli, Command, DeviceChoice, ServeConfig, SynthConfig};
+pub use config::{Cli, Command, DeviceChoice, ModelFile, ServeConfig, SynthConfig};
 pub use error::Error;
 pub use metrics::Metrics;
-pub use model::{Device, LoadOptions, Model};
+pub use model::{Device, Identity, LoadOptions, Model, WarmUp};
 pub use server::Phase;
-pub use spec::{IoSpec, ModelSpec};
+pub use spec::{About, Fit, IoSpec, ModelSpec, Padding, PaddingOptions};
 pub use synth::SynthPlan;
 pub use tls::WorkerTls;
 
@@ -383,6 +389,15 @@ async fn wait_for_balancer_to_let_go(metrics: &Metrics, limit: Duration) {
     }
 }
 
+/// A model's default name: its file name without `.onnx`.
+fn model_name(path: &std::path::Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.strip_suffix(".onnx").unwrap_or(&name).to_owned()
+}
+
 async fn serve_model(
     config: &ServeConfig,
     advertise: &str,
@@ -391,17 +406,24 @@ async fn serve_model(
     shutdown: &CancellationToken,
     register_tls: Option<&TlsConnector>,
 ) -> Result<(), Error> {
+    let model_file = config.model_file()?;
     let options = LoadOptions {
         path: config.model.clone(),
         ort_lib: config.ort_lib.clone().ok_or(Error::OrtLibMissing)?,
         device: config.device,
         threads: config.threads,
+        padding: model_file.padding(),
+    };
+    let warm_up = WarmUp {
+        max_batch: config.max_batch,
+        lengths: config.warm_up_lengths(),
+        max_batch_tokens: config.max_batch_tokens,
     };
     let load = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let mut model = Model::load(&options)?;
-        model.warm_up()?;
-        info!(elapsed = ?started.elapsed(), "model loaded and warmed up");
+        let ran = model.warm_up(&warm_up)?;
+        info!(elapsed = ?started.elapsed(), batches = ?ran, "model loaded and warmed up (batch size, length)");
         Ok::<_, Error>(model)
     });
     let model = tokio::select! {
@@ -413,8 +435,26 @@ async fn serve_model(
     };
     metrics.set_device(model.device().as_str());
     let spec = Arc::clone(model.spec());
+    let padding_note = spec.padding_note.clone();
+    let metadata = Arc::new(
+        spec.metadata(&About {
+            name: model_file
+                .name
+                .clone()
+                .unwrap_or_else(|| model_name(&config.model)),
+            version: model_file
+                .version
+                .clone()
+                .or_else(|| model.identity().onnx_version.map(|v| v.to_string())),
+            hash: model.identity().hash.clone(),
+            max_batch: config.max_batch,
+            max_batch_tokens: config.max_batch_tokens,
+        }),
+    );
     let batch_config = BatchConfig {
         max_batch: spec.batch_limit(config.max_batch),
+        max_batch_tokens: config.max_batch_tokens,
+        buckets: config.length_buckets.clone(),
         max_delay: config.max_delay,
         queue: config.queue,
         drain_timeout: config.drain_timeout,
@@ -422,19 +462,22 @@ async fn serve_model(
     let batcher_stop = CancellationToken::new();
     let batcher = Batcher::start(
         model,
-        batch_config,
+        batch_config.clone(),
         Arc::clone(metrics),
         batcher_stop.clone(),
     )?;
     phase_tx.send_replace(Phase::Ready {
         batcher: batcher.handle(),
         spec,
+        metadata,
     });
     metrics.ready.store(true, Ordering::Relaxed);
     info!(
         max_batch = batch_config.max_batch,
         max_delay = ?batch_config.max_delay,
         queue = batch_config.queue,
+        max_batch_tokens = ?batch_config.max_batch_tokens,
+        padding = %padding_note,
         "ready"
     );
 

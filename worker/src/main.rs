@@ -3,8 +3,9 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use tidepool_worker::config::SynthKind;
 use tidepool_worker::registration::RegisterToken;
-use tidepool_worker::{synth, Cli, Command, Worker};
+use tidepool_worker::{synth, synth_transformer, Cli, Command, Worker};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -19,6 +20,22 @@ fn main() -> anyhow::Result<()> {
         .log_internal_errors(false)
         .init();
     match cli.command {
+        Command::Synth(config) if config.kind == SynthKind::Transformer => {
+            let plan = synth_transformer::run(&config)
+                .with_context(|| format!("synth --out {}", config.out.display()))?;
+            println!(
+                "{}: transformer, vocab {} → {} layers of width {} ({} heads) → embedding {}, \
+                 {} bytes of weights; inputs input_ids:i64 and attention_mask:i64 [sequence]",
+                config.out.display(),
+                plan.vocab,
+                plan.layers,
+                plan.width,
+                plan.heads,
+                plan.width,
+                plan.weight_bytes()
+            );
+            Ok(())
+        }
         Command::Synth(config) => {
             let plan = synth::run(&config)
                 .with_context(|| format!("synth --out {}", config.out.display()))?;

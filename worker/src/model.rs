@@ -26,7 +26,8 @@ use tracing::{info, warn};
 use crate::batcher::Engine;
 use crate::config::DeviceChoice;
 use crate::error::Error;
-use crate::spec::{IoSpec, ModelSpec};
+use crate::pad;
+use crate::spec::{IoSpec, ModelSpec, PaddingOptions};
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("the worker copies little-endian wire bytes straight into ONNX Runtime tensors and needs a little-endian target");
@@ -105,6 +106,31 @@ pub struct LoadOptions {
     pub device: DeviceChoice,
     /// Intra-op threads; `None` leaves ONNX Runtime's default.
     pub threads: Option<usize>,
+    /// What the operator says about padding items of different lengths.
+    pub padding: PaddingOptions,
+}
+
+/// The shapes warm-up runs before the worker reports ready: the ones real traffic will use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WarmUp {
+    /// The largest batch the batcher will form.
+    pub max_batch: usize,
+    /// Lengths given to the dynamic dimensions past the batch one (ignored when the model has
+    /// none).
+    pub lengths: Vec<usize>,
+    /// The batcher's token budget: a batch of long items is cut to fit it.
+    pub max_batch_tokens: Option<usize>,
+}
+
+impl WarmUp {
+    /// One item and a batch of `max_batch`, dynamic dimensions at length 1, no token budget.
+    pub fn batch(max_batch: usize) -> WarmUp {
+        WarmUp {
+            max_batch,
+            lengths: Vec::new(),
+            max_batch_tokens: None,
+        }
+    }
 }
 
 /// A loaded model: the session, its spec and its device.
@@ -112,6 +138,17 @@ pub struct Model {
     session: Session,
     spec: Arc<ModelSpec>,
     device: Device,
+    identity: Identity,
+}
+
+/// What identifies a loaded model file, for its metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// `sha256:` and the hex digest of the `.onnx` file (external data files are not
+    /// included); `None` when the file could not be read again.
+    pub hash: Option<String>,
+    /// The ONNX file's own `model_version`, when it sets one.
+    pub onnx_version: Option<i64>,
 }
 
 impl std::fmt::Debug for Model {
@@ -146,22 +183,38 @@ impl Model {
             .iter()
             .map(io_spec)
             .collect::<Result<Vec<_>, _>>()?;
-        let spec = Arc::new(ModelSpec::new(inputs, outputs));
+        let spec = Arc::new(ModelSpec::new(inputs, outputs).with_padding(&options.padding)?);
         info!(
             model = %options.path.display(),
             device = device.as_str(),
             batched = spec.batched,
             inputs = %spec.describe_inputs(),
+            padding = %spec.padding_note,
             "model loaded"
         );
         if !spec.batched {
             warn!("the model's leading dimension is fixed: every item runs alone (batch size 1)");
         }
+        let identity = Identity {
+            hash: file_hash(&options.path),
+            // ONNX writes 0 when no version was set.
+            onnx_version: session
+                .metadata()
+                .ok()
+                .and_then(|m| m.version())
+                .filter(|&v| v != 0),
+        };
         Ok(Model {
             session,
             spec,
             device,
+            identity,
         })
+    }
+
+    /// What identifies the model file.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     /// What the model takes and gives.
@@ -174,11 +227,38 @@ impl Model {
         self.device
     }
 
-    /// Runs one item of zeros, so that the first real batch does not pay for lazy
-    /// initialisation; the worker reports ready only after it.
-    pub fn warm_up(&mut self) -> Result<(), Error> {
-        let item = self.spec.zero_item()?;
-        self.run(&[&item]).map(drop)
+    /// Runs batches of zeros in the shapes real traffic will use (one item and a full batch
+    /// at each length), so that the first real batches do not pay for lazy initialisation
+    /// and the memory arenas are sized for the largest batch; the worker reports ready only
+    /// after it. Returns the batch sizes and lengths run.
+    pub fn warm_up(&mut self, plan: &WarmUp) -> Result<Vec<(usize, usize)>, Error> {
+        let dynamic = self
+            .spec
+            .inputs
+            .iter()
+            .any(|io| io.item_dims(self.spec.batched).iter().any(Option::is_none));
+        let lengths = if dynamic && !plan.lengths.is_empty() {
+            plan.lengths.clone()
+        } else {
+            vec![1]
+        };
+        let max_batch = self.spec.batch_limit(plan.max_batch);
+        let mut ran = Vec::new();
+        for len in lengths {
+            let item = self.spec.zero_item(len)?;
+            let tokens = self.spec.fit(&item).tokens;
+            let full = plan
+                .max_batch_tokens
+                .map_or(max_batch, |budget| (budget / tokens).clamp(1, max_batch));
+            let mut sizes = vec![1, full];
+            sizes.dedup();
+            for size in sizes {
+                let batch: Vec<&Tensors> = std::iter::repeat_n(&item, size).collect();
+                self.run(&batch)?;
+                ran.push((size, len));
+            }
+        }
+        Ok(ran)
     }
 }
 
@@ -188,36 +268,68 @@ impl Engine for Model {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let batched = self.spec.batched;
+        let spec = Arc::clone(&self.spec);
+        let batched = spec.batched;
         let allocator = Allocator::default();
-        let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(self.spec.inputs.len());
-        for io in &self.spec.inputs {
-            let first = &items[0][&io.name];
-            let mut shape: Vec<i64> = Vec::with_capacity(first.shape().len() + 1);
+        let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(spec.inputs.len());
+        let mut padded = false;
+        for (at, io) in spec.inputs.iter().enumerate() {
+            // The batch's per-item shape: the longest item along each axis (items of one
+            // batch have one shape unless the model pads).
+            let mut item_shape = items[0][&io.name].shape().to_vec();
+            for item in &items[1..] {
+                for (d, &len) in item_shape.iter_mut().zip(item[&io.name].shape()) {
+                    *d = (*d).max(len);
+                }
+            }
+            let mut shape: Vec<i64> = Vec::with_capacity(item_shape.len() + 1);
             if batched {
                 shape.push(n as i64);
             }
-            shape.extend(first.shape().iter().map(|&d| d as i64));
+            shape.extend(item_shape.iter().map(|&d| d as i64));
             let mut tensor = DynTensor::new(&allocator, element_type(io.dtype), shape)
                 .map_err(Error::Inference)?;
-            write_items(
-                &mut tensor,
-                io.dtype,
-                items.iter().map(|item| item[&io.name].data().as_ref()),
-            )
+            let elem = io.dtype.size();
+            let per_item = item_shape.iter().product::<usize>() * elem;
+            let short = items
+                .iter()
+                .any(|item| item[&io.name].shape() != item_shape.as_slice());
+            if short && spec.padding.is_none() {
+                // The batcher never forms such a batch; an answer sliced without padding
+                // rules would be wrong, so refuse it.
+                return Err(Error::MixedShapes {
+                    name: io.name.clone(),
+                });
+            }
+            padded |= short;
+            let pad = spec.pad_bytes(at);
+            with_bytes_mut(&mut tensor, io.dtype, |dst| {
+                if short {
+                    pad::fill(dst, &pad);
+                }
+                for (item, block) in items.iter().zip(dst.chunks_exact_mut(per_item.max(1))) {
+                    let t = &item[&io.name];
+                    pad::copy_block(t.data(), t.shape(), block, &item_shape, elem);
+                }
+            })
             .map_err(Error::Inference)?;
             inputs.push((io.name.clone(), tensor.into_dyn()));
         }
 
         let outputs = self.session.run(inputs).map_err(Error::Inference)?;
 
+        let lengths: Vec<Vec<usize>> = if padded {
+            items.iter().map(|item| spec.lengths(item)).collect()
+        } else {
+            Vec::new()
+        };
         let mut answers: Vec<Tensors> = vec![Tensors::new(); n];
-        for io in &self.spec.outputs {
+        for io in &spec.outputs {
             let Some(value) = outputs.get(&io.name) else {
                 continue;
             };
             let (shape, bytes) = read_bytes(value, io.dtype).map_err(Error::Inference)?;
-            let item_shape: Vec<usize> = if batched {
+            let batch_item_shape: Vec<usize> = if batched {
                 let lead = shape.first().copied().unwrap_or(0);
                 if lead != n {
                     return Err(Error::OutputBatch {
@@ -230,39 +342,98 @@ impl Engine for Model {
             } else {
                 shape
             };
-            let per_item = bytes.len() / n;
-            for (answer, chunk) in answers.iter_mut().zip(bytes.chunks_exact(per_item.max(1))) {
+            let elem = io.dtype.size();
+            let per_item = batch_item_shape.iter().product::<usize>() * elem;
+            for (k, answer) in answers.iter_mut().enumerate() {
+                let block = &bytes[k * per_item..(k + 1) * per_item];
+                let data = match lengths.get(k) {
+                    Some(lengths) => {
+                        let own = spec.output_item_shape(io, &batch_item_shape, lengths);
+                        check_output_lengths(&spec, io, &batch_item_shape, &own)?;
+                        let mut out = vec![0u8; own.iter().product::<usize>() * elem];
+                        pad::copy_block(block, &batch_item_shape, &mut out, &own, elem);
+                        (own, Bytes::from(out))
+                    }
+                    None => (batch_item_shape.clone(), Bytes::copy_from_slice(block)),
+                };
                 let tensor =
-                    Tensor::new(io.dtype, item_shape.clone(), Bytes::copy_from_slice(chunk))
-                        .map_err(|source| Error::Tensor {
-                            name: io.name.clone(),
-                            source,
-                        })?;
+                    Tensor::new(io.dtype, data.0, data.1).map_err(|source| Error::Tensor {
+                        name: io.name.clone(),
+                        source,
+                    })?;
                 answer.insert(io.name.clone(), tensor);
-            }
-            if per_item == 0 {
-                // Empty outputs: chunks_exact(1) over no bytes yields nothing; give each item
-                // its empty tensor.
-                for answer in &mut answers {
-                    let tensor = Tensor::new(io.dtype, item_shape.clone(), Bytes::new()).map_err(
-                        |source| Error::Tensor {
-                            name: io.name.clone(),
-                            source,
-                        },
-                    )?;
-                    answer.insert(io.name.clone(), tensor);
-                }
             }
         }
         Ok(answers)
     }
 }
 
+/// `sha256:HEX` of a file, read in chunks; `None` (with a warning) when it cannot be read.
+fn file_hash(path: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let hash = || -> std::io::Result<String> {
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let digest = hasher.finalize();
+        let mut hex = String::with_capacity(7 + digest.len() * 2);
+        hex.push_str("sha256:");
+        for b in digest {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        Ok(hex)
+    };
+    hash()
+        .map_err(|e| warn!(path = %path.display(), error = %e, "could not hash the model file"))
+        .ok()
+}
+
+/// An item's share of a padded output must lie inside the batch's output: a model that names
+/// an output dimension like an input one but computes another length cannot be sliced.
+fn check_output_lengths(
+    spec: &ModelSpec,
+    io: &IoSpec,
+    batch: &[usize],
+    own: &[usize],
+) -> Result<(), Error> {
+    for (axis, (&got, &expected)) in batch.iter().zip(own).enumerate() {
+        if expected > got {
+            let symbol = io
+                .item_symbols(spec.batched)
+                .get(axis)
+                .copied()
+                .flatten()
+                .unwrap_or_default()
+                .to_owned();
+            return Err(Error::OutputLength {
+                name: io.name.clone(),
+                symbol,
+                expected,
+                got,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// One input or output of a loaded session as the spec describes it; refuses what the worker
 /// cannot serve.
 fn io_spec(outlet: &Outlet) -> Result<IoSpec, Error> {
     let name = outlet.name().to_owned();
-    let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
+    let ValueType::Tensor {
+        ty,
+        shape,
+        dimension_symbols,
+    } = outlet.dtype()
+    else {
         return Err(Error::UnsupportedModel {
             name,
             reason: "not a tensor (sequences, maps and optionals are not served)",
@@ -271,11 +442,12 @@ fn io_spec(outlet: &Outlet) -> Result<IoSpec, Error> {
     let Some(dtype) = dtype_of(*ty) else {
         return Err(Error::UnsupportedModel {
             name,
-            reason: "element type has no protocol dtype this worker can copy (f16, bf16, strings and sub-byte types are not served)",
+            reason: "element type has no protocol dtype this worker can copy (strings, sub-byte and 8-bit float types are not served)",
         });
     };
     let dims = shape.iter().map(|&d| usize::try_from(d).ok()).collect();
-    Ok(IoSpec { name, dtype, dims })
+    let symbols: Vec<&str> = dimension_symbols.iter().map(String::as_str).collect();
+    Ok(IoSpec::new(name, dtype, dims).named(&symbols))
 }
 
 fn session_builder(
@@ -333,6 +505,8 @@ fn dtype_of(ty: TensorElementType) -> Option<DType> {
     Some(match ty {
         TensorElementType::Float32 => DType::F32,
         TensorElementType::Float64 => DType::F64,
+        TensorElementType::Float16 => DType::F16,
+        TensorElementType::Bfloat16 => DType::Bf16,
         TensorElementType::Int8 => DType::I8,
         TensorElementType::Int16 => DType::I16,
         TensorElementType::Int32 => DType::I32,
@@ -365,28 +539,24 @@ fn element_type(dtype: DType) -> TensorElementType {
     }
 }
 
-/// Copies each item's bytes, in order, into the batch tensor.
-fn write_items<'a>(
+/// Lends the tensor's elements to `write` as little-endian bytes. Bool elements go through a
+/// byte buffer (a `bool` may only hold 0 or 1, so its memory is never handed out as bytes).
+fn with_bytes_mut(
     tensor: &mut DynTensor,
     dtype: DType,
-    items: impl Iterator<Item = &'a [u8]>,
+    write: impl FnOnce(&mut [u8]),
 ) -> ort::Result<()> {
-    fn copy_all<'a>(dst: &mut [u8], items: impl Iterator<Item = &'a [u8]>) {
-        let mut at = 0;
-        for item in items {
-            dst[at..at + item.len()].copy_from_slice(item);
-            at += item.len();
-        }
-    }
     macro_rules! pod {
         ($t:ty) => {{
             let (_, dst) = tensor.try_extract_tensor_mut::<$t>()?;
-            copy_all(bytemuck::cast_slice_mut(dst), items);
+            write(bytemuck::cast_slice_mut(dst));
         }};
     }
     match dtype {
         DType::F32 => pod!(f32),
         DType::F64 => pod!(f64),
+        DType::F16 => pod!(half::f16),
+        DType::Bf16 => pod!(half::bf16),
         DType::I8 => pod!(i8),
         DType::I16 => pod!(i16),
         DType::I32 => pod!(i32),
@@ -397,19 +567,11 @@ fn write_items<'a>(
         DType::U64 => pod!(u64),
         DType::Bool => {
             let (_, dst) = tensor.try_extract_tensor_mut::<bool>()?;
-            let mut at = 0;
-            for item in items {
-                for (d, &s) in dst[at..at + item.len()].iter_mut().zip(item) {
-                    *d = s != 0;
-                }
-                at += item.len();
+            let mut bytes = vec![0u8; dst.len()];
+            write(&mut bytes);
+            for (d, s) in dst.iter_mut().zip(bytes) {
+                *d = s != 0;
             }
-        }
-        // Refused when the model is loaded (`dtype_of`), so never reached.
-        DType::F16 | DType::Bf16 => {
-            return Err(ort::Error::new(
-                "f16 and bf16 tensors are not supported by this worker",
-            ))
         }
     }
     Ok(())
@@ -431,6 +593,8 @@ fn read_bytes(
     let (shape, bytes) = match dtype {
         DType::F32 => pod!(f32),
         DType::F64 => pod!(f64),
+        DType::F16 => pod!(half::f16),
+        DType::Bf16 => pod!(half::bf16),
         DType::I8 => pod!(i8),
         DType::I16 => pod!(i16),
         DType::I32 => pod!(i32),
@@ -445,11 +609,6 @@ fn read_bytes(
                 shape,
                 Cow::Owned(data.iter().map(|&b| u8::from(b)).collect()),
             )
-        }
-        DType::F16 | DType::Bf16 => {
-            return Err(ort::Error::new(
-                "f16 and bf16 tensors are not supported by this worker",
-            ))
         }
     };
     let shape = shape
@@ -494,7 +653,13 @@ mod ort_tests {
         let mut model = load_cpu(&path);
         assert!(model.spec().batched);
         assert_eq!(model.spec().inputs[1].dtype, DType::Bool);
-        model.warm_up().unwrap();
+        model
+            .warm_up(&WarmUp {
+                max_batch: 4,
+                lengths: vec![3],
+                max_batch_tokens: None,
+            })
+            .unwrap();
         let item = |a: [i64; 2], b: [u8; 3]| {
             Tensors::from([
                 (
@@ -557,6 +722,7 @@ mod ort_tests {
             ort_lib: ort_lib(),
             device: DeviceChoice::Cpu,
             threads: None,
+            padding: PaddingOptions::default(),
         })
         .unwrap_err();
         assert!(matches!(err, Error::ModelLoad { .. }), "{err}");
@@ -582,6 +748,7 @@ mod ort_tests {
             ort_lib: ort_lib(),
             device: DeviceChoice::Cuda,
             threads: None,
+            padding: PaddingOptions::default(),
         })
         .unwrap_err();
         assert!(err.to_string().contains("--features cuda"), "{err}");
@@ -591,7 +758,311 @@ mod ort_tests {
             ort_lib: ort_lib(),
             device: DeviceChoice::Auto,
             threads: None,
+            padding: PaddingOptions::default(),
         });
         assert!(matches!(model, Err(Error::ModelLoad { .. })));
+    }
+}
+
+#[cfg(test)]
+mod real_model_tests {
+    //! Real-shaped models: each item's answer from a batch (padded where lengths differ)
+    //! against ONNX Runtime run on that item alone.
+
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::batcher::{BatchConfig, Batcher};
+    use crate::metrics::Metrics;
+    use crate::test_support::{ort_lib, scratch_dir, write_test_model, TestModel, TEST_VOCAB};
+
+    fn load(kind: TestModel, padding: PaddingOptions) -> Model {
+        let path = scratch_dir("real").join("model.onnx");
+        write_test_model(kind, &path);
+        Model::load(&LoadOptions {
+            path,
+            ort_lib: ort_lib(),
+            device: DeviceChoice::Cpu,
+            threads: Some(1),
+            padding,
+        })
+        .unwrap()
+    }
+
+    /// A sentence of `len` token ids (a fixed pattern per seed) with its mask of ones.
+    fn sentence(len: usize, seed: usize) -> Tensors {
+        let ids: Vec<i64> = (0..len)
+            .map(|i| ((i * 5 + seed * 3 + 1) % TEST_VOCAB) as i64)
+            .collect();
+        Tensors::from([
+            (
+                "input_ids".to_owned(),
+                Tensor::from_vec(vec![len], ids).unwrap(),
+            ),
+            (
+                "attention_mask".to_owned(),
+                Tensor::from_vec(vec![len], vec![1i64; len]).unwrap(),
+            ),
+        ])
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + x.abs().max(y.abs())))
+    }
+
+    /// Runs `items` as one batch and each alone, and checks every output agrees.
+    fn batched_equals_alone(model: &mut Model, items: &[Tensors]) -> Vec<Tensors> {
+        for item in items {
+            model.spec().check(item).unwrap();
+        }
+        let refs: Vec<&Tensors> = items.iter().collect();
+        let batched = model.run(&refs).unwrap();
+        for (item, answer) in items.iter().zip(&batched) {
+            let alone = model.run(&[item]).unwrap().remove(0);
+            assert_eq!(
+                answer.keys().collect::<Vec<_>>(),
+                alone.keys().collect::<Vec<_>>()
+            );
+            for (name, tensor) in &alone {
+                let got = &answer[name];
+                assert_eq!(got.shape(), tensor.shape(), "{name}");
+                assert_eq!(got.dtype(), tensor.dtype(), "{name}");
+                match tensor.dtype() {
+                    DType::F32 => assert!(
+                        close(
+                            &got.to_vec::<f32>().unwrap(),
+                            &tensor.to_vec::<f32>().unwrap()
+                        ),
+                        "{name}: batched {got:?} alone {tensor:?}"
+                    ),
+                    _ => assert_eq!(got.data(), tensor.data(), "{name}"),
+                }
+            }
+        }
+        batched
+    }
+
+    #[test]
+    fn a_sentence_encoder_pads_mixed_lengths_and_answers_as_alone() {
+        let mut model = load(TestModel::Encoder, PaddingOptions::default());
+        let padding = model.spec().padding.clone().unwrap();
+        assert_eq!(padding.axes, vec!["sequence".to_owned()]);
+        let items: Vec<Tensors> = [1, 7, 3, 12, 2]
+            .iter()
+            .enumerate()
+            .map(|(s, &l)| sentence(l, s))
+            .collect();
+        let answers = batched_equals_alone(&mut model, &items);
+        // The mean of the item's own token embeddings, whatever it was padded to.
+        let table: Vec<f32> = (0..TEST_VOCAB * 4)
+            .map(|i| ((i * 7 + 3) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        for (item, answer) in items.iter().zip(&answers) {
+            let ids = item["input_ids"].to_vec::<i64>().unwrap();
+            let mut mean = [0f32; 4];
+            for &id in &ids {
+                for (d, m) in mean.iter_mut().enumerate() {
+                    *m += table[id as usize * 4 + d] / ids.len() as f32;
+                }
+            }
+            assert_eq!(answer["embedding"].shape(), &[4]);
+            assert!(close(&answer["embedding"].to_vec::<f32>().unwrap(), &mean));
+        }
+    }
+
+    #[test]
+    fn pad_values_are_used_and_masked_out() {
+        // Pad ids with a real token: the mask must keep it out of the mean.
+        let padding = PaddingOptions {
+            enabled: true,
+            values: BTreeMap::from([("input_ids".to_owned(), 9.0)]),
+        };
+        let mut model = load(TestModel::Encoder, padding);
+        assert_eq!(model.spec().pad_bytes(0), 9i64.to_le_bytes().to_vec());
+        let items: Vec<Tensors> = (1..=6).map(|l| sentence(l, l)).collect();
+        batched_equals_alone(&mut model, &items);
+    }
+
+    #[test]
+    fn a_token_tagger_answers_one_row_per_own_token() {
+        let mut model = load(TestModel::Tagger, PaddingOptions::default());
+        let items: Vec<Tensors> = [5, 1, 9, 3]
+            .iter()
+            .enumerate()
+            .map(|(s, &l)| {
+                let mut item = sentence(l, s);
+                item.remove("attention_mask");
+                item
+            })
+            .collect();
+        let answers = batched_equals_alone(&mut model, &items);
+        for (answer, len) in answers.iter().zip([5, 1, 9, 3]) {
+            assert_eq!(answer["logits"].shape(), &[len, 3]);
+        }
+    }
+
+    #[test]
+    fn without_padding_the_same_model_answers_alike_one_length_per_batch() {
+        let off = PaddingOptions {
+            enabled: false,
+            values: BTreeMap::new(),
+        };
+        let mut model = load(TestModel::Encoder, off);
+        assert!(model.spec().padding.is_none());
+        let items = [sentence(4, 1), sentence(9, 2)];
+        assert_ne!(
+            model.spec().fit(&items[0]).key,
+            model.spec().fit(&items[1]).key
+        );
+        let err = model.run(&[&items[0], &items[1]]).unwrap_err();
+        assert!(matches!(err, Error::MixedShapes { .. }), "{err}");
+        // Same-length items still batch.
+        let same = [sentence(4, 1), sentence(4, 2), sentence(4, 3)];
+        batched_equals_alone(&mut model, &same);
+    }
+
+    #[test]
+    fn a_classifier_answers_probabilities_and_a_label_with_no_dimension_left() {
+        let mut model = load(TestModel::Classifier, PaddingOptions::default());
+        let items: Vec<Tensors> = [[0.1f32, -2.0, 3.0], [4.0, 0.5, -1.0], [-3.0, 2.5, 1.0]]
+            .iter()
+            .map(|f| {
+                Tensors::from([(
+                    "features".to_owned(),
+                    Tensor::from_vec(vec![3], f.to_vec()).unwrap(),
+                )])
+            })
+            .collect();
+        let answers = batched_equals_alone(&mut model, &items);
+        for answer in &answers {
+            let label = &answer["label"];
+            assert_eq!((label.dtype(), label.shape()), (DType::I64, &[][..]));
+            let probabilities = answer["probabilities"].to_vec::<f32>().unwrap();
+            assert!((probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            let best = probabilities
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            assert_eq!(label.to_vec::<i64>().unwrap(), vec![best as i64]);
+        }
+    }
+
+    #[test]
+    fn f16_and_bf16_go_in_and_come_out() {
+        let mut model = load(TestModel::Half, PaddingOptions::default());
+        let spec = model.spec();
+        assert_eq!(
+            spec.inputs.iter().map(|io| io.dtype).collect::<Vec<_>>(),
+            vec![DType::F16, DType::Bf16]
+        );
+        let item = |a: [f32; 3], b: [f32; 3]| {
+            let a: Vec<u8> = a
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect();
+            let b: Vec<u8> = b
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect();
+            Tensors::from([
+                (
+                    "a".to_owned(),
+                    Tensor::new(DType::F16, vec![3], Bytes::from(a)).unwrap(),
+                ),
+                (
+                    "b".to_owned(),
+                    Tensor::new(DType::Bf16, vec![3], Bytes::from(b)).unwrap(),
+                ),
+            ])
+        };
+        let items = [
+            item([1.0, 2.5, -3.0], [0.5, 0.5, 1.0]),
+            item([0.25, 8.0, 0.0], [2.0, -8.0, 4.0]),
+        ];
+        let answers = batched_equals_alone(&mut model, &items);
+        let f16s = |t: &Tensor| -> Vec<f32> {
+            t.data()
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        };
+        let bf16s = |t: &Tensor| -> Vec<f32> {
+            t.data()
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        };
+        assert_eq!(f16s(&answers[0]["sum_f16"]), vec![1.5, 3.0, -2.0]);
+        assert_eq!(bf16s(&answers[1]["sum_bf16"]), vec![2.25, 0.0, 4.0]);
+        assert_eq!(answers[1]["sum_f16"].dtype(), DType::F16);
+    }
+
+    #[test]
+    fn warm_up_runs_a_full_batch_at_each_length_within_the_token_budget() {
+        let mut model = load(TestModel::Encoder, PaddingOptions::default());
+        let ran = model
+            .warm_up(&WarmUp {
+                max_batch: 8,
+                lengths: vec![4, 64],
+                max_batch_tokens: Some(256),
+            })
+            .unwrap();
+        assert_eq!(ran, vec![(1, 4), (8, 4), (1, 64), (4, 64)]);
+        // A model without dynamic dimensions warms up once per batch size.
+        let mut fixed = load(TestModel::Classifier, PaddingOptions::default());
+        let ran = fixed
+            .warm_up(&WarmUp {
+                max_batch: 8,
+                lengths: vec![4, 64],
+                max_batch_tokens: None,
+            })
+            .unwrap();
+        assert_eq!(ran, vec![(1, 1), (8, 1)]);
+    }
+
+    #[tokio::test]
+    async fn the_batcher_stacks_mixed_lengths_into_one_batch() {
+        let model = load(TestModel::Encoder, PaddingOptions::default());
+        let spec = Arc::clone(model.spec());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let config = BatchConfig {
+            max_batch: 8,
+            max_batch_tokens: None,
+            buckets: Vec::new(),
+            // Long enough that the batch runs because it is full, never because time passed.
+            max_delay: Duration::from_secs(3600),
+            queue: 64,
+            drain_timeout: Duration::from_secs(10),
+        };
+        let batcher = Batcher::start(
+            model,
+            config,
+            Arc::new(Metrics::default()),
+            shutdown.clone(),
+        )
+        .unwrap();
+        let items: Vec<Tensors> = (0..8).map(|i| sentence(1 + i * 3, i)).collect();
+        let tickets: Vec<_> = items
+            .iter()
+            .map(|item| {
+                let fit = spec.fit(item);
+                batcher.handle().submit(item.clone(), fit, None).unwrap()
+            })
+            .collect();
+        for (item, ticket) in items.iter().zip(tickets) {
+            let done = ticket.wait().await.unwrap();
+            assert_eq!(done.batch_size, 8, "lengths 1 to 22 ran as one batch");
+            assert_eq!(done.outputs["embedding"].shape(), &[4]);
+            let len = item["input_ids"].shape()[0];
+            assert!(len >= 1);
+        }
+        shutdown.cancel();
+        batcher.join().await;
     }
 }

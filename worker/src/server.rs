@@ -37,7 +37,7 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use tidepool_protocol::tls::{Stream, TlsAcceptor, WriteHalf};
 use tidepool_protocol::{
     encode_frame, Error as ProtocolError, ErrorCode, ErrorReply, FrameBudget, FrameReader, Infer,
-    InferResult, Message, MessageCodec, RequestId, CONNECTION_ID,
+    InferResult, Message, MessageCodec, MetadataResult, ModelMetadata, RequestId, CONNECTION_ID,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -62,6 +62,8 @@ pub enum Phase {
         batcher: BatcherHandle,
         /// What items must look like.
         spec: Arc<ModelSpec>,
+        /// The answer to `metadata`.
+        metadata: Arc<ModelMetadata>,
     },
     /// Shutting down: requests are answered `shutting_down`, pings `unavailable`.
     Draining,
@@ -389,40 +391,57 @@ impl Connection {
                 None
             }
             Message::Ping { id } => Some(Answer {
-                message: match &*self.context.phase.borrow() {
-                    Phase::Ready { .. } => Message::Pong {
-                        id,
-                        load: Some(self.context.metrics.busy.load()),
-                    },
-                    Phase::Loading => Message::Error(
-                        ErrorReply::new(
-                            id,
-                            ErrorCode::Unavailable,
-                            "the worker is loading its model",
-                        )
-                        .retry_after(LOADING_RETRY_MS),
-                    ),
-                    Phase::Draining => Message::Error(ErrorReply::new(
-                        id,
-                        ErrorCode::Unavailable,
-                        "the worker is shutting down",
-                    )),
-                },
+                message: self.when_ready(id, |_| Message::Pong {
+                    id,
+                    load: Some(self.context.metrics.busy.load()),
+                }),
                 counts: false,
             }),
-            other @ (Message::Result(_) | Message::Error(_) | Message::Pong { .. }) => {
-                Some(Answer {
-                    message: Message::Error(ErrorReply::new(
-                        other.id(),
-                        ErrorCode::BadRequest,
-                        format!(
-                            "a worker accepts infer, cancel and ping, not {}",
-                            other.kind()
-                        ),
-                    )),
-                    counts: false,
-                })
-            }
+            Message::Metadata { id } => Some(Answer {
+                message: self.when_ready(id, |metadata| {
+                    Message::MetadataResult(MetadataResult {
+                        id,
+                        model: ModelMetadata::clone(metadata),
+                        worker: Some(self.context.name.clone()),
+                    })
+                }),
+                counts: false,
+            }),
+            other @ (Message::Result(_)
+            | Message::Error(_)
+            | Message::Pong { .. }
+            | Message::MetadataResult(_)) => Some(Answer {
+                message: Message::Error(ErrorReply::new(
+                    other.id(),
+                    ErrorCode::BadRequest,
+                    format!(
+                        "a worker accepts infer, cancel, ping and metadata, not {}",
+                        other.kind()
+                    ),
+                )),
+                counts: false,
+            }),
+        }
+    }
+
+    /// `ready`'s answer once the model is loaded (it gets the model's metadata);
+    /// `unavailable` while loading or shutting down.
+    fn when_ready(&self, id: RequestId, ready: impl FnOnce(&ModelMetadata) -> Message) -> Message {
+        match &*self.context.phase.borrow() {
+            Phase::Ready { metadata, .. } => ready(metadata),
+            Phase::Loading => Message::Error(
+                ErrorReply::new(
+                    id,
+                    ErrorCode::Unavailable,
+                    "the worker is loading its model",
+                )
+                .retry_after(LOADING_RETRY_MS),
+            ),
+            Phase::Draining => Message::Error(ErrorReply::new(
+                id,
+                ErrorCode::Unavailable,
+                "the worker is shutting down",
+            )),
         }
     }
 
@@ -453,7 +472,7 @@ impl Connection {
         }
         // Clone what is needed out of the watch and release its read lock before anything else.
         let (batcher, spec) = match &*self.context.phase.borrow() {
-            Phase::Ready { batcher, spec } => (batcher.clone(), Arc::clone(spec)),
+            Phase::Ready { batcher, spec, .. } => (batcher.clone(), Arc::clone(spec)),
             Phase::Loading => {
                 return reject(
                     ErrorCode::Unavailable,
@@ -473,7 +492,8 @@ impl Connection {
             return reject(e.code(), e.to_string(), None);
         }
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-        let ticket = match batcher.submit(inputs, deadline) {
+        let fit = spec.fit(&inputs);
+        let ticket = match batcher.submit(inputs, fit, deadline) {
             Ok(ticket) => ticket,
             Err(rejection) => {
                 return reject(rejection.code, rejection.message, rejection.retry_after_ms)

@@ -113,7 +113,10 @@ impl SynthPlan {
     /// From the `synth` subcommand's flags.
     pub fn from_config(config: &SynthConfig) -> Result<SynthPlan, Error> {
         SynthPlan::new(
-            config.size,
+            config.size.ok_or_else(|| Error::InvalidConfig {
+                flag: "size",
+                reason: "--kind mlp needs the weights' size, like --size 64MiB".to_owned(),
+            })?,
             config.input_dim,
             config.output_dim,
             config.layers,
@@ -153,7 +156,36 @@ pub fn write(
     ort_lib: &Path,
     external_from: u64,
 ) -> Result<Option<PathBuf>, Error> {
+    let data = synthesize(out, ort_lib, plan.weight_bytes() >= external_from, || {
+        build_graph(plan)
+    })?;
+    info!(
+        out = %out.display(),
+        input_dim = plan.input_dim,
+        hidden = plan.hidden,
+        output_dim = plan.output_dim,
+        layers = plan.layers,
+        weight_bytes = plan.weight_bytes(),
+        external = data.is_some(),
+        "synthetic model written"
+    );
+    Ok(data)
+}
+
+/// Loads ONNX Runtime (outlets and tensors need it), builds a graph with `build` and writes
+/// it as an ONNX model at `out`, its weights in `out.data` when `external`. Returns the path
+/// of the data file, if any.
+pub(crate) fn synthesize(
+    out: &Path,
+    ort_lib: &Path,
+    external: bool,
+    build: impl FnOnce() -> ort::Result<Graph>,
+) -> Result<Option<PathBuf>, Error> {
     let env = environment(ort_lib)?;
+    let graph = build().map_err(|source| Error::Synth {
+        path: out.to_path_buf(),
+        source,
+    })?;
     let synth_err = |source: ort::Error| Error::Synth {
         path: out.to_path_buf(),
         source,
@@ -165,12 +197,10 @@ pub fn write(
         })?;
     }
 
-    let graph = build_graph(plan).map_err(synth_err)?;
     let mut model = EditorModel::new([Opset::new(ONNX_DOMAIN, OPSET).map_err(synth_err)?])
         .map_err(synth_err)?;
     model.set_graph(graph).map_err(synth_err)?;
 
-    let external = plan.weight_bytes() >= external_from;
     let data_path = external.then(|| {
         let mut name = out.as_os_str().to_owned();
         name.push(".data");
@@ -214,20 +244,44 @@ pub fn write(
     }
     let session = model.into_session(&builder).map_err(synth_err)?;
     drop(session);
-    info!(
-        out = %out.display(),
-        input_dim = plan.input_dim,
-        hidden = plan.hidden,
-        output_dim = plan.output_dim,
-        layers = plan.layers,
-        weight_bytes = plan.weight_bytes(),
-        external = external,
-        "synthetic model written"
-    );
     Ok(data_path)
 }
 
-/// The `synth` subcommand.
+/// Renames dimension names in a written model file: ONNX Runtime's model editor writes the
+/// first symbolic name of an outlet on every dynamic dimension of it, so outlets are built
+/// with `from` on every dynamic dimension and the first dimension of each (the batch one)
+/// is renamed `to` here. Byte for byte (the names must be as long), so the protobuf lengths
+/// stay right.
+pub(crate) fn rename_batch_dims(path: &Path, from: &str, to: &str) -> Result<(), Error> {
+    assert_eq!(
+        from.len(),
+        to.len(),
+        "names of one length keep the protobuf valid"
+    );
+    let io_err = |source| Error::SynthIo {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = std::fs::read(path).map_err(io_err)?;
+    // A dimension's name is a protobuf string field: its tag (field 2, length-delimited)
+    // and its length come right before it.
+    let needle: Vec<u8> = [&[0x12, from.len() as u8][..], from.as_bytes()].concat();
+    // Consecutive dimensions of one shape are separated by exactly the next dimension's own
+    // tag and length (2 bytes); anything else starts another outlet's shape.
+    let mut at = 0;
+    let mut previous_end = None;
+    while let Some(found) = bytes[at..].windows(needle.len()).position(|w| w == needle) {
+        let start = at + found;
+        if previous_end.is_none_or(|end| start - end != 2) {
+            bytes[start + 2..start + 2 + to.len()].copy_from_slice(to.as_bytes());
+        }
+        previous_end = Some(start + needle.len());
+        at = start + needle.len();
+    }
+    std::fs::write(path, bytes).map_err(io_err)
+}
+
+/// The `synth --kind mlp` subcommand.
 pub fn run(config: &SynthConfig) -> Result<SynthPlan, Error> {
     let plan = SynthPlan::from_config(config)?;
     let ort_lib = config.ort_lib.as_deref().ok_or(Error::OrtLibMissing)?;
@@ -301,7 +355,11 @@ fn build_graph(plan: &SynthPlan) -> ort::Result<Graph> {
     Ok(graph)
 }
 
-fn random_tensor(shape: &[usize], bound: f32, rng: &mut SplitMix64) -> ort::Result<OrtTensor<f32>> {
+pub(crate) fn random_tensor(
+    shape: &[usize],
+    bound: f32,
+    rng: &mut SplitMix64,
+) -> ort::Result<OrtTensor<f32>> {
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let mut tensor = OrtTensor::<f32>::new(&Allocator::default(), dims)?;
     let (_, data) = tensor.extract_tensor_mut();
@@ -314,10 +372,10 @@ fn random_tensor(shape: &[usize], bound: f32, rng: &mut SplitMix64) -> ort::Resu
 /// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and fixed forever, so models are
 /// reproducible from their seed.
 #[derive(Clone, Debug)]
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         SplitMix64(seed)
     }
 
@@ -405,7 +463,7 @@ mod ort_tests {
         let mut model = load_cpu(&a);
         let mut twin = load_cpu(&b);
         assert!(model.spec().batched);
-        model.warm_up().unwrap();
+        model.warm_up(&crate::model::WarmUp::batch(4)).unwrap();
         let items: Vec<Tensors> = (0..3)
             .map(|i| {
                 let x: Vec<f32> = (0..8).map(|j| (i * 8 + j) as f32 / 10.0).collect();
@@ -448,6 +506,6 @@ mod ort_tests {
         );
         assert!(model_len < data_len, "model file {model_len} bytes");
         let mut model = load_cpu(&out);
-        model.warm_up().unwrap();
+        model.warm_up(&crate::model::WarmUp::batch(4)).unwrap();
     }
 }

@@ -12,18 +12,17 @@
 //! is ever in memory.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use clap::ValueEnum as _;
 use serde::Serialize;
-use tidepool_bench::report::{machine, Report};
+use tidepool_bench::report::{machine, quick_note, CommonArgs, Report};
+use tidepool_bench::saturate::{saturate, Saturation};
 use tidepool_bench::stats::fmt_us;
 use tidepool_load::{CancellationToken, InputSpec, LoadConfig};
-use tidepool_protocol::{ClientOptions, Pool, Tensors};
+use tidepool_protocol::Tensors;
 use tidepool_worker::{DeviceChoice, Engine, LoadOptions, Model, ModelSpec, ServeConfig, Worker};
 
 /// Worker benchmark: worker vs direct ONNX Runtime, batching vs none, latency at half load.
@@ -32,15 +31,9 @@ struct Args {
     /// The model (tidepool-worker synth --size 1GiB).
     #[arg(long, default_value = "build/models/synth-1gib.onnx")]
     model: PathBuf,
-    /// The ONNX Runtime library.
-    #[arg(long, env = "ORT_DYLIB_PATH")]
-    ort_lib: PathBuf,
-    /// Directory for worker.md and worker.json.
-    #[arg(long, default_value = "bench-out")]
-    out: PathBuf,
-    /// A short smoke run; the figures mean little.
-    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
-    quick: bool,
+    /// The library, the report directory, quick runs.
+    #[command(flatten)]
+    common: CommonArgs,
     /// Batch sizes tried in the direct run.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32,64")]
     batches: Vec<usize>,
@@ -74,18 +67,9 @@ struct DirectRow {
     items_per_second: f64,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-struct Saturation {
-    items: u64,
-    errors: u64,
-    seconds: f64,
-    items_per_second: f64,
-    mean_batch: f64,
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let timing = if args.quick {
+    let timing = if args.common.quick {
         Timing {
             direct_per_batch: Duration::from_secs(1),
             warmup: Duration::from_secs(1),
@@ -122,15 +106,9 @@ fn main() -> anyhow::Result<()> {
         args.device
             .to_possible_value()
             .map_or_else(|| "cpu".to_owned(), |v| v.get_name().to_owned()),
-        if args.quick {
-            " **Quick smoke run (BENCH_QUICK=1): figures are not meaningful.**"
-        } else {
-            ""
-        }
+        quick_note(args.common.quick)
     ));
-    report.set("machine", machine());
-    report.set("model", args.model.display().to_string());
-    report.set("quick", args.quick);
+    report.set_run(&args.model, args.common.quick);
 
     eprintln!("direct: loading the model");
     let (spec, direct) = direct(&args, &timing)?;
@@ -187,7 +165,7 @@ fn main() -> anyhow::Result<()> {
         unbatched,
     };
     write_report(&mut report, &timing, &direct, &runs, &latency);
-    report.write(&args.out, "worker")?;
+    report.write(&args.common.out, "worker")?;
     println!("{}", report.markdown());
     Ok(())
 }
@@ -223,11 +201,14 @@ fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<Direct
     let started = Instant::now();
     let mut model = Model::load(&LoadOptions {
         path: args.model.clone(),
-        ort_lib: args.ort_lib.clone(),
+        ort_lib: args.common.ort_lib.clone(),
         device: args.device,
         threads: None,
+        padding: tidepool_worker::PaddingOptions::default(),
     })?;
-    model.warm_up()?;
+    model.warm_up(&tidepool_worker::WarmUp::batch(
+        args.batches.iter().copied().max().unwrap_or(1),
+    ))?;
     eprintln!("direct: loaded in {:.1?}", started.elapsed());
     let spec = (**model.spec()).clone();
     let pool = tidepool_load::input::build_items(&input_specs(&spec), 64, 0)?;
@@ -256,7 +237,7 @@ fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<Direct
 
 async fn start_worker(args: &Args, max_batch: usize) -> anyhow::Result<Worker> {
     let mut config = ServeConfig::new(&args.model, "127.0.0.1:0");
-    config.ort_lib = Some(args.ort_lib.clone());
+    config.ort_lib = Some(args.common.ort_lib.clone());
     config.device = args.device;
     config.max_batch = max_batch;
     let worker = Worker::start(config).await?;
@@ -265,75 +246,6 @@ async fn start_worker(args: &Args, max_batch: usize) -> anyhow::Result<Worker> {
         bail!("the worker stopped before it was ready");
     }
     Ok(worker)
-}
-
-/// `clients` concurrent callers, each sending its next item as soon as the last is
-/// answered; counts results during `measure`, after `warmup`.
-async fn saturate(
-    addr: &str,
-    items: &[Tensors],
-    clients: usize,
-    warmup: Duration,
-    measure: Duration,
-) -> anyhow::Result<Saturation> {
-    let pool = Pool::connect(addr, 4, ClientOptions::default()).await?;
-    let (ok, errors, batch_sum) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let stop = CancellationToken::new();
-    let tasks: Vec<_> = (0..clients)
-        .map(|i| {
-            let (pool, item, stop) = (pool.clone(), items[i % items.len()].clone(), stop.clone());
-            let (ok, errors, batch_sum) =
-                (Arc::clone(&ok), Arc::clone(&errors), Arc::clone(&batch_sum));
-            tokio::spawn(async move {
-                loop {
-                    let answer = tokio::select! {
-                        () = stop.cancelled() => return,
-                        answer = pool.infer(item.clone()) => answer,
-                    };
-                    match answer {
-                        Ok(r) => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                            batch_sum
-                                .fetch_add(u64::from(r.batch_size.unwrap_or(1)), Ordering::Relaxed);
-                        }
-                        Err(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    tokio::time::sleep(warmup).await;
-    let (ok0, err0, batch0, t0) = (
-        ok.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed),
-        batch_sum.load(Ordering::Relaxed),
-        Instant::now(),
-    );
-    tokio::time::sleep(measure).await;
-    let (ok1, err1, batch1, seconds) = (
-        ok.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed),
-        batch_sum.load(Ordering::Relaxed),
-        t0.elapsed().as_secs_f64(),
-    );
-    stop.cancel();
-    for t in tasks {
-        let _ = t.await;
-    }
-    let items = ok1 - ok0;
-    Ok(Saturation {
-        items,
-        errors: err1 - err0,
-        seconds,
-        items_per_second: items as f64 / seconds,
-        mean_batch: (batch1 - batch0) as f64 / items.max(1) as f64,
-    })
 }
 
 /// What the saturation runs found.

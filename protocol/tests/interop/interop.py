@@ -47,6 +47,28 @@ EXPECTED = {
     "cancel": {"type": "cancel", "id": 3},
     "ping": {"type": "ping", "id": 4},
     "pong": {"type": "pong", "id": 4},
+    "metadata": {"type": "metadata", "id": 6},
+    "metadata_result": {
+        "type": "metadata_result",
+        "id": 6,
+        "worker": "worker-1",
+        "model": {
+            "name": "encoder",
+            "version": "2",
+            "platform": "onnxruntime",
+            "inputs": [
+                {"name": "input_ids", "dtype": "i64", "shape": [-1], "dims": ["sequence"]},
+                {"name": "attention_mask", "dtype": "i64", "shape": [-1], "dims": ["sequence"]},
+            ],
+            "outputs": [{"name": "embedding", "dtype": "f32", "shape": [4], "dims": [""]}],
+            "batched": True,
+            "max_batch": 32,
+            "padding": {
+                "axes": ["sequence"],
+                "values": {"attention_mask": 0.0, "input_ids": 0.0},
+            },
+        },
+    },
 }
 
 # Made only here: a later version's extra key, which a v1 reader must ignore.
@@ -82,7 +104,7 @@ def check(folder):
 
 
 def hexdump():
-    for name in ("infer", "result"):
+    for name in ("infer", "result", "metadata", "metadata_result"):
         data = frame(EXPECTED[name])
         print(f"{name} ({len(data)} bytes):")
         for offset in range(0, len(data), 16):
