@@ -8,8 +8,12 @@
 //! them to their pending entries, which restore the client's id.
 //!
 //! When the connection ends, the requests still in the channel were never written: they
-//! go back to routing. Those in the map were written and may have run: they are answered
-//! `unavailable`. Nothing is lost, nothing runs twice without the client knowing.
+//! go back to routing. Those in the map were written and may have run: with `--retries on`
+//! each is sent once more to another target (`retry`'s budget and rules), otherwise it is
+//! answered `unavailable`. Nothing is lost, and the client gets exactly one answer.
+//!
+//! The reader also tells outlier detection (`outlier`) what each answer says about the
+//! target.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
