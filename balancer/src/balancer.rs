@@ -22,9 +22,11 @@ use crate::frontend::{ClientLimits, FrontendContext};
 use crate::handle::Handle;
 use crate::health::HealthCheck;
 use crate::metrics::Metrics;
+use crate::outlier::{OutlierSettings, Outliers};
 use crate::pending::Lifecycle;
 use crate::queue::{QueueHandle, QueueReceiver, QueueSignal};
 use crate::registry::{GroupSettings, TargetGroup};
+use crate::retry::{Retries, RetrySettings};
 use crate::target::Thresholds;
 use crate::tls::{Tls, TlsListener};
 use crate::upstream::UpstreamSettings;
@@ -113,6 +115,9 @@ impl Balancer {
         let signal = Arc::new(QueueSignal::default());
         let (queue, queue_rx) =
             QueueHandle::new(config.queue, config.queue_timeout, Arc::clone(&signal));
+        let (retries, outliers) = recovery(&config);
+        let _ = metrics.recovery.set((retries.clone(), outliers.clone()));
+        let queue = queue.with_retries(retries).with_outliers(outliers);
         let group = TargetGroup::new(
             group_settings(&config, &tls),
             rules,
@@ -334,6 +339,22 @@ fn group_settings(config: &Config, tls: &Tls) -> GroupSettings {
         },
         upstream_tls: tls.upstream.clone(),
     }
+}
+
+/// Retries on target loss and outlier detection, from the flags.
+fn recovery(config: &Config) -> (Retries, Outliers) {
+    let retries = Retries::new(RetrySettings {
+        enabled: config.retries,
+        ratio: config.retry_budget_ratio,
+        floor_per_second: config.retry_budget_floor,
+    });
+    let outliers = Outliers::new(OutlierSettings {
+        consecutive: config.eject_consecutive,
+        base: config.eject_base,
+        max: config.eject_max,
+        max_percent: config.max_ejection_percent,
+    });
+    (retries, outliers)
 }
 
 /// The router's settings from the flags.

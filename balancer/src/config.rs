@@ -286,6 +286,40 @@ pub struct Config {
     /// new handshakes use the new certificates, open connections keep theirs.
     #[arg(long, env = "TIDEPOOL_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tls_reload_interval: Duration,
+    /// Send a request once more, to another healthy target, when the connection it was
+    /// written on is lost before its answer (inference is idempotent) and its deadline
+    /// leaves time: `on` or `off`. The first answer wins; the client gets exactly one.
+    #[arg(
+        long,
+        env = "TIDEPOOL_RETRIES",
+        alias = "retry-on-loss",
+        default_value = "on",
+        action = ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub retries: bool,
+    /// Retries allowed as a share of the requests of the last 10 s (Envoy's and Linkerd's
+    /// retry budget), so that a failing pool is not sent twice its load.
+    #[arg(long, env = "TIDEPOOL_RETRY_BUDGET_RATIO", default_value_t = 0.2)]
+    pub retry_budget_ratio: f64,
+    /// Retries allowed per second on top of the share, so that a quiet pool retries too.
+    #[arg(long, env = "TIDEPOOL_RETRY_BUDGET_FLOOR", default_value_t = 10)]
+    pub retry_budget_floor: u32,
+    /// Eject a target from routing after this many `internal` or `unavailable` answers in
+    /// a row (outlier detection); 0 turns ejection off.
+    #[arg(long, env = "TIDEPOOL_EJECT_CONSECUTIVE", default_value_t = 5)]
+    pub eject_consecutive: u32,
+    /// How long a first ejection lasts; each further one lasts this times the number of
+    /// ejections, up to --eject-max.
+    #[arg(long, env = "TIDEPOOL_EJECT_BASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub eject_base: Duration,
+    /// The longest an ejection lasts.
+    #[arg(long, env = "TIDEPOOL_EJECT_MAX", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub eject_max: Duration,
+    /// The most targets ejected at once, as a percentage of the target group (at least one
+    /// target is always left in).
+    #[arg(long, env = "TIDEPOOL_MAX_EJECTION_PERCENT", default_value_t = 50)]
+    pub max_ejection_percent: u8,
 }
 
 impl Default for Config {
@@ -339,6 +373,13 @@ impl Default for Config {
             admin_tls_key: None,
             tls_handshake_timeout: tidepool_protocol::tls::DEFAULT_HANDSHAKE_TIMEOUT,
             tls_reload_interval: tidepool_protocol::tls::DEFAULT_RELOAD_POLL,
+            retries: true,
+            retry_budget_ratio: 0.2,
+            retry_budget_floor: 10,
+            eject_consecutive: 5,
+            eject_base: Duration::from_secs(30),
+            eject_max: Duration::from_secs(300),
+            max_ejection_percent: 50,
         }
     }
 }
@@ -440,6 +481,7 @@ impl Config {
             }
         }
         self.autoscale.validate()?;
+        self.validate_resilience()?;
         self.validate_control_plane()?;
         validate_tls(self)?;
         Ok(())
@@ -460,6 +502,43 @@ impl Config {
     }
 
     /// The admin token and the target rules' flags.
+    /// The retry budget and outlier detection.
+    fn validate_resilience(&self) -> Result<(), Error> {
+        let bad = |flag, problem: String| Err(Error::Config { flag, problem });
+        if !(0.0..=1.0).contains(&self.retry_budget_ratio) {
+            return bad(
+                "retry-budget-ratio",
+                format!(
+                    "{} is not a share between 0 and 1 (0.2 allows one retry per five requests)",
+                    self.retry_budget_ratio
+                ),
+            );
+        }
+        if self.max_ejection_percent > 100 {
+            return bad(
+                "max-ejection-percent",
+                format!("{} is above 100", self.max_ejection_percent),
+            );
+        }
+        if self.eject_consecutive > 0 && self.eject_base.is_zero() {
+            return bad(
+                "eject-base",
+                "must be above zero while --eject-consecutive is on".to_owned(),
+            );
+        }
+        if self.eject_max < self.eject_base {
+            return bad(
+                "eject-max",
+                format!(
+                    "{} is shorter than --eject-base {}",
+                    humantime::format_duration(self.eject_max),
+                    humantime::format_duration(self.eject_base)
+                ),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_control_plane(&self) -> Result<(), Error> {
         let bad = |flag, problem: String| Err(Error::Config { flag, problem });
         let token = self.admin_credentials()?;

@@ -114,6 +114,7 @@ impl Router {
 
     /// Routes a newly read request, queueing it when it must wait.
     pub(crate) async fn submit(&self, request: Request, scratch: &mut Scratch) {
+        self.queue.retries().note_request();
         // While others wait, a new request waits behind them: first come, first served.
         if self.queue.signal().len() > 0 {
             self.queue.push(request);
@@ -155,13 +156,18 @@ impl Router {
         let limit = self.settings.max_outstanding;
         let targets = self.group.snapshot();
         scratch.candidates.clear();
+        // A retried request never goes back to the target it was lost at.
+        let lost_at = request.pending.retried_from();
+        let now = Instant::now();
+        self.queue.outliers().set_pool_size(targets.len());
         scratch.candidates.extend(targets.iter().map(|t| {
             let outstanding = t.outstanding();
             Candidate {
+                set_aside: t.outlier.set_aside(now),
                 state: t.state(),
                 outstanding,
                 weight: t.weight(),
-                connected: t.connected(),
+                connected: t.connected() && lost_at != Some(t.addr()),
                 full: limit.is_some_and(|l| outstanding >= l),
             }
         }));

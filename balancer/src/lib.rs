@@ -16,6 +16,10 @@
 //! 3. [`upstream`] writes it to one of the target's persistent connections under a fresh
 //!    id, and takes the answer back to the pending entry, which restores the client's id.
 //!
+//! When a connection is lost after writing a request, `retry` decides whether it is sent
+//! once more to another target (a budget bounds it); every answer also feeds `outlier`
+//! detection, which ejects targets that fail fast, and routing passes over them.
+//!
 //! Beside the path: [`health`] checks each target and moves its state, [`discovery`]
 //! keeps DNS names' addresses registered, [`admin`] serves the HTTP API (its bearer
 //! token checked by [`auth`]) and [`metrics`]' Prometheus text, [`validation`] holds the
@@ -98,9 +102,11 @@ mod handle;
 mod health;
 mod metadata;
 mod metrics;
+mod outlier;
 mod pending;
 mod queue;
 mod registry;
+mod retry;
 pub mod routing;
 pub mod target;
 mod throttle;
@@ -115,6 +121,7 @@ pub use config::{Config, HealthProtocol, RoutingPolicy};
 pub use discovery::{Resolver, SystemResolver};
 pub use error::Error;
 pub use handle::Handle;
+pub use outlier::EjectionReason;
 pub use target::{TargetInfo, TargetState};
 pub use validation::TargetRefusal;
 

@@ -6,11 +6,13 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tidepool_protocol::tls::HandshakeFailures;
 
+use crate::outlier::Outliers;
+use crate::retry::Retries;
 use crate::target::{Target, TargetState};
 
 /// Why a request was answered with an error by the balancer itself.
@@ -153,6 +155,8 @@ pub(crate) struct Metrics {
     pub(crate) limits: LimitCounters,
     /// Failed TLS handshakes, each side's counter shared with its acceptor or connector.
     pub(crate) tls_failures: TlsFailures,
+    /// The retry policy and outlier detection, for their counters (set once at bind).
+    pub(crate) recovery: OnceLock<(Retries, Outliers)>,
 }
 
 /// How often each of the balancer's protective limits bit.
@@ -183,6 +187,7 @@ impl Default for Metrics {
             queue_wait: Histogram::latency(),
             limits: LimitCounters::default(),
             tls_failures: TlsFailures::default(),
+            recovery: OnceLock::new(),
         }
     }
 }
@@ -324,6 +329,10 @@ impl Metrics {
             );
         }
 
+        if let Some((retries, outliers)) = self.recovery.get() {
+            render_recovery(&mut out, retries, outliers, targets);
+        }
+
         let _ = writeln!(out, "# HELP tidepool_routed_total Requests routed to each target.\n# TYPE tidepool_routed_total counter");
         for t in targets {
             let _ = writeln!(
@@ -365,6 +374,54 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// The counters of retries on target loss and of outlier detection, and which targets are
+/// ejected now.
+fn render_recovery(
+    out: &mut String,
+    retries: &Retries,
+    outliers: &Outliers,
+    targets: &[Arc<Target>],
+) {
+    for (name, help, value) in [
+        (
+            "tidepool_retries_total",
+            "Requests sent once more to another target after the connection they were written on was lost.",
+            retries.retried(),
+        ),
+        (
+            "tidepool_retry_budget_exhausted_total",
+            "Lost requests answered unavailable, not retried, because the retry budget was spent.",
+            retries.exhausted(),
+        ),
+        (
+            "tidepool_ejections_capped_total",
+            "Ejections not made because --max-ejection-percent of the pool was ejected already.",
+            outliers.capped(),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    }
+    let _ = writeln!(out, "# HELP tidepool_ejections_total Targets ejected by outlier detection, by reason.\n# TYPE tidepool_ejections_total counter");
+    for (reason, n) in outliers.ejections() {
+        let _ = writeln!(
+            out,
+            "tidepool_ejections_total{{reason=\"{}\"}} {n}",
+            reason.as_str()
+        );
+    }
+    let _ = writeln!(out, "# HELP tidepool_target_ejected Each ejected target (1), with the reason.\n# TYPE tidepool_target_ejected gauge");
+    for t in targets {
+        if let Some(reason) = t.outlier.ejection() {
+            let _ = writeln!(
+                out,
+                "tidepool_target_ejected{{target=\"{}\",reason=\"{}\"}} 1",
+                t.addr(),
+                reason.as_str()
+            );
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! branch) answers `unavailable`, or `shutting_down` once the drain deadline has passed.
 //! A second answer cannot be written because there is no second owner.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -269,6 +270,12 @@ pub(crate) struct Pending {
     /// answered; `None` only for entries made in tests.
     expiry: Option<Expiry>,
     answered: bool,
+    /// The written request, kept while it is at a target so that it can be sent once more
+    /// if its connection is lost (`--retries on`): `Bytes` clones of the frame, no copy.
+    kept: Option<(Payload, u32)>,
+    /// The target it was lost at, once it has been retried: a request is retried once,
+    /// and never back to the target it was lost at.
+    retried_from: Option<SocketAddr>,
 }
 
 impl Pending {
@@ -288,6 +295,8 @@ impl Pending {
             permit,
             expiry: None,
             answered: false,
+            kept: None,
+            retried_from: None,
         }
     }
 
@@ -380,6 +389,42 @@ impl Pending {
         };
         // As in `mark_sent`: never drop a connection handle under the map guard.
         drop(previous);
+    }
+
+    /// Keeps the request written to a target with its entry, for a retry should the
+    /// connection be lost before the answer.
+    pub(crate) fn keep(&mut self, payload: Payload, reroutes: u32) {
+        self.kept = Some((payload, reroutes));
+    }
+
+    /// Takes back what [`keep`](Pending::keep) kept.
+    pub(crate) fn unkeep(&mut self) -> Option<(Payload, u32)> {
+        self.kept.take()
+    }
+
+    /// The request again, to be sent to another target than `lost_at`; the entry back when
+    /// it cannot be retried (nothing kept, or it was retried already).
+    // The entry moves by value everywhere (channels, maps); boxing it here would cost an
+    // allocation per retry for nothing.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn into_retry(mut self, lost_at: SocketAddr) -> Result<Request, Pending> {
+        if self.retried_from.is_some() {
+            return Err(self);
+        }
+        let Some((payload, reroutes)) = self.kept.take() else {
+            return Err(self);
+        };
+        self.retried_from = Some(lost_at);
+        Ok(Request {
+            pending: self,
+            payload,
+            reroutes,
+        })
+    }
+
+    /// The target a retried request was lost at, which routing passes over.
+    pub(crate) fn retried_from(&self) -> Option<SocketAddr> {
+        self.retried_from
     }
 
     /// Answers with the target's `result` or `error`, under the client's id.

@@ -16,7 +16,9 @@ use tidepool_protocol::ErrorCode;
 use tokio::sync::{mpsc, Notify};
 
 use crate::metrics::Reject;
+use crate::outlier::{OutlierSettings, Outliers};
 use crate::pending::Request;
+use crate::retry::{Retries, RetrySettings};
 
 /// The queue's length and its wake-up, shared with every target.
 #[derive(Debug, Default)]
@@ -61,6 +63,11 @@ pub(crate) type QueueReceiver = mpsc::UnboundedReceiver<Request>;
 pub(crate) struct Reroute {
     tx: mpsc::UnboundedSender<Request>,
     signal: Arc<QueueSignal>,
+    /// The retry policy, for requests lost with their connection after being written.
+    retries: Retries,
+    /// Outlier detection, which the connections tell every answer: routing's other
+    /// feedback from the targets.
+    outliers: Outliers,
 }
 
 impl Reroute {
@@ -69,6 +76,16 @@ impl Reroute {
     pub(crate) fn send(&self, request: Request) {
         self.signal.len.fetch_add(1, Ordering::AcqRel);
         self.send_counted(request);
+    }
+
+    /// The retry policy and its budget.
+    pub(crate) fn retries(&self) -> &Retries {
+        &self.retries
+    }
+
+    /// Outlier detection.
+    pub(crate) fn outliers(&self) -> &Outliers {
+        &self.outliers
     }
 
     /// Sends a request already counted in the length.
@@ -100,12 +117,41 @@ impl QueueHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             QueueHandle {
-                inlet: Reroute { tx, signal },
+                inlet: Reroute {
+                    tx,
+                    signal,
+                    retries: Retries::new(RetrySettings::OFF),
+                    outliers: Outliers::new(OutlierSettings::OFF),
+                },
                 capacity,
                 timeout,
             },
             rx,
         )
+    }
+
+    /// Sets the retry policy (off unless set): the upstream connections get it with
+    /// [`reroute`](QueueHandle::reroute), so set it before handing that out.
+    pub(crate) fn with_retries(mut self, retries: Retries) -> QueueHandle {
+        self.inlet.retries = retries;
+        self
+    }
+
+    /// The retry policy, whose budget counts each new request.
+    pub(crate) fn retries(&self) -> &Retries {
+        &self.inlet.retries
+    }
+
+    /// Sets outlier detection (off unless set); as with retries, before
+    /// [`reroute`](QueueHandle::reroute) is handed out.
+    pub(crate) fn with_outliers(mut self, outliers: Outliers) -> QueueHandle {
+        self.inlet.outliers = outliers;
+        self
+    }
+
+    /// Outlier detection, which the router tells the pool's size.
+    pub(crate) fn outliers(&self) -> &Outliers {
+        &self.inlet.outliers
     }
 
     /// The queue's length and wake-up.

@@ -28,6 +28,9 @@ pub struct Candidate {
     pub connected: bool,
     /// Whether it is at its `--max-outstanding` limit.
     pub full: bool,
+    /// Whether outlier detection sets it aside (ejected, or cooling off after an
+    /// `overloaded` answer): it is chosen only when every eligible target is set aside.
+    pub set_aside: bool,
 }
 
 /// The outcome of one routing decision.
@@ -52,7 +55,7 @@ pub fn choose<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Choice {
     let any_healthy = candidates.iter().any(|c| c.state == TargetState::Healthy);
-    let eligible = |c: &Candidate| {
+    let in_state = |c: &Candidate| {
         c.connected
             && if any_healthy {
                 c.state == TargetState::Healthy
@@ -60,6 +63,10 @@ pub fn choose<R: Rng + ?Sized>(
                 fail_open && c.state != TargetState::Draining
             }
     };
+    // Outlier detection steers load, it never refuses it: when every eligible target is
+    // set aside, they are all eligible again.
+    let any_in = candidates.iter().any(|c| in_state(c) && !c.set_aside);
+    let eligible = |c: &Candidate| in_state(c) && !(any_in && c.set_aside);
     let mut eligible_count = 0usize;
     let mut open = 0usize;
     for c in candidates.iter().filter(|c| eligible(c)) {
@@ -182,13 +189,17 @@ mod tests {
             1u32..4,
             prop::bool::weighted(0.9),
             prop::bool::weighted(0.2),
+            prop::bool::weighted(0.2),
         )
-            .prop_map(|(state, outstanding, weight, connected, full)| Candidate {
-                state,
-                outstanding,
-                weight,
-                connected,
-                full,
+            .prop_map(|(state, outstanding, weight, connected, full, set_aside)| {
+                Candidate {
+                    state,
+                    outstanding,
+                    weight,
+                    connected,
+                    full,
+                    set_aside,
+                }
             })
     }
 
@@ -199,10 +210,34 @@ mod tests {
             weight,
             connected: true,
             full: false,
+            set_aside: false,
         }
     }
 
     proptest! {
+        #[test]
+        fn a_set_aside_target_is_chosen_only_when_every_eligible_one_is(
+            candidates in prop::collection::vec(candidate(), 0..12),
+            fail_open: bool,
+            ticket: usize,
+            seed: u64,
+        ) {
+            let any_healthy = candidates.iter().any(|c| c.state == TargetState::Healthy);
+            let in_state = |c: &Candidate| c.connected && if any_healthy {
+                c.state == TargetState::Healthy
+            } else {
+                fail_open && c.state != TargetState::Draining
+            };
+            for policy in POLICIES {
+                let mut rng = SmallRng::seed_from_u64(seed);
+                if let Choice::Target(i) = choose(policy, &candidates, fail_open, ticket, &mut rng) {
+                    if candidates[i].set_aside {
+                        prop_assert!(candidates.iter().all(|c| !in_state(c) || c.set_aside));
+                    }
+                }
+            }
+        }
+
         #[test]
         fn never_a_worse_state_while_a_healthy_target_exists(
             candidates in prop::collection::vec(candidate(), 0..12),

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Histogram;
+use crate::outlier::{EjectionReason, OutlierCell};
 use crate::queue::QueueSignal;
 use crate::upstream::UpstreamConn;
 
@@ -168,6 +169,8 @@ pub struct Target {
     /// The load its last `pong` reported; written by the health check, read by the
     /// autoscaler. A std mutex: held only to copy two numbers, never across an await.
     reported: Mutex<Option<Load>>,
+    /// Outlier detection's view of it: whether routing passes over it, and why.
+    pub(crate) outlier: OutlierCell,
 }
 
 impl fmt::Debug for Target {
@@ -205,6 +208,7 @@ impl Target {
             idle: Notify::new(),
             signal,
             reported: Mutex::new(None),
+            outlier: OutlierCell::default(),
         }
     }
 
@@ -418,6 +422,9 @@ pub struct TargetInfo {
     pub busy: Option<f64>,
     /// The queue delay its last `pong` reported, in microseconds.
     pub queue_us: Option<u64>,
+    /// Why outlier detection has ejected it, while it is ejected: routing passes over it
+    /// until the ejection ends (`--eject-consecutive`, `--eject-base`).
+    pub ejected: Option<EjectionReason>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -436,6 +443,7 @@ impl From<&Target> for TargetInfo {
             since: t.since(),
             busy: reported.map(|l| f64::from(l.busy)),
             queue_us: reported.map(|l| l.queue_us),
+            ejected: t.outlier.ejection(),
         }
     }
 }

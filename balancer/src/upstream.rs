@@ -8,8 +8,12 @@
 //! them to their pending entries, which restore the client's id.
 //!
 //! When the connection ends, the requests still in the channel were never written: they
-//! go back to routing. Those in the map were written and may have run: they are answered
-//! `unavailable`. Nothing is lost, nothing runs twice without the client knowing.
+//! go back to routing. Those in the map were written and may have run: with `--retries on`
+//! each is sent once more to another target (`retry`'s budget and rules), otherwise it is
+//! answered `unavailable`. Nothing is lost, and the client gets exactly one answer.
+//!
+//! The reader also tells outlier detection (`outlier`) what each answer says about the
+//! target.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use crate::burst::WRITE_BURST;
 use crate::deadline::Deadlines;
 use crate::metrics::{Metrics, Reject};
+use crate::outlier::Outcome;
 use crate::pending::{Payload, Pending, Request};
 use crate::queue::Reroute;
 use crate::target::Target;
@@ -119,7 +124,7 @@ impl UpstreamConn {
     }
 
     /// Starts the reader and writer tasks over `stream`.
-    fn start(stream: Stream, target: &Target, ctx: &UpstreamContext) -> Arc<UpstreamConn> {
+    fn start(stream: Stream, target: &Arc<Target>, ctx: &UpstreamContext) -> Arc<UpstreamConn> {
         let (read, write) = stream.into_split();
         let (conn, outlets) = UpstreamConn::new(target.addr(), target.stop.child_token());
         let max_frame = ctx.settings.max_frame;
@@ -135,6 +140,8 @@ impl UpstreamConn {
             Arc::clone(&conn),
             FramedRead::new(read, FrameCodec::new(max_frame)),
             Arc::clone(&ctx.metrics),
+            ctx.reroute.clone(),
+            Arc::clone(target),
         ));
         conn
     }
@@ -447,6 +454,14 @@ fn encode_request(
         return Ok(());
     }
     let expiry = pending.expiry().map(|e| e.at);
+    let mut pending = pending;
+    // With retries on, the entry keeps the request (cheap `Bytes` clones) until answered.
+    let mut payload = Some(payload);
+    if queue.retries().enabled() {
+        if let Some(payload) = payload.take() {
+            pending.keep(payload, reroutes);
+        }
+    }
     // In the map before the frame is written, so the answer always finds it.
     conn.pending.insert(upstream_id, pending);
     if let Some(at) = expiry {
@@ -454,15 +469,18 @@ fn encode_request(
     }
     if conn.is_closed() {
         // The reader may have emptied the map already; whoever removes it owns it.
-        if let Some((_, pending)) = conn.pending.remove(&upstream_id) {
-            reroute(
-                queue,
-                Request {
-                    pending,
-                    payload,
-                    reroutes,
-                },
-            );
+        if let Some((_, mut pending)) = conn.pending.remove(&upstream_id) {
+            let kept = pending.unkeep();
+            if let Some((payload, reroutes)) = payload.map(|p| (p, reroutes)).or(kept) {
+                reroute(
+                    queue,
+                    Request {
+                        pending,
+                        payload,
+                        reroutes,
+                    },
+                );
+            }
         }
         return Err(ProtocolError::Io(std::io::ErrorKind::NotConnected.into()));
     }
@@ -473,7 +491,11 @@ async fn read_loop(
     conn: Arc<UpstreamConn>,
     mut frames: FramedRead<ReadHalf, FrameCodec>,
     metrics: Arc<Metrics>,
+    queue: Reroute,
+    target: Arc<Target>,
 ) {
+    let outliers = queue.outliers().clone();
+    let observe = |outcome| outliers.observe(conn.addr, &target.outlier, outcome);
     let mut last_error: Option<String> = None;
     let reason = loop {
         let frame = tokio::select! {
@@ -506,7 +528,10 @@ async fn read_loop(
             }
             Ok(Frame::Raw(result)) if result.kind() == RawKind::Result => {
                 match conn.pending.remove(&result.id()) {
-                    Some((_, pending)) => pending.answer_raw(result),
+                    Some((_, pending)) => {
+                        observe(Outcome::Success);
+                        pending.answer_raw(result)
+                    }
                     None => {
                         tracing::trace!(target = %conn.addr, id = result.id(), "answer to a request that is gone")
                     }
@@ -527,7 +552,10 @@ async fn read_loop(
             }
             Ok(Frame::Message(msg @ (Message::Result(_) | Message::Error(_)))) => {
                 match conn.pending.remove(&msg.id()) {
-                    Some((_, pending)) => pending.answer(msg),
+                    Some((_, pending)) => {
+                        observe(outcome(&msg));
+                        pending.answer(msg)
+                    }
                     None => {
                         tracing::trace!(target = %conn.addr, id = msg.id(), "answer to a request that is gone")
                     }
@@ -546,13 +574,57 @@ async fn read_loop(
     let written: Vec<RequestId> = conn.pending.iter().map(|e| *e.key()).collect();
     for id in written {
         if let Some((_, pending)) = conn.pending.remove(&id) {
-            pending.lost(format!(
+            let message = format!(
                 "the connection to target {} ended after the request was sent ({}); it may or may not have run",
                 conn.addr,
                 reason.as_deref().unwrap_or("target deregistered")
-            ));
+            );
+            // Only a connection that was lost is retried: one the balancer closed itself
+            // (deregistration's end, shutdown) closes every other one too.
+            match reason {
+                Some(_) => retry_or_lose(&queue, pending, conn.addr, message),
+                None => pending.lost(message),
+            }
         }
     }
+}
+
+/// What a target's answer says about the target, for outlier detection.
+fn outcome(msg: &Message) -> Outcome {
+    match msg {
+        Message::Error(reply) => match reply.code {
+            ErrorCode::Internal | ErrorCode::Unavailable => Outcome::Failure,
+            ErrorCode::Overloaded => {
+                Outcome::Overloaded(reply.retry_after_ms.map(Duration::from_millis))
+            }
+            _ => Outcome::Neutral,
+        },
+        _ => Outcome::Success,
+    }
+}
+
+/// A written request whose connection was lost: sent once more, to another target, when
+/// retries are on, it was not retried already, its time is not up and the budget allows;
+/// otherwise answered `unavailable` with `message`.
+fn retry_or_lose(queue: &Reroute, pending: Pending, lost_at: SocketAddr, message: String) {
+    let mut request = match pending.into_retry(lost_at) {
+        Ok(request) => request,
+        Err(pending) => return pending.lost(message),
+    };
+    let pending = &request.pending;
+    if pending.expired(Instant::now()) || request.payload.deadline_left(pending.received()).is_err()
+    {
+        return request.pending.lost(message);
+    }
+    if !queue.retries().try_spend() {
+        return request.pending.lost(format!(
+            "{message}; it was not sent again because the balancer's retry budget is spent (too many requests lost at once)"
+        ));
+    }
+    tracing::debug!(target = %lost_at, "request lost with its connection: retrying on another target");
+    request.pending.clear_in_flight();
+    request.pending.mark_waiting();
+    queue.send(request);
 }
 
 /// Keeps connection slot `slot` of `target` open until the target stops: connects,

@@ -239,6 +239,27 @@ impl RawConn {
             .await
             .is_err()
     }
+
+    /// The answers to `n` requests by id, each within 5 s; panics when an id is answered
+    /// twice or anything more arrives within 300 ms (exactly one answer per request).
+    pub async fn answers(&mut self, n: usize) -> HashMap<u64, Message> {
+        let mut seen = HashMap::new();
+        while seen.len() < n {
+            let msg = self
+                .recv(Duration::from_secs(5))
+                .await
+                .expect("connection stays open");
+            assert!(
+                seen.insert(msg.id(), msg).is_none(),
+                "a request answered twice"
+            );
+        }
+        assert!(
+            self.quiet(Duration::from_millis(300)).await,
+            "no extra answers"
+        );
+        seen
+    }
 }
 
 /// One HTTP/1.1 request to the admin API; returns the status and the body.

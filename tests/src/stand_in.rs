@@ -31,6 +31,9 @@ pub struct StandInConfig {
     pub ready: bool,
     /// The largest frame accepted.
     pub max_frame: usize,
+    /// When set, every `infer` is answered at once with this error, as a worker whose
+    /// model broke does (its health checks still pass).
+    pub fail_with: Option<ErrorCode>,
 }
 
 impl Default for StandInConfig {
@@ -40,6 +43,7 @@ impl Default for StandInConfig {
             delay: Duration::ZERO,
             ready: true,
             max_frame: tidepool_protocol::DEFAULT_MAX_FRAME,
+            fail_with: None,
         }
     }
 }
@@ -238,6 +242,11 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
                         .lock()
                         .expect("clients lock")
                         .push(client.clone());
+                }
+                if let Some(code) = shared.config.fail_with {
+                    let reply = ErrorReply::new(infer.id, code, "the stand-in's model is broken");
+                    let _ = tx.send(Message::Error(reply)).await;
+                    continue;
                 }
                 let token = CancellationToken::new();
                 let duplicate = match pending.lock().expect("pending lock").entry(infer.id) {

@@ -1,0 +1,245 @@
+//! Retries on target loss and the budget that bounds them.
+//!
+//! A request written to a target whose connection is then lost may or may not have run;
+//! inference is idempotent, so it is sent once more to another target when its deadline
+//! leaves time, rather than answered `unavailable`. The pending entry still owns the
+//! answer: the lost connection gave it up before the retry, so the old target's answer
+//! cannot arrive and exactly one answer stays the rule.
+//!
+//! Retries are bounded by a budget, as Envoy's and Linkerd's are: over a sliding window of
+//! [`WINDOW`], a share of the requests seen (`--retry-budget-ratio`) plus a floor per second
+//! (`--retry-budget-floor`). A pool that fails as a whole is then not sent twice its load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The window over which the budget counts requests and retries.
+pub(crate) const WINDOW: Duration = Duration::from_secs(10);
+/// The window is kept in this many buckets, so that it slides a second at a time.
+const BUCKETS: usize = 10;
+
+/// How retries are made: `--retries`, `--retry-budget-ratio`, `--retry-budget-floor`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct RetrySettings {
+    /// Whether a request lost with its connection is sent again at all.
+    pub(crate) enabled: bool,
+    /// Retries allowed as a share of the requests seen in the window.
+    pub(crate) ratio: f64,
+    /// Retries allowed per second on top of the share, so that a quiet pool can retry too.
+    pub(crate) floor_per_second: u32,
+}
+
+impl RetrySettings {
+    /// No retries: what the tests of other modules run with.
+    pub(crate) const OFF: RetrySettings = RetrySettings {
+        enabled: false,
+        ratio: 0.0,
+        floor_per_second: 0,
+    };
+}
+
+/// The budget's counts: requests and retries per one-second bucket of the window.
+#[derive(Debug)]
+struct Window {
+    /// Where the window starts: bucket `k` counts the `k`-th second after it, modulo
+    /// [`BUCKETS`].
+    origin: Instant,
+    /// The second (since `origin`) each bucket holds, to tell a stale bucket.
+    second: [u64; BUCKETS],
+    requests: [u64; BUCKETS],
+    retries: [u64; BUCKETS],
+}
+
+impl Window {
+    fn new(origin: Instant) -> Window {
+        Window {
+            origin,
+            second: [u64::MAX; BUCKETS],
+            requests: [0; BUCKETS],
+            retries: [0; BUCKETS],
+        }
+    }
+
+    /// The bucket for `now`, emptied first when it held an older second.
+    fn bucket(&mut self, now: Instant) -> usize {
+        let second = now.saturating_duration_since(self.origin).as_secs();
+        let i = (second % BUCKETS as u64) as usize;
+        if self.second[i] != second {
+            self.second[i] = second;
+            self.requests[i] = 0;
+            self.retries[i] = 0;
+        }
+        i
+    }
+
+    /// Requests and retries in the window ending at `now`.
+    fn totals(&self, now: Instant) -> (u64, u64) {
+        let second = now.saturating_duration_since(self.origin).as_secs();
+        let oldest = second.saturating_sub(BUCKETS as u64 - 1);
+        (0..BUCKETS)
+            .filter(|&i| self.second[i] != u64::MAX && (oldest..=second).contains(&self.second[i]))
+            .fold((0, 0), |(req, ret), i| {
+                (req + self.requests[i], ret + self.retries[i])
+            })
+    }
+}
+
+/// The retry policy and its budget; cheap to clone. The router counts each new request
+/// ([`Retries::note_request`]); upstream connections ask before retrying
+/// ([`Retries::try_spend`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Retries {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: RetrySettings,
+    /// A std mutex: held to add to a bucket or sum ten, never across an await.
+    window: Mutex<Window>,
+    /// Requests sent again after their connection was lost.
+    retried: AtomicU64,
+    /// Requests answered `unavailable` because the budget had run out.
+    exhausted: AtomicU64,
+}
+
+impl Retries {
+    /// A policy with `settings`, its window starting now.
+    pub(crate) fn new(settings: RetrySettings) -> Retries {
+        Retries {
+            shared: Arc::new(Shared {
+                settings,
+                window: Mutex::new(Window::new(Instant::now())),
+                retried: AtomicU64::new(0),
+                exhausted: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// True when lost requests are retried at all (`--retries on`).
+    pub(crate) fn enabled(&self) -> bool {
+        self.shared.settings.enabled
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.shared.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one new request towards the budget's share.
+    pub(crate) fn note_request(&self) {
+        if !self.enabled() {
+            return;
+        }
+        let now = Instant::now();
+        let mut window = self.window();
+        let i = window.bucket(now);
+        window.requests[i] += 1;
+    }
+
+    /// Takes one retry from the budget; false (and counted) when it has run out.
+    pub(crate) fn try_spend(&self) -> bool {
+        let settings = self.shared.settings;
+        let now = Instant::now();
+        let allowed = {
+            let mut window = self.window();
+            let (requests, retries) = window.totals(now);
+            let floor = u64::from(settings.floor_per_second) * WINDOW.as_secs();
+            // Truncation is the budget's rounding: a share below one retry allows none.
+            let share = (requests as f64 * settings.ratio) as u64;
+            let allowed = retries < floor + share;
+            if allowed {
+                let i = window.bucket(now);
+                window.retries[i] += 1;
+            }
+            allowed
+        };
+        let counter = if allowed {
+            &self.shared.retried
+        } else {
+            &self.shared.exhausted
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        allowed
+    }
+
+    /// Requests retried, ever.
+    pub(crate) fn retried(&self) -> u64 {
+        self.shared.retried.load(Ordering::Relaxed)
+    }
+
+    /// Retries refused because the budget had run out, ever.
+    pub(crate) fn exhausted(&self) -> u64 {
+        self.shared.exhausted.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(ratio: f64, floor_per_second: u32) -> Retries {
+        Retries::new(RetrySettings {
+            enabled: true,
+            ratio,
+            floor_per_second,
+        })
+    }
+
+    fn spend_all(r: &Retries) -> u64 {
+        let mut n = 0;
+        while r.try_spend() {
+            n += 1;
+            assert!(n < 100_000, "the budget never ran out");
+        }
+        n
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_floor_allows_retries_without_traffic() {
+        let r = budget(0.2, 10);
+        assert_eq!(spend_all(&r), 100, "10 per second over a 10 s window");
+        assert_eq!(r.retried(), 100);
+        assert_eq!(r.exhausted(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_share_grows_with_the_requests_seen() {
+        let r = budget(0.2, 0);
+        for _ in 0..1000 {
+            r.note_request();
+        }
+        assert_eq!(spend_all(&r), 200);
+        assert!(!r.try_spend());
+        assert_eq!(r.exhausted(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_slides_and_old_counts_expire() {
+        let r = budget(0.5, 0);
+        for _ in 0..10 {
+            r.note_request();
+        }
+        assert_eq!(spend_all(&r), 5);
+        // Nine seconds later the requests and retries are still in the window.
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!r.try_spend());
+        // A second more and they have left it: no requests, no share.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!r.try_spend(), "no requests in the window, no floor");
+        for _ in 0..4 {
+            r.note_request();
+        }
+        assert_eq!(spend_all(&r), 2, "half of the 4 new requests");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_disabled_policy_counts_nothing() {
+        let r = Retries::new(RetrySettings::OFF);
+        assert!(!r.enabled());
+        r.note_request();
+        assert!(!r.try_spend());
+    }
+}
