@@ -370,12 +370,23 @@ async fn drive(config: LoadConfig) -> anyhow::Result<Tally> {
                 anyhow::Ok(sink)
             })
         };
+        let done = tokio_util::sync::CancellationToken::new();
         let reader = {
-            let counts = Arc::clone(&counts);
+            let (counts, done) = (Arc::clone(&counts), done.clone());
             tokio::spawn(async move {
                 let mut errors = BTreeMap::<String, u64>::new();
                 let (mut results, mut strays) = (0u64, 0u64);
-                while let Some(frame) = frames.next().await {
+                loop {
+                    let frame = tokio::select! {
+                        () = done.cancelled() => break,
+                        frame = frames.next() => frame,
+                    };
+                    let Some(frame) = frame else {
+                        *errors
+                            .entry("connection closed by the balancer".to_owned())
+                            .or_default() += 1;
+                        break;
+                    };
                     let msg = frame??;
                     let id = msg.id() as usize;
                     match counts.get(id) {
@@ -393,11 +404,11 @@ async fn drive(config: LoadConfig) -> anyhow::Result<Tally> {
                 anyhow::Ok((results, errors, strays))
             })
         };
-        tasks.push((writer, reader, counts, sent));
+        tasks.push((writer, reader, done, counts, sent));
     }
     let mut tally = Tally::default();
     let slack = Duration::from_millis(config.deadline_ms) + Duration::from_secs(5);
-    for (writer, reader, counts, sent) in tasks {
+    for (writer, reader, done, counts, sent) in tasks {
         let sink = writer.await??;
         let sent = sent.load(Ordering::Acquire);
         // Every request has a deadline: past it plus slack, whatever has not come will not.
@@ -411,13 +422,9 @@ async fn drive(config: LoadConfig) -> anyhow::Result<Tally> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        done.cancel();
+        let (results, errors, strays) = reader.await??;
         drop(sink);
-        reader.abort();
-        let (results, errors, strays) = match reader.await {
-            Ok(done) => done?,
-            // Aborted while still reading: the counts are what matter.
-            Err(_) => (0, BTreeMap::new(), 0),
-        };
         tally.sent += sent;
         tally.results += results;
         tally.strays += strays;
