@@ -13,7 +13,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 # docker-compose v1 where installed, else the compose plugin.
 COMPOSE     ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
 
-.PHONY: help setup ort venv build release test lint unit interop fuzz python-client demo bench \
+.PHONY: help setup ort venv build release test lint unit interop fuzz python-client demo bench soak \
         compose-up compose-down secrets certs k8s-validate docker-validate clean-local
 
 help: ## this list
@@ -71,6 +71,16 @@ fuzz: ## build the protocol fuzz targets (decoder, raw scanner) and run them bri
 
 bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
 	scripts/bench.sh
+
+SOAK_MODEL := build/models/soak-4MiB-64.onnx
+soak: ort ## not in make test: SOAK_MINUTES (30) at 70% of measured capacity (SOAK_RATE to fix it) with a worker SIGKILLed or frozen every 3 min; RSS slope per process and answers per request into bench-out/soak.md
+	$(CARGO) build --release -p tidepool-balancer -p tidepool-worker -p tidepool-bench \
+		--bin tidepool-balancer --bin tidepool-worker --bin bench-soak
+	@mkdir -p build/models
+	@test -f $(SOAK_MODEL) || target/release/tidepool-worker synth --out $(SOAK_MODEL) \
+		--size 4MiB --input-dim 64 --output-dim 16 --layers 2 --seed 1
+	ORT_DYLIB_PATH=$${ORT_DYLIB_PATH:-$$(scripts/fetch-ort.sh)} target/release/bench-soak \
+		--model $(SOAK_MODEL) --minutes $${SOAK_MINUTES:-30}
 
 python-client: venv ## the README's Python client against a live cluster
 	scripts/test-python-client.sh

@@ -453,11 +453,21 @@ mod tests {
 
         /// Reads a new request from the client and submits it; returns its client id.
         async fn submit(&mut self) -> RequestId {
+            self.submit_with(None).await
+        }
+
+        /// Reads a new request with `deadline_ms` (under a long `--request-timeout`) and
+        /// submits it; returns its client id.
+        async fn submit_with(&mut self, deadline_ms: Option<u64>) -> RequestId {
             let id = self.next_id;
             self.next_id += 1;
             self.client.slots.insert(id, Slot::Waiting);
+            let mut pending = Pending::new(Arc::clone(&self.client), id, None);
+            if deadline_ms.is_some() {
+                pending.set_expiry(deadline_ms, Duration::from_secs(300));
+            }
             let request = Request {
-                pending: Pending::new(Arc::clone(&self.client), id, None),
+                pending,
                 payload: Payload::Decoded(Infer {
                     id,
                     ..Infer::default()
@@ -676,5 +686,55 @@ mod tests {
         settle().await;
         let order: Vec<RequestId> = std::iter::from_fn(|| f.answer()).map(|m| m.id()).collect();
         assert_eq!(order, vec![1, queued, late]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_request_expires_at_its_deadline_and_the_rest_keep_their_order() {
+        let (mut f, _target, mut conn) = one_place(8);
+        let first = f.submit().await;
+        let late = f.submit_with(Some(300)).await;
+        let early = f.submit_with(Some(100)).await;
+        let patient = f.submit().await;
+        settle().await;
+        assert_eq!(f.router.queue.signal().len(), 3);
+
+        tokio::time::sleep(Duration::from_millis(99)).await;
+        settle().await;
+        assert!(f.answer().is_none(), "nothing due before 100 ms");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
+        let reply = f.error();
+        assert_eq!(
+            reply.id, early,
+            "the earliest deadline first, though queued later"
+        );
+        assert_eq!(reply.code, ErrorCode::DeadlineExceeded);
+        assert!(
+            reply.message.contains("100 ms") && reply.message.contains("queue"),
+            "{}",
+            reply.message
+        );
+        assert!(f.answer().is_none());
+
+        tokio::time::sleep(Duration::from_millis(199)).await;
+        settle().await;
+        assert!(f.answer().is_none(), "nothing due before 300 ms");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
+        assert_eq!(f.error().id, late);
+        assert_eq!(f.router.queue.signal().len(), 1);
+
+        // The one left still goes next when the place frees, within the queue timeout.
+        let sent = received(&mut conn);
+        assert_eq!(sent.len(), 1);
+        complete(sent.into_iter().next().unwrap());
+        settle().await;
+        let next = received(&mut conn);
+        assert_eq!(next.len(), 1, "the patient one was routed");
+        complete(next.into_iter().next().unwrap());
+        settle().await;
+        let order: Vec<RequestId> = std::iter::from_fn(|| f.answer()).map(|m| m.id()).collect();
+        assert_eq!(order, vec![first, patient]);
+        assert_eq!(f.router.queue.signal().len(), 0);
     }
 }

@@ -7,14 +7,21 @@
 //! it, and flushes once per burst. The reader takes answers out of the map by id and hands
 //! them to their pending entries, which restore the client's id.
 //!
-//! When the connection ends, the requests still in the channel were never written: they
-//! go back to routing. Those in the map were written and may have run: with `--retries on`
-//! each is sent once more to another target (`retry`'s budget and rules), otherwise it is
-//! answered `unavailable`. Nothing is lost, and the client gets exactly one answer.
+//! While a write waits on a target that stopped reading (frozen, SIGSTOP), the writer keeps
+//! taking requests off the channel into a bounded backlog (at most [`SEND_QUEUE`], as many
+//! as the channel holds) so that their deadlines are watched too: a request that never got
+//! written is answered `deadline_exceeded` at its deadline like one that did.
+//!
+//! When the connection ends, the requests still in the channel or the backlog were never
+//! written: they go back to routing. Those in the map were written and may have run: with
+//! `--retries on` each is sent once more to another target (`retry`'s budget and rules),
+//! otherwise it is answered `unavailable`. Nothing is lost, and the client gets exactly one
+//! answer.
 //!
 //! The reader also tells outlier detection (`outlier`) what each answer says about the
 //! target.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -216,6 +223,10 @@ struct Timers {
     last_write: Instant,
     /// Requests answered `deadline_exceeded` here, whose `cancel` is still to be written.
     owed: Vec<RequestId>,
+    /// Requests taken off the channel while a write waited, not yet written, in order.
+    backlog: VecDeque<Forward>,
+    /// The earliest expiry in `backlog`; `None` when none has one.
+    backlog_next: Option<Instant>,
 }
 
 impl Timers {
@@ -227,7 +238,34 @@ impl Timers {
             keepalive,
             last_write: now,
             owed: Vec::new(),
+            backlog: VecDeque::new(),
+            backlog_next: None,
         }
+    }
+
+    /// True while the backlog has room: it holds no more than the channel would.
+    fn backlog_open(&self) -> bool {
+        self.backlog.len() < SEND_QUEUE
+    }
+
+    /// Keeps a request taken off the channel while a write waits, watching its expiry.
+    fn hold(&mut self, forward: Forward) {
+        if let Some(at) = forward.request.pending.expiry().map(|e| e.at) {
+            if self.backlog_next.is_none_or(|next| at < next) {
+                self.backlog_next = Some(at);
+            }
+            if at < self.sleep.deadline() {
+                self.sleep.as_mut().reset(at);
+            }
+        }
+        self.backlog.push_back(forward);
+    }
+
+    /// The next request to write: the backlog's oldest, else one from the channel.
+    fn next_request(&mut self, requests: &mut mpsc::Receiver<Forward>) -> Option<Forward> {
+        self.backlog
+            .pop_front()
+            .or_else(|| requests.try_recv().ok())
     }
 
     /// Tracks a written request's deadline.
@@ -255,16 +293,41 @@ impl Timers {
                 self.owed.push(id);
             }
         }
+        if self.backlog_next.is_some_and(|at| at <= now) {
+            self.backlog_next = None;
+            let mut kept = VecDeque::with_capacity(self.backlog.len());
+            for forward in self.backlog.drain(..) {
+                if forward.request.pending.expired(now) {
+                    metrics
+                        .limits
+                        .request_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    // Never written, so no cancel is owed.
+                    forward.request.pending.time_up(&format!(
+                        "waiting to be written to target {}, which stopped reading",
+                        conn.addr
+                    ));
+                } else {
+                    let at = forward.request.pending.expiry().map(|e| e.at);
+                    self.backlog_next = match (self.backlog_next, at) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    kept.push_back(forward);
+                }
+            }
+            self.backlog = kept;
+        }
         let ping = now >= self.last_write + self.keepalive;
         if ping {
             // Counts as a write: the next one is due a keepalive from now.
             self.last_write = now;
         }
         let next_keepalive = self.last_write + self.keepalive;
-        let next = self
-            .deadlines
-            .next()
-            .map_or(next_keepalive, |at| at.min(next_keepalive));
+        let next = [self.deadlines.next(), self.backlog_next]
+            .into_iter()
+            .flatten()
+            .fold(next_keepalive, Instant::min);
         self.sleep.as_mut().reset(next);
         ping
     }
@@ -287,7 +350,10 @@ async fn write_loop(
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut timers = Timers::new(settings.keepalive);
     'run: loop {
-        let first = tokio::select! {
+        let first = if let Some(forward) = timers.backlog.pop_front() {
+            Some(Outgoing::Request(forward))
+        } else {
+            tokio::select! {
             biased;
             () = conn.closed.cancelled() => break 'run,
             Some(forward) = requests.recv() => Some(Outgoing::Request(forward)),
@@ -302,6 +368,7 @@ async fn write_loop(
                 None
             }
             else => break 'run,
+            }
         };
         for id in timers.owed.drain(..) {
             if codec.encode_ref(&Message::Cancel { id }, &mut buf).is_err() {
@@ -322,9 +389,9 @@ async fn write_loop(
                 }
                 yielded = true;
                 tokio::task::yield_now().await;
-                next = match requests.try_recv() {
-                    Ok(forward) => Some(Outgoing::Request(forward)),
-                    Err(_) => cancels.try_recv().ok().map(Outgoing::Cancel),
+                next = match timers.next_request(&mut requests) {
+                    Some(forward) => Some(Outgoing::Request(forward)),
+                    None => cancels.try_recv().ok().map(Outgoing::Cancel),
                 };
                 continue;
             };
@@ -341,9 +408,9 @@ async fn write_loop(
             if buf.len() >= WRITE_BURST {
                 break;
             }
-            next = match requests.try_recv() {
-                Ok(forward) => Some(Outgoing::Request(forward)),
-                Err(_) => cancels.try_recv().ok().map(Outgoing::Cancel),
+            next = match timers.next_request(&mut requests) {
+                Some(forward) => Some(Outgoing::Request(forward)),
+                None => cancels.try_recv().ok().map(Outgoing::Cancel),
             };
         }
         // A target that stopped reading (frozen, SIGSTOP) must not stop the deadlines of
@@ -365,6 +432,8 @@ async fn write_loop(
                         break 'run;
                     }
                 },
+                // Taken off the channel so that their deadlines run while the write waits.
+                Some(forward) = requests.recv(), if timers.backlog_open() => timers.hold(forward),
             }
         }
         // Flushing a TLS stream sends the records still in its buffer; TCP's does nothing.
@@ -383,6 +452,7 @@ async fn write_loop(
                         break 'run;
                     }
                 },
+                Some(forward) = requests.recv(), if timers.backlog_open() => timers.hold(forward),
             }
         }
         if !buf.is_empty() {
@@ -391,8 +461,11 @@ async fn write_loop(
         buf.clear();
     }
     conn.closed.cancel();
-    // Whatever is still in the channel was never written: route it again.
+    // Whatever is still in the backlog or the channel was never written: route it again.
     requests.close();
+    for forward in timers.backlog.drain(..) {
+        reroute(&queue, forward.request);
+    }
     while let Some(forward) = requests.recv().await {
         reroute(&queue, forward.request);
     }
@@ -657,5 +730,305 @@ pub(crate) async fn maintain(target: Arc<Target>, slot: usize, ctx: UpstreamCont
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use futures::SinkExt;
+    use tidepool_protocol::{DType, ErrorReply, Infer, InferResult, Tensor};
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Framed;
+
+    use super::*;
+    use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Slot};
+    use crate::queue::{QueueHandle, QueueReceiver, QueueSignal};
+
+    const KEEPALIVE: Duration = Duration::from_secs(30);
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+    const MAX_FRAME: usize = 4 << 20;
+
+    /// One upstream connection's writer and reader running over a real socket, the
+    /// target's end of which the test holds, and one client whose answers it reads.
+    struct Fixture {
+        conn: Arc<UpstreamConn>,
+        target: Framed<TcpStream, MessageCodec>,
+        client: Arc<ClientConn>,
+        answers: mpsc::UnboundedReceiver<Outbound>,
+        metrics: Arc<Metrics>,
+        /// Held so that re-routing has somewhere to go.
+        _queue: QueueReceiver,
+        next_id: RequestId,
+    }
+
+    impl Fixture {
+        async fn new() -> Fixture {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (ours, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+            let (read, write) = Stream::Plain(ours.unwrap()).into_split();
+            let metrics = Arc::new(Metrics::default());
+            let (queue, queue_rx) =
+                QueueHandle::new(8, Duration::from_secs(1), Arc::new(QueueSignal::default()));
+            let (conn, outlets) = UpstreamConn::new(addr, CancellationToken::new());
+            let settings = UpstreamSettings {
+                connect_timeout: Duration::from_secs(1),
+                max_frame: MAX_FRAME,
+                keepalive: KEEPALIVE,
+            };
+            tokio::spawn(write_loop(
+                Arc::clone(&conn),
+                write,
+                outlets,
+                settings,
+                queue.reroute(),
+                Arc::clone(&metrics),
+            ));
+            tokio::spawn(read_loop(
+                Arc::clone(&conn),
+                FramedRead::new(read, FrameCodec::new(MAX_FRAME)),
+                Arc::clone(&metrics),
+            ));
+            let (tx, answers) = mpsc::unbounded_channel();
+            let client = Arc::new(ClientConn::new(
+                tx,
+                "192.0.2.1:5000".to_owned(),
+                Arc::clone(&metrics),
+                Arc::new(Lifecycle::default()),
+            ));
+            Fixture {
+                conn,
+                target: Framed::new(accepted.unwrap().0, MessageCodec::new(MAX_FRAME)),
+                client,
+                answers,
+                metrics,
+                _queue: queue_rx,
+                next_id: 1,
+            }
+        }
+
+        /// Hands the writer a request read just now with `deadline_ms` and `floats` of
+        /// data, as routing would; returns its client and upstream ids.
+        async fn send(
+            &mut self,
+            deadline_ms: Option<u64>,
+            floats: usize,
+        ) -> (RequestId, RequestId) {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.client.slots.insert(id, Slot::Waiting);
+            let mut pending = Pending::new(Arc::clone(&self.client), id, None);
+            pending.set_expiry(deadline_ms, REQUEST_TIMEOUT);
+            let upstream_id = self.conn.next_id();
+            assert!(pending.mark_sent(&self.conn, upstream_id));
+            let data = Bytes::from(vec![0u8; floats * 4]);
+            let infer = Infer {
+                id,
+                inputs: [(
+                    "x".to_owned(),
+                    Tensor::new(DType::F32, vec![floats], data).unwrap(),
+                )]
+                .into(),
+                deadline_ms,
+                client: None,
+            };
+            let forward = Forward {
+                upstream_id,
+                request: Request {
+                    pending,
+                    payload: Payload::Decoded(infer),
+                    reroutes: 0,
+                },
+            };
+            assert!(
+                self.conn.send(forward).await.is_ok(),
+                "the writer is running"
+            );
+            (id, upstream_id)
+        }
+
+        /// The next frame the target reads.
+        async fn target_reads(&mut self) -> Message {
+            self.target.next().await.unwrap().unwrap().unwrap()
+        }
+
+        /// The next answer the client gets, waiting for it; a target's `result`, passed on
+        /// as received, stands as an empty one under the client's id.
+        async fn answer(&mut self) -> Message {
+            match self.answers.recv().await.unwrap().answer {
+                Answer::Message(msg) => msg,
+                Answer::Raw { result, client_id } => {
+                    assert_eq!(result.kind(), RawKind::Result);
+                    Message::Result(InferResult {
+                        id: client_id,
+                        ..InferResult::default()
+                    })
+                }
+            }
+        }
+
+        /// The next answer, which must be an error.
+        async fn error(&mut self) -> ErrorReply {
+            match self.answer().await {
+                Message::Error(reply) => reply,
+                other => panic!("expected an error, got {other:?}"),
+            }
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            self.conn.closed.cancel();
+        }
+    }
+
+    /// Keeps paused time still: a task that is always ready stops the runtime from idling,
+    /// so that time moves only by `tokio::time::advance` and never jumps ahead to the next
+    /// timer while a socket read is on its way (the runtime still polls its sockets).
+    fn hold_time_still() -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async {
+            loop {
+                tokio::task::yield_now().await;
+            }
+        })
+    }
+
+    /// Lets the writer and reader run up to their next wait.
+    async fn settle() {
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_target_is_timed_out_at_the_deadline_and_told_to_cancel() {
+        let mut f = Fixture::new().await;
+        let start = Instant::now();
+        let (id, upstream_id) = f.send(Some(500), 4).await;
+        match f.target_reads().await {
+            Message::Infer(infer) => {
+                assert_eq!(infer.id, upstream_id);
+                assert_eq!(infer.deadline_ms, Some(500), "the budget left, all of it");
+                assert_eq!(infer.client.as_deref(), Some("192.0.2.1:5000"));
+            }
+            other => panic!("expected the infer, got {other:?}"),
+        }
+        // The target never answers: the balancer answers at the deadline...
+        let reply = f.error().await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(500),
+            "at the deadline"
+        );
+        assert_eq!(reply.id, id);
+        assert_eq!(reply.code, ErrorCode::DeadlineExceeded);
+        assert!(
+            reply.message.contains("500 ms") && reply.message.contains("at target"),
+            "{}",
+            reply.message
+        );
+        assert!(f.conn.pending.is_empty());
+        // ...and tells the target to drop it.
+        match f.target_reads().await {
+            Message::Cancel { id } => assert_eq!(id, upstream_id),
+            other => panic!("expected a cancel, got {other:?}"),
+        }
+
+        // The late answer finds nothing; the next request's answer, behind it on the same
+        // socket, shows that it was read and dropped.
+        let (second, second_upstream) = f.send(Some(500), 4).await;
+        assert!(matches!(f.target_reads().await, Message::Infer(_)));
+        for id in [upstream_id, second_upstream] {
+            f.target
+                .send(Message::Result(InferResult {
+                    id,
+                    ..InferResult::default()
+                }))
+                .await
+                .unwrap();
+        }
+        match f.answer().await {
+            Message::Result(result) => assert_eq!(result.id, second),
+            other => panic!("expected the second request's result, got {other:?}"),
+        }
+        assert!(f.answers.try_recv().is_err(), "one answer per request");
+        assert_eq!(f.metrics.limits.request_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_pings_after_the_keepalive_and_writes_put_it_off() {
+        use futures::FutureExt;
+
+        let still = hold_time_still();
+        let mut f = Fixture::new().await;
+        let (id, upstream_id) = f.send(None, 4).await;
+        assert!(matches!(f.target_reads().await, Message::Infer(_)));
+        f.target
+            .send(Message::Result(InferResult {
+                id: upstream_id,
+                ..InferResult::default()
+            }))
+            .await
+            .unwrap();
+        assert_eq!(f.answer().await.id(), id);
+
+        let almost = KEEPALIVE - Duration::from_millis(1);
+        tokio::time::advance(almost).await;
+        settle().await;
+        assert!(f.target.next().now_or_never().is_none(), "no ping yet");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(matches!(f.target_reads().await, Message::Ping { .. }));
+
+        // A request written 20 s later puts the next ping off to a keepalive after it.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        f.send(None, 4).await;
+        assert!(matches!(f.target_reads().await, Message::Infer(_)));
+        tokio::time::advance(almost).await;
+        settle().await;
+        assert!(
+            f.target.next().now_or_never().is_none(),
+            "no ping a keepalive after the previous one"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(matches!(f.target_reads().await, Message::Ping { .. }));
+        still.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_behind_a_frozen_target_are_answered_at_their_deadlines() {
+        let mut f = Fixture::new().await;
+        let start = Instant::now();
+        // The target never reads: far more than the socket buffers hold, so the write
+        // blocks with some requests written and the rest not.
+        const REQUESTS: usize = 48;
+        let mut ids = Vec::new();
+        for _ in 0..REQUESTS {
+            ids.push(f.send(Some(500), 256 * 1024).await.0);
+        }
+        let (mut written, mut unwritten) = (0, 0);
+        let mut answered = Vec::new();
+        for _ in 0..REQUESTS {
+            let reply = tokio::time::timeout(Duration::from_secs(10), f.error())
+                .await
+                .expect("every request is answered while the target is frozen");
+            assert_eq!(reply.code, ErrorCode::DeadlineExceeded, "{}", reply.message);
+            assert_eq!(
+                start.elapsed(),
+                Duration::from_millis(500),
+                "at the deadline"
+            );
+            if reply.message.contains("waiting to be written") {
+                unwritten += 1;
+            } else {
+                written += 1;
+            }
+            answered.push(reply.id);
+        }
+        answered.sort_unstable();
+        assert_eq!(answered, ids, "each request answered once");
+        assert!(written > 0, "some reached the socket");
+        assert!(unwritten > 0, "some never did");
+        assert!(f.answers.try_recv().is_err());
     }
 }

@@ -142,6 +142,11 @@ impl Pool {
         Ok(pool)
     }
 
+    /// The balancer's process id (the workers it started are its children).
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map_or(0, Proc::pid)
+    }
+
     /// `GET /scaling`, the fields this benchmark reads.
     pub fn scaling(&self) -> anyhow::Result<Scaling> {
         get_scaling(self.admin)

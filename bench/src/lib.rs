@@ -20,6 +20,9 @@
 //! - `bench-autoscale`: a compressed day of load against a pool fixed at the peak size and
 //!   against the autoscaled pool (worker-seconds and seconds within a p99 objective), and
 //!   the time from a step up in load to enough ready workers, taken apart (issue 6).
+//! - `bench-soak` (`make soak`, not in `make bench`): a long run at 70% of capacity with a
+//!   worker SIGKILLed or frozen every few minutes; RSS slope per process and answers counted
+//!   per request id (issue 11).
 //! - `bench-target`: the tiny targets `bench-balancer` starts in a process of their own: an
 //!   echo that answers at once, or a serial "model" with a fixed service time per item.
 //!

@@ -35,6 +35,8 @@ pub struct Tally {
     pub sent: u64,
     /// The answers to each id, in arrival order.
     pub answers: HashMap<u64, Vec<Answer>>,
+    /// The longest time from writing a request to its first answer (zero with none).
+    pub slowest: Duration,
 }
 
 impl Tally {
@@ -158,6 +160,7 @@ pub async fn drive(spec: Drive) -> Tally {
     let (sent_tx, mut sent_rx) = tokio::sync::watch::channel(u64::MAX);
     let reader = tokio::spawn(async move {
         let mut answers: HashMap<u64, Vec<Answer>> = HashMap::new();
+        let mut arrived: HashMap<u64, tokio::time::Instant> = HashMap::new();
         let mut grace: Option<tokio::time::Instant> = None;
         loop {
             let total = *sent_rx.borrow();
@@ -180,15 +183,18 @@ pub async fn drive(spec: Drive) -> Tally {
                 Message::Error(e) => (e.id, Answer::Error(e.code)),
                 _ => continue,
             };
+            arrived.entry(id).or_insert_with(tokio::time::Instant::now);
             answers.entry(id).or_default().push(answer);
         }
-        answers
+        (answers, arrived)
     });
 
     let mut tick =
         tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(spec.rate.max(1))));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
+    // When each request was written, by id - 1.
+    let mut written = Vec::new();
     while sent < spec.max_requests {
         tokio::select! {
             () = spec.stop.cancelled() => break,
@@ -205,12 +211,13 @@ pub async fn drive(spec: Drive) -> Tally {
             sent -= 1;
             break;
         }
+        written.push(tokio::time::Instant::now());
     }
     let _ = sent_tx.send(sent);
     // Wait for the answers: until every id has one, or the settle time passes.
     let deadline = tokio::time::Instant::now() + spec.settle;
     let mut reader = reader;
-    let answers = tokio::select! {
+    let (answers, arrived) = tokio::select! {
         done = &mut reader => done.unwrap_or_default(),
         () = tokio::time::sleep_until(deadline) => {
             // Closing our half lets a server that answered everything close too.
@@ -222,7 +229,19 @@ pub async fn drive(spec: Drive) -> Tally {
                 .unwrap_or_default()
         }
     };
-    Tally { sent, answers }
+    let slowest = arrived
+        .iter()
+        .filter_map(|(id, at)| {
+            let index = usize::try_from(id.checked_sub(1)?).ok()?;
+            Some(at.saturating_duration_since(*written.get(index)?))
+        })
+        .max()
+        .unwrap_or_default();
+    Tally {
+        sent,
+        answers,
+        slowest,
+    }
 }
 
 fn far_future() -> tokio::time::Instant {
