@@ -15,8 +15,12 @@
 # DIR/balancer-client.{pem,key}  the balancer's client certificate towards workers that
 #                          require one (--upstream-tls-cert/--upstream-tls-key)
 #
-# The keys are written 0640: a container's non-root user may need to read them
-# (chgrp them to its group, or mount them as a Secret with a fitting mode).
+# DIR is made private (0700: other users of this machine cannot enter it), and the leaf keys
+# in it are 0644 because docker-compose.yml bind-mounts each file as it is (compose ignores a
+# secret's uid and mode outside swarm) and the image runs as user 65534, which must read
+# them inside the container; the CA's key, which no container needs, stays 0600. Outside
+# compose, tighten them to your process's user (Kubernetes: the Secret's defaultMode and
+# fsGroup set the mode instead, see deploy/kubernetes/base/tls-secret.yaml).
 set -euo pipefail
 DIR="${1:-deploy/certs}"
 DAYS="${TIDEPOOL_CERT_DAYS:-365}"
@@ -25,6 +29,7 @@ command -v openssl >/dev/null || {
     exit 1
 }
 mkdir -p "$DIR"
+chmod 0700 "$DIR"
 cd "$DIR"
 
 san_list() { # name,name,... -> DNS:a,IP:1.2.3.4,...
@@ -56,7 +61,8 @@ leaf() { # name cn sans usage
     openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
         -out "$name.pem" -days "$DAYS" -extfile "$name.ext" 2>/dev/null
     rm -f "$name.csr" "$name.ext"
-    chmod 0640 "$name.key"
+    # Readable by the containers' user 65534; the folder keeps everyone else out (above).
+    chmod 0644 "$name.key"
 }
 
 leaf balancer balancer "$(san_list "balancer,localhost,127.0.0.1,${TIDEPOOL_CERT_NAMES:-}")" serverAuth

@@ -25,6 +25,13 @@ with a note without docker-compose): every service that runs tidepool-worker res
 one NVIDIA GPU by ID, no two the same (a `count` would give every replica GPU 0), runs
 `--device cuda` on the GPU image, and answers to the balancer's `--target-dns` name.
 
+TLS and the token in compose: in that merged file and in deploy/compose/autoscale.yml, the
+balancer serves TLS to clients (--tls-cert/--tls-key), speaks mutual TLS to the workers
+(--upstream-tls-ca/-cert/-key) and reads its admin token from a file; every worker serves
+TLS and requires a client certificate (--tls-client-ca); a worker's `tidepool-probe ping`
+healthcheck presents one; the load service trusts the CA (--tls-ca); and every
+/run/secrets/NAME a command or healthcheck names is a secret mounted in that service.
+
 Last, a self-test: broken copies (a root user, a RUN in the runtime stage, a missing path,
 a misspelt package, another ORT version, two workers on one GPU, ...) must fail.
 """
@@ -47,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = ("Dockerfile", "Dockerfile.gpu")
 COMPOSE_BASE = "docker-compose.yml"
 COMPOSE_GPU = "deploy/compose/gpu.yml"
+COMPOSE_AUTOSCALE = "deploy/compose/autoscale.yml"
 CONTENTS = "deploy/image/contents.txt"
 GPU_IMAGE = "tidepool-gpu"
 
@@ -395,13 +403,15 @@ def fetch_ort_default(root):
 
 # --- compose -------------------------------------------------------------------------------
 
-def compose_config(root):
-    """docker-compose.yml with the GPU override merged, as `docker-compose config` sees it."""
+def compose_config(root, *files):
+    """The compose `files` merged in order (default: docker-compose.yml with the GPU
+    override), as `docker-compose config` sees them."""
     program = shutil.which("docker-compose")
     if not program:
         return None
+    files = files or (COMPOSE_BASE, COMPOSE_GPU)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIDEPOOL_", "COMPOSE_"))}
-    out = subprocess.run([program, "-f", COMPOSE_BASE, "-f", COMPOSE_GPU, "config"],
+    out = subprocess.run([program, *(a for f in files for a in ("-f", f)), "config"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         return out.stderr.strip() or "docker-compose config failed"
@@ -462,9 +472,60 @@ def check_compose_gpu(cfg, errors):
                 "(add it as a network alias)")
 
 
+def has_flag(words, name):
+    return any(w == name or w.startswith(name + "=") for w in words)
+
+
+# The flags each program must run with in compose, and why.
+TLS_FLAGS = {
+    "tidepool-balancer": {
+        "--tls-cert": "clients reach the balancer over TLS",
+        "--tls-key": "clients reach the balancer over TLS",
+        "--upstream-tls-ca": "the balancer checks the workers' certificates",
+        "--upstream-tls-cert": "the workers require the balancer's client certificate",
+        "--upstream-tls-key": "the workers require the balancer's client certificate",
+        "--admin-token-file": "the admin API listens beyond loopback",
+    },
+    "tidepool-worker": {
+        "--tls-cert": "the balancer reaches workers over TLS",
+        "--tls-key": "the balancer reaches workers over TLS",
+        "--tls-client-ca": "only the balancer (a client certificate of the CA) may reach a worker",
+    },
+    "tidepool-load": {
+        "--tls-ca": "the balancer's client port speaks TLS",
+    },
+}
+# A worker's healthcheck pings a port that requires a client certificate.
+PROBE_FLAGS = ("--tls-ca", "--tls-cert", "--tls-key")
+
+
+def check_compose_tls(label, cfg, errors):
+    services = cfg.get("services") or {}
+    if not any((s.get("command") or [None])[0] == "tidepool-worker" for s in services.values()):
+        errors.append(f"{label}: no service runs tidepool-worker")
+    for n, s in sorted(services.items()):
+        bad = lambda msg: errors.append(f"{label}: {n}: {msg}")  # noqa: E731
+        command = [str(w) for w in s.get("command") or []]
+        program = command[0] if command else None
+        for flag, why in TLS_FLAGS.get(program, {}).items():
+            if not has_flag(command, flag):
+                bad(f"{program} runs without {flag}: {why}")
+        test = [str(w) for w in (s.get("healthcheck") or {}).get("test") or []]
+        if program == "tidepool-worker" and "tidepool-probe" in test:
+            for flag in PROBE_FLAGS:
+                if not has_flag(test, flag):
+                    bad(f"the healthcheck's tidepool-probe has no {flag}; the worker requires TLS "
+                        "with a client certificate")
+        mounted = {x["source"] if isinstance(x, dict) else str(x) for x in s.get("secrets") or []}
+        for w in command + test:
+            for path in re.findall(r"/run/secrets/([^\s=,]+)", w):
+                if path not in mounted:
+                    bad(f"{w!r} names /run/secrets/{path}, which is not among its secrets {sorted(mounted)}")
+
+
 # --- the run -------------------------------------------------------------------------------
 
-def validate(repo, texts, cfg):
+def validate(repo, texts, cfg, auto=None):
     errors = []
     for label, text in texts.items():
         check_dockerfile(label, text, repo, errors)
@@ -472,6 +533,9 @@ def validate(repo, texts, cfg):
             check_gpu_flavour(label, text, errors)
     if isinstance(cfg, dict):
         check_compose_gpu(cfg, errors)
+        check_compose_tls(f"{COMPOSE_BASE} + {COMPOSE_GPU}", cfg, errors)
+    if isinstance(auto, dict):
+        check_compose_tls(COMPOSE_AUTOSCALE, auto, errors)
     return errors
 
 
@@ -534,6 +598,38 @@ def self_test(repo, texts, cfg):
             check_compose_gpu(broken, errors)
             if not errors:
                 missed.append(what)
+
+        # The services' command lists may be one shared (aliased) list: replace, never edit.
+        def without(c, service, flag, key="command"):
+            if key == "command":
+                words = c["services"][service]["command"]
+                c["services"][service]["command"] = [w for w in words if not has_flag([w], flag)]
+            else:
+                hc = c["services"][service]["healthcheck"]
+                hc["test"] = [w for w in hc["test"] if not has_flag([w], flag)]
+
+        tls_cases = {
+            "a plaintext balancer": lambda c: without(c, "balancer", "--tls-cert"),
+            "no client certificate towards the workers": lambda c: without(c, "balancer", "--upstream-tls-cert"),
+            "no admin token": lambda c: without(c, "balancer", "--admin-token-file"),
+            "a worker anyone can reach": lambda c: without(c, "worker", "--tls-client-ca"),
+            "a GPU worker without TLS": lambda c: without(c, extra, "--tls-cert"),
+            "a plaintext healthcheck": lambda c: without(c, "worker", "--tls-cert", key="healthcheck"),
+            "a plaintext load service": lambda c: without(c, "load", "--tls-ca"),
+            "a secret named but not mounted":
+                lambda c: c["services"]["balancer"].update(secrets=[{"source": "admin_token"}]),
+        }
+        for what, change in tls_cases.items():
+            broken = copy.deepcopy(cfg)
+            try:
+                change(broken)
+            except (KeyError, TypeError, AttributeError) as e:
+                missed.append(f"{what}: docker-compose.yml no longer has that shape ({e!r}; update the self-test)")
+                continue
+            errors = []
+            check_compose_tls("broken", broken, errors)
+            if not errors:
+                missed.append(what)
     return missed
 
 
@@ -541,17 +637,21 @@ def main():
     repo = Repo(ROOT)
     texts = {name: (ROOT / name).read_text() for name in DOCKERFILES}
     cfg = compose_config(ROOT)
-    errors = validate(repo, texts, cfg)
+    auto = compose_config(ROOT, COMPOSE_AUTOSCALE)
+    errors = validate(repo, texts, cfg, auto)
     if fetch_ort_default(ROOT) != repo.ort_version:
         errors.append(f"scripts/fetch-ort.sh defaults to ORT_VERSION {fetch_ort_default(ROOT)}, "
                       f"the Makefile says {repo.ort_version}")
     if isinstance(cfg, str):
         errors.append(f"docker-compose -f {COMPOSE_BASE} -f {COMPOSE_GPU} config: {cfg}")
+    if isinstance(auto, str):
+        errors.append(f"docker-compose -f {COMPOSE_AUTOSCALE} config: {auto}")
     errors += [f"self-test: a broken copy passed: {what}" for what in self_test(repo, texts, cfg)]
     print(f"{', '.join(DOCKERFILES)} against {CONTENTS}, the workspace's binaries and "
           f"ORT_VERSION {repo.ort_version}")
     print(f"docker-compose not found: {COMPOSE_GPU} not checked" if cfg is None else
-          f"{COMPOSE_GPU} merged over {COMPOSE_BASE} by docker-compose config")
+          f"{COMPOSE_GPU} merged over {COMPOSE_BASE}, and {COMPOSE_AUTOSCALE}, by docker-compose "
+          "config (GPUs, TLS, the token)")
     print("".join(f"ERROR {e}\n" for e in errors), end="")
     if not errors:
         print("docker-validate: all checked files valid")

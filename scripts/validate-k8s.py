@@ -720,7 +720,8 @@ def self_test(sets):
                 w for w in wc(d)["command"] if not w.startswith("--admin-token-file")]),
              lambda d: d["metadata"]["name"] == "tidepool-balancer"),
         "token Secret without the key the balancer reads":
-            ("Secret", lambda d: rename(d["stringData"], "admin.token", "token")),
+            ("Secret", lambda d: rename(d["stringData"], "admin.token", "token"),
+             lambda d: d["metadata"]["name"] == "tidepool-admin-token"),
         "NetworkPolicy selecting no pods":
             ("NetworkPolicy", lambda d: d["spec"]["podSelector"]["matchLabels"].update(
                 {"app.kubernetes.io/name": "tidepool-workers"}),

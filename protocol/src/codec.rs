@@ -101,10 +101,7 @@ impl Decoder for FrameCodec {
         }
         if len > self.max_frame {
             // Refuse before reading (or reserving room for) the body.
-            return Err(Error::FrameTooLarge {
-                len,
-                max: self.max_frame,
-            });
+            return Err(oversized([src[0], src[1], src[2], src[3]], self.max_frame));
         }
         if src.len() < PREFIX + len {
             src.reserve(PREFIX + len - src.len());
@@ -164,6 +161,25 @@ impl MessageCodec {
     }
 }
 
+/// The error for a length prefix above `max`. A TLS record header read as a length is
+/// always far above any sane maximum (0x15030300 is 336 MiB), and it is what a peer that
+/// speaks TLS looks like to a connection without it, so it gets an error that says which
+/// side to change instead of a frame size nobody sent.
+pub(crate) fn oversized(prefix: [u8; 4], max: usize) -> Error {
+    // A TLS record: content type, then the protocol version 3.0 to 3.4 (SSL 3 to TLS 1.3).
+    const HANDSHAKE: u8 = 0x16;
+    const ALERT: u8 = 0x15;
+    let tls_version = prefix[1] == 0x03 && prefix[2] <= 0x04;
+    match prefix[0] {
+        HANDSHAKE if tls_version => Error::TlsHandshakeOnPlainConnection,
+        ALERT if tls_version => Error::TlsAlertOnPlainConnection,
+        _ => Error::FrameTooLarge {
+            len: u32::from_be_bytes(prefix) as usize,
+            max,
+        },
+    }
+}
+
 /// Encodes one message as a whole frame, prefix included.
 pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, Error> {
     let mut buf = BytesMut::new();
@@ -200,6 +216,40 @@ pub(crate) mod tests {
             }
         }
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn tls_records_read_as_a_length_say_which_side_speaks_tls() {
+        // A ClientHello's record header (TLS 1.0 record version, as clients send it).
+        let mut hello = BytesMut::from(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01][..]);
+        let err = FrameCodec::default().decode(&mut hello).unwrap_err();
+        assert!(matches!(err, Error::TlsHandshakeOnPlainConnection), "{err}");
+        assert!(err.is_fatal());
+        assert!(err.to_string().contains("--tls-cert"), "{err}");
+        // A server's alert (TLS 1.2 record version, length 2).
+        let mut alert = BytesMut::from(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32][..]);
+        let err = MessageCodec::default().decode(&mut alert).unwrap_err();
+        assert!(matches!(err, Error::TlsAlertOnPlainConnection), "{err}");
+        assert!(err.to_string().contains("this port speaks TLS"), "{err}");
+        // Not a TLS version: still the plain size error, with the announced length.
+        let mut other = BytesMut::from(&[0x15, 0x07, 0x03, 0x00][..]);
+        let err = FrameCodec::default().decode(&mut other).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::FrameTooLarge {
+                    len: 0x1507_0300,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Below the maximum the same bytes are just the start of a large frame.
+        let mut big = BytesMut::from(&[0x16, 0x03, 0x01, 0x02, 0x00][..]);
+        assert!(FrameCodec::new(u32::MAX as usize)
+            .decode(&mut big)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -23,6 +23,15 @@ pub enum Error {
         /// The receiver's maximum.
         max: usize,
     },
+    /// A TLS alert record arrived where a frame's length prefix was expected: the server
+    /// speaks TLS and this connection does not (its alert says it could not read our frame
+    /// as a TLS handshake).
+    #[error("the server answered with a TLS alert: this port speaks TLS; connect with TLS (--tls-ca with the server's CA)")]
+    TlsAlertOnPlainConnection,
+    /// A TLS handshake record (a ClientHello) arrived where a frame's length prefix was
+    /// expected: a TLS client on a port without TLS.
+    #[error("the peer started a TLS handshake, and this port speaks tidepool without TLS; connect without TLS (no --tls-ca), or serve TLS on this port (--tls-cert and --tls-key)")]
+    TlsHandshakeOnPlainConnection,
     /// A frame's length prefix is zero.
     #[error("frame of length 0: every frame holds one MessagePack map")]
     EmptyFrame,
@@ -245,6 +254,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A TLS handshake was answered with something that is not TLS: most likely a tidepool
+    /// port without TLS, which answers a ClientHello with an `error` frame.
+    #[error("TLS handshake with {peer} failed: it answered with something that is not TLS, likely a tidepool port without TLS; connect without TLS (no --tls-ca), or serve TLS there (--tls-cert and --tls-key)")]
+    TlsPeerNotTls {
+        /// The other side.
+        peer: String,
+    },
     /// A TLS handshake did not finish in time.
     #[error("TLS handshake with {peer} did not finish within {timeout:?}")]
     TlsHandshakeTimeout {
@@ -273,11 +289,14 @@ impl Error {
         matches!(
             self,
             Error::FrameTooLarge { .. }
+                | Error::TlsAlertOnPlainConnection
+                | Error::TlsHandshakeOnPlainConnection
                 | Error::EmptyFrame
                 | Error::Truncated { .. }
                 | Error::FrameTimeout { .. }
                 | Error::Io(_)
                 | Error::TlsHandshake { .. }
+                | Error::TlsPeerNotTls { .. }
                 | Error::TlsHandshakeTimeout { .. }
         )
     }
@@ -291,6 +310,7 @@ impl Error {
             Error::Unavailable { .. }
             | Error::ConnectionLost { .. }
             | Error::TlsHandshake { .. }
+            | Error::TlsPeerNotTls { .. }
             | Error::TlsHandshakeTimeout { .. } => ErrorCode::Unavailable,
             Error::Cancelled { .. } => ErrorCode::Cancelled,
             Error::ShuttingDown { .. } => ErrorCode::ShuttingDown,

@@ -139,7 +139,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     let max = (*max_frame).min(budget.largest_frame());
                     if len > max {
                         // Refused before reading (or reserving room for) the body.
-                        return Err(Error::FrameTooLarge { len, max });
+                        return Err(crate::codec::oversized(*buf, max));
                     }
                     *state = State::Budget {
                         len,

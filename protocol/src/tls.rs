@@ -519,6 +519,7 @@ impl TlsConnector {
             tokio::time::timeout(shared.handshake_timeout, connector.connect(name, stream)).await;
         let error = match outcome {
             Ok(Ok(tls)) => return Ok(Stream::Tls(Box::new(tls.into()))),
+            Ok(Err(source)) if not_tls(&source) => Error::TlsPeerNotTls { peer },
             Ok(Err(source)) => Error::TlsHandshake { peer, source },
             Err(_) => Error::TlsHandshakeTimeout {
                 peer,
@@ -545,6 +546,20 @@ impl TlsConnector {
     pub fn config(&self) -> Arc<ClientConfig> {
         self.shared.config.get()
     }
+}
+
+/// True when a handshake failed because the server's answer was not a TLS record: a
+/// tidepool port without TLS answers a ClientHello with an `error` frame, whose first byte
+/// (a length prefix's high byte, 0) is no TLS content type.
+fn not_tls(error: &io::Error) -> bool {
+    matches!(
+        error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))
+    )
 }
 
 /// A connection with or without TLS.
@@ -726,6 +741,51 @@ mod tests {
         let mut buf = [0u8; 5];
         r.read_exact(&mut buf).await?;
         Ok(buf)
+    }
+
+    #[tokio::test]
+    async fn plaintext_and_tls_on_the_wrong_port_are_named() {
+        // A plaintext client on a TLS port reads the server's alert as a frame.
+        let pki = Pki::new("wrong-port");
+        let acceptor = TlsAcceptor::new(
+            "test",
+            &server(&pki, false),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            Arc::default(),
+        )
+        .unwrap();
+        let (addr, served) = echo_once(acceptor).await;
+        let client = crate::Client::connect(addr).await.unwrap();
+        let err = client.ping(Duration::from_secs(5)).await.unwrap_err();
+        assert!(err.to_string().contains("this port speaks TLS"), "{err}");
+        assert!(!served.await.unwrap());
+
+        // A TLS client on a plaintext tidepool port: the server reads a ClientHello where
+        // a length prefix belongs and answers with an `error` frame, as servers do.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let plain = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = bytes::BytesMut::new();
+            while buf.len() < 4 {
+                assert!(tcp.read_buf(&mut buf).await.unwrap() > 0);
+            }
+            let err =
+                tokio_util::codec::Decoder::decode(&mut crate::FrameCodec::default(), &mut buf)
+                    .unwrap_err();
+            let reply = crate::encode_frame(&crate::Message::Error(err.reply())).unwrap();
+            tcp.write_all(&reply).await.unwrap();
+            err
+        });
+        let connector = TlsConnector::trusting(pki.ca()).unwrap();
+        let err = hello(&connector, addr).await.unwrap_err();
+        assert!(matches!(err, Error::TlsPeerNotTls { .. }), "{err}");
+        assert!(err.to_string().contains("without TLS"), "{err}");
+        let seen = plain.await.unwrap();
+        assert!(
+            matches!(seen, Error::TlsHandshakeOnPlainConnection),
+            "{seen}"
+        );
     }
 
     #[tokio::test]

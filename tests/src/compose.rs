@@ -9,6 +9,8 @@
 //! - [`Down`]: tears the project down (`down -v`) when dropped, failed test or not.
 //! - [`make_secrets`]: the admin token the compose files mount, made by
 //!   scripts/make-secrets.sh in a test's own folder.
+//! - [`make_certs`]: the CA, certificates and keys the compose files mount, made by
+//!   scripts/make-certs.sh in a test's own folder.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -245,6 +247,21 @@ pub fn make_secrets(dir: &Path) -> (PathBuf, String) {
     must_succeed("scripts/make-secrets.sh", &out);
     let token = std::fs::read_to_string(secrets.join("admin.token")).expect("read admin.token");
     (secrets, token.trim_end().to_owned())
+}
+
+/// The certificates the compose files mount (`TIDEPOOL_CERTS`), made in `dir/certs` by
+/// scripts/make-certs.sh (openssl), as `make compose-up` makes them: returns that folder,
+/// which holds `ca.pem` (what a client trusts), `balancer.{pem,key}`, `worker.{pem,key}`
+/// and `balancer-client.{pem,key}`.
+pub fn make_certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    let out = Command::new(workspace_root().join("scripts/make-certs.sh"))
+        .arg(&certs)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/make-certs.sh");
+    must_succeed("scripts/make-certs.sh", &out);
+    certs
 }
 
 /// Runs `docker` with `args`; it must succeed; returns its stdout.

@@ -4,13 +4,14 @@
 //! that already has one, which is right for a client and wrong for a test of "exactly one
 //! answer per request". This driver writes `infer` frames on raw connections at a steady
 //! rate and records every frame that comes back, so a test can assert that each id got
-//! one answer, and which.
+//! one answer, and which. It speaks plain TCP or TLS ([`Drive::tls`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use tidepool_protocol::tls::{Stream, TlsConnector};
 use tidepool_protocol::{ErrorCode, Infer, Message, MessageCodec, Tensor, Tensors};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -117,6 +118,9 @@ pub struct Drive {
     pub deadline: Duration,
     /// How long to wait for the last answers after sending stops.
     pub settle: Duration,
+    /// Speak TLS with this connector (the server's certificate checked against the
+    /// connector's server name, else `addr`'s IP); plain TCP when `None`.
+    pub tls: Option<TlsConnector>,
 }
 
 impl Drive {
@@ -131,6 +135,7 @@ impl Drive {
             input_dim,
             deadline: Duration::from_secs(20),
             settle: Duration::from_secs(20),
+            tls: None,
         }
     }
 
@@ -142,10 +147,18 @@ impl Drive {
 
 /// Sends until stopped, then waits for the answers; every frame received is tallied.
 pub async fn drive(spec: Drive) -> Tally {
-    let stream = TcpStream::connect(spec.addr)
+    let tcp = TcpStream::connect(spec.addr)
         .await
         .expect("connect for drive");
-    stream.set_nodelay(true).expect("nodelay");
+    tcp.set_nodelay(true).expect("nodelay");
+    let stream = match &spec.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => tls
+            .connect(tcp, &spec.addr.ip().to_string())
+            .await
+            .expect("TLS handshake for drive"),
+    };
+    // The write half flushes on every send (FramedWrite), so TLS records never wait.
     let (read, write) = stream.into_split();
     let mut sink = FramedWrite::new(write, MessageCodec::default());
     let mut frames = FramedRead::new(read, MessageCodec::default());

@@ -4,6 +4,11 @@
 //! every request must get exactly one answer while the balancer marks the dead worker
 //! `unhealthy`. Everything is torn down (`down -v`) by a drop guard, failed or not.
 //!
+//! It runs as `make compose-up` does, with the admin token and TLS on: certificates from
+//! scripts/make-certs.sh, every client connection over TLS trusting that CA, a plaintext
+//! client refused on the TLS port, and a worker refusing a client without the balancer's
+//! certificate (mutual TLS), checked from inside its container.
+//!
 //! The load is the protocol [`Client`] on a few connections (each call ends exactly once:
 //! a result, a typed error, or nothing in time, which fails the test), plus a raw-frame
 //! [`drive`] on one more connection that counts the answers per id on the wire, so a
@@ -22,13 +27,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tidepool_protocol::{Client, Tensor, Tensors};
+use tidepool_protocol::tls::TlsConnector;
+use tidepool_protocol::{Client, ClientOptions, Tensor, Tensors};
 use tidepool_tests::compose::{
-    build_image, compose_program, docker, make_secrets, report, workspace_root, Compose, Down,
+    build_image, compose_program, docker, make_certs, make_secrets, report, workspace_root,
+    Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive};
+use tidepool_tests::tls::connector;
 use tidepool_tests::worker::scratch_dir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -66,6 +75,9 @@ async fn compose_cluster_survives_a_killed_worker() {
 
     let dir = scratch_dir("compose");
     let (secrets, token) = make_secrets(&dir);
+    let certs = make_certs(&dir);
+    // What a client outside the cluster trusts; the balancer's certificate names 127.0.0.1.
+    let tls = connector(&certs.join("ca.pem"), None);
     let compose = Compose::new(
         program,
         &workspace_root().join("docker-compose.yml"),
@@ -75,6 +87,7 @@ async fn compose_cluster_survives_a_killed_worker() {
             ("TIDEPOOL_HOST_ADMIN", "127.0.0.1:"),
             ("TIDEPOOL_DNS_INTERVAL", "1h"),
             ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
+            ("TIDEPOOL_CERTS", &certs.display().to_string()),
         ],
         &dir,
     );
@@ -95,8 +108,28 @@ async fn compose_cluster_survives_a_killed_worker() {
     .await;
     let up = started.elapsed();
 
+    // TLS on the client port: a plaintext client gets no answer but an error that says so.
+    let plain = plaintext_ping(front).await;
+    assert!(
+        plain.contains("TLS"),
+        "a plaintext client on the TLS port: {plain}"
+    );
+    // Mutual TLS on the workers: from inside a worker container, a client without the
+    // balancer's certificate is refused (the healthcheck, which presents it, passed).
+    let refused = {
+        let compose = compose.clone();
+        tokio::task::spawn_blocking(move || probe_without_client_cert(&compose))
+            .await
+            .unwrap()
+    };
+    assert!(
+        !refused.status.success(),
+        "a worker answered a client without a certificate: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+
     // Load on its own tasks; the test kills a worker and watches /targets meanwhile.
-    let load = tokio::spawn(send_load(front));
+    let load = tokio::spawn(send_load(front, tls.clone()));
     let raw = tokio::spawn(drive(Drive {
         addr: front,
         rate: RAW_RATE,
@@ -105,6 +138,7 @@ async fn compose_cluster_survives_a_killed_worker() {
         input_dim: INPUT_DIM,
         deadline: ANSWER_WITHIN,
         settle: ANSWER_WITHIN,
+        tls: Some(tls),
     }));
     tokio::time::sleep(KILL_AFTER).await;
     let victim = {
@@ -180,13 +214,48 @@ fn kill_one_worker(compose: &Compose) -> String {
     format!("{}:7100", ip.trim())
 }
 
-/// Sends `RATE` requests a second for `LOAD_FOR` over `CONNECTIONS` client connections,
-/// each on its own task; returns how many ended each way: `ok`, a protocol error code,
-/// `connection_lost`, `unanswered` (nothing within `ANSWER_WITHIN`) or `other`.
-async fn send_load(front: SocketAddr) -> BTreeMap<String, u64> {
+/// A `ping` over plain TCP to the TLS port `front`: the error it ends with, as text.
+async fn plaintext_ping(front: SocketAddr) -> String {
+    let outcome = tokio::time::timeout(ANSWER_WITHIN, async {
+        Client::connect(front).await?.ping(ANSWER_WITHIN).await
+    })
+    .await
+    .expect("a plaintext ping on the TLS port ends");
+    match outcome {
+        Ok(()) => panic!("a plaintext client got a pong from the TLS port"),
+        Err(error) => error.to_string(),
+    }
+}
+
+/// `tidepool-probe ping` inside the first worker container, trusting the CA but with no
+/// client certificate: the output of that `docker exec`.
+fn probe_without_client_cert(compose: &Compose) -> Output {
+    let ids = compose.containers("worker");
+    let id = ids.first().expect("a worker container");
+    Command::new("docker")
+        .args([
+            "exec",
+            id,
+            "tidepool-probe",
+            "ping",
+            "127.0.0.1:7100",
+            "--tls-ca=/run/secrets/ca.pem",
+            "--tls-server-name=worker",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run docker exec")
+}
+
+/// Sends `RATE` requests a second for `LOAD_FOR` over `CONNECTIONS` TLS client connections
+/// (with `tls`), each on its own task; returns how many ended each way: `ok`, a protocol
+/// error code, `connection_lost`, `unanswered` (nothing within `ANSWER_WITHIN`) or `other`.
+async fn send_load(front: SocketAddr, tls: TlsConnector) -> BTreeMap<String, u64> {
+    let front = front.to_string();
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
-        clients.push(Client::connect(front).await.unwrap());
+        let client = Client::connect_tls(&front, &tls, ClientOptions::default());
+        clients.push(client.await.unwrap());
     }
     let inputs: Tensors = [(
         "input".to_owned(),

@@ -9,6 +9,10 @@
 //! extra containers, each deregisters and drains first. Every request of both loads is
 //! counted per id on the wire and must be answered exactly once, with a result.
 //!
+//! TLS is on as deploy/compose/autoscale.yml documents it: certificates from
+//! scripts/make-certs.sh, the balancer serving TLS to the load and speaking mutual TLS to
+//! the workers, which require its client certificate.
+//!
 //! Without a docker engine the test says so on stderr and passes. It runs in its own
 //! project (unique name) and image tag (`tidepool:test`); the drop guards stop the balancer
 //! first, so it runs no more compose commands, then take the project down (`down -v`).
@@ -19,12 +23,15 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use tidepool_protocol::tls::TlsConnector;
 use tidepool_tests::balancer::http;
 use tidepool_tests::compose::{
-    build_image, compose_program, docker, make_secrets, report, workspace_root, Compose, Down,
+    build_image, compose_program, docker, make_certs, make_secrets, report, workspace_root,
+    Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive, Tally};
 use tidepool_tests::process::{balancer_args, fast_scaling_args, free_addrs, wait_listening, Proc};
+use tidepool_tests::tls::connector;
 use tidepool_tests::worker::scratch_dir;
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +68,9 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     let register = format!("http://{admin}");
     // The workers register with the balancer's admin token, mounted as a compose secret.
     let (secrets, _) = make_secrets(&dir);
+    // The workers serve TLS and require the balancer's client certificate.
+    let certs = make_certs(&dir);
+    let tls = connector(&certs.join("ca.pem"), None);
     let compose = Compose::new(
         program,
         &workspace_root().join("deploy/compose/autoscale.yml"),
@@ -69,6 +79,7 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
             ("TIDEPOOL_REGISTER", register.as_str()),
             ("TIDEPOOL_MAX_DELAY", "20ms"),
             ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
+            ("TIDEPOOL_CERTS", &certs.display().to_string()),
         ],
         &dir,
     );
@@ -82,6 +93,16 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
         "--admin-token-file".to_owned(),
         secrets.join("admin.token").display().to_string(),
     ]);
+    for (flag, file) in [
+        ("--tls-cert", "balancer.pem"),
+        ("--tls-key", "balancer.key"),
+        ("--upstream-tls-ca", "ca.pem"),
+        ("--upstream-tls-cert", "balancer-client.pem"),
+        ("--upstream-tls-key", "balancer-client.key"),
+    ] {
+        args.extend([flag.to_owned(), certs.join(file).display().to_string()]);
+    }
+    args.extend(["--upstream-tls-server-name".to_owned(), "worker".to_owned()]);
     let mut balancer = Proc::start("balancer", "tidepool-balancer", &args, &dir);
     wait_listening(admin, &balancer).await;
 
@@ -100,7 +121,7 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
 
     // Load well above one worker's target: compose starts more containers.
     let heavy_stop = CancellationToken::new();
-    let heavy = tokio::spawn(drive(load(listen, HEAVY_RATE, &heavy_stop)));
+    let heavy = tokio::spawn(drive(load(listen, HEAVY_RATE, &heavy_stop, &tls)));
     let grown = wait_pool(&compose, admin, &balancer, SCALE_WITHIN, "scale-out", |p| {
         p.ready >= 2 && p.containers >= 2
     })
@@ -111,7 +132,7 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
 
     // The load falls to a trickle: compose stops the extra containers, each draining.
     let light_stop = CancellationToken::new();
-    let light = tokio::spawn(drive(load(listen, LIGHT_RATE, &light_stop)));
+    let light = tokio::spawn(drive(load(listen, LIGHT_RATE, &light_stop, &tls)));
     let shrunk = wait_pool(&compose, admin, &balancer, SCALE_WITHIN, "scale-in", |p| {
         p.ready == MIN_WORKERS && p.containers == MIN_WORKERS && p.desired == MIN_WORKERS
     })
@@ -159,8 +180,8 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     assert!(left.trim().is_empty(), "containers left behind: {left}");
 }
 
-/// The raw-frame drive at `rate` until `stop`.
-fn load(addr: SocketAddr, rate: u32, stop: &CancellationToken) -> Drive {
+/// The raw-frame drive over TLS (`tls`) at `rate` until `stop`.
+fn load(addr: SocketAddr, rate: u32, stop: &CancellationToken, tls: &TlsConnector) -> Drive {
     Drive {
         addr,
         rate,
@@ -169,6 +190,7 @@ fn load(addr: SocketAddr, rate: u32, stop: &CancellationToken) -> Drive {
         input_dim: INPUT_DIM,
         deadline: ANSWER_WITHIN,
         settle: ANSWER_WITHIN,
+        tls: Some(tls.clone()),
     }
 }
 
