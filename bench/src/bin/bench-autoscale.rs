@@ -310,6 +310,9 @@ struct PoolRun {
     /// Burst runs: the workers the peak needs at 100% busy, and the seconds from the step
     /// until that many were ready (`None`: never, in the run).
     enough: Option<usize>,
+    /// Burst runs: workers ready at the step (a pool that already had enough, grown during
+    /// the fifth of the peak, shows no recovery to compare).
+    ready_at_step: Option<usize>,
     to_enough_s: Option<f64>,
     /// Burst runs: after the step, the worst per-second p99 and the seconds over the
     /// objective.
@@ -368,6 +371,7 @@ fn measure(
         ok,
         not_ok: report.offered.saturating_sub(ok),
         enough: None,
+        ready_at_step: None,
         to_enough_s: None,
         worst_p99_after_ms: None,
         seconds_over_after: 0,
@@ -420,6 +424,12 @@ fn burst(
         .max(1.0) as usize;
     let step = args.burst_before();
     run.enough = Some(enough);
+    run.ready_at_step = run
+        .points
+        .iter()
+        .rev()
+        .find(|p| p.t <= step.as_secs_f64())
+        .map(|p| p.scaling.ready);
     run.to_enough_s = time_to_ready(&run.points, step.as_secs_f64(), enough);
     let after: Vec<_> = run
         .timeline
@@ -815,7 +825,11 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
         .iter()
         .map(|r| {
             let mut row = pool_cells(args, r, fixed);
-            row.push(s(r.to_enough_s));
+            row.push(format!(
+                "{} ({} ready at the step)",
+                s(r.to_enough_s),
+                r.ready_at_step.map_or("?".to_owned(), |n| n.to_string())
+            ));
             row.push(format!(
                 "{} / {} of {}",
                 ms(r.worst_p99_after_ms),
@@ -830,19 +844,28 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
         of(&run.bursts, Policy::Busy),
         of(&run.bursts, Policy::InFlight),
     ) {
+        let had_enough = |r: &PoolRun| r.ready_at_step.unwrap_or(0) >= enough;
         let faster = match (busy.to_enough_s, in_flight.to_enough_s) {
             (Some(b), Some(i)) => b < i,
             (Some(_), None) => true,
             _ => false,
         };
+        let verdict = if had_enough(busy) || had_enough(in_flight) {
+            // Nothing to recover from: the comparison would be between two readings of a
+            // pool that was already big enough.
+            "not judged: a pool already had enough workers ready at the step"
+        } else if faster {
+            "met"
+        } else {
+            "missed"
+        };
         report.para(&format!(
             "Goal: the busy-share policy has enough workers sooner after the step than the \
-             in-flight policy: **{}** ({} against {}).",
-            if faster { "met" } else { "missed" },
+             in-flight policy: **{verdict}** ({} against {}).",
             s(busy.to_enough_s),
             s(in_flight.to_enough_s),
         ));
-        report.set("burst_goal_met", faster);
+        report.set("burst_goal", verdict);
     }
     report.para(
         "Files: `bench-out/autoscale/burst-{fixed,busy,in-flight}-{timeline.csv,timeline.svg,report.json,scaling.json}` and `.log`.",
