@@ -30,6 +30,11 @@ pub struct PoolSpec {
     pub min_workers: usize,
     /// `--max-workers`.
     pub max_workers: usize,
+    /// `--scaling-signal`: `busy` (busy shares against `--target-utilization`, the
+    /// default) or `in-flight` (requests in flight alone, the policy before busy shares).
+    pub signal: &'static str,
+    /// `--target-utilization`: the busy share per worker the pool is sized for.
+    pub target_utilization: f64,
     /// `--target-load`: outstanding plus queued requests per worker.
     pub target_load: f64,
     /// `--scale-out-delay`.
@@ -38,6 +43,11 @@ pub struct PoolSpec {
     pub scale_in_delay: Duration,
     /// `--scaling-window`.
     pub window: Duration,
+    /// `--panic-window` (at most `window`).
+    pub panic_window: Duration,
+    /// `--worker-startup`: the start-up time the policy plans with until it has measured
+    /// one.
+    pub worker_startup: Duration,
     /// The balancer's stderr goes here (the workers' too, unless `worker_logs` is set).
     pub log: PathBuf,
     /// `RUST_LOG` for the balancer and its workers.
@@ -104,13 +114,14 @@ impl Pool {
             .args(["--autoscale", "--worker-cmd", &spec.worker_cmd()?])
             .args(["--min-workers", &spec.min_workers.to_string()])
             .args(["--max-workers", &spec.max_workers.to_string()])
+            .args(["--scaling-signal", spec.signal])
+            .args(["--target-utilization", &spec.target_utilization.to_string()])
             .args(["--target-load", &spec.target_load.to_string()])
             .args(["--scale-out-delay", &secs(spec.scale_out_delay)])
             .args(["--scale-in-delay", &secs(spec.scale_in_delay)])
             .args(["--scaling-window", &secs(spec.window)])
-            // The panic window may not be longer than the stable one; with the bench's short
-            // window they are the same (the busy-share policy with its in-flight guard).
-            .args(["--panic-window", &secs(spec.window)])
+            .args(["--panic-window", &secs(spec.panic_window)])
+            .args(["--worker-startup", &secs(spec.worker_startup)])
             .stdout(Stdio::null())
             .stderr(log);
         let mut pool = Pool {
@@ -259,6 +270,15 @@ pub fn worker_seconds(points: &[ScalingPoint], from: f64, to: f64) -> f64 {
         }
     }
     total
+}
+
+/// Seconds from `step` (seconds since the poller's zero) until the first reading with at
+/// least `enough` ready workers; `None` if none came before the run ended.
+pub fn time_to_ready(points: &[ScalingPoint], step: f64, enough: usize) -> Option<f64> {
+    points
+        .iter()
+        .find(|p| p.t >= step && p.scaling.ready >= enough)
+        .map(|p| p.t - step)
 }
 
 /// How many seconds of a run met a p99 objective.
@@ -461,6 +481,23 @@ mod tests {
                 ..Scaling::default()
             },
         }
+    }
+
+    #[test]
+    fn time_to_ready_counts_from_the_step_to_enough_ready() {
+        let points = [
+            point(0.0, 2, 0, 0),
+            point(1.0, 1, 0, 0),
+            point(2.0, 1, 1, 0),
+            point(3.0, 1, 2, 0),
+            point(4.5, 2, 1, 0),
+            point(5.5, 3, 0, 0),
+        ];
+        // Ready workers before the step do not count.
+        assert_eq!(time_to_ready(&points, 1.0, 2), Some(3.5));
+        assert_eq!(time_to_ready(&points, 1.0, 3), Some(4.5));
+        assert_eq!(time_to_ready(&points, 1.0, 4), None);
+        assert_eq!(time_to_ready(&points, 1.0, 1), Some(0.0));
     }
 
     #[test]

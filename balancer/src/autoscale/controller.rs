@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::actuator::Actuator;
 use super::forecast::{DayProfile, Predictive};
-use super::policy::{decide, Action, Decision, History, Mode, Outlook, PolicyConfig, Sample};
+use super::policy::{
+    decide, Action, Decision, History, Mode, Outlook, PolicyConfig, Sample, Signal,
+};
 use super::pool::Pool;
 use super::startup::StartupClock;
 use crate::target::TargetState;
@@ -24,6 +26,8 @@ pub struct ScalingStatus {
     /// Outstanding plus queued requests right now (not averaged): the total load a KEDA
     /// metrics-api scaler divides by its `targetValue`.
     pub load_now: f64,
+    /// `--scaling-signal`: what sizes the pool (`signal` says what set the latest demand).
+    pub scaling_signal: Signal,
     /// The in-flight guard's load per worker.
     pub target_load: f64,
     /// The busy share per worker the pool is sized for.
@@ -286,6 +290,7 @@ pub(crate) async fn run(
         let status = ScalingStatus {
             decision,
             load_now: sample.load,
+            scaling_signal: policy.signal,
             target_load: policy.target_load,
             target_utilization: policy.target_utilization,
             stable_window_s: policy.window.as_secs_f64(),

@@ -78,6 +78,13 @@ pub struct AutoscaleConfig {
     #[arg(long, env = "TIDEPOOL_MAX_WORKERS", default_value_t = PolicyConfig::DEFAULT.max_workers)]
     pub max_workers: usize,
 
+    /// What sizes the pool: `busy` (each worker's busy share against
+    /// --target-utilization, requests in flight as a guard) or `in-flight` (requests in
+    /// flight alone against --target-load, busy shares ignored: the policy before busy
+    /// shares, for workers whose busy share misleads).
+    #[arg(long, env = "TIDEPOOL_SCALING_SIGNAL", value_enum, default_value_t = PolicyConfig::DEFAULT.signal)]
+    pub scaling_signal: Signal,
+
     /// The in-flight guard: outstanding plus queued requests per worker that the pool needs
     /// at least (see the module docs: about the workers' --max-batch).
     #[arg(long, env = "TIDEPOOL_TARGET_LOAD", default_value_t = PolicyConfig::DEFAULT.target_load)]
@@ -158,6 +165,7 @@ impl Default for AutoscaleConfig {
             autoscale: false,
             worker_cmd: None,
             scale_cmd: None,
+            scaling_signal: policy.signal,
             min_workers: policy.min_workers,
             max_workers: policy.max_workers,
             target_load: policy.target_load,
@@ -181,6 +189,7 @@ impl AutoscaleConfig {
     /// The policy these flags describe.
     pub fn policy(&self) -> PolicyConfig {
         PolicyConfig {
+            signal: self.scaling_signal,
             min_workers: self.min_workers,
             max_workers: self.max_workers,
             target_load: self.target_load,

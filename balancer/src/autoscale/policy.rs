@@ -38,15 +38,25 @@
 //!   than `--target-load × 2` outstanding).
 //! - `--scale-out-delay` (0 by default, as Knative) makes a stable-mode scale-out wait
 //!   until every stable wish over that time wanted more; panic never waits.
+//!
+//! ## `--scaling-signal in-flight`
+//! The policy before the busy share: demand is requests in flight alone, and busy shares
+//! are ignored. Kept as an option for workers whose busy share misleads (a model thread
+//! that waits on a device or on I/O is "busy" without using the CPU) and as the baseline
+//! the autoscaling benchmark compares against.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use clap::ValueEnum;
 use serde::Serialize;
 
 /// The policy's settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicyConfig {
+    /// Which signal sizes the pool: the busy share (with the in-flight guard), or requests
+    /// in flight alone.
+    pub signal: Signal,
     /// Never fewer workers than this.
     pub min_workers: usize,
     /// Never more workers than this.
@@ -83,6 +93,7 @@ impl PolicyConfig {
     /// defaults of the autoscaling flags. The windows, threshold and utilization are
     /// Knative's; the scale-down delay keeps a worker through short lulls.
     pub const DEFAULT: PolicyConfig = PolicyConfig {
+        signal: Signal::Busy,
         min_workers: 1,
         max_workers: 8,
         target_utilization: 0.7,
@@ -221,14 +232,15 @@ impl Mode {
     }
 }
 
-/// Which signal the demand came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// A signal the demand comes from: in a [`Decision`], the one that set the latest demand;
+/// in a [`PolicyConfig`] (`--scaling-signal`), the one the policy sizes the pool by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Signal {
-    /// The workers' busy shares.
+    /// The workers' busy shares (as a setting: with requests in flight as a guard).
     Busy,
-    /// Requests in flight (no worker reports a busy share, or the in-flight guard needs
-    /// more: workers beyond saturation).
+    /// Requests in flight (in a decision: no worker reports a busy share, or the in-flight
+    /// guard needs more, workers beyond saturation; as a setting: busy shares ignored).
     InFlight,
 }
 
@@ -281,7 +293,8 @@ pub fn demand_of(config: &PolicyConfig, s: &Sample) -> f64 {
 /// One sample's demand in workers, and the signal that set it.
 fn demand(config: &PolicyConfig, s: &Sample) -> (f64, Signal) {
     let in_flight = s.load / config.target_load;
-    match s.busy {
+    let busy = s.busy.filter(|_| config.signal == Signal::Busy);
+    match busy {
         Some(busy) if busy / config.target_utilization >= in_flight => {
             (busy / config.target_utilization, Signal::Busy)
         }
@@ -826,6 +839,30 @@ mod tests {
         assert_eq!(d.signal, Signal::InFlight);
         assert_eq!(d.desired, 6, "60 in flight / 10 per worker");
         assert!(matches!(d.action, Action::ScaleOut(6)), "{d:?}");
+    }
+
+    #[test]
+    fn the_in_flight_signal_ignores_busy_shares_until_the_knee() {
+        // 2 workers 80% busy with few requests in flight: the busy share asks for 4
+        // workers (1.6 / 0.5) at once; `--scaling-signal in-flight` sees 0.3 workers'
+        // worth in flight and first scales in, to one worker past its knee.
+        let c = PolicyConfig {
+            signal: Signal::InFlight,
+            ..config()
+        };
+        let calm = run_with(&c, &outlook(), 30, 2, |_| 1.6);
+        assert!(
+            matches!(changes(&calm).first(), Some((_, Action::ScaleIn(1)))),
+            "{:?}",
+            changes(&calm)
+        );
+        assert_eq!(calm[19].2.signal, Signal::InFlight);
+        // Past saturation the requests pile up and it scales out.
+        let overloaded = run_with(&c, &outlook(), 30, 2, |_| 3.0);
+        assert!(matches!(
+            changes(&overloaded).first(),
+            Some((_, Action::ScaleOut(n))) if *n > 2
+        ));
     }
 
     #[test]
