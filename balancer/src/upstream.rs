@@ -785,10 +785,13 @@ mod tests {
                 queue.reroute(),
                 Arc::clone(&metrics),
             ));
+            let target = Arc::new(Target::new(addr, 1, 1, Arc::new(QueueSignal::default())));
             tokio::spawn(read_loop(
                 Arc::clone(&conn),
                 FramedRead::new(read, FrameCodec::new(MAX_FRAME)),
                 Arc::clone(&metrics),
+                queue.reroute(),
+                target,
             ));
             let (tx, answers) = mpsc::unbounded_channel();
             let client = Arc::new(ClientConn::new(

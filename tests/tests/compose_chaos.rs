@@ -18,10 +18,13 @@
 
 use std::time::{Duration, Instant};
 
+use tidepool_protocol::tls::TlsConnector;
 use tidepool_tests::compose::{
-    build_image, compose_program, docker, make_secrets, report, workspace_root, Compose, Down,
+    build_image, compose_program, docker, make_certs, make_secrets, report, workspace_root,
+    Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive};
+use tidepool_tests::tls::connector;
 use tidepool_tests::worker::scratch_dir;
 
 /// Worker replicas started: one per fault, and one left alone.
@@ -64,6 +67,9 @@ async fn every_request_answered_once_and_on_time_through_pause_disconnect_and_ki
     build_image();
     let dir = scratch_dir("compose-chaos");
     let (secrets, _token) = make_secrets(&dir);
+    // docker-compose.yml runs with TLS on: the load speaks it, trusting the test's CA.
+    let certs = make_certs(&dir);
+    let tls = connector(&certs.join("ca.pem"), None);
     let compose = Compose::new(
         program,
         &workspace_root().join("docker-compose.yml"),
@@ -73,13 +79,14 @@ async fn every_request_answered_once_and_on_time_through_pause_disconnect_and_ki
             ("TIDEPOOL_HOST_ADMIN", "127.0.0.1:"),
             ("TIDEPOOL_DNS_INTERVAL", "1h"),
             ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
+            ("TIDEPOOL_CERTS", &certs.display().to_string()),
         ],
         &dir,
     );
     let cluster = Down(compose.clone());
     compose.run(&["up", "-d", "--scale", &format!("worker={WORKERS}")]);
     let front = compose.port("balancer", 7000);
-    wait_all_serving(front).await;
+    wait_all_serving(front, &tls).await;
     let up = started.elapsed();
 
     let loads: Vec<_> = (0..CONNECTIONS)
@@ -92,6 +99,7 @@ async fn every_request_answered_once_and_on_time_through_pause_disconnect_and_ki
                 input_dim: INPUT_DIM,
                 deadline: DEADLINE,
                 settle: DEADLINE + SLACK + Duration::from_secs(5),
+                tls: Some(tls.clone()),
             }))
         })
         .collect();
@@ -167,7 +175,7 @@ async fn blocking(args: Vec<String>) {
 
 /// Waits until a short burst through the balancer comes back all results from every
 /// worker (each worker's name seen), so that the faults hit a pool in full service.
-async fn wait_all_serving(front: std::net::SocketAddr) {
+async fn wait_all_serving(front: std::net::SocketAddr, tls: &TlsConnector) {
     let deadline = Instant::now() + READY_WITHIN;
     loop {
         let tally = drive(Drive {
@@ -178,6 +186,7 @@ async fn wait_all_serving(front: std::net::SocketAddr) {
             input_dim: INPUT_DIM,
             deadline: Duration::from_secs(5),
             settle: Duration::from_secs(5),
+            tls: Some(tls.clone()),
         });
         let tally = tokio::time::timeout(Duration::from_secs(15), tally).await;
         if let Ok(tally) = tally {
