@@ -91,5 +91,5 @@ for _ in $(seq 1 100); do
 done
 OUT="$("$PY" examples/client.py "127.0.0.1:$TLS_LISTEN" "$C/ca.pem")" || { cat "$WORK"/tls-*.log; exit 1; }
 echo "$OUT"
-[ "$(grep -c 'outputs from py-tls-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output over TLS"; cat "$WORK"/tls-*.log; exit 1; }
+[ "$(grep -c 'output f32 \[4\] from py-tls-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output over TLS"; cat "$WORK"/tls-*.log; exit 1; }
 echo "python client over TLS: ok"
