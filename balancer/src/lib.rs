@@ -57,9 +57,10 @@
 //! pending entries and hands unwritten requests back), `queue` (which carries requests)
 //! and `metrics` (targets keep latency histograms; metrics render targets). Every other
 //! edge points down this list, each module importing only those below it:
-//! `balancer` → `tls` → `admin` → `handle` → `frontend` → `dispatch` → `discovery` → `registry`
-//! → `health` → [`routing`] → [`config`] → [`autoscale`] → the data types → `auth` →
-//! `burst`, `error` → `validation`. (`autoscale` sees one data type, [`target`]'s
+//! `balancer` → `admin` → `handle` → `frontend` → `metadata` → `dispatch` → `discovery` →
+//! `registry` → `health` → `tls` → [`routing`] → [`config`] → [`autoscale`] → the data
+//! types → `auth` → `burst`, `error`, `validation`, and the leaves that import nothing of
+//! the crate: `retry`, `outlier`, `deadline`, `throttle`. (`autoscale` sees one data type, [`target`]'s
 //! `TargetInfo`, and `auth`'s token, which it hands to the workers it starts. Neighbours
 //! in the list need not import each other: `admin` and `frontend` do not.)
 //!
