@@ -69,18 +69,11 @@ interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
 fuzz: ## build the protocol fuzz targets (decoder, raw scanner) and run them briefly (FUZZ_SECONDS, split between them)
 	scripts/fuzz.sh $${FUZZ_SECONDS:-20}
 
-bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
+bench: ort ## benchmarks (worker, text encoder, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|text|balancer|autoscale for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
 	scripts/bench.sh
 
-SOAK_MODEL := build/models/soak-4MiB-64.onnx
-soak: ort ## not in make test: SOAK_MINUTES (30) at 70% of measured capacity (SOAK_RATE to fix it) with a worker SIGKILLed or frozen every 3 min; RSS slope per process and answers per request into bench-out/soak.md
-	$(CARGO) build --release -p tidepool-balancer -p tidepool-worker -p tidepool-bench \
-		--bin tidepool-balancer --bin tidepool-worker --bin bench-soak
-	@mkdir -p build/models
-	@test -f $(SOAK_MODEL) || target/release/tidepool-worker synth --out $(SOAK_MODEL) \
-		--size 4MiB --input-dim 64 --output-dim 16 --layers 2 --seed 1
-	ORT_DYLIB_PATH=$${ORT_DYLIB_PATH:-$$(scripts/fetch-ort.sh)} target/release/bench-soak \
-		--model $(SOAK_MODEL) --minutes $${SOAK_MINUTES:-30}
+soak: ort ## not in make test: SOAK_MINUTES (30) at 70% of measured capacity (SOAK_RATE to fix it) with a worker SIGKILLed or frozen every 3 min; RSS slope per process and answers per request into bench-out/soak.md and BENCHMARKS.md's soak section
+	BENCH_ONLY=soak scripts/bench.sh
 
 python-client: venv ## the README's Python client against a live cluster
 	scripts/test-python-client.sh

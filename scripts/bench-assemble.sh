@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Assembles BENCHMARKS.md: the hand-written intros (bench/intro/*.md) around one report per
-# section (worker, balancer, autoscale). Sections run now take their report from the
+# section (worker, text, balancer, autoscale). Sections run now take their report from the
 # benchmark's output ($OUT/NAME.md); every other section keeps the report already in $SOURCE,
 # found between its markers:
 #   <!-- bench:NAME:start ... -->
@@ -11,7 +11,11 @@
 #
 # scripts/bench.sh calls it; scripts/test-bench-assemble.sh runs it on fake sections.
 # Settings (environment):
-#   FRESH   the sections run now, space-separated ("worker balancer autoscale" for a full run,
+#   SECTIONS the sections in document order ("worker text balancer autoscale soak"); the tests
+#           set their own
+#   SEPARATE the sections that `make bench` does not run ("soak": `make soak` runs it and
+#           splices its report alone); a full run is one where all the others are fresh
+#   FRESH   the sections run now, space-separated (all of SECTIONS for a full run,
 #           "" to only reassemble after editing an intro)
 #   OUT     where fresh reports are (bench-out)
 #   INTRO   the intros (bench/intro)
@@ -21,7 +25,8 @@
 #   NOTES   1: include $INTRO/last-run.md (the hand-written notes on the committed run)
 set -euo pipefail
 
-SECTIONS=(worker balancer autoscale)
+read -r -a SECTIONS <<< "${SECTIONS:-worker text balancer autoscale soak}"
+SEPARATE=${SEPARATE-soak}
 FRESH=${FRESH-}
 OUT=${OUT:-bench-out}
 INTRO=${INTRO:-bench/intro}
@@ -31,6 +36,7 @@ STAMP=${STAMP:?STAMP must say when and at which commit the benchmarks ran}
 NOTES=${NOTES:-1}
 
 is_fresh() { [[ " $FRESH " == *" $1 "* ]]; }
+is_separate() { [[ " $SEPARATE " == *" $1 "* ]]; }
 
 for name in $FRESH; do
     [[ " ${SECTIONS[*]} " == *" $name "* ]] || { echo "bench-assemble: unknown section $name in FRESH (known: ${SECTIONS[*]})" >&2; exit 2; }
@@ -48,7 +54,7 @@ kept_report() {
 }
 
 full=1
-for name in "${SECTIONS[@]}"; do is_fresh "$name" || full=0; done
+for name in "${SECTIONS[@]}"; do is_separate "$name" || is_fresh "$name" || full=0; done
 
 # The "Last run" line: this run's for a full run, else the one already there (which says when
 # the kept sections ran); a section rerun alone says so at its top.

@@ -3,8 +3,9 @@
 # assemble BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
 # (bench/intro/*.md). BENCH_QUICK=1: a short smoke run on a small model; BENCHMARKS.md is then
 # written to bench-out/BENCHMARKS.quick.md instead, so the committed figures stay real.
-# BENCH_ONLY=worker|balancer|autoscale: rerun one benchmark and splice its report into
-# BENCHMARKS.md, keeping the committed reports of the others; BENCH_ONLY=none only reassembles
+# BENCH_ONLY=worker|text|balancer|autoscale: rerun one benchmark and splice its report into
+# BENCHMARKS.md, keeping the committed reports of the others; BENCH_ONLY=soak (`make soak`)
+# runs the soak, which a full run leaves out, the same way; BENCH_ONLY=none only reassembles
 # (after editing an intro). scripts/bench-assemble.sh does the assembly.
 # BENCH_BASELINE=<commit>: the balancer benchmark also runs tidepool-balancer built from that
 # commit (in a scratch worktree under build/), beside today's, for before/after figures.
@@ -19,13 +20,15 @@ export BENCH_QUICK=$QUICK
 mkdir -p "$OUT" build/models
 
 ONLY=${BENCH_ONLY:-all}
-case $ONLY in all|worker|balancer|autoscale|none) ;; *) echo "bench: BENCH_ONLY must be worker, balancer, autoscale or none" >&2; exit 2 ;; esac
+case $ONLY in all|worker|text|balancer|autoscale|soak|none) ;; *) echo "bench: BENCH_ONLY must be worker, text, balancer, autoscale, soak or none" >&2; exit 2 ;; esac
+# Whether this run includes section $1 (the soak runs only when asked for: `make soak`).
+runs() { [[ $ONLY == "$1" || ( $ONLY == all && $1 != soak ) ]]; }
 # Nothing to build or run when only reassembling.
 if [[ $ONLY != none ]]; then
     ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(scripts/fetch-ort.sh)}
     export ORT_DYLIB_PATH
 
-    if ! command -v haproxy >/dev/null; then
+    if runs balancer && ! command -v haproxy >/dev/null; then
         echo "bench: installing haproxy (Debian package) for the balancer comparison" >&2
         SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
         $SUDO apt-get update -qq
@@ -40,7 +43,7 @@ if [[ $ONLY != none ]]; then
     else
         SIZE=1GiB; MODEL=build/models/synth-1gib.onnx
     fi
-    if [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
+    if { runs worker || runs autoscale; } && [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
         echo "bench: writing the synthetic $SIZE model to $MODEL (about 20 s and 3.4 GB of memory for 1GiB)" >&2
         target/release/tidepool-worker synth --out "$MODEL" --size "$SIZE"
     fi
@@ -49,18 +52,30 @@ if [[ $ONLY != none ]]; then
     # enough that a worker starts in well under a second and the pool's size, not the model, is
     # what is measured.
     POOL_MODEL=build/models/demo-64MiB-256.onnx
-    if [[ ! -f $POOL_MODEL || ! -f $POOL_MODEL.data ]]; then
+    if runs autoscale && [[ ! -f $POOL_MODEL || ! -f $POOL_MODEL.data ]]; then
         echo "bench: writing the 64MiB pool model to $POOL_MODEL" >&2
         target/release/tidepool-worker synth --out "$POOL_MODEL" --size 64MiB --input-dim 256 \
             --output-dim 16 --layers 4 --seed 1
     fi
 fi
 
-if [[ $ONLY == all || $ONLY == worker ]]; then
+if runs worker; then
     echo "bench: worker" >&2
     RUST_LOG=${RUST_LOG:-warn} target/release/bench-worker --model "$MODEL" --out "$OUT" >/dev/null
 fi
-if [[ $ONLY == all || $ONLY == balancer ]]; then
+if runs text; then
+    # The transformer-shaped encoder (issue 13): sentences of mixed lengths against one fixed
+    # length, and batching against none. bench-text writes the model when it is missing.
+    echo "bench: text" >&2
+    # Quick runs take bench-text's small default shape; full runs BERT-base's (12 x 768).
+    if [[ $QUICK == 1 ]]; then
+        TEXT_ARGS=(--model build/models/transformer-4x256.onnx)
+    else
+        TEXT_ARGS=(--model build/models/transformer-12x768.onnx --width 768 --layers 12 --vocab 30522)
+    fi
+    RUST_LOG=${RUST_LOG:-warn} target/release/bench-text "${TEXT_ARGS[@]}" --out "$OUT" >/dev/null
+fi
+if runs balancer; then
     echo "bench: balancer" >&2
     if [[ -n ${BENCH_BASELINE:-} ]]; then
         BASE_DIR=build/baseline
@@ -75,7 +90,7 @@ if [[ $ONLY == all || $ONLY == balancer ]]; then
     fi
     RUST_LOG=${RUST_LOG:-warn} target/release/bench-balancer --out "$OUT" >/dev/null
 fi
-if [[ $ONLY == all || $ONLY == autoscale ]]; then
+if runs autoscale; then
     # About 8 minutes: a step up, then a 3-minute day against each pool, then single starts
     # (the 1 GiB one reuses the worker benchmark's model).
     echo "bench: autoscale" >&2
@@ -83,9 +98,19 @@ if [[ $ONLY == all || $ONLY == autoscale ]]; then
         --out "$OUT" >/dev/null
 fi
 
+if runs soak; then
+    # Not part of a full run: SOAK_MINUTES (30) at 70% of capacity with a fault every
+    # SOAK_FAULT_EVERY, on a small model so that the faults, not the model, are what is tested.
+    SOAK_MODEL=build/models/soak-4MiB-64.onnx
+    [[ -f $SOAK_MODEL ]] || target/release/tidepool-worker synth --out "$SOAK_MODEL" \
+        --size 4MiB --input-dim 64 --output-dim 16 --layers 2 --seed 1
+    echo "bench: soak, ${SOAK_MINUTES:-30} minutes" >&2
+    target/release/bench-soak --model "$SOAK_MODEL" --minutes "${SOAK_MINUTES:-30}" --out "$OUT"
+fi
+
 # Assemble: the sections run now from $OUT, the others' reports kept from the committed
 # BENCHMARKS.md (scripts/bench-assemble.sh says how).
-case $ONLY in all) FRESH="worker balancer autoscale" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
+case $ONLY in all) FRESH="worker text balancer autoscale" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
 DEST=BENCHMARKS.md
 [[ $QUICK == 1 ]] && DEST=$OUT/BENCHMARKS.quick.md
 DIRTY=""

@@ -22,6 +22,8 @@ write_reports() { # TAG SECTION...
     local tag=$1; shift
     for name in "$@"; do printf 'figures of %s, %s\n\n| a | b |\n' "$name" "$tag" > "out/$name.md"; done
 }
+# The fake document's sections, whatever the real list is.
+export SECTIONS="worker balancer autoscale"
 assemble() { INTRO=intro OUT=out SOURCE=BENCHMARKS.md DEST=BENCHMARKS.md "$ASSEMBLE"; }
 
 # 1. A full run writes every section between its markers, and a fresh "Last run" line.
@@ -78,5 +80,19 @@ if FRESH="gpu" STAMP=x assemble 2> err.txt; then fail "an unknown section was ac
 has err.txt "unknown section gpu"
 cmp -s before.md BENCHMARKS.md || fail "a refused run changed the document"
 [[ -z $(find . -name 'BENCHMARKS.md.*') ]] || fail "a temporary file was left behind"
+
+# 6. A separate section (the soak, which `make bench` does not run): spliced alone, then kept by
+#    a full run of the others, which still counts as full (a fresh "Last run" line).
+printf '## intro of soak\n\ntext\n' > intro/soak.md
+write_reports soak1 soak
+SECTIONS="worker balancer autoscale soak" FRESH="soak" STAMP="day5 at commit eee" assemble
+report BENCHMARKS.md soak | grep -qF "figures of soak, soak1" || fail "soak report not spliced"
+has BENCHMARKS.md "Last run: day1 at commit aaa."
+rm out/soak.md
+write_reports run6 worker balancer autoscale
+SECTIONS="worker balancer autoscale soak" FRESH="worker balancer autoscale" STAMP="day6 at commit fff" assemble
+has BENCHMARKS.md "Last run: day6 at commit fff."
+report BENCHMARKS.md soak | grep -qF "figures of soak, soak1" || fail "soak report lost by a full run"
+lacks BENCHMARKS.md "_This section was rerun alone on day6"
 
 echo "test-bench-assemble: all passed"
