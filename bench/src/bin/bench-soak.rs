@@ -233,6 +233,12 @@ fn sample_rss(
     }
 }
 
+/// The points from 10 minutes into the run on: what is left once buffers, pools and the
+/// allocator have grown to the load, so that a leak shows apart from warm-up.
+fn settled(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    points.iter().copied().filter(|p| p.0 >= 600.0).collect()
+}
+
 /// The least-squares slope of `points`, per hour; `None` with fewer than 3 points or no
 /// spread in time.
 fn slope_per_hour(points: &[(f64, f64)]) -> Option<f64> {
@@ -326,14 +332,33 @@ struct Tally {
     /// Error answers by code.
     errors: BTreeMap<String, u64>,
     unanswered: u64,
+    /// Of `unanswered`, those sent in the run's last [`TAIL`]: a balancer still behind when
+    /// the wait ended, rather than an answer lost mid-run.
+    unanswered_in_tail: u64,
+    /// When (seconds into the run, from the id and the steady rate) the first unanswered
+    /// requests were sent, to tell a burst at one fault from a steady leak.
+    unanswered_sent_at_s: Vec<f64>,
     duplicates: u64,
     /// An answer under an id never sent.
     strays: u64,
+    /// Seconds spent waiting for answers after the last send.
+    drain_s: f64,
 }
 
-/// Sends at `rate` over `connections` for `duration`, then waits for the answers (up to
-/// the deadline plus some slack) and counts them per id.
+/// The end of the run whose unanswered requests are counted apart.
+const TAIL: Duration = Duration::from_secs(10);
+/// The longest wait for answers after the load stops, however long they keep coming.
+const MAX_DRAIN: Duration = Duration::from_secs(600);
+
+/// Sends at `rate` over `connections` for `duration`, then waits for the answers and counts
+/// them per id. The wait lasts until every request is answered or no answer has come for the
+/// deadline plus slack (at most [`MAX_DRAIN`]): a balancer that fell behind starts a
+/// request's clock only when it reads the frame, so answers may keep coming long after the
+/// last send, and a fixed wait would count them as lost.
 async fn drive(config: LoadConfig) -> anyhow::Result<Tally> {
+    let origin = Instant::now();
+    // Milliseconds from `origin` to the newest answer on any connection.
+    let last_answer = Arc::new(AtomicU64::new(0));
     let per_conn = config.rate / config.connections as f64;
     let expected = (per_conn * config.duration.as_secs_f64()).ceil() as usize + 16;
     let mut tasks = Vec::new();
@@ -378,6 +403,7 @@ async fn drive(config: LoadConfig) -> anyhow::Result<Tally> {
         let done = tokio_util::sync::CancellationToken::new();
         let reader = {
             let (counts, done) = (Arc::clone(&counts), done.clone());
+            let last_answer = Arc::clone(&last_answer);
             tokio::spawn(async move {
                 let mut errors = BTreeMap::<String, u64>::new();
                 let (mut results, mut strays) = (0u64, 0u64);
@@ -393,6 +419,7 @@ async fn drive(config: LoadConfig) -> anyhow::Result<Tally> {
                         break;
                     };
                     let msg = frame??;
+                    last_answer.fetch_max(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
                     let id = msg.id() as usize;
                     match counts.get(id) {
                         Some(c) if id > 0 => {
@@ -413,20 +440,28 @@ async fn drive(config: LoadConfig) -> anyhow::Result<Tally> {
     }
     let mut tally = Tally::default();
     let slack = Duration::from_millis(config.deadline_ms) + Duration::from_secs(5);
+    let mut finished = Vec::new();
     for (writer, reader, done, counts, sent) in tasks {
         let sink = writer.await??;
         let sent = sent.load(Ordering::Acquire);
-        // Every request has a deadline: past it plus slack, whatever has not come will not.
-        let until = tokio::time::Instant::now() + slack;
-        loop {
-            let answered = (1..=sent as usize)
-                .filter(|&i| counts[i].load(Ordering::Relaxed) > 0)
-                .count() as u64;
-            if answered >= sent || tokio::time::Instant::now() >= until {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        finished.push((sink, reader, done, counts, sent));
+    }
+    let stopped = Instant::now();
+    loop {
+        let all_answered = finished.iter().all(|(_, _, _, counts, sent)| {
+            (1..=*sent as usize).all(|i| counts[i].load(Ordering::Relaxed) > 0)
+        });
+        let quiet = origin
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last_answer.load(Ordering::Relaxed)));
+        if all_answered || quiet >= slack || stopped.elapsed() >= MAX_DRAIN {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tally.drain_s = stopped.elapsed().as_secs_f64();
+    let tail_ids = (per_conn * TAIL.as_secs_f64()).ceil() as u64;
+    for (sink, reader, done, counts, sent) in finished {
         done.cancel();
         let (results, errors, strays) = reader.await??;
         drop(sink);
@@ -436,9 +471,17 @@ async fn drive(config: LoadConfig) -> anyhow::Result<Tally> {
         for (code, n) in errors {
             *tally.errors.entry(code).or_default() += n;
         }
-        for c in counts.iter().skip(1).take(sent as usize) {
+        for (id, c) in counts.iter().enumerate().skip(1).take(sent as usize) {
             match c.load(Ordering::Relaxed) {
-                0 => tally.unanswered += 1,
+                0 => {
+                    tally.unanswered += 1;
+                    if id as u64 + tail_ids > sent {
+                        tally.unanswered_in_tail += 1;
+                    }
+                    if tally.unanswered_sent_at_s.len() < 20 {
+                        tally.unanswered_sent_at_s.push(id as f64 / per_conn);
+                    }
+                }
                 1 => {}
                 _ => tally.duplicates += 1,
             }
@@ -485,9 +528,10 @@ fn write_report(
             "sent",
             "results",
             "errors",
-            "unanswered",
+            "unanswered (sent in the last 10 s)",
             "answered twice or more",
             "strays",
+            "wait after the last send",
         ],
         &[vec![
             tally.sent.to_string(),
@@ -497,11 +541,23 @@ fn write_report(
             } else {
                 errors.join(", ")
             },
-            tally.unanswered.to_string(),
+            format!("{} ({})", tally.unanswered, tally.unanswered_in_tail),
             tally.duplicates.to_string(),
             tally.strays.to_string(),
+            format!("{:.1} s", tally.drain_s),
         ]],
     );
+    if !tally.unanswered_sent_at_s.is_empty() {
+        let at: Vec<String> = tally
+            .unanswered_sent_at_s
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect();
+        report.para(&format!(
+            "The first unanswered requests were sent at (s into the run): {}.",
+            at.join(", ")
+        ));
+    }
     let rows: Vec<Vec<String>> = series
         .iter()
         .map(|(pid, s)| {
@@ -519,6 +575,7 @@ fn write_report(
                 format!("{last:.1}"),
                 format!("{max:.1}"),
                 slope_per_hour(&s.points).map_or("-".to_owned(), |m| format!("{m:+.1}")),
+                slope_per_hour(&settled(&s.points)).map_or("-".to_owned(), |m| format!("{m:+.1}")),
             ]
         })
         .collect();
@@ -531,6 +588,7 @@ fn write_report(
             "last MiB",
             "max MiB",
             "slope MiB/h",
+            "slope after the first 10 min",
         ],
         &rows,
     );
@@ -548,6 +606,16 @@ fn write_report(
         .map(|(pid, s)| (format!("{} ({pid})", s.name), slope_per_hour(&s.points)))
         .collect();
     report.set("rss_slope_mib_per_hour", slopes);
+    let settled_slopes: BTreeMap<String, Option<f64>> = series
+        .iter()
+        .map(|(pid, s)| {
+            (
+                format!("{} ({pid})", s.name),
+                slope_per_hour(&settled(&s.points)),
+            )
+        })
+        .collect();
+    report.set("rss_slope_after_10_min_mib_per_hour", settled_slopes);
     report.write(&args.out, "soak")?;
     eprintln!("{}", report.markdown());
     Ok(())
@@ -556,6 +624,19 @@ fn write_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_settled_slope_leaves_out_the_first_ten_minutes() {
+        // Warm-up growth for 10 minutes, then flat: the whole run slopes, the settled part not.
+        let points: Vec<(f64, f64)> = (0..=40)
+            .map(|i| {
+                let t = f64::from(i) * 60.0;
+                (t, if t < 600.0 { 8.0 + t / 10.0 } else { 68.0 })
+            })
+            .collect();
+        assert!(slope_per_hour(&points).unwrap() > 10.0);
+        assert_eq!(slope_per_hour(&settled(&points)), Some(0.0));
+    }
 
     #[test]
     fn the_slope_of_a_line_is_its_rise_per_hour() {
