@@ -40,6 +40,7 @@
 //! - [`saturate`]: a closed-loop driver over the protocol client, for a worker's capacity,
 //!   mean batch size and latency at saturation.
 //! - [`stats`]: latency summaries from HDR histograms.
+//! - [`threads`]: CPU time per thread from `/proc`, grouped (driver, worker, ONNX Runtime).
 
 pub mod autoscale;
 pub mod openloop;
@@ -49,6 +50,7 @@ pub mod report;
 pub mod saturate;
 pub mod stats;
 pub mod target;
+pub mod threads;
 
 use bytes::Bytes;
 use tidepool_protocol::{DType, Tensor, Tensors};

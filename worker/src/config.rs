@@ -90,6 +90,17 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_THREADS")]
     pub threads: Option<usize>,
 
+    /// Whether ONNX Runtime's intra-op threads spin while they wait for work. Off by default:
+    /// a worker alternates between running a batch and answering it, and threads spinning
+    /// between batches take the cores its async runtime needs for the answers and the next
+    /// requests (on 2 cores, the fast model served 0.x of direct with spinning on).
+    #[arg(long, env = "TIDEPOOL_WORKER_ORT_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ort_spinning: bool,
+
+    /// Threads of the async runtime that reads requests and writes answers; 0: one per core.
+    #[arg(long, env = "TIDEPOOL_WORKER_RUNTIME_THREADS", default_value_t = 0)]
+    pub runtime_threads: usize,
+
     /// Most items stacked into one batch.
     #[arg(long, env = "TIDEPOOL_WORKER_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
@@ -235,6 +246,8 @@ impl ServeConfig {
             metrics: None,
             device: DeviceChoice::Auto,
             threads: None,
+            ort_spinning: false,
+            runtime_threads: 0,
             max_batch: 32,
             max_batch_tokens: None,
             length_buckets: Vec::new(),
@@ -331,6 +344,12 @@ impl ServeConfig {
             return invalid(
                 "threads",
                 "must be at least 1 (leave it out for ONNX Runtime's default)",
+            );
+        }
+        if self.runtime_threads > 1024 {
+            return invalid(
+                "runtime-threads",
+                "must be at most 1024 (0: one per core)",
             );
         }
         if self.max_frame < 1024 || self.max_frame > u64::from(u32::MAX) {

@@ -53,7 +53,11 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(mut config) => {
             // The token's one way in besides a file: the environment, never a flag (`ps`).
             config.register_token = RegisterToken::from_env()?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if config.runtime_threads > 0 {
+                builder.worker_threads(config.runtime_threads);
+            }
+            let runtime = builder
                 .enable_all()
                 .thread_name("tidepool-io")
                 .build()
