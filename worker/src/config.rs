@@ -93,11 +93,14 @@ pub struct ServeConfig {
     /// Whether ONNX Runtime's intra-op threads spin while they wait for work. Off by default:
     /// a worker alternates between running a batch and answering it, and threads spinning
     /// between batches take the cores its async runtime needs for the answers and the next
-    /// requests (on 2 cores, the fast model served 0.x of direct with spinning on).
+    /// requests (BENCHMARKS.md, worker section 5).
     #[arg(long, env = "TIDEPOOL_WORKER_ORT_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
     pub ort_spinning: bool,
 
-    /// Threads of the async runtime that reads requests and writes answers; 0: one per core.
+    /// Threads of the async runtime that reads requests and writes answers [default 0: a
+    /// quarter of the cores, at least 1]. The runtime only moves bytes; ONNX Runtime's
+    /// intra-op threads (one per core) need the cores, and on 2 cores a second runtime thread
+    /// cost more in wake-ups than it gave.
     #[arg(long, env = "TIDEPOOL_WORKER_RUNTIME_THREADS", default_value_t = 0)]
     pub runtime_threads: usize,
 
@@ -294,6 +297,15 @@ impl ServeConfig {
         }
     }
 
+    /// The async runtime's threads: `--runtime-threads`, or for 0 a quarter of the cores
+    /// (at least 1).
+    pub fn io_threads(&self) -> usize {
+        match self.runtime_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
+            n => n,
+        }
+    }
+
     /// The frame budget these settings describe.
     pub fn budget(&self) -> tidepool_protocol::FrameBudget {
         let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
@@ -347,10 +359,7 @@ impl ServeConfig {
             );
         }
         if self.runtime_threads > 1024 {
-            return invalid(
-                "runtime-threads",
-                "must be at most 1024 (0: one per core)",
-            );
+            return invalid("runtime-threads", "must be at most 1024 (0: one per core)");
         }
         if self.max_frame < 1024 || self.max_frame > u64::from(u32::MAX) {
             return invalid("max-frame", "must be between 1KiB and 4GiB");
@@ -692,6 +701,35 @@ mod tests {
     }
 
     #[test]
+    fn runtime_threads_and_spinning_are_read_from_flags() {
+        let cli = Cli::try_parse_from([
+            "tidepool-worker",
+            "serve",
+            "--model",
+            "m.onnx",
+            "--runtime-threads",
+            "3",
+            "--ort-spinning",
+            "true",
+        ])
+        .unwrap();
+        let Command::Serve(c) = cli.command else {
+            panic!("parsed the wrong subcommand")
+        };
+        assert_eq!(c.io_threads(), 3);
+        assert!(c.ort_spinning);
+        let mut c = ServeConfig::new("m.onnx", "127.0.0.1:0");
+        c.runtime_threads = 5000;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                flag: "runtime-threads",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
@@ -727,6 +765,8 @@ mod tests {
                 assert_eq!(c.max_delay, Duration::ZERO);
                 assert_eq!(c.max_batch, 32);
                 assert_eq!(c.queue, 1024);
+                assert!(!c.ort_spinning);
+                assert!(c.io_threads() >= 1, "0 picks at least one runtime thread");
             }
             Command::Synth(_) => panic!("parsed the wrong subcommand"),
         }

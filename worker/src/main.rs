@@ -53,11 +53,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(mut config) => {
             // The token's one way in besides a file: the environment, never a flag (`ps`).
             config.register_token = RegisterToken::from_env()?;
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if config.runtime_threads > 0 {
-                builder.worker_threads(config.runtime_threads);
-            }
-            let runtime = builder
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.io_threads())
                 .enable_all()
                 .thread_name("tidepool-io")
                 .build()

@@ -81,6 +81,8 @@ struct DirectRow {
     /// CPU of the whole process (the calling thread and ONNX Runtime's pool) per item: ONNX
     /// Runtime's own cost, the copy into its input buffer included.
     cpu_us_per_item: f64,
+    /// Whether ONNX Runtime's intra-op threads spun (its default).
+    spinning: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -128,7 +130,7 @@ fn main() -> anyhow::Result<()> {
     report.set_run(&args.model, args.common.quick);
 
     eprintln!("direct: loading the model");
-    let (spec, direct) = direct(&args, &args.model, &timing)?;
+    let (spec, direct) = direct(&args, &args.model, &timing, None)?;
     let best = direct
         .iter()
         .copied()
@@ -191,7 +193,19 @@ fn main() -> anyhow::Result<()> {
         max_batch,
         clients,
         in_process: Split::new(batched, batched_cpu),
-        own_process: own_process(&args, &runtime, &args.model, max_batch, clients, &items, &timing)?,
+        own_process: own_process(
+            &args,
+            &runtime,
+            &Drive {
+                model: &args.model,
+                max_batch,
+                clients,
+                items: &items,
+            },
+            &timing,
+            &[],
+        )?,
+        before: None,
         goal: 0.95,
     }];
     if let Some(fast) = &args.fast_model {
@@ -243,6 +257,7 @@ fn direct(
     args: &Args,
     path: &std::path::Path,
     timing: &Timing,
+    spinning: Option<bool>,
 ) -> anyhow::Result<(ModelSpec, Vec<DirectRow>)> {
     let started = Instant::now();
     let mut model = Model::load(&LoadOptions {
@@ -250,7 +265,7 @@ fn direct(
         ort_lib: args.common.ort_lib.clone(),
         device: args.device,
         threads: None,
-        spinning: None,
+        spinning,
         padding: tidepool_worker::PaddingOptions::default(),
     })?;
     model.warm_up(&tidepool_worker::WarmUp::batch(
@@ -278,6 +293,7 @@ fn direct(
             ms_per_run: secs * 1000.0 / runs as f64,
             items_per_second: (batch as u64 * runs) as f64 / secs,
             cpu_us_per_item: cpu.total * 1e6 / (batch as u64 * runs) as f64,
+            spinning: spinning.unwrap_or(true),
         };
         eprintln!("direct: {row:?}");
         rows.push(row);
@@ -324,12 +340,13 @@ fn own_process_group(_tid: u32, name: &str) -> String {
     }
 }
 
-/// The direct row at `batch`, else the best.
+/// The fastest direct row at `batch`, else the best.
 fn row_at(direct: &[DirectRow], batch: usize) -> DirectRow {
     direct
         .iter()
         .copied()
-        .find(|r| r.batch == batch)
+        .filter(|r| r.batch == batch)
+        .max_by(|a, b| a.items_per_second.total_cmp(&b.items_per_second))
         .or_else(|| best_row(direct))
         .unwrap_or(DirectRow {
             batch,
@@ -337,6 +354,7 @@ fn row_at(direct: &[DirectRow], batch: usize) -> DirectRow {
             ms_per_run: 0.0,
             items_per_second: 0.0,
             cpu_us_per_item: 0.0,
+            spinning: true,
         })
 }
 
@@ -384,10 +402,17 @@ struct Cost {
     clients: usize,
     in_process: Split,
     own_process: Split,
+    /// The worker in its own process with the thread settings of before issue 16
+    /// ([`BEFORE_ISSUE_16`]), side by side with today's defaults.
+    before: Option<Split>,
     /// The least share of direct's best the worker in its own process should serve (issue
     /// 16: 0.8 on the fast model, 0.95 on the large one).
     goal: f64,
 }
+
+/// The worker's thread settings before issue 16: ONNX Runtime's threads spinning between
+/// batches, and an async runtime thread per core (2 here).
+const BEFORE_ISSUE_16: [&str; 4] = ["--ort-spinning", "true", "--runtime-threads", "2"];
 
 /// Direct, in-process and own-process runs of the fast model.
 fn fast_cost(
@@ -397,7 +422,15 @@ fn fast_cost(
     timing: &Timing,
 ) -> anyhow::Result<Cost> {
     eprintln!("fast model: direct");
-    let (spec, direct) = direct(args, model, timing)?;
+    // Direct's best over both spinning settings: with ONNX Runtime's default (spinning) and
+    // with it off as the worker runs it, which on a busy shared machine can be the faster.
+    let (spec, mut direct_rows) = direct(args, model, timing, None)?;
+    let (_, quiet) = direct(args, model, timing, Some(false))?;
+    direct_rows.extend(quiet.into_iter().map(|r| DirectRow {
+        spinning: false,
+        ..r
+    }));
+    let direct = direct_rows;
     let best = best_row(&direct).context("no batch size measured")?;
     let max_batch = args.max_batch.unwrap_or(best.batch);
     let clients = args.clients.unwrap_or(2 * max_batch);
@@ -416,9 +449,19 @@ fn fast_cost(
         )
         .await?;
         worker.shutdown().await?;
-        anyhow::Ok(Split::new(sat, CpuSplit::of(&opened, &closed, in_process_group)))
+        anyhow::Ok(Split::new(
+            sat,
+            CpuSplit::of(&opened, &closed, in_process_group),
+        ))
     })?;
-    let own_process = own_process(args, runtime, model, max_batch, clients, &items, timing)?;
+    let drive = Drive {
+        model,
+        max_batch,
+        clients,
+        items: &items,
+    };
+    let before = own_process(args, runtime, &drive, timing, &BEFORE_ISSUE_16)?;
+    let today = own_process(args, runtime, &drive, timing, &[])?;
     Ok(Cost {
         model: model.to_path_buf(),
         best,
@@ -426,22 +469,39 @@ fn fast_cost(
         max_batch,
         clients,
         in_process,
-        own_process,
+        own_process: today,
+        before: Some(before),
         goal: 0.8,
     })
 }
 
 /// `tidepool-worker serve` in a process of its own, saturated from this one.
+/// What a saturation run drives: the model, the worker's `--max-batch`, the callers and
+/// their items.
+struct Drive<'a> {
+    model: &'a std::path::Path,
+    max_batch: usize,
+    clients: usize,
+    items: &'a [Tensors],
+}
+
 fn own_process(
     args: &Args,
     runtime: &tokio::runtime::Runtime,
-    model: &std::path::Path,
-    max_batch: usize,
-    clients: usize,
-    items: &[Tensors],
+    drive: &Drive<'_>,
     timing: &Timing,
+    extra: &[&str],
 ) -> anyhow::Result<Split> {
-    eprintln!("{}: the worker in its own process", model.display());
+    let Drive {
+        model,
+        max_batch,
+        clients,
+        items,
+    } = *drive;
+    eprintln!(
+        "{}: the worker in its own process {extra:?}",
+        model.display()
+    );
     let addr = format!("127.0.0.1:{}", free_port()?);
     let device = args
         .device
@@ -454,6 +514,7 @@ fn own_process(
         .arg(model)
         .args(["--listen", &addr, "--device", &device])
         .args(["--max-batch", &max_batch.to_string()])
+        .args(extra)
         .env("ORT_DYLIB_PATH", &args.common.ort_lib)
         .env(
             "RUST_LOG",
@@ -475,19 +536,17 @@ fn own_process(
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let (sat, opened, closed) = saturate_probed(
-            &addr,
-            items,
-            clients,
-            timing.warmup,
-            timing.measure,
-            || (ThreadSample::take(Some(pid)), ThreadSample::take(None)),
-        )
-        .await?;
+        let (sat, opened, closed) =
+            saturate_probed(&addr, items, clients, timing.warmup, timing.measure, || {
+                (ThreadSample::take(Some(pid)), ThreadSample::take(None))
+            })
+            .await?;
         Ok(Split {
             sat,
             worker: CpuSplit::of(&opened.0, &closed.0, own_process_group),
-            driver: Some(CpuSplit::of(&opened.1, &closed.1, |_, _| "driver".to_owned())),
+            driver: Some(CpuSplit::of(&opened.1, &closed.1, |_, _| {
+                "driver".to_owned()
+            })),
         })
     })
 }
@@ -496,7 +555,8 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
     report.heading("5. The worker's own cost per item (issue 16)");
     report.para(&format!(
         "Each model driven directly (section 1's loop; CPU of the whole process per item: ONNX Runtime's \
-         own, the copy into its input buffer included), then the worker at saturation ({:.0} s counted \
+         own, the copy into its input buffer included; the fast model both with ONNX Runtime's threads \
+         spinning, its default, and not, as the worker now runs them, the best of all counted), then the worker at saturation ({:.0} s counted \
          after {:.0} s) in this process and in a process of its own (`tidepool-worker serve`, driven over \
          TCP from this one by the same closed-loop driver). CPU over the counted window per thread, from \
          `/proc/PID/task/*/schedstat`, in µs per item answered: *runtime* is the async runtime's threads \
@@ -513,7 +573,15 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         rows.push(vec![
-            format!("`{name}` direct, batch {}", cost.best.batch),
+            format!(
+                "`{name}` direct, batch {}{}",
+                cost.best.batch,
+                if cost.best.spinning {
+                    ""
+                } else {
+                    ", spinning off"
+                }
+            ),
             format!("{:.1}", cost.best.items_per_second),
             "1.00".to_owned(),
             "—".to_owned(),
@@ -523,17 +591,22 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
             format!("{:.1}", cost.best.cpu_us_per_item),
             "—".to_owned(),
         ]);
-        for (how, split) in [
+        let mut runs = vec![
             ("worker in this process", &cost.in_process),
             ("worker in its own process", &cost.own_process),
-        ] {
+        ];
+        if let Some(before) = &cost.before {
+            runs.push((
+                "worker in its own process, `--ort-spinning true --runtime-threads 2` (before)",
+                before,
+            ));
+        }
+        for (how, split) in runs {
             let worker_total = split.per_item(split.worker.total);
-            let driver = split
-                .driver
-                .as_ref()
-                .map_or(split.per_item(split.worker.get("runtime (driver and worker)")), |d| {
-                    split.per_item(d.total)
-                });
+            let driver = split.driver.as_ref().map_or(
+                split.per_item(split.worker.get("runtime (driver and worker)")),
+                |d| split.per_item(d.total),
+            );
             let runtime = split.per_item(
                 split.worker.get("runtime") + split.worker.get("runtime (driver and worker)"),
             );
@@ -543,7 +616,10 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
             rows.push(vec![
                 format!("`{name}` {how}, `--max-batch {}`", cost.max_batch),
                 format!("{:.1}", split.sat.items_per_second),
-                format!("{:.2}", split.sat.items_per_second / cost.best.items_per_second),
+                format!(
+                    "{:.2}",
+                    split.sat.items_per_second / cost.best.items_per_second
+                ),
                 if split.driver.is_some() {
                     format!("{driver:.1}")
                 } else {
@@ -551,7 +627,10 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
                 },
                 format!("{runtime:.1}"),
                 format!("{:.1}", split.per_item(split.worker.get("model thread"))),
-                format!("{:.1}", split.per_item(split.worker.get("ONNX Runtime pool"))),
+                format!(
+                    "{:.1}",
+                    split.per_item(split.worker.get("ONNX Runtime pool"))
+                ),
                 format!("{worker_total:.1}"),
                 outside,
             ]);
