@@ -48,6 +48,15 @@ if [[ $ONLY != none ]]; then
         target/release/tidepool-worker synth --out "$MODEL" --size "$SIZE"
     fi
 
+    # The worker benchmark's fast model (issue 16): 8 MiB, fast enough that the worker's own
+    # cost per item, not the model, sets the pace.
+    FAST_MODEL=build/models/synth-8mib.onnx
+    if [[ ! -f $FAST_MODEL ]]; then
+        echo "bench: writing the 8MiB fast model to $FAST_MODEL" >&2
+        target/release/tidepool-worker synth --out "$FAST_MODEL" --size 8MiB --input-dim 1024 \
+            --output-dim 10 --layers 3
+    fi
+
     # The autoscaling benchmark serves the same 64 MiB model as `make demo` (input f32x256), small
     # enough that a worker starts in well under a second and the pool's size, not the model, is
     # what is measured.
@@ -61,7 +70,8 @@ fi
 
 if runs worker; then
     echo "bench: worker" >&2
-    RUST_LOG=${RUST_LOG:-warn} target/release/bench-worker --model "$MODEL" --out "$OUT" >/dev/null
+    RUST_LOG=${RUST_LOG:-warn} target/release/bench-worker --model "$MODEL" --fast-model "$FAST_MODEL" \
+        --out "$OUT" >/dev/null
 fi
 if runs text; then
     # The transformer-shaped encoder (issue 13): sentences of mixed lengths against one fixed

@@ -10,7 +10,9 @@
 //! ## Binaries
 //! - `bench-worker`: the synthetic 1 GiB model driven directly through ONNX Runtime at
 //!   several batch sizes, against the worker at saturation, batching on against
-//!   `--max-batch 1`, and latency at half of capacity (issue 3).
+//!   `--max-batch 1`, and latency at half of capacity (issue 3); and the worker's own CPU
+//!   per item, in this process and in one of its own, on that model and a fast 8 MiB one
+//!   (issue 16).
 //! - `bench-text`: the worker on a synthetic transformer (`synth --kind transformer`) at
 //!   mixed against fixed sentence lengths, and the batching gain over `--max-batch 1`
 //!   (issue 13).
@@ -40,6 +42,7 @@
 //! - [`saturate`]: a closed-loop driver over the protocol client, for a worker's capacity,
 //!   mean batch size and latency at saturation.
 //! - [`stats`]: latency summaries from HDR histograms.
+//! - [`threads`]: CPU time per thread from `/proc`, grouped (driver, worker, ONNX Runtime).
 
 pub mod autoscale;
 pub mod openloop;
@@ -49,6 +52,7 @@ pub mod report;
 pub mod saturate;
 pub mod stats;
 pub mod target;
+pub mod threads;
 
 use bytes::Bytes;
 use tidepool_protocol::{DType, Tensor, Tensors};

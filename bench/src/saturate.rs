@@ -39,6 +39,20 @@ pub async fn saturate(
     warmup: Duration,
     measure: Duration,
 ) -> anyhow::Result<Saturation> {
+    let (sat, (), ()) = saturate_probed(addr, items, clients, warmup, measure, || ()).await?;
+    Ok(sat)
+}
+
+/// [`saturate`], calling `probe` as the measuring window opens and as it closes (for CPU
+/// samples taken over exactly the window), and returning both probes.
+pub async fn saturate_probed<P>(
+    addr: &str,
+    items: &[Tensors],
+    clients: usize,
+    warmup: Duration,
+    measure: Duration,
+    mut probe: impl FnMut() -> P,
+) -> anyhow::Result<(Saturation, P, P)> {
     anyhow::ensure!(!items.is_empty(), "no items to send");
     let pool = Pool::connect(addr, 4, ClientOptions::default()).await?;
     let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -95,23 +109,26 @@ pub async fn saturate(
         })
         .collect();
     tokio::time::sleep(warmup).await;
+    let opened = probe();
     counting.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(measure).await;
     counting.store(false, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
+    let closed = probe();
     stop.cancel();
     for t in tasks {
         let _ = t.await;
     }
     let items = ok.load(Ordering::Relaxed);
     let latency = Latency::of(&latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(Saturation {
+    let sat = Saturation {
         items,
         errors: errors.load(Ordering::Relaxed),
         seconds,
         items_per_second: items as f64 / seconds,
         mean_batch: batch_sum.load(Ordering::Relaxed) as f64 / items.max(1) as f64,
         latency,
-    })
+    };
+    Ok((sat, opened, closed))
 }

@@ -35,6 +35,7 @@ pub fn inputs_of_model(
         ort_lib: ort_lib.to_owned(),
         device: tidepool_worker::DeviceChoice::Cpu,
         threads: Some(1),
+        spinning: None,
         padding: tidepool_worker::PaddingOptions::default(),
     })
     .map_err(|source| Error::Model {

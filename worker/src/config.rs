@@ -90,6 +90,20 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_THREADS")]
     pub threads: Option<usize>,
 
+    /// Whether ONNX Runtime's intra-op threads spin while they wait for work. Off by default:
+    /// a worker alternates between running a batch and answering it, and threads spinning
+    /// between batches take the cores its async runtime needs for the answers and the next
+    /// requests (BENCHMARKS.md, worker section 5).
+    #[arg(long, env = "TIDEPOOL_WORKER_ORT_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ort_spinning: bool,
+
+    /// Threads of the async runtime that reads requests and writes answers [default 0: a
+    /// quarter of the cores, at least 1]. The runtime only moves bytes; ONNX Runtime's
+    /// intra-op threads (one per core) need the cores, and on 2 cores a second runtime thread
+    /// cost more in wake-ups than it gave.
+    #[arg(long, env = "TIDEPOOL_WORKER_RUNTIME_THREADS", default_value_t = 0)]
+    pub runtime_threads: usize,
+
     /// Most items stacked into one batch.
     #[arg(long, env = "TIDEPOOL_WORKER_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
@@ -235,6 +249,8 @@ impl ServeConfig {
             metrics: None,
             device: DeviceChoice::Auto,
             threads: None,
+            ort_spinning: false,
+            runtime_threads: 0,
             max_batch: 32,
             max_batch_tokens: None,
             length_buckets: Vec::new(),
@@ -278,6 +294,15 @@ impl ServeConfig {
             (Some(token), None) => Ok(Some(token.clone())),
             (None, Some(path)) => RegisterToken::from_file(path).map(Some),
             (None, None) => Ok(None),
+        }
+    }
+
+    /// The async runtime's threads: `--runtime-threads`, or for 0 a quarter of the cores
+    /// (at least 1).
+    pub fn io_threads(&self) -> usize {
+        match self.runtime_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
+            n => n,
         }
     }
 
@@ -332,6 +357,9 @@ impl ServeConfig {
                 "threads",
                 "must be at least 1 (leave it out for ONNX Runtime's default)",
             );
+        }
+        if self.runtime_threads > 1024 {
+            return invalid("runtime-threads", "must be at most 1024 (0: one per core)");
         }
         if self.max_frame < 1024 || self.max_frame > u64::from(u32::MAX) {
             return invalid("max-frame", "must be between 1KiB and 4GiB");
@@ -673,6 +701,35 @@ mod tests {
     }
 
     #[test]
+    fn runtime_threads_and_spinning_are_read_from_flags() {
+        let cli = Cli::try_parse_from([
+            "tidepool-worker",
+            "serve",
+            "--model",
+            "m.onnx",
+            "--runtime-threads",
+            "3",
+            "--ort-spinning",
+            "true",
+        ])
+        .unwrap();
+        let Command::Serve(c) = cli.command else {
+            panic!("parsed the wrong subcommand")
+        };
+        assert_eq!(c.io_threads(), 3);
+        assert!(c.ort_spinning);
+        let mut c = ServeConfig::new("m.onnx", "127.0.0.1:0");
+        c.runtime_threads = 5000;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                flag: "runtime-threads",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
@@ -708,6 +765,8 @@ mod tests {
                 assert_eq!(c.max_delay, Duration::ZERO);
                 assert_eq!(c.max_batch, 32);
                 assert_eq!(c.queue, 1024);
+                assert!(!c.ort_spinning);
+                assert!(c.io_threads() >= 1, "0 picks at least one runtime thread");
             }
             Command::Synth(_) => panic!("parsed the wrong subcommand"),
         }

@@ -412,6 +412,7 @@ async fn serve_model(
         ort_lib: config.ort_lib.clone().ok_or(Error::OrtLibMissing)?,
         device: config.device,
         threads: config.threads,
+        spinning: Some(config.ort_spinning),
         padding: model_file.padding(),
     };
     let warm_up = WarmUp {
@@ -419,14 +420,25 @@ async fn serve_model(
         lengths: config.warm_up_lengths(),
         max_batch_tokens: config.max_batch_tokens,
     };
-    let load = tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        let mut model = Model::load(&options)?;
-        let ran = model.warm_up(&warm_up)?;
-        info!(elapsed = ?started.elapsed(), batches = ?ran, "model loaded and warmed up (batch size, length)");
-        Ok::<_, Error>(model)
-    });
+    // Loaded on a thread of its own rather than the runtime's blocking pool: ONNX Runtime
+    // starts its intra-op threads here and they inherit this thread's name, so that they show
+    // as `tidepool-ort` in top, perf and /proc (bench-worker splits the CPU by it).
+    let (loaded_tx, load) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("tidepool-ort".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let loaded = Model::load(&options).and_then(|mut model| {
+                let ran = model.warm_up(&warm_up)?;
+                info!(elapsed = ?started.elapsed(), batches = ?ran, "model loaded and warmed up (batch size, length)");
+                Ok(model)
+            });
+            // Nobody waits when shutdown came first.
+            let _ = loaded_tx.send(loaded);
+        })
+        .map_err(|_| Error::ModelThread("could not spawn the model loading thread"))?;
     let model = tokio::select! {
+        // The sender is dropped without a value only when loading panicked.
         loaded = load => loaded.map_err(|_| Error::ModelThread("model loading panicked"))??,
         _ = shutdown.cancelled() => {
             info!("shutdown before the model finished loading");

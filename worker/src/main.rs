@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             // The token's one way in besides a file: the environment, never a flag (`ps`).
             config.register_token = RegisterToken::from_env()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.io_threads())
                 .enable_all()
                 .thread_name("tidepool-io")
                 .build()

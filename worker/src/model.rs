@@ -9,7 +9,8 @@
 //! the batcher's [`Engine`].
 //!
 //! Each item's bytes are copied exactly once, into the batch tensor; each output is copied
-//! once, out of ONNX Runtime's buffer into the item's answer.
+//! once, out of ONNX Runtime's buffer into one buffer that the items' answers share as slices
+//! (or, padded, into each item's own answer, cut to its length).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -106,6 +107,9 @@ pub struct LoadOptions {
     pub device: DeviceChoice,
     /// Intra-op threads; `None` leaves ONNX Runtime's default.
     pub threads: Option<usize>,
+    /// Whether ONNX Runtime's intra-op threads spin while waiting for work; `None` leaves
+    /// ONNX Runtime's default (they spin).
+    pub spinning: Option<bool>,
     /// What the operator says about padding items of different lengths.
     pub padding: PaddingOptions,
 }
@@ -344,6 +348,13 @@ impl Engine for Model {
             };
             let elem = io.dtype.size();
             let per_item = batch_item_shape.iter().product::<usize>() * elem;
+            // Unpadded answers share one copy of the whole output, each a slice of it: one
+            // allocation per output and batch instead of one per item.
+            let whole = if lengths.is_empty() {
+                Bytes::copy_from_slice(&bytes[..n * per_item])
+            } else {
+                Bytes::new()
+            };
             for (k, answer) in answers.iter_mut().enumerate() {
                 let block = &bytes[k * per_item..(k + 1) * per_item];
                 let data = match lengths.get(k) {
@@ -354,7 +365,10 @@ impl Engine for Model {
                         pad::copy_block(block, &batch_item_shape, &mut out, &own, elem);
                         (own, Bytes::from(out))
                     }
-                    None => (batch_item_shape.clone(), Bytes::copy_from_slice(block)),
+                    None => (
+                        batch_item_shape.clone(),
+                        whole.slice(k * per_item..(k + 1) * per_item),
+                    ),
                 };
                 let tensor =
                     Tensor::new(io.dtype, data.0, data.1).map_err(|source| Error::Tensor {
@@ -459,15 +473,24 @@ fn session_builder(
             what: "create",
             source,
         })?;
-        match options.threads {
+        let builder = match options.threads {
             Some(threads) => {
                 builder
                     .with_intra_threads(threads)
                     .map_err(|e| Error::SessionOptions {
                         what: "intra-op threads",
                         source: e.into(),
-                    })
+                    })?
             }
+            None => builder,
+        };
+        match options.spinning {
+            Some(spin) => builder
+                .with_intra_op_spinning(spin)
+                .map_err(|e| Error::SessionOptions {
+                    what: "intra-op spinning",
+                    source: e.into(),
+                }),
             None => Ok(builder),
         }
     };
@@ -722,6 +745,7 @@ mod ort_tests {
             ort_lib: ort_lib(),
             device: DeviceChoice::Cpu,
             threads: None,
+            spinning: None,
             padding: PaddingOptions::default(),
         })
         .unwrap_err();
@@ -748,6 +772,7 @@ mod ort_tests {
             ort_lib: ort_lib(),
             device: DeviceChoice::Cuda,
             threads: None,
+            spinning: None,
             padding: PaddingOptions::default(),
         })
         .unwrap_err();
@@ -758,6 +783,7 @@ mod ort_tests {
             ort_lib: ort_lib(),
             device: DeviceChoice::Auto,
             threads: None,
+            spinning: None,
             padding: PaddingOptions::default(),
         });
         assert!(matches!(model, Err(Error::ModelLoad { .. })));
@@ -785,6 +811,7 @@ mod real_model_tests {
             ort_lib: ort_lib(),
             device: DeviceChoice::Cpu,
             threads: Some(1),
+            spinning: None,
             padding,
         })
         .unwrap()

@@ -98,6 +98,7 @@ pub(crate) fn load_cpu(path: &std::path::Path) -> crate::model::Model {
         ort_lib: ort_lib(),
         device: crate::config::DeviceChoice::Cpu,
         threads: Some(1),
+        spinning: None,
         padding: crate::spec::PaddingOptions::default(),
     })
     .expect("load the test model")

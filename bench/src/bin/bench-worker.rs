@@ -7,6 +7,12 @@
 //! 3. The same worker at half of the rate it sustained: open-loop latency (tidepool-load's
 //!    library, latency from intended send time).
 //! 4. The worker with `--max-batch 1`, saturated the same way.
+//! 5. The worker's own cost per item (issue 16), on the same model and, with `--fast-model`,
+//!    on a model fast enough that the worker rather than the model sets the pace: the
+//!    worker in this process and in a process of its own (`tidepool-worker serve`, driven
+//!    over TCP from here), with the CPU of the window split per thread (`/proc/*/task/*/
+//!    schedstat`) into the driver's, the async runtime's, the model thread's and ONNX
+//!    Runtime's pool threads', against ONNX Runtime's own CPU per item when driven directly.
 //!
 //! Each phase loads the model afresh and drops it before the next, so that only one copy
 //! is ever in memory.
@@ -18,9 +24,11 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use clap::ValueEnum as _;
 use serde::Serialize;
+use tidepool_bench::process::{free_port, sibling_exe, Proc};
 use tidepool_bench::report::{machine, quick_note, CommonArgs, Report};
-use tidepool_bench::saturate::{saturate, Saturation};
+use tidepool_bench::saturate::{saturate, saturate_probed, Saturation};
 use tidepool_bench::stats::fmt_us;
+use tidepool_bench::threads::{CpuSplit, ThreadSample};
 use tidepool_load::{CancellationToken, InputSpec, LoadConfig};
 use tidepool_protocol::Tensors;
 use tidepool_worker::{DeviceChoice, Engine, LoadOptions, Model, ModelSpec, ServeConfig, Worker};
@@ -48,6 +56,11 @@ struct Args {
     /// with `--features tidepool-worker/cuda` and the onnxruntime-gpu library).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
     device: DeviceChoice,
+    /// A model fast enough that the worker's own cost per item sets the pace (`tidepool-worker
+    /// synth --size 8MiB --input-dim 1024 --output-dim 10 --layers 3`); measured in section 5
+    /// beside `--model`.
+    #[arg(long)]
+    fast_model: Option<PathBuf>,
 }
 
 /// Phase lengths.
@@ -65,6 +78,11 @@ struct DirectRow {
     runs: u64,
     ms_per_run: f64,
     items_per_second: f64,
+    /// CPU of the whole process (the calling thread and ONNX Runtime's pool) per item: ONNX
+    /// Runtime's own cost, the copy into its input buffer included.
+    cpu_us_per_item: f64,
+    /// Whether ONNX Runtime's intra-op threads spun (its default).
+    spinning: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +113,7 @@ fn main() -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_name("bench-io")
         .build()?;
     let mut report = Report::new();
     report.para(&format!(
@@ -111,7 +130,7 @@ fn main() -> anyhow::Result<()> {
     report.set_run(&args.model, args.common.quick);
 
     eprintln!("direct: loading the model");
-    let (spec, direct) = direct(&args, &timing)?;
+    let (spec, direct) = direct(&args, &args.model, &timing, None)?;
     let best = direct
         .iter()
         .copied()
@@ -123,9 +142,18 @@ fn main() -> anyhow::Result<()> {
 
     eprintln!("worker: batched (--max-batch {max_batch})");
     let (batched, latency) = runtime.block_on(async {
-        let worker = start_worker(&args, max_batch).await?;
+        let worker = start_worker(&args, &args.model, max_batch).await?;
         let addr = worker.local_addr().to_string();
-        let sat = saturate(&addr, &items, clients, timing.warmup, timing.measure).await?;
+        let (sat, opened, closed) = saturate_probed(
+            &addr,
+            &items,
+            clients,
+            timing.warmup,
+            timing.measure,
+            || ThreadSample::take(None),
+        )
+        .await?;
+        let in_process = CpuSplit::of(&opened, &closed, in_process_group);
         eprintln!(
             "worker: latency at half of {:.1} items/s",
             sat.items_per_second
@@ -138,12 +166,13 @@ fn main() -> anyhow::Result<()> {
         load.drain = Duration::from_secs(30);
         let latency = tidepool_load::run(load, CancellationToken::new()).await?;
         worker.shutdown().await?;
-        anyhow::Ok((sat, latency))
+        anyhow::Ok(((sat, in_process), latency))
     })?;
+    let (batched, batched_cpu) = batched;
 
     eprintln!("worker: unbatched (--max-batch 1)");
     let unbatched = runtime.block_on(async {
-        let worker = start_worker(&args, 1).await?;
+        let worker = start_worker(&args, &args.model, 1).await?;
         let addr = worker.local_addr().to_string();
         let sat = saturate(
             &addr,
@@ -157,6 +186,32 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(sat)
     })?;
 
+    let mut costs = vec![Cost {
+        model: args.model.clone(),
+        best,
+        at_batch: row_at(&direct, max_batch),
+        max_batch,
+        clients,
+        in_process: Split::new(batched, batched_cpu),
+        own_process: own_process(
+            &args,
+            &runtime,
+            &Drive {
+                model: &args.model,
+                max_batch,
+                clients,
+                items: &items,
+            },
+            &timing,
+            &[],
+        )?,
+        before: None,
+        goal: 0.95,
+    }];
+    if let Some(fast) = &args.fast_model {
+        costs.push(fast_cost(&args, &runtime, fast, &timing)?);
+    }
+
     let runs = Runs {
         clients,
         max_batch,
@@ -165,6 +220,7 @@ fn main() -> anyhow::Result<()> {
         unbatched,
     };
     write_report(&mut report, &timing, &direct, &runs, &latency);
+    write_costs(&mut report, &timing, &costs);
     report.write(&args.common.out, "worker")?;
     println!("{}", report.markdown());
     Ok(())
@@ -197,13 +253,19 @@ fn input_specs(spec: &ModelSpec) -> Vec<InputSpec> {
 }
 
 /// Loads the model and runs it directly at each batch size.
-fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<DirectRow>)> {
+fn direct(
+    args: &Args,
+    path: &std::path::Path,
+    timing: &Timing,
+    spinning: Option<bool>,
+) -> anyhow::Result<(ModelSpec, Vec<DirectRow>)> {
     let started = Instant::now();
     let mut model = Model::load(&LoadOptions {
-        path: args.model.clone(),
+        path: path.to_path_buf(),
         ort_lib: args.common.ort_lib.clone(),
         device: args.device,
         threads: None,
+        spinning,
         padding: tidepool_worker::PaddingOptions::default(),
     })?;
     model.warm_up(&tidepool_worker::WarmUp::batch(
@@ -216,6 +278,7 @@ fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<Direct
     for &batch in &args.batches {
         let items: Vec<&Tensors> = (0..batch).map(|i| &pool[i % pool.len()]).collect();
         model.run(&items)?; // one unmeasured run at this size
+        let cpu_before = ThreadSample::take(None);
         let started = Instant::now();
         let mut runs = 0u64;
         while runs < 2 || started.elapsed() < timing.direct_per_batch {
@@ -223,11 +286,14 @@ fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<Direct
             runs += 1;
         }
         let secs = started.elapsed().as_secs_f64();
+        let cpu = CpuSplit::of(&cpu_before, &ThreadSample::take(None), |_, _| String::new());
         let row = DirectRow {
             batch,
             runs,
             ms_per_run: secs * 1000.0 / runs as f64,
             items_per_second: (batch as u64 * runs) as f64 / secs,
+            cpu_us_per_item: cpu.total * 1e6 / (batch as u64 * runs) as f64,
+            spinning: spinning.unwrap_or(true),
         };
         eprintln!("direct: {row:?}");
         rows.push(row);
@@ -235,8 +301,12 @@ fn direct(args: &Args, timing: &Timing) -> anyhow::Result<(ModelSpec, Vec<Direct
     Ok((spec, rows))
 }
 
-async fn start_worker(args: &Args, max_batch: usize) -> anyhow::Result<Worker> {
-    let mut config = ServeConfig::new(&args.model, "127.0.0.1:0");
+async fn start_worker(
+    args: &Args,
+    model: &std::path::Path,
+    max_batch: usize,
+) -> anyhow::Result<Worker> {
+    let mut config = ServeConfig::new(model, "127.0.0.1:0");
     config.ort_lib = Some(args.common.ort_lib.clone());
     config.device = args.device;
     config.max_batch = max_batch;
@@ -246,6 +316,355 @@ async fn start_worker(args: &Args, max_batch: usize) -> anyhow::Result<Worker> {
         bail!("the worker stopped before it was ready");
     }
     Ok(worker)
+}
+
+/// The thread groups of a worker in this process (the driver shares its async runtime).
+fn in_process_group(_tid: u32, name: &str) -> String {
+    match name {
+        // The default runtime's threads, their names cut to 15 bytes by the kernel.
+        "bench-io" => "runtime (driver and worker)".to_owned(),
+        "tidepool-model" => "model thread".to_owned(),
+        // The worker loads its model on this thread; ONNX Runtime's pool inherits the name.
+        "tidepool-ort" => "ONNX Runtime pool".to_owned(),
+        _ => "other".to_owned(),
+    }
+}
+
+/// The thread groups of a `tidepool-worker serve` process.
+fn own_process_group(_tid: u32, name: &str) -> String {
+    match name {
+        "tidepool-io" => "runtime".to_owned(),
+        "tidepool-model" => "model thread".to_owned(),
+        "tidepool-ort" => "ONNX Runtime pool".to_owned(),
+        _ => "other".to_owned(),
+    }
+}
+
+/// The fastest direct row at `batch`, else the best.
+fn row_at(direct: &[DirectRow], batch: usize) -> DirectRow {
+    direct
+        .iter()
+        .copied()
+        .filter(|r| r.batch == batch)
+        .max_by(|a, b| a.items_per_second.total_cmp(&b.items_per_second))
+        .or_else(|| best_row(direct))
+        .unwrap_or(DirectRow {
+            batch,
+            runs: 0,
+            ms_per_run: 0.0,
+            items_per_second: 0.0,
+            cpu_us_per_item: 0.0,
+            spinning: true,
+        })
+}
+
+fn best_row(direct: &[DirectRow]) -> Option<DirectRow> {
+    direct
+        .iter()
+        .copied()
+        .max_by(|a, b| a.items_per_second.total_cmp(&b.items_per_second))
+}
+
+/// One saturation run with its CPU split per thread group over the window.
+#[derive(Clone, Debug, Serialize)]
+struct Split {
+    sat: Saturation,
+    /// The worker's process (in-process: the whole process, driver included).
+    worker: CpuSplit,
+    /// The driver's process, when it is another one.
+    driver: Option<CpuSplit>,
+}
+
+impl Split {
+    fn new(sat: Saturation, worker: CpuSplit) -> Split {
+        Split {
+            sat,
+            worker,
+            driver: None,
+        }
+    }
+
+    /// Microseconds of CPU per item answered in the window.
+    fn per_item(&self, secs: f64) -> f64 {
+        secs * 1e6 / self.sat.items.max(1) as f64
+    }
+}
+
+/// Section 5 for one model.
+#[derive(Clone, Debug, Serialize)]
+struct Cost {
+    model: PathBuf,
+    /// Direct's best batch size.
+    best: DirectRow,
+    /// Direct at the worker's `--max-batch`: ONNX Runtime's own CPU per item there.
+    at_batch: DirectRow,
+    max_batch: usize,
+    clients: usize,
+    in_process: Split,
+    own_process: Split,
+    /// The worker in its own process with the thread settings of before issue 16
+    /// ([`BEFORE_ISSUE_16`]), side by side with today's defaults.
+    before: Option<Split>,
+    /// The least share of direct's best the worker in its own process should serve (issue
+    /// 16: 0.8 on the fast model, 0.95 on the large one).
+    goal: f64,
+}
+
+/// The worker's thread settings before issue 16: ONNX Runtime's threads spinning between
+/// batches, and an async runtime thread per core (2 here).
+const BEFORE_ISSUE_16: [&str; 4] = ["--ort-spinning", "true", "--runtime-threads", "2"];
+
+/// Direct, in-process and own-process runs of the fast model.
+fn fast_cost(
+    args: &Args,
+    runtime: &tokio::runtime::Runtime,
+    model: &std::path::Path,
+    timing: &Timing,
+) -> anyhow::Result<Cost> {
+    eprintln!("fast model: direct");
+    // Direct's best over both spinning settings: with ONNX Runtime's default (spinning) and
+    // with it off as the worker runs it, which on a busy shared machine can be the faster.
+    let (spec, mut direct_rows) = direct(args, model, timing, None)?;
+    let (_, quiet) = direct(args, model, timing, Some(false))?;
+    direct_rows.extend(quiet.into_iter().map(|r| DirectRow {
+        spinning: false,
+        ..r
+    }));
+    let direct = direct_rows;
+    let best = best_row(&direct).context("no batch size measured")?;
+    let max_batch = args.max_batch.unwrap_or(best.batch);
+    let clients = args.clients.unwrap_or(2 * max_batch);
+    let items = tidepool_load::input::build_items(&input_specs(&spec), 16, 1)?;
+    eprintln!("fast model: the worker in this process (--max-batch {max_batch})");
+    let in_process = runtime.block_on(async {
+        let worker = start_worker(args, model, max_batch).await?;
+        let addr = worker.local_addr().to_string();
+        let (sat, opened, closed) = saturate_probed(
+            &addr,
+            &items,
+            clients,
+            timing.warmup,
+            timing.measure,
+            || ThreadSample::take(None),
+        )
+        .await?;
+        worker.shutdown().await?;
+        anyhow::Ok(Split::new(
+            sat,
+            CpuSplit::of(&opened, &closed, in_process_group),
+        ))
+    })?;
+    let drive = Drive {
+        model,
+        max_batch,
+        clients,
+        items: &items,
+    };
+    let before = own_process(args, runtime, &drive, timing, &BEFORE_ISSUE_16)?;
+    let today = own_process(args, runtime, &drive, timing, &[])?;
+    Ok(Cost {
+        model: model.to_path_buf(),
+        best,
+        at_batch: row_at(&direct, max_batch),
+        max_batch,
+        clients,
+        in_process,
+        own_process: today,
+        before: Some(before),
+        goal: 0.8,
+    })
+}
+
+/// `tidepool-worker serve` in a process of its own, saturated from this one.
+/// What a saturation run drives: the model, the worker's `--max-batch`, the callers and
+/// their items.
+struct Drive<'a> {
+    model: &'a std::path::Path,
+    max_batch: usize,
+    clients: usize,
+    items: &'a [Tensors],
+}
+
+fn own_process(
+    args: &Args,
+    runtime: &tokio::runtime::Runtime,
+    drive: &Drive<'_>,
+    timing: &Timing,
+    extra: &[&str],
+) -> anyhow::Result<Split> {
+    let Drive {
+        model,
+        max_batch,
+        clients,
+        items,
+    } = *drive;
+    eprintln!(
+        "{}: the worker in its own process {extra:?}",
+        model.display()
+    );
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let device = args
+        .device
+        .to_possible_value()
+        .map_or_else(|| "cpu".to_owned(), |v| v.get_name().to_owned());
+    let mut command = std::process::Command::new(sibling_exe("tidepool-worker")?);
+    command
+        .arg("serve")
+        .arg("--model")
+        .arg(model)
+        .args(["--listen", &addr, "--device", &device])
+        .args(["--max-batch", &max_batch.to_string()])
+        .args(extra)
+        .env("ORT_DYLIB_PATH", &args.common.ort_lib)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        );
+    let mut child = Proc::spawn("tidepool-worker", &mut command)?;
+    let pid = child.pid();
+    runtime.block_on(async {
+        let started = Instant::now();
+        loop {
+            child.check_running()?;
+            if let Ok(client) = tidepool_protocol::Client::connect(addr.as_str()).await {
+                if client.ping(Duration::from_secs(1)).await.is_ok() {
+                    break;
+                }
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("the worker at {addr} was not ready within 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (sat, opened, closed) =
+            saturate_probed(&addr, items, clients, timing.warmup, timing.measure, || {
+                (ThreadSample::take(Some(pid)), ThreadSample::take(None))
+            })
+            .await?;
+        Ok(Split {
+            sat,
+            worker: CpuSplit::of(&opened.0, &closed.0, own_process_group),
+            driver: Some(CpuSplit::of(&opened.1, &closed.1, |_, _| {
+                "driver".to_owned()
+            })),
+        })
+    })
+}
+
+fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
+    report.heading("5. The worker's own cost per item (issue 16)");
+    report.para(&format!(
+        "Each model driven directly (section 1's loop; CPU of the whole process per item: ONNX Runtime's \
+         own, the copy into its input buffer included; the fast model both with ONNX Runtime's threads \
+         spinning, its default, and not, as the worker now runs them, the best of all counted), then the worker at saturation ({:.0} s counted \
+         after {:.0} s) in this process and in a process of its own (`tidepool-worker serve`, driven over \
+         TCP from this one by the same closed-loop driver). CPU over the counted window per thread, from \
+         `/proc/PID/task/*/schedstat`, in µs per item answered: *runtime* is the async runtime's threads \
+         (in this process it also runs the driver), *model thread* runs each batch (copy in, ONNX Runtime's \
+         calling thread, split out), *pool* is ONNX Runtime's intra-op threads. *Worker outside ONNX \
+         Runtime* is the worker process's CPU per item less direct's CPU per item at the same batch size.",
+        timing.measure.as_secs_f64(),
+        timing.warmup.as_secs_f64(),
+    ));
+    let mut rows = Vec::new();
+    for cost in costs {
+        let name = cost
+            .model
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        rows.push(vec![
+            format!(
+                "`{name}` direct, batch {}{}",
+                cost.best.batch,
+                if cost.best.spinning {
+                    ""
+                } else {
+                    ", spinning off"
+                }
+            ),
+            format!("{:.1}", cost.best.items_per_second),
+            "1.00".to_owned(),
+            "—".to_owned(),
+            "—".to_owned(),
+            "—".to_owned(),
+            "—".to_owned(),
+            format!("{:.1}", cost.best.cpu_us_per_item),
+            "—".to_owned(),
+        ]);
+        let mut runs = vec![
+            ("worker in this process", &cost.in_process),
+            ("worker in its own process", &cost.own_process),
+        ];
+        if let Some(before) = &cost.before {
+            runs.push((
+                "worker in its own process, `--ort-spinning true --runtime-threads 2` (before)",
+                before,
+            ));
+        }
+        for (how, split) in runs {
+            let worker_total = split.per_item(split.worker.total);
+            let driver = split.driver.as_ref().map_or(
+                split.per_item(split.worker.get("runtime (driver and worker)")),
+                |d| split.per_item(d.total),
+            );
+            let runtime = split.per_item(
+                split.worker.get("runtime") + split.worker.get("runtime (driver and worker)"),
+            );
+            let outside = split.driver.as_ref().map_or("—".to_owned(), |_| {
+                format!("{:.1}", worker_total - cost.at_batch.cpu_us_per_item)
+            });
+            rows.push(vec![
+                format!("`{name}` {how}, `--max-batch {}`", cost.max_batch),
+                format!("{:.1}", split.sat.items_per_second),
+                format!(
+                    "{:.2}",
+                    split.sat.items_per_second / cost.best.items_per_second
+                ),
+                if split.driver.is_some() {
+                    format!("{driver:.1}")
+                } else {
+                    "in runtime".to_owned()
+                },
+                format!("{runtime:.1}"),
+                format!("{:.1}", split.per_item(split.worker.get("model thread"))),
+                format!(
+                    "{:.1}",
+                    split.per_item(split.worker.get("ONNX Runtime pool"))
+                ),
+                format!("{worker_total:.1}"),
+                outside,
+            ]);
+        }
+    }
+    report.table(
+        &[
+            "run",
+            "items/s",
+            "÷ direct",
+            "driver µs",
+            "runtime µs",
+            "model thread µs",
+            "pool µs",
+            "worker process µs",
+            "worker outside ONNX Runtime µs",
+        ],
+        &rows,
+    );
+    for cost in costs {
+        let ratio = cost.own_process.sat.items_per_second / cost.best.items_per_second;
+        let goal = cost.goal;
+        report.para(&format!(
+            "`{}`, driver in its own process: **{ratio:.2} of direct's best** (goal ≥ {goal}: {}); mean \
+             batch {:.1}, {} errors; direct at batch {} costs {:.1} µs of CPU per item.",
+            cost.model.display(),
+            if ratio >= goal { "met" } else { "missed" },
+            cost.own_process.sat.mean_batch,
+            cost.own_process.sat.errors,
+            cost.at_batch.batch,
+            cost.at_batch.cpu_us_per_item,
+        ));
+    }
+    report.set("cost_per_item", costs);
 }
 
 /// What the saturation runs found.
