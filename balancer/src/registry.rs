@@ -258,24 +258,22 @@ impl TargetGroup {
         self.rebuild();
         tracing::info!(target = %addr, state = %target.state(), outstanding = target.outstanding(), "target revived: registered again while draining");
         // Its connections kept running; its health check ended with the drain.
-        shared.tasks.spawn(
-            shared
-                .settings
-                .health
-                .run(Arc::clone(&target), shared.settings.upstream_tls.clone()),
-        );
+        shared.tasks.spawn(shared.settings.health.run(
+            Arc::clone(&target),
+            shared.settings.upstream_tls.clone(),
+            shared.upstream.reroute.clone(),
+        ));
         Some(target)
     }
 
     /// Starts a new target's health check and connections.
     fn start(&self, target: &Arc<Target>) {
         let shared = &self.shared;
-        shared.tasks.spawn(
-            shared
-                .settings
-                .health
-                .run(Arc::clone(target), shared.settings.upstream_tls.clone()),
-        );
+        shared.tasks.spawn(shared.settings.health.run(
+            Arc::clone(target),
+            shared.settings.upstream_tls.clone(),
+            shared.upstream.reroute.clone(),
+        ));
         for slot in 0..target.conn_slots() {
             shared.tasks.spawn(upstream::maintain(
                 Arc::clone(target),
