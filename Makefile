@@ -69,7 +69,7 @@ interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
 fuzz: ## build the protocol fuzz targets (decoder, raw scanner) and run them briefly (FUZZ_SECONDS, split between them)
 	scripts/fuzz.sh $${FUZZ_SECONDS:-20}
 
-bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
+bench: ort ## benchmarks (worker, balancer vs HAProxy, autoscaling) into BENCHMARKS.md, ~18 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|balancer|autoscale|resilience for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
 	scripts/bench.sh
 
 SOAK_MODEL := build/models/soak-4MiB-64.onnx

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Assembles BENCHMARKS.md: the hand-written intros (bench/intro/*.md) around one report per
-# section (worker, balancer, autoscale). Sections run now take their report from the
+# section (worker, balancer, autoscale, resilience). Sections run now take their report from the
 # benchmark's output ($OUT/NAME.md); every other section keeps the report already in $SOURCE,
 # found between its markers:
 #   <!-- bench:NAME:start ... -->
@@ -11,7 +11,7 @@
 #
 # scripts/bench.sh calls it; scripts/test-bench-assemble.sh runs it on fake sections.
 # Settings (environment):
-#   FRESH   the sections run now, space-separated ("worker balancer autoscale" for a full run,
+#   FRESH   the sections run now, space-separated ("worker balancer autoscale resilience" for a full run,
 #           "" to only reassemble after editing an intro)
 #   OUT     where fresh reports are (bench-out)
 #   INTRO   the intros (bench/intro)
@@ -21,7 +21,7 @@
 #   NOTES   1: include $INTRO/last-run.md (the hand-written notes on the committed run)
 set -euo pipefail
 
-SECTIONS=(worker balancer autoscale)
+SECTIONS=(worker balancer autoscale resilience)
 FRESH=${FRESH-}
 OUT=${OUT:-bench-out}
 INTRO=${INTRO:-bench/intro}

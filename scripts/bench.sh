@@ -3,7 +3,7 @@
 # assemble BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
 # (bench/intro/*.md). BENCH_QUICK=1: a short smoke run on a small model; BENCHMARKS.md is then
 # written to bench-out/BENCHMARKS.quick.md instead, so the committed figures stay real.
-# BENCH_ONLY=worker|balancer|autoscale: rerun one benchmark and splice its report into
+# BENCH_ONLY=worker|balancer|autoscale|resilience: rerun one benchmark and splice its report into
 # BENCHMARKS.md, keeping the committed reports of the others; BENCH_ONLY=none only reassembles
 # (after editing an intro). scripts/bench-assemble.sh does the assembly.
 # BENCH_BASELINE=<commit>: the balancer benchmark also runs tidepool-balancer built from that
@@ -19,7 +19,7 @@ export BENCH_QUICK=$QUICK
 mkdir -p "$OUT" build/models
 
 ONLY=${BENCH_ONLY:-all}
-case $ONLY in all|worker|balancer|autoscale|none) ;; *) echo "bench: BENCH_ONLY must be worker, balancer, autoscale or none" >&2; exit 2 ;; esac
+case $ONLY in all|worker|balancer|autoscale|resilience|none) ;; *) echo "bench: BENCH_ONLY must be worker, balancer, autoscale, resilience or none" >&2; exit 2 ;; esac
 # Nothing to build or run when only reassembling.
 if [[ $ONLY != none ]]; then
     ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(scripts/fetch-ort.sh)}
@@ -83,9 +83,15 @@ if [[ $ONLY == all || $ONLY == autoscale ]]; then
         --out "$OUT" >/dev/null
 fi
 
+if [[ $ONLY == all || $ONLY == resilience ]]; then
+    # About 3 minutes: a target SIGKILLed with retries on and off, then hedging on the skewed pool.
+    echo "bench: resilience" >&2
+    RUST_LOG=${RUST_LOG:-warn} target/release/bench-resilience --out "$OUT" >/dev/null
+fi
+
 # Assemble: the sections run now from $OUT, the others' reports kept from the committed
 # BENCHMARKS.md (scripts/bench-assemble.sh says how).
-case $ONLY in all) FRESH="worker balancer autoscale" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
+case $ONLY in all) FRESH="worker balancer autoscale resilience" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
 DEST=BENCHMARKS.md
 [[ $QUICK == 1 ]] && DEST=$OUT/BENCHMARKS.quick.md
 DIRTY=""
