@@ -296,6 +296,15 @@ mod tests {
     }
 
     impl Fixture {
+        /// Hedging 50 ms after the write, within a floor of 10 hedges a second.
+        fn after_50ms() -> Fixture {
+            Fixture::new(settings(
+                HedgeDelay::Fixed(Duration::from_millis(50)),
+                0.0,
+                10,
+            ))
+        }
+
         fn new(settings: HedgeSettings) -> Fixture {
             let (hedges, watches) = Hedges::new(settings);
             let (queue, routed) =
@@ -383,11 +392,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_unanswered_request_is_hedged_after_the_delay_and_the_first_result_wins() {
-        let mut f = Fixture::new(settings(
-            HedgeDelay::Fixed(Duration::from_millis(50)),
-            0.0,
-            10,
-        ));
+        let mut f = Fixture::after_50ms();
         let upstream_id = f.write();
         tokio::time::sleep(Duration::from_millis(49)).await;
         assert!(f.routed.try_recv().is_err(), "not before the delay");
@@ -417,11 +422,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_first_attempt_can_still_win_and_the_hedge_is_abandoned_or_dropped() {
-        let mut f = Fixture::new(settings(
-            HedgeDelay::Fixed(Duration::from_millis(50)),
-            0.0,
-            10,
-        ));
+        let mut f = Fixture::after_50ms();
         let second = second_conn();
         // The hedge written to its target: the first attempt's result takes it off there.
         let upstream_id = f.write();
@@ -454,11 +455,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failing_attempt_steps_aside_while_the_other_runs() {
-        let mut f = Fixture::new(settings(
-            HedgeDelay::Fixed(Duration::from_millis(50)),
-            0.0,
-            10,
-        ));
+        let mut f = Fixture::after_50ms();
         let upstream_id = f.write();
         let hedge = f.routed.recv().await.expect("hedged");
         // The hedge finds no target: it steps aside, and the first attempt answers.

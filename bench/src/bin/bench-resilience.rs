@@ -79,6 +79,48 @@ impl Row {
             extra,
         }
     }
+
+    /// The header of a table of [`cells`](Row::cells) rows.
+    fn header<'a>(middle: &[&'a str]) -> Vec<&'a str> {
+        let mut header = vec!["setting", "round", "sent"];
+        header.extend(middle);
+        header.extend(["p50", "p99", "p99.9", "max"]);
+        header
+    }
+
+    /// A table row: setting, round and requests sent, then `middle`, then p50, p99, p99.9
+    /// and max.
+    fn cells(&self, middle: Vec<String>) -> Vec<String> {
+        let mut row = vec![
+            self.name.clone(),
+            self.round.to_string(),
+            self.sent.to_string(),
+        ];
+        row.extend(middle);
+        let l = &self.latency;
+        row.extend([l.p50_us, l.p99_us, l.p999_us, l.max_us].map(fmt_us));
+        row
+    }
+}
+
+/// Open-loop Poisson load on 8 connections: `rate` requests/s for `seconds`, then up to
+/// `drain` seconds for the last answers.
+fn load(
+    args: &Args,
+    addr: std::net::SocketAddr,
+    rate: f64,
+    (seconds, drain): (u64, u64),
+    seed: u64,
+) -> anyhow::Result<OpenLoopResult> {
+    openloop::run(&OpenLoopConfig {
+        addr,
+        connections: 8,
+        rate,
+        duration: Duration::from_secs(seconds),
+        drain: Duration::from_secs(drain),
+        seed,
+        item: small_item(args.item_len),
+    })
 }
 
 /// A counter from the balancer's `/metrics`; zero when absent.
@@ -120,15 +162,7 @@ fn kill(args: &Args, report: &mut Report) -> anyhow::Result<()> {
                 // Dropping the handle SIGKILLs the process.
                 drop(victim);
             });
-            let r = openloop::run(&OpenLoopConfig {
-                addr: listen,
-                connections: 8,
-                rate,
-                duration: Duration::from_secs(seconds),
-                drain: Duration::from_secs(drain),
-                seed: 12 + round as u64,
-                item: small_item(args.item_len),
-            })?;
+            let r = load(args, listen, rate, (seconds, drain), 12 + round as u64)?;
             let _ = killer.join();
             let retried = counter(admin, "tidepool_retries_total");
             rows.push(Row::of(
@@ -150,31 +184,15 @@ fn kill(args: &Args, report: &mut Report) -> anyhow::Result<()> {
         fmt_us(service.as_secs_f64() * 1e6)
     ));
     report.table(
-        &[
-            "setting",
-            "round",
-            "sent",
-            "errors",
-            "unanswered",
-            "retried",
-            "p50",
-            "p99",
-            "max",
-        ],
+        &Row::header(&["errors", "unanswered", "retried"]),
         &rows
             .iter()
             .map(|r| {
-                vec![
-                    r.name.clone(),
-                    r.round.to_string(),
-                    r.sent.to_string(),
+                r.cells(vec![
                     r.errors.to_string(),
                     r.unanswered.to_string(),
                     r.extra.to_string(),
-                    fmt_us(r.latency.p50_us),
-                    fmt_us(r.latency.p99_us),
-                    fmt_us(r.latency.max_us),
-                ]
+                ])
             })
             .collect::<Vec<_>>(),
     );
@@ -225,15 +243,7 @@ fn hedging(args: &Args, report: &mut Report) -> anyhow::Result<()> {
             };
             let extra: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
             let (_lb, listen, admin) = start_balancer_admin(&spec, &extra)?;
-            let r = openloop::run(&OpenLoopConfig {
-                addr: listen,
-                connections: 8,
-                rate,
-                duration: Duration::from_secs(seconds),
-                drain: Duration::from_secs(drain),
-                seed: 40 + round as u64,
-                item: small_item(args.item_len),
-            })?;
+            let r = load(args, listen, rate, (seconds, drain), 40 + round as u64)?;
             let hedges = counter(admin, "tidepool_hedges_total");
             rows.push(Row::of(name, round + 1, &r, hedges));
         }
@@ -251,31 +261,15 @@ fn hedging(args: &Args, report: &mut Report) -> anyhow::Result<()> {
         fmt_us(slow.as_secs_f64() * 1e6),
     ));
     report.table(
-        &[
-            "setting",
-            "round",
-            "sent",
-            "errors",
-            "hedged",
-            "extra load",
-            "p50",
-            "p99",
-            "p99.9",
-        ],
+        &Row::header(&["errors", "hedged", "extra load"]),
         &rows
             .iter()
             .map(|r| {
-                vec![
-                    r.name.clone(),
-                    r.round.to_string(),
-                    r.sent.to_string(),
+                r.cells(vec![
                     (r.errors + r.unanswered).to_string(),
                     r.extra.to_string(),
                     format!("{:.1}%", 100.0 * r.extra as f64 / r.sent.max(1) as f64),
-                    fmt_us(r.latency.p50_us),
-                    fmt_us(r.latency.p99_us),
-                    fmt_us(r.latency.p999_us),
-                ]
+                ])
             })
             .collect::<Vec<_>>(),
     );
