@@ -25,7 +25,9 @@ if [[ $ONLY != none ]]; then
     ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(scripts/fetch-ort.sh)}
     export ORT_DYLIB_PATH
 
-    if ! command -v haproxy >/dev/null; then
+    # Only the balancer benchmark compares with HAProxy, and only the worker and autoscaling
+    # benchmarks serve models: a section run alone needs no more than its own.
+    if [[ $ONLY == all || $ONLY == balancer ]] && ! command -v haproxy >/dev/null; then
         echo "bench: installing haproxy (Debian package) for the balancer comparison" >&2
         SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
         $SUDO apt-get update -qq
@@ -33,14 +35,20 @@ if [[ $ONLY != none ]]; then
     fi
 
     echo "bench: building (release)" >&2
-    $CARGO build --release -p tidepool-worker -p tidepool-balancer -p tidepool-bench --bins
+    if [[ $ONLY == resilience ]]; then
+        # Alone, the resilience benchmark needs the balancer and two of the bench binaries.
+        $CARGO build --release -p tidepool-balancer -p tidepool-bench --bin tidepool-balancer \
+            --bin bench-target --bin bench-resilience
+    else
+        $CARGO build --release -p tidepool-worker -p tidepool-balancer -p tidepool-bench --bins
+    fi
 
     if [[ $QUICK == 1 ]]; then
         SIZE=64MiB; MODEL=build/models/synth-64mib.onnx
     else
         SIZE=1GiB; MODEL=build/models/synth-1gib.onnx
     fi
-    if [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
+    if [[ $ONLY == all || $ONLY == worker || $ONLY == autoscale ]] && [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
         echo "bench: writing the synthetic $SIZE model to $MODEL (about 20 s and 3.4 GB of memory for 1GiB)" >&2
         target/release/tidepool-worker synth --out "$MODEL" --size "$SIZE"
     fi
@@ -49,7 +57,7 @@ if [[ $ONLY != none ]]; then
     # enough that a worker starts in well under a second and the pool's size, not the model, is
     # what is measured.
     POOL_MODEL=build/models/demo-64MiB-256.onnx
-    if [[ ! -f $POOL_MODEL || ! -f $POOL_MODEL.data ]]; then
+    if [[ $ONLY == all || $ONLY == autoscale ]] && [[ ! -f $POOL_MODEL || ! -f $POOL_MODEL.data ]]; then
         echo "bench: writing the 64MiB pool model to $POOL_MODEL" >&2
         target/release/tidepool-worker synth --out "$POOL_MODEL" --size 64MiB --input-dim 256 \
             --output-dim 16 --layers 4 --seed 1
