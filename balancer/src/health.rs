@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::config::HealthProtocol;
 use crate::queue::Reroute;
-use crate::rescue::rescue;
+use crate::rescue::{rescue, Elsewhere};
 use crate::target::{HealthCounter, Target, TargetState, Thresholds};
 use crate::upstream;
 
@@ -36,8 +36,15 @@ impl HealthCheck {
     /// trusted fails its checks). A target revived from draining gets a new check; this
     /// one ends even if the revival came before it noticed the drain (so that one target
     /// never has two). While the target is unhealthy, each failed check sends the
-    /// requests still unanswered there to other targets (`rescue`) through `queue`.
-    pub(crate) async fn run(self, target: Arc<Target>, tls: Option<TlsConnector>, queue: Reroute) {
+    /// requests still unanswered there to other targets (`rescue`) through `queue`, when
+    /// `elsewhere` says another target is healthy.
+    pub(crate) async fn run(
+        self,
+        target: Arc<Target>,
+        tls: Option<TlsConnector>,
+        queue: Reroute,
+        elsewhere: Elsewhere,
+    ) {
         let mut counter = HealthCounter::new(self.thresholds);
         let drains = target.drains();
         loop {
@@ -55,7 +62,7 @@ impl HealthCheck {
                 }
             }
             if !passed && target.state() == TargetState::Unhealthy {
-                rescue(&target, &queue);
+                rescue(&target, &queue, &elsewhere);
             }
             tokio::select! {
                 () = target.stop.cancelled() => return,

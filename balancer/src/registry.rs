@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::health::HealthCheck;
 use crate::metrics::Metrics;
 use crate::queue::{QueueSignal, Reroute};
+use crate::rescue::Elsewhere;
 use crate::target::{Target, TargetInfo, TargetState};
 use crate::upstream::{self, UpstreamContext, UpstreamSettings};
 use crate::validation::{TargetRefusal, TargetRules};
@@ -262,8 +263,24 @@ impl TargetGroup {
             Arc::clone(&target),
             shared.settings.upstream_tls.clone(),
             shared.upstream.reroute.clone(),
+            self.elsewhere(),
         ));
         Some(target)
+    }
+
+    /// Whether a target other than a given address is healthy, for a health check's rescue
+    /// of a frozen target's requests. Weak: the check must not keep the group alive.
+    fn elsewhere(&self) -> Elsewhere {
+        let shared = Arc::downgrade(&self.shared);
+        Arc::new(move |addr| {
+            shared.upgrade().is_some_and(|shared| {
+                shared
+                    .snapshot
+                    .load()
+                    .iter()
+                    .any(|t| t.addr() != addr && t.state() == TargetState::Healthy && t.connected())
+            })
+        })
     }
 
     /// Starts a new target's health check and connections.
@@ -273,6 +290,7 @@ impl TargetGroup {
             Arc::clone(target),
             shared.settings.upstream_tls.clone(),
             shared.upstream.reroute.clone(),
+            self.elsewhere(),
         ));
         for slot in 0..target.conn_slots() {
             shared.tasks.spawn(upstream::maintain(

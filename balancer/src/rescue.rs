@@ -10,18 +10,28 @@
 //! finds nothing and is dropped: the client still gets exactly one.
 //!
 //! Requests the old target has not yet been sent (behind a write that does not move) stay
-//! with its connection and meet their deadlines there.
+//! with its connection and meet their deadlines there. With no other target healthy,
+//! nothing is taken: a retry could only be answered `unavailable`, while the frozen target
+//! may still wake up within the deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
 use crate::queue::Reroute;
 use crate::target::Target;
 
+/// Whether a target other than the one at this address is healthy now: where a rescued
+/// request could go. The target group gives each health check one.
+pub(crate) type Elsewhere = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
+
 /// Takes the unanswered requests off `target`'s connections and routes them again, as
-/// far as `queue`'s retry policy allows; returns how many were.
-pub(crate) fn rescue(target: &Target, queue: &Reroute) -> usize {
+/// far as `queue`'s retry policy allows and when another target is healthy (`elsewhere`);
+/// returns how many were.
+pub(crate) fn rescue(target: &Target, queue: &Reroute, elsewhere: &Elsewhere) -> usize {
     let retries = queue.retries();
-    if !retries.enabled() {
+    if !retries.enabled() || !elsewhere(target.addr()) {
         return 0;
     }
     let mut rescued = 0;
@@ -60,8 +70,6 @@ pub(crate) fn rescue(target: &Target, queue: &Reroute) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
-    use std::sync::Arc;
     use std::time::Duration;
 
     use bytes::Bytes;
@@ -129,7 +137,11 @@ mod tests {
         write(3, 100, false);
         tokio::time::advance(Duration::from_millis(200)).await;
 
-        assert_eq!(rescue(&target, &queue.reroute()), 1);
+        // Nowhere else to go: nothing is taken.
+        let nowhere: Elsewhere = Arc::new(|_| false);
+        assert_eq!(rescue(&target, &queue.reroute(), &nowhere), 0);
+        let elsewhere: Elsewhere = Arc::new(|_| true);
+        assert_eq!(rescue(&target, &queue.reroute(), &elsewhere), 1);
         let request = routed.try_recv().expect("request 1 routed again");
         assert_eq!(request.pending.retried_from(), Some(addr));
         assert!(routed.try_recv().is_err(), "only request 1");
@@ -150,7 +162,7 @@ mod tests {
             _ => panic!("expected request 1's result"),
         }
         // A second check takes nothing: request 2 was retried once already, 3 is out of time.
-        assert_eq!(rescue(&target, &queue.reroute()), 0);
+        assert_eq!(rescue(&target, &queue.reroute(), &elsewhere), 0);
         assert!(conn.take(2).is_some() && conn.take(3).is_some());
     }
 }
