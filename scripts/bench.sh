@@ -3,7 +3,7 @@
 # assemble BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
 # (bench/intro/*.md). BENCH_QUICK=1: a short smoke run on a small model; BENCHMARKS.md is then
 # written to bench-out/BENCHMARKS.quick.md instead, so the committed figures stay real.
-# BENCH_ONLY=worker|text|balancer|autoscale: rerun one benchmark and splice its report into
+# BENCH_ONLY=worker|text|balancer|autoscale|resilience: rerun one benchmark and splice its report into
 # BENCHMARKS.md, keeping the committed reports of the others; BENCH_ONLY=soak (`make soak`)
 # runs the soak, which a full run leaves out, the same way; BENCH_ONLY=none only reassembles
 # (after editing an intro). scripts/bench-assemble.sh does the assembly.
@@ -20,7 +20,7 @@ export BENCH_QUICK=$QUICK
 mkdir -p "$OUT" build/models
 
 ONLY=${BENCH_ONLY:-all}
-case $ONLY in all|worker|text|balancer|autoscale|soak|none) ;; *) echo "bench: BENCH_ONLY must be worker, text, balancer, autoscale, soak or none" >&2; exit 2 ;; esac
+case $ONLY in all|worker|text|balancer|autoscale|resilience|soak|none) ;; *) echo "bench: BENCH_ONLY must be worker, text, balancer, autoscale, resilience, soak or none" >&2; exit 2 ;; esac
 # Whether this run includes section $1 (the soak runs only when asked for: `make soak`).
 runs() { [[ $ONLY == "$1" || ( $ONLY == all && $1 != soak ) ]]; }
 # Nothing to build or run when only reassembling.
@@ -36,7 +36,19 @@ if [[ $ONLY != none ]]; then
     fi
 
     echo "bench: building (release)" >&2
-    $CARGO build --release -p tidepool-worker -p tidepool-balancer -p tidepool-bench --bins
+    if [[ $ONLY == resilience ]]; then
+        # Alone, the resilience benchmark needs the balancer and two of the bench binaries.
+        $CARGO build --release -p tidepool-balancer -p tidepool-bench --bin tidepool-balancer \
+            --bin bench-target --bin bench-resilience
+    else
+        if [[ $ONLY == resilience ]]; then
+        # Alone, the resilience benchmark needs the balancer and two of the bench binaries.
+        $CARGO build --release -p tidepool-balancer -p tidepool-bench --bin tidepool-balancer \
+            --bin bench-target --bin bench-resilience
+    else
+        $CARGO build --release -p tidepool-worker -p tidepool-balancer -p tidepool-bench --bins
+    fi
+    fi
 
     if [[ $QUICK == 1 ]]; then
         SIZE=64MiB; MODEL=build/models/synth-64mib.onnx
@@ -51,7 +63,7 @@ if [[ $ONLY != none ]]; then
     # The worker benchmark's fast model (issue 16): 8 MiB, fast enough that the worker's own
     # cost per item, not the model, sets the pace.
     FAST_MODEL=build/models/synth-8mib.onnx
-    if [[ ! -f $FAST_MODEL ]]; then
+    if runs worker && [[ ! -f $FAST_MODEL ]]; then
         echo "bench: writing the 8MiB fast model to $FAST_MODEL" >&2
         target/release/tidepool-worker synth --out "$FAST_MODEL" --size 8MiB --input-dim 1024 \
             --output-dim 10 --layers 3
@@ -110,6 +122,11 @@ if runs autoscale; then
         --out "$OUT" >/dev/null
 fi
 
+if runs resilience; then
+    # About 3 minutes: a target SIGKILLed with retries on and off, then hedging on the skewed pool.
+    echo "bench: resilience" >&2
+    RUST_LOG=${RUST_LOG:-warn} target/release/bench-resilience --out "$OUT" >/dev/null
+fi
 if runs soak; then
     # Not part of a full run: SOAK_MINUTES (30) at 70% of capacity with a fault every
     # SOAK_FAULT_EVERY, on a small model so that the faults, not the model, are what is tested.
@@ -122,7 +139,7 @@ fi
 
 # Assemble: the sections run now from $OUT, the others' reports kept from the committed
 # BENCHMARKS.md (scripts/bench-assemble.sh says how).
-case $ONLY in all) FRESH="worker text balancer autoscale" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
+case $ONLY in all) FRESH="worker text balancer autoscale resilience" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
 DEST=BENCHMARKS.md
 [[ $QUICK == 1 ]] && DEST=$OUT/BENCHMARKS.quick.md
 DIRTY=""

@@ -15,7 +15,7 @@ lacks() { ! grep -qF -- "$2" "$1" || fail "$1 still has: $2"; }
 report() { awk -v s="<!-- bench:$2:start" -v e="<!-- bench:$2:end -->" 'index($0,s)==1{i=1;next} $0==e{i=0;next} i' "$1"; }
 
 mkdir intro out
-for name in header last-run worker balancer autoscale; do
+for name in header last-run worker balancer autoscale resilience; do
     printf '## intro of %s\n\ntext\n' "$name" > "intro/$name.md"
 done
 write_reports() { # TAG SECTION...
@@ -23,15 +23,15 @@ write_reports() { # TAG SECTION...
     for name in "$@"; do printf 'figures of %s, %s\n\n| a | b |\n' "$name" "$tag" > "out/$name.md"; done
 }
 # The fake document's sections, whatever the real list is.
-export SECTIONS="worker balancer autoscale"
+export SECTIONS="worker balancer autoscale resilience"
 assemble() { INTRO=intro OUT=out SOURCE=BENCHMARKS.md DEST=BENCHMARKS.md "$ASSEMBLE"; }
 
 # 1. A full run writes every section between its markers, and a fresh "Last run" line.
-write_reports run1 worker balancer autoscale
-FRESH="worker balancer autoscale" STAMP="day1 at commit aaa" assemble
+write_reports run1 worker balancer autoscale resilience
+FRESH="worker balancer autoscale resilience" STAMP="day1 at commit aaa" assemble
 has BENCHMARKS.md "Last run: day1 at commit aaa."
 has BENCHMARKS.md "## intro of last-run"
-for name in worker balancer autoscale; do
+for name in worker balancer autoscale resilience; do
     has BENCHMARKS.md "## intro of $name"
     [[ $(report BENCHMARKS.md "$name") == $(cat "out/$name.md") ]] || fail "$name report after a full run"
 done
@@ -39,23 +39,32 @@ lacks BENCHMARKS.md "rerun alone"
 cp BENCHMARKS.md full.md
 
 # 2. One section alone, the others' reports gone from bench-out: they are kept, exit 0.
-rm out/worker.md out/autoscale.md
+rm out/worker.md out/autoscale.md out/resilience.md
 write_reports run2 balancer
 FRESH="balancer" STAMP="day2 at commit bbb" assemble || fail "a balancer-only run failed"
 [[ $(report BENCHMARKS.md worker) == $(report full.md worker) ]] || fail "worker report not kept"
 [[ $(report BENCHMARKS.md autoscale) == $(report full.md autoscale) ]] || fail "autoscale report not kept"
+[[ $(report BENCHMARKS.md resilience) == $(report full.md resilience) ]] || fail "resilience report not kept"
 report BENCHMARKS.md balancer | grep -qF "figures of balancer, run2" || fail "balancer report not replaced"
 has BENCHMARKS.md "_This section was rerun alone on day2 at commit bbb"
 has BENCHMARKS.md "Last run: day1 at commit aaa."
 lacks BENCHMARKS.md "figures of balancer, run1"
-[[ $(grep -c '^<!-- bench:.*:start' BENCHMARKS.md) == 3 ]] || fail "not three sections"
+[[ $(grep -c '^<!-- bench:.*:start' BENCHMARKS.md) == 4 ]] || fail "not four sections"
+# 2b. The resilience section rerun alone (BENCH_ONLY=resilience): the others kept.
+write_reports run2 resilience
+cp BENCHMARKS.md before-resilience.md
+FRESH="resilience" STAMP="day2 at commit bbb" assemble || fail "a resilience-only run failed"
+for name in worker balancer autoscale; do
+    [[ $(report BENCHMARKS.md "$name") == $(report before-resilience.md "$name") ]] || fail "$name report not kept by a resilience-only run"
+done
+report BENCHMARKS.md resilience | grep -qF "figures of resilience, run2" || fail "resilience report not replaced"
 cp BENCHMARKS.md partial.md
 
 # 3. Reassembling only (an intro edited): every report kept, the new intro in; twice is a no-op.
 printf '## intro of worker, edited\n' > intro/worker.md
 FRESH="" STAMP="day3 at commit ccc" assemble
 has BENCHMARKS.md "## intro of worker, edited"
-for name in worker balancer autoscale; do
+for name in worker balancer autoscale resilience; do
     [[ $(report BENCHMARKS.md "$name") == $(report partial.md "$name") ]] || fail "$name report changed by a reassembly"
 done
 cp BENCHMARKS.md once.md
@@ -85,12 +94,12 @@ cmp -s before.md BENCHMARKS.md || fail "a refused run changed the document"
 #    a full run of the others, which still counts as full (a fresh "Last run" line).
 printf '## intro of soak\n\ntext\n' > intro/soak.md
 write_reports soak1 soak
-SECTIONS="worker balancer autoscale soak" FRESH="soak" STAMP="day5 at commit eee" assemble
+SECTIONS="worker balancer autoscale resilience soak" FRESH="soak" STAMP="day5 at commit eee" assemble
 report BENCHMARKS.md soak | grep -qF "figures of soak, soak1" || fail "soak report not spliced"
 has BENCHMARKS.md "Last run: day1 at commit aaa."
 rm out/soak.md
-write_reports run6 worker balancer autoscale
-SECTIONS="worker balancer autoscale soak" FRESH="worker balancer autoscale" STAMP="day6 at commit fff" assemble
+write_reports run6 worker balancer autoscale resilience
+SECTIONS="worker balancer autoscale resilience soak" FRESH="worker balancer autoscale resilience" STAMP="day6 at commit fff" assemble
 has BENCHMARKS.md "Last run: day6 at commit fff."
 report BENCHMARKS.md soak | grep -qF "figures of soak, soak1" || fail "soak report lost by a full run"
 lacks BENCHMARKS.md "_This section was rerun alone on day6"

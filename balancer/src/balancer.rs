@@ -14,17 +14,18 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{AdminAuth, AdminToken};
 use crate::autoscale::actuator::{Actuator, ProcessPool, ScaleCommand, SCALE_CMD_TIMEOUT};
 use crate::autoscale::controller::StatusSlot;
-use crate::config::Config;
+use crate::config::{Config, HedgeAfter};
 use crate::discovery::{resolve_one, Resolver, SystemResolver};
 use crate::dispatch::{Router, RoutingSettings};
 use crate::error::Error;
 use crate::frontend::{ClientLimits, FrontendContext};
 use crate::handle::Handle;
 use crate::health::HealthCheck;
-use crate::metrics::Metrics;
+use crate::hedge::{HedgeDelay, HedgeSettings, Hedges, Watches};
+use crate::metrics::{LatencyCounts, Metrics};
 use crate::outlier::{OutlierSettings, Outliers};
 use crate::pending::Lifecycle;
-use crate::queue::{QueueHandle, QueueReceiver, QueueSignal};
+use crate::queue::{QueueHandle, QueueReceiver, QueueSignal, Reroute};
 use crate::registry::{GroupSettings, TargetGroup};
 use crate::retry::{Retries, RetrySettings};
 use crate::target::Thresholds;
@@ -54,6 +55,8 @@ pub struct Balancer {
     /// The admin token, for the workers `--worker-cmd` starts.
     token: Option<AdminToken>,
     queue_rx: QueueReceiver,
+    /// Hedging's task, its watches and its way into the queue, when `--hedge-after` is on.
+    hedging: Option<(Hedges, Watches, Reroute)>,
     resolver: Arc<dyn Resolver>,
     /// `--target` addresses, resolved at bind time so that a typo fails at start.
     static_targets: Vec<SocketAddr>,
@@ -117,7 +120,13 @@ impl Balancer {
             QueueHandle::new(config.queue, config.queue_timeout, Arc::clone(&signal));
         let (retries, outliers) = recovery(&config);
         let _ = metrics.recovery.set((retries.clone(), outliers.clone()));
-        let queue = queue.with_retries(retries).with_outliers(outliers);
+        let hedges = hedging(&config);
+        let _ = metrics.hedging.set(hedges.as_ref().map(|(h, _)| h.clone()));
+        let queue = queue
+            .with_retries(retries)
+            .with_outliers(outliers)
+            .with_hedges(hedges.as_ref().map(|(h, _)| h.clone()));
+        let hedging = hedges.map(|(h, watches)| (h, watches, queue.reroute()));
         let group = TargetGroup::new(
             group_settings(&config, &tls),
             rules,
@@ -151,6 +160,7 @@ impl Balancer {
             auth,
             token,
             queue_rx,
+            hedging,
             resolver,
             static_targets,
             tls,
@@ -187,6 +197,19 @@ impl Balancer {
         let queue_task = tokio::spawn({
             let (router, stop) = (Arc::clone(&self.router), hard_stop.clone());
             async move { router.run_queue(self.queue_rx, stop).await }
+        });
+        // Hedging stops with the queue it routes hedges through.
+        let hedge_task = self.hedging.map(|(hedges, watches, reroute)| {
+            let group = group.clone();
+            let latency = move || {
+                group
+                    .snapshot()
+                    .iter()
+                    .fold(LatencyCounts::default(), |sum, t| {
+                        sum.add(t.latency.counts())
+                    })
+            };
+            tokio::spawn(hedges.run(watches, reroute, latency, hard_stop.clone()))
         });
         // Certificates are reloaded for as long as anything may handshake.
         let tls_tasks = TaskTracker::new();
@@ -288,6 +311,9 @@ impl Balancer {
         hard_stop.cancel();
         group.stop();
         let _ = queue_task.await;
+        if let Some(task) = hedge_task {
+            let _ = task.await;
+        }
 
         // Let connections write their last answers; a client that does not read them
         // does not hold the process.
@@ -339,6 +365,20 @@ fn group_settings(config: &Config, tls: &Tls) -> GroupSettings {
         },
         upstream_tls: tls.upstream.clone(),
     }
+}
+
+/// Hedging and its task's watches, from the flags; `None` when `--hedge-after off`.
+fn hedging(config: &Config) -> Option<(Hedges, Watches)> {
+    let delay = match config.hedge_after {
+        HedgeAfter::Off => return None,
+        HedgeAfter::After(d) => HedgeDelay::Fixed(d),
+        HedgeAfter::P99 => HedgeDelay::P99,
+    };
+    Some(Hedges::new(HedgeSettings {
+        delay,
+        ratio: config.hedge_budget_ratio,
+        floor_per_second: config.hedge_budget_floor,
+    }))
 }
 
 /// Retries on target loss and outlier detection, from the flags.

@@ -320,6 +320,59 @@ pub struct Config {
     /// target is always left in).
     #[arg(long, env = "TIDEPOOL_MAX_EJECTION_PERCENT", default_value_t = 50)]
     pub max_ejection_percent: u8,
+    /// Hedge slow requests: a request still unanswered this long after it was written
+    /// (a duration such as `50ms`, or `p99` for the 99th percentile of the answers of the
+    /// last 10 s) is sent to a second target too; the first result wins and the other
+    /// target is told to cancel. `off` by default: every hedge runs the model a second
+    /// time, and a batching worker pays for it in compute and in its other requests'
+    /// latency; turn it on when tail latency matters more than capacity.
+    #[arg(long, env = "TIDEPOOL_HEDGE_AFTER", default_value = "off", value_parser = parse_hedge_after)]
+    pub hedge_after: HedgeAfter,
+    /// Hedges allowed as a share of the requests of the last 10 s (a budget of its own,
+    /// shaped like the retry budget), so that a slow pool is not sent twice its load.
+    #[arg(long, env = "TIDEPOOL_HEDGE_BUDGET_RATIO", default_value_t = 0.05)]
+    pub hedge_budget_ratio: f64,
+    /// Hedges allowed per second on top of the share.
+    #[arg(long, env = "TIDEPOOL_HEDGE_BUDGET_FLOOR", default_value_t = 1)]
+    pub hedge_budget_floor: u32,
+}
+
+/// When a still-unanswered request is hedged (`--hedge-after`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HedgeAfter {
+    /// Never: no request is sent twice.
+    #[default]
+    Off,
+    /// This long after it was written.
+    After(Duration),
+    /// After the 99th percentile of the latencies observed over the last 10 s (no hedge
+    /// until 100 answers have been seen).
+    P99,
+}
+
+impl std::fmt::Display for HedgeAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HedgeAfter::Off => f.write_str("off"),
+            HedgeAfter::After(d) => write!(f, "{}", humantime::format_duration(*d)),
+            HedgeAfter::P99 => f.write_str("p99"),
+        }
+    }
+}
+
+/// `off`, `p99` or a duration above zero.
+fn parse_hedge_after(s: &str) -> Result<HedgeAfter, String> {
+    match s.trim() {
+        "off" => Ok(HedgeAfter::Off),
+        "p99" => Ok(HedgeAfter::P99),
+        other => match humantime::parse_duration(other) {
+            Ok(d) if !d.is_zero() => Ok(HedgeAfter::After(d)),
+            Ok(_) => {
+                Err("0s would hedge every request; give a delay above zero, p99 or off".to_owned())
+            }
+            Err(e) => Err(format!("{e}; give a duration such as 50ms, p99 or off")),
+        },
+    }
 }
 
 impl Default for Config {
@@ -380,6 +433,9 @@ impl Default for Config {
             eject_base: Duration::from_secs(30),
             eject_max: Duration::from_secs(300),
             max_ejection_percent: 50,
+            hedge_after: HedgeAfter::Off,
+            hedge_budget_ratio: 0.05,
+            hedge_budget_floor: 1,
         }
     }
 }
@@ -511,6 +567,15 @@ impl Config {
                 format!(
                     "{} is not a share between 0 and 1 (0.2 allows one retry per five requests)",
                     self.retry_budget_ratio
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.hedge_budget_ratio) {
+            return bad(
+                "hedge-budget-ratio",
+                format!(
+                    "{} is not a share between 0 and 1 (0.05 allows one hedge per twenty requests)",
+                    self.hedge_budget_ratio
                 ),
             );
         }
@@ -709,6 +774,29 @@ mod tests {
         assert_eq!(c.targets.len(), 2);
         assert_eq!(c.routing, RoutingPolicy::FullScan);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn hedge_after_takes_off_p99_or_a_delay() {
+        let parse = |v: &str| {
+            Config::try_parse_from(["tidepool-balancer", "--hedge-after", v]).map(|c| c.hedge_after)
+        };
+        assert_eq!(parse("off").unwrap(), HedgeAfter::Off);
+        assert_eq!(parse("p99").unwrap(), HedgeAfter::P99);
+        assert_eq!(
+            parse("20ms").unwrap(),
+            HedgeAfter::After(Duration::from_millis(20))
+        );
+        for bad in ["0s", "p50", "soon"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("p99 or off"), "{bad}: {err}");
+        }
+        let c = Config {
+            hedge_budget_ratio: 1.5,
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--hedge-budget-ratio"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,8 @@ use tidepool_protocol::{Client, ClientOptions};
 use tokio::net::TcpStream;
 
 use crate::config::HealthProtocol;
+use crate::queue::Reroute;
+use crate::rescue::{rescue, Elsewhere};
 use crate::target::{HealthCounter, Target, TargetState, Thresholds};
 use crate::upstream;
 
@@ -33,8 +35,16 @@ impl HealthCheck {
     /// check speaks TLS as the target's connections do (a target whose certificate is not
     /// trusted fails its checks). A target revived from draining gets a new check; this
     /// one ends even if the revival came before it noticed the drain (so that one target
-    /// never has two).
-    pub(crate) async fn run(self, target: Arc<Target>, tls: Option<TlsConnector>) {
+    /// never has two). While the target is unhealthy, each failed check sends the
+    /// requests still unanswered there to other targets (`rescue`) through `queue`, when
+    /// `elsewhere` says another target is healthy.
+    pub(crate) async fn run(
+        self,
+        target: Arc<Target>,
+        tls: Option<TlsConnector>,
+        queue: Reroute,
+        elsewhere: Elsewhere,
+    ) {
         let mut counter = HealthCounter::new(self.thresholds);
         let drains = target.drains();
         loop {
@@ -50,6 +60,9 @@ impl HealthCheck {
                 if let Some(previous) = target.set_health(next) {
                     tracing::info!(target = %target.addr(), from = %previous, to = %next, "target health changed");
                 }
+            }
+            if !passed && target.state() == TargetState::Unhealthy {
+                rescue(&target, &queue, &elsewhere);
             }
             tokio::select! {
                 () = target.stop.cancelled() => return,

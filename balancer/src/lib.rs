@@ -17,8 +17,12 @@
 //!    id, and takes the answer back to the pending entry, which restores the client's id.
 //!
 //! When a connection is lost after writing a request, `retry` decides whether it is sent
-//! once more to another target (a budget bounds it); every answer also feeds `outlier`
-//! detection, which ejects targets that fail fast, and routing passes over them.
+//! once more to another target (a budget bounds it); `rescue` does the same for the
+//! requests a target still holds when its health check finds it unhealthy (a frozen
+//! worker). Every answer also feeds `outlier` detection, which ejects targets that fail
+//! fast, and routing passes over them. With `--hedge-after`, `hedge` sends a request still
+//! unanswered after a delay to a second target: its pending entry becomes a race of two
+//! attempts over one answerer, and the first result wins.
 //!
 //! Beside the path: [`health`] checks each target and moves its state, [`discovery`]
 //! keeps DNS names' addresses registered, [`admin`] serves the HTTP API (its bearer
@@ -54,11 +58,13 @@
 //! The import graph (`use crate::…` outside tests) has one cycle, among the request's own
 //! data types: [`target`] (a target holds its connections and wakes the queue), `pending`
 //! (a pending entry knows the connection it was sent on), `upstream` (a connection holds
-//! pending entries and hands unwritten requests back), `queue` (which carries requests)
-//! and `metrics` (targets keep latency histograms; metrics render targets). Every other
+//! pending entries and hands unwritten requests back), `queue` (which carries requests),
+//! `hedge` (the queue's way in carries it; its task splits entries on upstream connections
+//! and routes hedges through the queue) and `metrics` (targets keep latency histograms;
+//! metrics render targets and hedging's counters). Every other
 //! edge points down this list, each module importing only those below it:
 //! `balancer` → `admin` → `handle` → `frontend` → `metadata` → `dispatch` → `discovery` →
-//! `registry` → `health` → `tls` → [`routing`] → [`config`] → [`autoscale`] → the data
+//! `registry` → `health` → `rescue` → `tls` → [`routing`] → [`config`] → [`autoscale`] → the data
 //! types → `auth` → `burst`, `error`, `validation`, and the leaves that import nothing of
 //! the crate: `retry`, `outlier`, `deadline`, `throttle`. (`autoscale` sees one data type, [`target`]'s
 //! `TargetInfo`, and `auth`'s token, which it hands to the workers it starts. Neighbours
@@ -101,12 +107,14 @@ pub mod error;
 mod frontend;
 mod handle;
 mod health;
+mod hedge;
 mod metadata;
 mod metrics;
 mod outlier;
 mod pending;
 mod queue;
 mod registry;
+mod rescue;
 mod retry;
 pub mod routing;
 pub mod target;
@@ -118,7 +126,7 @@ mod validation;
 pub use auth::{AdminToken, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
 pub use autoscale::{AutoscaleConfig, Pool, ScalingStatus};
 pub use balancer::Balancer;
-pub use config::{Config, HealthProtocol, RoutingPolicy};
+pub use config::{Config, HealthProtocol, HedgeAfter, RoutingPolicy};
 pub use discovery::{Resolver, SystemResolver};
 pub use error::Error;
 pub use handle::Handle;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tidepool_protocol::tls::HandshakeFailures;
 
+use crate::hedge::Hedges;
 use crate::outlier::Outliers;
 use crate::retry::Retries;
 use crate::target::{Target, TargetState};
@@ -92,6 +93,14 @@ impl Histogram {
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Each bucket's count so far, for differences over a window
+    /// ([`LatencyCounts::quantile`]).
+    pub(crate) fn counts(&self) -> LatencyCounts {
+        LatencyCounts(std::array::from_fn(|i| {
+            self.buckets[i].load(Ordering::Relaxed)
+        }))
+    }
+
     /// How many durations were recorded.
     #[cfg(test)]
     pub(crate) fn count(&self) -> u64 {
@@ -122,6 +131,55 @@ impl Histogram {
         };
         let _ = writeln!(out, "{name}_sum{braces} {sum}");
         let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+/// The bucket counts of one or more [`Histogram`]s at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LatencyCounts(pub(crate) [u64; LATENCY_BOUNDS_US.len() + 1]);
+
+impl LatencyCounts {
+    /// Adds another histogram's counts (the pool's latency is the sum over its targets).
+    pub(crate) fn add(mut self, other: LatencyCounts) -> LatencyCounts {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+        self
+    }
+
+    /// What was recorded since `earlier` (counts only grow; a target that left the pool
+    /// takes its counts with it, hence the saturation).
+    pub(crate) fn since(self, earlier: LatencyCounts) -> LatencyCounts {
+        LatencyCounts(std::array::from_fn(|i| {
+            self.0[i].saturating_sub(earlier.0[i])
+        }))
+    }
+
+    /// Durations counted.
+    pub(crate) fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// The `q` quantile, interpolated linearly inside its bucket; `None` without counts.
+    /// The bucket above the last bound is read as its bound.
+    pub(crate) fn quantile(&self, q: f64) -> Option<Duration> {
+        let total = self.total();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0);
+        let mut below = 0u64;
+        for (i, &n) in self.0.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let lower = if i == 0 { 0 } else { LATENCY_BOUNDS_US[i - 1] };
+                let upper = LATENCY_BOUNDS_US.get(i).copied().unwrap_or(lower);
+                let share = (rank - below as f64) / n as f64;
+                let us = lower as f64 + share * (upper - lower) as f64;
+                return Some(Duration::from_micros(us as u64));
+            }
+            below += n;
+        }
+        None
     }
 }
 
@@ -157,6 +215,19 @@ pub(crate) struct Metrics {
     pub(crate) tls_failures: TlsFailures,
     /// The retry policy and outlier detection, for their counters (set once at bind).
     pub(crate) recovery: OnceLock<(Retries, Outliers)>,
+    /// How hedged requests' races ended.
+    pub(crate) races: RaceCounters,
+    /// Hedging, for its counters (set once at bind; `None` when off).
+    pub(crate) hedging: OnceLock<Option<Hedges>>,
+}
+
+/// How the races of hedged requests (`--hedge-after`) ended.
+#[derive(Debug, Default)]
+pub(crate) struct RaceCounters {
+    /// Races the hedge (the second attempt) won.
+    pub(crate) won_by_hedge: AtomicU64,
+    /// Results that arrived after another attempt had answered, dropped.
+    pub(crate) late_dropped: AtomicU64,
 }
 
 /// How often each of the balancer's protective limits bit.
@@ -188,6 +259,8 @@ impl Default for Metrics {
             limits: LimitCounters::default(),
             tls_failures: TlsFailures::default(),
             recovery: OnceLock::new(),
+            races: RaceCounters::default(),
+            hedging: OnceLock::new(),
         }
     }
 }
@@ -333,6 +406,10 @@ impl Metrics {
             render_recovery(&mut out, retries, outliers, targets);
         }
 
+        if let Some(Some(hedges)) = self.hedging.get() {
+            render_hedging(&mut out, hedges, &self.races);
+        }
+
         let _ = writeln!(out, "# HELP tidepool_routed_total Requests routed to each target.\n# TYPE tidepool_routed_total counter");
         for t in targets {
             let _ = writeln!(
@@ -377,6 +454,41 @@ impl Metrics {
     }
 }
 
+/// Hedging's counters and its delay now.
+fn render_hedging(out: &mut String, hedges: &Hedges, races: &RaceCounters) {
+    for (name, help, value) in [
+        (
+            "tidepool_hedges_total",
+            "Requests sent to a second target because the first had not answered within --hedge-after.",
+            hedges.sent(),
+        ),
+        (
+            "tidepool_hedges_won_total",
+            "Hedged requests whose second target answered first.",
+            races.won_by_hedge.load(Ordering::Relaxed),
+        ),
+        (
+            "tidepool_hedge_budget_exhausted_total",
+            "Requests not hedged because the hedge budget was spent.",
+            hedges.exhausted(),
+        ),
+        (
+            "tidepool_hedges_unwatched_total",
+            "Requests not hedged because too many were waiting out their delay at once.",
+            hedges.unwatched(),
+        ),
+        (
+            "tidepool_late_answers_dropped_total",
+            "Results from the losing attempt of a hedged request, dropped (the client had its answer).",
+            races.late_dropped.load(Ordering::Relaxed),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    }
+    let delay = hedges.delay().map_or(-1.0, |d| d.as_secs_f64());
+    let _ = writeln!(out, "# HELP tidepool_hedge_delay_seconds The delay after which a request is hedged now (-1 while p99 is not known yet).\n# TYPE tidepool_hedge_delay_seconds gauge\ntidepool_hedge_delay_seconds {delay}");
+}
+
 /// The counters of retries on target loss and of outlier detection, and which targets are
 /// ejected now.
 fn render_recovery(
@@ -388,8 +500,13 @@ fn render_recovery(
     for (name, help, value) in [
         (
             "tidepool_retries_total",
-            "Requests sent once more to another target after the connection they were written on was lost.",
+            "Requests sent once more to another target after the connection they were written on was lost or their target turned unhealthy.",
             retries.retried(),
+        ),
+        (
+            "tidepool_retries_unhealthy_total",
+            "Of tidepool_retries_total, requests taken off a target that turned unhealthy while they waited for its answer (its connection still open).",
+            retries.unhealthy(),
         ),
         (
             "tidepool_retry_budget_exhausted_total",

@@ -6,10 +6,16 @@
 //! consumes it. Dropping it unanswered (a lost connection, a stopped task, a forgotten
 //! branch) answers `unavailable`, or `shutting_down` once the drain deadline has passed.
 //! A second answer cannot be written because there is no second owner.
+//!
+//! A hedged request (`hedge`) is one request sent to two targets: its entry is split into
+//! two attempts that share a [`Race`]. The race owns the one [`Answerer`]; the first
+//! attempt to answer with a result takes it, and the other's answer, when it comes, finds
+//! it gone and is dropped. An attempt that fails (an error, a lost connection, a timeout)
+//! steps aside while the other is still running, and answers only when it is the last.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use tidepool_protocol::{ErrorCode, ErrorReply, Infer, Message, RawMessage, RequestId};
@@ -32,6 +38,25 @@ pub(crate) enum Slot {
         conn: Arc<UpstreamConn>,
         upstream_id: RequestId,
     },
+    /// Hedged: handed to two connections; a cancel follows it to both, and the one that
+    /// has not answered when the other did is abandoned.
+    Raced([(Arc<UpstreamConn>, RequestId); 2]),
+}
+
+impl Slot {
+    /// Forwards a client's cancel to wherever the request is.
+    fn cancel(&mut self) {
+        match self {
+            Slot::Waiting => *self = Slot::Cancelled,
+            Slot::Sent { conn, upstream_id } => conn.cancel(*upstream_id),
+            Slot::Raced(attempts) => {
+                for (conn, upstream_id) in attempts.iter() {
+                    conn.cancel(*upstream_id);
+                }
+            }
+            Slot::Cancelled => {}
+        }
+    }
 }
 
 /// One answer on its way to a client, holding the connection's in-flight permit until it
@@ -53,6 +78,7 @@ pub(crate) enum Answer {
 }
 
 /// The request as read from the client.
+#[derive(Clone)]
 pub(crate) enum Payload {
     /// The common case: the frame as received, to be spliced (new id, deadline, client).
     Raw(RawMessage),
@@ -239,24 +265,122 @@ impl ClientConn {
     /// it so that it never leaves the balancer.
     pub(crate) fn cancel(&self, id: RequestId) {
         if let Some(mut slot) = self.slots.get_mut(&id) {
-            match &*slot {
-                Slot::Waiting => *slot = Slot::Cancelled,
-                Slot::Sent { conn, upstream_id } => conn.cancel(*upstream_id),
-                Slot::Cancelled => {}
-            }
+            slot.cancel();
         }
     }
 
     /// The client is gone: cancel everything it still has in flight.
     pub(crate) fn cancel_all(&self) {
         for mut slot in self.slots.iter_mut() {
-            match &*slot {
-                Slot::Waiting => *slot = Slot::Cancelled,
-                Slot::Sent { conn, upstream_id } => conn.cancel(*upstream_id),
-                Slot::Cancelled => {}
-            }
+            slot.cancel();
         }
     }
+}
+
+/// The right to answer one client request. Exactly one exists per request: it answers
+/// once, explicitly or (`unavailable`, `shutting_down`) when dropped unused.
+struct Answerer {
+    conn: Arc<ClientConn>,
+    id: RequestId,
+    permit: Option<OwnedSemaphorePermit>,
+    answered: bool,
+}
+
+impl Answerer {
+    fn new(conn: Arc<ClientConn>, id: RequestId, permit: Option<OwnedSemaphorePermit>) -> Self {
+        conn.lifecycle.live.fetch_add(1, Ordering::AcqRel);
+        Answerer {
+            conn,
+            id,
+            permit,
+            answered: false,
+        }
+    }
+
+    fn deliver(&mut self, answer: Answer) {
+        self.answered = true;
+        // Free the id before the answer can reach the client, who may reuse it at once.
+        let slot = self.conn.slots.remove(&self.id);
+        // A hedged request's attempt that did not win is taken off its connection (its
+        // outstanding count released) and its target told to cancel it. Out of the map
+        // guard: the attempt's entry drops here.
+        if let Some((_, Slot::Raced(attempts))) = slot {
+            for (conn, upstream_id) in attempts {
+                conn.abandon(upstream_id);
+            }
+        }
+        self.conn.send_answer(answer, self.permit.take());
+    }
+}
+
+impl Drop for Answerer {
+    fn drop(&mut self) {
+        if !self.answered {
+            let (reason, code, message) = if self.conn.lifecycle.stopping() {
+                (
+                    Reject::ShuttingDown,
+                    ErrorCode::ShuttingDown,
+                    "the balancer is shutting down and the drain timeout passed",
+                )
+            } else {
+                (
+                    Reject::ConnectionLost,
+                    ErrorCode::Unavailable,
+                    "the request was dropped inside the balancer; it may or may not have run",
+                )
+            };
+            self.conn.metrics.reject(reason);
+            let reply = ErrorReply::new(self.id, code, message);
+            self.deliver(Answer::Message(Message::Error(reply)));
+        }
+        if self.conn.lifecycle.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn.lifecycle.all_done.notify_waiters();
+        }
+    }
+}
+
+/// The attempts of one hedged request: the one [`Answerer`] and how many attempts are
+/// still running. A std mutex, held only to take the answerer or count an attempt out.
+#[derive(Default)]
+pub(crate) struct Race {
+    state: Mutex<RaceState>,
+}
+
+#[derive(Default)]
+struct RaceState {
+    /// `None` once an attempt has answered.
+    answerer: Option<Answerer>,
+    /// Attempts that have neither answered nor stepped aside.
+    running: u8,
+}
+
+impl Race {
+    fn state(&self) -> std::sync::MutexGuard<'_, RaceState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An attempt is done: it takes the answerer when it brings a result (`decisive`) or
+    /// is the last attempt running; otherwise it steps aside for the other. `None` when
+    /// another attempt answered first, or this one steps aside.
+    fn settle(&self, decisive: bool) -> Option<Answerer> {
+        let mut state = self.state();
+        state.running = state.running.saturating_sub(1);
+        if decisive || state.running == 0 {
+            state.answerer.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// Who answers for a [`Pending`].
+enum Owner {
+    /// The entry alone.
+    Sole(Answerer),
+    /// One attempt of a hedged request; `hedge` is the second one.
+    Raced { race: Arc<Race>, hedge: bool },
+    /// Answered or stepped aside: nothing left to do.
+    Done,
 }
 
 /// A client's request from the moment it is read until it is answered.
@@ -265,17 +389,18 @@ pub(crate) struct Pending {
     id: RequestId,
     received: Instant,
     in_flight: Option<InFlight>,
-    permit: Option<OwnedSemaphorePermit>,
     /// When the balancer answers `deadline_exceeded` itself, if the target has not
     /// answered; `None` only for entries made in tests.
     expiry: Option<Expiry>,
-    answered: bool,
     /// The written request, kept while it is at a target so that it can be sent once more
-    /// if its connection is lost (`--retries on`): `Bytes` clones of the frame, no copy.
+    /// if its connection is lost (`--retries on`) or hedged (`--hedge-after`): `Bytes`
+    /// clones of the frame, no copy.
     kept: Option<(Payload, u32)>,
     /// The target it was lost at, once it has been retried: a request is retried once,
-    /// and never back to the target it was lost at.
+    /// and never back to the target it was lost at. A hedge holds the first attempt's
+    /// target here, so that routing sends it elsewhere.
     retried_from: Option<SocketAddr>,
+    owner: Owner,
 }
 
 impl Pending {
@@ -286,15 +411,13 @@ impl Pending {
         id: RequestId,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Pending {
-        conn.lifecycle.live.fetch_add(1, Ordering::AcqRel);
         Pending {
+            owner: Owner::Sole(Answerer::new(Arc::clone(&conn), id, permit)),
             conn,
             id,
             received: Instant::now(),
             in_flight: None,
-            permit,
             expiry: None,
-            answered: false,
             kept: None,
             retried_from: None,
         }
@@ -361,16 +484,27 @@ impl Pending {
     }
 
     /// Records that it is handed to `conn` under `upstream_id`; false when the client
-    /// cancelled it first.
+    /// cancelled it first (or, for a hedge, when the request was answered already).
     pub(crate) fn mark_sent(&self, conn: &Arc<UpstreamConn>, upstream_id: RequestId) -> bool {
+        let hedge = matches!(self.owner, Owner::Raced { hedge: true, .. });
         let previous = match self.conn.slots.get_mut(&self.id) {
-            Some(mut slot) if !matches!(*slot, Slot::Cancelled) => std::mem::replace(
-                &mut *slot,
-                Slot::Sent {
-                    conn: Arc::clone(conn),
-                    upstream_id,
-                },
-            ),
+            Some(mut slot) if !matches!(*slot, Slot::Cancelled) => {
+                let next = match &*slot {
+                    // The hedge joins the first attempt: a cancel must reach both.
+                    Slot::Sent {
+                        conn: first,
+                        upstream_id: first_id,
+                    } if hedge => Slot::Raced([
+                        (Arc::clone(first), *first_id),
+                        (Arc::clone(conn), upstream_id),
+                    ]),
+                    _ => Slot::Sent {
+                        conn: Arc::clone(conn),
+                        upstream_id,
+                    },
+                };
+                std::mem::replace(&mut *slot, next)
+            }
             _ => return false,
         };
         // Dropped after the map guard: the last handle on an old connection may drop
@@ -392,7 +526,7 @@ impl Pending {
     }
 
     /// Keeps the request written to a target with its entry, for a retry should the
-    /// connection be lost before the answer.
+    /// connection be lost before the answer, or a hedge.
     pub(crate) fn keep(&mut self, payload: Payload, reroutes: u32) {
         self.kept = Some((payload, reroutes));
     }
@@ -402,13 +536,26 @@ impl Pending {
         self.kept.take()
     }
 
+    /// True when it can be sent once more, now: it was kept, never retried nor hedged,
+    /// and its time is not up.
+    pub(crate) fn retryable(&self, now: Instant) -> bool {
+        matches!(self.owner, Owner::Sole(_))
+            && self.retried_from.is_none()
+            && self.kept.is_some()
+            && !self.expired(now)
+            && self
+                .kept
+                .as_ref()
+                .is_some_and(|(payload, _)| payload.deadline_left(self.received).is_ok())
+    }
+
     /// The request again, to be sent to another target than `lost_at`; the entry back when
-    /// it cannot be retried (nothing kept, or it was retried already).
+    /// it cannot be retried (nothing kept, it was retried already, or it is hedged).
     // The entry moves by value everywhere (channels, maps); boxing it here would cost an
     // allocation per retry for nothing.
     #[allow(clippy::result_large_err)]
     pub(crate) fn into_retry(mut self, lost_at: SocketAddr) -> Result<Request, Pending> {
-        if self.retried_from.is_some() {
+        if self.retried_from.is_some() || !matches!(self.owner, Owner::Sole(_)) {
             return Err(self);
         }
         let Some((payload, reroutes)) = self.kept.take() else {
@@ -422,6 +569,46 @@ impl Pending {
         })
     }
 
+    /// Splits the entry, written to target `first` and still unanswered, into two
+    /// attempts of one [`Race`]: this one stays where it is, the one returned (the hedge)
+    /// is to be routed to another target. `None` when it cannot be hedged (nothing kept,
+    /// retried or hedged already).
+    pub(crate) fn hedge(&mut self, first: SocketAddr) -> Option<Request> {
+        if self.retried_from.is_some() || !matches!(self.owner, Owner::Sole(_)) {
+            return None;
+        }
+        let (payload, reroutes) = self.kept.take()?;
+        let race = Arc::new(Race::default());
+        let raced = Owner::Raced {
+            race: Arc::clone(&race),
+            hedge: false,
+        };
+        if let Owner::Sole(answerer) = std::mem::replace(&mut self.owner, raced) {
+            let mut state = race.state();
+            state.answerer = Some(answerer);
+            state.running = 2;
+        }
+        Some(Request {
+            pending: Pending {
+                conn: Arc::clone(&self.conn),
+                id: self.id,
+                received: self.received,
+                in_flight: None,
+                expiry: self.expiry,
+                kept: None,
+                retried_from: Some(first),
+                owner: Owner::Raced { race, hedge: true },
+            },
+            payload,
+            reroutes,
+        })
+    }
+
+    /// True when it may still be hedged: kept, neither retried nor hedged.
+    pub(crate) fn hedgeable(&self) -> bool {
+        matches!(self.owner, Owner::Sole(_)) && self.retried_from.is_none() && self.kept.is_some()
+    }
+
     /// The target a retried request was lost at, which routing passes over.
     pub(crate) fn retried_from(&self) -> Option<SocketAddr> {
         self.retried_from
@@ -433,7 +620,8 @@ impl Pending {
             guard.target().latency.record(self.received.elapsed());
         }
         msg.set_id(self.id);
-        self.finish(Answer::Message(msg));
+        let decisive = matches!(msg, Message::Result(_));
+        self.finish(Answer::Message(msg), decisive, None);
     }
 
     /// Answers with the target's `result` as received; the client's id is spliced in as it
@@ -443,7 +631,7 @@ impl Pending {
             guard.target().latency.record(self.received.elapsed());
         }
         let client_id = self.id;
-        self.finish(Answer::Raw { result, client_id });
+        self.finish(Answer::Raw { result, client_id }, true, None);
     }
 
     /// Answers with the balancer's own error.
@@ -456,8 +644,7 @@ impl Pending {
     ) {
         let mut reply = ErrorReply::new(self.id, code, message);
         reply.retry_after_ms = retry_after_ms;
-        self.conn.metrics.reject(reason);
-        self.finish(Answer::Message(Message::Error(reply)));
+        self.finish(Answer::Message(Message::Error(reply)), false, Some(reason));
     }
 
     /// Answers `deadline_exceeded`: the deadline ran out before a target got the request.
@@ -493,40 +680,48 @@ impl Pending {
         }
     }
 
-    fn finish(&mut self, answer: Answer) {
-        self.answered = true;
-        // Free the id before the answer can reach the client, who may reuse it at once.
-        self.conn.slots.remove(&self.id);
-        self.conn.send_answer(answer, self.permit.take());
+    /// Answers through the answerer, when this entry holds it or wins its race: a result
+    /// (`decisive`) wins; an error answers only from the last attempt running. A losing
+    /// result is dropped here: the client has its answer.
+    fn finish(&mut self, answer: Answer, decisive: bool, reason: Option<Reject>) {
+        let answerer = match std::mem::replace(&mut self.owner, Owner::Done) {
+            Owner::Sole(answerer) => Some(answerer),
+            Owner::Raced { race, hedge } => {
+                let answerer = race.settle(decisive);
+                let races = &self.conn.metrics.races;
+                match (&answerer, decisive) {
+                    (Some(_), true) if hedge => {
+                        races.won_by_hedge.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (None, true) => {
+                        races.late_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+                answerer
+            }
+            Owner::Done => None,
+        };
+        if let Some(mut answerer) = answerer {
+            if let Some(reason) = reason {
+                self.conn.metrics.reject(reason);
+            }
+            answerer.deliver(answer);
+        }
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if !self.answered {
-            let (reason, code, message) = if self.conn.lifecycle.stopping() {
-                (
-                    Reject::ShuttingDown,
-                    ErrorCode::ShuttingDown,
-                    "the balancer is shutting down and the drain timeout passed",
-                )
-            } else {
-                (
-                    Reject::ConnectionLost,
-                    ErrorCode::Unavailable,
-                    "the request was dropped inside the balancer; it may or may not have run",
-                )
-            };
-            self.conn.metrics.reject(reason);
-            self.finish(Answer::Message(Message::Error(ErrorReply::new(
-                self.id, code, message,
-            ))));
-        }
         // Release the target before the drain count, so a drain that sees zero requests
         // also sees zero outstanding.
         self.in_flight = None;
-        if self.conn.lifecycle.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.conn.lifecycle.all_done.notify_waiters();
+        match std::mem::replace(&mut self.owner, Owner::Done) {
+            // Unanswered, it answers as it drops.
+            Owner::Sole(answerer) => drop(answerer),
+            // The last attempt of a race answers for it; another steps aside.
+            Owner::Raced { race, .. } => drop(race.settle(false)),
+            Owner::Done => {}
         }
     }
 }

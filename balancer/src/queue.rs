@@ -15,6 +15,7 @@ use std::time::Duration;
 use tidepool_protocol::ErrorCode;
 use tokio::sync::{mpsc, Notify};
 
+use crate::hedge::Hedges;
 use crate::metrics::Reject;
 use crate::outlier::{OutlierSettings, Outliers};
 use crate::pending::Request;
@@ -68,6 +69,8 @@ pub(crate) struct Reroute {
     /// Outlier detection, which the connections tell every answer: routing's other
     /// feedback from the targets.
     outliers: Outliers,
+    /// Hedging (`--hedge-after`), which watches every written request; `None` when off.
+    hedges: Option<Hedges>,
 }
 
 impl Reroute {
@@ -86,6 +89,11 @@ impl Reroute {
     /// Outlier detection.
     pub(crate) fn outliers(&self) -> &Outliers {
         &self.outliers
+    }
+
+    /// Hedging, when on.
+    pub(crate) fn hedges(&self) -> Option<&Hedges> {
+        self.hedges.as_ref()
     }
 
     /// Sends a request already counted in the length.
@@ -122,6 +130,7 @@ impl QueueHandle {
                     signal,
                     retries: Retries::new(RetrySettings::OFF),
                     outliers: Outliers::new(OutlierSettings::OFF),
+                    hedges: None,
                 },
                 capacity,
                 timeout,
@@ -146,6 +155,13 @@ impl QueueHandle {
     /// [`reroute`](QueueHandle::reroute) is handed out.
     pub(crate) fn with_outliers(mut self, outliers: Outliers) -> QueueHandle {
         self.inlet.outliers = outliers;
+        self
+    }
+
+    /// Sets hedging (off unless set); as with retries, before
+    /// [`reroute`](QueueHandle::reroute) is handed out.
+    pub(crate) fn with_hedges(mut self, hedges: Option<Hedges>) -> QueueHandle {
+        self.inlet.hedges = hedges;
         self
     }
 

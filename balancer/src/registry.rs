@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::health::HealthCheck;
 use crate::metrics::Metrics;
 use crate::queue::{QueueSignal, Reroute};
+use crate::rescue::Elsewhere;
 use crate::target::{Target, TargetInfo, TargetState};
 use crate::upstream::{self, UpstreamContext, UpstreamSettings};
 use crate::validation::{TargetRefusal, TargetRules};
@@ -258,24 +259,39 @@ impl TargetGroup {
         self.rebuild();
         tracing::info!(target = %addr, state = %target.state(), outstanding = target.outstanding(), "target revived: registered again while draining");
         // Its connections kept running; its health check ended with the drain.
-        shared.tasks.spawn(
-            shared
-                .settings
-                .health
-                .run(Arc::clone(&target), shared.settings.upstream_tls.clone()),
-        );
+        shared.tasks.spawn(shared.settings.health.run(
+            Arc::clone(&target),
+            shared.settings.upstream_tls.clone(),
+            shared.upstream.reroute.clone(),
+            self.elsewhere(),
+        ));
         Some(target)
+    }
+
+    /// Whether a target other than a given address is healthy, for a health check's rescue
+    /// of a frozen target's requests. Weak: the check must not keep the group alive.
+    fn elsewhere(&self) -> Elsewhere {
+        let shared = Arc::downgrade(&self.shared);
+        Arc::new(move |addr| {
+            shared.upgrade().is_some_and(|shared| {
+                shared
+                    .snapshot
+                    .load()
+                    .iter()
+                    .any(|t| t.addr() != addr && t.state() == TargetState::Healthy && t.connected())
+            })
+        })
     }
 
     /// Starts a new target's health check and connections.
     fn start(&self, target: &Arc<Target>) {
         let shared = &self.shared;
-        shared.tasks.spawn(
-            shared
-                .settings
-                .health
-                .run(Arc::clone(target), shared.settings.upstream_tls.clone()),
-        );
+        shared.tasks.spawn(shared.settings.health.run(
+            Arc::clone(target),
+            shared.settings.upstream_tls.clone(),
+            shared.upstream.reroute.clone(),
+            self.elsewhere(),
+        ));
         for slot in 0..target.conn_slots() {
             shared.tasks.spawn(upstream::maintain(
                 Arc::clone(target),

@@ -6,6 +6,11 @@
 //! answer: the lost connection gave it up before the retry, so the old target's answer
 //! cannot arrive and exactly one answer stays the rule.
 //!
+//! A request still unanswered when its target turns unhealthy (a frozen worker: the
+//! connection stays open, nothing comes back) is retried the same way: the health check
+//! takes it off the target's connections, tells the target to cancel it and routes it
+//! again; a late answer from the old target then finds nothing and is dropped.
+//!
 //! Retries are bounded by a budget, as Envoy's and Linkerd's are: over a sliding window of
 //! [`WINDOW`], a share of the requests seen (`--retry-budget-ratio`) plus a floor per second
 //! (`--retry-budget-floor`). A pool that fails as a whole is then not sent twice its load.
@@ -104,6 +109,8 @@ struct Shared {
     retried: AtomicU64,
     /// Requests answered `unavailable` because the budget had run out.
     exhausted: AtomicU64,
+    /// Of `retried`, those taken off a target that turned unhealthy.
+    unhealthy: AtomicU64,
 }
 
 impl Retries {
@@ -115,6 +122,7 @@ impl Retries {
                 window: Mutex::new(Window::new(Instant::now())),
                 retried: AtomicU64::new(0),
                 exhausted: AtomicU64::new(0),
+                unhealthy: AtomicU64::new(0),
             }),
         }
     }
@@ -173,6 +181,17 @@ impl Retries {
     /// Retries refused because the budget had run out, ever.
     pub(crate) fn exhausted(&self) -> u64 {
         self.shared.exhausted.load(Ordering::Relaxed)
+    }
+
+    /// Counts a retry (already spent) of a request taken off a target that turned
+    /// unhealthy.
+    pub(crate) fn note_unhealthy(&self) {
+        self.shared.unhealthy.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests retried because their target turned unhealthy, ever.
+    pub(crate) fn unhealthy(&self) -> u64 {
+        self.shared.unhealthy.load(Ordering::Relaxed)
     }
 }
 

@@ -335,6 +335,15 @@ impl Target {
         })
     }
 
+    /// The open upstream connections.
+    pub(crate) fn open_conns(&self) -> Vec<Arc<UpstreamConn>> {
+        self.conns
+            .iter()
+            .filter_map(|c| c.load_full())
+            .filter(|c| !c.is_closed())
+            .collect()
+    }
+
     /// How many connection slots the target keeps.
     pub(crate) fn conn_slots(&self) -> usize {
         self.conns.len()

@@ -172,6 +172,65 @@ impl UpstreamConn {
     pub(crate) fn cancel(&self, upstream_id: RequestId) {
         let _ = self.cancels.send(upstream_id);
     }
+
+    /// The target's address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The upstream ids of the requests written and not yet answered.
+    pub(crate) fn written(&self) -> Vec<RequestId> {
+        self.pending.iter().map(|e| *e.key()).collect()
+    }
+
+    /// Takes written request `upstream_id` off the connection when `check` passes;
+    /// whoever takes it owns its answer, and the target's answer will find nothing.
+    pub(crate) fn take_if(
+        &self,
+        upstream_id: RequestId,
+        check: impl FnOnce(&Pending) -> bool,
+    ) -> Option<Pending> {
+        self.pending
+            .remove_if(&upstream_id, |_, pending| check(pending))
+            .map(|(_, pending)| pending)
+    }
+
+    /// Gives up written request `upstream_id` (another attempt answered it): off the
+    /// connection, which tells the target to cancel it.
+    pub(crate) fn abandon(&self, upstream_id: RequestId) {
+        if self.pending.remove(&upstream_id).is_some() {
+            self.cancel(upstream_id);
+        }
+    }
+
+    /// True when written request `upstream_id` is still unanswered, in time, and may be
+    /// hedged (`hedge`).
+    pub(crate) fn hedgeable(&self, upstream_id: RequestId) -> bool {
+        let now = Instant::now();
+        self.pending
+            .get(&upstream_id)
+            .is_some_and(|p| p.hedgeable() && !p.expired(now))
+    }
+
+    /// Splits written request `upstream_id` into a race of two attempts, in place under
+    /// the map's guard so that its answer never misses it; returns the second attempt.
+    pub(crate) fn hedge(&self, upstream_id: RequestId) -> Option<Request> {
+        self.pending.get_mut(&upstream_id)?.hedge(self.addr)
+    }
+
+    /// Puts an entry in the map as the writer does, for tests without a socket.
+    #[cfg(test)]
+    pub(crate) fn hold(&self, upstream_id: RequestId, pending: Pending) {
+        self.pending.insert(upstream_id, pending);
+    }
+
+    /// Takes an entry out of the map as the reader does, for tests without a socket.
+    #[cfg(test)]
+    pub(crate) fn take(&self, upstream_id: RequestId) -> Option<Pending> {
+        self.pending
+            .remove(&upstream_id)
+            .map(|(_, pending)| pending)
+    }
 }
 
 /// Opens a connection to a target, with the upstream TLS if any: the target's certificate
@@ -478,7 +537,7 @@ async fn write_loop(
 /// map, and a connection lost before the buffer reaches the socket answers them
 /// `unavailable`, as it would for bytes in the kernel's send buffer.
 fn encode_request(
-    conn: &UpstreamConn,
+    conn: &Arc<UpstreamConn>,
     buf: &mut BytesMut,
     forward: Forward,
     max_frame: usize,
@@ -528,15 +587,21 @@ fn encode_request(
     }
     let expiry = pending.expiry().map(|e| e.at);
     let mut pending = pending;
-    // With retries on, the entry keeps the request (cheap `Bytes` clones) until answered.
+    // With retries or hedging on, the entry keeps the request (cheap `Bytes` clones)
+    // until answered.
     let mut payload = Some(payload);
-    if queue.retries().enabled() {
+    let hedges = queue.hedges();
+    if queue.retries().enabled() || hedges.is_some() {
         if let Some(payload) = payload.take() {
             pending.keep(payload, reroutes);
         }
     }
+    let hedge = hedges.filter(|_| pending.hedgeable());
     // In the map before the frame is written, so the answer always finds it.
     conn.pending.insert(upstream_id, pending);
+    if let Some(hedges) = hedge {
+        hedges.watch(conn, upstream_id);
+    }
     if let Some(at) = expiry {
         timers.track(conn, at, upstream_id);
     }

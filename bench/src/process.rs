@@ -199,6 +199,14 @@ pub fn start_balancer_with(
     spec: &BalancerSpec,
     extra: &[String],
 ) -> anyhow::Result<(Proc, SocketAddr)> {
+    start_balancer_admin(spec, extra).map(|(proc, listen, _)| (proc, listen))
+}
+
+/// As [`start_balancer_with`], also returning the admin API's address (for `/metrics`).
+pub fn start_balancer_admin(
+    spec: &BalancerSpec,
+    extra: &[String],
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let binary = match &spec.binary {
@@ -232,7 +240,7 @@ pub fn start_balancer_with(
         std::thread::sleep(Duration::from_millis(50));
     }
     wait_for_port(listen, Duration::from_secs(5))?;
-    Ok((proc, listen))
+    Ok((proc, listen, admin))
 }
 
 /// A plain HTTP/1.1 GET; the body as text.
