@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::batcher::Engine;
 use crate::config::DeviceChoice;
+use crate::cost::BatchCost;
 use crate::error::Error;
 use crate::pad;
 use crate::spec::{IoSpec, ModelSpec, PaddingOptions};
@@ -259,6 +260,31 @@ impl Model {
             }
         }
         Ok(ran)
+    }
+
+    /// Times interleaved batches of one item and full batches ([`crate::cost::measure`]) at
+    /// the first length warm-up ran, for the load share's [`BatchCost`]. Run it after
+    /// [`Model::warm_up`], so that no timed batch pays for lazy initialisation.
+    pub fn batch_cost(&mut self, plan: &WarmUp) -> Result<BatchCost, Error> {
+        let len = plan.lengths.first().copied().unwrap_or(1);
+        let item = self.spec.zero_item(len)?;
+        let tokens = self.spec.fit(&item).tokens.max(1);
+        let max_batch = self.spec.batch_limit(plan.max_batch);
+        let full = plan
+            .max_batch_tokens
+            .map_or(max_batch, |budget| (budget / tokens).clamp(1, max_batch));
+        let cost = crate::cost::measure(full, |size| {
+            let batch: Vec<&Tensors> = std::iter::repeat_n(&item, size).collect();
+            self.run(&batch).map(drop)
+        })?;
+        if full == max_batch || full <= 1 {
+            return Ok(BatchCost::new(max_batch, if full <= 1 { 0.0 } else { cost.single() }));
+        }
+        // The token budget cut the timed batch short of --max-batch: extend its straight line
+        // to a full batch, which shorter items can fill.
+        let s = cost.single();
+        let at_max = s + (1.0 - s) * (max_batch - 1) as f64 / (full - 1) as f64;
+        Ok(BatchCost::new(max_batch, s / at_max))
     }
 }
 
