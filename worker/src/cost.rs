@@ -130,8 +130,7 @@ pub fn measure<E>(
     }
     let started = Instant::now();
     let mut pairs = Vec::with_capacity(PROFILE_PAIRS);
-    while pairs.len() < PROFILE_PAIRS && (pairs.is_empty() || started.elapsed() < PROFILE_BUDGET)
-    {
+    while pairs.len() < PROFILE_PAIRS && (pairs.is_empty() || started.elapsed() < PROFILE_BUDGET) {
         let t = Instant::now();
         run(1)?;
         let one = t.elapsed();

@@ -94,8 +94,8 @@ use tracing::{error, info, warn};
 
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply, Ticket};
 pub use busy::{BusyMeter, Reading};
-pub use cost::BatchCost;
 pub use config::{Cli, Command, DeviceChoice, ModelFile, ServeConfig, SynthConfig};
+pub use cost::BatchCost;
 pub use error::Error;
 pub use metrics::Metrics;
 pub use model::{Device, Identity, LoadOptions, Model, WarmUp};

@@ -283,7 +283,10 @@ impl Model {
             self.run(&batch).map(drop)
         })?;
         if full == max_batch || full <= 1 {
-            return Ok(BatchCost::new(max_batch, if full <= 1 { 0.0 } else { cost.single() }));
+            return Ok(BatchCost::new(
+                max_batch,
+                if full <= 1 { 0.0 } else { cost.single() },
+            ));
         }
         // The token budget cut the timed batch short of --max-batch: extend its straight line
         // to a full batch, which shorter items can fill.
@@ -1061,7 +1064,10 @@ mod real_model_tests {
     fn batch_cost_times_batches_within_the_token_budget() {
         // The shape's value depends on the machine; that it is timed, in range and weighs
         // a full batch fully does not.
-        for (model, budget) in [(TestModel::Encoder, Some(256)), (TestModel::Classifier, None)] {
+        for (model, budget) in [
+            (TestModel::Encoder, Some(256)),
+            (TestModel::Classifier, None),
+        ] {
             let mut model = load(model, PaddingOptions::default());
             let plan = WarmUp {
                 max_batch: 8,
