@@ -717,7 +717,7 @@ fn model_thread<E: Engine>(
         let size = batch.len();
         let started = std::time::Instant::now();
         let queued_us = batch.iter().map(|r| r.queue_us).sum::<u64>() / size.max(1) as u64;
-        meter.batch_started(started, queued_us);
+        meter.batch_started(started, size, queued_us);
         let result = {
             let items: Vec<&Tensors> = batch.iter().map(|r| &r.inputs).collect();
             catch_unwind(AssertUnwindSafe(|| engine.run(&items)))

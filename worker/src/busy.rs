@@ -1,45 +1,76 @@
-//! [`BusyMeter`]: how busy the model thread has been over the last few seconds, and how long
-//! items waited for it.
+//! [`BusyMeter`]: how much of the worker's capacity the recent load used, how busy the
+//! model thread has been, and how long items waited for it.
 //!
-//! The busy share is the autoscaler's signal. Requests in flight are not: a batching worker
-//! folds more load into fuller batches, so its in-flight count stays low until it saturates
-//! and then shoots up (a hockey stick), whereas the fraction of wall time the model thread
-//! spends running batches grows in step with the offered load, up to 1 at saturation.
+//! The *load share* is the autoscaler's signal (`busy` in `pong`). Requests in flight are
+//! not: a batching worker folds more load into fuller batches, so its in-flight count stays
+//! low until it saturates and then shoots up (a hockey stick). Nor is the plain busy share
+//! (the fraction of wall time the model thread runs batches) when a small batch costs about
+//! what a full one does: the thread is then busy with small batches at a tenth of capacity.
+//! The load share weighs each batch's run time by [`BatchCost::weight`] (the share of a full
+//! batch's work it did over the share of a full batch's time it took), which makes it the
+//! arrival rate against the worker's full-batch capacity: linear in the load up to
+//! saturation, where batches are full and it equals the busy share (see [`crate::cost`]).
 //!
-//! Both figures are exponential averages in continuous time with time constant
+//! All figures are exponential averages in continuous time with time constant
 //! [`TIME_CONSTANT`]: the busy share is the average of a 0/1 signal (1 while a batch runs),
-//! folded in exactly at each batch's start and end, so it needs no sampling task and no
-//! ring of buckets, and reading it at any moment accounts for the time since the last batch.
+//! the load share of a signal that is the running batch's weight while it runs, both folded
+//! in exactly at each batch's start and end, so they need no sampling task and no ring of
+//! buckets, and reading them at any moment accounts for the time since the last batch.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidepool_protocol::Load;
 
+use crate::cost::BatchCost;
+
 /// The averaging time constant: long enough to smooth single batches, short enough that
 /// the balancer's once-a-second health checks see a step in load within a few seconds.
 pub const TIME_CONSTANT: Duration = Duration::from_secs(5);
 
-/// The model thread's busy share and the queue delay, averaged over recent seconds.
+/// How far each finished batch pulls the full-batch time estimate towards its own.
+const FULL_BATCH_GAIN: f64 = 0.1;
+
+/// The model thread's load share, busy share and queue delay, averaged over recent seconds.
 ///
 /// Cheap to clone: the clones share one meter. The model thread calls
 /// [`BusyMeter::batch_started`] and [`BusyMeter::batch_finished`] around each batch; `pong`
-/// and `/metrics` read [`BusyMeter::load`].
+/// reads [`BusyMeter::load`] and `/metrics` [`BusyMeter::reading`].
 #[derive(Clone, Debug)]
 pub struct BusyMeter {
     shared: Arc<Mutex<State>>,
 }
 
+/// What the meter reads at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Reading {
+    /// The share of the worker's full-batch capacity the recent load used, 0 to 1.
+    pub load_share: f64,
+    /// The fraction of recent wall time the model thread ran batches, 0 to 1.
+    pub busy: f64,
+    /// The recent queue delay, microseconds.
+    pub queue_us: f64,
+    /// Items per second the model thread can run in full batches, from the recent batches'
+    /// run times (each scaled to a full batch by the cost shape); `None` before any batch.
+    pub capacity: Option<f64>,
+}
+
 #[derive(Debug)]
 struct State {
+    /// The load share as of `at`.
+    share: f64,
     /// The busy share as of `at`.
     busy: f64,
     /// The queue delay in microseconds as of `at`.
     queue_us: f64,
     /// When the averages were last brought up to date.
     at: Instant,
-    /// When the running batch started; `None` while the thread waits.
-    running_since: Option<Instant>,
+    /// The running batch: when it started and its items; `None` while the thread waits.
+    running: Option<(Instant, usize)>,
+    /// How a batch's cost grows with its size.
+    cost: BatchCost,
+    /// A full batch's recent run time in seconds (a moving average over batches).
+    full_batch_s: Option<f64>,
 }
 
 impl Default for BusyMeter {
@@ -54,49 +85,69 @@ fn keep(elapsed: Duration) -> f64 {
 }
 
 impl State {
-    /// The averages at `now`, given whether the thread has been running since `at`.
-    fn at(&self, now: Instant) -> (f64, f64) {
+    /// The averages (load share, busy share, queue delay) at `now`, given what has run
+    /// since `at`.
+    fn at(&self, now: Instant) -> (f64, f64, f64) {
         let k = keep(now.saturating_duration_since(self.at));
-        let signal = if self.running_since.is_some() {
-            1.0
-        } else {
-            0.0
+        let (weight, busy) = match self.running {
+            Some((_, items)) => (self.cost.weight(items), 1.0),
+            None => (0.0, 0.0),
         };
         // The queue delay fades while no batch reports one: an idle worker has no queue.
-        (signal + (self.busy - signal) * k, self.queue_us * k)
+        (
+            weight + (self.share - weight) * k,
+            busy + (self.busy - busy) * k,
+            self.queue_us * k,
+        )
     }
 
     fn advance(&mut self, now: Instant) {
         if now > self.at {
-            (self.busy, self.queue_us) = self.at(now);
+            (self.share, self.busy, self.queue_us) = self.at(now);
             self.at = now;
         }
     }
 }
 
 impl BusyMeter {
-    /// A meter that has seen nothing yet (idle since `now`).
+    /// A meter that has seen nothing yet (idle since `now`), weighing every batch fully
+    /// ([`BatchCost::linear`]) until [`BusyMeter::set_cost`].
     pub fn new(now: Instant) -> Self {
         BusyMeter {
             shared: Arc::new(Mutex::new(State {
+                share: 0.0,
                 busy: 0.0,
                 queue_us: 0.0,
                 at: now,
-                running_since: None,
+                running: None,
+                cost: BatchCost::linear(1),
+                full_batch_s: None,
             })),
         }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        // The state is two numbers updated together; a panic elsewhere cannot leave it torn.
+        // The state is a few numbers updated together; a panic elsewhere cannot leave it torn.
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A batch starts running at `now`; `queue_us` is the mean time its items waited.
-    pub fn batch_started(&self, now: Instant, queue_us: u64) {
+    /// Sets how a batch's cost grows with its size (measured after warm-up); batches that
+    /// start from now on are weighed by it.
+    pub fn set_cost(&self, cost: BatchCost) {
+        self.state().cost = cost;
+    }
+
+    /// The cost shape in use.
+    pub fn cost(&self) -> BatchCost {
+        self.state().cost
+    }
+
+    /// A batch of `items` starts running at `now`; `queue_us` is the mean time its items
+    /// waited.
+    pub fn batch_started(&self, now: Instant, items: usize, queue_us: u64) {
         let mut s = self.state();
         s.advance(now);
-        s.running_since = Some(now);
+        s.running = Some((now, items));
         // Each batch pulls the queue delay a fifth of the way to its own: a few batches
         // move it, one outlier does not.
         s.queue_us += (queue_us as f64 - s.queue_us) * 0.2;
@@ -106,19 +157,45 @@ impl BusyMeter {
     pub fn batch_finished(&self, now: Instant) {
         let mut s = self.state();
         s.advance(now);
-        s.running_since = None;
-    }
-
-    /// The averages as of `now`.
-    pub fn load_at(&self, now: Instant) -> Load {
-        let (busy, queue_us) = self.state().at(now);
-        Load {
-            busy: busy.clamp(0.0, 1.0) as f32,
-            queue_us: queue_us.max(0.0).round() as u64,
+        if let Some((started, items)) = s.running.take() {
+            let full = now.saturating_duration_since(started).as_secs_f64() / s.cost.cost(items);
+            s.full_batch_s = Some(match s.full_batch_s {
+                Some(old) => old + (full - old) * FULL_BATCH_GAIN,
+                None => full,
+            });
         }
     }
 
-    /// The averages now: what `pong` reports.
+    /// Everything the meter knows as of `now`.
+    pub fn reading_at(&self, now: Instant) -> Reading {
+        let s = self.state();
+        let (share, busy, queue_us) = s.at(now);
+        Reading {
+            load_share: share.clamp(0.0, 1.0),
+            busy: busy.clamp(0.0, 1.0),
+            queue_us: queue_us.max(0.0),
+            capacity: s
+                .full_batch_s
+                .filter(|&t| t > 0.0)
+                .map(|t| s.cost.max_batch() as f64 / t),
+        }
+    }
+
+    /// Everything the meter knows now: what `/metrics` shows.
+    pub fn reading(&self) -> Reading {
+        self.reading_at(Instant::now())
+    }
+
+    /// The load report of `pong` as of `now`: `busy` is the load share.
+    pub fn load_at(&self, now: Instant) -> Load {
+        let r = self.reading_at(now);
+        Load {
+            busy: r.load_share as f32,
+            queue_us: r.queue_us.round() as u64,
+        }
+    }
+
+    /// The load report now: what `pong` reports.
     pub fn load(&self) -> Load {
         self.load_at(Instant::now())
     }
@@ -147,7 +224,7 @@ mod tests {
             let m = BusyMeter::new(t0);
             for i in 0..600 {
                 let start = t0 + secs(i as f64 * 0.1);
-                m.batch_started(start, 500);
+                m.batch_started(start, 1, 500);
                 m.batch_finished(start + secs(0.1 * duty));
             }
             let busy = f64::from(m.load_at(t0 + secs(60.0)).busy);
@@ -159,7 +236,7 @@ mod tests {
     fn a_running_batch_counts_before_it_ends() {
         let t0 = Instant::now();
         let m = BusyMeter::new(t0);
-        m.batch_started(t0, 0);
+        m.batch_started(t0, 1, 0);
         // One time constant of solid work: 1 - 1/e.
         let busy = f64::from(m.load_at(t0 + TIME_CONSTANT).busy);
         assert!((busy - (1.0 - (-1.0f64).exp())).abs() < 1e-3, "{busy}");
@@ -172,7 +249,7 @@ mod tests {
     fn the_share_fades_when_work_stops() {
         let t0 = Instant::now();
         let m = BusyMeter::new(t0);
-        m.batch_started(t0, 2_000);
+        m.batch_started(t0, 1, 2_000);
         m.batch_finished(t0 + secs(60.0));
         let busy = m.load_at(t0 + secs(60.0)).busy;
         let later = m.load_at(t0 + secs(60.0) + TIME_CONSTANT);
@@ -186,11 +263,124 @@ mod tests {
         let m = BusyMeter::new(t0);
         for i in 0..50 {
             let start = t0 + secs(i as f64 * 0.01);
-            m.batch_started(start, 3_000);
+            m.batch_started(start, 1, 3_000);
             m.batch_finished(start + secs(0.005));
         }
         let q = m.load_at(t0 + secs(0.5)).queue_us;
         assert!((2_800..=3_000).contains(&q), "{q}");
+    }
+
+    /// Seconds a batch of `n` items takes on a weight-bound model like the demo's: 6 ms to
+    /// stream the weights, 0.75 ms per item (a full batch of 32: 30 ms, 1,067 items/s).
+    fn weight_bound(n: usize) -> f64 {
+        0.006 + 0.000_75 * n as f64
+    }
+
+    const MAX_BATCH: usize = 32;
+
+    /// A batching worker on synthetic time: Poisson arrivals at `rate` items/s for `span`
+    /// seconds; a batch starts once the model is free and either `MAX_BATCH` items are
+    /// queued or the oldest has waited 5 ms (the batcher's rule); a batch of `n` runs
+    /// `run(n)` seconds. Returns the meter's reading at the end.
+    fn simulate(cost: BatchCost, run: impl Fn(usize) -> f64, rate: f64, span: f64) -> Reading {
+        let max_delay = 0.005;
+        // xorshift64*: a fixed seed, so that every run sees the same arrivals.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut uniform = move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut arrivals = Vec::new();
+        let mut t = 0.0;
+        while t < span {
+            t += -(1.0 - uniform()).ln() / rate;
+            arrivals.push(t);
+        }
+        let t0 = Instant::now();
+        let m = BusyMeter::new(t0);
+        m.set_cost(cost);
+        let (mut free_at, mut next) = (0.0f64, 0usize);
+        while next < arrivals.len() {
+            let full_at = arrivals.get(next + MAX_BATCH - 1).copied();
+            let due = (arrivals[next] + max_delay).min(full_at.unwrap_or(f64::INFINITY));
+            let start = free_at.max(due);
+            let n = arrivals[next..]
+                .iter()
+                .take(MAX_BATCH)
+                .take_while(|&&a| a <= start)
+                .count();
+            let end = start + run(n);
+            if end > span {
+                break;
+            }
+            m.batch_started(t0 + secs(start), n, 0);
+            m.batch_finished(t0 + secs(end));
+            (free_at, next) = (end, next + n);
+        }
+        m.reading_at(t0 + secs(span))
+    }
+
+    fn measured(run: impl Fn(usize) -> f64) -> BatchCost {
+        BatchCost::new(MAX_BATCH, run(1) / run(MAX_BATCH))
+    }
+
+    #[test]
+    fn the_load_share_is_linear_in_the_load() {
+        let capacity = MAX_BATCH as f64 / weight_bound(MAX_BATCH);
+        let cost = measured(weight_bound);
+        for share in [0.1, 0.25, 0.5, 0.75] {
+            let r = simulate(cost, weight_bound, share * capacity, 60.0);
+            assert!(
+                (r.load_share - share).abs() < 0.04,
+                "at {share} of capacity the load share read {r:?}"
+            );
+            let c = r.capacity.unwrap();
+            assert!((c - capacity).abs() < 1.0, "capacity {c}, not {capacity}");
+        }
+        // The plain busy share is what it replaces: far above the load at a quarter of it.
+        let r = simulate(cost, weight_bound, 0.25 * capacity, 60.0);
+        assert!(r.busy > 0.45, "{r:?}");
+        // Past saturation batches are full: both read 1.
+        let r = simulate(cost, weight_bound, 1.3 * capacity, 60.0);
+        assert!(r.load_share > 0.98 && r.busy > 0.98, "{r:?}");
+    }
+
+    #[test]
+    fn a_slower_machine_has_less_capacity() {
+        // Other processes slow every batch by half again: the same load is a larger share
+        // of what this worker can now do.
+        let capacity = MAX_BATCH as f64 / weight_bound(MAX_BATCH);
+        let cost = measured(weight_bound);
+        let slow = |n| weight_bound(n) * 1.5;
+        let r = simulate(cost, slow, 0.4 * capacity, 60.0);
+        assert!((r.load_share - 0.6).abs() < 0.04, "{r:?}");
+        let c = r.capacity.unwrap();
+        assert!((c - capacity / 1.5).abs() < 1.0, "{c}");
+    }
+
+    #[test]
+    fn items_that_cost_the_same_at_any_batch_size_read_the_busy_share() {
+        let per_item = |n: usize| 0.001 * n as f64;
+        for share in [0.25, 0.5, 0.75] {
+            let r = simulate(measured(per_item), per_item, share * 1_000.0, 60.0);
+            assert!((r.load_share - share).abs() < 0.04, "{share}: {r:?}");
+            assert!((r.load_share - r.busy).abs() < 1e-9, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_running_batch_is_weighed_by_its_fill() {
+        let t0 = Instant::now();
+        let m = BusyMeter::new(t0);
+        m.set_cost(BatchCost::new(32, 1.0));
+        m.batch_started(t0, 8, 0);
+        let r = m.reading_at(t0 + secs(60.0));
+        assert!((r.load_share - 0.25).abs() < 1e-3, "{r:?}");
+        assert!(r.busy > 0.999);
+        assert_eq!(m.load_at(t0 + secs(60.0)).busy, r.load_share as f32);
+        assert_eq!(r.capacity, None, "no batch has finished yet");
     }
 
     #[test]
@@ -198,7 +388,7 @@ mod tests {
         let t0 = Instant::now();
         let m = BusyMeter::new(t0);
         let reader = m.clone();
-        m.batch_started(t0, 0);
+        m.batch_started(t0, 1, 0);
         assert!(reader.load_at(t0 + secs(1.0)).busy > 0.1);
     }
 }

@@ -22,6 +22,9 @@
 //! - [`batcher`]: the batching actor: bounded queue, batches by size or delay, deadlines,
 //!   cancels, overload, and the model thread that drives an [`Engine`] (the session, or a
 //!   stand-in in tests).
+//! - [`busy`]: the model thread's load share (the autoscaler's signal, in `pong`), busy share
+//!   and queue delay; [`cost`]: how a batch's run time grows with its size, measured after
+//!   warm-up, which turns busy time into the load share.
 //! - [`server`]: protocol connections: frames in, batcher, answers out, with backpressure.
 //! - [`registration`]: registering with the balancer's admin API once ready (and again
 //!   every few seconds, for a balancer that restarted), and deregistering first on shutdown.
@@ -37,7 +40,8 @@
 //! ## Lifecycle
 //! [`Worker::start`] validates the configuration, binds the listeners, and loads the model in
 //! the background; until the model is loaded and warm-up has run the shapes traffic will use
-//! (one item and a full batch at a few lengths), requests and pings
+//! (one item and a full batch at a few lengths) and a few batches of one item and full
+//! batches have been timed for the [`BatchCost`], requests and pings
 //! are answered `unavailable`. Then it serves, and registers if asked. When its shutdown token
 //! fires (SIGTERM or SIGINT in the binary; with `--exit-with-parent`, also the end of file of
 //! the parent's pipe on stdin) it deregisters, stops accepting, lets the queue drain within
@@ -60,6 +64,7 @@
 pub mod batcher;
 pub mod busy;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod metrics;
 pub mod model;
@@ -88,8 +93,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply, Ticket};
-pub use busy::BusyMeter;
+pub use busy::{BusyMeter, Reading};
 pub use config::{Cli, Command, DeviceChoice, ModelFile, ServeConfig, SynthConfig};
+pub use cost::BatchCost;
 pub use error::Error;
 pub use metrics::Metrics;
 pub use model::{Device, Identity, LoadOptions, Model, WarmUp};
@@ -430,14 +436,16 @@ async fn serve_model(
             let started = std::time::Instant::now();
             let loaded = Model::load(&options).and_then(|mut model| {
                 let ran = model.warm_up(&warm_up)?;
-                info!(elapsed = ?started.elapsed(), batches = ?ran, "model loaded and warmed up (batch size, length)");
-                Ok(model)
+                let cost = model.batch_cost(&warm_up)?;
+                info!(elapsed = ?started.elapsed(), batches = ?ran, single_batch_cost = cost.single(),
+                    "model loaded and warmed up (batch size, length); a batch of one costs this share of a full one");
+                Ok((model, cost))
             });
             // Nobody waits when shutdown came first.
             let _ = loaded_tx.send(loaded);
         })
         .map_err(|_| Error::ModelThread("could not spawn the model loading thread"))?;
-    let model = tokio::select! {
+    let (model, cost) = tokio::select! {
         // The sender is dropped without a value only when loading panicked.
         loaded = load => loaded.map_err(|_| Error::ModelThread("model loading panicked"))??,
         _ = shutdown.cancelled() => {
@@ -446,6 +454,7 @@ async fn serve_model(
         }
     };
     metrics.set_device(model.device().as_str());
+    metrics.busy.set_cost(cost);
     let spec = Arc::clone(model.spec());
     let padding_note = spec.padding_note.clone();
     let metadata = Arc::new(

@@ -138,8 +138,8 @@ pub struct Metrics {
     items: [AtomicU64; OUTCOMES],
     device: OnceLock<&'static str>,
     frame_budget: OnceLock<FrameBudget>,
-    /// The model thread's busy share and the queue delay (the batcher's model thread
-    /// feeds it; `pong` reports it).
+    /// The model thread's load share (what `pong` reports), busy share and queue delay (the
+    /// batcher's model thread feeds it).
     pub busy: BusyMeter,
 }
 
@@ -282,18 +282,34 @@ impl Metrics {
              tidepool_worker_tls_handshake_failures_total {}",
             self.tls_handshake_failures.count()
         );
-        let load = self.busy.load();
+        let reading = self.busy.reading();
         let _ = writeln!(
             out,
-            "# HELP tidepool_worker_busy_ratio Fraction of wall time the model thread ran batches, averaged over the last seconds (5 s time constant).\n\
+            "# HELP tidepool_worker_busy_ratio Share of the worker's full-batch capacity the recent load used (the model thread's run time, each batch weighed by its fill against its cost), averaged over the last seconds (5 s time constant): pong's busy, the autoscaler's signal.\n\
              # TYPE tidepool_worker_busy_ratio gauge\n\
              tidepool_worker_busy_ratio {}\n\
+             # HELP tidepool_worker_model_busy_ratio Fraction of wall time the model thread ran batches of any size, averaged the same way.\n\
+             # TYPE tidepool_worker_model_busy_ratio gauge\n\
+             tidepool_worker_model_busy_ratio {}\n\
              # HELP tidepool_worker_queue_delay_seconds Time items waited before their batch ran, averaged the same way.\n\
              # TYPE tidepool_worker_queue_delay_seconds gauge\n\
-             tidepool_worker_queue_delay_seconds {}",
-            load.busy,
-            load.queue_us as f64 / 1e6
+             tidepool_worker_queue_delay_seconds {}\n\
+             # HELP tidepool_worker_single_batch_cost_ratio A batch of one item's run time over a full batch's, measured after warm-up.\n\
+             # TYPE tidepool_worker_single_batch_cost_ratio gauge\n\
+             tidepool_worker_single_batch_cost_ratio {}",
+            reading.load_share,
+            reading.busy,
+            reading.queue_us / 1e6,
+            self.busy.cost().single()
         );
+        if let Some(capacity) = reading.capacity {
+            let _ = writeln!(
+                out,
+                "# HELP tidepool_worker_capacity_items_per_second Items per second the model thread can run in full batches, from the recent batches' run times.\n\
+                 # TYPE tidepool_worker_capacity_items_per_second gauge\n\
+                 tidepool_worker_capacity_items_per_second {capacity}"
+            );
+        }
         if let Some(device) = self.device.get() {
             let _ = writeln!(
                 out,

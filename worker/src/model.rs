@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::batcher::Engine;
 use crate::config::DeviceChoice;
+use crate::cost::BatchCost;
 use crate::error::Error;
 use crate::pad;
 use crate::spec::{IoSpec, ModelSpec, PaddingOptions};
@@ -236,16 +237,7 @@ impl Model {
     /// and the memory arenas are sized for the largest batch; the worker reports ready only
     /// after it. Returns the batch sizes and lengths run.
     pub fn warm_up(&mut self, plan: &WarmUp) -> Result<Vec<(usize, usize)>, Error> {
-        let dynamic = self
-            .spec
-            .inputs
-            .iter()
-            .any(|io| io.item_dims(self.spec.batched).iter().any(Option::is_none));
-        let lengths = if dynamic && !plan.lengths.is_empty() {
-            plan.lengths.clone()
-        } else {
-            vec![1]
-        };
+        let lengths = self.lengths(plan);
         let max_batch = self.spec.batch_limit(plan.max_batch);
         let mut ran = Vec::new();
         for len in lengths {
@@ -263,6 +255,48 @@ impl Model {
             }
         }
         Ok(ran)
+    }
+
+    /// The lengths `plan` runs: its own for a model with dynamic dimensions, else just 1.
+    fn lengths(&self, plan: &WarmUp) -> Vec<usize> {
+        let dynamic = self
+            .spec
+            .inputs
+            .iter()
+            .any(|io| io.item_dims(self.spec.batched).iter().any(Option::is_none));
+        if dynamic && !plan.lengths.is_empty() {
+            plan.lengths.clone()
+        } else {
+            vec![1]
+        }
+    }
+
+    /// Times interleaved batches of one item and full batches ([`crate::cost::measure`]) at
+    /// the first length warm-up ran, for the load share's [`BatchCost`]. Run it after
+    /// [`Model::warm_up`], so that no timed batch pays for lazy initialisation.
+    pub fn batch_cost(&mut self, plan: &WarmUp) -> Result<BatchCost, Error> {
+        let len = self.lengths(plan)[0];
+        let item = self.spec.zero_item(len)?;
+        let tokens = self.spec.fit(&item).tokens.max(1);
+        let max_batch = self.spec.batch_limit(plan.max_batch);
+        let full = plan
+            .max_batch_tokens
+            .map_or(max_batch, |budget| (budget / tokens).clamp(1, max_batch));
+        let cost = crate::cost::measure(full, |size| {
+            let batch: Vec<&Tensors> = std::iter::repeat_n(&item, size).collect();
+            self.run(&batch).map(drop)
+        })?;
+        if full == max_batch || full <= 1 {
+            return Ok(BatchCost::new(
+                max_batch,
+                if full <= 1 { 0.0 } else { cost.single() },
+            ));
+        }
+        // The token budget cut the timed batch short of --max-batch: extend its straight line
+        // to a full batch, which shorter items can fill.
+        let s = cost.single();
+        let at_max = s + (1.0 - s) * (max_batch - 1) as f64 / (full - 1) as f64;
+        Ok(BatchCost::new(max_batch, s / at_max))
     }
 }
 
@@ -1051,6 +1085,28 @@ mod real_model_tests {
             })
             .unwrap();
         assert_eq!(ran, vec![(1, 1), (8, 1)]);
+    }
+
+    #[test]
+    fn batch_cost_times_batches_within_the_token_budget() {
+        // The shape's value depends on the machine; that it is timed, in range and weighs
+        // a full batch fully does not.
+        for (model, budget) in [
+            (TestModel::Encoder, Some(256)),
+            (TestModel::Classifier, None),
+        ] {
+            let mut model = load(model, PaddingOptions::default());
+            let plan = WarmUp {
+                max_batch: 8,
+                lengths: vec![64],
+                max_batch_tokens: budget,
+            };
+            model.warm_up(&plan).unwrap();
+            let cost = model.batch_cost(&plan).unwrap();
+            assert_eq!(cost.max_batch(), 8);
+            assert!((1.0 / 8.0..=1.0).contains(&cost.single()), "{cost:?}");
+            assert!((cost.weight(8) - 1.0).abs() < 1e-12);
+        }
     }
 
     #[tokio::test]

@@ -1,9 +1,9 @@
 //! Autoscaling: the worker pool follows the load, as Knative's autoscaler sizes a service,
 //! from a signal the balancer already has.
 //!
-//! Every second the [`controller`] reads the registry — each ready worker's busy share (the
-//! fraction of recent wall time its model thread ran batches, from the `pong` of its health
-//! check), requests outstanding at each worker and waiting in the balancer's queue — and
+//! Every second the [`controller`] reads the registry — each ready worker's busy share (its
+//! *load share*: the share of its full-batch capacity the recent load used, which the worker
+//! computes from its own batch timings and reports in the `pong` of its health check), requests outstanding at each worker and waiting in the balancer's queue — and
 //! turns it into a [`policy::Sample`]. The [`policy`] (a pure function of the recent
 //! samples, the clock and the measured [`startup`] time) says how many workers the pool
 //! needs: a stable window for normal decisions, a panic window for surges, and, with
@@ -16,8 +16,10 @@
 //! ## Why the busy share, at 70%
 //! A batching worker answers more load with fuller batches, so its requests in flight stay
 //! low until it saturates and then shoot up: a policy on them acts only once latency has
-//! gone. The busy share grows in step with the load, so `ceil(total busy / 0.7)` (Knative's
-//! default target utilization) asks for a worker while there is still 30% room, one
+//! gone. So does the plain fraction of time a model thread runs batches when a small batch
+//! costs about what a full one does (it reads near 1 at a tenth of capacity). The load share
+//! weighs each batch's run time by its fill against its cost, so it grows in step with the
+//! load, and `ceil(total busy / 0.7)` (Knative's default target utilization) asks for a worker while there is still 30% room, one
 //! start-up time before it is needed. Requests in flight remain a guard, at
 //! `--target-load` per worker (about the workers' `--max-batch`: one batch running while
 //! the next fills): past saturation, where busy shares stop at 1, and for workers that do

@@ -8,7 +8,9 @@
 //! ## The signal: demand, in workers
 //! Each sample's *demand* is how many workers its load needs:
 //! `busy / --target-utilization`, where `busy` is the sum of the ready workers' busy shares
-//! (the fraction of wall time each model thread ran batches, from their `pong`s). Requests
+//! (from their `pong`s: each worker's load share, its model thread's run time with each
+//! batch weighed by its fill against its cost, which is linear in the load up to
+//! saturation). Requests
 //! in flight are no good alone: a batching worker folds more load into fuller batches, so
 //! they stay low until it saturates and then shoot up, and a policy on them acts only after
 //! latency has gone. They stay as a guard: demand is at least
