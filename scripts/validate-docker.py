@@ -585,6 +585,24 @@ def validate(repo, texts, cfg, auto=None):
     return errors
 
 
+def broken_copies(label, base, cases, check):
+    """The names of `cases` (name -> a change to a copy of the compose config `base`) that
+    `check(copy, errors)` lets pass, or that no longer apply to `label`'s shape."""
+    missed = []
+    for what, change in cases.items():
+        broken = copy.deepcopy(base)
+        try:
+            change(broken)
+        except (KeyError, TypeError, AttributeError) as e:
+            missed.append(f"{what}: {label} no longer has that shape ({e!r}; update the self-test)")
+            continue
+        errors = []
+        check(broken, errors)
+        if not errors:
+            missed.append(what)
+    return missed
+
+
 def self_test(repo, texts, cfg, auto=None):
     """Broken copies that must fail; returns what passed anyway or no longer applies."""
     user = repo.contents["user"][0]
@@ -633,17 +651,7 @@ def self_test(repo, texts, cfg, auto=None):
             "the CPU image": lambda c: c["services"]["worker"].update(image="tidepool:local"),
             "a worker the balancer cannot find": lambda c: c["services"][extra].pop("networks"),
         }
-        for what, change in compose_cases.items():
-            broken = copy.deepcopy(cfg)
-            try:
-                change(broken)
-            except (KeyError, TypeError, AttributeError) as e:
-                missed.append(f"{what}: the override no longer has that shape ({e!r}; update the self-test)")
-                continue
-            errors = []
-            check_compose_gpu(broken, errors)
-            if not errors:
-                missed.append(what)
+        missed += broken_copies("the override", cfg, compose_cases, check_compose_gpu)
 
         # The services' command lists may be one shared (aliased) list: replace, never edit.
         def without(c, service, flag, key="command"):
@@ -670,17 +678,8 @@ def self_test(repo, texts, cfg, auto=None):
                 test=[w.replace("https://", "http://") for w in c["services"]["balancer"]["healthcheck"]["test"]]),
             "a balancer healthcheck without the CA": lambda c: without(c, "balancer", "--tls-ca", key="healthcheck"),
         }
-        for what, change in tls_cases.items():
-            broken = copy.deepcopy(cfg)
-            try:
-                change(broken)
-            except (KeyError, TypeError, AttributeError) as e:
-                missed.append(f"{what}: docker-compose.yml no longer has that shape ({e!r}; update the self-test)")
-                continue
-            errors = []
-            check_compose_tls("broken", broken, errors)
-            if not errors:
-                missed.append(what)
+        missed += broken_copies(COMPOSE_BASE, cfg, tls_cases,
+                                lambda c, errors: check_compose_tls("broken", c, errors))
 
         side_cases = {
             "one balancer": lambda c: c["services"].pop("balancer-b"),
@@ -692,17 +691,8 @@ def self_test(repo, texts, cfg, auto=None):
             "two balancers on one host port": lambda c: c["services"]["balancer-b"].update(
                 ports=c["services"]["balancer"]["ports"]),
         }
-        for what, change in side_cases.items():
-            broken = copy.deepcopy(cfg)
-            try:
-                change(broken)
-            except (KeyError, TypeError, AttributeError) as e:
-                missed.append(f"{what}: docker-compose.yml no longer has that shape ({e!r}; update the self-test)")
-                continue
-            errors = []
-            check_compose_balancers("broken", broken, errors)
-            if not errors:
-                missed.append(what)
+        missed += broken_copies(COMPOSE_BASE, cfg, side_cases,
+                                lambda c, errors: check_compose_balancers("broken", c, errors))
 
     if isinstance(auto, dict):
         def register_words(c, change):
@@ -715,17 +705,8 @@ def self_test(repo, texts, cfg, auto=None):
             "a worker registering without the CA": lambda c: register_words(
                 c, lambda x: None if x.startswith("--register-tls-ca") else x),
         }
-        for what, change in auto_cases.items():
-            broken = copy.deepcopy(auto)
-            try:
-                change(broken)
-            except (KeyError, TypeError, AttributeError) as e:
-                missed.append(f"{what}: {COMPOSE_AUTOSCALE} no longer has that shape ({e!r}; update the self-test)")
-                continue
-            errors = []
-            check_compose_tls("broken", broken, errors)
-            if not errors:
-                missed.append(what)
+        missed += broken_copies(COMPOSE_AUTOSCALE, auto, auto_cases,
+                                lambda c, errors: check_compose_tls("broken", c, errors))
     return missed
 
 

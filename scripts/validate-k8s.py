@@ -238,10 +238,7 @@ def check_schema(doc, schema, errors, origin):
 
 
 def check_scaled_object(doc, errors, origin):
-    validator = jsonschema.Draft202012Validator(SCALED_OBJECT)
-    for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.path)):
-        path = ".".join(str(p) for p in e.path)
-        errors.append(f"{origin}: {where(doc)}: {path}: {e.message}")
+    check_schema(doc, SCALED_OBJECT, errors, origin)
     behavior = (((doc.get("spec") or {}).get("advanced") or {})
                 .get("horizontalPodAutoscalerConfig") or {}).get("behavior")
     if isinstance(behavior, dict):
