@@ -90,10 +90,12 @@ docker-validate: venv ## Dockerfile, Dockerfile.gpu, deploy/compose/gpu.yml agai
 secrets: ## the admin token docker-compose mounts, deploy/secrets/admin.token (kept if it exists; FORCE=1 for a new one)
 	scripts/make-secrets.sh
 
-compose-up: secrets certs ## the token, TLS certificates, image tidepool:local (PROFILE, SIZE) and a balancer with WORKERS workers (3) under docker-compose
+compose-up: secrets certs ## the token, TLS certificates, image tidepool:local (PROFILE, SIZE) and two balancers with WORKERS workers (3) under docker-compose
 	scripts/docker-image.sh
 	$(COMPOSE) up -d --scale worker=$${WORKERS:-3}
-	@echo "balancer (TLS, --tls-ca deploy/certs/ca.pem): $$($(COMPOSE) port balancer 7000)  admin: http://$$($(COMPOSE) port balancer 7001)/targets (Authorization: Bearer \$$(cat deploy/secrets/admin.token))"
+	@for b in balancer balancer-b; do \
+	    echo "$$b (TLS, --tls-ca deploy/certs/ca.pem): $$($(COMPOSE) port $$b 7000)  admin: https://$$($(COMPOSE) port $$b 7001)/targets (curl --cacert deploy/certs/ca.pem -H \"Authorization: Bearer \$$(cat deploy/secrets/admin.token)\")"; \
+	done
 	@echo "load: $(COMPOSE) --profile load run --rm load   stop: make compose-down"
 
 compose-down: ## stop the docker-compose cluster (workers drain first) and remove it

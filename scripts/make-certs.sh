@@ -8,12 +8,21 @@
 #
 # DIR/ca.pem               the CA: clients trust it (--upstream-tls-ca, --tls-client-ca,
 #                          --register-tls-ca, Python's ssl.create_default_context(cafile=))
-# DIR/balancer.{pem,key}   the balancer's listener and admin API: names balancer, localhost,
-#                          127.0.0.1 and $TIDEPOOL_CERT_NAMES (comma-separated, DNS or IP)
+# DIR/balancer.{pem,key}   the balancer's listener and admin API (--tls-cert and
+#                          --admin-tls-cert): names what clients, probes and KEDA dial:
+#                          balancer and balancer-b (docker-compose.yml's two), localhost,
+#                          127.0.0.1, the Kubernetes Service tidepool-balancer in namespace
+#                          tidepool (short, .tidepool, .tidepool.svc, .svc.cluster.local),
+#                          and $TIDEPOOL_CERT_NAMES (comma-separated, DNS or IP)
 # DIR/worker.{pem,key}     every worker's listener: names `worker` (the balancer checks it
 #                          with --upstream-tls-server-name worker)
 # DIR/balancer-client.{pem,key}  the balancer's client certificate towards workers that
 #                          require one (--upstream-tls-cert/--upstream-tls-key)
+# DIR/scaler-client.{pem,key}  a client certificate for KEDA's metrics-api trigger, whose
+#                          `authMode: tls` will not start without one although the admin API
+#                          asks for none. Self-signed, NOT from the CA: a certificate of the
+#                          CA would pass the workers' --tls-client-ca, and KEDA's operator
+#                          needs no way into a worker.
 #
 # DIR is made private (0700: other users of this machine cannot enter it), and the leaf keys
 # in it are 0644 because docker-compose.yml bind-mounts each file as it is (compose ignores a
@@ -65,8 +74,17 @@ leaf() { # name cn sans usage
     chmod 0644 "$name.key"
 }
 
-leaf balancer balancer "$(san_list "balancer,localhost,127.0.0.1,${TIDEPOOL_CERT_NAMES:-}")" serverAuth
+K8S_SERVICE=tidepool-balancer.tidepool
+BALANCER_NAMES="balancer,balancer-b,localhost,127.0.0.1"
+BALANCER_NAMES+=",tidepool-balancer,$K8S_SERVICE,$K8S_SERVICE.svc,$K8S_SERVICE.svc.cluster.local"
+leaf balancer balancer "$(san_list "$BALANCER_NAMES,${TIDEPOOL_CERT_NAMES:-}")" serverAuth
 leaf worker worker "$(san_list "worker,localhost,127.0.0.1")" serverAuth
 leaf balancer-client balancer "" clientAuth
+# KEDA's placeholder identity: self-signed (see the top), a new one on every run like the rest.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout scaler-client.key -out scaler-client.pem -days "$DAYS" -subj "/CN=tidepool scaler" \
+    -addext "basicConstraints=critical,CA:FALSE" -addext "keyUsage=critical,digitalSignature" \
+    -addext "extendedKeyUsage=clientAuth" 2>/dev/null
+chmod 0644 scaler-client.key
 chmod 0600 ca.key
-echo "certificates in $DIR: ca.pem, balancer.pem/.key, worker.pem/.key, balancer-client.pem/.key"
+echo "certificates in $DIR: ca.pem, balancer.pem/.key, worker.pem/.key, balancer-client.pem/.key, scaler-client.pem/.key"

@@ -26,11 +26,18 @@ one NVIDIA GPU by ID, no two the same (a `count` would give every replica GPU 0)
 `--device cuda` on the GPU image, and answers to the balancer's `--target-dns` name.
 
 TLS and the token in compose: in that merged file and in deploy/compose/autoscale.yml, the
-balancer serves TLS to clients (--tls-cert/--tls-key), speaks mutual TLS to the workers
-(--upstream-tls-ca/-cert/-key) and reads its admin token from a file; every worker serves
-TLS and requires a client certificate (--tls-client-ca); a worker's `tidepool-probe ping`
-healthcheck presents one; the load service trusts the CA (--tls-ca); and every
-/run/secrets/NAME a command or healthcheck names is a secret mounted in that service.
+balancer serves TLS to clients (--tls-cert/--tls-key) and on its admin API
+(--admin-tls-cert/--admin-tls-key), speaks mutual TLS to the workers
+(--upstream-tls-ca/-cert/-key) and reads its admin token from a file; its `tidepool-probe
+http` healthcheck asks for https:// with --tls-ca; every worker serves TLS and requires a
+client certificate (--tls-client-ca); a worker's `tidepool-probe ping` healthcheck
+presents one; a worker that registers (--register) does so at https:// with
+--register-tls-ca; the load service trusts the CA (--tls-ca); and every /run/secrets/NAME
+a command or healthcheck names is a secret mounted in that service.
+
+Balancers side by side in docker-compose.yml: two services or more run tidepool-balancer
+over the same --target-dns name, on distinct host ports, and none runs --autoscale (there
+is no actuator in that file; where there is one, it is a single balancer).
 
 Last, a self-test: broken copies (a root user, a RUN in the runtime stage, a missing path,
 a misspelt package, another ORT version, two workers on one GPU, ...) must fail.
@@ -485,6 +492,8 @@ TLS_FLAGS = {
         "--upstream-tls-cert": "the workers require the balancer's client certificate",
         "--upstream-tls-key": "the workers require the balancer's client certificate",
         "--admin-token-file": "the admin API listens beyond loopback",
+        "--admin-tls-cert": "the admin API listens beyond loopback: the token must not cross in clear",
+        "--admin-tls-key": "the admin API listens beyond loopback: the token must not cross in clear",
     },
     "tidepool-worker": {
         "--tls-cert": "the balancer reaches workers over TLS",
@@ -516,11 +525,47 @@ def check_compose_tls(label, cfg, errors):
                 if not has_flag(test, flag):
                     bad(f"the healthcheck's tidepool-probe has no {flag}; the worker requires TLS "
                         "with a client certificate")
+        if program == "tidepool-balancer" and "tidepool-probe" in test:
+            urls = [w for w in test if "://" in w]
+            if not urls or not all(u.startswith("https://") for u in urls) or not has_flag(test, "--tls-ca"):
+                bad(f"the healthcheck {test[test.index('tidepool-probe'):]} probes the TLS admin API: "
+                    "want `tidepool-probe http https://... --tls-ca=...`")
+        register = next((w.split("=", 1)[1] for w in command if w.startswith("--register=")), None)
+        if program == "tidepool-worker" and register is not None:
+            if not register.startswith("https://"):
+                bad(f"registers at {register!r}: the admin API serves TLS, register at https://")
+            if not has_flag(command, "--register-tls-ca"):
+                bad("registers without --register-tls-ca: the balancer's certificate goes unchecked")
         mounted = {x["source"] if isinstance(x, dict) else str(x) for x in s.get("secrets") or []}
         for w in command + test:
             for path in re.findall(r"/run/secrets/([^\s=,]+)", w):
                 if path not in mounted:
                     bad(f"{w!r} names /run/secrets/{path}, which is not among its secrets {sorted(mounted)}")
+
+
+def check_compose_balancers(label, cfg, errors):
+    """docker-compose.yml runs balancers side by side: two or more, one DNS name, no actuator."""
+    services = cfg.get("services") or {}
+    balancers = {n: s for n, s in services.items() if (s.get("command") or [None])[0] == "tidepool-balancer"}
+    bad = lambda msg: errors.append(f"{label}: {msg}")  # noqa: E731
+    if len(balancers) < 2:
+        bad(f"{len(balancers)} balancer service(s) ({sorted(balancers)}): run two side by side, so "
+            "that one's loss leaves the other")
+    names = {next((w for w in s.get("command") or [] if w.startswith("--target-dns=")), None)
+             for s in balancers.values()}
+    if len(names) > 1 or None in names:
+        bad(f"the balancers resolve different workers {sorted(map(str, names))}: give all of them "
+            "the same --target-dns")
+    published = {}
+    for n, s in sorted(balancers.items()):
+        if any(has_flag([str(w)], "--autoscale") for w in s.get("command") or []):
+            bad(f"{n}: runs --autoscale: the pool here is set by `--scale`, and two balancers "
+                "would each act (one actuator at most, outside this file)")
+        for p in s.get("ports") or []:
+            key = (p.get("host_ip"), p.get("published")) if isinstance(p, dict) else str(p)
+            if key in published:
+                bad(f"{n} publishes {key} as {published[key]} does")
+            published.setdefault(key, n)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -534,12 +579,31 @@ def validate(repo, texts, cfg, auto=None):
     if isinstance(cfg, dict):
         check_compose_gpu(cfg, errors)
         check_compose_tls(f"{COMPOSE_BASE} + {COMPOSE_GPU}", cfg, errors)
+        check_compose_balancers(f"{COMPOSE_BASE} + {COMPOSE_GPU}", cfg, errors)
     if isinstance(auto, dict):
         check_compose_tls(COMPOSE_AUTOSCALE, auto, errors)
     return errors
 
 
-def self_test(repo, texts, cfg):
+def broken_copies(label, base, cases, check):
+    """The names of `cases` (name -> a change to a copy of the compose config `base`) that
+    `check(copy, errors)` lets pass, or that no longer apply to `label`'s shape."""
+    missed = []
+    for what, change in cases.items():
+        broken = copy.deepcopy(base)
+        try:
+            change(broken)
+        except (KeyError, TypeError, AttributeError) as e:
+            missed.append(f"{what}: {label} no longer has that shape ({e!r}; update the self-test)")
+            continue
+        errors = []
+        check(broken, errors)
+        if not errors:
+            missed.append(what)
+    return missed
+
+
+def self_test(repo, texts, cfg, auto=None):
     """Broken copies that must fail; returns what passed anyway or no longer applies."""
     user = repo.contents["user"][0]
     df_cases = {
@@ -587,17 +651,7 @@ def self_test(repo, texts, cfg):
             "the CPU image": lambda c: c["services"]["worker"].update(image="tidepool:local"),
             "a worker the balancer cannot find": lambda c: c["services"][extra].pop("networks"),
         }
-        for what, change in compose_cases.items():
-            broken = copy.deepcopy(cfg)
-            try:
-                change(broken)
-            except (KeyError, TypeError, AttributeError) as e:
-                missed.append(f"{what}: the override no longer has that shape ({e!r}; update the self-test)")
-                continue
-            errors = []
-            check_compose_gpu(broken, errors)
-            if not errors:
-                missed.append(what)
+        missed += broken_copies("the override", cfg, compose_cases, check_compose_gpu)
 
         # The services' command lists may be one shared (aliased) list: replace, never edit.
         def without(c, service, flag, key="command"):
@@ -618,18 +672,41 @@ def self_test(repo, texts, cfg):
             "a plaintext load service": lambda c: without(c, "load", "--tls-ca"),
             "a secret named but not mounted":
                 lambda c: c["services"]["balancer"].update(secrets=[{"source": "admin_token"}]),
+            "a plaintext admin API": lambda c: without(c, "balancer", "--admin-tls-cert"),
+            "a second balancer with a plaintext admin API": lambda c: without(c, "balancer-b", "--admin-tls-key"),
+            "a plaintext balancer healthcheck": lambda c: c["services"]["balancer"]["healthcheck"].update(
+                test=[w.replace("https://", "http://") for w in c["services"]["balancer"]["healthcheck"]["test"]]),
+            "a balancer healthcheck without the CA": lambda c: without(c, "balancer", "--tls-ca", key="healthcheck"),
         }
-        for what, change in tls_cases.items():
-            broken = copy.deepcopy(cfg)
-            try:
-                change(broken)
-            except (KeyError, TypeError, AttributeError) as e:
-                missed.append(f"{what}: docker-compose.yml no longer has that shape ({e!r}; update the self-test)")
-                continue
-            errors = []
-            check_compose_tls("broken", broken, errors)
-            if not errors:
-                missed.append(what)
+        missed += broken_copies(COMPOSE_BASE, cfg, tls_cases,
+                                lambda c, errors: check_compose_tls("broken", c, errors))
+
+        side_cases = {
+            "one balancer": lambda c: c["services"].pop("balancer-b"),
+            "two actuators": lambda c: c["services"]["balancer-b"].update(
+                command=c["services"]["balancer-b"]["command"] + ["--autoscale"]),
+            "balancers over different workers": lambda c: c["services"]["balancer-b"].update(
+                command=[w.replace("--target-dns=worker:", "--target-dns=workers:")
+                         for w in c["services"]["balancer-b"]["command"]]),
+            "two balancers on one host port": lambda c: c["services"]["balancer-b"].update(
+                ports=c["services"]["balancer"]["ports"]),
+        }
+        missed += broken_copies(COMPOSE_BASE, cfg, side_cases,
+                                lambda c, errors: check_compose_balancers("broken", c, errors))
+
+    if isinstance(auto, dict):
+        def register_words(c, change):
+            w = c["services"]["worker"]
+            w["command"] = [change(x) for x in w["command"] if change(x) is not None]
+
+        auto_cases = {
+            "a worker registering in plaintext": lambda c: register_words(
+                c, lambda x: x.replace("--register=https://", "--register=http://")),
+            "a worker registering without the CA": lambda c: register_words(
+                c, lambda x: None if x.startswith("--register-tls-ca") else x),
+        }
+        missed += broken_copies(COMPOSE_AUTOSCALE, auto, auto_cases,
+                                lambda c, errors: check_compose_tls("broken", c, errors))
     return missed
 
 
@@ -646,12 +723,12 @@ def main():
         errors.append(f"docker-compose -f {COMPOSE_BASE} -f {COMPOSE_GPU} config: {cfg}")
     if isinstance(auto, str):
         errors.append(f"docker-compose -f {COMPOSE_AUTOSCALE} config: {auto}")
-    errors += [f"self-test: a broken copy passed: {what}" for what in self_test(repo, texts, cfg)]
+    errors += [f"self-test: a broken copy passed: {what}" for what in self_test(repo, texts, cfg, auto)]
     print(f"{', '.join(DOCKERFILES)} against {CONTENTS}, the workspace's binaries and "
           f"ORT_VERSION {repo.ort_version}")
     print(f"docker-compose not found: {COMPOSE_GPU} not checked" if cfg is None else
           f"{COMPOSE_GPU} merged over {COMPOSE_BASE}, and {COMPOSE_AUTOSCALE}, by docker-compose "
-          "config (GPUs, TLS, the token)")
+          "config (GPUs, TLS on every listener and the admin API, the token, two balancers)")
     print("".join(f"ERROR {e}\n" for e in errors), end="")
     if not errors:
         print("docker-validate: all checked files valid")

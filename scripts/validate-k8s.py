@@ -8,8 +8,9 @@ against each other.
    strict schemas (unknown fields rejected, so a misspelt key fails), for K8S_VERSION.
 2. CRDs are not in those schemas. A ScaledObject (keda.sh/v1alpha1) is checked against
    SCALED_OBJECT below: the fields KEDA documents, unknown ones rejected, the metrics-api
-   trigger's metadata too; its HPA `behavior` is checked by the core HPA schema. Any other
-   kind without a schema fails: add a schema here before adding one.
+   trigger's metadata too; its HPA `behavior` is checked by the core HPA schema. A
+   TriggerAuthentication against TRIGGER_AUTHENTICATION (its secretTargetRef form). Any
+   other kind without a schema fails: add a schema here before adding one.
 3. Each top-level kustomization (the root one: KEDA; hpa/: the HPA; gpu/: KEDA, GPU
    workers) is resolved to its resources, with its JSON 6902 `patches` and `images`
    applied as kustomize does, and within each set: selectors match pod labels; the balancer's --target-dns names a
@@ -22,7 +23,18 @@ against each other.
    balancer whose --admin is not loopback reads --admin-token-file from a mounted Secret of
    the set that has that key; every NetworkPolicy selects existing pods and names ports
    they have; the workers' --listen port is reachable from the balancer's pods only, and
-   the admin port only from selected namespaces, never from everywhere.
+   the admin port only from selected namespaces, never from everywhere. The admin API
+   serves TLS (--admin-tls-cert/--admin-tls-key from a mounted Secret that has those keys),
+   and everything that talks to it follows: the kubelet's httpGet probes on the admin port
+   use `scheme: HTTPS`, the Prometheus annotations say `prometheus.io/scheme: https`, and
+   KEDA's metrics-api trigger reads an https:// URL with a TriggerAuthentication giving it
+   the CA (a `ca` from a Secret key of the set), never `unsafeSsl`.
+   Balancers side by side: at least two balancer replicas, a RollingUpdate that keeps one
+   serving (maxUnavailable at most 1, never all), a PodDisruptionBudget of minAvailable 1
+   over the balancer pods, preferred pod anti-affinity by kubernetes.io/hostname, and no
+   --autoscale on the balancer (KEDA/the HPA is the one actuator); the scaler never sums a
+   per-balancer count of workers (`desired` aggregated with `sum` over the endpoints), and
+   never aggregates over pod endpoints over https (the certificate cannot name pod IPs).
 4. A self-test: a few broken copies (a misspelt field in each kind of check) must fail,
    so a check that silently stopped checking is caught too.
 
@@ -180,6 +192,34 @@ SCALED_OBJECT = {
 }
 
 
+# keda.sh/v1alpha1 TriggerAuthentication, as https://keda.sh/docs/latest/concepts/authentication/
+# documents it: only the Secret-backed form is used here, the other sources rejected so
+# that a misspelt key fails.
+_SECRET_REF = {
+    "type": "object",
+    "required": ["parameter", "name", "key"],
+    "additionalProperties": False,
+    "properties": {"parameter": {"type": "string", "minLength": 1}, "name": _NAME,
+                   "key": {"type": "string", "minLength": 1}},
+}
+TRIGGER_AUTHENTICATION = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "TriggerAuthentication"},
+        "metadata": SCALED_OBJECT["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "required": ["secretTargetRef"],
+            "additionalProperties": False,
+            "properties": {"secretTargetRef": {"type": "array", "minItems": 1, "items": _SECRET_REF}},
+        },
+    },
+}
+
+
 def load_docs(path):
     with open(path) as f:
         return [d for d in yaml.safe_load_all(f) if d]
@@ -190,11 +230,15 @@ def where(doc):
     return f"{doc.get('kind')}/{meta.get('name')}"
 
 
-def check_scaled_object(doc, errors, origin):
-    validator = jsonschema.Draft202012Validator(SCALED_OBJECT)
+def check_schema(doc, schema, errors, origin):
+    validator = jsonschema.Draft202012Validator(schema)
     for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.path)):
         path = ".".join(str(p) for p in e.path)
         errors.append(f"{origin}: {where(doc)}: {path}: {e.message}")
+
+
+def check_scaled_object(doc, errors, origin):
+    check_schema(doc, SCALED_OBJECT, errors, origin)
     behavior = (((doc.get("spec") or {}).get("advanced") or {})
                 .get("horizontalPodAutoscalerConfig") or {}).get("behavior")
     if isinstance(behavior, dict):
@@ -229,6 +273,8 @@ def check_doc(doc, errors, origin):
         return
     if doc["kind"] == "ScaledObject":
         check_scaled_object(doc, errors, origin)
+    elif doc["kind"] == "TriggerAuthentication":
+        check_schema(doc, TRIGGER_AUTHENTICATION, errors, origin)
     else:
         check_core(doc, errors, origin)
 
@@ -401,6 +447,8 @@ def check_set(name, docs, errors):
 
     check_gpu(worker, bc, bad)
     check_admin_token(balancer, bc, docs, bad)
+    check_admin_tls(balancer, bc, docs, bad)
+    check_side_by_side(balancer, bc, docs, bad)
     check_network_policies(deployments, balancer, worker, bc, wc, find("NetworkPolicy"), bad)
 
     # The scaler: the worker Deployment, the balancer's bounds and target.
@@ -431,10 +479,11 @@ def check_set(name, docs, errors):
                         f"--target-load {target_load:g}")
                 if meta.get("valueLocation") in IN_WORKERS and float(meta.get("targetValue", "nan")) != 1:
                     bad(f"{where(s)}: {meta.get('valueLocation')} counts workers: targetValue must be 1")
-                u = re.fullmatch(r"http://([a-z0-9-]+)(?:\.([a-z0-9-]+)(?:\.svc\.cluster\.local)?)?:(\d+)/scaling",
+                check_keda_tls(s, t, docs, bad)
+                u = re.fullmatch(r"https?://([a-z0-9-]+)(?:\.([a-z0-9-]+)(?:\.svc\.cluster\.local)?)?:(\d+)/scaling",
                                  meta.get("url", ""))
                 if not u:
-                    bad(f"{where(s)}: url {meta.get('url')!r} is not http://SERVICE.NAMESPACE"
+                    bad(f"{where(s)}: url {meta.get('url')!r} is not https://SERVICE.NAMESPACE"
                         ".svc.cluster.local:PORT/scaling")
                     continue
                 svc = services.get(u[1])
@@ -490,6 +539,136 @@ def check_admin_token(balancer, bc, docs, bad):
         bad(f"balancer mounts Secret {secret.get('secretName')!r}, which is not in the set")
     elif key not in {**(found[0].get("stringData") or {}), **(found[0].get("data") or {})}:
         bad(f"Secret/{secret.get('secretName')} has no key {key!r} (--admin-token-file={path})")
+
+
+def secret_file(pod, container, path, docs):
+    """Where a file `path` of `container` comes from: (None, why not) when it is on no Secret
+    volume of the set with that key, else (secret name, None)."""
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    mount = next((m for m in container.get("volumeMounts") or []
+                  if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+    if mount is None:
+        return None, f"{path} is on no volume mount"
+    secret = (volumes.get(mount["name"]) or {}).get("secret")
+    if not secret:
+        return None, f"{path}: volume {mount['name']} is not a Secret"
+    rel = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    items = secret.get("items")
+    key = next((i["key"] for i in items if i["path"] == rel), None) if items else rel
+    if key is None:
+        return None, f"{path}: Secret {secret.get('secretName')!r}'s items give no file {rel!r}"
+    found = [d for d in docs if d.get("kind") == "Secret"
+             and d["metadata"]["name"] == secret.get("secretName")]
+    if not found:
+        return None, f"{path}: Secret {secret.get('secretName')!r} is not in the set"
+    if key not in {**(found[0].get("stringData") or {}), **(found[0].get("data") or {})}:
+        return None, f"{path}: Secret {secret.get('secretName')!r} has no key {key!r}"
+    return secret.get("secretName"), None
+
+
+def check_admin_tls(balancer, bc, docs, bad):
+    """The admin API serves TLS, and its callers (kubelet probes, Prometheus) speak it."""
+    pod = balancer["spec"]["template"]["spec"]
+    admin = port_of(flag(bc, "admin") or "127.0.0.1:7001")
+    for name in ("admin-tls-cert", "admin-tls-key"):
+        path = flag(bc, name)
+        if not path:
+            bad(f"balancer runs the admin API without --{name}: the token and /targets would "
+                "cross the network in clear (serve it over TLS)")
+            continue
+        _, why = secret_file(pod, bc, path, docs)
+        if why:
+            bad(f"balancer --{name}: {why}")
+    admin_names = {admin} | {p.get("name") for p in bc.get("ports") or [] if p["containerPort"] == admin}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = (bc.get(probe) or {}).get("httpGet")
+        if get and get.get("port") in admin_names and get.get("scheme", "HTTP") != "HTTPS":
+            bad(f"balancer {probe} probes the TLS admin port with scheme "
+                f"{get.get('scheme', 'HTTP')}: want `scheme: HTTPS`")
+    notes = balancer["spec"]["template"]["metadata"].get("annotations") or {}
+    if notes.get("prometheus.io/scrape") == "true" and \
+            str(notes.get("prometheus.io/port")) in {str(admin)} | {str(n) for n in admin_names}:
+        if notes.get("prometheus.io/scheme") != "https":
+            bad("balancer pods are scraped on the TLS admin port: want the annotation "
+                "prometheus.io/scheme: https")
+
+
+def check_keda_tls(scaled, trigger, docs, bad):
+    """A metrics-api trigger reads https:// with the CA from a TriggerAuthentication."""
+    meta = trigger.get("metadata") or {}
+    url = meta.get("url", "")
+    if not url.startswith("https://"):
+        bad(f"{where(scaled)}: url {url!r}: the admin API serves only TLS, read https://")
+    if meta.get("unsafeSsl") == "true":
+        bad(f"{where(scaled)}: unsafeSsl skips the balancer's certificate check: give the CA instead")
+    if meta.get("aggregateFromKubeServiceEndpoints") == "true":
+        if meta.get("valueLocation") in IN_WORKERS and meta.get("aggregationType", "average") == "sum":
+            bad(f"{where(scaled)}: `sum` over balancers of {meta.get('valueLocation')!r}, which each "
+                "balancer already gives for the whole pool: it would count the pool once per "
+                "balancer (use max, or read one)")
+        if url.startswith("https://"):
+            bad(f"{where(scaled)}: aggregateFromKubeServiceEndpoints dials pod IPs, which the "
+                "balancer's certificate cannot name: read the Service")
+    ref = (trigger.get("authenticationRef") or {}).get("name")
+    if meta.get("authMode") != "tls" or not ref:
+        bad(f"{where(scaled)}: an https trigger needs `authMode: tls` and an authenticationRef "
+            "whose TriggerAuthentication gives the CA (`ca`)")
+        return
+    auths = [d for d in docs if d.get("kind") == "TriggerAuthentication"
+             and d["metadata"]["name"] == ref]
+    if not auths:
+        bad(f"{where(scaled)}: authenticationRef {ref!r} is no TriggerAuthentication of the set")
+        return
+    refs = {r.get("parameter"): r for r in (auths[0].get("spec") or {}).get("secretTargetRef") or []}
+    for param in ("ca", "cert", "key"):  # KEDA's tls mode refuses to start without all three
+        r = refs.get(param)
+        if r is None:
+            bad(f"{where(auths[0])}: no `{param}` parameter (KEDA's authMode tls needs ca, cert and key)")
+            continue
+        found = [d for d in docs if d.get("kind") == "Secret" and d["metadata"]["name"] == r.get("name")]
+        if not found or r.get("key") not in {**(found[0].get("stringData") or {}),
+                                              **(found[0].get("data") or {})}:
+            bad(f"{where(auths[0])}: `{param}` names Secret {r.get('name')!r} key {r.get('key')!r}, "
+                "which the set does not have")
+
+
+def check_side_by_side(balancer, bc, docs, bad):
+    """Two balancers or more, rolled one at a time, kept through drains, spread over nodes."""
+    spec = balancer["spec"]
+    pod_labels = spec["template"]["metadata"].get("labels") or {}
+    if spec.get("replicas", 1) < 2:
+        bad(f"balancer replicas {spec.get('replicas', 1)}: run two or more side by side (one is "
+            "a single point of failure)")
+    strategy = spec.get("strategy") or {}
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+        bad(f"balancer strategy {strategy.get('type')}: want RollingUpdate (Recreate stops every "
+            "balancer at once)")
+    else:
+        rolling = strategy.get("rollingUpdate") or {}
+        unavailable = str(rolling.get("maxUnavailable", "25%"))
+        surge = str(rolling.get("maxSurge", "25%"))
+        if unavailable not in ("0", "1"):
+            bad(f"balancer rollingUpdate.maxUnavailable {unavailable}: want 0 or 1")
+        if unavailable == "0" and surge in ("0", "0%"):
+            bad("balancer rollingUpdate: maxUnavailable 0 needs a maxSurge above 0")
+    pdbs = [d for d in docs if d.get("kind") == "PodDisruptionBudget"
+            and selects(d["spec"].get("selector") or {}, pod_labels)]
+    if not pdbs:
+        bad("no PodDisruptionBudget selects the balancer pods: a node drain may evict both")
+    for pdb in pdbs:
+        if str(pdb["spec"].get("minAvailable")) != "1" and str(pdb["spec"].get("maxUnavailable")) != "1":
+            bad(f"{where(pdb)}: want minAvailable 1 (or maxUnavailable 1) over the balancers")
+    anti = ((spec["template"]["spec"].get("affinity") or {}).get("podAntiAffinity") or {})
+    terms = [t.get("podAffinityTerm") or {} for t in
+             anti.get("preferredDuringSchedulingIgnoredDuringExecution") or []]
+    if not any(t.get("topologyKey") == "kubernetes.io/hostname"
+               and selects(t.get("labelSelector") or {}, pod_labels) for t in terms):
+        bad("balancer pods have no preferred pod anti-affinity by kubernetes.io/hostname over "
+            "their own labels: both may land on one node")
+    if any(w == "--autoscale" or w.startswith("--autoscale=") for w in
+           (bc.get("command") or []) + (bc.get("args") or [])):
+        bad("balancer runs --autoscale: with several replicas each would act; KEDA or the HPA "
+            "is the one actuator here")
 
 
 def selects(selector, labels):
@@ -680,6 +859,7 @@ def self_test(sets):
 
     wc = lambda d: d["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
     gpu = lambda d: "nvidia.com/gpu" in (wc(d).get("resources") or {}).get("limits", {})  # noqa: E731
+    balancer = lambda d: d["metadata"]["name"] == "tidepool-balancer"  # noqa: E731
     cases = {
         "Deployment field misspelt (image -> imagee)":
             ("Deployment", lambda d: rename(wc(d), "image", "imagee")),
@@ -735,6 +915,49 @@ def self_test(sets):
         "admin port open to everyone":
             ("NetworkPolicy", lambda d: d["spec"]["ingress"][1].pop("from"),
              lambda d: d["metadata"]["name"] == "tidepool-balancer"),
+        "admin API without TLS":
+            ("Deployment", lambda d: wc(d).update(command=[
+                w for w in wc(d)["command"] if not w.startswith("--admin-tls-")]), balancer),
+        "admin TLS key on no Secret":
+            ("Deployment", lambda d: wc(d).update(command=[
+                "--admin-tls-key=/tmp/balancer.key" if w.startswith("--admin-tls-key") else w
+                for w in wc(d)["command"]]), balancer),
+        "readiness probe in plain HTTP on the TLS admin port":
+            ("Deployment", lambda d: wc(d)["readinessProbe"]["httpGet"].pop("scheme"), balancer),
+        "liveness probe in plain HTTP on the TLS admin port":
+            ("Deployment", lambda d: wc(d)["livenessProbe"]["httpGet"].update(scheme="HTTP"), balancer),
+        "Prometheus scraping the TLS admin port in plain HTTP":
+            ("Deployment", lambda d: d["spec"]["template"]["metadata"]["annotations"].pop(
+                "prometheus.io/scheme"), balancer),
+        "KEDA reading the admin API in plain HTTP":
+            ("ScaledObject", lambda d: d["spec"]["triggers"][0]["metadata"].update(
+                url=d["spec"]["triggers"][0]["metadata"]["url"].replace("https://", "http://"))),
+        "KEDA skipping the certificate check":
+            ("ScaledObject", lambda d: d["spec"]["triggers"][0]["metadata"].update(unsafeSsl="true")),
+        "KEDA without the CA's TriggerAuthentication":
+            ("ScaledObject", lambda d: d["spec"]["triggers"][0].pop("authenticationRef")),
+        "TriggerAuthentication without the CA":
+            ("TriggerAuthentication", lambda d: d["spec"].update(secretTargetRef=[
+                r for r in d["spec"]["secretTargetRef"] if r["parameter"] != "ca"])),
+        "TriggerAuthentication key misspelt (secretTargetRef -> secretTargetRefs)":
+            ("TriggerAuthentication", lambda d: rename(d["spec"], "secretTargetRef", "secretTargetRefs")),
+        "KEDA summing `desired` over the balancers":
+            ("ScaledObject", lambda d: d["spec"]["triggers"][0]["metadata"].update(
+                aggregateFromKubeServiceEndpoints="true", aggregationType="sum")),
+        "one balancer replica":
+            ("Deployment", lambda d: d["spec"].update(replicas=1), balancer),
+        "balancers recreated all at once":
+            ("Deployment", lambda d: d["spec"].update(strategy={"type": "Recreate"}), balancer),
+        "balancers rolled two at a time":
+            ("Deployment", lambda d: d["spec"]["strategy"]["rollingUpdate"].update(maxUnavailable=2),
+             balancer),
+        "no disruption budget for the balancers":
+            ("PodDisruptionBudget", lambda d: d["spec"]["selector"]["matchLabels"].update(
+                {"app.kubernetes.io/name": "tidepool-balancers"})),
+        "balancers without anti-affinity":
+            ("Deployment", lambda d: d["spec"]["template"]["spec"].pop("affinity"), balancer),
+        "a balancer replica acting as the actuator":
+            ("Deployment", lambda d: wc(d).update(command=wc(d)["command"] + ["--autoscale"]), balancer),
         "an unknown kind":
             ("Namespace", lambda d: d.update(apiVersion="example.com/v1", kind="Thing")),
     }

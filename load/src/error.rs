@@ -118,6 +118,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A probe's `https://` request failed its TLS handshake: the server is not TLS, or its
+    /// certificate is not signed by --tls-ca or does not name the host (--tls-server-name).
+    #[error("GET {url}: {source}")]
+    HttpTls {
+        /// The URL probed.
+        url: String,
+        /// The handshake's failure.
+        #[source]
+        source: Box<tidepool_protocol::Error>,
+    },
     /// A probe's HTTP response was not 2xx (`None`: not an HTTP response at all).
     #[error("GET {url}: {}", status.map(|s| format!("status {s}")).unwrap_or_else(|| "not an HTTP response".to_owned()))]
     HttpStatus {

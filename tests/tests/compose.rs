@@ -1,18 +1,22 @@
 //! docker-compose.yml for real, on this machine's docker engine: the image is built from
-//! the debug binaries (scripts/docker-image.sh, no registry), a balancer and three workers
-//! start, load goes through the balancer, one worker container is killed mid-load, and
-//! every request must get exactly one answer while the balancer marks the dead worker
-//! `unhealthy`. Everything is torn down (`down -v`) by a drop guard, failed or not.
+//! the debug binaries (scripts/docker-image.sh, no registry), two balancers (`balancer`
+//! and `balancer-b`) and three workers start, load goes through both balancers, one worker
+//! container is killed mid-load, and every request must get exactly one answer while both
+//! balancers mark the dead worker `unhealthy`. Everything is torn down (`down -v`) by a
+//! drop guard, failed or not.
 //!
 //! It runs as `make compose-up` does, with the admin token and TLS on: certificates from
 //! scripts/make-certs.sh, every client connection over TLS trusting that CA, a plaintext
-//! client refused on the TLS port, and a worker refusing a client without the balancer's
-//! certificate (mutual TLS), checked from inside its container.
+//! client refused on the TLS port, a plaintext HTTP request refused on the admin port (it
+//! serves TLS too, and every admin call here is https), and a worker refusing a client
+//! without the balancer's certificate (mutual TLS), checked from inside its container.
+//! Both balancers see the whole pool: every worker healthy in each one's `/targets`, and
+//! each one's `/scaling` counting all of them ready.
 //!
-//! The load is the protocol [`Client`] on a few connections (each call ends exactly once:
-//! a result, a typed error, or nothing in time, which fails the test), plus a raw-frame
-//! [`drive`] on one more connection that counts the answers per id on the wire, so a
-//! second answer to one request would be caught too.
+//! The load is the protocol [`Client`] on a few connections spread over both balancers
+//! (each call ends exactly once: a result, a typed error, or nothing in time, which fails
+//! the test), plus a raw-frame [`drive`] on one more connection that counts the answers
+//! per id on the wire, so a second answer to one request would be caught too.
 //!
 //! Without a docker engine the test says so on stderr and passes. It runs in its own
 //! compose project (unique name) with ephemeral host ports, and in its own image tag
@@ -27,6 +31,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,7 +42,7 @@ use tidepool_tests::compose::{
     Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive};
-use tidepool_tests::tls::connector;
+use tidepool_tests::tls::{connector, https_with};
 use tidepool_tests::worker::scratch_dir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -54,7 +59,7 @@ const RAW_RATE: u32 = 50;
 const LOAD_FOR: Duration = Duration::from_secs(12);
 /// When, after the load started, one worker is killed.
 const KILL_AFTER: Duration = Duration::from_secs(4);
-/// Client connections to the balancer; requests take turns.
+/// Client connections, alternately to each balancer; requests take turns.
 const CONNECTIONS: usize = 4;
 /// A request not answered within this counts as unanswered (the test then fails).
 const ANSWER_WITHIN: Duration = Duration::from_secs(20);
@@ -85,6 +90,8 @@ async fn compose_cluster_survives_a_killed_worker() {
         &[
             ("TIDEPOOL_HOST_PORT", "127.0.0.1:"),
             ("TIDEPOOL_HOST_ADMIN", "127.0.0.1:"),
+            ("TIDEPOOL_HOST_PORT_B", "127.0.0.1:"),
+            ("TIDEPOOL_HOST_ADMIN_B", "127.0.0.1:"),
             ("TIDEPOOL_DNS_INTERVAL", "1h"),
             ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
             ("TIDEPOOL_CERTS", &certs.display().to_string()),
@@ -94,18 +101,44 @@ async fn compose_cluster_survives_a_killed_worker() {
     let cluster = Down(compose.clone());
     compose.run(&["up", "-d", "--scale", &format!("worker={WORKERS}")]);
     let front = compose.port("balancer", 7000);
-    let admin = compose.port("balancer", 7001);
+    let front_b = compose.port("balancer-b", 7000);
+    let admins = [
+        Admin::new(compose.port("balancer", 7001), &certs, &token),
+        Admin::new(compose.port("balancer-b", 7001), &certs, &token),
+    ];
 
-    // The admin API listens beyond loopback in its container: /targets needs the token.
-    let unauthorized = tidepool_tests::balancer::http(admin, "GET", "/targets", None).await;
-    assert_eq!(
-        unauthorized.0, 401,
-        "GET /targets without the token: {unauthorized:?}"
-    );
-    let targets = wait_targets(admin, &token, READY_WITHIN, "every worker healthy", |t| {
-        t.len() == WORKERS && t.values().all(|s| s == "healthy")
-    })
-    .await;
+    // The admin API listens beyond loopback in its container, over TLS: plaintext HTTP
+    // gets no HTTP answer, and /targets needs the token.
+    for admin in &admins {
+        wait_answering(admin).await;
+        let plain = plaintext_http(admin.addr).await;
+        assert!(
+            !plain.starts_with("HTTP/"),
+            "the admin port answered plaintext HTTP: {plain:?}"
+        );
+        let (status, _, body) = admin.get("/targets", false).await;
+        assert_eq!(status, 401, "GET /targets without the token: {body}");
+    }
+    let mut targets = BTreeMap::new();
+    for admin in &admins {
+        targets = wait_targets(admin, READY_WITHIN, "every worker healthy", |t| {
+            t.len() == WORKERS && t.values().all(|s| s == "healthy")
+        })
+        .await;
+    }
+    // Each balancer sees the whole pool (the busy shares that size it come from the
+    // workers' own pongs), so either one's `desired` is the pool's.
+    for admin in &admins {
+        let (status, _, body) = admin.get("/scaling", false).await;
+        assert_eq!(status, 200, "GET /scaling: {body}");
+        let scaling: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            scaling["ready"].as_u64(),
+            Some(WORKERS as u64),
+            "{}: {body}",
+            admin.addr
+        );
+    }
     let up = started.elapsed();
 
     // TLS on the client port: a plaintext client gets no answer but an error that says so.
@@ -129,7 +162,7 @@ async fn compose_cluster_survives_a_killed_worker() {
     );
 
     // Load on its own tasks; the test kills a worker and watches /targets meanwhile.
-    let load = tokio::spawn(send_load(front, tls.clone()));
+    let load = tokio::spawn(send_load([front, front_b], tls.clone()));
     let raw = tokio::spawn(drive(Drive {
         addr: front,
         rate: RAW_RATE,
@@ -151,14 +184,13 @@ async fn compose_cluster_survives_a_killed_worker() {
         targets.contains_key(&victim),
         "killed worker {victim} is not among the targets {targets:?}"
     );
-    let states = wait_targets(
-        admin,
-        &token,
-        UNHEALTHY_WITHIN,
-        "killed worker unhealthy",
-        |t| t.get(&victim).map(String::as_str) == Some("unhealthy"),
-    )
-    .await;
+    let mut states = BTreeMap::new();
+    for admin in &admins {
+        states = wait_targets(admin, UNHEALTHY_WITHIN, "killed worker unhealthy", |t| {
+            t.get(&victim).map(String::as_str) == Some("unhealthy")
+        })
+        .await;
+    }
     let tally = load.await.unwrap();
     let raw = raw.await.unwrap();
 
@@ -248,12 +280,13 @@ fn probe_without_client_cert(compose: &Compose) -> Output {
 }
 
 /// Sends `RATE` requests a second for `LOAD_FOR` over `CONNECTIONS` TLS client connections
-/// (with `tls`), each on its own task; returns how many ended each way: `ok`, a protocol
-/// error code, `connection_lost`, `unanswered` (nothing within `ANSWER_WITHIN`) or `other`.
-async fn send_load(front: SocketAddr, tls: TlsConnector) -> BTreeMap<String, u64> {
-    let front = front.to_string();
+/// (with `tls`), alternately to each of `fronts`, each request on its own task; returns how
+/// many ended each way: `ok`, a protocol error code, `connection_lost`, `unanswered`
+/// (nothing within `ANSWER_WITHIN`) or `other`.
+async fn send_load(fronts: [SocketAddr; 2], tls: TlsConnector) -> BTreeMap<String, u64> {
     let mut clients = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for n in 0..CONNECTIONS {
+        let front = fronts[n % fronts.len()].to_string();
         let client = Client::connect_tls(&front, &tls, ClientOptions::default());
         clients.push(client.await.unwrap());
     }
@@ -312,11 +345,74 @@ impl ReplyCode for tidepool_protocol::Error {
     }
 }
 
-/// Polls `GET /targets` (with the admin `token`) until `done` holds for the map address →
-/// state; returns that map.
+/// One balancer's admin API as the host sees it: its published address, the CA its
+/// certificate chains to, and the token.
+struct Admin {
+    addr: SocketAddr,
+    ca: PathBuf,
+    token: String,
+}
+
+impl Admin {
+    fn new(addr: SocketAddr, certs: &Path, token: &str) -> Admin {
+        Admin {
+            addr,
+            ca: certs.join("ca.pem"),
+            token: token.to_owned(),
+        }
+    }
+
+    /// `GET path` over TLS, with the token when `authorized`: the status, head and body.
+    async fn get(&self, path: &str, authorized: bool) -> (u16, String, String) {
+        let bearer = format!("Authorization: Bearer {}", self.token);
+        let headers: &[&str] = if authorized { &[&bearer] } else { &[] };
+        https_with(self.addr, &self.ca, "GET", path, headers, None).await
+    }
+}
+
+/// Waits until the admin API completes a TLS handshake (docker's port proxy accepts
+/// before the balancer does), so that the https helpers, which expect an answer, can run.
+async fn wait_answering(admin: &Admin) {
+    let tls = connector(&admin.ca, None);
+    let host = admin.addr.ip().to_string();
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        if let Ok(tcp) = TcpStream::connect(admin.addr).await {
+            let handshake = tls.connect(tcp, &host);
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), handshake).await {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the admin API at {} did not answer a TLS handshake within {READY_WITHIN:?}",
+            admin.addr
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A plaintext `GET /healthz` to `admin`: whatever came back before the connection ended
+/// (empty when it was closed at once), as text.
+async fn plaintext_http(admin: SocketAddr) -> String {
+    let attempt = async {
+        let mut stream = TcpStream::connect(admin).await.ok()?;
+        let request = format!("GET /healthz HTTP/1.0\r\nHost: {admin}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        Some(String::from_utf8_lossy(&response).into_owned())
+    };
+    tokio::time::timeout(ANSWER_WITHIN, attempt)
+        .await
+        .expect("a plaintext request to the TLS admin port ends")
+        .unwrap_or_default()
+}
+
+/// Polls `GET /targets` (over TLS, with the token) until `done` holds for the map
+/// address → state; returns that map.
 async fn wait_targets(
-    admin: SocketAddr,
-    token: &str,
+    admin: &Admin,
     within: Duration,
     what: &str,
     done: impl Fn(&BTreeMap<String, String>) -> bool,
@@ -324,7 +420,9 @@ async fn wait_targets(
     let deadline = Instant::now() + within;
     let mut last = None;
     loop {
-        if let Some(targets) = get_targets(admin, token).await {
+        let (status, _, body) = admin.get("/targets", true).await;
+        if status == 200 {
+            let targets = parse_targets(&body);
             if done(&targets) {
                 return targets;
             }
@@ -332,40 +430,23 @@ async fn wait_targets(
         }
         assert!(
             Instant::now() < deadline,
-            "waited {within:?} for {what}; last /targets: {last:?}"
+            "waited {within:?} for {what} at {}; last /targets: {last:?}",
+            admin.addr
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// `GET /targets` as address → state, or `None` while the admin API is not answering
-/// (docker's port proxy accepts before the balancer does).
-async fn get_targets(admin: SocketAddr, token: &str) -> Option<BTreeMap<String, String>> {
-    let mut stream = TcpStream::connect(admin).await.ok()?;
-    let request = format!(
-        "GET /targets HTTP/1.0\r\nHost: {admin}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    let response = String::from_utf8(response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return None;
-    }
-    let targets: Vec<serde_json::Value> = serde_json::from_str(body).ok()?;
-    Some(
-        targets
-            .iter()
-            .filter_map(|t| {
-                Some((
-                    t["addr"].as_str()?.to_owned(),
-                    t["state"].as_str()?.to_owned(),
-                ))
-            })
-            .collect(),
-    )
+/// `GET /targets`'s body as address → state.
+fn parse_targets(body: &str) -> BTreeMap<String, String> {
+    let targets: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+    targets
+        .iter()
+        .filter_map(|t| {
+            Some((
+                t["addr"].as_str()?.to_owned(),
+                t["state"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
 }

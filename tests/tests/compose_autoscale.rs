@@ -10,8 +10,9 @@
 //! counted per id on the wire and must be answered exactly once, with a result.
 //!
 //! TLS is on as deploy/compose/autoscale.yml documents it: certificates from
-//! scripts/make-certs.sh, the balancer serving TLS to the load and speaking mutual TLS to
-//! the workers, which require its client certificate.
+//! scripts/make-certs.sh, the balancer serving TLS to the load and on its admin API (the
+//! workers register at `https://` trusting the CA, and this test reads `/scaling` over
+//! TLS too), and speaking mutual TLS to the workers, which require its client certificate.
 //!
 //! Without a docker engine the test says so on stderr and passes. It runs in its own
 //! project (unique name) and image tag (`tidepool:test`); the drop guards stop the balancer
@@ -21,17 +22,17 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tidepool_protocol::tls::TlsConnector;
-use tidepool_tests::balancer::http;
 use tidepool_tests::compose::{
     build_image, compose_program, docker, make_certs, make_secrets, report, workspace_root,
     Compose, Down,
 };
 use tidepool_tests::drive::{drive, Drive, Tally};
 use tidepool_tests::process::{balancer_args, fast_scaling_args, free_addrs, wait_listening, Proc};
-use tidepool_tests::tls::connector;
+use tidepool_tests::tls::{connector, https};
 use tidepool_tests::worker::scratch_dir;
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +66,8 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
 
     let dir = scratch_dir("compose-autoscale");
     let [listen, admin] = free_addrs();
-    let register = format!("http://{admin}");
+    // The admin API serves TLS: workers register at https://, trusting the CA.
+    let register = format!("https://{admin}");
     // The workers register with the balancer's admin token, mounted as a compose secret.
     let (secrets, _) = make_secrets(&dir);
     // The workers serve TLS and require the balancer's client certificate.
@@ -99,6 +101,8 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
         ("--upstream-tls-ca", "ca.pem"),
         ("--upstream-tls-cert", "balancer-client.pem"),
         ("--upstream-tls-key", "balancer-client.key"),
+        ("--admin-tls-cert", "balancer.pem"),
+        ("--admin-tls-key", "balancer.key"),
     ] {
         args.extend([flag.to_owned(), certs.join(file).display().to_string()]);
     }
@@ -111,6 +115,7 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
         &compose,
         admin,
         &balancer,
+        &certs,
         FIRST_WITHIN,
         "the first worker",
         |p| p.ready == MIN_WORKERS && p.containers == MIN_WORKERS,
@@ -122,9 +127,15 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     // Load well above one worker's target: compose starts more containers.
     let heavy_stop = CancellationToken::new();
     let heavy = tokio::spawn(drive(load(listen, HEAVY_RATE, &heavy_stop, &tls)));
-    let grown = wait_pool(&compose, admin, &balancer, SCALE_WITHIN, "scale-out", |p| {
-        p.ready >= 2 && p.containers >= 2
-    })
+    let grown = wait_pool(
+        &compose,
+        admin,
+        &balancer,
+        &certs,
+        SCALE_WITHIN,
+        "scale-out",
+        |p| p.ready >= 2 && p.containers >= 2,
+    )
     .await;
     let scaled_out = started.elapsed();
     heavy_stop.cancel();
@@ -133,9 +144,15 @@ async fn compose_actuator_scales_worker_containers_out_and_in() {
     // The load falls to a trickle: compose stops the extra containers, each draining.
     let light_stop = CancellationToken::new();
     let light = tokio::spawn(drive(load(listen, LIGHT_RATE, &light_stop, &tls)));
-    let shrunk = wait_pool(&compose, admin, &balancer, SCALE_WITHIN, "scale-in", |p| {
-        p.ready == MIN_WORKERS && p.containers == MIN_WORKERS && p.desired == MIN_WORKERS
-    })
+    let shrunk = wait_pool(
+        &compose,
+        admin,
+        &balancer,
+        &certs,
+        SCALE_WITHIN,
+        "scale-in",
+        |p| p.ready == MIN_WORKERS && p.containers == MIN_WORKERS && p.desired == MIN_WORKERS,
+    )
     .await;
     let scaled_in = started.elapsed();
     light_stop.cancel();
@@ -219,12 +236,13 @@ struct Pool {
     actuator: String,
 }
 
-/// Polls the pool every half second until `done` holds; panics after `within` with the
-/// last pool seen and the balancer's log.
+/// Polls the pool every half second (`/scaling` over TLS, trusting `certs`' CA) until
+/// `done` holds; panics after `within` with the last pool seen and the balancer's log.
 async fn wait_pool(
     compose: &Compose,
     admin: SocketAddr,
     balancer: &Proc,
+    certs: &Path,
     within: Duration,
     what: &str,
     done: impl Fn(&Pool) -> bool,
@@ -232,7 +250,7 @@ async fn wait_pool(
     let deadline = Instant::now() + within;
     let mut last = None;
     loop {
-        let (status, body) = http(admin, "GET", "/scaling", None).await;
+        let (status, body) = https(admin, &certs.join("ca.pem"), "GET", "/scaling", None).await;
         if status == 200 {
             let scaling: serde_json::Value = serde_json::from_str(&body).unwrap();
             let compose = compose.clone();

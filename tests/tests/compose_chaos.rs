@@ -5,7 +5,8 @@
 //! balancer answers `deadline_exceeded` itself for what sits on a worker that stopped
 //! answering.
 //!
-//! Four workers start, so one is left untouched. Without a docker engine the test says so
+//! Four workers start, so one is left untouched. docker-compose.yml also starts its second
+//! balancer (`balancer-b`, on free host ports here); the load goes through the first. Without a docker engine the test says so
 //! on stderr and passes. Its own compose project and image tag, as in compose.rs, torn
 //! down by a drop guard; the paused container is unpaused before that, so that `down`
 //! can stop it.
@@ -77,6 +78,8 @@ async fn every_request_answered_once_and_on_time_through_pause_disconnect_and_ki
         &[
             ("TIDEPOOL_HOST_PORT", "127.0.0.1:"),
             ("TIDEPOOL_HOST_ADMIN", "127.0.0.1:"),
+            ("TIDEPOOL_HOST_PORT_B", "127.0.0.1:"),
+            ("TIDEPOOL_HOST_ADMIN_B", "127.0.0.1:"),
             ("TIDEPOOL_DNS_INTERVAL", "1h"),
             ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
             ("TIDEPOOL_CERTS", &certs.display().to_string()),

@@ -3,6 +3,7 @@
 //! ```text
 //! tidepool-probe ping 127.0.0.1:7100                 # a worker: pong once the model is loaded
 //! tidepool-probe http http://127.0.0.1:7001/healthz  # the balancer's admin API: 2xx
+//! tidepool-probe http https://127.0.0.1:7001/healthz --tls-ca ca.pem   # the same over TLS
 //! ```
 //!
 //! Exit status 0 on success, 1 with one line on stderr otherwise (docker keeps it in
@@ -28,7 +29,7 @@ struct Args {
     #[arg(long, global = true, value_parser = humantime::parse_duration, default_value = "2s")]
     timeout: Duration,
 
-    /// `ping` over TLS, trusting this CA bundle (PEM).
+    /// `ping` over TLS, and `http` to an https:// URL, trusting this CA bundle (PEM).
     #[arg(long, global = true)]
     tls_ca: Option<PathBuf>,
 
@@ -53,9 +54,10 @@ enum Check {
         /// The worker or balancer, like 127.0.0.1:7100.
         addr: String,
     },
-    /// Send an HTTP GET to URL (http://host:port/path); pass on a 2xx status.
+    /// Send an HTTP GET to URL (http://host:port/path, or https:// with --tls-ca); pass on
+    /// a 2xx status.
     Http {
-        /// Like http://127.0.0.1:7001/healthz.
+        /// Like http://127.0.0.1:7001/healthz, or https://127.0.0.1:7001/healthz.
         url: String,
     },
 }
@@ -101,7 +103,7 @@ fn main() -> ExitCode {
             Check::Ping { addr } => probe::ping(addr, args.timeout, tls.as_ref())
                 .await
                 .map(|()| "pong".to_owned()),
-            Check::Http { url } => probe::http_get(url, args.timeout)
+            Check::Http { url } => probe::http_get(url, args.timeout, tls.as_ref())
                 .await
                 .map(|status| format!("status {status}")),
         }
