@@ -114,6 +114,7 @@ for _ in $(seq 1 400); do
   sleep 0.05
 done
 kill -KILL "$A_PID"
+wait "$A_PID" 2>/dev/null || true
 wait "$CLIENT" || { cat "$WORK/failover.out" "$WORK"/failover-*.log; exit 1; }
 tail -1 "$WORK/failover.out"
 grep -q '^10000 of 10000 answered, 0 more than once, 0 errors, [1-9][0-9]* re-sent$' "$WORK/failover.out" \
