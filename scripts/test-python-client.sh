@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the README's Python client (examples/client.py, quoted verbatim in README.md)
-# against a real balancer and worker on loopback, with Python's msgpack from .venv.
+# Runs the README's Python clients (examples/client.py and examples/failover.py, quoted
+# verbatim in README.md) against real balancers and workers on loopback, with Python's
+# msgpack from .venv.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -13,9 +14,9 @@ export RUST_LOG=warn
 "$PY" - <<'PY'
 import pathlib, sys
 readme = pathlib.Path("README.md").read_text()
-client = pathlib.Path("examples/client.py").read_text()
-if client not in readme:
-    sys.exit("README.md does not quote examples/client.py verbatim; paste the file into its Python block")
+for name in ("examples/client.py", "examples/failover.py"):
+    if pathlib.Path(name).read_text() not in readme:
+        sys.exit(f"README.md does not quote {name} verbatim; paste the file into its Python block")
 PY
 
 cargo build --quiet -p tidepool-balancer -p tidepool-worker
@@ -39,12 +40,16 @@ PIDS+=($!)
   --threads 1 2>"$WORK/text.log" &
 PIDS+=($!)
 
-for _ in $(seq 1 100); do
-  if "$PY" -c "import json,sys,urllib.request; sys.exit(0 if any(t['state']=='healthy' for t in json.load(urllib.request.urlopen('http://127.0.0.1:$ADMIN/targets'))) else 1)" 2>/dev/null; then
-    break
-  fi
-  sleep 0.1
-done
+# Waits until the balancer with admin port $1 has a healthy target.
+wait_healthy() {
+  for _ in $(seq 1 100); do
+    if "$PY" -c "import json,sys,urllib.request; sys.exit(0 if any(t['state']=='healthy' for t in json.load(urllib.request.urlopen('http://127.0.0.1:$1/targets'))) else 1)" 2>/dev/null; then
+      return
+    fi
+    sleep 0.1
+  done
+}
+wait_healthy "$ADMIN"
 
 OUT="$("$PY" examples/client.py "127.0.0.1:$LISTEN")" || { cat "$WORK"/*.log; exit 1; }
 echo "$OUT"
@@ -83,13 +88,35 @@ PIDS+=($!)
   --upstream-tls-ca "$C/ca.pem" --upstream-tls-server-name worker \
   --upstream-tls-cert "$C/balancer-client.pem" --upstream-tls-key "$C/balancer-client.key" 2>"$WORK/tls-balancer.log" &
 PIDS+=($!)
-for _ in $(seq 1 100); do
-  if "$PY" -c "import json,sys,urllib.request; sys.exit(0 if any(t['state']=='healthy' for t in json.load(urllib.request.urlopen('http://127.0.0.1:$TLS_ADMIN/targets'))) else 1)" 2>/dev/null; then
-    break
-  fi
-  sleep 0.1
-done
+wait_healthy "$TLS_ADMIN"
 OUT="$("$PY" examples/client.py "127.0.0.1:$TLS_LISTEN" "$C/ca.pem")" || { cat "$WORK"/tls-*.log; exit 1; }
 echo "$OUT"
 [ "$(grep -c 'output f32 \[4\] from py-tls-worker' <<<"$OUT")" = 3 ] || { echo "unexpected output over TLS"; cat "$WORK"/tls-*.log; exit 1; }
 echo "python client over TLS: ok"
+
+# Failover between two balancers side by side over the same worker (examples/failover.py):
+# balancer A is SIGKILLed mid-run; the client sends A's unanswered requests again to B, and
+# every request is answered exactly once, none with an error.
+FA=$(free_port); FA_ADMIN=$(free_port); FB=$(free_port); FB_ADMIN=$(free_port)
+"$BIN/tidepool-balancer" --listen "127.0.0.1:$FA" --admin "127.0.0.1:$FA_ADMIN" --target "127.0.0.1:$WORKER" \
+  --health-interval 200ms --health-timeout 200ms --healthy-threshold 2 2>"$WORK/failover-a.log" &
+A_PID=$!
+PIDS+=("$A_PID")
+"$BIN/tidepool-balancer" --listen "127.0.0.1:$FB" --admin "127.0.0.1:$FB_ADMIN" --target "127.0.0.1:$WORKER" \
+  --health-interval 200ms --health-timeout 200ms --healthy-threshold 2 2>"$WORK/failover-b.log" &
+PIDS+=($!)
+wait_healthy "$FA_ADMIN"
+wait_healthy "$FB_ADMIN"
+"$PY" examples/failover.py "127.0.0.1:$FA,127.0.0.1:$FB" 10000 8 >"$WORK/failover.out" 2>&1 &
+CLIENT=$!
+for _ in $(seq 1 400); do
+  grep -q '^answered 1000$' "$WORK/failover.out" && break
+  sleep 0.05
+done
+kill -KILL "$A_PID"
+wait "$A_PID" 2>/dev/null || true
+wait "$CLIENT" || { cat "$WORK/failover.out" "$WORK"/failover-*.log; exit 1; }
+tail -1 "$WORK/failover.out"
+grep -q '^10000 of 10000 answered, 0 more than once, 0 errors, [1-9][0-9]* re-sent$' "$WORK/failover.out" \
+  || { echo "unexpected failover result"; cat "$WORK/failover.out" "$WORK"/failover-*.log; exit 1; }
+echo "python client failover: ok"

@@ -58,7 +58,9 @@ pub enum ProfileKind {
 #[derive(Clone, Debug, Parser, Serialize)]
 #[command(name = "tidepool-load", version)]
 pub struct LoadConfig {
-    /// Address of the balancer or worker, like 127.0.0.1:7000.
+    /// Address of the balancer or worker, like 127.0.0.1:7000; several balancers
+    /// comma-separated (a:7000,b:7000): connections are spread over them, and a call whose
+    /// balancer is lost is sent again to another.
     #[arg(long, env = "TIDEPOOL_LOAD_TARGET")]
     pub target: String,
 

@@ -40,8 +40,11 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Repo
         target: config.target.clone(),
         source: Box::new(source),
     };
+    // Several balancers, comma-separated: the pool spreads its connections over them and
+    // fails over between them.
+    let targets: Vec<&str> = config.target.split(',').map(str::trim).collect();
     let pool = match &config.tls_ca {
-        None => Pool::connect(&config.target, config.connections, ClientOptions::default()).await,
+        None => Pool::connect_many(&targets, config.connections, ClientOptions::default()).await,
         Some(ca) => {
             let tls = TlsConnector::new(
                 "load",
@@ -52,7 +55,7 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Repo
             )
             .map_err(connect_error)?;
             let options = ClientOptions::default();
-            Pool::connect_tls(&config.target, config.connections, options, &tls).await
+            Pool::connect_tls_many(&targets, config.connections, options, &tls).await
         }
     }
     .map_err(connect_error)?;

@@ -4,7 +4,8 @@
 //! them in batches (one flush per burst); the reader matches each answer to its call by
 //! id through the pending map. A call that is dropped before its answer (a timeout, a
 //! `select!` that went the other way) removes itself from the map and sends `cancel`, so
-//! the server can skip the work.
+//! the server can skip the work. [`Pool`](crate::Pool) (in `pool.rs`) spreads calls over
+//! several such connections and balancers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -186,6 +187,12 @@ impl Client {
     /// [`Error::ConnectionLost`].
     pub fn is_closed(&self) -> bool {
         self.shared.closed.is_cancelled()
+    }
+
+    /// Completes once the connection is gone (at once when it already is): what a
+    /// [`Pool`](crate::Pool) waits on to reconnect.
+    pub async fn closed(&self) {
+        self.shared.closed.cancelled().await;
     }
 
     /// Runs one item through the model.
@@ -423,77 +430,4 @@ async fn read_loop<R>(
     closed.cancel();
     // Dropping the senders fails every waiting call with ConnectionLost.
     pending.clear();
-}
-
-/// A few connections to one server, each call sent on the least busy one.
-#[derive(Clone, Debug)]
-pub struct Pool {
-    clients: Arc<[Client]>,
-}
-
-impl Pool {
-    /// Opens `size` connections (at least one) to `addr`.
-    pub async fn connect(addr: &str, size: usize, options: ClientOptions) -> Result<Pool, Error> {
-        let mut clients = Vec::with_capacity(size.max(1));
-        for _ in 0..size.max(1) {
-            clients.push(Client::connect_with(addr, options.clone()).await?);
-        }
-        Ok(Pool {
-            clients: clients.into(),
-        })
-    }
-
-    /// Opens `size` TLS connections (at least one) to `addr` (`host:port`); see
-    /// [`Client::connect_tls`].
-    pub async fn connect_tls(
-        addr: &str,
-        size: usize,
-        options: ClientOptions,
-        tls: &TlsConnector,
-    ) -> Result<Pool, Error> {
-        let mut clients = Vec::with_capacity(size.max(1));
-        for _ in 0..size.max(1) {
-            clients.push(Client::connect_tls(addr, tls, options.clone()).await?);
-        }
-        Ok(Pool {
-            clients: clients.into(),
-        })
-    }
-
-    /// The connections.
-    pub fn clients(&self) -> &[Client] {
-        &self.clients
-    }
-
-    /// The open connection with the fewest calls in flight.
-    pub fn pick(&self) -> Option<&Client> {
-        self.clients
-            .iter()
-            .filter(|c| !c.is_closed())
-            .min_by_key(|c| c.in_flight())
-    }
-
-    /// Runs one item on the least busy connection.
-    pub async fn infer_with(
-        &self,
-        inputs: Tensors,
-        options: CallOptions,
-    ) -> Result<InferResult, Error> {
-        match self.pick() {
-            Some(client) => client.infer_with(inputs, options).await,
-            None => Err(Error::ConnectionLost {
-                peer: self
-                    .clients
-                    .first()
-                    .map(|c| c.peer().to_owned())
-                    .unwrap_or_default(),
-                reason: Some("every connection of the pool is closed".to_owned()),
-            }),
-        }
-    }
-
-    /// Runs one item on the least busy connection, without a deadline.
-    pub async fn infer(&self, inputs: Tensors) -> Result<InferResult, Error> {
-        self.infer_with(inputs, CallOptions::default()).await
-    }
 }

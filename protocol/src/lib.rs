@@ -33,7 +33,10 @@
 //! - [`reader`]: [`FrameReader`], frames read within a budget (backpressure instead of
 //!   allocation) and a frame timeout.
 //! - [`client`]: [`Client`], pipelined calls over one connection with deadlines and
-//!   cancel-on-drop, and [`Pool`], a few connections used least-busy first.
+//!   cancel-on-drop.
+//! - [`pool`]: [`Pool`], connections spread over one or more balancers, used least-busy
+//!   first; a call whose connection drops is sent again to another balancer within its
+//!   deadline, and lost balancers are reconnected with backoff.
 //! - [`tls`]: rustls for clients and servers: PEM files, reloadable configurations, handshakes
 //!   bounded by a timeout, and [`tls::Stream`], a connection with or without TLS.
 //! - [`error`]: [`Error`], the crate's one error type.
@@ -47,6 +50,7 @@ pub mod error;
 pub mod limits;
 pub mod message;
 pub mod metadata;
+pub mod pool;
 pub mod raw;
 pub mod reader;
 pub mod tensor;
@@ -54,7 +58,7 @@ pub mod tls;
 
 pub use budget::{ConnectionBudget, FrameBudget, FramePermit};
 
-pub use client::{CallOptions, Client, ClientOptions, Pool};
+pub use client::{CallOptions, Client, ClientOptions};
 pub use codec::{encode_frame, FrameCodec, Inbound, MessageCodec, DEFAULT_MAX_FRAME};
 pub use error::Error;
 pub use limits::{LimitExceeded, Limits};
@@ -63,6 +67,7 @@ pub use message::{
     CONNECTION_ID,
 };
 pub use metadata::{ModelMetadata, PaddingMetadata, TensorMetadata};
+pub use pool::Pool;
 pub use raw::{Frame, RawKind, RawMessage, Rewrite};
 pub use reader::FrameReader;
 pub use tensor::{DType, Element, Tensor};
