@@ -3,7 +3,7 @@
 # assemble BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
 # (bench/intro/*.md). BENCH_QUICK=1: a short smoke run on a small model; BENCHMARKS.md is then
 # written to bench-out/BENCHMARKS.quick.md instead, so the committed figures stay real.
-# BENCH_ONLY=worker|text|balancer|autoscale|resilience: rerun one benchmark and splice its report into
+# BENCH_ONLY=worker|text|balancer|autoscale|resilience|failover: rerun one benchmark and splice its report into
 # BENCHMARKS.md, keeping the committed reports of the others; BENCH_ONLY=soak (`make soak`)
 # runs the soak, which a full run leaves out, the same way; BENCH_ONLY=none only reassembles
 # (after editing an intro). scripts/bench-assemble.sh does the assembly.
@@ -20,7 +20,7 @@ export BENCH_QUICK=$QUICK
 mkdir -p "$OUT" build/models
 
 ONLY=${BENCH_ONLY:-all}
-case $ONLY in all|worker|text|balancer|autoscale|resilience|soak|none) ;; *) echo "bench: BENCH_ONLY must be worker, text, balancer, autoscale, resilience, soak or none" >&2; exit 2 ;; esac
+case $ONLY in all|worker|text|balancer|autoscale|resilience|failover|soak|none) ;; *) echo "bench: BENCH_ONLY must be worker, text, balancer, autoscale, resilience, failover, soak or none" >&2; exit 2 ;; esac
 # Whether this run includes section $1 (the soak runs only when asked for: `make soak`).
 runs() { [[ $ONLY == "$1" || ( $ONLY == all && $1 != soak ) ]]; }
 # Nothing to build or run when only reassembling.
