@@ -69,7 +69,7 @@ interop: venv ## the Rust-encoded fixtures decoded by Python's msgpack
 fuzz: ## build the protocol fuzz targets (decoder, raw scanner) and run them briefly (FUZZ_SECONDS, split between them)
 	scripts/fuzz.sh $${FUZZ_SECONDS:-20}
 
-bench: ort ## benchmarks (worker, text encoder, balancer vs HAProxy, autoscaling, resilience) into BENCHMARKS.md, ~25 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|text|balancer|autoscale|resilience for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
+bench: ort ## benchmarks (worker, text encoder, balancer vs HAProxy, autoscaling, resilience, two balancers) into BENCHMARKS.md, ~30 min; BENCH_QUICK=1 for a smoke run, BENCH_ONLY=worker|text|balancer|autoscale|resilience|failover for one (the others' committed figures kept), BENCH_ONLY=none to reassemble
 	scripts/bench.sh
 
 soak: ort ## not in make test: SOAK_MINUTES (30) at 70% of measured capacity (SOAK_RATE to fix it) with a worker SIGKILLed or frozen every 3 min; RSS slope per process and answers per request into bench-out/soak.md and BENCHMARKS.md's soak section

@@ -36,18 +36,12 @@ if [[ $ONLY != none ]]; then
     fi
 
     echo "bench: building (release)" >&2
-    if [[ $ONLY == resilience ]]; then
-        # Alone, the resilience benchmark needs the balancer and two of the bench binaries.
+    if [[ $ONLY == resilience || $ONLY == failover ]]; then
+        # Alone, these benchmarks need the balancer and two of the bench binaries.
         $CARGO build --release -p tidepool-balancer -p tidepool-bench --bin tidepool-balancer \
-            --bin bench-target --bin bench-resilience
-    else
-        if [[ $ONLY == resilience ]]; then
-        # Alone, the resilience benchmark needs the balancer and two of the bench binaries.
-        $CARGO build --release -p tidepool-balancer -p tidepool-bench --bin tidepool-balancer \
-            --bin bench-target --bin bench-resilience
+            --bin bench-target --bin "bench-$ONLY"
     else
         $CARGO build --release -p tidepool-worker -p tidepool-balancer -p tidepool-bench --bins
-    fi
     fi
 
     if [[ $QUICK == 1 ]]; then
@@ -127,6 +121,11 @@ if runs resilience; then
     echo "bench: resilience" >&2
     RUST_LOG=${RUST_LOG:-warn} target/release/bench-resilience --out "$OUT" >/dev/null
 fi
+if runs failover; then
+    # About 2 minutes: the skewed pool through one balancer and through two, alternating.
+    echo "bench: failover" >&2
+    RUST_LOG=${RUST_LOG:-warn} target/release/bench-failover --out "$OUT" >/dev/null
+fi
 if runs soak; then
     # Not part of a full run: SOAK_MINUTES (30) at 70% of capacity with a fault every
     # SOAK_FAULT_EVERY, on a small model so that the faults, not the model, are what is tested.
@@ -139,7 +138,7 @@ fi
 
 # Assemble: the sections run now from $OUT, the others' reports kept from the committed
 # BENCHMARKS.md (scripts/bench-assemble.sh says how).
-case $ONLY in all) FRESH="worker text balancer autoscale resilience" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
+case $ONLY in all) FRESH="worker text balancer autoscale resilience failover" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
 DEST=BENCHMARKS.md
 [[ $QUICK == 1 ]] && DEST=$OUT/BENCHMARKS.quick.md
 DIRTY=""
