@@ -270,9 +270,8 @@ impl Timers {
 
     /// Tracks a written request's deadline.
     fn track(&mut self, conn: &UpstreamConn, at: Instant, id: RequestId) {
-        let live = conn.pending.len();
         self.deadlines
-            .push(at, id, live, |id| conn.pending.contains_key(&id));
+            .push(at, id, |id| conn.pending.contains_key(&id));
         if at < self.sleep.deadline() {
             self.sleep.as_mut().reset(at);
         }
