@@ -258,19 +258,23 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
     let mut client_entry = None;
     for _ in 0..entries {
         let entry_start = c.pos;
-        let name = c.str()?;
-        let Some(k) = key::ALL.iter().position(|known| *known == name) else {
+        // Keys are compared as bytes: a known key is ASCII, so only an unknown one needs
+        // the UTF-8 check (the check per string was a tenth of the balancer's instructions).
+        let name = c.str_bytes()?;
+        let Some(k) = key::ALL.iter().position(|known| known.as_bytes() == name) else {
+            std::str::from_utf8(name).ok()?;
             c.skip()?;
             continue;
         };
+        let name = key::ALL[k];
         if std::mem::replace(&mut seen[k], true) {
             return None; // the full decoder refuses a duplicate field
         }
         match name {
             key::TYPE => {
-                kind = Some(match c.str()? {
-                    "infer" => RawKind::Infer,
-                    "result" => RawKind::Result,
+                kind = Some(match c.str_bytes()? {
+                    b"infer" => RawKind::Infer,
+                    b"result" => RawKind::Result,
                     _ => return None,
                 });
             }
@@ -367,9 +371,9 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     let mut shape_at: Option<usize> = None;
     let mut data: Option<usize> = None;
     for _ in 0..c.map_len()? {
-        match c.str()? {
-            "dtype" if dtype.is_none() => dtype = Some(c.str()?.parse().ok()?),
-            "shape" if shape_at.is_none() => {
+        match c.str_bytes()? {
+            b"dtype" if dtype.is_none() => dtype = Some(c.str()?.parse().ok()?),
+            b"shape" if shape_at.is_none() => {
                 shape_at = Some(c.pos);
                 let dims = c.array_len()?;
                 limits.check_dims(dims).ok()?;
@@ -377,9 +381,12 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
                     c.uint()?;
                 }
             }
-            "data" if data.is_none() => data = Some(c.bin()?.len()),
-            "dtype" | "shape" | "data" => return None,
-            _ => c.skip()?,
+            b"data" if data.is_none() => data = Some(c.bin()?.len()),
+            b"dtype" | b"shape" | b"data" => return None,
+            other => {
+                std::str::from_utf8(other).ok()?;
+                c.skip()?;
+            }
         }
     }
     let dtype = dtype?;
@@ -448,6 +455,13 @@ impl<'a> Cursor<'a> {
     }
 
     pub(crate) fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.str_bytes()?).ok()
+    }
+
+    /// A string's bytes, not yet checked to be UTF-8: enough to compare with a known key
+    /// (all ASCII). Whatever is not compared must still go through `from_utf8`, as the full
+    /// decoder reads every string as text.
+    fn str_bytes(&mut self) -> Option<&'a [u8]> {
         let len = match self.byte()? {
             b @ 0xa0..=0xbf => usize::from(b & 0x1f),
             0xd9 => self.be(1)? as usize,
@@ -455,7 +469,7 @@ impl<'a> Cursor<'a> {
             0xdb => self.be(4)? as usize,
             _ => return None,
         };
-        std::str::from_utf8(self.take(len)?).ok()
+        self.take(len)
     }
 
     fn bin(&mut self) -> Option<&'a [u8]> {
