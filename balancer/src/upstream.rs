@@ -56,7 +56,7 @@ use crate::target::Target;
 /// choice, so no keyed hash is needed against collisions made on purpose): one multiply,
 /// which spreads consecutive ids over the table's buckets and its shards.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct IdHasher(u64);
+struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn write(&mut self, bytes: &[u8]) {

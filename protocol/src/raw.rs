@@ -119,8 +119,16 @@ impl RawMessage {
 
     /// Scans a body within `limits` (the full decoder's: [`Message::decode_with`]).
     pub fn scan_with(body: Bytes, limits: &Limits) -> Option<RawMessage> {
-        limits.check(&body).ok()?;
         let s = scan(&body, limits)?;
+        // `scan` read every known field itself, all within the body, at most
+        // `KNOWN_DEPTH` levels deep, with the tensors' dimensions checked. No string or
+        // container of a body shorter than the longest allowed can then be too long, and
+        // none too deep, unless a value was stepped over unread: only then, or for a long
+        // body, is the whole walk needed (it was a tenth of the balancer's instructions).
+        let small = body.len() <= limits.max_str_len.min(limits.max_container_len);
+        if s.skipped || !small || limits.max_depth < KNOWN_DEPTH {
+            limits.check(&body).ok()?;
+        }
         Some(RawMessage {
             body,
             kind: s.kind,
@@ -241,10 +249,15 @@ struct Scanned {
     deadline_entry: Option<Range<usize>>,
     client_entry: Option<Range<usize>>,
     first_entry: usize,
+    /// A value was stepped over ([`Cursor::skip`]) rather than read.
+    skipped: bool,
 }
 
+/// How deep `scan` reads: the message, `inputs` or `outputs`, a tensor, its `shape`.
+const KNOWN_DEPTH: usize = 4;
+
 fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
-    let mut c = Cursor { buf: body, pos: 0 };
+    let mut c = Cursor::new(body);
     let entries = c.map_len()?;
     let first_entry = c.pos;
     // The known keys seen so far (`key::ALL`, the names the encoder writes): each is
@@ -352,6 +365,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
         deadline_entry,
         client_entry,
         first_entry,
+        skipped: c.skipped,
     })
 }
 
@@ -390,10 +404,8 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
         }
     }
     let dtype = dtype?;
-    let mut shape = Cursor {
-        buf: c.buf,
-        pos: shape_at?,
-    };
+    let mut shape = Cursor::new(c.buf);
+    shape.pos = shape_at?;
     let mut expected = Some(dtype.size());
     for _ in 0..shape.array_len()? {
         let dim = usize::try_from(shape.uint()?).unwrap_or(usize::MAX);
@@ -407,12 +419,18 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
 pub(crate) struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Set once [`skip`](Cursor::skip) stepped over a value.
+    skipped: bool,
 }
 
 impl<'a> Cursor<'a> {
     /// A cursor at the start of `buf`.
     pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Cursor { buf, pos: 0 }
+        Cursor {
+            buf,
+            pos: 0,
+            skipped: false,
+        }
     }
 
     fn byte(&mut self) -> Option<u8> {
@@ -505,6 +523,7 @@ impl<'a> Cursor<'a> {
     /// Steps over one value of any of MessagePack's plain types; `None` on extension
     /// types, the reserved marker and strings that are not UTF-8.
     pub(crate) fn skip(&mut self) -> Option<()> {
+        self.skipped = true;
         // Values still to step over; arrays and maps add their items. Each value takes at
         // least one byte, so a lying length runs out of body rather than looping on.
         let mut left: usize = 1;
