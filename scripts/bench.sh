@@ -99,8 +99,13 @@ if runs balancer; then
         BASE_DIR=build/baseline
         BASE_REV=$(git rev-parse --short "$BENCH_BASELINE")
         echo "bench: building the baseline balancer at $BASE_REV" >&2
-        git worktree remove --force "$BASE_DIR" 2>/dev/null || rm -rf "$BASE_DIR"
-        git worktree add --detach --quiet "$BASE_DIR" "$BASE_REV"
+        # A baseline worktree already at that commit is kept with its build (a release
+        # build of the dependencies takes long on a small machine); any other is replaced.
+        if [[ $(git -C "$BASE_DIR" rev-parse --short HEAD 2>/dev/null) != "$BASE_REV" ]] \
+            || [[ -n $(git -C "$BASE_DIR" status --porcelain 2>/dev/null) ]]; then
+            git worktree remove --force "$BASE_DIR" 2>/dev/null || rm -rf "$BASE_DIR"
+            git worktree add --detach --quiet "$BASE_DIR" "$BASE_REV"
+        fi
         # The baseline's own target dir: sharing ours would rebuild both every time.
         (cd "$BASE_DIR" && $CARGO build --release --quiet -p tidepool-balancer --bins)
         export BENCH_BASELINE_BIN=$PWD/$BASE_DIR/target/release/tidepool-balancer

@@ -5,8 +5,9 @@
 //! take the reader's way into the writer's heap), and such stale entries are skipped when
 //! they come up, since their id is no longer in the connection's map. So that they cannot
 //! pile up (a 60 s timeout at 50,000 requests a second), the heap is compacted to the live
-//! entries whenever it holds twice as many as are in flight, plus some slack: amortised,
-//! one map lookup per request.
+//! entries whenever it has grown to twice as many as were live at the last compaction, plus
+//! some slack: amortised, one map lookup per request, and no count of the map per push
+//! (counting a `DashMap` locks each of its shards).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -18,24 +19,31 @@ use tokio::time::Instant;
 const SLACK: usize = 1024;
 
 /// The deadlines of one connection's written requests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Deadlines {
     heap: BinaryHeap<Reverse<(Instant, RequestId)>>,
+    /// Entries at which the heap is compacted next: twice the live ones at the last
+    /// compaction, plus [`SLACK`].
+    compact_at: usize,
+}
+
+impl Default for Deadlines {
+    fn default() -> Deadlines {
+        Deadlines {
+            heap: BinaryHeap::new(),
+            compact_at: SLACK,
+        }
+    }
 }
 
 impl Deadlines {
-    /// Tracks request `id`, due at `at`. `live` is how many requests are in flight on the
-    /// connection and `is_live` tells whether one still is: past twice `live` (plus
-    /// [`SLACK`]) entries, those of answered requests are dropped.
-    pub(crate) fn push(
-        &mut self,
-        at: Instant,
-        id: RequestId,
-        live: usize,
-        is_live: impl Fn(RequestId) -> bool,
-    ) {
-        if self.heap.len() >= 2 * live + SLACK {
+    /// Tracks request `id`, due at `at`. `is_live` tells whether a request is still in
+    /// flight: when the heap has grown to twice the live entries of the last compaction
+    /// (plus [`SLACK`]), those of answered requests are dropped.
+    pub(crate) fn push(&mut self, at: Instant, id: RequestId, is_live: impl Fn(RequestId) -> bool) {
+        if self.heap.len() >= self.compact_at {
             self.heap.retain(|Reverse((_, id))| is_live(*id));
+            self.compact_at = 2 * self.heap.len() + SLACK;
         }
         self.heap.push(Reverse((at, id)));
     }
@@ -71,9 +79,9 @@ mod tests {
         let now = Instant::now();
         let mut d = Deadlines::default();
         let live = |_| true;
-        d.push(now + Duration::from_millis(30), 1, 3, live);
-        d.push(now + Duration::from_millis(10), 2, 3, live);
-        d.push(now + Duration::from_millis(20), 3, 3, live);
+        d.push(now + Duration::from_millis(30), 1, live);
+        d.push(now + Duration::from_millis(10), 2, live);
+        d.push(now + Duration::from_millis(20), 3, live);
         assert_eq!(d.next(), Some(now + Duration::from_millis(10)));
         assert!(d.due(now).next().is_none(), "nothing due yet");
         tokio::time::advance(Duration::from_millis(20)).await;
@@ -88,7 +96,7 @@ mod tests {
         let mut d = Deadlines::default();
         // One request in flight at a time; every earlier one was answered.
         for id in 1..=10_000u64 {
-            d.push(now + Duration::from_secs(60), id, 1, |other| other == id);
+            d.push(now + Duration::from_secs(60), id, |other| other == id);
         }
         assert!(d.len() <= 2 + SLACK, "{} entries kept", d.len());
     }

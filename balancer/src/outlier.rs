@@ -263,7 +263,10 @@ impl OutlierCell {
 
     /// True when routing should pass over the target at `now`.
     pub(crate) fn set_aside(&self, now: Instant) -> bool {
-        self.aside_until_ms.load(Ordering::Relaxed) > self.ms(now)
+        // Routing asks for every target on every request: a target never set aside (0)
+        // needs no clock arithmetic.
+        let until = self.aside_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > self.ms(now)
     }
 
     /// Why the target is ejected now, if it is.

@@ -22,6 +22,7 @@
 //! target.
 
 use std::collections::VecDeque;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,6 +51,29 @@ use crate::outlier::Outcome;
 use crate::pending::{Payload, Pending, Request};
 use crate::queue::Reroute;
 use crate::target::Target;
+
+/// Hashes the ids a connection gives its own requests (a counter, never a client's
+/// choice, so no keyed hash is needed against collisions made on purpose): one multiply,
+/// which spreads consecutive ids over the table's buckets and its shards.
+#[derive(Clone, Copy, Debug, Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        // 2^64 / the golden ratio: Fibonacci hashing.
+        self.0 = (self.0.rotate_left(5) ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// Requests buffered towards one connection's writer.
 const SEND_QUEUE: usize = 1024;
@@ -97,7 +121,7 @@ pub(crate) struct UpstreamConn {
     /// overtakes the request it names.
     cancels: mpsc::UnboundedSender<RequestId>,
     /// Written requests awaiting their answers, by upstream id.
-    pending: DashMap<RequestId, Pending>,
+    pending: DashMap<RequestId, Pending, BuildHasherDefault<IdHasher>>,
     next_id: AtomicU64,
     /// Cancelled when the connection is gone, by either task or by the target's stop.
     closed: CancellationToken,
@@ -119,7 +143,7 @@ impl UpstreamConn {
             addr,
             requests,
             cancels,
-            pending: DashMap::new(),
+            pending: DashMap::default(),
             next_id: AtomicU64::new(1),
             closed,
         });
@@ -329,9 +353,8 @@ impl Timers {
 
     /// Tracks a written request's deadline.
     fn track(&mut self, conn: &UpstreamConn, at: Instant, id: RequestId) {
-        let live = conn.pending.len();
         self.deadlines
-            .push(at, id, live, |id| conn.pending.contains_key(&id));
+            .push(at, id, |id| conn.pending.contains_key(&id));
         if at < self.sleep.deadline() {
             self.sleep.as_mut().reset(at);
         }

@@ -50,6 +50,38 @@ pub fn run(config: &PipelineConfig) -> anyhow::Result<PipelineResult> {
     let start = Instant::now();
     let counting = start + config.warmup;
     let end = counting + config.measure;
+    let mut result = drive(config, counting, Stop { end, frames: None })?;
+    result.per_second = result.ok as f64 / config.measure.as_secs_f64();
+    Ok(result)
+}
+
+/// Runs the pipelined load until each connection has had `frames` answers (or `limit` has
+/// passed), counting every answer: a fixed workload, for instruction and syscall counts
+/// per frame (`scripts/profile-balancer.sh`). `warmup` and `measure` are not used.
+pub fn run_frames(
+    config: &PipelineConfig,
+    frames: u64,
+    limit: Duration,
+) -> anyhow::Result<PipelineResult> {
+    let start = Instant::now();
+    let stop = Stop {
+        end: start + limit,
+        frames: Some(frames),
+    };
+    let mut result = drive(config, start, stop)?;
+    result.per_second = result.ok as f64 / start.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+/// When a connection stops: at `end`, or once it has had `frames` answers.
+#[derive(Clone, Copy, Debug)]
+struct Stop {
+    end: Instant,
+    frames: Option<u64>,
+}
+
+/// One thread per connection, each counting answers from `counting` until `stop`.
+fn drive(config: &PipelineConfig, counting: Instant, stop: Stop) -> anyhow::Result<PipelineResult> {
     let handles: Vec<_> = (0..config.connections.max(1))
         .map(|_| {
             let stream = TcpStream::connect(config.addr)
@@ -64,13 +96,13 @@ pub fn run(config: &PipelineConfig) -> anyhow::Result<PipelineResult> {
                 )?),
             };
             Ok(std::thread::spawn(move || match tls {
-                None => one_connection(stream, &item, window, counting, end),
+                None => one_connection(stream, &item, window, counting, stop),
                 Some(tls) => one_connection(
                     rustls::StreamOwned::new(tls, stream),
                     &item,
                     window,
                     counting,
-                    end,
+                    stop,
                 ),
             }))
         })
@@ -83,7 +115,6 @@ pub fn run(config: &PipelineConfig) -> anyhow::Result<PipelineResult> {
         result.ok += ok;
         result.errors += errors;
     }
-    result.per_second = result.ok as f64 / config.measure.as_secs_f64();
     Ok(result)
 }
 
@@ -109,7 +140,7 @@ fn one_connection<S: Socket>(
     item: &Tensors,
     window: usize,
     counting: Instant,
-    end: Instant,
+    stop: Stop,
 ) -> anyhow::Result<(u64, u64)> {
     stream
         .tcp()
@@ -117,8 +148,14 @@ fn one_connection<S: Socket>(
     let mut codec = MessageCodec::default();
     let mut out = BytesMut::with_capacity(1 << 16);
     let mut next_id = 1u64;
+    // With a fixed number of frames, no more than that are ever sent.
+    let total = stop.frames.unwrap_or(u64::MAX);
     let mut write_frames = |stream: &mut S, n: usize| -> anyhow::Result<()> {
         out.clear();
+        let n = (n as u64).min(total.saturating_sub(next_id - 1));
+        if n == 0 {
+            return Ok(());
+        }
         for _ in 0..n {
             let infer = Message::Infer(Infer {
                 id: next_id,
@@ -135,12 +172,13 @@ fn one_connection<S: Socket>(
     };
     write_frames(&mut stream, window)?;
     let (mut ok, mut errors) = (0u64, 0u64);
+    let mut answered = 0u64;
     let mut decoder = MessageCodec::default();
     let mut buf = BytesMut::with_capacity(1 << 16);
     let mut chunk = vec![0u8; 1 << 16];
     loop {
         let now = Instant::now();
-        if now >= end {
+        if now >= stop.end || answered >= total {
             break;
         }
         let n = match stream.read(&mut chunk) {
@@ -168,6 +206,7 @@ fn one_connection<S: Socket>(
                 _ => {}
             }
         }
+        answered += answers as u64;
         if answers > 0 {
             write_frames(&mut stream, answers)?;
         }

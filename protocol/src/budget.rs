@@ -44,9 +44,10 @@ struct Shared {
     reserve: usize,
     /// The largest frame that may take from the reserve.
     small: usize,
-    /// Bytes free. A plain mutex: held for an arithmetic step, never across an await.
-    available: Mutex<usize>,
-    /// Woken whenever bytes come back.
+    /// Bytes free and connections waiting. A plain mutex: held for an arithmetic step,
+    /// never across an await.
+    account: Mutex<Account>,
+    /// Woken when bytes come back while a connection waits for them.
     released: Notify,
     /// Times a connection had to stop reading because its frame did not fit.
     waits: AtomicU64,
@@ -62,7 +63,10 @@ impl FrameBudget {
                 per_connection: per_connection.min(total),
                 reserve: total / 8,
                 small: total / 64,
-                available: Mutex::new(total),
+                account: Mutex::new(Account {
+                    available: total,
+                    waiting: 0,
+                }),
                 released: Notify::new(),
                 waits: AtomicU64::new(0),
             }),
@@ -82,15 +86,12 @@ impl FrameBudget {
     /// The largest frame this budget can ever admit: a receiver's maximum frame length must
     /// not be above it, or frames of that length would wait forever.
     pub fn largest_frame(&self) -> usize {
-        let s = &self.shared;
-        s.per_connection
-            .min(s.total - s.reserve)
-            .max(s.small.min(s.per_connection))
+        self.shared.largest_frame()
     }
 
     /// Bytes currently held by frames being read or held.
     pub fn held(&self) -> usize {
-        self.shared.total - *self.shared.lock()
+        self.shared.total - self.shared.lock().available
     }
 
     /// How many times a connection stopped reading because its next frame did not fit.
@@ -112,15 +113,45 @@ impl FrameBudget {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
-        // The guarded value is a plain count that every critical section leaves consistent.
-        self.available
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Account> {
+        // The guarded values are plain counts that every critical section leaves consistent.
+        self.account.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn largest_frame(&self) -> usize {
+        self.per_connection
+            .min(self.total - self.reserve)
+            .max(self.small.min(self.per_connection))
     }
 
     fn fits(&self, available: usize, len: usize) -> bool {
         len <= available && (len <= self.small || available - len >= self.reserve)
+    }
+}
+
+/// What the budget's mutex guards.
+#[derive(Debug)]
+struct Account {
+    /// Bytes free.
+    available: usize,
+    /// Connections in [`ConnectionBudget::acquire`]. A released frame wakes them only when
+    /// there are any: waking nobody costs two locks per frame on the hot path.
+    waiting: usize,
+}
+
+/// Counts a connection as waiting for bytes for as long as it lives (cancel safe).
+struct Waiting<'a>(&'a Shared);
+
+impl<'a> Waiting<'a> {
+    fn new(shared: &'a Shared) -> Waiting<'a> {
+        shared.lock().waiting += 1;
+        Waiting(shared)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting -= 1;
     }
 }
 
@@ -146,10 +177,7 @@ impl ConnectionBudget {
 
     /// The largest frame this budget can ever admit (see [`FrameBudget::largest_frame`]).
     pub fn largest_frame(&self) -> usize {
-        FrameBudget {
-            shared: Arc::clone(&self.shared),
-        }
-        .largest_frame()
+        self.shared.largest_frame()
     }
 
     /// Takes `len` bytes now, if they fit both this connection's ceiling and the budget.
@@ -158,11 +186,11 @@ impl ConnectionBudget {
             return None;
         }
         {
-            let mut available = self.shared.lock();
-            if !self.shared.fits(*available, len) {
+            let mut account = self.shared.lock();
+            if !self.shared.fits(account.available, len) {
                 return None;
             }
-            *available -= len;
+            account.available -= len;
         }
         self.conn.held.fetch_add(len, Ordering::AcqRel);
         Some(FramePermit {
@@ -176,6 +204,9 @@ impl ConnectionBudget {
     /// permit is returned. A `len` above [`largest_frame`](Self::largest_frame) never fits;
     /// check it first.
     pub async fn acquire(&self, len: usize) -> FramePermit {
+        // Counted as waiting before the first look, so that bytes released after it wake
+        // this connection (a release reads the count under the lock it adds its bytes in).
+        let _waiting = Waiting::new(&self.shared);
         let mut counted = false;
         loop {
             // Register for wake-ups before looking, so a release in between is not missed.
@@ -228,10 +259,18 @@ impl FramePermit {
 
 impl Drop for FramePermit {
     fn drop(&mut self) {
-        *self.shared.lock() += self.len;
+        // The connection's count first: a waiter that sees the bytes in the budget sees
+        // them gone from its ceiling too.
         self.conn.held.fetch_sub(self.len, Ordering::AcqRel);
-        self.shared.released.notify_waiters();
-        self.conn.released.notify_waiters();
+        let waiting = {
+            let mut account = self.shared.lock();
+            account.available += self.len;
+            account.waiting
+        };
+        if waiting > 0 {
+            self.shared.released.notify_waiters();
+            self.conn.released.notify_waiters();
+        }
     }
 }
 

@@ -45,7 +45,7 @@ impl Limits {
     pub fn check(&self, body: &[u8]) -> Result<(), LimitExceeded> {
         let mut at = 0usize;
         // Items left to read in each enclosing container; its length is the current depth.
-        let mut open: Vec<usize> = Vec::new();
+        let mut open = Stack::default();
         // Items left at the current level: the one top-level value.
         let mut left = 1usize;
         loop {
@@ -138,6 +138,49 @@ impl Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits::PROTOCOL
+    }
+}
+
+/// Levels kept without allocating: [`Limits::PROTOCOL`]'s `max_depth`.
+const INLINE_DEPTH: usize = 32;
+
+/// The walk's stack: on the stack itself up to [`INLINE_DEPTH`] levels (every body within the
+/// protocol's limits), so that checking a frame allocates nothing; on the heap beyond.
+struct Stack {
+    inline: [usize; INLINE_DEPTH],
+    len: usize,
+    spill: Vec<usize>,
+}
+
+impl Default for Stack {
+    fn default() -> Stack {
+        Stack {
+            inline: [0; INLINE_DEPTH],
+            len: 0,
+            spill: Vec::new(),
+        }
+    }
+}
+
+impl Stack {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, items: usize) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = items,
+            None => self.spill.push(items),
+        }
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        self.len = self.len.checked_sub(1)?;
+        match self.inline.get(self.len) {
+            Some(&items) => Some(items),
+            None => self.spill.pop(),
+        }
     }
 }
 

@@ -119,8 +119,16 @@ impl RawMessage {
 
     /// Scans a body within `limits` (the full decoder's: [`Message::decode_with`]).
     pub fn scan_with(body: Bytes, limits: &Limits) -> Option<RawMessage> {
-        limits.check(&body).ok()?;
         let s = scan(&body, limits)?;
+        // `scan` read every known field itself, all within the body, at most
+        // `KNOWN_DEPTH` levels deep, with the tensors' dimensions checked. No string or
+        // container of a body shorter than the longest allowed can then be too long, and
+        // none too deep, unless a value was stepped over unread: only then, or for a long
+        // body, is the whole walk needed (it was a tenth of the balancer's instructions).
+        let small = body.len() <= limits.max_str_len.min(limits.max_container_len);
+        if s.skipped || !small || limits.max_depth < KNOWN_DEPTH {
+            limits.check(&body).ok()?;
+        }
         Some(RawMessage {
             body,
             kind: s.kind,
@@ -241,10 +249,15 @@ struct Scanned {
     deadline_entry: Option<Range<usize>>,
     client_entry: Option<Range<usize>>,
     first_entry: usize,
+    /// A value was stepped over ([`Cursor::skip`]) rather than read.
+    skipped: bool,
 }
 
+/// How deep `scan` reads: the message, `inputs` or `outputs`, a tensor, its `shape`.
+const KNOWN_DEPTH: usize = 4;
+
 fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
-    let mut c = Cursor { buf: body, pos: 0 };
+    let mut c = Cursor::new(body);
     let entries = c.map_len()?;
     let first_entry = c.pos;
     // The known keys seen so far (`key::ALL`, the names the encoder writes): each is
@@ -258,19 +271,23 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
     let mut client_entry = None;
     for _ in 0..entries {
         let entry_start = c.pos;
-        let name = c.str()?;
-        let Some(k) = key::ALL.iter().position(|known| *known == name) else {
+        // Keys are compared as bytes: a known key is ASCII, so only an unknown one needs
+        // the UTF-8 check (the check per string was a tenth of the balancer's instructions).
+        let name = c.str_bytes()?;
+        let Some(k) = key::ALL.iter().position(|known| known.as_bytes() == name) else {
+            std::str::from_utf8(name).ok()?;
             c.skip()?;
             continue;
         };
+        let name = key::ALL[k];
         if std::mem::replace(&mut seen[k], true) {
             return None; // the full decoder refuses a duplicate field
         }
         match name {
             key::TYPE => {
-                kind = Some(match c.str()? {
-                    "infer" => RawKind::Infer,
-                    "result" => RawKind::Result,
+                kind = Some(match c.str_bytes()? {
+                    b"infer" => RawKind::Infer,
+                    b"result" => RawKind::Result,
                     _ => return None,
                 });
             }
@@ -348,6 +365,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
         deadline_entry,
         client_entry,
         first_entry,
+        skipped: c.skipped,
     })
 }
 
@@ -367,9 +385,9 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     let mut shape_at: Option<usize> = None;
     let mut data: Option<usize> = None;
     for _ in 0..c.map_len()? {
-        match c.str()? {
-            "dtype" if dtype.is_none() => dtype = Some(c.str()?.parse().ok()?),
-            "shape" if shape_at.is_none() => {
+        match c.str_bytes()? {
+            b"dtype" if dtype.is_none() => dtype = Some(c.str()?.parse().ok()?),
+            b"shape" if shape_at.is_none() => {
                 shape_at = Some(c.pos);
                 let dims = c.array_len()?;
                 limits.check_dims(dims).ok()?;
@@ -377,16 +395,17 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
                     c.uint()?;
                 }
             }
-            "data" if data.is_none() => data = Some(c.bin()?.len()),
-            "dtype" | "shape" | "data" => return None,
-            _ => c.skip()?,
+            b"data" if data.is_none() => data = Some(c.bin()?.len()),
+            b"dtype" | b"shape" | b"data" => return None,
+            other => {
+                std::str::from_utf8(other).ok()?;
+                c.skip()?;
+            }
         }
     }
     let dtype = dtype?;
-    let mut shape = Cursor {
-        buf: c.buf,
-        pos: shape_at?,
-    };
+    let mut shape = Cursor::new(c.buf);
+    shape.pos = shape_at?;
     let mut expected = Some(dtype.size());
     for _ in 0..shape.array_len()? {
         let dim = usize::try_from(shape.uint()?).unwrap_or(usize::MAX);
@@ -400,12 +419,18 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
 pub(crate) struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Set once [`skip`](Cursor::skip) stepped over a value.
+    skipped: bool,
 }
 
 impl<'a> Cursor<'a> {
     /// A cursor at the start of `buf`.
     pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Cursor { buf, pos: 0 }
+        Cursor {
+            buf,
+            pos: 0,
+            skipped: false,
+        }
     }
 
     fn byte(&mut self) -> Option<u8> {
@@ -448,6 +473,13 @@ impl<'a> Cursor<'a> {
     }
 
     pub(crate) fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.str_bytes()?).ok()
+    }
+
+    /// A string's bytes, not yet checked to be UTF-8: enough to compare with a known key
+    /// (all ASCII). Whatever is not compared must still go through `from_utf8`, as the full
+    /// decoder reads every string as text.
+    fn str_bytes(&mut self) -> Option<&'a [u8]> {
         let len = match self.byte()? {
             b @ 0xa0..=0xbf => usize::from(b & 0x1f),
             0xd9 => self.be(1)? as usize,
@@ -455,7 +487,7 @@ impl<'a> Cursor<'a> {
             0xdb => self.be(4)? as usize,
             _ => return None,
         };
-        std::str::from_utf8(self.take(len)?).ok()
+        self.take(len)
     }
 
     fn bin(&mut self) -> Option<&'a [u8]> {
@@ -491,6 +523,7 @@ impl<'a> Cursor<'a> {
     /// Steps over one value of any of MessagePack's plain types; `None` on extension
     /// types, the reserved marker and strings that are not UTF-8.
     pub(crate) fn skip(&mut self) -> Option<()> {
+        self.skipped = true;
         // Values still to step over; arrays and maps add their items. Each value takes at
         // least one byte, so a lying length runs out of body rather than looping on.
         let mut left: usize = 1;
