@@ -616,6 +616,13 @@ fn write_report(
         })
         .collect();
     report.set("rss_slope_after_10_min_mib_per_hour", settled_slopes);
+    // The samples themselves, so that a slope can be read against its shape (a plateau at a
+    // budget, a sawtooth, a steady climb).
+    let samples: BTreeMap<String, &Vec<(f64, f64)>> = series
+        .iter()
+        .map(|(pid, s)| (format!("{} ({pid})", s.name), &s.points))
+        .collect();
+    report.set("rss_mib_samples", samples);
     report.write(&args.out, "soak")?;
     eprintln!("{}", report.markdown());
     Ok(())
