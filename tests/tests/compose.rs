@@ -127,17 +127,13 @@ async fn compose_cluster_survives_a_killed_worker() {
         .await;
     }
     // Each balancer sees the whole pool (the busy shares that size it come from the
-    // workers' own pongs), so either one's `desired` is the pool's.
+    // workers' own pongs), so either one's `desired` is the pool's. /scaling is the
+    // controller's snapshot, taken once a second, so it may lag /targets by that much.
     for admin in &admins {
-        let (status, _, body) = admin.get("/scaling", false).await;
-        assert_eq!(status, 200, "GET /scaling: {body}");
-        let scaling: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(
-            scaling["ready"].as_u64(),
-            Some(WORKERS as u64),
-            "{}: {body}",
-            admin.addr
-        );
+        wait_scaling(admin, READY_WITHIN, |scaling| {
+            scaling["ready"].as_u64() == Some(WORKERS as u64)
+        })
+        .await;
     }
     let up = started.elapsed();
 
@@ -431,6 +427,29 @@ async fn wait_targets(
         assert!(
             Instant::now() < deadline,
             "waited {within:?} for {what} at {}; last /targets: {last:?}",
+            admin.addr
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls `GET /scaling` until `done` holds, failing after `within` with the last body.
+async fn wait_scaling(
+    admin: &Admin,
+    within: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, _, body) = admin.get("/scaling", false).await;
+        assert_eq!(status, 200, "GET /scaling: {body}");
+        let scaling: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if done(&scaling) {
+            return scaling;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {within:?} at {} for /scaling; last: {body}",
             admin.addr
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
