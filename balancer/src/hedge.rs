@@ -355,6 +355,7 @@ mod tests {
                 .into(),
                 deadline_ms: Some(10_000),
                 client: None,
+                ..Default::default()
             };
             pending.keep(Payload::Decoded(infer), 0);
             self.conn.hold(upstream_id, pending);

@@ -94,6 +94,7 @@ mod tests {
             .into(),
             deadline_ms: Some(deadline_ms),
             client: None,
+            ..Default::default()
         })
     }
 

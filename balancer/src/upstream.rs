@@ -923,6 +923,7 @@ mod tests {
                 .into(),
                 deadline_ms,
                 client: None,
+                ..Default::default()
             };
             let forward = Forward {
                 upstream_id,

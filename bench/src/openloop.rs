@@ -134,6 +134,7 @@ pub fn run(config: &OpenLoopConfig) -> anyhow::Result<OpenLoopResult> {
             inputs: config.item.clone(),
             deadline_ms: None,
             client: None,
+            ..Default::default()
         });
         codec.encode_ref(&infer, &mut buf)?;
         if let Err(e) = writers[c].write_all(&buf) {

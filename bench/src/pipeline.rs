@@ -162,6 +162,7 @@ fn one_connection<S: Socket>(
                 inputs: item.clone(),
                 deadline_ms: None,
                 client: None,
+                ..Default::default()
             });
             next_id += 1;
             codec.encode_ref(&infer, &mut out)?;

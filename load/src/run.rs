@@ -116,6 +116,7 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Repo
     let abandon = CancellationToken::new();
     let call = CallOptions {
         deadline: config.deadline,
+        ..Default::default()
     };
     let start = Instant::now();
 

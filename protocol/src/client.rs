@@ -23,6 +23,7 @@ use crate::codec::{MessageCodec, DEFAULT_MAX_FRAME};
 use crate::error::Error;
 use crate::message::{Infer, InferResult, Load, Message, RequestId, Tensors, CONNECTION_ID};
 use crate::metadata::ModelMetadata;
+use crate::priority::Priority;
 use crate::tls::{host_of, TlsConnector};
 
 /// Settings of one client connection.
@@ -49,6 +50,8 @@ pub struct CallOptions {
     /// The call's budget: sent as `deadline_ms`, and enforced here too, so that a call
     /// returns [`Error::DeadlineExceeded`] on time even when the server is slow to say so.
     pub deadline: Option<Duration>,
+    /// The call's priority class, sent as `priority` (normal is left out).
+    pub priority: Priority,
 }
 
 type Answer = Result<Message, Error>;
@@ -214,6 +217,7 @@ impl Client {
                 .deadline
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             client: None,
+            priority: options.priority,
         });
         match self.call(id, msg, options.deadline, true).await? {
             Message::Result(result) => Ok(result),

@@ -191,6 +191,7 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, Error> {
 pub(crate) mod tests {
     use super::*;
     use crate::message::{ErrorCode, ErrorReply, Infer, InferResult, Tensors};
+    use crate::priority::Priority;
     use crate::tensor::{DType, Tensor};
     use proptest::prelude::*;
 
@@ -354,14 +355,18 @@ pub(crate) mod tests {
                 any::<u64>(),
                 arb_tensors(),
                 any::<Option<u64>>(),
-                any::<Option<String>>()
+                any::<Option<String>>(),
+                0usize..Priority::ALL.len()
             )
-                .prop_map(|(id, inputs, deadline_ms, client)| Message::Infer(Infer {
-                    id,
-                    inputs,
-                    deadline_ms,
-                    client
-                })),
+                .prop_map(|(id, inputs, deadline_ms, client, p)| Message::Infer(
+                    Infer {
+                        id,
+                        inputs,
+                        deadline_ms,
+                        client,
+                        priority: Priority::ALL[p],
+                    }
+                )),
             (
                 any::<u64>(),
                 arb_tensors(),

@@ -90,6 +90,16 @@ pub enum Error {
         /// The missing field.
         field: &'static str,
     },
+    /// An `infer`'s `priority` is not one of the classes.
+    #[error(
+        "unknown priority {value:?}; expected low, normal or high (or leave it out for normal)"
+    )]
+    UnknownPriority {
+        /// The request id.
+        id: RequestId,
+        /// The value sent.
+        value: String,
+    },
     /// A tensor's `dtype` is not one of the protocol's.
     #[error("unknown dtype {dtype:?}; expected one of f32, f64, f16, bf16, i8, i16, i32, i64, u8, u16, u32, u64, bool")]
     UnknownDType {
@@ -279,7 +289,9 @@ impl Error {
             | Error::LimitExceeded { id, .. }
             | Error::UnknownDType { id, .. }
             | Error::TensorLength { id, .. } => *id,
-            Error::UnknownType { id, .. } | Error::MissingField { id, .. } => Some(*id),
+            Error::UnknownType { id, .. }
+            | Error::MissingField { id, .. }
+            | Error::UnknownPriority { id, .. } => Some(*id),
             _ => None,
         }
     }

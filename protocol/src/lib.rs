@@ -51,6 +51,7 @@ pub mod limits;
 pub mod message;
 pub mod metadata;
 pub mod pool;
+pub mod priority;
 pub mod raw;
 pub mod reader;
 pub mod tensor;
@@ -68,6 +69,7 @@ pub use message::{
 };
 pub use metadata::{ModelMetadata, PaddingMetadata, TensorMetadata};
 pub use pool::Pool;
+pub use priority::Priority;
 pub use raw::{Frame, RawKind, RawMessage, Rewrite};
 pub use reader::FrameReader;
 pub use tensor::{DType, Element, Tensor};

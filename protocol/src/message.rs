@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::metadata::ModelMetadata;
+use crate::priority::Priority;
 use crate::raw::Cursor;
 use crate::tensor::{expected_len, DType, Tensor, WireTensor};
 
@@ -103,6 +104,9 @@ pub struct Infer {
     pub deadline_ms: Option<u64>,
     /// The original client's address, added by a balancer (as NLB preserves the client IP).
     pub client: Option<String>,
+    /// The priority class; absent on the wire means [`Priority::Normal`], and is written
+    /// only when not normal.
+    pub priority: Priority,
 }
 
 /// A `result`: one item's outputs, with where and how it ran.
@@ -360,9 +364,11 @@ pub(crate) mod key {
     pub(crate) const BUSY: &str = "busy";
     /// A `metadata_result`'s model description.
     pub(crate) const MODEL: &str = "model";
+    /// An `infer`'s priority class.
+    pub(crate) const PRIORITY: &str = "priority";
 
     /// Every top-level key the decoder knows, each allowed once in a message.
-    pub(crate) const ALL: [&str; 15] = [
+    pub(crate) const ALL: [&str; 16] = [
         TYPE,
         ID,
         INPUTS,
@@ -378,6 +384,7 @@ pub(crate) mod key {
         RETRY_AFTER_MS,
         BUSY,
         MODEL,
+        PRIORITY,
     ];
 }
 
@@ -398,6 +405,7 @@ struct WireOut<'a> {
     retry_after_ms: Option<u64>,
     busy: Option<f32>,
     model: Option<&'a ModelMetadata>,
+    priority: Option<Priority>,
 }
 
 impl Serialize for WireOut<'_> {
@@ -429,6 +437,7 @@ impl Serialize for WireOut<'_> {
             self.retry_after_ms.is_some(),
             self.busy.is_some(),
             self.model.is_some(),
+            self.priority.is_some(),
         ];
         let len = 2 + present.iter().filter(|p| **p).count();
         let mut map = serializer.serialize_map(Some(len))?;
@@ -447,6 +456,7 @@ impl Serialize for WireOut<'_> {
         entry(&mut map, key::RETRY_AFTER_MS, self.retry_after_ms.as_ref())?;
         entry(&mut map, key::BUSY, self.busy.as_ref())?;
         entry(&mut map, key::MODEL, self.model)?;
+        entry(&mut map, key::PRIORITY, self.priority.map(Priority::as_str))?;
         map.end()
     }
 }
@@ -469,6 +479,7 @@ impl<'a> WireOut<'a> {
             retry_after_ms: None,
             busy: None,
             model: None,
+            priority: None,
         }
     }
 }
@@ -481,6 +492,8 @@ impl<'a> From<&'a Message> for WireOut<'a> {
                 w.inputs = Some(&i.inputs);
                 w.deadline_ms = i.deadline_ms;
                 w.client = i.client.as_deref();
+                // Normal is the default: left out, so that the bytes are what they were.
+                w.priority = (i.priority != Priority::Normal).then_some(i.priority);
             }
             Message::Result(r) => {
                 w.outputs = Some(&r.outputs);
@@ -546,6 +559,65 @@ struct WireIn<'a> {
     #[serde(default)]
     busy: Option<f32>,
     model: Option<ModelMetadata>,
+    #[serde(borrow, default)]
+    priority: Option<WirePriority<'a>>,
+}
+
+/// A `priority` value as read: a string, or anything else (kept only to say it is wrong).
+/// Only an `infer` reads it; on other messages it is as unknown as any later key, so any
+/// value is skipped rather than refused.
+enum WirePriority<'a> {
+    Text(Cow<'a, str>),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for WirePriority<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AnyPriority)
+    }
+}
+
+/// Reads any value as a [`WirePriority`].
+struct AnyPriority;
+
+impl<'de> serde::de::Visitor<'de> for AnyPriority {
+    type Value = WirePriority<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(WirePriority::Text(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(WirePriority::Text(Cow::Owned(v.to_owned())))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(WirePriority::Other)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(WirePriority::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(WirePriority::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(WirePriority::Other)
+    }
+    fn visit_bytes<E>(self, _: &[u8]) -> Result<Self::Value, E> {
+        Ok(WirePriority::Other)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(WirePriority::Other)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(WirePriority::Other)
+    }
 }
 
 impl WireIn<'_> {
@@ -567,6 +639,21 @@ impl WireIn<'_> {
                 )?,
                 deadline_ms: self.deadline_ms,
                 client: self.client,
+                priority: match self.priority {
+                    None => Priority::Normal,
+                    Some(WirePriority::Text(p)) => {
+                        Priority::from_wire(p.as_bytes()).ok_or_else(|| Error::UnknownPriority {
+                            id,
+                            value: p.chars().take(64).collect(),
+                        })?
+                    }
+                    Some(WirePriority::Other) => {
+                        return Err(Error::UnknownPriority {
+                            id,
+                            value: "a value that is not a string".to_owned(),
+                        })
+                    }
+                },
             }),
             "result" => Message::Result(InferResult {
                 id,
@@ -720,12 +807,14 @@ pub(crate) mod tests {
                 inputs: tensors.clone(),
                 deadline_ms: Some(250),
                 client: Some("10.0.0.9:5000".to_owned()),
+                priority: Priority::High,
             }),
             Message::Infer(Infer {
                 id: 8,
                 inputs: Tensors::new(),
                 deadline_ms: None,
                 client: None,
+                priority: Priority::Normal,
             }),
             Message::Result(InferResult {
                 id: 7,

@@ -296,7 +296,13 @@ impl Pool {
                 tracing::debug!(balancer = client.peer(), attempt, "sending a call again");
             }
             let answer = client
-                .infer_with(inputs.clone(), CallOptions { deadline: left })
+                .infer_with(
+                    inputs.clone(),
+                    CallOptions {
+                        deadline: left,
+                        ..options
+                    },
+                )
                 .await;
             match answer {
                 Err(error) if self.fails_over(&error, endpoint, &tried) => {
@@ -720,6 +726,7 @@ mod tests {
                 tokio::spawn(async move {
                     let options = CallOptions {
                         deadline: Some(10 * SECOND),
+                        ..CallOptions::default()
                     };
                     pool.infer_with(item(k as f32), options).await
                 })
@@ -799,6 +806,7 @@ mod tests {
             .unwrap();
         let options = CallOptions {
             deadline: Some(Duration::from_millis(200)),
+            ..CallOptions::default()
         };
         let err = pool.infer_with(item(1.0), options).await.unwrap_err();
         assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");

@@ -23,6 +23,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::message::{key, Message, RequestId};
+use crate::priority::Priority;
 use crate::tensor::DType;
 
 /// The kinds of message a [`RawMessage`] holds: the two that carry tensors.
@@ -101,6 +102,8 @@ pub struct RawMessage {
     kind: RawKind,
     id: RequestId,
     deadline_ms: Option<u64>,
+    /// The `priority` (absent or nil: normal).
+    priority: Priority,
     /// Top-level entries.
     entries: u32,
     id_entry: Range<usize>,
@@ -134,6 +137,7 @@ impl RawMessage {
             kind: s.kind,
             id: s.id,
             deadline_ms: s.deadline_ms,
+            priority: s.priority,
             entries: s.entries,
             id_entry: s.id_entry,
             deadline_entry: s.deadline_entry,
@@ -155,6 +159,11 @@ impl RawMessage {
     /// The `deadline_ms` field (absent or nil: `None`).
     pub fn deadline_ms(&self) -> Option<u64> {
         self.deadline_ms
+    }
+
+    /// The `priority` field (absent or nil: normal); forwarded byte for byte.
+    pub fn priority(&self) -> Priority {
+        self.priority
     }
 
     /// The body as received.
@@ -244,6 +253,7 @@ struct Scanned {
     kind: RawKind,
     id: RequestId,
     deadline_ms: Option<u64>,
+    priority: Priority,
     entries: u32,
     id_entry: Range<usize>,
     deadline_entry: Option<Range<usize>>,
@@ -269,6 +279,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
     let mut deadline_ms = None;
     let mut deadline_entry = None;
     let mut client_entry = None;
+    let mut priority = Priority::Normal;
     for _ in 0..entries {
         let entry_start = c.pos;
         // Keys are compared as bytes: a known key is ASCII, so only an unknown one needs
@@ -324,6 +335,12 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
                 // Only a `metadata_result` carries it, and that is never forwarded raw.
                 return None;
             }
+            key::PRIORITY => {
+                // Anything but a known class (or nil) is the full decoder's to refuse.
+                if let Some(value) = c.opt(Cursor::str_bytes)? {
+                    priority = Priority::from_wire(value)?;
+                }
+            }
             _ => {
                 // worker, code, message: strings (every other known key).
                 c.opt(Cursor::str)?;
@@ -360,6 +377,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
         kind,
         id,
         deadline_ms,
+        priority,
         entries: u32::try_from(entries).ok()?,
         id_entry,
         deadline_entry,
@@ -668,6 +686,70 @@ mod tests {
         );
     }
 
+    /// An `infer` body with `priority` set to `value` (any MessagePack value).
+    fn with_priority<T: Serialize>(value: T) -> Bytes {
+        #[derive(Serialize)]
+        struct Prioritised<'a, T> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            id: u64,
+            inputs: std::collections::BTreeMap<&'a str, Tensor>,
+            priority: T,
+        }
+        let x = Tensor::from_vec(vec![1], vec![1.0f32]).unwrap();
+        let mut out = Vec::new();
+        Prioritised {
+            kind: "infer",
+            id: 41,
+            inputs: [("x", x)].into(),
+            priority: value,
+        }
+        .serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())
+        .unwrap();
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn a_known_priority_is_vouched_for_and_forwarded_byte_for_byte() {
+        for p in Priority::ALL {
+            let raw = RawMessage::scan(with_priority(p.as_str())).unwrap();
+            assert_eq!(raw.priority(), p);
+            let Message::Infer(decoded) = raw.to_message() else {
+                panic!("an infer");
+            };
+            assert_eq!(decoded.priority, p);
+            let spliced = splice(
+                &raw,
+                &Rewrite {
+                    id: 9,
+                    ..Rewrite::default()
+                },
+            );
+            assert!(matches!(spliced, Message::Infer(i) if i.priority == p && i.id == 9));
+        }
+        let nil = RawMessage::scan(with_priority(None::<&str>)).unwrap();
+        assert_eq!(nil.priority(), Priority::Normal, "nil is the default");
+    }
+
+    #[test]
+    fn an_unknown_priority_is_a_bad_request_under_its_id() {
+        for body in [with_priority("urgent"), with_priority(3u8)] {
+            assert_eq!(
+                RawMessage::scan(body.clone()),
+                None,
+                "left to the full decoder"
+            );
+            let err = decode_body(body).unwrap_err();
+            assert_eq!(err.request_id(), Some(41));
+            assert_eq!(err.code(), crate::ErrorCode::BadRequest);
+        }
+        let err = decode_body(with_priority("urgent")).unwrap_err();
+        assert!(
+            err.to_string().contains("expected low, normal or high"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn unknown_keys_and_nil_options_pass_through() {
         #[derive(Serialize)]
@@ -675,7 +757,7 @@ mod tests {
             #[serde(rename = "type")]
             kind: &'a str,
             id: u64,
-            priority: Vec<Option<u8>>,
+            ranking: Vec<Option<u8>>,
             inputs: std::collections::BTreeMap<&'a str, Tensor>,
             deadline_ms: Option<u64>,
             client: Option<&'a str>,
@@ -686,7 +768,7 @@ mod tests {
         Later {
             kind: "infer",
             id: 300,
-            priority: vec![Some(1), None],
+            ranking: vec![Some(1), None],
             inputs: [("x", x.clone())].into(),
             deadline_ms: None,
             client: None,
@@ -709,13 +791,14 @@ mod tests {
                 inputs: [("x".to_owned(), x)].into(),
                 deadline_ms: Some(10),
                 client: Some("c".to_owned()),
+                priority: Priority::Normal,
             })
         );
         // The unknown keys are still there, unchanged.
         let mut buf = BytesMut::new();
         raw.write_frame(&rewrite, &mut buf, usize::MAX).unwrap();
         let window = |b: &[u8], needle: &[u8]| b.windows(needle.len()).any(|w| w == needle);
-        assert!(window(&buf, b"\xa8priority\x92\x01\xc0"));
+        assert!(window(&buf, b"\xa7ranking\x92\x01\xc0"));
         assert!(window(&buf, b"\xa5trace\x81\xa4span"));
     }
 

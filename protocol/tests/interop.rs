@@ -32,6 +32,7 @@ fn expected() -> BTreeMap<&'static str, Message> {
                 inputs: [("x".to_owned(), x)].into(),
                 deadline_ms: Some(100),
                 client: None,
+                ..Infer::default()
             }),
         ),
         (

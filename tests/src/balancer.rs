@@ -190,6 +190,7 @@ pub fn infer(id: u64, value: f32) -> Message {
         inputs: inputs(value),
         deadline_ms: None,
         client: None,
+        ..Default::default()
     })
 }
 

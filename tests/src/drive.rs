@@ -219,6 +219,7 @@ pub async fn drive(spec: Drive) -> Tally {
             inputs: inputs.clone(),
             deadline_ms: Some(spec.deadline.as_millis() as u64),
             client: None,
+            ..Default::default()
         });
         if sink.send(msg).await.is_err() {
             sent -= 1;

@@ -648,6 +648,7 @@ async fn deadline_budget_shrinks_by_the_time_spent_in_the_balancer() {
             inputs(1.0),
             tidepool_protocol::CallOptions {
                 deadline: Some(SECOND),
+                ..Default::default()
             },
         )
         .await

@@ -92,6 +92,7 @@ fn steady(
             calls.spawn(async move {
                 let options = CallOptions {
                     deadline: Some(10 * SECOND),
+                    ..Default::default()
                 };
                 let outcome = pool
                     .infer_with(inputs(k as f32), options)

@@ -75,6 +75,7 @@ async fn dropped_call_sends_cancel_and_deadline_is_enforced() {
             item(1),
             CallOptions {
                 deadline: Some(Duration::from_millis(50)),
+                ..Default::default()
             },
         )
         .await

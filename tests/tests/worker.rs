@@ -134,6 +134,7 @@ async fn duplicate_ids_cancel_and_ping_over_raw_frames() {
             inputs: item(vec![0.25; 16]),
             deadline_ms: None,
             client: None,
+            ..Default::default()
         })
     };
     framed.send(infer(1)).await.unwrap();
@@ -357,6 +358,7 @@ async fn a_client_that_does_not_read_is_not_read_either() {
                 inputs: item(vec![0.5; 16_384]),
                 deadline_ms: None,
                 client: None,
+                ..Default::default()
             });
             writer.send(msg).await.unwrap();
         }

@@ -21,7 +21,14 @@
 //!   always leads the next batch, so no item is passed over for ever; the rest are chosen
 //!   nearest in length to it first, so that padding wastes little when the queue is deep.
 //! - **Deadlines and cancels.** Items past their deadline are answered `deadline_exceeded`
-//!   while still queued (a timer wakes the actor for the earliest one). A [`Canceller`]
+//!   while still queued (a timer wakes the actor for the earliest one). With
+//!   [`BatchingMode::Adaptive`] the actor also predicts from the [`Profile`] it keeps of the
+//!   batches run: an arriving item that would finish late is refused at once, an item that
+//!   could not finish in time even alone is answered before its batch forms, and a partial
+//!   batch closes before waiting longer would make its most urgent member late
+//!   ([`crate::admission`]).
+//! - **Priority.** The queue is served by [`crate::priority`]'s effective rank (class, aged
+//!   by waiting), oldest first among equals; low items may fill only half the queue. A [`Canceller`]
 //!   removes an item that is still queued and answers it `cancelled`; an item that already
 //!   runs is answered as usual (the protocol's rule). An item whose [`Ticket`] was dropped
 //!   (its connection went) is skipped without an answer, since nobody is left to read it.
@@ -40,16 +47,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tidepool_protocol::{ErrorCode, Tensors};
+use tidepool_protocol::{ErrorCode, Priority, Tensors};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::admission::{self, BatchingMode, Verdict};
 use crate::busy::BusyMeter;
 use crate::error::Error;
+use crate::goodput::Refusal;
 use crate::metrics::Metrics;
+use crate::priority::{self, ClassCounts};
+use crate::profile::Profile;
 use crate::spec::Fit;
 
 /// Runs batches of items: what the batcher's model thread needs of a model. The worker's is
@@ -77,6 +88,11 @@ pub struct BatchConfig {
     pub queue: usize,
     /// How long shutdown lets queued items run.
     pub drain_timeout: Duration,
+    /// Whether deadlines are predicted (admission, doomed items, the adaptive close).
+    pub mode: BatchingMode,
+    /// How long an item waits to rise one priority class ([`priority::effective_rank`]);
+    /// zero: never.
+    pub aging: Duration,
 }
 
 /// A successful answer for one item.
@@ -194,6 +210,7 @@ struct Queued {
     inputs: Tensors,
     fit: Fit,
     deadline: Option<Instant>,
+    priority: Priority,
     enqueued: Instant,
     reply: Responder,
     /// Set by the item's [`Canceller`].
@@ -215,6 +232,15 @@ struct BatchDone {
     infer_us: u64,
 }
 
+/// A batch handed to the model thread, as the actor remembers it (batches run in order).
+#[derive(Debug)]
+struct Handed {
+    bucket: usize,
+    size: usize,
+    /// When it started: at hand-over to an idle model, else when the one before it ended.
+    started: Option<Instant>,
+}
+
 /// Shared between the handles and the actor.
 #[derive(Debug)]
 struct Shared {
@@ -226,6 +252,8 @@ struct Shared {
     batch_us: AtomicU64,
     /// Wakes the actor to look for cancelled items.
     wake: Notify,
+    /// For refusals at submission.
+    metrics: Arc<Metrics>,
 }
 
 /// The connections' way into the batcher. Cheap to clone.
@@ -236,21 +264,46 @@ pub struct BatcherHandle {
 }
 
 impl BatcherHandle {
-    /// Queues one checked item with its [`Fit`] ([`crate::ModelSpec::fit`]). Answers at once
-    /// with `overloaded` when the queue is full and with `shutting_down` once shutdown has
-    /// begun.
+    /// Queues one checked item with its [`Fit`] ([`crate::ModelSpec::fit`]) at normal
+    /// priority. Answers at once with `overloaded` when the queue is full and with
+    /// `shutting_down` once shutdown has begun.
     pub fn submit(
         &self,
         inputs: Tensors,
         fit: Fit,
         deadline: Option<Instant>,
     ) -> Result<Ticket, Rejection> {
+        self.submit_prioritised(inputs, fit, deadline, Priority::Normal)
+    }
+
+    /// [`BatcherHandle::submit`] at `priority`: a low item is also answered `overloaded` at
+    /// once while the queue is half full ([`priority::admits`]).
+    pub fn submit_prioritised(
+        &self,
+        inputs: Tensors,
+        fit: Fit,
+        deadline: Option<Instant>,
+        priority: Priority,
+    ) -> Result<Ticket, Rejection> {
         if self.tx.is_closed() {
             return Err(shutting_down());
+        }
+        if !priority::admits(priority, self.queued(), self.shared.capacity) {
+            self.shared.metrics.goodput.refused(Refusal::LowPriority);
+            return Err(Rejection {
+                code: ErrorCode::Overloaded,
+                message: format!(
+                    "the worker's queue is at least half full ({} of {} items) and sheds low-priority requests first; retry later or with a higher priority",
+                    self.queued(),
+                    self.shared.capacity
+                ),
+                retry_after_ms: Some(self.retry_after_ms()),
+            });
         }
         let permit = match Arc::clone(&self.shared.permits).try_acquire_owned() {
             Ok(permit) => permit,
             Err(TryAcquireError::NoPermits) => {
+                self.shared.metrics.goodput.refused(Refusal::QueueFull);
                 return Err(Rejection {
                     code: ErrorCode::Overloaded,
                     message: format!(
@@ -258,7 +311,7 @@ impl BatcherHandle {
                         self.shared.capacity
                     ),
                     retry_after_ms: Some(self.retry_after_ms()),
-                })
+                });
             }
             Err(TryAcquireError::Closed) => return Err(shutting_down()),
         };
@@ -268,6 +321,7 @@ impl BatcherHandle {
             inputs,
             fit,
             deadline,
+            priority,
             enqueued: Instant::now(),
             reply: Responder(Some(tx)),
             cancelled: Arc::clone(&cancelled),
@@ -332,6 +386,19 @@ impl Batcher {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Batcher, Error> {
+        let profile = Profile::new(config.max_batch, config.buckets.len() + 1);
+        Batcher::start_with(engine, config, metrics, shutdown, profile)
+    }
+
+    /// [`Batcher::start`] with a profile already learned (tests give one, so that a
+    /// prediction does not hang on how fast the test machine runs a stand-in).
+    fn start_with<E: Engine>(
+        engine: E,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        profile: Profile,
+    ) -> Result<Batcher, Error> {
         let capacity = config.queue.max(1);
         let (tx, rx) = mpsc::channel(capacity);
         // At most two batches are handed over at once (one running, one next), so these
@@ -351,8 +418,12 @@ impl Batcher {
             max_batch: config.max_batch.max(1),
             batch_us: AtomicU64::new(0),
             wake: Notify::new(),
+            metrics: Arc::clone(&metrics),
         });
         let actor = Actor {
+            profile,
+            handed: VecDeque::new(),
+            classes: ClassCounts::default(),
             config,
             rx,
             rx_done: false,
@@ -403,11 +474,18 @@ impl Batcher {
 /// The batching task's state.
 struct Actor {
     config: BatchConfig,
+    /// Batch run times learned from the batches run.
+    profile: Profile,
+    /// The batches handed to the model thread and not yet done, oldest first.
+    handed: VecDeque<Handed>,
+    /// Queued items per class (the actor's queue only).
+    classes: ClassCounts,
     rx: mpsc::Receiver<Queued>,
     /// The channel is closed and empty.
     rx_done: bool,
     queue: VecDeque<Queued>,
-    /// No queued item has a deadline before this (a lower bound, refreshed on purge).
+    /// No queued item needs a look before this: its deadline, or in adaptive mode when it
+    /// becomes doomed (a lower bound, refreshed on purge).
     next_deadline: Option<Instant>,
     /// Batches handed to the model thread and not yet reported done (0, 1 or 2).
     in_flight: usize,
@@ -451,6 +529,7 @@ impl Actor {
                         error!("the model thread has ended; answering queued items internal");
                         self.reject_all(ErrorCode::Internal, "the model thread has ended");
                         self.in_flight = 0;
+                        self.handed.clear();
                         self.drain_expired = true;
                         self.begin_drain();
                     }
@@ -483,9 +562,62 @@ impl Actor {
             return;
         }
         if let Some(deadline) = item.deadline {
-            self.next_deadline = Some(self.next_deadline.map_or(deadline, |d| d.min(deadline)));
+            if let Some(refusal) = self.refuse_late(&item, deadline) {
+                self.shared.metrics.goodput.refused(Refusal::PredictedLate);
+                item.reply.send(Err(refusal));
+                return;
+            }
+            let look = self.look_at(&item, deadline, Instant::now());
+            self.next_deadline = Some(self.next_deadline.map_or(look, |d| d.min(look)));
         }
+        self.classes.add(item.priority);
         self.queue.push_back(item);
+    }
+
+    /// Predicted-finish admission ([`admission::judge`]): the refusal for an item that would
+    /// finish after `deadline`, counting as ahead of it the queued items of its class or a
+    /// higher one. `None` (admit) in fixed mode or while the profile knows nothing.
+    fn refuse_late(&self, item: &Queued, deadline: Instant) -> Option<Rejection> {
+        if self.config.mode != BatchingMode::Adaptive {
+            return None;
+        }
+        let now = Instant::now();
+        let ahead = self.classes.at_or_above(item.priority);
+        let forecast = admission::forecast(
+            &self.profile,
+            self.bucket(item.fit.tokens),
+            ahead,
+            self.config.max_batch,
+            self.model_busy(now),
+        )?;
+        let Verdict::Refuse { finish, late_by } = admission::judge(now, deadline, forecast) else {
+            return None;
+        };
+        let budget = deadline.saturating_duration_since(item.enqueued);
+        Some(Rejection {
+            code: ErrorCode::Overloaded,
+            message: format!(
+                "the worker predicts this request would be answered in {} ms ({ahead} requests ahead of it), after its deadline_ms of {}; retry after retry_after_ms, on another worker, or with a larger deadline_ms",
+                finish.as_millis(),
+                budget.as_millis()
+            ),
+            retry_after_ms: Some(admission::retry_after_ms(late_by)),
+        })
+    }
+
+    /// The model thread's work in hand at `now`, predicted: what is left of the running
+    /// batch and the one handed over after it (a size the profile cannot predict counts 0).
+    fn model_busy(&self, now: Instant) -> Duration {
+        self.handed
+            .iter()
+            .map(|h| {
+                let run = self.profile.predict(h.bucket, h.size).unwrap_or_default();
+                match h.started {
+                    Some(started) => (started + run).saturating_duration_since(now),
+                    None => run,
+                }
+            })
+            .sum()
     }
 
     fn begin_drain(&mut self) {
@@ -505,6 +637,17 @@ impl Actor {
 
     fn batch_done(&mut self, done: BatchDone) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(batch) = self.handed.pop_front() {
+            self.profile.observe(
+                batch.bucket,
+                batch.size,
+                Duration::from_micros(done.infer_us),
+            );
+        }
+        if let Some(next) = self.handed.front_mut() {
+            // The model thread went straight on to it.
+            next.started.get_or_insert_with(Instant::now);
+        }
         self.metrics.infer_time.observe(done.infer_us);
         let old = self.shared.batch_us.load(Ordering::Relaxed);
         let avg = if old == 0 {
@@ -515,10 +658,18 @@ impl Actor {
         self.shared.batch_us.store(avg, Ordering::Relaxed);
     }
 
-    /// Answers expired items, drops cancelled ones, and recomputes the earliest deadline.
+    /// Answers expired items (and, adaptive, doomed ones: [`admission::doomed`]), drops
+    /// cancelled ones, and recomputes the earliest deadline and the counts per class.
     fn purge(&mut self, now: Instant) {
         let mut next = None::<Instant>;
         let queue = std::mem::take(&mut self.queue);
+        let adaptive = self.config.mode == BatchingMode::Adaptive;
+        let busy = if adaptive {
+            self.model_busy(now)
+        } else {
+            Duration::ZERO
+        };
+        self.classes = ClassCounts::default();
         for item in queue {
             if item.reply.is_abandoned() {
                 debug!("dropping an item nobody waits for");
@@ -534,6 +685,7 @@ impl Actor {
             if let Some(deadline) = item.deadline {
                 if deadline <= now {
                     let waited = now.saturating_duration_since(item.enqueued);
+                    self.shared.metrics.goodput.refused(Refusal::Expired);
                     item.reply.send(Err(Rejection::new(
                         ErrorCode::DeadlineExceeded,
                         format!(
@@ -543,11 +695,61 @@ impl Actor {
                     )));
                     continue;
                 }
-                next = Some(next.map_or(deadline, |d| d.min(deadline)));
+                let alone = adaptive
+                    .then(|| self.profile.predict(self.bucket(item.fit.tokens), 1))
+                    .flatten();
+                if alone.is_some_and(|alone| admission::doomed(now, deadline, busy, alone)) {
+                    self.shared.metrics.goodput.refused(Refusal::Doomed);
+                    item.reply.send(Err(Rejection::new(
+                        ErrorCode::DeadlineExceeded,
+                        format!(
+                            "the worker predicts this request cannot finish within its deadline_ms (about {} ms left, the model busy for {} ms more and a batch taking {} ms); it was not run: retry with a larger deadline_ms or when the load is lower",
+                            deadline.saturating_duration_since(now).as_millis(),
+                            busy.as_millis(),
+                            alone.unwrap_or_default().as_millis()
+                        ),
+                    )));
+                    continue;
+                }
+                let look = self.look_at(&item, deadline, now);
+                next = Some(next.map_or(look, |d| d.min(look)));
             }
+            self.classes.add(item.priority);
             self.queue.push_back(item);
         }
         self.next_deadline = next;
+    }
+
+    /// When the actor must look at a queued item due at `deadline` again: in adaptive mode,
+    /// when it becomes doomed on an idle model (its deadline less a batch of one), so that it
+    /// is answered as soon as it cannot make it; else (or once that has passed) at its
+    /// deadline.
+    fn look_at(&self, item: &Queued, deadline: Instant, now: Instant) -> Instant {
+        if self.config.mode != BatchingMode::Adaptive {
+            return deadline;
+        }
+        self.profile
+            .predict(self.bucket(item.fit.tokens), 1)
+            .and_then(|alone| deadline.checked_sub(alone))
+            .filter(|&doom| doom > now)
+            .unwrap_or(deadline)
+    }
+
+    /// Adaptive mode, model idle: when the partial batch must close so that its most urgent
+    /// member is not made late by waiting for one more item ([`admission::close_by`]).
+    fn urgent_close(&self, now: Instant) -> Option<Instant> {
+        if self.config.mode != BatchingMode::Adaptive {
+            return None;
+        }
+        let grown = (self.queue.len() + 1).min(self.config.max_batch);
+        self.queue
+            .iter()
+            .filter_map(|item| {
+                let deadline = item.deadline?;
+                let run = self.profile.predict(self.bucket(item.fit.tokens), grown)?;
+                Some(admission::close_by(deadline, run).unwrap_or(now))
+            })
+            .min()
     }
 
     /// Whether a batch should be handed to the model thread now.
@@ -564,6 +766,7 @@ impl Actor {
                 full || self.draining
                     || self.config.max_delay.is_zero()
                     || now >= oldest.enqueued + self.config.max_delay
+                    || self.urgent_close(now).is_some_and(|close| now >= close)
             }
             1 => full,
             _ => false,
@@ -577,11 +780,18 @@ impl Actor {
             if !self.should_dispatch(now) {
                 break;
             }
-            let batch = self.take_batch(now);
+            let (bucket, batch) = self.take_batch(now);
             let size = batch.len();
             self.metrics.batch_size.observe(size as u64);
             match self.batch_tx.try_send(batch) {
-                Ok(()) => self.in_flight += 1,
+                Ok(()) => {
+                    self.handed.push_back(Handed {
+                        bucket,
+                        size,
+                        started: (self.in_flight == 0).then_some(now),
+                    });
+                    self.in_flight += 1;
+                }
                 Err(e) => {
                     // The model thread is gone (or, impossibly, two batches are waiting):
                     // the items' guards answer them internal as the batch is dropped here.
@@ -592,24 +802,47 @@ impl Actor {
         }
     }
 
-    /// Takes the oldest item and up to `max_batch - 1` items that may share its batch (the
-    /// same key and bucket, within the token budget), nearest in length to it first (oldest
-    /// first among equals), so a padded batch wastes as little as the queue allows.
-    fn take_batch(&mut self, now: Instant) -> Vec<Running> {
-        let Some(first) = self.queue.pop_front() else {
-            return Vec::new();
+    /// Takes the leader (the highest effective rank, [`priority::effective_rank`], oldest
+    /// first among equals) and up to `max_batch - 1` items that may share its batch (the
+    /// same key and bucket, within the token budget), highest rank first and then nearest
+    /// in length to it (oldest first among equals), so a padded batch wastes as little as
+    /// the queue allows. Returns the batch's length bucket with it.
+    fn take_batch(&mut self, now: Instant) -> (usize, Vec<Running>) {
+        let aging = self.config.aging;
+        let rank = |item: &Queued| {
+            priority::effective_rank(
+                item.priority,
+                now.saturating_duration_since(item.enqueued),
+                aging,
+            )
         };
+        // The first of the highest rank: `max_by_key` would keep the last.
+        let lead_at = (0..self.queue.len())
+            .rev()
+            .max_by_key(|&i| rank(&self.queue[i]))
+            .unwrap_or(0);
+        let Some(first) = self.queue.remove(lead_at) else {
+            return (0, Vec::new());
+        };
+        self.classes.remove(first.priority);
         let bucket = self.bucket(first.fit.tokens);
         let lead = first.fit.tokens;
-        // Candidates by queue position, nearest in length first; a stable sort keeps the
-        // queue's order among equals, so a model of one shape batches strictly oldest first.
+        // Candidates by queue position, highest rank then nearest in length first; a stable
+        // sort keeps the queue's order among equals, so a model of one shape and one class
+        // batches strictly oldest first.
         let mut candidates: Vec<usize> = (0..self.queue.len())
             .filter(|&i| {
                 let fit = &self.queue[i].fit;
                 fit.key == first.fit.key && self.bucket(fit.tokens) == bucket
             })
             .collect();
-        candidates.sort_by_key(|&i| self.queue[i].fit.tokens.abs_diff(lead));
+        candidates.sort_by_key(|&i| {
+            let item = &self.queue[i];
+            (
+                std::cmp::Reverse(rank(item)),
+                item.fit.tokens.abs_diff(lead),
+            )
+        });
         let mut chosen = Vec::new();
         let mut longest = lead;
         for i in candidates {
@@ -631,7 +864,10 @@ impl Actor {
         let mut taken: Vec<Queued> = Vec::with_capacity(chosen.len() + 1);
         taken.push(first);
         taken.extend(chosen.into_iter().filter_map(|i| self.queue.remove(i)));
-        taken
+        for item in &taken[1..] {
+            self.classes.remove(item.priority);
+        }
+        let batch = taken
             .into_iter()
             .map(|item| {
                 let queue_us = micros(now.saturating_duration_since(item.enqueued));
@@ -643,7 +879,8 @@ impl Actor {
                     reply: item.reply,
                 }
             })
-            .collect()
+            .collect();
+        (bucket, batch)
     }
 
     /// The length bucket an item of `tokens` falls in.
@@ -660,6 +897,9 @@ impl Actor {
         if let (Some(oldest), 0, false) = (self.queue.front(), self.in_flight, self.draining) {
             if !self.config.max_delay.is_zero() {
                 consider(oldest.enqueued + self.config.max_delay);
+                if let Some(close) = self.urgent_close(Instant::now()) {
+                    consider(close);
+                }
             }
         }
         if let (true, false, Some(deadline)) =
@@ -674,6 +914,7 @@ impl Actor {
         for item in self.queue.drain(..) {
             item.reply.send(Err(Rejection::new(code, message)));
         }
+        self.classes = ClassCounts::default();
         self.next_deadline = None;
     }
 }
@@ -778,6 +1019,8 @@ mod tests {
     /// optionally waits for the test to open a gate before each batch.
     struct Fake {
         started: Arc<Mutex<Vec<usize>>>,
+        /// Each item's value, in the order items ran.
+        ran: Arc<Mutex<Vec<f32>>>,
         gate: Option<std::sync::mpsc::Receiver<()>>,
         behaviour: Behaviour,
     }
@@ -789,6 +1032,10 @@ mod tests {
                 started.push(items.len());
                 started.len() == 1
             };
+            self.ran
+                .lock()
+                .unwrap()
+                .extend(items.iter().map(|i| i["x"].to_vec::<f32>().unwrap()[0]));
             if let Some(gate) = &self.gate {
                 let _ = gate.recv();
             }
@@ -803,6 +1050,7 @@ mod tests {
     struct Rig {
         batcher: Batcher,
         started: Arc<Mutex<Vec<usize>>>,
+        ran: Arc<Mutex<Vec<f32>>>,
         gate: std::sync::mpsc::Sender<()>,
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
@@ -810,20 +1058,40 @@ mod tests {
 
     impl Rig {
         fn new(config: BatchConfig, gated: bool, behaviour: Behaviour) -> Rig {
+            let profile = Profile::new(config.max_batch, config.buckets.len() + 1);
+            Rig::with_profile(config, gated, behaviour, profile)
+        }
+
+        /// A rig whose batcher starts with `profile` learned.
+        fn with_profile(
+            config: BatchConfig,
+            gated: bool,
+            behaviour: Behaviour,
+            profile: Profile,
+        ) -> Rig {
             let started = Arc::new(Mutex::new(Vec::new()));
+            let ran = Arc::new(Mutex::new(Vec::new()));
             let (gate, gate_rx) = std::sync::mpsc::channel();
             let engine = Fake {
                 started: Arc::clone(&started),
+                ran: Arc::clone(&ran),
                 gate: gated.then_some(gate_rx),
                 behaviour,
             };
             let shutdown = CancellationToken::new();
             let metrics = Arc::new(Metrics::default());
-            let batcher =
-                Batcher::start(engine, config, Arc::clone(&metrics), shutdown.clone()).unwrap();
+            let batcher = Batcher::start_with(
+                engine,
+                config,
+                Arc::clone(&metrics),
+                shutdown.clone(),
+                profile,
+            )
+            .unwrap();
             Rig {
                 batcher,
                 started,
+                ran,
                 gate,
                 shutdown,
                 metrics,
@@ -839,6 +1107,25 @@ mod tests {
 
         fn started(&self) -> Vec<usize> {
             self.started.lock().unwrap().clone()
+        }
+
+        fn ran(&self) -> Vec<f32> {
+            self.ran.lock().unwrap().clone()
+        }
+
+        /// Submits an item of value `v` with a deadline `budget` from now and `priority`.
+        fn submit_with(
+            &self,
+            v: f32,
+            budget: Option<Duration>,
+            priority: Priority,
+        ) -> Result<Ticket, Rejection> {
+            self.batcher.handle().submit_prioritised(
+                item(v),
+                Fit::any(),
+                budget.map(|b| Instant::now() + b),
+                priority,
+            )
         }
 
         /// Waits (without moving paused time) until `n` batches have started.
@@ -864,6 +1151,8 @@ mod tests {
             max_delay,
             queue: 64,
             drain_timeout: Duration::from_secs(30),
+            mode: BatchingMode::Adaptive,
+            aging: Duration::from_millis(100),
         }
     }
 
@@ -974,19 +1263,26 @@ mod tests {
         assert_eq!(rig.started(), vec![1, 1]);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_full_queue_answers_overloaded_at_once() {
+    /// A gated rig of batches of one and a queue of `queue`, its model thread holding two
+    /// items (values 0, running, and 1, handed over next) and its queue empty.
+    async fn model_holding_two(queue: usize) -> (Rig, Ticket, Ticket) {
         let mut cfg = config(1, Duration::ZERO);
-        cfg.queue = 2;
+        cfg.queue = queue;
         let rig = Rig::new(cfg, true, Behaviour::Echo);
         let running = rig.submit(0.0);
         rig.until_started(1).await;
-        // One more batch is handed over while the first runs (the model thread's next), and
-        // two wait in the queue.
         let next = rig.submit(1.0);
         while rig.batcher.handle().queued() > 0 {
             tokio::task::yield_now().await;
         }
+        (rig, running, next)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_answers_overloaded_at_once() {
+        // One more batch is handed over while the first runs (the model thread's next), and
+        // two wait in the queue.
+        let (rig, running, next) = model_holding_two(2).await;
         let queued: Vec<Ticket> = (2..4).map(|i| rig.submit(i as f32)).collect();
         let err = rig
             .batcher
@@ -1123,6 +1419,183 @@ mod tests {
         let fits = vec![fit(0, 3), fit(0, 100), fit(0, 16), fit(0, 17), fit(0, 500)];
         // [3, 16] in the first bucket, [100, 17] in the second, [500] past the last bound.
         assert_eq!(batches_of(cfg, fits).await, vec![2, 2, 1]);
+    }
+
+    /// A profile in which every batch, of any size, takes `run`.
+    fn flat_profile(max_batch: usize, run: Duration) -> Profile {
+        let mut profile = Profile::new(max_batch, 1);
+        profile.observe(0, 1, run);
+        profile.observe(0, max_batch, run);
+        profile
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A gated rig in `mode` whose profile says every batch takes 100 ms, its model busy
+    /// with a first item (value 0) that has just started.
+    async fn busy_rig(mode: BatchingMode) -> (Rig, Ticket) {
+        let mut cfg = config(8, Duration::ZERO);
+        cfg.mode = mode;
+        let rig = Rig::with_profile(cfg, true, Behaviour::Echo, flat_profile(8, 100 * MS));
+        let running = rig.submit(0.0);
+        rig.until_started(1).await;
+        (rig, running)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_predicted_to_finish_late_is_refused_at_once() {
+        let (rig, running) = busy_rig(BatchingMode::Adaptive).await;
+        // The model has 100 ms in hand, and the item's own batch takes 100 more.
+        let tight = rig
+            .submit_with(1.0, Some(150 * MS), Priority::Normal)
+            .unwrap();
+        let loose = rig
+            .submit_with(2.0, Some(250 * MS), Priority::Normal)
+            .unwrap();
+        let err = tight.wait().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Overloaded);
+        assert_eq!(err.retry_after_ms, Some(51), "50 ms too late, rounded up");
+        assert!(
+            err.message.contains("deadline_ms of 150"),
+            "{}",
+            err.message
+        );
+        rig.open(2);
+        // Without letting paused time run ahead to the loose deadline while the model
+        // thread works in real time.
+        rig.until_started(2).await;
+        running.wait().await.unwrap();
+        assert_eq!(value(&loose.wait().await.unwrap()), 2.0);
+        assert_eq!(rig.ran(), vec![0.0, 2.0], "the refused item never ran");
+        let goodput = &rig.metrics.goodput;
+        assert_eq!(goodput.refusals(Refusal::PredictedLate), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_mode_queues_what_adaptive_refuses() {
+        let (rig, running) = busy_rig(BatchingMode::Fixed).await;
+        let tight = rig
+            .submit_with(1.0, Some(150 * MS), Priority::Normal)
+            .unwrap();
+        // Queued, then answered when its deadline passes in the queue.
+        let err = tight.wait().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::DeadlineExceeded);
+        assert_eq!(rig.metrics.goodput.refusals(Refusal::Expired), 1);
+        assert_eq!(rig.metrics.goodput.refusals(Refusal::PredictedLate), 0);
+        rig.open(1);
+        running.wait().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_that_became_doomed_is_answered_before_its_batch_forms() {
+        let (rig, running) = busy_rig(BatchingMode::Adaptive).await;
+        // Admitted: 100 ms in hand and 100 ms of its own is within 250 ms.
+        let doomed = rig
+            .submit_with(1.0, Some(250 * MS), Priority::Normal)
+            .unwrap();
+        let bystander = rig.submit(2.0);
+        tokio::task::yield_now().await;
+        // The running batch overruns: at 200 ms, a batch of its own cannot end by 250 ms.
+        tokio::time::advance(200 * MS).await;
+        // Answered as soon as it is doomed, before the model is free.
+        let err = doomed.wait().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::DeadlineExceeded);
+        assert!(err.message.contains("cannot finish"), "{}", err.message);
+        rig.open(2);
+        running.wait().await.unwrap();
+        assert_eq!(value(&bystander.wait().await.unwrap()), 2.0);
+        assert_eq!(
+            rig.ran(),
+            vec![0.0, 2.0],
+            "the doomed item was never computed"
+        );
+        assert_eq!(rig.metrics.goodput.refusals(Refusal::Doomed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_batch_closes_when_waiting_longer_would_make_it_late() {
+        // --max-delay is an hour; the item's 50 ms deadline and a 10 ms batch close the
+        // batch at 40 ms: waiting for a second item must still leave the grown batch time.
+        let profile = flat_profile(8, 10 * MS);
+        let rig = Rig::with_profile(config(8, HOUR), false, Behaviour::Echo, profile.clone());
+        let ticket = rig
+            .submit_with(1.0, Some(50 * MS), Priority::Normal)
+            .unwrap();
+        let done = ticket.wait().await.unwrap();
+        assert_eq!((done.batch_size, done.queue_us), (1, 40_000));
+
+        let mut cfg = config(8, HOUR);
+        cfg.mode = BatchingMode::Fixed;
+        let fixed = Rig::with_profile(cfg, false, Behaviour::Echo, profile);
+        let ticket = fixed
+            .submit_with(1.0, Some(50 * MS), Priority::Normal)
+            .unwrap();
+        let err = ticket.wait().await.unwrap_err();
+        assert_eq!(
+            err.code,
+            ErrorCode::DeadlineExceeded,
+            "fixed waits out max_delay"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn higher_classes_run_first() {
+        let rig = Rig::new(config(1, Duration::ZERO), true, Behaviour::Echo);
+        let running = rig.submit(0.0);
+        rig.until_started(1).await;
+        let tickets: Vec<Ticket> = [
+            (1.0, Priority::Low),
+            (2.0, Priority::Normal),
+            (3.0, Priority::High),
+            (4.0, Priority::Normal),
+        ]
+        .into_iter()
+        .map(|(v, p)| rig.submit_with(v, None, p).unwrap())
+        .collect();
+        rig.open(5);
+        running.wait().await.unwrap();
+        for t in tickets {
+            t.wait().await.unwrap();
+        }
+        assert_eq!(rig.ran(), vec![0.0, 3.0, 2.0, 4.0, 1.0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_low_item_that_waited_long_enough_overtakes_a_fresh_high_one() {
+        let rig = Rig::new(config(1, Duration::ZERO), true, Behaviour::Echo);
+        let running = rig.submit(0.0);
+        rig.until_started(1).await;
+        let low = rig.submit_with(1.0, None, Priority::Low).unwrap();
+        tokio::task::yield_now().await;
+        // Two ageing steps of 100 ms: level with high, and older.
+        tokio::time::advance(200 * MS).await;
+        let high = rig.submit_with(2.0, None, Priority::High).unwrap();
+        rig.open(3);
+        running.wait().await.unwrap();
+        low.wait().await.unwrap();
+        high.wait().await.unwrap();
+        assert_eq!(rig.ran(), vec![0.0, 1.0, 2.0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn low_items_are_shed_once_the_queue_is_half_full() {
+        let (rig, running, next) = model_holding_two(4).await;
+        // The model thread holds two; the queue takes two low items, then only others.
+        let mut kept: Vec<Ticket> = (2..4)
+            .map(|v| rig.submit_with(v as f32, None, Priority::Low).unwrap())
+            .collect();
+        let err = rig.submit_with(9.0, None, Priority::Low).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Overloaded);
+        assert!(err.message.contains("low-priority"), "{}", err.message);
+        assert!(err.retry_after_ms.is_some());
+        kept.push(rig.submit_with(4.0, None, Priority::Normal).unwrap());
+        assert_eq!(rig.metrics.goodput.refusals(Refusal::LowPriority), 1);
+        rig.open(8);
+        running.wait().await.unwrap();
+        next.wait().await.unwrap();
+        for t in kept {
+            t.wait().await.unwrap();
+        }
     }
 
     // Real time from here: a drain deadline is a timer, and paused time would jump to it

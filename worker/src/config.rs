@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::admission::BatchingMode;
 use crate::error::Error;
 use crate::registration::RegisterToken;
 
@@ -142,6 +143,19 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_MAX_DELAY", default_value = "2ms", value_parser = parse_duration)]
     pub max_delay: Duration,
 
+    /// How the batcher serves requests with a `deadline_ms`: `adaptive` refuses at once one
+    /// predicted to finish late (`overloaded` with `retry_after_ms`), never runs one that
+    /// cannot finish in time, and closes each batch early enough for its most urgent member
+    /// (--max-batch and --max-delay stay the limits); `fixed` only batches by --max-batch and
+    /// --max-delay, as before, for comparison.
+    #[arg(long, env = "TIDEPOOL_WORKER_BATCHING", value_enum, default_value_t = BatchingMode::Adaptive)]
+    pub batching: BatchingMode,
+
+    /// How long a queued request waits to rise one priority class (low → normal → high and
+    /// beyond), so that no class starves; 0 never ages.
+    #[arg(long, env = "TIDEPOOL_WORKER_PRIORITY_AGING", default_value = "100ms", value_parser = parse_duration)]
+    pub priority_aging: Duration,
+
     /// Most items waiting in the queue; beyond it requests are answered `overloaded`.
     #[arg(long, env = "TIDEPOOL_WORKER_QUEUE", default_value_t = 1024)]
     pub queue: usize,
@@ -258,6 +272,8 @@ impl ServeConfig {
             no_padding: false,
             warm_up_lengths: Vec::new(),
             max_delay: Duration::from_millis(2),
+            batching: BatchingMode::Adaptive,
+            priority_aging: Duration::from_millis(100),
             queue: 1024,
             max_in_flight: 256,
             max_frame: tidepool_protocol::DEFAULT_MAX_FRAME as u64,

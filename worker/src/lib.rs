@@ -25,6 +25,11 @@
 //! - [`busy`]: the model thread's load share (the autoscaler's signal, in `pong`), busy share
 //!   and queue delay; [`cost`]: how a batch's run time grows with its size, measured after
 //!   warm-up, which turns busy time into the load share.
+//! - [`profile`]: the model thread's batch run time by batch size and length bucket, learned
+//!   online from the batches run; [`admission`]: predicted-finish admission, doomed items
+//!   dropped before they run, and each batch's close chosen from its members' deadlines;
+//!   [`priority`]: priority classes in the queue (order, ageing, shedding the low class
+//!   first); [`goodput`]: results counted against their deadlines, refusals by reason.
 //! - [`server`]: protocol connections: frames in, batcher, answers out, with backpressure.
 //! - [`registration`]: registering with the balancer's admin API once ready (and again
 //!   every few seconds, for a balancer that restarted), and deregistering first on shutdown.
@@ -61,15 +66,19 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 pub mod batcher;
 pub mod busy;
 pub mod config;
 pub mod cost;
 pub mod error;
+pub mod goodput;
 pub mod metrics;
 pub mod model;
 mod pad;
 pub mod parent;
+pub mod priority;
+pub mod profile;
 pub mod registration;
 pub mod server;
 pub mod spec;
@@ -92,6 +101,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+pub use admission::BatchingMode;
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply, Ticket};
 pub use busy::{BusyMeter, Reading};
 pub use config::{Cli, Command, DeviceChoice, ModelFile, ServeConfig, SynthConfig};
@@ -479,6 +489,8 @@ async fn serve_model(
         max_delay: config.max_delay,
         queue: config.queue,
         drain_timeout: config.drain_timeout,
+        mode: config.batching,
+        aging: config.priority_aging,
     };
     let batcher_stop = CancellationToken::new();
     let batcher = Batcher::start(
@@ -496,6 +508,7 @@ async fn serve_model(
     info!(
         max_batch = batch_config.max_batch,
         max_delay = ?batch_config.max_delay,
+        batching = ?batch_config.mode,
         queue = batch_config.queue,
         max_batch_tokens = ?batch_config.max_batch_tokens,
         padding = %padding_note,

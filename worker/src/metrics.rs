@@ -15,6 +15,7 @@ use tidepool_protocol::tls::HandshakeFailures;
 use tidepool_protocol::{ErrorCode, FrameBudget};
 
 use crate::busy::BusyMeter;
+use crate::goodput::Goodput;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -141,6 +142,8 @@ pub struct Metrics {
     /// The model thread's load share (what `pong` reports), busy share and queue delay (the
     /// batcher's model thread feeds it).
     pub busy: BusyMeter,
+    /// Results against their deadlines, refusals by reason (the batcher counts them).
+    pub goodput: Goodput,
 }
 
 impl Default for Metrics {
@@ -160,6 +163,7 @@ impl Default for Metrics {
             device: OnceLock::new(),
             frame_budget: OnceLock::new(),
             busy: BusyMeter::default(),
+            goodput: Goodput::default(),
         }
     }
 }
@@ -223,6 +227,7 @@ impl Metrics {
                 counter.load(Ordering::Relaxed)
             );
         }
+        self.goodput.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP tidepool_worker_connections Open protocol connections.\n\

@@ -1122,6 +1122,8 @@ mod real_model_tests {
             max_delay: Duration::from_secs(3600),
             queue: 64,
             drain_timeout: Duration::from_secs(10),
+            mode: crate::BatchingMode::Adaptive,
+            aging: Duration::from_millis(100),
         };
         let batcher = Batcher::start(
             model,

@@ -453,6 +453,7 @@ impl Connection {
             id,
             inputs,
             deadline_ms,
+            priority,
             ..
         } = infer;
         let reject = |code, message: String, retry: Option<u64>| {
@@ -496,7 +497,7 @@ impl Connection {
         }
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
         let fit = spec.fit(&inputs);
-        let ticket = match batcher.submit(inputs, fit, deadline) {
+        let ticket = match batcher.submit_prioritised(inputs, fit, deadline, priority) {
             Ok(ticket) => ticket,
             Err(rejection) => {
                 return reject(rejection.code, rejection.message, rejection.retry_after_ms)
@@ -504,8 +505,15 @@ impl Connection {
         };
         self.in_flight.insert(id, ticket.canceller());
         let name = self.context.name.clone();
+        let metrics = Arc::clone(&self.context.metrics);
         self.pending.push(Box::pin(async move {
             let reply = ticket.wait().await;
+            if reply.is_ok() {
+                // Goodput: whether the result reached the connection within its deadline.
+                metrics
+                    .goodput
+                    .answered(deadline.map(|d| Instant::now() <= d));
+            }
             (
                 id,
                 Answer {

@@ -390,6 +390,7 @@ async fn drive(config: LoadConfig) -> anyhow::Result<Tally> {
                             inputs: item.clone(),
                             deadline_ms: Some(deadline_ms),
                             client: None,
+                            ..Default::default()
                         };
                         sink.feed(Message::Infer(infer)).await?;
                         next_id += 1;

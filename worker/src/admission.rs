@@ -1,0 +1,209 @@
+//! Serving to deadlines: predicted-finish admission and the adaptive batch close, as pure
+//! decisions over the [`Profile`] (the batcher calls them; every input is a plain value, so
+//! each rule is tested here without a model or a clock).
+//!
+//! - **Admission** ([`forecast`], [`judge`]). When an item with a deadline arrives, the model
+//!   time ahead of it is what the model thread still has to run (the batch running and the
+//!   one handed over) plus the full batches that the items of its class or a higher one
+//!   already queued make; its own batch is the rest of those items and itself. If even that
+//!   (optimistic: no waiting, no slower machine) ends after its deadline, the item is refused
+//!   at once, `overloaded` with a `retry_after_ms` of how late it would have been, instead of
+//!   queueing to be answered `deadline_exceeded` later, after taking a place in the queue
+//!   from items that could still make it.
+//! - **Doomed items** ([`doomed`]). When a batch forms, a queued item that cannot finish by
+//!   its deadline even if its batch were just itself, started as soon as the model is free,
+//!   is answered `deadline_exceeded` and never computed.
+//! - **Adaptive close** ([`close_by`]). While the model is idle, a partial batch waits for
+//!   more items at most `--max-delay`, and no longer than its most urgent member can afford:
+//!   it closes when waiting for one more item would make the grown batch finish after that
+//!   member's deadline.
+//!
+//! With no profile yet (no batch has run), every prediction is `None` and the batcher
+//! behaves as [`BatchingMode::Fixed`].
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::profile::Profile;
+
+/// How the batcher treats deadlines (`--batching`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BatchingMode {
+    /// Predicted-finish admission, doomed items dropped, each batch's wait chosen from its
+    /// members' deadlines (within `--max-delay`).
+    #[default]
+    Adaptive,
+    /// The batcher before deadlines were predicted: batches close on `--max-batch` or
+    /// `--max-delay` only, and an item is answered `deadline_exceeded` only once its deadline
+    /// has passed in the queue. For comparison.
+    Fixed,
+}
+
+/// The model time an arriving item faces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forecast {
+    /// Until its batch can start: the model thread's work in hand, then the full batches
+    /// ahead of it.
+    pub ahead: Duration,
+    /// Its own batch's run.
+    pub own: Duration,
+}
+
+impl Forecast {
+    /// From arrival to its answer.
+    pub fn finish(&self) -> Duration {
+        self.ahead + self.own
+    }
+}
+
+/// The forecast for an item in length `bucket` with `items_ahead` items queued before it (its
+/// class or higher), batches of up to `max_batch`, and `model_busy` of work in hand on the
+/// model thread. `None` while the profile has no time for that bucket.
+pub fn forecast(
+    profile: &Profile,
+    bucket: usize,
+    items_ahead: usize,
+    max_batch: usize,
+    model_busy: Duration,
+) -> Option<Forecast> {
+    let max_batch = max_batch.max(1);
+    let full = u32::try_from(items_ahead / max_batch).unwrap_or(u32::MAX);
+    let full_batch = profile.predict(bucket, max_batch)?;
+    let own = profile.predict(bucket, items_ahead % max_batch + 1)?;
+    Some(Forecast {
+        ahead: model_busy.saturating_add(full_batch.saturating_mul(full)),
+        own,
+    })
+}
+
+/// What admission decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Queue it.
+    Admit,
+    /// It would finish `late_by` after its deadline.
+    Refuse {
+        /// The forecast from arrival to its answer.
+        finish: Duration,
+        /// How far past its deadline.
+        late_by: Duration,
+    },
+}
+
+/// Admits an item arriving at `now` with `deadline` unless `forecast` ends after it.
+pub fn judge(now: Instant, deadline: Instant, forecast: Forecast) -> Verdict {
+    let finish = forecast.finish();
+    let done = now + finish;
+    if done > deadline {
+        Verdict::Refuse {
+            finish,
+            late_by: done - deadline,
+        }
+    } else {
+        Verdict::Admit
+    }
+}
+
+/// The `retry_after_ms` for an item refused `late_by` too late: by then the queue ahead of
+/// it has shrunk by that much model time. At least 1 ms, at most a minute.
+pub fn retry_after_ms(late_by: Duration) -> u64 {
+    u64::try_from(late_by.as_millis().saturating_add(1))
+        .unwrap_or(u64::MAX)
+        .clamp(1, 60_000)
+}
+
+/// True when an item due at `deadline` cannot finish in time even alone, started once the
+/// model's `model_busy` of work in hand is done: a batch of one runs `alone`.
+pub fn doomed(now: Instant, deadline: Instant, model_busy: Duration, alone: Duration) -> bool {
+    now + model_busy + alone > deadline
+}
+
+/// The latest a partial batch may close while its most urgent member is due at `deadline`:
+/// waiting for one more item makes the batch run `grown`, which must still end by then.
+pub fn close_by(deadline: Instant, grown: Duration) -> Option<Instant> {
+    deadline.checked_sub(grown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A model whose batches take 10 ms plus 1 ms per item, up to 8.
+    fn profile() -> Profile {
+        let mut p = Profile::new(8, 1);
+        p.observe(0, 1, ms(11));
+        p.observe(0, 8, ms(18));
+        p
+    }
+
+    #[test]
+    fn nothing_is_forecast_before_the_profile_knows_the_bucket() {
+        assert_eq!(forecast(&Profile::new(8, 1), 0, 3, 8, ms(5)), None);
+    }
+
+    #[test]
+    fn the_forecast_counts_work_in_hand_full_batches_ahead_and_its_own_batch() {
+        // 19 ahead: two full batches (2 × 18), then its batch of 3 + itself (14).
+        let f = forecast(&profile(), 0, 19, 8, ms(7)).unwrap();
+        assert_eq!(
+            f,
+            Forecast {
+                ahead: ms(7 + 36),
+                own: ms(14)
+            }
+        );
+        assert_eq!(f.finish(), ms(57));
+        let empty = forecast(&profile(), 0, 0, 8, Duration::ZERO).unwrap();
+        assert_eq!(
+            empty.finish(),
+            ms(11),
+            "alone on an idle model: a batch of one"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_that_cannot_finish_in_time_is_refused_with_how_late() {
+        let now = Instant::now();
+        let f = forecast(&profile(), 0, 19, 8, ms(7)).unwrap();
+        assert_eq!(
+            judge(now, now + ms(57), f),
+            Verdict::Admit,
+            "exactly in time"
+        );
+        assert_eq!(
+            judge(now, now + ms(50), f),
+            Verdict::Refuse {
+                finish: ms(57),
+                late_by: ms(7)
+            }
+        );
+        assert_eq!(retry_after_ms(ms(7)), 8);
+        assert_eq!(retry_after_ms(Duration::ZERO), 1);
+        assert_eq!(retry_after_ms(Duration::from_secs(3600)), 60_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_is_doomed_only_when_even_alone_it_ends_late() {
+        let now = Instant::now();
+        assert!(!doomed(now, now + ms(20), ms(9), ms(11)));
+        assert!(doomed(now, now + ms(20), ms(10), ms(11)));
+        assert!(!doomed(now, now, Duration::ZERO, Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_closes_when_one_more_item_would_make_it_late() {
+        let now = Instant::now();
+        let grown = profile().predict(0, 4).unwrap();
+        assert_eq!(close_by(now + ms(30), grown), Some(now + ms(16)));
+        assert_eq!(
+            close_by(now, Duration::MAX),
+            None,
+            "before the clock's start: at once"
+        );
+    }
+}
