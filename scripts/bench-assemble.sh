@@ -11,7 +11,7 @@
 #
 # scripts/bench.sh calls it; scripts/test-bench-assemble.sh runs it on fake sections.
 # Settings (environment):
-#   SECTIONS the sections in document order ("worker text balancer autoscale resilience failover soak"); the tests
+#   SECTIONS the sections in document order ("worker text balancer autoscale slo resilience failover soak"); the tests
 #           set their own
 #   SEPARATE the sections that `make bench` does not run ("soak": `make soak` runs it and
 #           splices its report alone); a full run is one where all the others are fresh
@@ -25,7 +25,7 @@
 #   NOTES   1: include $INTRO/last-run.md (the hand-written notes on the committed run)
 set -euo pipefail
 
-read -r -a SECTIONS <<< "${SECTIONS:-worker text balancer autoscale resilience failover soak}"
+read -r -a SECTIONS <<< "${SECTIONS:-worker text balancer autoscale slo resilience failover soak}"
 SEPARATE=${SEPARATE-soak}
 FRESH=${FRESH-}
 OUT=${OUT:-bench-out}

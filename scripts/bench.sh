@@ -3,7 +3,7 @@
 # assemble BENCHMARKS.md from their reports (bench-out/*.md) and the hand-written intros
 # (bench/intro/*.md). BENCH_QUICK=1: a short smoke run on a small model; BENCHMARKS.md is then
 # written to bench-out/BENCHMARKS.quick.md instead, so the committed figures stay real.
-# BENCH_ONLY=worker|text|balancer|autoscale|resilience|failover: rerun one benchmark and splice its report into
+# BENCH_ONLY=worker|text|balancer|autoscale|resilience|failover|slo: rerun one benchmark and splice its report into
 # BENCHMARKS.md, keeping the committed reports of the others; BENCH_ONLY=soak (`make soak`)
 # runs the soak, which a full run leaves out, the same way; BENCH_ONLY=none only reassembles
 # (after editing an intro). scripts/bench-assemble.sh does the assembly.
@@ -20,7 +20,7 @@ export BENCH_QUICK=$QUICK
 mkdir -p "$OUT" build/models
 
 ONLY=${BENCH_ONLY:-all}
-case $ONLY in all|worker|text|balancer|autoscale|resilience|failover|soak|none) ;; *) echo "bench: BENCH_ONLY must be worker, text, balancer, autoscale, resilience, failover, soak or none" >&2; exit 2 ;; esac
+case $ONLY in all|worker|text|balancer|autoscale|resilience|failover|slo|soak|none) ;; *) echo "bench: BENCH_ONLY must be worker, text, balancer, autoscale, resilience, failover, slo, soak or none" >&2; exit 2 ;; esac
 # Whether this run includes section $1 (the soak runs only when asked for: `make soak`).
 runs() { [[ $ONLY == "$1" || ( $ONLY == all && $1 != soak ) ]]; }
 # Nothing to build or run when only reassembling.
@@ -49,9 +49,16 @@ if [[ $ONLY != none ]]; then
     else
         SIZE=1GiB; MODEL=build/models/synth-1gib.onnx
     fi
-    if { runs worker || runs autoscale; } && [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
+    if { runs worker || runs autoscale || runs slo; } && [[ ! -f $MODEL || ! -f $MODEL.data ]]; then
         echo "bench: writing the synthetic $SIZE model to $MODEL (about 20 s and 3.4 GB of memory for 1GiB)" >&2
         target/release/tidepool-worker synth --out "$MODEL" --size "$SIZE"
+    fi
+
+    # Serving to deadlines (issue 15) also runs the 64 MiB model (a quick run's only model).
+    SLO_SMALL=build/models/synth-64mib.onnx
+    if runs slo && [[ ! -f $SLO_SMALL || ! -f $SLO_SMALL.data ]]; then
+        echo "bench: writing the synthetic 64MiB model to $SLO_SMALL" >&2
+        target/release/tidepool-worker synth --out "$SLO_SMALL" --size 64MiB
     fi
 
     # The worker benchmark's fast model (issue 16): 8 MiB, fast enough that the worker's own
@@ -121,6 +128,15 @@ if runs autoscale; then
         --out "$OUT" >/dev/null
 fi
 
+if runs slo; then
+    # About 5 minutes a model: capacity, then fixed and adaptive batching at 50% to 150% of it
+    # with deadlines (a third tight, the rest loose). A quick run: the 64 MiB model, short steps.
+    echo "bench: slo" >&2
+    SLO_MODELS=(--model "$SLO_SMALL")
+    [[ $QUICK == 1 ]] || SLO_MODELS=(--model "$MODEL" --model "$SLO_SMALL")
+    RUST_LOG=${RUST_LOG:-warn} target/release/bench-slo "${SLO_MODELS[@]}" --out "$OUT" >/dev/null
+fi
+
 if runs resilience; then
     # About 3 minutes: a target SIGKILLed with retries on and off, then hedging on the skewed pool.
     echo "bench: resilience" >&2
@@ -143,7 +159,7 @@ fi
 
 # Assemble: the sections run now from $OUT, the others' reports kept from the committed
 # BENCHMARKS.md (scripts/bench-assemble.sh says how).
-case $ONLY in all) FRESH="worker text balancer autoscale resilience failover" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
+case $ONLY in all) FRESH="worker text balancer autoscale slo resilience failover" ;; none) FRESH="" ;; *) FRESH=$ONLY ;; esac
 DEST=BENCHMARKS.md
 [[ $QUICK == 1 ]] && DEST=$OUT/BENCHMARKS.quick.md
 DIRTY=""

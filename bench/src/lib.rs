@@ -22,6 +22,9 @@
 //! - `bench-autoscale`: a compressed day of load against a pool fixed at the peak size and
 //!   against the autoscaled pool (worker-seconds and seconds within a p99 objective), and
 //!   the time from a step up in load to enough ready workers, taken apart (issue 6).
+//! - `bench-slo`: the worker's fixed `--max-delay` batcher against the adaptive one with
+//!   predicted-finish admission, open loop with deadlines (a third tight) from 50% to 150%
+//!   of capacity, on each model given: goodput and p99 (issue 15).
 //! - `bench-soak` (`make soak`, not in `make bench`): a long run at 70% of capacity with a
 //!   worker SIGKILLed or frozen every few minutes; RSS slope per process and answers counted
 //!   per request id (issue 11).

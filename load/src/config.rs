@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
+use tidepool_protocol::Priority;
+
 use crate::error::Error;
 use crate::input::InputSpec;
 use crate::profile::RateProfile;
@@ -108,6 +110,11 @@ pub struct LoadConfig {
     #[arg(long, env = "TIDEPOOL_LOAD_DEADLINE", value_parser = humantime::parse_duration)]
     #[serde(with = "opt_secs")]
     pub deadline: Option<Duration>,
+
+    /// Priority class of every request: low, normal or high.
+    #[arg(long, env = "TIDEPOOL_LOAD_PRIORITY", default_value = "normal", value_parser = parse_priority)]
+    #[serde(serialize_with = "priority_str")]
+    pub priority: Priority,
 
     /// Connections to the target; each request goes on the least busy one.
     #[arg(long, env = "TIDEPOOL_LOAD_CONNECTIONS", default_value_t = DEFAULT_CONNECTIONS)]
@@ -208,6 +215,7 @@ impl LoadConfig {
             burst_length: DEFAULT_BURST_LENGTH,
             concurrency: DEFAULT_CONCURRENCY,
             deadline: None,
+            priority: Priority::Normal,
             connections: DEFAULT_CONNECTIONS,
             inputs: vec![InputSpec {
                 name: "input".to_owned(),
@@ -319,6 +327,15 @@ fn parse_lengths(s: &str) -> Result<(usize, usize), String> {
         Some((low, high)) => Ok((number(low)?, number(high)?)),
         None => number(s).map(|n| (n, n)),
     }
+}
+
+fn parse_priority(s: &str) -> Result<Priority, String> {
+    Priority::from_wire(s.as_bytes())
+        .ok_or_else(|| format!("{s:?} is not a priority; expected low, normal or high"))
+}
+
+fn priority_str<S: serde::Serializer>(p: &Priority, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(p.as_str())
 }
 
 fn display_all<S: serde::Serializer>(inputs: &[InputSpec], s: S) -> Result<S::Ok, S::Error> {

@@ -67,7 +67,7 @@ pub use error::Error;
 pub use input::InputSpec;
 pub use outcome::Outcome;
 pub use profile::RateProfile;
-pub use report::{LatencySummary, Report, RunInfo, SecondRow, WorkerShare};
+pub use report::{Goodput, LatencySummary, Report, RunInfo, SecondRow, WorkerShare};
 pub use run::run;
 pub use schedule::{Arrivals, Schedule};
 pub use tokio_util::sync::CancellationToken;

@@ -50,6 +50,15 @@ impl Outcome {
         Outcome::Unanswered,
     ];
 
+    /// The outcomes in which a server refused or dropped a request without a result, each
+    /// a reason of its own: the refusals a goodput report lists.
+    pub const REFUSALS: [Outcome; 4] = [
+        Outcome::Overloaded,
+        Outcome::DeadlineExceeded,
+        Outcome::Unavailable,
+        Outcome::ShuttingDown,
+    ];
+
     /// The name used in reports: the protocol's code for server errors.
     pub const fn as_str(self) -> &'static str {
         match self {

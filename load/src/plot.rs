@@ -426,6 +426,7 @@ mod tests {
             window_s: 0.0,
             throughput: 0.0,
             latency_ms: Default::default(),
+            goodput: None,
             batch_sizes: BTreeMap::new(),
             batch_size_mean: None,
             workers: Vec::new(),

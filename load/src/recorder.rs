@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 
 use crate::outcome::Outcome;
 use crate::profile::RateProfile;
-use crate::report::{LatencySummary, Report, RunInfo, SecondRow, WorkerShare};
+use crate::report::{Goodput, LatencySummary, Report, RunInfo, SecondRow, WorkerShare};
 
 /// Highest latency recorded exactly, in microseconds (one hour); above it, clamped.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
@@ -64,6 +64,11 @@ pub(crate) struct Recorder {
     open: usize,
     window: Histogram<u64>,
     window_workers: BTreeSet<String>,
+    /// The latency objective results are counted against (`--deadline`), if any.
+    objective: Option<Duration>,
+    /// Results within the objective, and after it.
+    within: u64,
+    late: u64,
 }
 
 impl Recorder {
@@ -81,6 +86,17 @@ impl Recorder {
             open: 0,
             window: histogram(2),
             window_workers: BTreeSet::new(),
+            objective: None,
+            within: 0,
+            late: 0,
+        }
+    }
+
+    /// A recorder that also counts results within `objective` and after it (goodput).
+    pub(crate) fn with_objective(objective: Option<Duration>) -> Self {
+        Recorder {
+            objective,
+            ..Recorder::new()
         }
     }
 
@@ -123,6 +139,13 @@ impl Recorder {
             return;
         }
         second.ok += 1;
+        if let Some(objective) = self.objective {
+            if answer.latency <= objective {
+                self.within += 1;
+            } else {
+                self.late += 1;
+            }
+        }
         let us = u64::try_from(answer.latency.as_micros()).unwrap_or(u64::MAX);
         self.latency.saturating_record(us.clamp(1, MAX_LATENCY_US));
         self.window.saturating_record(us.clamp(1, MAX_LATENCY_US));
@@ -209,8 +232,23 @@ impl Recorder {
                 share: answered as f64 / ok.max(1) as f64,
             })
             .collect();
+        let goodput = self.objective.map(|objective| Goodput {
+            objective_ms: objective.as_secs_f64() * 1000.0,
+            within: self.within,
+            late: self.late,
+            per_s: if window_s > 0.0 {
+                self.within as f64 / window_s
+            } else {
+                0.0
+            },
+            refused: Outcome::REFUSALS
+                .into_iter()
+                .map(|o| (o, self.outcomes.get(&o).copied().unwrap_or(0)))
+                .collect(),
+        });
         Report {
             info,
+            goodput,
             offered: self.offered,
             sent,
             skipped: self.skipped,
@@ -294,6 +332,35 @@ mod tests {
                 retry_after: None,
             }),
         }
+    }
+
+    #[test]
+    fn results_are_counted_against_the_objective_and_refusals_by_reason() {
+        let profile = RateProfile::Constant { rate: 4.0 };
+        let mut r = Recorder::with_objective(Some(ms(50)));
+        for t in [0, 250, 500, 750] {
+            r.offered(ms(t), true);
+        }
+        r.answered(ok(40, 40, "a", 1));
+        r.answered(ok(300, 50, "a", 1));
+        r.answered(ok(580, 80, "a", 1));
+        r.answered(failed(760, Outcome::Overloaded));
+        r.offered(ms(1000), true);
+        r.answered(failed(1900, Outcome::DeadlineExceeded));
+        let report = r.finish(RunInfo::default(), &profile);
+        let g = report.goodput.as_ref().unwrap();
+        assert_eq!((g.within, g.late), (2, 1), "50 ms is within, 80 ms late");
+        assert_eq!(g.refused[&Outcome::Overloaded], 1);
+        assert_eq!(g.refused[&Outcome::DeadlineExceeded], 1);
+        assert_eq!(g.refused[&Outcome::ShuttingDown], 0, "every reason listed");
+        assert!((g.per_s - 2.0 / 1.9).abs() < 1e-9, "{}", g.per_s);
+        let text = report.to_string();
+        assert!(text.contains("within (goodput)"), "{text}");
+        assert!(text.contains("refused: overloaded"), "{text}");
+        assert!(Recorder::new()
+            .finish(RunInfo::default(), &profile)
+            .goodput
+            .is_none());
     }
 
     #[test]

@@ -130,6 +130,22 @@ pub struct SecondRow {
     pub active_workers: usize,
 }
 
+/// Results against the run's latency objective (`--deadline`): what serving to an objective
+/// is judged by.
+#[derive(Clone, Debug, Serialize)]
+pub struct Goodput {
+    /// The objective, from each intended send time.
+    pub objective_ms: f64,
+    /// Results within it.
+    pub within: u64,
+    /// Results after it (the server ran them, too late to count).
+    pub late: u64,
+    /// Results within it per second over the run's window: the goodput.
+    pub per_s: f64,
+    /// Requests refused or dropped without a result, by reason (every reason present).
+    pub refused: BTreeMap<Outcome, u64>,
+}
+
 /// What a run measured. Serialises to the `--json` document.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -153,6 +169,8 @@ pub struct Report {
     pub throughput: f64,
     /// Latency of results (errors excluded), from each intended send time.
     pub latency_ms: LatencySummary,
+    /// Results against the objective, with `--deadline`.
+    pub goodput: Option<Goodput>,
     /// Results by the size of the batch they ran in.
     pub batch_sizes: BTreeMap<u32, u64>,
     /// The mean batch size over results that reported one.
@@ -292,6 +310,33 @@ impl fmt::Display for Report {
             format!("{:.1}", self.throughput),
             self.window_s
         )?;
+        if let Some(g) = &self.goodput {
+            writeln!(f, "objective: results within {:.0} ms", g.objective_ms)?;
+            writeln!(
+                f,
+                "  {:<22}{:>10}  {:>6.2}%",
+                "within (goodput)",
+                g.within,
+                pct(g.within, self.sent)
+            )?;
+            writeln!(
+                f,
+                "  {:<22}{:>10}  {:>6.2}%",
+                "late",
+                g.late,
+                pct(g.late, self.sent)
+            )?;
+            for (reason, &n) in &g.refused {
+                writeln!(
+                    f,
+                    "  {:<22}{:>10}  {:>6.2}%",
+                    format!("refused: {reason}"),
+                    n,
+                    pct(n, self.sent)
+                )?;
+            }
+            writeln!(f, "  {:<22}{:>10}/s", "goodput", format!("{:.1}", g.per_s))?;
+        }
         writeln!(f, "latency of results, from intended send time (ms)")?;
         let l = &self.latency_ms;
         for (name, v) in [

@@ -109,14 +109,14 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Repo
 
     let profile = config.rate_profile();
     let schedule = Schedule::new(profile, config.duration, config.arrivals, config.seed);
-    let recorder = Arc::new(Mutex::new(Recorder::new()));
+    let recorder = Arc::new(Mutex::new(Recorder::with_objective(config.deadline)));
     // One permit per request in flight: the concurrency cap, and the in-flight gauge.
     let slots = Arc::new(Semaphore::new(config.concurrency));
     let tracker = TaskTracker::new();
     let abandon = CancellationToken::new();
     let call = CallOptions {
         deadline: config.deadline,
-        ..Default::default()
+        priority: config.priority,
     };
     let start = Instant::now();
 
