@@ -1,7 +1,8 @@
 //! Serving to a latency objective, end to end on a real worker: the `priority` field on the
 //! wire (validated, answered under its id), and a bystander client whose every request gets
 //! its normal answer while another client floods the worker with tight deadlines at low
-//! priority, each of whose requests gets exactly one answer of a documented kind.
+//! priority, each of whose requests gets exactly one answer of a documented kind; and the
+//! field forwarded by the balancer unchanged.
 
 // A failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
@@ -14,6 +15,7 @@ use futures::StreamExt;
 use tidepool_protocol::{
     CallOptions, Client, Error, ErrorCode, Infer, Message, MessageCodec, Priority, Tensor, Tensors,
 };
+use tidepool_tests::balancer::{fast_config, TestBalancer};
 use tidepool_tests::init_tracing;
 use tidepool_tests::worker::{start_worker, worker_config, TinyModel};
 use tidepool_worker::goodput::Refusal;
@@ -146,5 +148,52 @@ async fn a_bystander_is_served_while_another_client_floods_tight_low_priority_re
         goodput.within() >= 40,
         "the bystander's results count as goodput"
     );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn priority_passes_through_the_balancer_to_the_worker() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let mut config = worker_config(&tiny.write());
+    config.max_batch = 1;
+    config.queue = 8;
+    let worker = start_worker(config).await;
+    let lb = TestBalancer::start(fast_config(&[worker.local_addr()])).await;
+    lb.wait_healthy(1).await;
+    let dim = tiny.input_dim;
+    let flooder = lb.client().await;
+    let bystander = lb.client().await;
+    let expected = bystander.infer(item(dim, 0.25)).await.unwrap().outputs;
+
+    let flood = futures::future::join_all((0..300).map(|_| {
+        let flooder = flooder.clone();
+        async move {
+            let options = CallOptions {
+                priority: Priority::Low,
+                ..CallOptions::default()
+            };
+            flooder.infer_with(item(dim, 1.0), options).await
+        }
+    }));
+    let served = async {
+        for _ in 0..20 {
+            let result = bystander.infer(item(dim, 0.25)).await.unwrap();
+            assert_eq!(result.outputs, expected, "the bystander's normal answer");
+        }
+    };
+    let (flooded, ()) = tokio::join!(flood, served);
+    for answer in &flooded {
+        match answer {
+            Ok(_) | Err(Error::Overloaded { .. }) => {}
+            Err(other) => panic!("a flood request answered {other}"),
+        }
+    }
+    // Only a request that reached the worker marked low is refused for it.
+    assert!(
+        worker.metrics().goodput.refusals(Refusal::LowPriority) > 0,
+        "the worker never saw a low-priority request through the balancer"
+    );
+    lb.stop().await.unwrap();
     worker.shutdown().await.unwrap();
 }
