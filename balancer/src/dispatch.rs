@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use tidepool_protocol::ErrorCode;
+use tidepool_protocol::{ErrorCode, Priority};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -302,14 +302,20 @@ impl Router {
                 );
             }
 
-            while let Some((request, since)) = waiting.pop_front() {
+            // The highest priority class first, oldest first within it; the queue stays in
+            // arrival order for the timeouts above, which also bound how long a low
+            // request can be passed over.
+            while let Some(at) = next_to_route(&waiting) {
+                let Some((request, since)) = waiting.remove(at) else {
+                    break;
+                };
                 match self.try_route(request, &mut scratch).await {
                     Routed::Done => {
                         signal.left(1);
                         self.metrics.queue_wait.record(since.elapsed());
                     }
                     Routed::Full(request) => {
-                        waiting.push_front((request, since));
+                        waiting.insert(at, (request, since));
                         break;
                     }
                     Routed::NoTarget(request) => {
@@ -329,6 +335,21 @@ impl Router {
             drop(request);
         }
     }
+}
+
+/// Where the next request to route waits: the first (oldest) of the highest priority class.
+fn next_to_route(waiting: &VecDeque<(Request, Instant)>) -> Option<usize> {
+    let mut best: Option<(usize, Priority)> = None;
+    for (i, (request, _)) in waiting.iter().enumerate() {
+        let priority = request.payload.priority();
+        if best.is_none_or(|(_, b)| priority > b) {
+            best = Some((i, priority));
+            if priority == Priority::High {
+                break;
+            }
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -459,6 +480,11 @@ mod tests {
         /// Reads a new request with `deadline_ms` (under a long `--request-timeout`) and
         /// submits it; returns its client id.
         async fn submit_with(&mut self, deadline_ms: Option<u64>) -> RequestId {
+            self.submit_as(deadline_ms, Priority::Normal).await
+        }
+
+        /// [`Fixture::submit_with`] at `priority`.
+        async fn submit_as(&mut self, deadline_ms: Option<u64>, priority: Priority) -> RequestId {
             let id = self.next_id;
             self.next_id += 1;
             self.client.slots.insert(id, Slot::Waiting);
@@ -470,6 +496,7 @@ mod tests {
                 pending,
                 payload: Payload::Decoded(Infer {
                     id,
+                    priority,
                     ..Infer::default()
                 }),
                 reroutes: 0,
@@ -664,6 +691,25 @@ mod tests {
         assert_eq!(answered, ids, "answered in arrival order");
         assert_eq!(f.router.queue.signal().len(), 0);
         assert_eq!(target.outstanding(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_routed_highest_priority_first_oldest_first_within_it() {
+        let (mut f, _target, mut conn) = one_place(8);
+        let first = f.submit().await;
+        let low = f.submit_as(None, Priority::Low).await;
+        let normal = f.submit().await;
+        let high = f.submit_as(None, Priority::High).await;
+        let normal_later = f.submit().await;
+        settle().await;
+        assert_eq!(f.router.queue.signal().len(), 4);
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            complete(received(&mut conn).remove(0));
+            settle().await;
+            order.push(f.answer().unwrap().id());
+        }
+        assert_eq!(order, vec![first, high, normal, normal_later, low]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -87,6 +87,14 @@ pub(crate) enum Payload {
 }
 
 impl Payload {
+    /// The client's `priority` (forwarded unchanged; orders the wait queue).
+    pub(crate) fn priority(&self) -> tidepool_protocol::Priority {
+        match self {
+            Payload::Raw(raw) => raw.priority(),
+            Payload::Decoded(infer) => infer.priority,
+        }
+    }
+
     /// The client's `deadline_ms`.
     pub(crate) fn deadline_ms(&self) -> Option<u64> {
         match self {

@@ -1,5 +1,6 @@
 //! The balancer's wait queue: requests that found every eligible target at its
-//! `--max-outstanding` limit wait here, in order, for `--queue-timeout` at most.
+//! `--max-outstanding` limit wait here for `--queue-timeout` at most, and are routed highest
+//! `priority` first, in arrival order within a class.
 //!
 //! The queue is an actor: one task owns the waiting requests (the loop lives beside the
 //! router that routes them, in `dispatch.rs`); requests reach it over a channel whose
