@@ -10,9 +10,11 @@
 //!   at once, `overloaded` with a `retry_after_ms` of how late it would have been, instead of
 //!   queueing to be answered `deadline_exceeded` later, after taking a place in the queue
 //!   from items that could still make it.
-//! - **Doomed items** ([`doomed`]). When a batch forms, a queued item that cannot finish by
-//!   its deadline even if its batch were just itself, started as soon as the model is free,
-//!   is answered `deadline_exceeded` and never computed.
+//! - **Doomed items** ([`doomed`]). An item that cannot finish by its deadline even if its
+//!   batch were just itself, started as soon as the model is free, is answered
+//!   `deadline_exceeded` and never computed: on arrival (its budget is shorter than a batch
+//!   of one: only a larger budget helps, so not `overloaded`), or while queued, before its
+//!   batch forms.
 //! - **Adaptive close** ([`close_by`]). While the model is idle, a partial batch waits for
 //!   more items at most `--max-delay`, and no longer than its most urgent member can afford:
 //!   it closes when waiting for one more item would make the grown batch finish after that

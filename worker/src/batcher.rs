@@ -562,8 +562,8 @@ impl Actor {
             return;
         }
         if let Some(deadline) = item.deadline {
-            if let Some(refusal) = self.refuse_late(&item, deadline) {
-                self.shared.metrics.goodput.refused(Refusal::PredictedLate);
+            if let Some((why, refusal)) = self.refuse_late(&item, deadline) {
+                self.shared.metrics.goodput.refused(why);
                 item.reply.send(Err(refusal));
                 return;
             }
@@ -576,16 +576,34 @@ impl Actor {
 
     /// Predicted-finish admission ([`admission::judge`]): the refusal for an item that would
     /// finish after `deadline`, counting as ahead of it the queued items of its class or a
-    /// higher one. `None` (admit) in fixed mode or while the profile knows nothing.
-    fn refuse_late(&self, item: &Queued, deadline: Instant) -> Option<Rejection> {
+    /// higher one. `None` (admit) in fixed mode or while the profile knows nothing. An item
+    /// that could not make it even alone on an idle model is `deadline_exceeded` (waiting
+    /// does not help; a larger budget does), any other `overloaded` with a retry hint.
+    fn refuse_late(&self, item: &Queued, deadline: Instant) -> Option<(Refusal, Rejection)> {
         if self.config.mode != BatchingMode::Adaptive {
             return None;
         }
         let now = Instant::now();
+        let bucket = self.bucket(item.fit.tokens);
+        let budget = deadline.saturating_duration_since(item.enqueued);
+        let alone = self.profile.predict(bucket, 1)?;
+        if admission::doomed(now, deadline, Duration::ZERO, alone) {
+            return Some((
+                Refusal::Doomed,
+                Rejection::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!(
+                        "its deadline_ms of {} is shorter than this worker takes to run a batch of one ({} ms); it was not run: retry with a larger deadline_ms",
+                        budget.as_millis(),
+                        alone.as_millis()
+                    ),
+                ),
+            ));
+        }
         let ahead = self.classes.at_or_above(item.priority);
         let forecast = admission::forecast(
             &self.profile,
-            self.bucket(item.fit.tokens),
+            bucket,
             ahead,
             self.config.max_batch,
             self.model_busy(now),
@@ -593,8 +611,7 @@ impl Actor {
         let Verdict::Refuse { finish, late_by } = admission::judge(now, deadline, forecast) else {
             return None;
         };
-        let budget = deadline.saturating_duration_since(item.enqueued);
-        Some(Rejection {
+        let rejection = Rejection {
             code: ErrorCode::Overloaded,
             message: format!(
                 "the worker predicts this request would be answered in {} ms ({ahead} requests ahead of it), after its deadline_ms of {}; retry after retry_after_ms, on another worker, or with a larger deadline_ms",
@@ -602,7 +619,8 @@ impl Actor {
                 budget.as_millis()
             ),
             retry_after_ms: Some(admission::retry_after_ms(late_by)),
-        })
+        };
+        Some((Refusal::PredictedLate, rejection))
     }
 
     /// The model thread's work in hand at `now`, predicted: what is left of the running
@@ -1469,6 +1487,31 @@ mod tests {
         assert_eq!(rig.ran(), vec![0.0, 2.0], "the refused item never ran");
         let goodput = &rig.metrics.goodput;
         assert_eq!(goodput.refusals(Refusal::PredictedLate), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_shorter_than_a_batch_of_one_is_deadline_exceeded_at_once() {
+        let profile = flat_profile(8, 100 * MS);
+        let rig = Rig::with_profile(config(8, Duration::ZERO), false, Behaviour::Echo, profile);
+        let short = rig.submit_with(1.0, Some(50 * MS), Priority::High).unwrap();
+        let err = short.wait().await.unwrap_err();
+        assert_eq!(
+            err.code,
+            ErrorCode::DeadlineExceeded,
+            "retrying later cannot help"
+        );
+        assert_eq!(err.retry_after_ms, None);
+        assert!(
+            err.message.contains("larger deadline_ms"),
+            "{}",
+            err.message
+        );
+        let fits = rig
+            .submit_with(2.0, Some(150 * MS), Priority::Normal)
+            .unwrap();
+        assert_eq!(value(&fits.wait().await.unwrap()), 2.0);
+        assert_eq!(rig.ran(), vec![2.0], "the short one never ran");
+        assert_eq!(rig.metrics.goodput.refusals(Refusal::Doomed), 1);
     }
 
     #[tokio::test(start_paused = true)]

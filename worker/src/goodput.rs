@@ -14,8 +14,8 @@ pub enum Refusal {
     LowPriority,
     /// Predicted to finish after its deadline, refused on arrival (`overloaded`).
     PredictedLate,
-    /// Could not finish by its deadline even alone, dropped before its batch formed
-    /// (`deadline_exceeded`).
+    /// Could not finish by its deadline even alone: refused on arrival (a budget shorter than
+    /// a batch of one) or dropped before its batch formed (`deadline_exceeded`).
     Doomed,
     /// Its deadline passed while it was queued (`deadline_exceeded`).
     Expired,
