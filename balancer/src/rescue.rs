@@ -121,7 +121,7 @@ mod tests {
         // deadline has passed.
         let write = |id: u64, deadline_ms: u64, retried: bool| {
             client.slots.insert(id, Slot::Waiting);
-            let mut pending = Pending::new(Arc::clone(&client), id, None);
+            let mut pending = Pending::new(Arc::clone(&client), id, None, Instant::now());
             pending.set_expiry(Some(deadline_ms), Duration::from_secs(300));
             pending.keep(infer(id, deadline_ms), 0);
             if retried {
