@@ -491,7 +491,7 @@ mod tests {
         /// The next answer the client got, if any.
         fn answer(&mut self) -> Option<Message> {
             match self.answers.try_recv().ok()?.answer {
-                Answer::Message(msg) => Some(msg),
+                Answer::Message(msg) => Some(*msg),
                 Answer::Raw { .. } => panic!("no raw answer is made in these tests"),
             }
         }

@@ -366,7 +366,7 @@ mod tests {
         /// The client's next answer, if one is queued.
         fn answer(&mut self) -> Option<Message> {
             self.answers.try_recv().ok().map(|o| match o.answer {
-                Answer::Message(msg) => msg,
+                Answer::Message(msg) => *msg,
                 Answer::Raw { .. } => panic!("no raw answers here"),
             })
         }

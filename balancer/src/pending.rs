@@ -68,8 +68,10 @@ pub(crate) struct Outbound {
 
 /// What is written to the client.
 pub(crate) enum Answer {
-    /// A message the balancer made or decoded, its id already the client's.
-    Message(Message),
+    /// A message the balancer made or decoded, its id already the client's. Boxed: a
+    /// `Message` is 272 bytes and every answer moves through the client's channel, while
+    /// the common answer (a target's `result`) is `Raw`.
+    Message(Box<Message>),
     /// A target's `result` as received, written with the client's id spliced in.
     Raw {
         result: RawMessage,
@@ -253,7 +255,7 @@ impl ClientConn {
     /// Queues a frame for the client that answers no pending request (a pong, an error
     /// about an unreadable frame).
     pub(crate) fn send(&self, msg: Message, permit: Option<OwnedSemaphorePermit>) {
-        self.send_answer(Answer::Message(msg), permit);
+        self.send_answer(Answer::Message(Box::new(msg)), permit);
     }
 
     fn send_answer(&self, answer: Answer, permit: Option<OwnedSemaphorePermit>) {
@@ -349,7 +351,7 @@ impl Drop for Answerer {
             };
             self.conn.metrics.reject(reason);
             let reply = ErrorReply::new(self.id, code, message);
-            self.deliver(Answer::Message(Message::Error(reply)));
+            self.deliver(Answer::Message(Box::new(Message::Error(reply))));
         }
         if self.conn.lifecycle.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.conn.lifecycle.all_done.notify_waiters();
@@ -648,7 +650,7 @@ impl Pending {
         }
         msg.set_id(self.0.id);
         let decisive = matches!(msg, Message::Result(_));
-        self.finish(Answer::Message(msg), decisive, None);
+        self.finish(Answer::Message(Box::new(msg)), decisive, None);
     }
 
     /// Answers with the target's `result` as received at `now`; the client's id is spliced
@@ -674,7 +676,11 @@ impl Pending {
     ) {
         let mut reply = ErrorReply::new(self.0.id, code, message);
         reply.retry_after_ms = retry_after_ms;
-        self.finish(Answer::Message(Message::Error(reply)), false, Some(reason));
+        self.finish(
+            Answer::Message(Box::new(Message::Error(reply))),
+            false,
+            Some(reason),
+        );
     }
 
     /// Answers `deadline_exceeded`: the deadline ran out before a target got the request.

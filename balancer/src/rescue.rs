@@ -158,7 +158,10 @@ mod tests {
             ..InferResult::default()
         }));
         match answers.try_recv().map(|o| o.answer) {
-            Ok(Answer::Message(Message::Result(r))) => assert_eq!(r.id, 1),
+            Ok(Answer::Message(msg)) => match *msg {
+                Message::Result(r) => assert_eq!(r.id, 1),
+                other => panic!("expected request 1's result, got {other:?}"),
+            },
             _ => panic!("expected request 1's result"),
         }
         // A second check takes nothing: request 2 was retried once already, 3 is out of time.

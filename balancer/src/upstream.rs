@@ -193,7 +193,15 @@ impl UpstreamConn {
 
     /// Hands a request to the writer; gives it back when the connection closed first.
     pub(crate) async fn send(&self, forward: Forward) -> Result<(), Forward> {
-        self.requests.send(forward).await.map_err(|e| e.0)
+        // The channel has room nearly always: taking it without building the send future
+        // saves moving the request into it and back out (the full channel still waits).
+        match self.requests.try_send(forward) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(forward)) => Err(forward),
+            Err(mpsc::error::TrySendError::Full(forward)) => {
+                self.requests.send(forward).await.map_err(|e| e.0)
+            }
+        }
     }
 
     /// Forwards a client's cancel for the request written under `upstream_id`.
@@ -988,7 +996,7 @@ mod tests {
         /// as received, stands as an empty one under the client's id.
         async fn answer(&mut self) -> Message {
             match self.answers.recv().await.unwrap().answer {
-                Answer::Message(msg) => msg,
+                Answer::Message(msg) => *msg,
                 Answer::Raw { result, client_id } => {
                     assert_eq!(result.kind(), RawKind::Result);
                     Message::Result(InferResult {
