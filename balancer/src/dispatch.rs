@@ -114,13 +114,16 @@ impl Router {
 
     /// Routes a newly read request, queueing it when it must wait.
     pub(crate) async fn submit(&self, request: Request, scratch: &mut Scratch) {
-        self.queue.retries().note_request();
+        // A request just read is routed as of the time it was read (microseconds ago):
+        // no clock read of its own on the path every request takes.
+        let now = request.pending.received();
+        self.queue.retries().note_request(now);
         // While others wait, a new request waits behind them: first come, first served.
         if self.queue.signal().len() > 0 {
             self.queue.push(request);
             return;
         }
-        match self.try_route(request, scratch).await {
+        match self.try_route(request, scratch, now).await {
             Routed::Done => {}
             Routed::Full(request) => self.queue.push(request),
             Routed::NoTarget(request) => self.no_target(request),
@@ -143,13 +146,21 @@ impl Router {
         );
     }
 
-    /// One attempt to hand `request` to a target now.
-    pub(crate) async fn try_route(&self, mut request: Request, scratch: &mut Scratch) -> Routed {
-        if request.pending.expired(Instant::now()) {
+    /// One attempt to hand `request` to a target at `now`.
+    pub(crate) async fn try_route(
+        &self,
+        mut request: Request,
+        scratch: &mut Scratch,
+        now: Instant,
+    ) -> Routed {
+        if request.pending.expired(now) {
             request.pending.time_up("waiting in the balancer");
             return Routed::Done;
         }
-        if let Err(passed) = request.payload.deadline_left(request.pending.received()) {
+        if let Err(passed) = request
+            .payload
+            .deadline_left_at(request.pending.received(), now)
+        {
             request.pending.deadline_passed(passed);
             return Routed::Done;
         }
@@ -158,7 +169,6 @@ impl Router {
         scratch.candidates.clear();
         // A retried request never goes back to the target it was lost at.
         let lost_at = request.pending.retried_from();
-        let now = Instant::now();
         self.queue.outliers().set_pool_size(targets.len());
         scratch.candidates.extend(targets.iter().map(|t| {
             let outstanding = t.outstanding();
@@ -309,7 +319,7 @@ impl Router {
                 let Some((request, since)) = waiting.remove(at) else {
                     break;
                 };
-                match self.try_route(request, &mut scratch).await {
+                match self.try_route(request, &mut scratch, Instant::now()).await {
                     Routed::Done => {
                         signal.left(1);
                         self.metrics.queue_wait.record(since.elapsed());
@@ -488,7 +498,7 @@ mod tests {
             let id = self.next_id;
             self.next_id += 1;
             self.client.slots.insert(id, Slot::Waiting);
-            let mut pending = Pending::new(Arc::clone(&self.client), id, None);
+            let mut pending = Pending::new(Arc::clone(&self.client), id, None, Instant::now());
             if deadline_ms.is_some() {
                 pending.set_expiry(deadline_ms, Duration::from_secs(300));
             }
@@ -508,7 +518,7 @@ mod tests {
         /// The next answer the client got, if any.
         fn answer(&mut self) -> Option<Message> {
             match self.answers.try_recv().ok()?.answer {
-                Answer::Message(msg) => Some(msg),
+                Answer::Message(msg) => Some(*msg),
                 Answer::Raw { .. } => panic!("no raw answer is made in these tests"),
             }
         }

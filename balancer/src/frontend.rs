@@ -310,7 +310,7 @@ async fn connection(
             }
             Ok(Some(body)) => body,
         };
-        conn.touch();
+        let received = conn.touch();
         if closing {
             answer_closing(&conn, body, permit);
             continue;
@@ -330,7 +330,10 @@ async fn connection(
                     Payload::Raw(raw),
                     permit,
                     &mut scratch,
-                    ctx.limits.request_timeout,
+                    Received {
+                        at: received,
+                        request_timeout: ctx.limits.request_timeout,
+                    },
                 )
                 .await;
                 continue;
@@ -348,7 +351,10 @@ async fn connection(
                     Payload::Decoded(infer),
                     permit,
                     &mut scratch,
-                    ctx.limits.request_timeout,
+                    Received {
+                        at: received,
+                        request_timeout: ctx.limits.request_timeout,
+                    },
                 )
                 .await;
             }
@@ -419,6 +425,12 @@ fn answer_closing(conn: &ClientConn, body: bytes::Bytes, permit: OwnedSemaphoreP
     );
 }
 
+/// When a request was read, and the longest it may take from then.
+struct Received {
+    at: tokio::time::Instant,
+    request_timeout: Duration,
+}
+
 /// Gives a request read from `conn` a pending entry and routes it, or refuses its id.
 async fn submit(
     router: &Router,
@@ -427,7 +439,7 @@ async fn submit(
     payload: Payload,
     permit: OwnedSemaphorePermit,
     scratch: &mut Scratch,
-    request_timeout: Duration,
+    received: Received,
 ) {
     let refusal = if id == CONNECTION_ID {
         Some("request id 0 is reserved for connection errors; number requests from 1")
@@ -450,9 +462,9 @@ async fn submit(
         );
         return;
     }
-    let mut pending = Pending::new(Arc::clone(conn), id, Some(permit));
-    // The clock starts now, when the frame has been read.
-    pending.set_expiry(payload.deadline_ms(), request_timeout);
+    // The clock starts when the frame has been read.
+    let mut pending = Pending::new(Arc::clone(conn), id, Some(permit), received.at);
+    pending.set_expiry(payload.deadline_ms(), received.request_timeout);
     router
         .submit(
             Request {

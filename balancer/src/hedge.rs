@@ -141,12 +141,13 @@ impl Hedges {
     /// budget's share, and looked at again after the delay. Never waits: with
     /// [`WATCHED`] requests watched already, this one is not hedged.
     pub(crate) fn watch(&self, conn: &Arc<UpstreamConn>, upstream_id: RequestId) {
-        self.shared.budget.note_request();
+        let now = Instant::now();
+        self.shared.budget.note_request(now);
         let Some(delay) = self.delay() else {
             return;
         };
         let watch = Watch {
-            due: Instant::now() + delay,
+            due: now + delay,
             conn: Arc::downgrade(conn),
             upstream_id,
         };
@@ -342,7 +343,7 @@ mod tests {
             let id = self.next_id;
             self.next_id += 1;
             self.client.slots.insert(id, Slot::Waiting);
-            let mut pending = Pending::new(Arc::clone(&self.client), id, None);
+            let mut pending = Pending::new(Arc::clone(&self.client), id, None, Instant::now());
             pending.set_expiry(Some(10_000), Duration::from_secs(300));
             let upstream_id = self.conn.next_id();
             assert!(pending.mark_sent(&self.conn, upstream_id));
@@ -366,7 +367,7 @@ mod tests {
         /// The client's next answer, if one is queued.
         fn answer(&mut self) -> Option<Message> {
             self.answers.try_recv().ok().map(|o| match o.answer {
-                Answer::Message(msg) => msg,
+                Answer::Message(msg) => *msg,
                 Answer::Raw { .. } => panic!("no raw answers here"),
             })
         }

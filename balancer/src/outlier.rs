@@ -165,27 +165,12 @@ impl Detector {
         settings: &OutlierSettings,
         pool: Tally,
     ) -> Option<EjectionReason> {
-        if settings.consecutive == 0 {
+        if !self.admit(now, settings) {
             return None;
-        }
-        if let Some((until, _)) = self.ejected {
-            if until > now {
-                // Answers to requests sent before the ejection: already judged.
-                return None;
-            }
-            self.ejected = None;
-            self.back_since = until;
-            self.probation = settings.consecutive;
-        }
-        if now.saturating_duration_since(self.window_start) >= WINDOW {
-            self.tally = Tally::default();
-            self.window_start = now;
         }
         match outcome {
             Outcome::Success => {
-                self.consecutive = 0;
-                self.probation = self.probation.saturating_sub(1);
-                self.tally.answers += 1;
+                self.succeeded(1);
                 None
             }
             Outcome::Failure => {
@@ -203,6 +188,42 @@ impl Detector {
             }
             Outcome::Overloaded(_) | Outcome::Neutral => None,
         }
+    }
+
+    /// Records `n` successes given by `now`, as `n` calls of [`record`](Detector::record)
+    /// would: a success never ejects.
+    pub(crate) fn record_successes(&mut self, n: u32, now: Instant, settings: &OutlierSettings) {
+        if self.admit(now, settings) {
+            self.succeeded(n);
+        }
+    }
+
+    /// Brings the detector to `now` (an ejection that has ended puts it on probation; an
+    /// old window is emptied); false when the answer is not to be judged: detection is
+    /// off, or the target is still ejected (answers to requests sent before it was).
+    fn admit(&mut self, now: Instant, settings: &OutlierSettings) -> bool {
+        if settings.consecutive == 0 {
+            return false;
+        }
+        if let Some((until, _)) = self.ejected {
+            if until > now {
+                return false;
+            }
+            self.ejected = None;
+            self.back_since = until;
+            self.probation = settings.consecutive;
+        }
+        if now.saturating_duration_since(self.window_start) >= WINDOW {
+            self.tally = Tally::default();
+            self.window_start = now;
+        }
+        true
+    }
+
+    fn succeeded(&mut self, n: u32) {
+        self.consecutive = 0;
+        self.probation = self.probation.saturating_sub(n);
+        self.tally.answers += u64::from(n);
     }
 
     /// Ejects the target at `now` for `reason`; returns until when.
@@ -381,16 +402,35 @@ impl Outliers {
         );
     }
 
+    /// Feeds `n` successes from the target whose cell is `cell`, answered by `now`: what
+    /// `n` calls of [`observe`](Outliers::observe) would do, with one lock of each kind
+    /// rather than `n` of each and the caller's clock. Upstream readers gather the
+    /// successes of one read burst (see [`Successes`]).
+    pub(crate) fn observe_successes(&self, cell: &OutlierCell, n: u32, now: Instant) {
+        if self.shared.settings.consecutive == 0 || n == 0 {
+            return;
+        }
+        self.add(u64::from(n), 0, now);
+        cell.detector()
+            .record_successes(n, now, &self.shared.settings);
+    }
+
     /// Adds an answer to the pool's tally; returns the tally over this window and the last.
     fn tally(&self, outcome: Outcome, now: Instant) -> Tally {
+        self.add(1, u64::from(outcome == Outcome::Failure), now)
+    }
+
+    /// Adds `answers` of which `failures` failed to the pool's tally; returns the tally
+    /// over this window and the last.
+    fn add(&self, answers: u64, failures: u64, now: Instant) -> Tally {
         let mut w = self.shared.window.lock().unwrap_or_else(|p| p.into_inner());
         if now.saturating_duration_since(w.start) >= WINDOW {
             w.previous = w.current;
             w.current = Tally::default();
             w.start = now;
         }
-        w.current.answers += 1;
-        w.current.failures += u64::from(outcome == Outcome::Failure);
+        w.current.answers += answers;
+        w.current.failures += failures;
         Tally {
             answers: w.current.answers + w.previous.answers,
             failures: w.current.failures + w.previous.failures,
@@ -418,6 +458,32 @@ impl Outliers {
     /// Ejections refused by `--max-ejection-percent`, ever.
     pub(crate) fn capped(&self) -> u64 {
         self.shared.capped.load(Ordering::Relaxed)
+    }
+}
+
+/// The successes an upstream reader has seen in its current read burst (the answers it
+/// found waiting without waiting for the socket), fed to detection as one
+/// ([`Outliers::observe_successes`]): one lock of each kind and one clock read per burst
+/// rather than per answer. The reader flushes them before it waits for the socket again,
+/// and before any other outcome, so that detection sees every answer in its order (a
+/// failure after successes still counts as the first in a row).
+#[derive(Debug, Default)]
+pub(crate) struct Successes {
+    n: u32,
+}
+
+impl Successes {
+    /// One more success in this burst.
+    pub(crate) fn add(&mut self) {
+        self.n = self.n.saturating_add(1);
+    }
+
+    /// Feeds the successes gathered so far, answered by `now`, to `outliers`.
+    pub(crate) fn flush(&mut self, outliers: &Outliers, cell: &OutlierCell, now: Instant) {
+        let n = std::mem::take(&mut self.n);
+        if n > 0 {
+            outliers.observe_successes(cell, n, now);
+        }
     }
 }
 
@@ -530,6 +596,56 @@ mod tests {
         assert_eq!(
             d.eject(now, EjectionReason::ConsecutiveErrors, &SETTINGS) - now,
             Duration::from_secs(30)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_successes_counts_as_that_many_answers() {
+        // Two targets fed the same answers, one success at a time and in bursts.
+        let (outliers, cells) = pool(4);
+        let mut burst = Successes::default();
+        for _ in 0..3 {
+            outliers.observe(addr(1), &cells[0], Outcome::Success);
+            burst.add();
+        }
+        burst.flush(&outliers, &cells[1], Instant::now());
+        burst.flush(&outliers, &cells[1], Instant::now());
+        // The pool counted six answers, the share of each target three.
+        assert_eq!(outliers.add(0, 0, Instant::now()).answers, 6);
+        for cell in &cells[..2] {
+            assert_eq!(cell.detector().tally.answers, 3);
+        }
+        // A burst resets the failures in a row as a single success does.
+        fail(&outliers, &cells, 0, 4);
+        fail(&outliers, &cells, 1, 4);
+        outliers.observe(addr(1), &cells[0], Outcome::Success);
+        burst.add();
+        burst.flush(&outliers, &cells[1], Instant::now());
+        fail(&outliers, &cells, 0, 4);
+        fail(&outliers, &cells, 1, 4);
+        assert!(!cells[0].set_aside(Instant::now()));
+        assert!(!cells[1].set_aside(Instant::now()), "never five in a row");
+
+        // Back from an ejection, a burst pays off that many successes of probation.
+        let mut d = Detector::new(Instant::now());
+        let until = d.eject(Instant::now(), EjectionReason::ConsecutiveErrors, &SETTINGS);
+        tokio::time::advance(until - Instant::now()).await;
+        d.record_successes(4, Instant::now(), &SETTINGS);
+        let pool = Tally::default();
+        assert_eq!(
+            d.record(Outcome::Failure, Instant::now(), &SETTINGS, pool),
+            Some(EjectionReason::ConsecutiveErrors),
+            "one success short of the five that end probation"
+        );
+        let mut d = Detector::new(Instant::now());
+        let until = d.eject(Instant::now(), EjectionReason::ConsecutiveErrors, &SETTINGS);
+        // Answers to requests sent before the ejection ended are not judged.
+        d.record_successes(9, Instant::now(), &SETTINGS);
+        tokio::time::advance(until - Instant::now()).await;
+        d.record_successes(5, Instant::now(), &SETTINGS);
+        assert_eq!(
+            d.record(Outcome::Failure, Instant::now(), &SETTINGS, pool),
+            None
         );
     }
 

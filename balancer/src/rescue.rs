@@ -122,7 +122,7 @@ mod tests {
         // deadline has passed.
         let write = |id: u64, deadline_ms: u64, retried: bool| {
             client.slots.insert(id, Slot::Waiting);
-            let mut pending = Pending::new(Arc::clone(&client), id, None);
+            let mut pending = Pending::new(Arc::clone(&client), id, None, Instant::now());
             pending.set_expiry(Some(deadline_ms), Duration::from_secs(300));
             pending.keep(infer(id, deadline_ms), 0);
             if retried {
@@ -159,7 +159,10 @@ mod tests {
             ..InferResult::default()
         }));
         match answers.try_recv().map(|o| o.answer) {
-            Ok(Answer::Message(Message::Result(r))) => assert_eq!(r.id, 1),
+            Ok(Answer::Message(msg)) => match *msg {
+                Message::Result(r) => assert_eq!(r.id, 1),
+                other => panic!("expected request 1's result, got {other:?}"),
+            },
             _ => panic!("expected request 1's result"),
         }
         // A second check takes nothing: request 2 was retried once already, 3 is out of time.

@@ -47,48 +47,70 @@ impl RetrySettings {
 }
 
 /// The budget's counts: requests and retries per one-second bucket of the window.
+///
+/// Each bucket is one atomic: the second it counts (plus one, so that 0 is a bucket never
+/// used) in the high 32 bits and its count in the low 32. Counting a request is then one
+/// compare-and-swap, with no lock: the router counts every request, and a lock per
+/// request was a measurable part of the balancer's hot path. Moving a bucket on to a new
+/// second and counting in it is the same swap, so the two cannot race.
 #[derive(Debug)]
 struct Window {
     /// Where the window starts: bucket `k` counts the `k`-th second after it, modulo
     /// [`BUCKETS`].
     origin: Instant,
-    /// The second (since `origin`) each bucket holds, to tell a stale bucket.
-    second: [u64; BUCKETS],
-    requests: [u64; BUCKETS],
-    retries: [u64; BUCKETS],
+    requests: [AtomicU64; BUCKETS],
+    retries: [AtomicU64; BUCKETS],
 }
 
 impl Window {
     fn new(origin: Instant) -> Window {
         Window {
             origin,
-            second: [u64::MAX; BUCKETS],
-            requests: [0; BUCKETS],
-            retries: [0; BUCKETS],
+            requests: Default::default(),
+            retries: Default::default(),
         }
     }
 
-    /// The bucket for `now`, emptied first when it held an older second.
-    fn bucket(&mut self, now: Instant) -> usize {
-        let second = now.saturating_duration_since(self.origin).as_secs();
-        let i = (second % BUCKETS as u64) as usize;
-        if self.second[i] != second {
-            self.second[i] = second;
-            self.requests[i] = 0;
-            self.retries[i] = 0;
-        }
-        i
+    /// The tag of the second holding `at`: seconds since `origin`, plus one. (The window
+    /// would need 136 years to run out of tags; it saturates rather than wrap.)
+    fn tag(&self, at: Instant) -> u64 {
+        let second = at.saturating_duration_since(self.origin).as_secs();
+        second.saturating_add(1).min(u64::from(u32::MAX))
     }
 
-    /// Requests and retries in the window ending at `now`.
-    fn totals(&self, now: Instant) -> (u64, u64) {
-        let second = now.saturating_duration_since(self.origin).as_secs();
-        let oldest = second.saturating_sub(BUCKETS as u64 - 1);
-        (0..BUCKETS)
-            .filter(|&i| self.second[i] != u64::MAX && (oldest..=second).contains(&self.second[i]))
-            .fold((0, 0), |(req, ret), i| {
-                (req + self.requests[i], ret + self.retries[i])
-            })
+    /// Adds one to the bucket of `at` in `buckets`, emptied first when it held an older
+    /// second. A count saturates at `u32::MAX` a second, far beyond any request rate.
+    fn count(&self, buckets: &[AtomicU64; BUCKETS], at: Instant) {
+        let tag = self.tag(at);
+        let bucket = &buckets[(tag % BUCKETS as u64) as usize];
+        let mut current = bucket.load(Ordering::Relaxed);
+        loop {
+            let next = if current >> 32 == tag {
+                if current & u64::from(u32::MAX) == u64::from(u32::MAX) {
+                    return;
+                }
+                current + 1
+            } else {
+                (tag << 32) | 1
+            };
+            match bucket.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// What `buckets` counted in the window ending at `now`.
+    fn total(&self, buckets: &[AtomicU64; BUCKETS], now: Instant) -> u64 {
+        let tag = self.tag(now);
+        let oldest = tag.saturating_sub(BUCKETS as u64 - 1).max(1);
+        buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .filter(|v| (oldest..=tag).contains(&(v >> 32)))
+            .map(|v| v & u64::from(u32::MAX))
+            .sum()
     }
 }
 
@@ -103,8 +125,11 @@ pub(crate) struct Retries {
 #[derive(Debug)]
 struct Shared {
     settings: RetrySettings,
-    /// A std mutex: held to add to a bucket or sum ten, never across an await.
-    window: Mutex<Window>,
+    window: Window,
+    /// Held by a retry from checking the budget to spending it, so that two retries at
+    /// once cannot both take its last one. A std mutex, never held across an await;
+    /// counting requests never takes it.
+    spending: Mutex<()>,
     /// Requests sent again after their connection was lost.
     retried: AtomicU64,
     /// Requests answered `unavailable` because the budget had run out.
@@ -119,7 +144,8 @@ impl Retries {
         Retries {
             shared: Arc::new(Shared {
                 settings,
-                window: Mutex::new(Window::new(Instant::now())),
+                window: Window::new(Instant::now()),
+                spending: Mutex::new(()),
                 retried: AtomicU64::new(0),
                 exhausted: AtomicU64::new(0),
                 unhealthy: AtomicU64::new(0),
@@ -132,19 +158,15 @@ impl Retries {
         self.shared.settings.enabled
     }
 
-    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
-        self.shared.window.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Counts one new request towards the budget's share.
-    pub(crate) fn note_request(&self) {
+    /// Counts one new request, read at `received`, towards the budget's share. (The
+    /// time the request was read, rather than a clock read of its own: this runs for every
+    /// request.)
+    pub(crate) fn note_request(&self, received: Instant) {
         if !self.enabled() {
             return;
         }
-        let now = Instant::now();
-        let mut window = self.window();
-        let i = window.bucket(now);
-        window.requests[i] += 1;
+        let window = &self.shared.window;
+        window.count(&window.requests, received);
     }
 
     /// Takes one retry from the budget; false (and counted) when it has run out.
@@ -152,15 +174,20 @@ impl Retries {
         let settings = self.shared.settings;
         let now = Instant::now();
         let allowed = {
-            let mut window = self.window();
-            let (requests, retries) = window.totals(now);
+            let _spending = self
+                .shared
+                .spending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let window = &self.shared.window;
+            let requests = window.total(&window.requests, now);
+            let retries = window.total(&window.retries, now);
             let floor = u64::from(settings.floor_per_second) * WINDOW.as_secs();
             // Truncation is the budget's rounding: a share below one retry allows none.
             let share = (requests as f64 * settings.ratio) as u64;
             let allowed = retries < floor + share;
             if allowed {
-                let i = window.bucket(now);
-                window.retries[i] += 1;
+                window.count(&window.retries, now);
             }
             allowed
         };
@@ -228,7 +255,7 @@ mod tests {
     async fn the_share_grows_with_the_requests_seen() {
         let r = budget(0.2, 0);
         for _ in 0..1000 {
-            r.note_request();
+            r.note_request(Instant::now());
         }
         assert_eq!(spend_all(&r), 200);
         assert!(!r.try_spend());
@@ -239,7 +266,7 @@ mod tests {
     async fn the_window_slides_and_old_counts_expire() {
         let r = budget(0.5, 0);
         for _ in 0..10 {
-            r.note_request();
+            r.note_request(Instant::now());
         }
         assert_eq!(spend_all(&r), 5);
         // Nine seconds later the requests and retries are still in the window.
@@ -249,7 +276,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(!r.try_spend(), "no requests in the window, no floor");
         for _ in 0..4 {
-            r.note_request();
+            r.note_request(Instant::now());
         }
         assert_eq!(spend_all(&r), 2, "half of the 4 new requests");
     }
@@ -258,7 +285,7 @@ mod tests {
     async fn a_disabled_policy_counts_nothing() {
         let r = Retries::new(RetrySettings::OFF);
         assert!(!r.enabled());
-        r.note_request();
+        r.note_request(Instant::now());
         assert!(!r.try_spend());
     }
 }

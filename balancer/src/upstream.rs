@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use dashmap::DashMap;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tidepool_protocol::raw::{self, Frame, RawKind, Rewrite};
 use tidepool_protocol::tls::{ReadHalf, Stream, TlsConnector, WriteHalf};
 use tidepool_protocol::{
@@ -47,7 +47,7 @@ use tokio_util::task::TaskTracker;
 use crate::burst::WRITE_BURST;
 use crate::deadline::Deadlines;
 use crate::metrics::{Metrics, Reject};
-use crate::outlier::Outcome;
+use crate::outlier::{Outcome, Successes};
 use crate::pending::{Payload, Pending, Request};
 use crate::queue::Reroute;
 use crate::target::Target;
@@ -77,6 +77,10 @@ impl Hasher for IdHasher {
 
 /// Requests buffered towards one connection's writer.
 const SEND_QUEUE: usize = 1024;
+/// The most answers an upstream reader takes as received at one clock read: within a
+/// burst of answers read without waiting they are microseconds apart, and a reader that
+/// never waits (a steady stream) still reads the clock every this many.
+const READ_BURST: u32 = 64;
 /// Times one request may be routed again after connection losses.
 const MAX_REROUTES: u32 = 3;
 
@@ -189,7 +193,15 @@ impl UpstreamConn {
 
     /// Hands a request to the writer; gives it back when the connection closed first.
     pub(crate) async fn send(&self, forward: Forward) -> Result<(), Forward> {
-        self.requests.send(forward).await.map_err(|e| e.0)
+        // The channel has room nearly always: taking it without building the send future
+        // saves moving the request into it and back out (the full channel still waits).
+        match self.requests.try_send(forward) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(forward)) => Err(forward),
+            Err(mpsc::error::TrySendError::Full(forward)) => {
+                self.requests.send(forward).await.map_err(|e| e.0)
+            }
+        }
     }
 
     /// Forwards a client's cancel for the request written under `upstream_id`.
@@ -656,13 +668,48 @@ async fn read_loop(
     target: Arc<Target>,
 ) {
     let outliers = queue.outliers().clone();
-    let observe = |outcome| outliers.observe(conn.addr, &target.outlier, outcome);
+    // Successes go to outlier detection once per read burst; anything else is observed at
+    // once, after the successes before it.
+    let mut successes = Successes::default();
+    // The clock, read once per read burst (the answers already waiting): the time every
+    // answer of the burst was received, for its latency and for outlier detection.
+    let mut burst: Option<Instant> = None;
+    let mut burst_frames = 0;
+    let end_burst = |successes: &mut Successes, burst: &mut Option<Instant>| {
+        if let Some(now) = burst.take() {
+            successes.flush(&outliers, &target.outlier, now);
+        }
+    };
+    let observe = |successes: &mut Successes, burst: Option<Instant>, outcome| {
+        successes.flush(
+            &outliers,
+            &target.outlier,
+            burst.unwrap_or_else(Instant::now),
+        );
+        outliers.observe(conn.addr, &target.outlier, outcome);
+    };
     let mut last_error: Option<String> = None;
     let reason = loop {
-        let frame = tokio::select! {
-            () = conn.closed.cancelled() => break None,
-            frame = frames.next() => frame,
+        if conn.closed.is_cancelled() {
+            break None;
+        }
+        if burst_frames >= READ_BURST {
+            burst_frames = 0;
+            end_burst(&mut successes, &mut burst);
+        }
+        // An answer already read (or readable without waiting) continues the burst.
+        let frame = match frames.next().now_or_never() {
+            Some(frame) => frame,
+            None => {
+                burst_frames = 0;
+                end_burst(&mut successes, &mut burst);
+                tokio::select! {
+                    () = conn.closed.cancelled() => break None,
+                    frame = frames.next() => frame,
+                }
+            }
         };
+        burst_frames += 1;
         let body = match frame {
             None => {
                 break Some(match last_error.take() {
@@ -690,8 +737,8 @@ async fn read_loop(
             Ok(Frame::Raw(result)) if result.kind() == RawKind::Result => {
                 match conn.pending.remove(&result.id()) {
                     Some((_, pending)) => {
-                        observe(Outcome::Success);
-                        pending.answer_raw(result)
+                        successes.add();
+                        pending.answer_raw(result, *burst.get_or_insert_with(Instant::now))
                     }
                     None => {
                         tracing::trace!(target = %conn.addr, id = result.id(), "answer to a request that is gone")
@@ -714,7 +761,7 @@ async fn read_loop(
             Ok(Frame::Message(msg @ (Message::Result(_) | Message::Error(_)))) => {
                 match conn.pending.remove(&msg.id()) {
                     Some((_, pending)) => {
-                        observe(outcome(&msg));
+                        observe(&mut successes, burst, outcome(&msg));
                         pending.answer(msg)
                     }
                     None => {
@@ -727,6 +774,7 @@ async fn read_loop(
             }
         }
     };
+    end_burst(&mut successes, &mut burst);
     if let Some(reason) = &reason {
         metrics.target_resets.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(target = %conn.addr, %reason, in_flight = conn.pending.len(), "upstream connection lost");
@@ -909,7 +957,7 @@ mod tests {
             let id = self.next_id;
             self.next_id += 1;
             self.client.slots.insert(id, Slot::Waiting);
-            let mut pending = Pending::new(Arc::clone(&self.client), id, None);
+            let mut pending = Pending::new(Arc::clone(&self.client), id, None, Instant::now());
             pending.set_expiry(deadline_ms, REQUEST_TIMEOUT);
             let upstream_id = self.conn.next_id();
             assert!(pending.mark_sent(&self.conn, upstream_id));
@@ -949,7 +997,7 @@ mod tests {
         /// as received, stands as an empty one under the client's id.
         async fn answer(&mut self) -> Message {
             match self.answers.recv().await.unwrap().answer {
-                Answer::Message(msg) => msg,
+                Answer::Message(msg) => *msg,
                 Answer::Raw { result, client_id } => {
                     assert_eq!(result.kind(), RawKind::Result);
                     Message::Result(InferResult {

@@ -107,7 +107,17 @@ pub fn sibling_exe(name: &str) -> anyhow::Result<PathBuf> {
 /// Starts `bench-target` with one listener per service time (zero: an echo that answers at
 /// once) and returns the process and the listeners' addresses, in order.
 pub fn start_targets(services: &[Duration]) -> anyhow::Result<(Proc, Vec<SocketAddr>)> {
+    start_targets_threads(services, 1)
+}
+
+/// As [`start_targets`], the targets' runtime on `threads` threads (so that they keep up
+/// with a balancer that has several).
+pub fn start_targets_threads(
+    services: &[Duration],
+    threads: usize,
+) -> anyhow::Result<(Proc, Vec<SocketAddr>)> {
     let mut command = Command::new(sibling_exe("bench-target")?);
+    command.arg("--threads").arg(threads.max(1).to_string());
     for s in services {
         command.arg("--service-us").arg(s.as_micros().to_string());
     }

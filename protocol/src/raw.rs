@@ -106,11 +106,35 @@ pub struct RawMessage {
     priority: Priority,
     /// Top-level entries.
     entries: u32,
-    id_entry: Range<usize>,
-    deadline_entry: Option<Range<usize>>,
-    client_entry: Option<Range<usize>>,
+    id_entry: Span,
+    deadline_entry: Option<Span>,
+    client_entry: Option<Span>,
     /// Where the first entry starts (after the map header).
-    first_entry: usize,
+    first_entry: u32,
+}
+
+/// A byte range of a body in 32 bits: a frame's length prefix is a `u32`, so no frame is
+/// longer. Half the size of a `Range<usize>`, it keeps a [`RawMessage`] (which a balancer
+/// moves through futures and channels several times per request) small enough to move
+/// with a few register stores rather than a `memcpy` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    /// `range` when both ends fit 32 bits (the caller checked the body's length).
+    fn new(range: Range<usize>) -> Option<Span> {
+        Some(Span {
+            start: u32::try_from(range.start).ok()?,
+            end: u32::try_from(range.end).ok()?,
+        })
+    }
+
+    fn range(self) -> Range<usize> {
+        self.start as usize..self.end as usize
+    }
 }
 
 impl RawMessage {
@@ -132,17 +156,23 @@ impl RawMessage {
         if s.skipped || !small || limits.max_depth < KNOWN_DEPTH {
             limits.check(&body).ok()?;
         }
+        // Every offset is at most the body's length; a body longer than any frame (4 GiB)
+        // is refused by `Span::new`.
+        let span = |r: Option<Range<usize>>| match r {
+            Some(r) => Span::new(r).map(Some),
+            None => Some(None),
+        };
         Some(RawMessage {
-            body,
             kind: s.kind,
             id: s.id,
             deadline_ms: s.deadline_ms,
             priority: s.priority,
             entries: s.entries,
-            id_entry: s.id_entry,
-            deadline_entry: s.deadline_entry,
-            client_entry: s.client_entry,
-            first_entry: s.first_entry,
+            id_entry: Span::new(s.id_entry)?,
+            deadline_entry: span(s.deadline_entry)?,
+            client_entry: span(s.client_entry)?,
+            first_entry: u32::try_from(s.first_entry).ok()?,
+            body,
         })
     }
 
@@ -186,10 +216,12 @@ impl RawMessage {
         max_frame: usize,
     ) -> Result<(), Error> {
         // The entries to leave out or replace, in body order.
+        let id_entry = self.id_entry.range();
+        let deadline_entry = self.deadline_entry.map(Span::range);
         let mut cut: [Option<Range<usize>>; 3] = [
-            Some(self.id_entry.clone()),
-            rewrite.deadline_ms.and(self.deadline_entry.clone()),
-            rewrite.client.and(self.client_entry.clone()),
+            Some(id_entry.clone()),
+            rewrite.deadline_ms.and(deadline_entry.clone()),
+            rewrite.client.and(self.client_entry.map(Span::range)),
         ];
         cut.sort_by_key(|r| r.as_ref().map_or(usize::MAX, |r| r.start));
 
@@ -202,12 +234,12 @@ impl RawMessage {
         dst.put_u32(0);
         // Writing to a BytesMut cannot fail.
         let _ = rmp::encode::write_map_len(&mut (&mut *dst).writer(), entries);
-        let mut at = self.first_entry;
+        let mut at = self.first_entry as usize;
         for range in cut.iter().flatten() {
             dst.extend_from_slice(&self.body[at..range.start]);
-            if *range == self.id_entry {
+            if *range == id_entry {
                 put_uint_entry(dst, key::ID, rewrite.id);
-            } else if Some(range) == self.deadline_entry.as_ref() {
+            } else if Some(range) == deadline_entry.as_ref() {
                 if let Some(deadline) = rewrite.deadline_ms {
                     put_uint_entry(dst, key::DEADLINE_MS, deadline);
                 }

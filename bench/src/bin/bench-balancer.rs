@@ -9,6 +9,11 @@
 //!    under least-outstanding (p2c), round-robin and HAProxy's leastconn.
 //! 4. TLS on the client listener against plain TCP, same targets, same run: the latency
 //!    TLS adds at p50 (one request at a time) and small frames/s at saturation.
+//! 5. Runtime threads: the same balancer with `--runtime-threads 1` and with one thread
+//!    per core (`0`) side by side, small frames/s at saturation and frames per second of
+//!    the balancer's CPU (frames/s per core), for how far one balancer scales.
+//!
+//! `--sections` runs some of them only (`--sections scaling` for section 5 alone).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +28,7 @@ use tidepool_bench::openloop::{self, OpenLoopConfig};
 use tidepool_bench::pipeline::{self, PipelineConfig, PipelineResult};
 use tidepool_bench::process::{
     cpu_seconds, free_port, haproxy_version, start_balancer, start_balancer_with, start_haproxy,
-    start_targets, BalancerSpec, Proc,
+    start_targets, start_targets_threads, BalancerSpec, Proc,
 };
 use tidepool_bench::report::{machine, Report};
 use tidepool_bench::small_item;
@@ -55,6 +60,24 @@ struct Args {
     /// What the baseline is, for the report (a commit).
     #[arg(long, env = "BENCH_BASELINE_LABEL", default_value = "baseline")]
     baseline_label: String,
+    /// The sections to run, comma-separated: latency, throughput, tls, skewed, scaling.
+    #[arg(
+        long,
+        env = "BENCH_BALANCER_SECTIONS",
+        value_delimiter = ',',
+        default_value = "latency,throughput,tls,skewed,scaling"
+    )]
+    sections: Vec<Section>,
+}
+
+/// A section of the report, for `--sections`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Latency,
+    Throughput,
+    Tls,
+    Skewed,
+    Scaling,
 }
 
 /// The contenders in front of the targets.
@@ -89,16 +112,24 @@ struct Setup {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if which_haproxy().is_none() {
+    let runs = |section| args.sections.contains(&section);
+    let haproxy_needed = [Section::Latency, Section::Throughput, Section::Skewed]
+        .into_iter()
+        .any(runs);
+    if haproxy_needed && which_haproxy().is_none() {
         bail!(
             "haproxy is not installed; scripts/bench.sh installs it (apt-get install -y haproxy)"
         );
     }
     let mut report = Report::new();
     report.para(&format!(
-        "Machine: {}. {}.{}{}",
+        "Machine: {}.{}{}{}",
         machine(),
-        haproxy_version(),
+        if haproxy_needed {
+            format!(" {}.", haproxy_version())
+        } else {
+            String::new()
+        },
         match &args.baseline {
             Some(_) => format!(
                 " The baseline rows are tidepool-balancer built from {}, run beside today's in every section.",
@@ -113,18 +144,32 @@ fn main() -> anyhow::Result<()> {
         }
     ));
     report.set("machine", machine());
-    report.set("haproxy", haproxy_version());
+    if haproxy_needed {
+        report.set("haproxy", haproxy_version());
+    }
     report.set("quick", args.quick);
     if args.baseline.is_some() {
         report.set("baseline", &args.baseline_label);
     }
 
-    let setup = fast_setup(&args)?;
-    latency(&args, &setup, &mut report)?;
-    throughput(&args, &setup, &mut report)?;
-    drop(setup);
-    tls_pair(&args, &mut report)?;
-    skewed(&args, &mut report)?;
+    if runs(Section::Latency) || runs(Section::Throughput) {
+        let setup = fast_setup(&args)?;
+        if runs(Section::Latency) {
+            latency(&args, &setup, &mut report)?;
+        }
+        if runs(Section::Throughput) {
+            throughput(&args, &setup, &mut report)?;
+        }
+    }
+    if runs(Section::Tls) {
+        tls_pair(&args, &mut report)?;
+    }
+    if runs(Section::Skewed) {
+        skewed(&args, &mut report)?;
+    }
+    if runs(Section::Scaling) {
+        scaling(&args, &mut report)?;
+    }
 
     report.write(&args.out, "balancer")?;
     println!("{}", report.markdown());
@@ -321,8 +366,9 @@ struct ThroughputRow {
 }
 
 fn throughput(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result<()> {
-    let (rounds, warmup, measure) = if args.quick { (1, 1, 2) } else { (2, 1, 6) };
-    let (connections, window) = (8, 32);
+    let rounds = if args.quick { 1 } else { 2 };
+    let saturate = Saturate::small(args, 8);
+    let (connections, window, warmup, measure) = saturate.shape();
     let mut rows: BTreeMap<Via, ThroughputRow> = BTreeMap::new();
     for round in 0..rounds {
         for (&via, &addr) in &setup.addrs {
@@ -337,18 +383,9 @@ fn throughput(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result
                 Via::Baseline => setup.baseline.as_ref().map(Proc::pid),
                 Via::Haproxy => Some(setup.haproxy.pid()),
             };
-            let cpu_before = pid.map(cpu_seconds);
-            let r = pipeline::run(&PipelineConfig {
-                addr,
-                connections,
-                window,
-                warmup: Duration::from_secs(warmup),
-                measure: Duration::from_secs(measure),
-                item: small_item(args.item_len),
-                tls: None,
-            })
-            .with_context(|| format!("saturating {}", via.label()))?;
-            let cpu = pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
+            let (r, cpu) = saturate
+                .run(addr, pid)
+                .with_context(|| format!("saturating {}", via.label()))?;
             let frames = r.per_second * (warmup + measure) as f64;
             let row = rows.entry(via).or_insert(ThroughputRow {
                 via,
@@ -379,19 +416,14 @@ fn throughput(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result
     let table: Vec<Vec<String>> = rows
         .values()
         .map(|r| {
-            let per_round: Vec<String> = r
-                .rounds
-                .iter()
-                .map(|x| format!("{:.0}", x.per_second))
-                .collect();
-            let errors: u64 = r.rounds.iter().map(|x| x.errors).sum();
+            let (per_round, errors) = round_cells(&r.rounds);
             vec![
                 r.via.label().to_owned(),
                 format!("{:.0}", r.mean_per_second),
-                per_round.join(", "),
+                per_round,
                 r.cpu_ms_per_1k
                     .map_or("—".to_owned(), |c| format!("{c:.1} ms")),
-                errors.to_string(),
+                errors,
             ]
         })
         .collect();
@@ -707,4 +739,177 @@ fn skewed(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     );
     report.set("skewed", &rows);
     Ok(())
+}
+
+#[derive(Serialize)]
+struct ScalingRow {
+    /// `--runtime-threads`: 1, or 0 for one per core.
+    runtime_threads: usize,
+    /// The threads that makes on this machine.
+    threads: usize,
+    rounds: Vec<PipelineResult>,
+    mean_per_second: f64,
+    /// The balancer's CPU seconds per second (how many cores it kept busy), mean of rounds.
+    cores_busy: f64,
+    /// Frames forwarded per second of the balancer's CPU: frames/s per core.
+    per_core_second: f64,
+}
+
+/// Section 5: one balancer binary with `--runtime-threads 1` and with one thread per core,
+/// both running, measured in interleaved rounds.
+fn scaling(args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rounds = if args.quick { 1 } else { 3 };
+    // Enough connections to keep every runtime thread busy, and targets with threads of
+    // their own, so that the balancer is what limits the rate where the cores allow it.
+    let saturate = Saturate::small(args, (2 * cores).max(8));
+    let (connections, window, warmup, measure) = saturate.shape();
+    let target_threads = (cores / 4).max(1);
+    let (_targets, addrs) = start_targets_threads(&[Duration::ZERO; 3], target_threads)?;
+    let spec = BalancerSpec {
+        routing: "p2c",
+        targets: addrs,
+        binary: None,
+    };
+    let mut contenders = Vec::new();
+    for runtime_threads in [1usize, 0] {
+        let flags = ["--runtime-threads".to_owned(), runtime_threads.to_string()];
+        let (proc, addr) = start_balancer_with(&spec, &flags)?;
+        let threads = if runtime_threads == 0 { cores } else { 1 };
+        contenders.push((runtime_threads, threads, proc, addr));
+    }
+    let mut rows: Vec<ScalingRow> = contenders
+        .iter()
+        .map(|&(runtime_threads, threads, _, _)| ScalingRow {
+            runtime_threads,
+            threads,
+            rounds: Vec::new(),
+            mean_per_second: 0.0,
+            cores_busy: 0.0,
+            per_core_second: 0.0,
+        })
+        .collect();
+    for round in 0..rounds {
+        for (row, (_, threads, proc, addr)) in rows.iter_mut().zip(&contenders) {
+            eprintln!(
+                "scaling: round {} of {rounds}, {threads} runtime thread(s)",
+                round + 1
+            );
+            let (r, cpu) = saturate
+                .run(*addr, Some(proc.pid()))
+                .with_context(|| format!("saturating the balancer with {threads} thread(s)"))?;
+            let cpu = cpu.unwrap_or(0.0);
+            // CPU is counted over warm-up and measurement; so are the frames.
+            let seconds = (warmup + measure) as f64;
+            let frames = r.per_second * seconds;
+            row.cores_busy += cpu / seconds / rounds as f64;
+            row.per_core_second += frames / cpu.max(1e-9) / rounds as f64;
+            row.rounds.push(r);
+        }
+    }
+    for row in &mut rows {
+        row.mean_per_second =
+            row.rounds.iter().map(|r| r.per_second).sum::<f64>() / row.rounds.len().max(1) as f64;
+    }
+    let one = rows.first().map_or(1.0, |r| r.mean_per_second.max(1.0));
+    report.heading("5. Runtime threads: frames/s per core");
+    report.para(&format!(
+        "The same tidepool-balancer twice, `--runtime-threads 1` and `--runtime-threads 0` (one thread per \
+         core: {cores} here), both running, in {rounds} interleaved rounds of {measure} s (after {warmup} s of \
+         warm-up): {connections} client connections with {window} small frames in flight each, 3 echo targets \
+         on {target_threads} thread(s). Frames/s per core is frames forwarded per second of the balancer's own \
+         CPU (from /proc). The driver and the targets share the cores with the balancer: on a machine with \
+         few cores the extra threads compete with them, and the rate says more about the machine than \
+         about the balancer."
+    ));
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let (per_round, errors) = round_cells(&r.rounds);
+            vec![
+                format!("{} ({} thread(s))", r.runtime_threads, r.threads),
+                format!("{:.0}", r.mean_per_second),
+                per_round,
+                format!("{:.2}", r.cores_busy),
+                format!("{:.0}", r.per_core_second),
+                format!("{:.2}×", r.mean_per_second / one),
+                errors,
+            ]
+        })
+        .collect();
+    report.table(
+        &[
+            "--runtime-threads",
+            "frames/s (mean)",
+            "per round",
+            "balancer cores busy",
+            "frames/s per core",
+            "frames/s against 1 thread",
+            "errors",
+        ],
+        &table,
+    );
+    report.set("scaling", &rows);
+    Ok(())
+}
+
+/// The table cells of saturation rounds: each round's frames/s, and the errors of all.
+fn round_cells(rounds: &[PipelineResult]) -> (String, String) {
+    let per_round: Vec<String> = rounds
+        .iter()
+        .map(|x| format!("{:.0}", x.per_second))
+        .collect();
+    let errors: u64 = rounds.iter().map(|x| x.errors).sum();
+    (per_round.join(", "), errors.to_string())
+}
+
+/// A pipelined saturation run: small frames, `window` in flight on each connection.
+struct Saturate {
+    connections: usize,
+    window: usize,
+    /// Seconds before counting.
+    warmup: u64,
+    /// Seconds counted.
+    measure: u64,
+    /// f32 elements per item.
+    item_len: usize,
+}
+
+impl Saturate {
+    /// Small frames on `connections` connections, 32 in flight on each; 1 s of warm-up,
+    /// 6 s counted (2 s with `--quick`).
+    fn small(args: &Args, connections: usize) -> Saturate {
+        Saturate {
+            connections,
+            window: 32,
+            warmup: 1,
+            measure: if args.quick { 2 } else { 6 },
+            item_len: args.item_len,
+        }
+    }
+
+    /// Connections, window, seconds of warm-up, seconds counted: for the report.
+    fn shape(&self) -> (usize, usize, u64, u64) {
+        (self.connections, self.window, self.warmup, self.measure)
+    }
+
+    /// Saturates `addr`; also the CPU seconds process `pid` used meanwhile (warm-up
+    /// included).
+    fn run(
+        &self,
+        addr: SocketAddr,
+        pid: Option<u32>,
+    ) -> anyhow::Result<(PipelineResult, Option<f64>)> {
+        let before = pid.map(cpu_seconds);
+        let r = pipeline::run(&PipelineConfig {
+            addr,
+            connections: self.connections,
+            window: self.window,
+            warmup: Duration::from_secs(self.warmup),
+            measure: Duration::from_secs(self.measure),
+            item: small_item(self.item_len),
+            tls: None,
+        })?;
+        Ok((r, pid.zip(before).map(|(p, b)| cpu_seconds(p) - b)))
+    }
 }
