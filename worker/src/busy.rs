@@ -10,6 +10,9 @@
 //! batch's work it did over the share of a full batch's time it took), which makes it the
 //! arrival rate against the worker's full-batch capacity: linear in the load up to
 //! saturation, where batches are full and it equals the busy share (see [`crate::cost`]).
+//! The cost shape starts from the warm-up's timings and is relearned from every batch the
+//! model thread runs ([`CostModel`]), so small batches that run slower at night than the
+//! warm-up's are weighed by what they cost now, against the last full batches' time.
 //!
 //! All figures are exponential averages in continuous time with time constant
 //! [`TIME_CONSTANT`]: the busy share is the average of a 0/1 signal (1 while a batch runs),
