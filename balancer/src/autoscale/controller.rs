@@ -404,6 +404,28 @@ mod tests {
     }
 
     #[test]
+    fn samples_carry_the_rates_of_the_counters() {
+        let pool = FakePool::default();
+        let t0 = Instant::now();
+        let mut rates = Rates::new();
+        pool.set(addr(1), TargetState::Healthy, 4);
+        pool.set_routed(addr(1), 100);
+        let s = sample(&pool, None, &mut rates, t0);
+        assert_eq!(
+            (s.arrived, s.answered),
+            (0.0, 0.0),
+            "nothing to compare with yet"
+        );
+        // A second later: 300 more routed, 20 more outstanding, 30 more queued.
+        pool.set(addr(1), TargetState::Healthy, 24);
+        pool.set_routed(addr(1), 400);
+        pool.set_queue_len(30);
+        let s = sample(&pool, None, &mut rates, t0 + Duration::from_secs(1));
+        assert_eq!((s.arrived, s.answered), (330.0, 280.0));
+        assert_eq!(s.load, 54.0);
+    }
+
+    #[test]
     fn the_memory_times_start_ups_and_forecasts_only_when_asked() {
         let t0 = Instant::now();
         let sample = |ready, coming, secs| Sample {
