@@ -39,8 +39,10 @@ pub struct PoolSpec {
     pub target_load: f64,
     /// `--scale-out-delay`.
     pub scale_out_delay: Duration,
-    /// `--scale-in-delay`.
+    /// `--scale-in-delay`: the longest scale-down delay.
     pub scale_in_delay: Duration,
+    /// `--scale-in-startups`: the scale-down delay in start-up times.
+    pub scale_in_startups: f64,
     /// `--scaling-window`.
     pub window: Duration,
     /// `--panic-window` (at most `window`).
@@ -119,6 +121,7 @@ impl Pool {
             .args(["--target-load", &spec.target_load.to_string()])
             .args(["--scale-out-delay", &secs(spec.scale_out_delay)])
             .args(["--scale-in-delay", &secs(spec.scale_in_delay)])
+            .args(["--scale-in-startups", &spec.scale_in_startups.to_string()])
             .args(["--scaling-window", &secs(spec.window)])
             .args(["--panic-window", &secs(spec.panic_window)])
             .args(["--worker-startup", &secs(spec.worker_startup)])
@@ -270,6 +273,16 @@ pub fn worker_seconds(points: &[ScalingPoint], from: f64, to: f64) -> f64 {
         }
     }
     total
+}
+
+/// Seconds from `step` (seconds since the poller's zero) until the first reading whose
+/// policy asked for at least `enough` workers (the reaction, before any worker starts);
+/// `None` if none did before the run ended.
+pub fn time_to_ask(points: &[ScalingPoint], step: f64, enough: usize) -> Option<f64> {
+    points
+        .iter()
+        .find(|p| p.t >= step && p.scaling.desired >= enough)
+        .map(|p| p.t - step)
 }
 
 /// Seconds from `step` (seconds since the poller's zero) until the first reading with at
@@ -498,6 +511,19 @@ mod tests {
         assert_eq!(time_to_ready(&points, 1.0, 3), Some(4.5));
         assert_eq!(time_to_ready(&points, 1.0, 4), None);
         assert_eq!(time_to_ready(&points, 1.0, 1), Some(0.0));
+    }
+
+    #[test]
+    fn time_to_ask_counts_from_the_step_to_the_wish() {
+        let mut points = vec![
+            point(0.0, 1, 0, 0),
+            point(1.5, 1, 0, 0),
+            point(2.5, 1, 2, 0),
+        ];
+        points[1].scaling.desired = 1;
+        points[2].scaling.desired = 3;
+        assert_eq!(time_to_ask(&points, 1.0, 2), Some(1.5));
+        assert_eq!(time_to_ask(&points, 1.0, 4), None);
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! batch's work it did over the share of a full batch's time it took), which makes it the
 //! arrival rate against the worker's full-batch capacity: linear in the load up to
 //! saturation, where batches are full and it equals the busy share (see [`crate::cost`]).
+//! The cost shape starts from the warm-up's timings and is relearned from every batch the
+//! model thread runs ([`CostModel`]), so small batches that run slower at night than the
+//! warm-up's are weighed by what they cost now, against the last full batches' time.
 //!
 //! All figures are exponential averages in continuous time with time constant
 //! [`TIME_CONSTANT`]: the busy share is the average of a 0/1 signal (1 while a batch runs),
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tidepool_protocol::Load;
 
-use crate::cost::BatchCost;
+use crate::cost::{BatchCost, CostModel};
 
 /// The averaging time constant: long enough to smooth single batches, short enough that
 /// the balancer's once-a-second health checks see a step in load within a few seconds.
@@ -67,8 +70,10 @@ struct State {
     at: Instant,
     /// The running batch: when it started and its items; `None` while the thread waits.
     running: Option<(Instant, usize)>,
-    /// How a batch's cost grows with its size.
+    /// How a batch's cost grows with its size: `model`'s latest shape.
     cost: BatchCost,
+    /// The run times of the batches run, by size, from which `cost` is relearned.
+    model: CostModel,
     /// A full batch's recent run time in seconds (a moving average over batches).
     full_batch_s: Option<f64>,
 }
@@ -121,6 +126,7 @@ impl BusyMeter {
                 at: now,
                 running: None,
                 cost: BatchCost::linear(1),
+                model: CostModel::new(BatchCost::linear(1)),
                 full_batch_s: None,
             })),
         }
@@ -132,9 +138,18 @@ impl BusyMeter {
     }
 
     /// Sets how a batch's cost grows with its size (measured after warm-up); batches that
-    /// start from now on are weighed by it.
+    /// start from now on are weighed by it, and the batches run from now on relearn it
+    /// (see [`CostModel`]), starting from this one.
     pub fn set_cost(&self, cost: BatchCost) {
-        self.state().cost = cost;
+        let mut s = self.state();
+        s.model = CostModel::new(cost);
+        s.cost = s.model.cost();
+    }
+
+    /// The batch-time model in use: what a batch of `n` items is expected to take, learned
+    /// from the batches run (a copy; it does not follow later batches).
+    pub fn cost_model(&self) -> CostModel {
+        self.state().model.clone()
     }
 
     /// The cost shape in use.
@@ -158,7 +173,10 @@ impl BusyMeter {
         let mut s = self.state();
         s.advance(now);
         if let Some((started, items)) = s.running.take() {
-            let full = now.saturating_duration_since(started).as_secs_f64() / s.cost.cost(items);
+            let run = now.saturating_duration_since(started);
+            s.model.observe(items, run);
+            s.cost = s.model.cost();
+            let full = run.as_secs_f64() / s.cost.cost(items);
             s.full_batch_s = Some(match s.full_batch_s {
                 Some(old) => old + (full - old) * FULL_BATCH_GAIN,
                 None => full,
@@ -345,6 +363,27 @@ mod tests {
         // Past saturation batches are full: both read 1.
         let r = simulate(cost, weight_bound, 1.3 * capacity, 60.0);
         assert!(r.load_share > 0.98 && r.busy > 0.98, "{r:?}");
+    }
+
+    #[test]
+    fn small_batches_slowed_by_idle_gaps_read_the_load_not_the_slowness() {
+        // At a tenth of capacity every batch is small and runs after an idle gap, half
+        // again slower than the warm-up's back-to-back pairs. The full batch (what
+        // capacity is) is not slower. With the warm-up's full-batch time as the anchor the
+        // relearned shape reads the load; the shape alone over-read it by the slowdown.
+        let capacity = MAX_BATCH as f64 / weight_bound(MAX_BATCH);
+        let cold = |n: usize| weight_bound(n) * if n < 8 { 1.5 } else { 1.0 };
+        let pair = (
+            Duration::from_secs_f64(weight_bound(1)),
+            Duration::from_secs_f64(weight_bound(MAX_BATCH)),
+        );
+        let anchored = BatchCost::from_pairs(MAX_BATCH, &[pair; 3]);
+        let r = simulate(anchored, cold, 0.1 * capacity, 60.0);
+        assert!((r.load_share - 0.1).abs() < 0.03, "{r:?}");
+        // The shape without the anchor, learning from the night's batches alone, reads the
+        // slowdown as load.
+        let r = simulate(measured(weight_bound), cold, 0.1 * capacity, 60.0);
+        assert!(r.load_share > 0.13, "{r:?}");
     }
 
     #[test]

@@ -287,16 +287,19 @@ impl Model {
             self.run(&batch).map(drop)
         })?;
         if full == max_batch || full <= 1 {
-            return Ok(BatchCost::new(
-                max_batch,
-                if full <= 1 { 0.0 } else { cost.single() },
-            ));
+            return Ok(
+                BatchCost::new(max_batch, if full <= 1 { 0.0 } else { cost.single() })
+                    .with_full_batch(cost.full_batch().filter(|_| full == max_batch)),
+            );
         }
         // The token budget cut the timed batch short of --max-batch: extend its straight line
         // to a full batch, which shorter items can fill.
         let s = cost.single();
         let at_max = s + (1.0 - s) * (max_batch - 1) as f64 / (full - 1) as f64;
-        Ok(BatchCost::new(max_batch, s / at_max))
+        let full_time = cost
+            .full_batch()
+            .and_then(|d| std::time::Duration::try_from_secs_f64(d.as_secs_f64() * at_max).ok());
+        Ok(BatchCost::new(max_batch, s / at_max).with_full_batch(full_time))
     }
 }
 

@@ -14,6 +14,7 @@ use super::policy::{
     decide, Action, Decision, History, Mode, Outlook, PolicyConfig, Sample, Signal,
 };
 use super::pool::Pool;
+use super::rates::{Rate, Rates};
 use super::startup::StartupClock;
 use crate::target::TargetState;
 
@@ -36,6 +37,9 @@ pub struct ScalingStatus {
     pub stable_window_s: f64,
     /// The panic window, in seconds.
     pub panic_window_s: f64,
+    /// `--scale-in-startups`: the scale-down delay in start-up times (the delay in use is
+    /// `scale_in_delay_s`).
+    pub scale_in_startups: f64,
     /// Whether the start-up time is measured from this pool's workers (else assumed from
     /// `--worker-startup`).
     pub startup_measured: bool,
@@ -96,6 +100,31 @@ impl ScalingStatus {
                 d.forecast_demand.unwrap_or(0.0),
             ),
             (
+                "tidepool_demand_surge_workers",
+                "Workers the arrival rate needed within the panic window while the queue grew (0 when it did not).",
+                d.surge_demand.unwrap_or(0.0),
+            ),
+            (
+                "tidepool_arrived_per_second",
+                "Requests that entered the balancer per second, over the last second.",
+                d.arrived_per_s,
+            ),
+            (
+                "tidepool_answered_per_second",
+                "Requests the workers answered per second, over the last second.",
+                d.answered_per_s,
+            ),
+            (
+                "tidepool_worker_capacity_per_second",
+                "Requests per second one fully busy worker answers, as the autoscaler measured it (0 while unknown).",
+                d.capacity_per_worker.unwrap_or(0.0),
+            ),
+            (
+                "tidepool_scale_in_delay_seconds",
+                "The scale-down delay in use: --scale-in-startups start-up times, at most --scale-in-delay.",
+                d.scale_in_delay_s,
+            ),
+            (
                 "tidepool_scaling_panic",
                 "1 while the autoscaler is in panic mode (a surge), 0 in stable mode.",
                 f64::from(u8::from(d.mode == Mode::Panic)),
@@ -139,9 +168,16 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
 /// Where the loop publishes its latest status, read by the admin API and metrics.
 pub(crate) type StatusSlot = Arc<Mutex<Option<ScalingStatus>>>;
 
-/// Reads the pool as the policy sees it.
-pub(crate) fn sample(pool: &dyn Pool, actuator: Option<&Actuator>, at: Instant) -> Sample {
+/// Reads the pool as the policy sees it; `rates` turns the counters into rates.
+pub(crate) fn sample(
+    pool: &dyn Pool,
+    actuator: Option<&Actuator>,
+    rates: &mut Rates,
+    at: Instant,
+) -> Sample {
     let targets = pool.targets();
+    let queued = pool.queue_len();
+    let Rate { arrived, answered } = rates.observe(&targets, queued, at);
     let serving = targets.iter().filter(|t| t.state != TargetState::Draining);
     let (mut ready, mut initial, mut outstanding, mut max_worker_load) = (0, 0, 0usize, 0usize);
     let (mut busy, mut reporting) = (0.0, 0usize);
@@ -170,11 +206,13 @@ pub(crate) fn sample(pool: &dyn Pool, actuator: Option<&Actuator>, at: Instant) 
         ready,
         coming,
         leaving: actuator.map_or(0, Actuator::leaving),
-        load: (outstanding + pool.queue_len()) as f64,
+        load: (outstanding + queued) as f64,
         max_worker_load: max_worker_load as f64,
         // A ready worker that has not reported yet (its first check is on its way) is
         // assumed as busy as the others.
         busy: (reporting > 0).then(|| busy * ready as f64 / reporting as f64),
+        arrived,
+        answered,
     }
 }
 
@@ -249,6 +287,7 @@ pub(crate) async fn run(
 ) {
     let keep = History::keep_for(&policy);
     let mut history = History::new();
+    let mut rates = Rates::new();
     let mut memory = Memory::new(foresight);
     let mut last_action: Option<LastAction> = None;
     let actuator_name = match &actuator {
@@ -267,7 +306,7 @@ pub(crate) async fn run(
             a.tick(&pool).await;
         }
         let now = tokio::time::Instant::now().into_std();
-        let sample = sample(&pool, actuator.as_ref(), now);
+        let sample = sample(&pool, actuator.as_ref(), &mut rates, now);
         history.push(sample, keep);
         let outlook = memory.outlook(&policy, &sample, SystemTime::now());
         let decision = decide(&policy, &history, now, &outlook);
@@ -295,6 +334,7 @@ pub(crate) async fn run(
             target_utilization: policy.target_utilization,
             stable_window_s: policy.window.as_secs_f64(),
             panic_window_s: policy.panic_window.as_secs_f64(),
+            scale_in_startups: policy.scale_in_startups,
             startup_measured: memory.startup.is_measured(),
             predictive: memory.predictive,
             min_workers: policy.min_workers,
@@ -345,7 +385,7 @@ mod tests {
         pool.set(addr(4), TargetState::Unhealthy, 2);
         pool.set(addr(5), TargetState::Draining, 50);
         pool.set_queue_len(4);
-        let s = sample(&pool, None, Instant::now());
+        let s = sample(&pool, None, &mut Rates::new(), Instant::now());
         assert_eq!((s.ready, s.coming, s.leaving), (2, 1, 0));
         assert_eq!(
             s.load, 16.0,
@@ -359,8 +399,30 @@ mod tests {
         pool.set_busy(addr(1), Some(0.75));
         pool.set_busy(addr(3), Some(0.5));
         pool.set_busy(addr(5), Some(1.0));
-        let s = sample(&pool, None, Instant::now());
+        let s = sample(&pool, None, &mut Rates::new(), Instant::now());
         assert_eq!(s.busy, Some(1.5));
+    }
+
+    #[test]
+    fn samples_carry_the_rates_of_the_counters() {
+        let pool = FakePool::default();
+        let t0 = Instant::now();
+        let mut rates = Rates::new();
+        pool.set(addr(1), TargetState::Healthy, 4);
+        pool.set_routed(addr(1), 100);
+        let s = sample(&pool, None, &mut rates, t0);
+        assert_eq!(
+            (s.arrived, s.answered),
+            (0.0, 0.0),
+            "nothing to compare with yet"
+        );
+        // A second later: 300 more routed, 20 more outstanding, 30 more queued.
+        pool.set(addr(1), TargetState::Healthy, 24);
+        pool.set_routed(addr(1), 400);
+        pool.set_queue_len(30);
+        let s = sample(&pool, None, &mut rates, t0 + Duration::from_secs(1));
+        assert_eq!((s.arrived, s.answered), (330.0, 280.0));
+        assert_eq!(s.load, 54.0);
     }
 
     #[test]
@@ -374,6 +436,8 @@ mod tests {
             load: 0.0,
             max_worker_load: 0.0,
             busy: Some(ready as f64 * 0.5),
+            arrived: 0.0,
+            answered: 0.0,
         };
         let mut m = Memory::new(Foresight::default());
         let wall = SystemTime::now();

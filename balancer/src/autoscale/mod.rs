@@ -4,7 +4,8 @@
 //! Every second the [`controller`] reads the registry — each ready worker's busy share (its
 //! *load share*: the share of its full-batch capacity the recent load used, which the worker
 //! computes from its own batch timings and reports in the `pong` of its health check), requests outstanding at each worker and waiting in the balancer's queue — and
-//! turns it into a [`policy::Sample`]. The [`policy`] (a pure function of the recent
+//! turns it into a [`policy::Sample`], with the requests arrived and answered per second
+//! from the balancer's own counters ([`rates`]). The [`policy`] (a pure function of the recent
 //! samples, the clock and the measured [`startup`] time) says how many workers the pool
 //! needs: a stable window for normal decisions, a panic window for surges, and, with
 //! `--predictive`, a [`forecast`] from the load remembered by time of day. The result is
@@ -30,6 +31,7 @@ pub(crate) mod controller;
 pub mod forecast;
 pub mod policy;
 mod pool;
+pub mod rates;
 pub mod startup;
 
 use clap::Args;
@@ -39,6 +41,7 @@ pub use controller::ScalingStatus;
 pub use forecast::{DayProfile, Predictive};
 pub use policy::{decide, Action, Decision, History, Mode, Outlook, PolicyConfig, Sample, Signal};
 pub use pool::Pool;
+pub use rates::{Rate, Rates};
 pub use startup::StartupClock;
 
 use crate::error::Error;
@@ -98,10 +101,18 @@ pub struct AutoscaleConfig {
         default_value = duration_default!(PolicyConfig::DEFAULT.scale_out_delay))]
     pub scale_out_delay: Duration,
 
-    /// The scale-down delay: the pool shrinks only to the most workers wanted over this time.
+    /// The longest scale-down delay: the pool shrinks only to what the most demanding
+    /// second over the delay needs; the delay is --scale-in-startups start-up times, at
+    /// most this.
     #[arg(long, env = "TIDEPOOL_SCALE_IN_DELAY", value_parser = humantime::parse_duration,
         default_value = duration_default!(PolicyConfig::DEFAULT.scale_in_delay))]
     pub scale_in_delay: Duration,
+
+    /// The scale-down delay in workers' start-up times (measured, or --worker-startup):
+    /// a worker let go can be back within one, so holding it a few bounds what scaling in
+    /// during a lull can cost. At least a --panic-window, at most --scale-in-delay.
+    #[arg(long, env = "TIDEPOOL_SCALE_IN_STARTUPS", default_value_t = PolicyConfig::DEFAULT.scale_in_startups)]
+    pub scale_in_startups: f64,
 
     /// The stable window: the averaging window of normal decisions.
     #[arg(long, env = "TIDEPOOL_SCALING_WINDOW", value_parser = humantime::parse_duration,
@@ -173,6 +184,7 @@ impl Default for AutoscaleConfig {
             target_load: policy.target_load,
             scale_out_delay: policy.scale_out_delay,
             scale_in_delay: policy.scale_in_delay,
+            scale_in_startups: policy.scale_in_startups,
             scaling_window: policy.window,
             worker_start_timeout: actuator::WORKER_START_TIMEOUT,
             target_utilization: policy.target_utilization,
@@ -197,6 +209,7 @@ impl AutoscaleConfig {
             target_load: self.target_load,
             scale_out_delay: self.scale_out_delay,
             scale_in_delay: self.scale_in_delay,
+            scale_in_startups: self.scale_in_startups,
             window: self.scaling_window,
             target_utilization: self.target_utilization,
             panic_window: self.panic_window,
@@ -234,6 +247,12 @@ impl AutoscaleConfig {
             return bad(
                 "target-load",
                 "must be a number above zero, e.g. the workers' --max-batch",
+            );
+        }
+        if !(self.scale_in_startups.is_finite() && self.scale_in_startups >= 0.0) {
+            return bad(
+                "scale-in-startups",
+                "must be a number at least 0, e.g. 3 (hold a worker three start-up times)",
             );
         }
         if self.scaling_window.is_zero() {

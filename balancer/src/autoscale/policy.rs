@@ -18,13 +18,25 @@
 //! saturation (where busy shares stop at 1) and when workers report no busy share (TCP
 //! health checks, older workers).
 //!
+//! ## Surges: the arrival rate
+//! A busy share stops at 1, so a worker 5× short reads as one just short, and requests in
+//! flight say how far behind the pool is, not how fast it falls behind. While requests
+//! arrive faster than the workers answer them (the queue grows, by more than 10%), a
+//! sample's demand is also `arrived / capacity / --target-utilization`, where `capacity`
+//! is what one fully busy worker answers per second, measured from the pool itself (the
+//! answers over the busy shares of the samples before the panic window, where the two are
+//! in step). Unlike the busy shares, which the workers average over seconds, this is one
+//! second of the balancer's own counters: a 5× step reads 5× at the first sample after it.
+//! Below saturation arrivals and answers agree and the busy share decides, as before.
+//!
 //! ## The decision
 //! - **Stable mode**: `desired = ceil(demand averaged over --scaling-window (60 s))`,
 //!   raised by the start-up headroom below.
-//! - **Panic mode**: when the demand averaged over `--panic-window` (6 s) reaches
-//!   `--panic-threshold` (2) times the workers there are, the pool scales out at once to
-//!   the panic window's wish, and stays in panic until a whole stable window passes
-//!   without that; it never scales in while in panic.
+//! - **Panic mode**: when the demand averaged over `--panic-window` (6 s), or one second's
+//!   surge demand (the arrival rate while the queue grows), reaches `--panic-threshold` (2)
+//!   times the workers there are, the pool scales out at once, straight to the most either
+//!   needs, and stays in panic until a whole stable window passes without that; it never
+//!   scales in while in panic.
 //! - **Start-up headroom**: capacity asked for now arrives one start-up time later (the
 //!   controller measures it). While the demand rises (a least-squares line over the stable
 //!   window slopes up), the policy extends the line over the start-up time and sizes for
@@ -34,10 +46,16 @@
 //!   the next start-up time needs. A forecast never scales in.
 //! - **Rates**: one decision grows the pool at most `--max-scale-up-rate` times and shrinks
 //!   it at most by `--max-scale-down-rate` times.
-//! - **Scale-down delay**: the pool shrinks only to the *largest* stable wish over the
-//!   last `--scale-in-delay` (with a 10% dead band, so a load hovering at a whole number
-//!   of workers does not flap), with no worker coming or leaving and none overloaded (more
-//!   than `--target-load × 2` outstanding).
+//! - **Scale-down delay**: the pool shrinks only to what the *largest* demand of any
+//!   sample over the scale-down delay needs (with a 10% dead band, so a load hovering at a
+//!   whole number of workers does not flap), with no worker coming or leaving and none
+//!   overloaded (more than `--target-load × 2` outstanding). The delay is
+//!   `--scale-in-startups` (3) start-up times, at least a panic window and at most
+//!   `--scale-in-delay` (120 s): a worker let go can be back within a start-up time, so
+//!   holding it for a few of them bounds what a lull's scale-in can cost (a third of the
+//!   delay short of capacity at worst), and a fast-starting pool shrinks fast. A falling
+//!   load is sized by that recent most, not the stable window's mean, which would remember
+//!   the higher level for a window more; a rising one keeps the window's wish.
 //! - `--scale-out-delay` (0 by default, as Knative) makes a stable-mode scale-out wait
 //!   until every stable wish over that time wanted more; panic never waits.
 //!
@@ -70,8 +88,11 @@ pub struct PolicyConfig {
     pub target_load: f64,
     /// How long a stable-mode need for more workers must hold before scaling out.
     pub scale_out_delay: Duration,
-    /// The scale-down delay: the pool shrinks only to the largest wish over this time.
+    /// The longest scale-down delay: the pool shrinks only to what the largest demand over
+    /// the delay needs, the delay being `scale_in_startups` start-up times, at most this.
     pub scale_in_delay: Duration,
+    /// The scale-down delay in start-up times (see the module docs).
+    pub scale_in_startups: f64,
     /// The stable window: the averaging window of normal decisions.
     pub window: Duration,
     /// The panic window: the short averaging window that detects a surge.
@@ -102,6 +123,7 @@ impl PolicyConfig {
         target_load: 32.0,
         scale_out_delay: Duration::ZERO,
         scale_in_delay: Duration::from_secs(120),
+        scale_in_startups: 3.0,
         window: Duration::from_secs(60),
         panic_window: Duration::from_secs(6),
         panic_threshold: 2.0,
@@ -113,6 +135,15 @@ impl PolicyConfig {
 
     fn clamp(&self, n: usize) -> usize {
         n.clamp(self.min_workers, self.max_workers.max(self.min_workers))
+    }
+
+    /// The scale-down delay for a start-up time: `scale_in_startups` of them, at least a
+    /// panic window (a few samples, so that one quiet second does not shrink the pool) and
+    /// at most `scale_in_delay`.
+    pub fn scale_in_delay_for(&self, startup: Duration) -> Duration {
+        let relative = Duration::try_from_secs_f64(startup.as_secs_f64() * self.scale_in_startups)
+            .unwrap_or(self.scale_in_delay);
+        relative.max(self.panic_window).min(self.scale_in_delay)
     }
 }
 
@@ -142,6 +173,10 @@ pub struct Sample {
     /// The ready workers' busy shares summed (a worker that did not report counts as the
     /// average of those that did); `None` when none reported one.
     pub busy: Option<f64>,
+    /// Requests that entered the balancer per second since the previous sample.
+    pub arrived: f64,
+    /// Requests the workers answered per second since the previous sample.
+    pub answered: f64,
 }
 
 /// What the policy knows beyond the samples.
@@ -244,6 +279,11 @@ pub enum Signal {
     /// Requests in flight (in a decision: no worker reports a busy share, or the in-flight
     /// guard needs more, workers beyond saturation; as a setting: busy shares ignored).
     InFlight,
+    /// In a decision only: requests arrive faster than the pool answers them (the queue
+    /// grows), and the arrival rate against each worker's measured capacity needs more
+    /// workers than the busy shares, which stop at 1, can say. Not a setting: `busy` reads it.
+    #[value(skip)]
+    Arrivals,
 }
 
 /// A decision with the figures behind it, as `GET /scaling` shows it.
@@ -263,6 +303,16 @@ pub struct Decision {
     pub load_per_worker: f64,
     /// The ready workers' busy shares summed, now (`None`: none reported one).
     pub busy_total: Option<f64>,
+    /// Requests that entered the balancer per second, over the last second.
+    pub arrived_per_s: f64,
+    /// Requests the workers answered per second, over the last second.
+    pub answered_per_s: f64,
+    /// Requests per second one fully busy worker answers, measured as answers over busy
+    /// shares in the samples before the panic window (`None`: too little load to say).
+    pub capacity_per_worker: Option<f64>,
+    /// The most workers the arrival rate needed within the panic window while the queue
+    /// grew (`None`: it did not grow, or the capacity is unknown).
+    pub surge_demand: Option<f64>,
     /// What the latest demand came from.
     pub signal: Signal,
     /// Demand in workers, averaged over the stable window.
@@ -274,6 +324,9 @@ pub struct Decision {
     pub headroom_demand: f64,
     /// The start-up time the policy plans with, in seconds.
     pub startup_s: f64,
+    /// The scale-down delay in use, in seconds: `--scale-in-startups` start-up times, at
+    /// most `--scale-in-delay`.
+    pub scale_in_delay_s: f64,
     /// The forecast demand within the next start-up time (`--predictive`), if any.
     pub forecast_demand: Option<f64>,
     /// Stable or panic.
@@ -287,21 +340,59 @@ pub struct Decision {
     pub reason: String,
 }
 
-/// One sample's demand in workers: what the controller remembers by time of day.
+/// One sample's demand in workers from its busy shares and requests in flight: what the
+/// controller remembers by time of day.
 pub fn demand_of(config: &PolicyConfig, s: &Sample) -> f64 {
-    demand(config, s).0
+    demand(config, s, None).0
 }
 
-/// One sample's demand in workers, and the signal that set it.
-fn demand(config: &PolicyConfig, s: &Sample) -> (f64, Signal) {
-    let in_flight = s.load / config.target_load;
-    let busy = s.busy.filter(|_| config.signal == Signal::Busy);
-    match busy {
-        Some(busy) if busy / config.target_utilization >= in_flight => {
-            (busy / config.target_utilization, Signal::Busy)
+/// How much faster than the answers requests must arrive for the queue to count as
+/// growing: Poisson noise and requests on the wire make the two differ by a few percent.
+const QUEUE_GROWTH: f64 = 0.1;
+
+/// The workers `s`'s arrival rate needs at the target utilization, when the queue grew
+/// (arrivals above answers) and the capacity of a worker is known; `None` otherwise.
+fn surge(config: &PolicyConfig, s: &Sample, capacity: Option<f64>) -> Option<f64> {
+    let capacity = capacity.filter(|c| *c > 0.0)?;
+    (config.signal == Signal::Busy && s.arrived > s.answered * (1.0 + QUEUE_GROWTH))
+        .then(|| s.arrived / capacity / config.target_utilization)
+}
+
+/// One sample's demand in workers, and the signal that set it: the most of the busy
+/// shares, the arrival rate while the queue grows, and the in-flight guard.
+fn demand(config: &PolicyConfig, s: &Sample, capacity: Option<f64>) -> (f64, Signal) {
+    let mut best = (s.load / config.target_load, Signal::InFlight);
+    if let Some(busy) = s.busy.filter(|_| config.signal == Signal::Busy) {
+        let busy = busy / config.target_utilization;
+        if busy >= best.0 {
+            best = (busy, Signal::Busy);
         }
-        _ => (in_flight, Signal::InFlight),
     }
+    if let Some(surge) = surge(config, s, capacity) {
+        if surge > best.0 {
+            best = (surge, Signal::Arrivals);
+        }
+    }
+    best
+}
+
+/// Requests per second a fully busy worker answers: the answers over the busy shares of
+/// the samples older than the panic window (a surge's own seconds, where the workers'
+/// averaged busy shares lag their answers, are left out). `None` while the pool averaged
+/// under 5% busy: the ratio of two small numbers says little.
+fn capacity(config: &PolicyConfig, history: &History, now: Instant) -> Option<f64> {
+    let (mut answered, mut busy, mut n) = (0.0, 0.0, 0usize);
+    for s in history.samples() {
+        if now.saturating_duration_since(s.at) <= config.panic_window || s.at > now {
+            break;
+        }
+        if let Some(b) = s.busy {
+            answered += s.answered;
+            busy += b;
+            n += 1;
+        }
+    }
+    (n > 0 && busy / n as f64 >= 0.05 && answered > 0.0).then(|| answered / busy)
 }
 
 /// The averages over `window` before `at`: (demand, total load, load per ready worker).
@@ -310,6 +401,7 @@ fn averaged(
     history: &History,
     at: Instant,
     window: Duration,
+    capacity: Option<f64>,
 ) -> (f64, f64, f64) {
     let (mut demand_sum, mut total, mut per, mut n) = (0.0, 0.0, 0.0, 0usize);
     for s in history.samples().rev() {
@@ -319,7 +411,7 @@ fn averaged(
         if at.saturating_duration_since(s.at) > window {
             break;
         }
-        demand_sum += demand(config, s).0;
+        demand_sum += demand(config, s, capacity).0;
         total += s.load;
         per += if s.ready > 0 {
             s.load / s.ready as f64
@@ -347,11 +439,18 @@ fn workers(demand: f64) -> usize {
     }
 }
 
-/// Whether the panic window's demand at `s.at` reached the threshold over its workers.
-fn panicked_at(config: &PolicyConfig, history: &History, s: &Sample) -> bool {
-    let (panic, _, _) = averaged(config, history, s.at, config.panic_window);
+/// Whether the panic window's demand at `s.at`, or `s`'s own surge (one second of
+/// arrivals outrunning the answers), reached the threshold over its workers.
+fn panicked_at(
+    config: &PolicyConfig,
+    history: &History,
+    s: &Sample,
+    capacity: Option<f64>,
+) -> bool {
+    let (panic, _, _) = averaged(config, history, s.at, config.panic_window, capacity);
     let workers_then = (s.ready + s.coming).max(1) as f64;
-    panic >= config.panic_threshold * workers_then
+    let surge = surge(config, s, capacity).unwrap_or(0.0);
+    panic.max(surge) >= config.panic_threshold * workers_then
 }
 
 /// The stable-mode wish at `at`: the stable demand, or, while the demand rises, what its
@@ -361,8 +460,24 @@ fn stable_wish(
     history: &History,
     at: Instant,
     startup: Duration,
+    capacity: Option<f64>,
 ) -> (usize, f64) {
-    let (stable, _, _) = averaged(config, history, at, config.window);
+    let (stable, _, _) = averaged(config, history, at, config.window, capacity);
+    let ahead = trend_ahead(config, history, at, startup, capacity)
+        .unwrap_or(stable)
+        .max(stable);
+    (config.clamp(workers(ahead)), ahead)
+}
+
+/// While the demand rises (a least-squares line over the stable window before `at` slopes
+/// up), what the line reaches one start-up time after `at`; `None` when it does not rise.
+fn trend_ahead(
+    config: &PolicyConfig,
+    history: &History,
+    at: Instant,
+    startup: Duration,
+    capacity: Option<f64>,
+) -> Option<f64> {
     let (mut n, mut sx, mut sy, mut sxx, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for s in history.samples().rev() {
         if s.at > at {
@@ -372,7 +487,7 @@ fn stable_wish(
         if back > config.window {
             break;
         }
-        let (x, y) = (-back.as_secs_f64(), demand(config, s).0);
+        let (x, y) = (-back.as_secs_f64(), demand(config, s, capacity).0);
         n += 1.0;
         sx += x;
         sy += y;
@@ -380,19 +495,12 @@ fn stable_wish(
         sxy += x * y;
     }
     let spread = n * sxx - sx * sx;
-    let ahead = if n >= 3.0 && spread > 0.0 {
-        let slope = (n * sxy - sx * sy) / spread;
-        let now_value = (sy - slope * sx) / n;
-        if slope > 0.0 {
-            now_value + slope * startup.as_secs_f64()
-        } else {
-            stable
-        }
-    } else {
-        stable
-    };
-    let ahead = ahead.max(stable);
-    (config.clamp(workers(ahead)), ahead)
+    if n < 3.0 || spread <= 0.0 {
+        return None;
+    }
+    let slope = (n * sxy - sx * sy) / spread;
+    let now_value = (sy - slope * sx) / n;
+    (slope > 0.0).then_some(now_value + slope * startup.as_secs_f64())
 }
 
 /// The policy: `(history, now, outlook) → decision`.
@@ -411,11 +519,16 @@ pub fn decide(
             total_load: 0.0,
             load_per_worker: 0.0,
             busy_total: None,
+            arrived_per_s: 0.0,
+            answered_per_s: 0.0,
+            capacity_per_worker: None,
+            surge_demand: None,
             signal: Signal::InFlight,
             stable_demand: 0.0,
             panic_demand: 0.0,
             headroom_demand: 0.0,
             startup_s: outlook.startup.as_secs_f64(),
+            scale_in_delay_s: config.scale_in_delay_for(outlook.startup).as_secs_f64(),
             forecast_demand: outlook.forecast,
             mode: Mode::Stable,
             desired: config.clamp(0),
@@ -424,10 +537,37 @@ pub fn decide(
         };
     };
     let current = latest.ready + latest.coming;
+    let capacity = capacity(config, history, now);
     let (stable_demand, total_load, load_per_worker) =
-        averaged(config, history, now, config.window);
-    let (panic_demand, _, _) = averaged(config, history, now, config.panic_window);
-    let (wish_stable, headroom_demand) = stable_wish(config, history, now, outlook.startup);
+        averaged(config, history, now, config.window, capacity);
+    let (panic_demand, _, _) = averaged(config, history, now, config.panic_window, capacity);
+    let (wish_stable, headroom_demand) =
+        stable_wish(config, history, now, outlook.startup, capacity);
+    let surge_demand = history
+        .samples()
+        .rev()
+        .take_while(|s| now.saturating_duration_since(s.at) <= config.panic_window)
+        .filter_map(|s| surge(config, s, capacity))
+        .reduce(f64::max);
+    let scale_in_delay = config.scale_in_delay_for(outlook.startup);
+    // The most any second over the scale-down delay needed, or what a rise now heads for
+    // within a start-up time: what a shrinking pool must keep (see the scale-in below).
+    let rising = headroom_demand > stable_demand + 1e-9;
+    let recent_demand = history
+        .samples()
+        .rev()
+        .take_while(|s| now.saturating_duration_since(s.at) <= scale_in_delay)
+        .map(|s| demand(config, s, capacity).0)
+        .fold(if rising { headroom_demand } else { 0.0 }, f64::max);
+    // A falling load: the stable window still remembers the higher level, but no second of
+    // the scale-down delay needed it, so the pool needs no more than that recent most.
+    // Without this the window's mean would hold workers the scale-in below let go of (or
+    // grow the pool back). A rising load keeps the window's wish with its headroom.
+    let wish_stable = if rising {
+        wish_stable
+    } else {
+        wish_stable.min(config.clamp(workers(recent_demand)))
+    };
     let span = match history.samples().next() {
         Some(first) => now.saturating_duration_since(first.at),
         None => Duration::ZERO,
@@ -439,15 +579,17 @@ pub fn decide(
             .samples()
             .rev()
             .take_while(|s| now.saturating_duration_since(s.at) <= config.window)
-            .any(|s| panicked_at(config, history, s));
+            .any(|s| panicked_at(config, history, s, capacity));
     let mode = if panicking { Mode::Panic } else { Mode::Stable };
     let forecast_wish = outlook
         .forecast
         .filter(|_| outlook.act_on_forecast)
         .map_or(0, |f| config.clamp(workers(f)));
+    // In panic the pool goes straight to what the surge needs: the panic window's demand,
+    // or the arrival rate against the workers' capacity, whichever needs more.
     let wish = match mode {
         Mode::Panic => config
-            .clamp(workers(panic_demand))
+            .clamp(workers(panic_demand.max(surge_demand.unwrap_or(0.0))))
             .max(wish_stable)
             .max(current),
         Mode::Stable => wish_stable,
@@ -462,11 +604,16 @@ pub fn decide(
         total_load,
         load_per_worker,
         busy_total: latest.busy,
-        signal: demand(config, &latest).1,
+        arrived_per_s: latest.arrived,
+        answered_per_s: latest.answered,
+        capacity_per_worker: capacity,
+        surge_demand,
+        signal: demand(config, &latest, capacity).1,
         stable_demand,
         panic_demand,
         headroom_demand,
         startup_s: outlook.startup.as_secs_f64(),
+        scale_in_delay_s: scale_in_delay.as_secs_f64(),
         forecast_demand: outlook.forecast,
         mode,
         desired,
@@ -513,6 +660,15 @@ pub fn decide(
                 outlook.forecast.unwrap_or_default(),
                 outlook.startup
             )
+        } else if mode == Mode::Panic && surge_demand.is_some_and(|s| s > panic_demand) {
+            format!(
+                "panic: requests arrive at {:.0}/s, faster than the {:.0}/s answered, which needs {:.1} workers at {:.0}/s each; at least {}x the {current} there are",
+                latest.arrived,
+                latest.answered,
+                surge_demand.unwrap_or_default(),
+                capacity.unwrap_or_default(),
+                config.panic_threshold
+            )
         } else if mode == Mode::Panic {
             format!(
                 "panic: demand {panic_demand:.1} workers over {:.0?} is at least {}x the {current} there are",
@@ -536,7 +692,9 @@ pub fn decide(
                     .samples()
                     .rev()
                     .take_while(|s| now.saturating_duration_since(s.at) <= config.scale_out_delay)
-                    .all(|s| stable_wish(config, history, s.at, outlook.startup).0 > current);
+                    .all(|s| {
+                        stable_wish(config, history, s.at, outlook.startup, capacity).0 > current
+                    });
             if !held {
                 return decision(
                     Action::Hold,
@@ -577,23 +735,20 @@ pub fn decide(
                 latest.max_worker_load
             ));
         }
-        let look_back = config.scale_in_delay.max(config.window);
-        if span < look_back {
+        if span < scale_in_delay {
             return hold(format!(
-                "demand {stable_demand:.1} workers; {:.0?} of the {look_back:.0?} scale-down delay seen",
+                "demand {stable_demand:.1} workers; {:.0?} of the {scale_in_delay:.0?} scale-down delay seen",
                 span
             ));
         }
-        // The largest stable wish over the scale-down delay: a lull shorter than it keeps
-        // its workers.
+        // The most any second over the scale-down delay needed, not the stable window's
+        // mean: a pool that held the load's recent peak with fewer workers can shrink as
+        // soon as the delay has passed, without also waiting out the window's memory of a
+        // higher level. Each sample's busy share is already the worker's own few-second
+        // average, so one noisy second does not hold a worker for long.
         // A dead band: shrink only to a pool that keeps that peak `in_margin` under its
         // size, so that a load hovering at a whole number of workers does not flap.
-        let peak_demand = history
-            .samples()
-            .rev()
-            .take_while(|s| now.saturating_duration_since(s.at) <= config.scale_in_delay)
-            .map(|s| stable_wish(config, history, s.at, outlook.startup).1)
-            .fold(0.0, f64::max);
+        let peak_demand = recent_demand;
         let peak = config
             .clamp(workers(peak_demand / (1.0 - config.in_margin)))
             .max(desired);
@@ -603,14 +758,13 @@ pub fn decide(
             return decision(
                 Action::ScaleIn(to),
                 format!(
-                    "demand {stable_demand:.1} workers, at most {peak} wanted over the {:.0?} scale-down delay: {current} -> {to}",
-                    config.scale_in_delay
+                    "demand {stable_demand:.1} workers, at most {peak_demand:.1} over the {scale_in_delay:.0?} scale-down delay ({} start-ups of {:.1?}): {current} -> {to}",
+                    config.scale_in_startups, outlook.startup
                 ),
             );
         }
         return hold(format!(
-            "demand {stable_demand:.1} workers; {peak} wanted within the {:.0?} scale-down delay",
-            config.scale_in_delay
+            "demand {stable_demand:.1} workers; up to {peak_demand:.1} within the {scale_in_delay:.0?} scale-down delay needs {peak}"
         ));
     }
 
@@ -649,16 +803,33 @@ mod tests {
         }
     }
 
+    /// Requests per second one fully busy worker answers, in the simulated pools.
+    const PER_WORKER: f64 = 100.0;
+
     /// A pool of workers that are ready at once, under `offered(t)` workers' worth of
-    /// work: each is busy `offered / pool` (at most 1), and requests pile up in flight only
-    /// beyond saturation. Returns each second's (t, pool, decision).
+    /// work: each is busy `offered / pool` (at most 1), requests arrive at
+    /// `offered × PER_WORKER` a second and are answered up to the pool's capacity, and
+    /// pile up in flight only beyond saturation. Returns each second's (t, pool, decision).
     fn run_with(
         config: &PolicyConfig,
         outlook: &Outlook,
         seconds: u64,
-        mut pool: usize,
+        pool: usize,
         offered: impl Fn(u64) -> f64,
     ) -> Vec<(u64, usize, Decision)> {
+        run_with_rates(config, outlook, seconds, pool, true, offered)
+    }
+
+    /// [`run_with`], with the arrival and answer rates left at zero unless `rates`.
+    fn run_with_rates(
+        config: &PolicyConfig,
+        outlook: &Outlook,
+        seconds: u64,
+        mut pool: usize,
+        rates: bool,
+        offered: impl Fn(u64) -> f64,
+    ) -> Vec<(u64, usize, Decision)> {
+        let per_worker = if rates { PER_WORKER } else { 0.0 };
         let start = Instant::now();
         let mut history = History::new();
         let mut out = Vec::new();
@@ -676,6 +847,8 @@ mod tests {
                     load,
                     max_worker_load: load / pool as f64,
                     busy: Some(work.min(pool as f64)),
+                    arrived: work * per_worker,
+                    answered: work.min(pool as f64) * per_worker,
                 },
                 History::keep_for(config),
             );
@@ -749,7 +922,12 @@ mod tests {
                 0.2
             }
         });
-        let surge = changes(&decisions)[0].0;
+        let surge = changes(&decisions)
+            .into_iter()
+            .find(|(_, a)| matches!(a, Action::ScaleOut(_)))
+            .unwrap()
+            .0;
+        assert!((20..=21).contains(&surge), "{:?}", changes(&decisions));
         for (t, _, d) in &decisions {
             if d.mode == Mode::Panic {
                 assert!(
@@ -760,7 +938,7 @@ mod tests {
         }
         let first_in = changes(&decisions)
             .into_iter()
-            .find(|(_, a)| matches!(a, Action::ScaleIn(_)))
+            .find(|(t, a)| *t > surge && matches!(a, Action::ScaleIn(_)))
             .expect("it shrinks in the end");
         assert!(first_in.0 >= surge + c.window.as_secs(), "{first_in:?}");
     }
@@ -770,7 +948,9 @@ mod tests {
         let c = config();
         let decisions = run_with(&c, &outlook(), 200, 8, |_| 0.4);
         let moves = changes(&decisions);
-        assert!(moves[0].0 >= c.scale_in_delay.as_secs(), "{moves:?}");
+        let delay = c.scale_in_delay_for(outlook().startup);
+        assert_eq!(delay, Duration::from_secs(9), "3 start-ups of 3 s");
+        assert!(moves[0].0 >= delay.as_secs(), "{moves:?}");
         assert_eq!(moves[0].1, Action::ScaleIn(4), "halved, not straight to 1");
         assert_eq!(decisions.last().unwrap().1, 1, "{moves:?}");
         assert!(moves.iter().all(|(_, a)| matches!(a, Action::ScaleIn(_))));
@@ -778,7 +958,12 @@ mod tests {
 
     #[test]
     fn a_lull_shorter_than_the_delay_keeps_the_workers() {
-        let c = config();
+        // Ten start-ups of 3 s, at most the 20 s --scale-in-delay: 20 s.
+        let c = PolicyConfig {
+            scale_in_startups: 10.0,
+            ..config()
+        };
+        assert_eq!(c.scale_in_delay_for(outlook().startup), c.scale_in_delay);
         // 12 s lulls between 18 s of 1.8 workers' worth (4 workers at 50%).
         let decisions = run_with(
             &c,
@@ -792,6 +977,95 @@ mod tests {
             "{:?}",
             changes(&decisions)
         );
+    }
+
+    #[test]
+    fn the_scale_down_delay_follows_the_start_up_time() {
+        let c = config();
+        let s = Duration::from_secs;
+        // Three start-ups, at least a panic window (2 s), at most --scale-in-delay (20 s).
+        assert_eq!(c.scale_in_delay_for(s(2)), s(6));
+        assert_eq!(c.scale_in_delay_for(Duration::ZERO), c.panic_window);
+        assert_eq!(c.scale_in_delay_for(s(60)), c.scale_in_delay);
+        // A pool that starts workers in 2 s lets an idle one go after 6 s; one that needs
+        // 10 s holds it the whole 20 s.
+        let first_in = |startup: u64| {
+            let o = Outlook {
+                startup: s(startup),
+                ..Outlook::default()
+            };
+            changes(&run_with(&c, &o, 60, 3, |_| 0.4))[0]
+        };
+        assert_eq!(first_in(2), (6, Action::ScaleIn(2)));
+        assert_eq!(first_in(10), (20, Action::ScaleIn(2)));
+    }
+
+    #[test]
+    fn a_falling_load_shrinks_without_the_stable_windows_memory() {
+        // A long stable window (60 s) and a short delay (3 start-ups of 2 s): after a
+        // fall from 3.6 to 0.8 workers' worth (8 workers to 2 at 50%), the pool shrinks
+        // one delay after the fall, not once the window's mean has come down.
+        let c = PolicyConfig {
+            window: Duration::from_secs(60),
+            panic_window: Duration::from_secs(2),
+            scale_in_delay: Duration::from_secs(120),
+            max_scale_down_rate: 10.0,
+            ..config()
+        };
+        let o = Outlook {
+            startup: Duration::from_secs(2),
+            ..Outlook::default()
+        };
+        let decisions = run_with(&c, &o, 200, 8, |t| if t < 100 { 3.6 } else { 0.8 });
+        let moves = changes(&decisions);
+        assert_eq!(
+            moves.iter().find(|(t, _)| *t >= 100),
+            Some(&(106, Action::ScaleIn(2))),
+            "{moves:?}"
+        );
+        assert!(
+            decisions[100..].iter().all(|(_, pool, _)| *pool >= 2),
+            "the recent most is kept: 0.8 / 0.5 = 1.6 workers, 2 with the dead band"
+        );
+    }
+
+    #[test]
+    fn a_surge_reads_the_arrival_rate_and_goes_straight_to_the_need() {
+        // One worker at 0.3 of its capacity, then 1.6 (a 5x step): its busy share stops
+        // at 1, 2 workers at 50% (under the 2x threshold over 1 worker), while the arrival
+        // rate says 1.6 / 0.5 = 3.2 workers: panic at the first sample, straight to 4.
+        let c = config();
+        let decisions = run_with(&c, &outlook(), 40, 1, |t| if t < 20 { 0.3 } else { 1.6 });
+        let (t, action) = changes(&decisions)[0];
+        assert_eq!(
+            (t, action),
+            (20, Action::ScaleOut(4)),
+            "{:?}",
+            decisions[20].2
+        );
+        let d = &decisions[20].2;
+        assert_eq!(d.mode, Mode::Panic);
+        assert!(
+            (d.capacity_per_worker.unwrap() - PER_WORKER).abs() < 1e-9,
+            "{d:?}"
+        );
+        assert!((d.surge_demand.unwrap() - 3.2).abs() < 1e-9, "{d:?}");
+        assert!(d.reason.contains("arrive at 160/s"), "{}", d.reason);
+        // The busy shares and the in-flight guard alone get there later, step by step.
+        let blind = run_with_rates(
+            &c,
+            &outlook(),
+            40,
+            1,
+            false,
+            |t| if t < 20 { 0.3 } else { 1.6 },
+        );
+        let enough =
+            |d: &[(u64, usize, Decision)]| d.iter().find(|(_, pool, _)| *pool >= 4).unwrap().0;
+        assert!(enough(&blind) > enough(&decisions), "{:?}", changes(&blind));
+        // A pool that keeps up (arrivals = answers) reads no surge, whatever the rate.
+        let calm = run_with(&c, &outlook(), 40, 4, |_| 1.6);
+        assert!(calm.iter().all(|(_, _, d)| d.surge_demand.is_none()));
     }
 
     #[test]
@@ -833,6 +1107,8 @@ mod tests {
                     load: 60.0,
                     max_worker_load: 30.0,
                     busy: None,
+                    arrived: 0.0,
+                    answered: 0.0,
                 },
                 History::keep_for(&c),
             );
@@ -909,6 +1185,8 @@ mod tests {
             load: 0.0,
             max_worker_load: 0.0,
             busy: None,
+            arrived: 0.0,
+            answered: 0.0,
         };
         let mut h = History::new();
         h.push(sample(0), Duration::from_secs(100));
@@ -975,7 +1253,10 @@ mod tests {
         fn no_oscillation_on_noisy_constant_load(
             level in 0.2f64..6.0, noise in 0.0f64..0.2, seed in any::<u64>(), start_pool in 1usize..8,
         ) {
-            let c = PolicyConfig { window: Duration::from_secs(60), panic_window: Duration::from_secs(6), scale_in_delay: Duration::from_secs(60), ..config() };
+            // The delay 60 s (twenty start-ups of 3 s): a dead band of 10% holds against
+            // noise that stays within it for a delay, which a few start-ups of a fast
+            // pool may not be (see the_scale_down_delay_follows_the_start_up_time).
+            let c = PolicyConfig { window: Duration::from_secs(60), panic_window: Duration::from_secs(6), scale_in_delay: Duration::from_secs(60), scale_in_startups: 20.0, ..config() };
             let mut state = seed | 1;
             let mut rng = move || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; (state % 10_000) as f64 / 10_000.0 };
             // Noisy work, read through the workers' 5 s average as their busy shares are.

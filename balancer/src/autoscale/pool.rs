@@ -76,6 +76,13 @@ pub(crate) mod fake {
             }
         }
 
+        /// Sets how many requests were routed to the target at `addr` since it registered.
+        pub(crate) fn set_routed(&self, addr: SocketAddr, routed: u64) {
+            for t in self.state().targets.iter_mut().filter(|t| t.addr == addr) {
+                t.routed = routed;
+            }
+        }
+
         /// Sets the balancer's queue length.
         pub(crate) fn set_queue_len(&self, n: usize) {
             self.state().queue_len = n;

@@ -24,8 +24,8 @@ use anyhow::Context;
 use clap::Parser;
 use serde::Serialize;
 use tidepool_bench::autoscale::{
-    read_log, time_to_ready, worker_seconds, ObjectiveShare, Poller, Pool, PoolSpec, ScalingPoint,
-    StartTimeline,
+    read_log, time_to_ask, time_to_ready, worker_seconds, ObjectiveShare, Poller, Pool, PoolSpec,
+    ScalingPoint, StartTimeline,
 };
 use tidepool_bench::process::{sibling_exe, Proc};
 use tidepool_bench::report::{machine, Report};
@@ -71,9 +71,14 @@ struct Args {
     /// Seed of the load (arrivals and data): the same for every run.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// `--scale-in-delay` of both autoscaled pools (80 min of a real day at 180 s a day).
+    /// `--scale-in-delay` of both autoscaled pools: the longest scale-down delay (the real
+    /// default, 120 s, would be a quarter of a 180-second day).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     scale_in_delay: Duration,
+    /// `--scale-in-startups` of both autoscaled pools: the scale-down delay in measured
+    /// start-up times, as in a real deployment (start-ups are not compressed).
+    #[arg(long, default_value_t = 3.0)]
+    scale_in_startups: f64,
     /// The busy-share pool's `--scaling-window` (the stable window).
     #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
     busy_window: Duration,
@@ -168,6 +173,7 @@ impl Args {
             target_load: 32.0,
             scale_out_delay: Duration::ZERO,
             scale_in_delay: self.scale_in_delay,
+            scale_in_startups: self.scale_in_startups,
             window: self.busy_window,
             panic_window: self.busy_panic_window,
             // A 64 MiB worker is serving within a second; two 1 s health checks follow.
@@ -313,6 +319,9 @@ struct PoolRun {
     /// Burst runs: workers ready at the step (a pool that already had enough, grown during
     /// the fifth of the peak, shows no recovery to compare).
     ready_at_step: Option<usize>,
+    /// Burst runs: seconds from the step until the policy asked for enough workers (its
+    /// reaction, before any worker starts); `None` for a pool that already had enough.
+    to_ask_s: Option<f64>,
     to_enough_s: Option<f64>,
     /// Burst runs: after the step, the worst per-second p99 and the seconds over the
     /// objective.
@@ -372,6 +381,7 @@ fn measure(
         not_ok: report.offered.saturating_sub(ok),
         enough: None,
         ready_at_step: None,
+        to_ask_s: None,
         to_enough_s: None,
         worst_p99_after_ms: None,
         seconds_over_after: 0,
@@ -431,6 +441,9 @@ fn burst(
         .find(|p| p.t <= step.as_secs_f64())
         .map(|p| p.scaling.ready);
     run.to_enough_s = time_to_ready(&run.points, step.as_secs_f64(), enough);
+    if run.ready_at_step.unwrap_or(0) < enough {
+        run.to_ask_s = time_to_ask(&run.points, step.as_secs_f64(), enough);
+    }
     let after: Vec<_> = run
         .timeline
         .iter()
@@ -560,14 +573,14 @@ fn write_report(
          **{:.0} items/s**{}. Pools: **fixed** `--min-workers {max} --max-workers {max}`; \
          **busy** (the default policy) `--scaling-signal busy --target-utilization {} \
          --target-load {} --scaling-window {:?} --panic-window {:?} --scale-in-delay {:?} \
-         --worker-startup {:?}`; **in-flight** (the policy before busy shares, as this \
+         --scale-in-startups {} --worker-startup {:?}`; **in-flight** (the policy before busy shares, as this \
          benchmark tuned it) `--scaling-signal in-flight --target-load {} --scaling-window \
          {:?} --panic-window {:?} --scale-out-delay {:?} --scale-in-delay {:?}`; both \
          autoscaled pools `--min-workers 1 --max-workers {max}`. A {}-second day is \
-         {compression:.0}× faster than 24 h: the scale-in delay stands for {} of a real day \
-         and the busy pool's stable window for {}. Process start, model load and warm-up \
-         cannot be compressed: they take real seconds, which here are {compression:.0} times \
-         as long in day time. Objective: **p99 ≤ {:.0} ms in each second**; seconds without \
+         {compression:.0}× faster than 24 h: the longest scale-down delay stands for {} of a \
+         real day and the busy pool's stable window for {} (the table below maps each \
+         setting). Process start, model load and warm-up cannot be compressed: they take \
+         real seconds, which here are {compression:.0} times as long in day time. Objective: **p99 ≤ {:.0} ms in each second**; seconds without \
          a result are not counted against it.",
         args.model.display(),
         args.input_dim,
@@ -583,6 +596,7 @@ fn write_report(
         busy.window,
         busy.panic_window,
         busy.scale_in_delay,
+        busy.scale_in_startups,
         busy.worker_startup,
         in_flight.target_load,
         in_flight.window,
@@ -595,6 +609,7 @@ fn write_report(
         args.objective_ms,
         max = args.max_workers,
     ));
+    settings_map(args, report, compression);
     report.set(
         "settings",
         serde_json::json!({
@@ -644,6 +659,88 @@ fn write_report(
         &rows,
     );
     report.set("single_starts", &run.singles);
+}
+
+/// The balancer's own defaults (`PolicyConfig::DEFAULT` in balancer/src/autoscale/policy.rs;
+/// the bench does not link the balancer, it runs it).
+struct RealDefaults {
+    window: Duration,
+    panic_window: Duration,
+    scale_in_startups: f64,
+    scale_in_delay: Duration,
+}
+
+impl RealDefaults {
+    const BALANCER: RealDefaults = RealDefaults {
+        window: Duration::from_secs(60),
+        panic_window: Duration::from_secs(6),
+        scale_in_startups: 3.0,
+        scale_in_delay: Duration::from_secs(120),
+    };
+}
+
+/// How the busy pool's settings stand for a real deployment's: each setting about the
+/// load's own time scale is compressed with the day, down to the floor the machinery
+/// sets (one sample a second, the workers' 5 s load-share average, real start-ups).
+fn settings_map(args: &Args, report: &mut Report, compression: f64) {
+    let real = RealDefaults::BALANCER;
+    let scaled = |d: Duration| format!("{:.3} s", d.as_secs_f64() / compression);
+    let rows = vec![
+        vec![
+            "stable window `--scaling-window`".to_owned(),
+            format!("{:?}", real.window),
+            scaled(real.window),
+            format!("{:?}", args.busy_window),
+            "the workers average their load share over 5 s and the balancer samples once a \
+             second: a shorter window averages one worker's noise"
+                .to_owned(),
+        ],
+        vec![
+            "panic window `--panic-window`".to_owned(),
+            format!("{:?}", real.panic_window),
+            scaled(real.panic_window),
+            format!("{:?}", args.busy_panic_window),
+            "two samples; a surge also panics on one second of arrivals outrunning answers"
+                .to_owned(),
+        ],
+        vec![
+            "scale-down delay".to_owned(),
+            format!(
+                "{} start-ups, at most {:?}",
+                real.scale_in_startups, real.scale_in_delay
+            ),
+            format!(
+                "{} start-ups, at most {}",
+                real.scale_in_startups,
+                scaled(real.scale_in_delay)
+            ),
+            format!(
+                "{} start-ups, at most {:?}",
+                args.scale_in_startups, args.scale_in_delay
+            ),
+            "start-ups are real seconds in both (spawn, model load, two 1 s health checks, \
+             the next tick: about 2–3 s here), so the rule is the same and its day time is \
+             480× longer"
+                .to_owned(),
+        ],
+        vec![
+            "health checks".to_owned(),
+            "every few seconds".to_owned(),
+            "—".to_owned(),
+            "every 1 s, 2 to turn healthy".to_owned(),
+            "part of every start-up".to_owned(),
+        ],
+    ];
+    report.table(
+        &[
+            "setting",
+            "real deployment (default)",
+            "the same ÷ compression",
+            "this day",
+            "floor: why not shorter",
+        ],
+        &rows,
+    );
 }
 
 /// The run of `policy` among `runs`.
@@ -817,6 +914,7 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
     let fixed = of(&run.bursts, Policy::Fixed);
     let mut header = POOL_COLUMNS.to_vec();
     header.extend([
+        "step → asked for enough",
         "step → enough ready",
         "after the step: worst p99 / seconds over",
     ]);
@@ -825,6 +923,7 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
         .iter()
         .map(|r| {
             let mut row = pool_cells(args, r, fixed);
+            row.push(s(r.to_ask_s));
             row.push(format!(
                 "{} ({} ready at the step)",
                 s(r.to_enough_s),

@@ -94,6 +94,8 @@ fn main() -> anyhow::Result<()> {
         target_load: 4.0,
         scale_out_delay: Duration::from_secs(1),
         scale_in_delay: Duration::from_secs(3600),
+        // Never shrinks anyway (min = max); the delay is the longest allowed.
+        scale_in_startups: 1e6,
         window: Duration::from_secs(10),
         panic_window: Duration::from_secs(2),
         worker_startup: Duration::from_secs(2),
