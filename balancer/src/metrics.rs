@@ -337,6 +337,22 @@ impl Metrics {
             "gauge",
             queue_len as u64,
         );
+        if let Some(heap) = crate::heap::stats() {
+            for (name, help, value) in [
+                (
+                    "tidepool_heap_allocated_bytes",
+                    "Bytes the balancer has allocated and not freed (jemalloc's stats.allocated).",
+                    heap.allocated,
+                ),
+                (
+                    "tidepool_heap_resident_bytes",
+                    "Bytes of the allocator's memory resident in RAM (jemalloc's stats.resident).",
+                    heap.resident,
+                ),
+            ] {
+                gauge(&mut out, name, help, "gauge", value);
+            }
+        }
 
         let limits = &self.limits;
         for (name, help, value) in [
