@@ -576,4 +576,20 @@ mod tests {
         assert!(out.contains("x_count 3"), "{out}");
         assert_eq!(h.count(), 3);
     }
+
+    #[cfg(feature = "jemalloc")]
+    #[test]
+    fn the_heap_figures_are_rendered() {
+        let out = Metrics::default().render(&[], 0);
+        for name in [
+            "tidepool_heap_allocated_bytes",
+            "tidepool_heap_resident_bytes",
+        ] {
+            let line = out
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing from {out}"));
+            assert!(line[name.len() + 1..].parse::<u64>().is_ok(), "{line}");
+        }
+    }
 }
