@@ -83,4 +83,12 @@ pub enum Error {
         /// Which rule refused it.
         reason: TargetRefusal,
     },
+    /// jemalloc refused a setting (`--features jemalloc` builds only).
+    #[cfg(feature = "jemalloc")]
+    #[error("the allocator refused to start its background purge thread: {source}")]
+    Allocator {
+        /// jemalloc's reason.
+        #[source]
+        source: tikv_jemalloc_ctl::Error,
+    },
 }

@@ -33,7 +33,8 @@
 //! outstanding counts into the
 //! pool size the load needs (`GET /scaling`), starting and stopping workers with
 //! `--autoscale`. A client's `metadata` request is answered by [`metadata`] from one
-//! healthy target.
+//! healthy target. [`heap`] reads the allocator's figures (bytes in use, resident) for
+//! `/metrics`.
 //!
 //! ## Who owns what
 //! Each piece of state has one owner behind a cheap-to-clone handle, and each task gets the
@@ -66,7 +67,7 @@
 //! `balancer` → `admin` → `handle` → `frontend` → `metadata` → `dispatch` → `discovery` →
 //! `registry` → `health` → `rescue` → `tls` → [`routing`] → [`config`] → [`autoscale`] → the data
 //! types → `auth` → `burst`, `error`, `validation`, and the leaves that import nothing of
-//! the crate: `retry`, `outlier`, `deadline`, `throttle`. (`autoscale` sees one data type, [`target`]'s
+//! the crate: `retry`, `outlier`, `deadline`, `throttle` ([`heap`] imports only `error`). (`autoscale` sees one data type, [`target`]'s
 //! `TargetInfo`, and `auth`'s token, which it hands to the workers it starts. Neighbours
 //! in the list need not import each other: `admin` and `frontend` do not.)
 //!
@@ -107,6 +108,7 @@ pub mod error;
 mod frontend;
 mod handle;
 mod health;
+pub mod heap;
 mod hedge;
 mod metadata;
 mod metrics;

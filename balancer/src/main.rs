@@ -6,6 +6,12 @@ use clap::Parser;
 use tidepool_balancer::{AdminToken, Balancer, Config};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than glibc's malloc: it returns the pages a burst of held frames freed,
+/// where glibc kept the RSS at each burst's high-water mark (`tidepool_balancer::heap`).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -16,6 +22,10 @@ fn main() -> anyhow::Result<()> {
         // A closed stderr (a log piped into `head`) must not panic the signal handler.
         .log_internal_errors(false)
         .init();
+    if let Err(error) = tidepool_balancer::heap::purge_in_background() {
+        // Freed pages are still returned, only later: when the balancer next allocates.
+        tracing::warn!(%error, "freed memory is returned to the system only on activity");
+    }
     let mut config = Config::parse();
     // The token's one way in besides a file: the environment, never a flag (`ps`).
     config.admin_token = AdminToken::from_env().context("tidepool-balancer could not start")?;

@@ -337,6 +337,22 @@ impl Metrics {
             "gauge",
             queue_len as u64,
         );
+        if let Some(heap) = crate::heap::stats() {
+            for (name, help, value) in [
+                (
+                    "tidepool_heap_allocated_bytes",
+                    "Bytes the balancer has allocated and not freed (jemalloc's stats.allocated).",
+                    heap.allocated,
+                ),
+                (
+                    "tidepool_heap_resident_bytes",
+                    "Bytes of the allocator's memory resident in RAM (jemalloc's stats.resident).",
+                    heap.resident,
+                ),
+            ] {
+                gauge(&mut out, name, help, "gauge", value);
+            }
+        }
 
         let limits = &self.limits;
         for (name, help, value) in [
@@ -559,5 +575,21 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3"), "{out}");
         assert!(out.contains("x_count 3"), "{out}");
         assert_eq!(h.count(), 3);
+    }
+
+    #[cfg(feature = "jemalloc")]
+    #[test]
+    fn the_heap_figures_are_rendered() {
+        let out = Metrics::default().render(&[], 0);
+        for name in [
+            "tidepool_heap_allocated_bytes",
+            "tidepool_heap_resident_bytes",
+        ] {
+            let line = out
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing from {out}"));
+            assert!(line[name.len() + 1..].parse::<u64>().is_ok(), "{line}");
+        }
     }
 }

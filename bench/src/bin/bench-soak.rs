@@ -133,9 +133,19 @@ fn main() -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let rss = Arc::new(Mutex::new(BTreeMap::<u32, Series>::new()));
+    let heap = Arc::new(Mutex::new(Series {
+        name: "balancer heap in use".to_owned(),
+        points: Vec::new(),
+    }));
     let sampler = {
-        let (stop, rss, every) = (Arc::clone(&stop), Arc::clone(&rss), args.sample_every);
-        std::thread::spawn(move || sample_rss(balancer_pid, every, &stop, &rss))
+        let (stop, rss, heap, every) = (
+            Arc::clone(&stop),
+            Arc::clone(&rss),
+            Arc::clone(&heap),
+            args.sample_every,
+        );
+        let admin = pool.admin;
+        std::thread::spawn(move || sample_rss(balancer_pid, admin, every, &stop, &rss, &heap))
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let load = {
@@ -158,7 +168,10 @@ fn main() -> anyhow::Result<()> {
     let series = rss
         .lock()
         .map_err(|_| anyhow::anyhow!("the sampler panicked"))?;
-    write_report(&args, rate, duration, &tally, &faults, &series)?;
+    let heap = heap
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the sampler panicked"))?;
+    write_report(&args, rate, duration, &tally, &faults, &series, &heap)?;
     if tally.unanswered > 0 || tally.duplicates > 0 {
         bail!(
             "{} requests unanswered and {} answered more than once; see {}",
@@ -207,11 +220,29 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The balancer's heap in use in MiB (`tidepool_heap_allocated_bytes` on its `/metrics`);
+/// `None` when it does not report one (built without jemalloc) or does not answer.
+fn heap_mib(admin: SocketAddr) -> Option<f64> {
+    let metrics = tidepool_bench::process::http_get(admin, "/metrics").ok()?;
+    let bytes: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidepool_heap_allocated_bytes "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(bytes / (1024.0 * 1024.0))
+}
+
+/// Samples every `every` until `stop`: the RSS of the balancer and its workers, and the
+/// balancer's heap in use, so that a rising RSS can be told apart as a leak (the heap rises
+/// too) or the allocator keeping freed pages (it does not).
 fn sample_rss(
     balancer: u32,
+    admin: SocketAddr,
     every: Duration,
     stop: &AtomicBool,
     rss: &Mutex<BTreeMap<u32, Series>>,
+    heap: &Mutex<Series>,
 ) {
     let zero = Instant::now();
     while !stop.load(Ordering::Acquire) {
@@ -222,6 +253,9 @@ fn sample_rss(
                 .into_iter()
                 .map(|p| (p, format!("worker {p}"))),
         );
+        if let (Some(mib), Ok(mut heap)) = (heap_mib(admin), heap.lock()) {
+            heap.points.push((t, mib));
+        }
         if let Ok(mut map) = rss.lock() {
             for (pid, name) in pids {
                 if let Some(mib) = rss_mib(pid) {
@@ -500,12 +534,13 @@ fn write_report(
     tally: &Tally,
     faults: &[Fault],
     series: &BTreeMap<u32, Series>,
+    heap: &Series,
 ) -> anyhow::Result<()> {
     let mut report = Report::new();
     report.heading("Soak");
     report.para(&format!(
         "{} at {:.0} requests/s ({}% of {}), {} workers (model `{}`), `deadline_ms` {} on every \
-         request, a fault every {}; RSS sampled every {}. Machine: {}.",
+         request, a fault every {}; RSS and the balancer's heap in use (jemalloc's `stats.allocated` on its `/metrics`) sampled every {}. Machine: {}.",
         humantime::format_duration(duration),
         rate,
         (args.load * 100.0).round(),
@@ -561,27 +596,18 @@ fn write_report(
             at.join(", ")
         ));
     }
-    let rows: Vec<Vec<String>> = series
+    // The balancer's heap in use goes under its RSS, with its pid: the two read together.
+    let balancer = series
         .iter()
-        .map(|(pid, s)| {
-            let first = s.points.first().map_or(0.0, |p| p.1);
-            let last = s.points.last().map_or(0.0, |p| p.1);
-            let max = s.points.iter().map(|p| p.1).fold(0.0, f64::max);
-            vec![
-                s.name.clone(),
-                pid.to_string(),
-                format!(
-                    "{:.0}",
-                    s.points.last().map_or(0.0, |p| p.0) - s.points.first().map_or(0.0, |p| p.0)
-                ),
-                format!("{first:.1}"),
-                format!("{last:.1}"),
-                format!("{max:.1}"),
-                slope_per_hour(&s.points).map_or("-".to_owned(), |m| format!("{m:+.1}")),
-                slope_per_hour(&settled(&s.points)).map_or("-".to_owned(), |m| format!("{m:+.1}")),
-            ]
-        })
-        .collect();
+        .find(|(_, s)| s.name == "balancer")
+        .map(|(pid, _)| *pid);
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (pid, s) in series {
+        rows.push(series_row(&s.name, *pid, &s.points));
+        if Some(*pid) == balancer && !heap.points.is_empty() {
+            rows.push(series_row(&heap.name, *pid, &heap.points));
+        }
+    }
     report.table(
         &[
             "process",
@@ -626,9 +652,38 @@ fn write_report(
         .map(|(pid, s)| (format!("{} ({pid})", s.name), &s.points))
         .collect();
     report.set("rss_mib_samples", samples);
+    report.set("balancer_heap_mib_samples", &heap.points);
+    report.set(
+        "balancer_heap_slope_mib_per_hour",
+        slope_per_hour(&heap.points),
+    );
+    report.set(
+        "balancer_heap_slope_after_10_min_mib_per_hour",
+        slope_per_hour(&settled(&heap.points)),
+    );
     report.write(&args.out, "soak")?;
     eprintln!("{}", report.markdown());
     Ok(())
+}
+
+/// One row of the memory table: first, last and largest sample, and the slopes.
+fn series_row(name: &str, pid: u32, points: &[(f64, f64)]) -> Vec<String> {
+    let first = points.first().map_or(0.0, |p| p.1);
+    let last = points.last().map_or(0.0, |p| p.1);
+    let max = points.iter().map(|p| p.1).fold(0.0, f64::max);
+    vec![
+        name.to_owned(),
+        pid.to_string(),
+        format!(
+            "{:.0}",
+            points.last().map_or(0.0, |p| p.0) - points.first().map_or(0.0, |p| p.0)
+        ),
+        format!("{first:.1}"),
+        format!("{last:.1}"),
+        format!("{max:.1}"),
+        slope_per_hour(points).map_or("-".to_owned(), |m| format!("{m:+.1}")),
+        slope_per_hour(&settled(points)).map_or("-".to_owned(), |m| format!("{m:+.1}")),
+    ]
 }
 
 #[cfg(test)]
