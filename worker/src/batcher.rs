@@ -35,7 +35,6 @@
 //!   batch running at that moment finishes. [`Batcher::join`] then joins the model thread.
 
 use std::collections::VecDeque;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,18 +46,11 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::busy::BusyMeter;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::spec::Fit;
-
-/// Runs batches of items: what the batcher's model thread needs of a model. The worker's is
-/// [`crate::Model`] (an ONNX Runtime session); the tests below use stand-ins.
-pub trait Engine: Send + 'static {
-    /// Runs one batch of checked items that share a [`Fit::key`] and returns each item's
-    /// outputs, in order.
-    fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error>;
-}
+use crate::staging::{self, micros, Member, Ran, Staged};
+pub use crate::staging::{Engine, Stager};
 
 /// How the batcher batches.
 #[derive(Clone, Debug)]
@@ -161,10 +153,16 @@ impl Canceller {
 
 /// The batcher's end of an item's reply: answers `internal` when dropped unanswered.
 #[derive(Debug)]
-struct Responder(Option<oneshot::Sender<Reply>>);
+pub(crate) struct Responder(Option<oneshot::Sender<Reply>>);
 
 impl Responder {
-    fn send(mut self, reply: Reply) {
+    /// A guard over `tx`.
+    pub(crate) fn new(tx: oneshot::Sender<Reply>) -> Responder {
+        Responder(Some(tx))
+    }
+
+    /// Answers the item.
+    pub(crate) fn send(mut self, reply: Reply) {
         if let Some(tx) = self.0.take() {
             // The caller may have gone; then nobody wants the answer.
             let _ = tx.send(reply);
@@ -172,7 +170,7 @@ impl Responder {
     }
 
     /// True when the ticket was dropped: the caller no longer wants the answer.
-    fn is_abandoned(&self) -> bool {
+    pub(crate) fn is_abandoned(&self) -> bool {
         self.0.as_ref().is_none_or(oneshot::Sender::is_closed)
     }
 }
@@ -200,19 +198,6 @@ struct Queued {
     cancelled: Arc<AtomicBool>,
     /// The item's place in the bounded queue, released when it leaves the queue.
     _permit: OwnedSemaphorePermit,
-}
-
-/// One item on its way through the model thread.
-struct Running {
-    inputs: Tensors,
-    queue_us: u64,
-    reply: Responder,
-}
-
-/// What the model thread reports after each batch.
-#[derive(Debug)]
-struct BatchDone {
-    infer_us: u64,
 }
 
 /// Shared between the handles and the actor.
@@ -269,7 +254,7 @@ impl BatcherHandle {
             fit,
             deadline,
             enqueued: Instant::now(),
-            reply: Responder(Some(tx)),
+            reply: Responder::new(tx),
             cancelled: Arc::clone(&cancelled),
             _permit: permit,
         };
@@ -334,15 +319,16 @@ impl Batcher {
     ) -> Result<Batcher, Error> {
         let capacity = config.queue.max(1);
         let (tx, rx) = mpsc::channel(capacity);
-        // At most two batches are handed over at once (one running, one next), so these
-        // channels never fill.
-        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Running>>(2);
-        let (done_tx, done_rx) = mpsc::channel::<BatchDone>(2);
+        // At most two batches are handed over at once (one running, one formed next), so
+        // these channels never fill.
+        let (batch_tx, batch_rx) = mpsc::channel(2);
+        let (done_tx, done_rx) = mpsc::channel(2);
+        let stager = engine.stager();
         let thread = std::thread::Builder::new()
             .name("tidepool-model".into())
             .spawn({
                 let meter = metrics.busy.clone();
-                move || model_thread(engine, batch_rx, done_tx, meter)
+                move || staging::model_thread(engine, batch_rx, done_tx, meter)
             })
             .map_err(|_| Error::ModelThread("could not spawn the model thread"))?;
         let shared = Arc::new(Shared {
@@ -354,6 +340,7 @@ impl Batcher {
         });
         let actor = Actor {
             config,
+            stager,
             rx,
             rx_done: false,
             queue: VecDeque::new(),
@@ -401,8 +388,10 @@ impl Batcher {
 }
 
 /// The batching task's state.
-struct Actor {
+struct Actor<S: Stager> {
     config: BatchConfig,
+    /// Forms batches before they go to the model thread and splits them after.
+    stager: S,
     rx: mpsc::Receiver<Queued>,
     /// The channel is closed and empty.
     rx_done: bool,
@@ -411,8 +400,8 @@ struct Actor {
     next_deadline: Option<Instant>,
     /// Batches handed to the model thread and not yet reported done (0, 1 or 2).
     in_flight: usize,
-    batch_tx: mpsc::Sender<Vec<Running>>,
-    done_rx: mpsc::Receiver<BatchDone>,
+    batch_tx: mpsc::Sender<Staged<S::Input>>,
+    done_rx: mpsc::Receiver<Ran<S::Output>>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     draining: bool,
@@ -421,7 +410,7 @@ struct Actor {
     drain_expired: bool,
 }
 
-impl Actor {
+impl<S: Stager> Actor<S> {
     async fn run(mut self, shutdown: CancellationToken) {
         loop {
             // Take in everything already submitted, so that a batch formed now holds all of
@@ -446,7 +435,12 @@ impl Actor {
             tokio::select! {
                 _ = shutdown.cancelled(), if !self.draining => self.begin_drain(),
                 done = self.done_rx.recv() => match done {
-                    Some(done) => self.batch_done(done),
+                    Some(ran) => {
+                        self.batch_done(&ran);
+                        // Hand the model its next batch before splitting this one.
+                        self.dispatch(Instant::now());
+                        ran.finish(&self.stager);
+                    }
                     None => {
                         error!("the model thread has ended; answering queued items internal");
                         self.reject_all(ErrorCode::Internal, "the model thread has ended");
@@ -503,8 +497,11 @@ impl Actor {
         );
     }
 
-    fn batch_done(&mut self, done: BatchDone) {
+    fn batch_done(&mut self, done: &Ran<S::Output>) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        if !done.ran() {
+            return;
+        }
         self.metrics.infer_time.observe(done.infer_us);
         let old = self.shared.batch_us.load(Ordering::Relaxed);
         let avg = if old == 0 {
@@ -577,9 +574,14 @@ impl Actor {
             if !self.should_dispatch(now) {
                 break;
             }
-            let batch = self.take_batch(now);
-            let size = batch.len();
-            self.metrics.batch_size.observe(size as u64);
+            let (inputs, members) = self.take_batch(now);
+            self.metrics.batch_size.observe(members.len() as u64);
+            // The copy into the batch's input happens here, while the model runs the
+            // previous batch.
+            let items: Vec<&Tensors> = inputs.iter().collect();
+            let Some(batch) = staging::stage(&self.stager, &items, members) else {
+                continue;
+            };
             match self.batch_tx.try_send(batch) {
                 Ok(()) => self.in_flight += 1,
                 Err(e) => {
@@ -595,9 +597,10 @@ impl Actor {
     /// Takes the oldest item and up to `max_batch - 1` items that may share its batch (the
     /// same key and bucket, within the token budget), nearest in length to it first (oldest
     /// first among equals), so a padded batch wastes as little as the queue allows.
-    fn take_batch(&mut self, now: Instant) -> Vec<Running> {
+    /// Returns the items' inputs and their members, in the same order.
+    fn take_batch(&mut self, now: Instant) -> (Vec<Tensors>, Vec<Member>) {
         let Some(first) = self.queue.pop_front() else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let bucket = self.bucket(first.fit.tokens);
         let lead = first.fit.tokens;
@@ -637,13 +640,15 @@ impl Actor {
                 let queue_us = micros(now.saturating_duration_since(item.enqueued));
                 self.metrics.queue_time.observe(queue_us);
                 // The permit is released here: the item has left the queue.
-                Running {
-                    inputs: item.inputs,
+                let member = Member::new(
                     queue_us,
-                    reply: item.reply,
-                }
+                    item.reply,
+                    item.cancelled,
+                    item.deadline.map(Instant::into_std),
+                );
+                (item.inputs, member)
             })
-            .collect()
+            .unzip()
     }
 
     /// The length bucket an item of `tokens` falls in.
@@ -678,7 +683,7 @@ impl Actor {
     }
 }
 
-impl Actor {
+impl<S: Stager> Actor<S> {
     /// Called on every turn: once the drain deadline passes, what is
     /// still queued is answered `shutting_down`.
     fn check_drain_deadline(&mut self, now: Instant) {
@@ -702,62 +707,6 @@ impl Actor {
     }
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// The model thread: runs each batch it is handed and answers its items.
-fn model_thread<E: Engine>(
-    mut engine: E,
-    mut batches: mpsc::Receiver<Vec<Running>>,
-    done: mpsc::Sender<BatchDone>,
-    meter: BusyMeter,
-) {
-    while let Some(batch) = batches.blocking_recv() {
-        let size = batch.len();
-        let started = std::time::Instant::now();
-        let queued_us = batch.iter().map(|r| r.queue_us).sum::<u64>() / size.max(1) as u64;
-        meter.batch_started(started, size, queued_us);
-        let result = {
-            let items: Vec<&Tensors> = batch.iter().map(|r| &r.inputs).collect();
-            catch_unwind(AssertUnwindSafe(|| engine.run(&items)))
-        };
-        let infer_us = micros(started.elapsed());
-        meter.batch_finished(std::time::Instant::now());
-        match result {
-            Ok(Ok(outputs)) if outputs.len() == size => {
-                for (item, outputs) in batch.into_iter().zip(outputs) {
-                    item.reply.send(Ok(Done {
-                        outputs,
-                        queue_us: item.queue_us,
-                        infer_us,
-                        batch_size: size as u32,
-                    }));
-                }
-            }
-            other => {
-                let message = match other {
-                    Ok(Ok(outputs)) => format!(
-                        "the model returned {} answers for {size} items",
-                        outputs.len()
-                    ),
-                    Ok(Err(e)) => format!("the batch of {size} failed: {e}"),
-                    Err(_) => format!("the model panicked running a batch of {size}"),
-                };
-                error!(%message, "batch failed");
-                for item in batch {
-                    item.reply
-                        .send(Err(Rejection::new(ErrorCode::Internal, message.clone())));
-                }
-            }
-        }
-        if done.blocking_send(BatchDone { infer_us }).is_err() {
-            // The batcher is gone; finish what was handed over and stop.
-            continue;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -765,40 +714,7 @@ mod tests {
     use tidepool_protocol::Tensor;
 
     use super::*;
-
-    /// What the stand-in engine does with a batch.
-    #[derive(Clone, Copy)]
-    enum Behaviour {
-        Echo,
-        FailFirst,
-        PanicFirst,
-    }
-
-    /// A stand-in engine: echoes its inputs, records each batch's size when it starts, and
-    /// optionally waits for the test to open a gate before each batch.
-    struct Fake {
-        started: Arc<Mutex<Vec<usize>>>,
-        gate: Option<std::sync::mpsc::Receiver<()>>,
-        behaviour: Behaviour,
-    }
-
-    impl Engine for Fake {
-        fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error> {
-            let first = {
-                let mut started = self.started.lock().unwrap();
-                started.push(items.len());
-                started.len() == 1
-            };
-            if let Some(gate) = &self.gate {
-                let _ = gate.recv();
-            }
-            match self.behaviour {
-                Behaviour::FailFirst if first => Err(Error::ModelThread("stand-in failure")),
-                Behaviour::PanicFirst if first => panic!("stand-in panic"),
-                _ => Ok(items.iter().map(|i| (*i).clone()).collect()),
-            }
-        }
-    }
+    use crate::staging::fake::{Behaviour, Fake};
 
     struct Rig {
         batcher: Batcher,

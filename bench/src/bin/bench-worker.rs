@@ -31,7 +31,7 @@ use tidepool_bench::stats::fmt_us;
 use tidepool_bench::threads::{CpuSplit, ThreadSample};
 use tidepool_load::{CancellationToken, InputSpec, LoadConfig};
 use tidepool_protocol::Tensors;
-use tidepool_worker::{DeviceChoice, Engine, LoadOptions, Model, ModelSpec, ServeConfig, Worker};
+use tidepool_worker::{DeviceChoice, LoadOptions, Model, ModelSpec, ServeConfig, Worker};
 
 /// Worker benchmark: worker vs direct ONNX Runtime, batching vs none, latency at half load.
 #[derive(Debug, Parser)]
