@@ -2,10 +2,13 @@
 //! to the model thread.
 //!
 //! ```text
-//! connections ──submit──▶ [bounded channel] ──▶ batcher task (queue, timers) ──batch──▶ model thread
-//!      ▲                                                                                  │
-//!      └────────────────────────── oneshot reply per item ◀──────────────────────────────┘
+//! connections ──submit──▶ [bounded channel] ──▶ batcher task (queue, timers, form) ──batch──▶ model thread
+//!      ▲                                              │   ▲                                    │
+//!      └──── oneshot reply per item ◀── split ◀───────┘   └──────── outputs, one per batch ◀───┘
 //! ```
+//!
+//! The batcher task forms each batch and splits its outputs ([`crate::staging`]), so that the
+//! model thread does nothing but run batches back to back.
 //!
 //! - **Bounded.** A semaphore of `--queue` permits travels with each item until it leaves the
 //!   queue; [`BatcherHandle::submit`] answers `overloaded` at once when none is left, with a
@@ -27,8 +30,12 @@
 //!   (its connection went) is skipped without an answer, since nobody is left to read it.
 //! - **Exactly one answer.** Each item's reply sender is a guard that answers `internal` if it
 //!   is dropped unanswered, so a forgotten branch or a panic still answers once.
-//! - **Failure.** A batch whose run fails answers each of its items `internal`; a panic in the
-//!   engine is caught and treated the same; the model thread goes on with the next batch.
+//! - **Failure.** A batch that fails to form, run or split answers each of its items
+//!   `internal`; a panic in the engine is caught and treated the same; the model thread goes on
+//!   with the next batch.
+//! - **A formed batch.** An item whose batch is formed but not yet running is answered
+//!   `cancelled` or `deadline_exceeded` when the model thread takes the batch (see
+//!   [`crate::staging`]); once the batch runs, its result comes as usual.
 //! - **Shutdown.** When the shutdown token fires, new submissions are answered `shutting_down`,
 //!   queued items keep running (without waiting for `max_delay`) until the queue is empty or
 //!   `drain_timeout` passes; whatever is still queued then is answered `shutting_down`. The
