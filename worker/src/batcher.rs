@@ -898,6 +898,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_item_cancelled_in_a_batch_formed_ahead_is_answered_cancelled() {
+        let rig = Rig::new(config(2, HOUR), true, Behaviour::Echo);
+        let running: Vec<Ticket> = (0..2).map(|i| rig.submit(i as f32)).collect();
+        rig.until_started(1).await;
+        let formed: Vec<Ticket> = (2..4).map(|i| rig.submit(i as f32)).collect();
+        // The second batch is full: it is formed and handed over while the first runs.
+        while rig.batcher.handle().queued() > 0 {
+            tokio::task::yield_now().await;
+        }
+        formed[0].canceller().cancel();
+        running[0].canceller().cancel();
+        rig.open(2);
+        for t in running {
+            assert_eq!(t.wait().await.unwrap().batch_size, 2, "it had started");
+        }
+        let mut formed = formed.into_iter();
+        let err = formed.next().unwrap().wait().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Cancelled);
+        let done = formed.next().unwrap().wait().await.unwrap();
+        assert_eq!((done.batch_size, value(&done)), (2, 3.0));
+        assert_eq!(rig.started(), vec![2, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_full_queue_answers_overloaded_at_once() {
         let mut cfg = config(1, Duration::ZERO);
         cfg.queue = 2;
