@@ -2,10 +2,13 @@
 //! to the model thread.
 //!
 //! ```text
-//! connections ──submit──▶ [bounded channel] ──▶ batcher task (queue, timers) ──batch──▶ model thread
-//!      ▲                                                                                  │
-//!      └────────────────────────── oneshot reply per item ◀──────────────────────────────┘
+//! connections ──submit──▶ [bounded channel] ──▶ batcher task (queue, timers, form) ──batch──▶ model thread
+//!      ▲                                              │   ▲                                    │
+//!      └──── oneshot reply per item ◀── split ◀───────┘   └──────── outputs, one per batch ◀───┘
 //! ```
+//!
+//! The batcher task forms each batch and splits its outputs ([`crate::staging`]), so that the
+//! model thread does nothing but run batches back to back.
 //!
 //! - **Bounded.** A semaphore of `--queue` permits travels with each item until it leaves the
 //!   queue; [`BatcherHandle::submit`] answers `overloaded` at once when none is left, with a
@@ -34,15 +37,18 @@
 //!   (its connection went) is skipped without an answer, since nobody is left to read it.
 //! - **Exactly one answer.** Each item's reply sender is a guard that answers `internal` if it
 //!   is dropped unanswered, so a forgotten branch or a panic still answers once.
-//! - **Failure.** A batch whose run fails answers each of its items `internal`; a panic in the
-//!   engine is caught and treated the same; the model thread goes on with the next batch.
+//! - **Failure.** A batch that fails to form, run or split answers each of its items
+//!   `internal`; a panic in the engine is caught and treated the same; the model thread goes on
+//!   with the next batch.
+//! - **A formed batch.** An item whose batch is formed but not yet running is answered
+//!   `cancelled` or `deadline_exceeded` when the model thread takes the batch (see
+//!   [`crate::staging`]); once the batch runs, its result comes as usual.
 //! - **Shutdown.** When the shutdown token fires, new submissions are answered `shutting_down`,
 //!   queued items keep running (without waiting for `max_delay`) until the queue is empty or
 //!   `drain_timeout` passes; whatever is still queued then is answered `shutting_down`. The
 //!   batch running at that moment finishes. [`Batcher::join`] then joins the model thread.
 
 use std::collections::VecDeque;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,21 +61,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, BatchingMode, Verdict};
-use crate::busy::BusyMeter;
 use crate::error::Error;
 use crate::goodput::Refusal;
 use crate::metrics::Metrics;
 use crate::priority::{self, ClassCounts};
 use crate::profile::Profile;
 use crate::spec::Fit;
-
-/// Runs batches of items: what the batcher's model thread needs of a model. The worker's is
-/// [`crate::Model`] (an ONNX Runtime session); the tests below use stand-ins.
-pub trait Engine: Send + 'static {
-    /// Runs one batch of checked items that share a [`Fit::key`] and returns each item's
-    /// outputs, in order.
-    fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error>;
-}
+use crate::staging::{self, micros, Member, Ran, Staged};
+pub use crate::staging::{Engine, Stager};
 
 /// How the batcher batches.
 #[derive(Clone, Debug)]
@@ -177,10 +176,16 @@ impl Canceller {
 
 /// The batcher's end of an item's reply: answers `internal` when dropped unanswered.
 #[derive(Debug)]
-struct Responder(Option<oneshot::Sender<Reply>>);
+pub(crate) struct Responder(Option<oneshot::Sender<Reply>>);
 
 impl Responder {
-    fn send(mut self, reply: Reply) {
+    /// A guard over `tx`.
+    pub(crate) fn new(tx: oneshot::Sender<Reply>) -> Responder {
+        Responder(Some(tx))
+    }
+
+    /// Answers the item.
+    pub(crate) fn send(mut self, reply: Reply) {
         if let Some(tx) = self.0.take() {
             // The caller may have gone; then nobody wants the answer.
             let _ = tx.send(reply);
@@ -188,7 +193,7 @@ impl Responder {
     }
 
     /// True when the ticket was dropped: the caller no longer wants the answer.
-    fn is_abandoned(&self) -> bool {
+    pub(crate) fn is_abandoned(&self) -> bool {
         self.0.as_ref().is_none_or(oneshot::Sender::is_closed)
     }
 }
@@ -217,19 +222,6 @@ struct Queued {
     cancelled: Arc<AtomicBool>,
     /// The item's place in the bounded queue, released when it leaves the queue.
     _permit: OwnedSemaphorePermit,
-}
-
-/// One item on its way through the model thread.
-struct Running {
-    inputs: Tensors,
-    queue_us: u64,
-    reply: Responder,
-}
-
-/// What the model thread reports after each batch.
-#[derive(Debug)]
-struct BatchDone {
-    infer_us: u64,
 }
 
 /// A batch handed to the model thread, as the actor remembers it (batches run in order).
@@ -323,7 +315,7 @@ impl BatcherHandle {
             deadline,
             priority,
             enqueued: Instant::now(),
-            reply: Responder(Some(tx)),
+            reply: Responder::new(tx),
             cancelled: Arc::clone(&cancelled),
             _permit: permit,
         };
@@ -401,15 +393,16 @@ impl Batcher {
     ) -> Result<Batcher, Error> {
         let capacity = config.queue.max(1);
         let (tx, rx) = mpsc::channel(capacity);
-        // At most two batches are handed over at once (one running, one next), so these
-        // channels never fill.
-        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Running>>(2);
-        let (done_tx, done_rx) = mpsc::channel::<BatchDone>(2);
+        // At most two batches are handed over at once (one running, one formed next), so
+        // these channels never fill.
+        let (batch_tx, batch_rx) = mpsc::channel(2);
+        let (done_tx, done_rx) = mpsc::channel(2);
+        let stager = engine.stager();
         let thread = std::thread::Builder::new()
             .name("tidepool-model".into())
             .spawn({
                 let meter = metrics.busy.clone();
-                move || model_thread(engine, batch_rx, done_tx, meter)
+                move || staging::model_thread(engine, batch_rx, done_tx, meter)
             })
             .map_err(|_| Error::ModelThread("could not spawn the model thread"))?;
         let shared = Arc::new(Shared {
@@ -425,6 +418,7 @@ impl Batcher {
             handed: VecDeque::new(),
             classes: ClassCounts::default(),
             config,
+            stager,
             rx,
             rx_done: false,
             queue: VecDeque::new(),
@@ -472,7 +466,7 @@ impl Batcher {
 }
 
 /// The batching task's state.
-struct Actor {
+struct Actor<S: Stager> {
     config: BatchConfig,
     /// Batch run times learned from the batches run.
     profile: Profile,
@@ -480,6 +474,8 @@ struct Actor {
     handed: VecDeque<Handed>,
     /// Queued items per class (the actor's queue only).
     classes: ClassCounts,
+    /// Forms batches before they go to the model thread and splits them after.
+    stager: S,
     rx: mpsc::Receiver<Queued>,
     /// The channel is closed and empty.
     rx_done: bool,
@@ -489,8 +485,8 @@ struct Actor {
     next_deadline: Option<Instant>,
     /// Batches handed to the model thread and not yet reported done (0, 1 or 2).
     in_flight: usize,
-    batch_tx: mpsc::Sender<Vec<Running>>,
-    done_rx: mpsc::Receiver<BatchDone>,
+    batch_tx: mpsc::Sender<Staged<S::Input>>,
+    done_rx: mpsc::Receiver<Ran<S::Output>>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     draining: bool,
@@ -499,7 +495,7 @@ struct Actor {
     drain_expired: bool,
 }
 
-impl Actor {
+impl<S: Stager> Actor<S> {
     async fn run(mut self, shutdown: CancellationToken) {
         loop {
             // Take in everything already submitted, so that a batch formed now holds all of
@@ -524,7 +520,12 @@ impl Actor {
             tokio::select! {
                 _ = shutdown.cancelled(), if !self.draining => self.begin_drain(),
                 done = self.done_rx.recv() => match done {
-                    Some(done) => self.batch_done(done),
+                    Some(ran) => {
+                        self.batch_done(&ran);
+                        // Hand the model its next batch before splitting this one.
+                        self.dispatch(Instant::now());
+                        ran.finish(&self.stager);
+                    }
                     None => {
                         error!("the model thread has ended; answering queued items internal");
                         self.reject_all(ErrorCode::Internal, "the model thread has ended");
@@ -653,18 +654,25 @@ impl Actor {
         );
     }
 
-    fn batch_done(&mut self, done: BatchDone) {
+    fn batch_done(&mut self, done: &Ran<S::Output>) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        if let Some(batch) = self.handed.pop_front() {
+        // Every batch handed over comes back, run or skipped, so `handed` stays in step.
+        let batch = self.handed.pop_front();
+        if let Some(next) = self.handed.front_mut() {
+            // The model thread went straight on to it.
+            next.started.get_or_insert_with(Instant::now);
+        }
+        if !done.ran() {
+            // A batch whose members were all gone did not run: it says nothing of the
+            // model's speed.
+            return;
+        }
+        if let Some(batch) = batch {
             self.profile.observe(
                 batch.bucket,
                 batch.size,
                 Duration::from_micros(done.infer_us),
             );
-        }
-        if let Some(next) = self.handed.front_mut() {
-            // The model thread went straight on to it.
-            next.started.get_or_insert_with(Instant::now);
         }
         self.metrics.infer_time.observe(done.infer_us);
         let old = self.shared.batch_us.load(Ordering::Relaxed);
@@ -798,9 +806,16 @@ impl Actor {
             if !self.should_dispatch(now) {
                 break;
             }
-            let (bucket, batch) = self.take_batch(now);
-            let size = batch.len();
+            let (bucket, inputs, members) = self.take_batch(now);
+            let size = members.len();
             self.metrics.batch_size.observe(size as u64);
+            // The copy into the batch's input happens here, while the model runs the
+            // previous batch. A batch that fails to form is answered here and never handed
+            // over, so it has no place in `handed`.
+            let items: Vec<&Tensors> = inputs.iter().collect();
+            let Some(batch) = staging::stage(&self.stager, &items, members) else {
+                continue;
+            };
             match self.batch_tx.try_send(batch) {
                 Ok(()) => {
                     self.handed.push_back(Handed {
@@ -824,8 +839,9 @@ impl Actor {
     /// first among equals) and up to `max_batch - 1` items that may share its batch (the
     /// same key and bucket, within the token budget), highest rank first and then nearest
     /// in length to it (oldest first among equals), so a padded batch wastes as little as
-    /// the queue allows. Returns the batch's length bucket with it.
-    fn take_batch(&mut self, now: Instant) -> (usize, Vec<Running>) {
+    /// the queue allows. Returns the batch's length bucket, and its items' inputs and their
+    /// members in the same order.
+    fn take_batch(&mut self, now: Instant) -> (usize, Vec<Tensors>, Vec<Member>) {
         let aging = self.config.aging;
         let rank = |item: &Queued| {
             priority::effective_rank(
@@ -840,7 +856,7 @@ impl Actor {
             .max_by_key(|&i| rank(&self.queue[i]))
             .unwrap_or(0);
         let Some(first) = self.queue.remove(lead_at) else {
-            return (0, Vec::new());
+            return (0, Vec::new(), Vec::new());
         };
         self.classes.remove(first.priority);
         let bucket = self.bucket(first.fit.tokens);
@@ -885,20 +901,22 @@ impl Actor {
         for item in &taken[1..] {
             self.classes.remove(item.priority);
         }
-        let batch = taken
+        let (inputs, members) = taken
             .into_iter()
             .map(|item| {
                 let queue_us = micros(now.saturating_duration_since(item.enqueued));
                 self.metrics.queue_time.observe(queue_us);
                 // The permit is released here: the item has left the queue.
-                Running {
-                    inputs: item.inputs,
+                let member = Member::new(
                     queue_us,
-                    reply: item.reply,
-                }
+                    item.reply,
+                    item.cancelled,
+                    item.deadline.map(Instant::into_std),
+                );
+                (item.inputs, member)
             })
-            .collect();
-        (bucket, batch)
+            .unzip();
+        (bucket, inputs, members)
     }
 
     /// The length bucket an item of `tokens` falls in.
@@ -937,7 +955,7 @@ impl Actor {
     }
 }
 
-impl Actor {
+impl<S: Stager> Actor<S> {
     /// Called on every turn: once the drain deadline passes, what is
     /// still queued is answered `shutting_down`.
     fn check_drain_deadline(&mut self, now: Instant) {
@@ -961,62 +979,6 @@ impl Actor {
     }
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// The model thread: runs each batch it is handed and answers its items.
-fn model_thread<E: Engine>(
-    mut engine: E,
-    mut batches: mpsc::Receiver<Vec<Running>>,
-    done: mpsc::Sender<BatchDone>,
-    meter: BusyMeter,
-) {
-    while let Some(batch) = batches.blocking_recv() {
-        let size = batch.len();
-        let started = std::time::Instant::now();
-        let queued_us = batch.iter().map(|r| r.queue_us).sum::<u64>() / size.max(1) as u64;
-        meter.batch_started(started, size, queued_us);
-        let result = {
-            let items: Vec<&Tensors> = batch.iter().map(|r| &r.inputs).collect();
-            catch_unwind(AssertUnwindSafe(|| engine.run(&items)))
-        };
-        let infer_us = micros(started.elapsed());
-        meter.batch_finished(std::time::Instant::now());
-        match result {
-            Ok(Ok(outputs)) if outputs.len() == size => {
-                for (item, outputs) in batch.into_iter().zip(outputs) {
-                    item.reply.send(Ok(Done {
-                        outputs,
-                        queue_us: item.queue_us,
-                        infer_us,
-                        batch_size: size as u32,
-                    }));
-                }
-            }
-            other => {
-                let message = match other {
-                    Ok(Ok(outputs)) => format!(
-                        "the model returned {} answers for {size} items",
-                        outputs.len()
-                    ),
-                    Ok(Err(e)) => format!("the batch of {size} failed: {e}"),
-                    Err(_) => format!("the model panicked running a batch of {size}"),
-                };
-                error!(%message, "batch failed");
-                for item in batch {
-                    item.reply
-                        .send(Err(Rejection::new(ErrorCode::Internal, message.clone())));
-                }
-            }
-        }
-        if done.blocking_send(BatchDone { infer_us }).is_err() {
-            // The batcher is gone; finish what was handed over and stop.
-            continue;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -1024,46 +986,7 @@ mod tests {
     use tidepool_protocol::Tensor;
 
     use super::*;
-
-    /// What the stand-in engine does with a batch.
-    #[derive(Clone, Copy)]
-    enum Behaviour {
-        Echo,
-        FailFirst,
-        PanicFirst,
-    }
-
-    /// A stand-in engine: echoes its inputs, records each batch's size when it starts, and
-    /// optionally waits for the test to open a gate before each batch.
-    struct Fake {
-        started: Arc<Mutex<Vec<usize>>>,
-        /// Each item's value, in the order items ran.
-        ran: Arc<Mutex<Vec<f32>>>,
-        gate: Option<std::sync::mpsc::Receiver<()>>,
-        behaviour: Behaviour,
-    }
-
-    impl Engine for Fake {
-        fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error> {
-            let first = {
-                let mut started = self.started.lock().unwrap();
-                started.push(items.len());
-                started.len() == 1
-            };
-            self.ran
-                .lock()
-                .unwrap()
-                .extend(items.iter().map(|i| i["x"].to_vec::<f32>().unwrap()[0]));
-            if let Some(gate) = &self.gate {
-                let _ = gate.recv();
-            }
-            match self.behaviour {
-                Behaviour::FailFirst if first => Err(Error::ModelThread("stand-in failure")),
-                Behaviour::PanicFirst if first => panic!("stand-in panic"),
-                _ => Ok(items.iter().map(|i| (*i).clone()).collect()),
-            }
-        }
-    }
+    use crate::staging::fake::{Behaviour, Fake};
 
     struct Rig {
         batcher: Batcher,
@@ -1279,6 +1202,30 @@ mod tests {
         let done = kept.wait().await.unwrap();
         assert_eq!((done.batch_size, value(&done)), (1, 3.0));
         assert_eq!(rig.started(), vec![1, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_cancelled_in_a_batch_formed_ahead_is_answered_cancelled() {
+        let rig = Rig::new(config(2, HOUR), true, Behaviour::Echo);
+        let running: Vec<Ticket> = (0..2).map(|i| rig.submit(i as f32)).collect();
+        rig.until_started(1).await;
+        let formed: Vec<Ticket> = (2..4).map(|i| rig.submit(i as f32)).collect();
+        // The second batch is full: it is formed and handed over while the first runs.
+        while rig.batcher.handle().queued() > 0 {
+            tokio::task::yield_now().await;
+        }
+        formed[0].canceller().cancel();
+        running[0].canceller().cancel();
+        rig.open(2);
+        for t in running {
+            assert_eq!(t.wait().await.unwrap().batch_size, 2, "it had started");
+        }
+        let mut formed = formed.into_iter();
+        let err = formed.next().unwrap().wait().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Cancelled);
+        let done = formed.next().unwrap().wait().await.unwrap();
+        assert_eq!((done.batch_size, value(&done)), (2, 3.0));
+        assert_eq!(rig.started(), vec![2, 2]);
     }
 
     /// A gated rig of batches of one and a queue of `queue`, its model thread holding two

@@ -22,6 +22,10 @@
 //! - [`batcher`]: the batching actor: bounded queue, batches by size or delay, deadlines,
 //!   cancels, overload, and the model thread that drives an [`Engine`] (the session, or a
 //!   stand-in in tests).
+//! - [`staging`]: the handoff between the batcher and the model thread: the batcher task
+//!   forms each batch (the one copy of each item, into the engine's input) while the model
+//!   runs the previous one, and splits the outputs and answers, so that the model thread
+//!   only runs batches.
 //! - [`busy`]: the model thread's load share (the autoscaler's signal, in `pong`), busy share
 //!   and queue delay; [`cost`]: how a batch's run time grows with its size, measured after
 //!   warm-up, which turns busy time into the load share.
@@ -82,6 +86,7 @@ pub mod profile;
 pub mod registration;
 pub mod server;
 pub mod spec;
+pub mod staging;
 pub mod synth;
 pub mod synth_transformer;
 #[cfg(any(test, feature = "test-support"))]
@@ -102,7 +107,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use admission::BatchingMode;
-pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply, Ticket};
+pub use batcher::{BatchConfig, Batcher, BatcherHandle, Engine, Rejection, Reply, Stager, Ticket};
 pub use busy::{BusyMeter, Reading};
 pub use config::{Cli, Command, DeviceChoice, ModelFile, ServeConfig, SynthConfig};
 pub use cost::BatchCost;

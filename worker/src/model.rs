@@ -8,9 +8,12 @@
 //! it before it is queued; the session itself belongs to the model thread, which runs it as
 //! the batcher's [`Engine`].
 //!
-//! Each item's bytes are copied exactly once, into the batch tensor; each output is copied
-//! once, out of ONNX Runtime's buffer into one buffer that the items' answers share as slices
-//! (or, padded, into each item's own answer, cut to its length).
+//! Each item's bytes are copied exactly once, into the batch tensor, by the [`ModelStager`] on
+//! the batcher task (see [`crate::staging`]); each output is copied once on the model thread,
+//! out of ONNX Runtime's buffer (which borrows the session) into one buffer that the items'
+//! answers share as slices. A padded output is then copied once more, by the stager, into
+//! each item's own answer cut to its length: outputs are small next to inputs, and the
+//! model thread is the one thread the worker cannot add more of.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,7 +27,7 @@ use ort::value::{DynTensor, DynValue, Outlet, TensorElementType, ValueType};
 use tidepool_protocol::{DType, Tensor, Tensors};
 use tracing::{info, warn};
 
-use crate::batcher::Engine;
+use crate::batcher::{Engine, Stager};
 use crate::config::DeviceChoice;
 use crate::cost::BatchCost;
 use crate::error::Error;
@@ -303,21 +306,120 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Runs one batch of checked items that share a [`crate::Fit::key`] on this thread
+    /// (forming, running and splitting it) and returns each item's outputs, in order. The
+    /// batcher does the same in three places; this is for warm-up, tests and benchmarks.
+    pub fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error> {
+        let stager = self.stager();
+        let input = stager.form(items)?;
+        let output = self.run_batch(input)?;
+        stager.split(output)
+    }
+}
+
 impl Engine for Model {
-    fn run(&mut self, items: &[&Tensors]) -> Result<Vec<Tensors>, Error> {
-        let n = items.len();
-        if n == 0 {
-            return Ok(Vec::new());
+    type Stager = ModelStager;
+
+    fn stager(&self) -> ModelStager {
+        ModelStager {
+            spec: Arc::clone(&self.spec),
         }
-        let spec = Arc::clone(&self.spec);
+    }
+
+    fn run_batch(&mut self, input: BatchInput) -> Result<BatchOutput, Error> {
+        let BatchInput {
+            values,
+            items,
+            lengths,
+        } = input;
+        let spec = &self.spec;
+        if items == 0 {
+            return Ok(BatchOutput {
+                outputs: Vec::new(),
+                items,
+                lengths,
+            });
+        }
+        let outputs = self.session.run(values).map_err(Error::Inference)?;
+        // One copy of each output, out of ONNX Runtime's buffer (which borrows the session)
+        // into one buffer the batcher task splits.
+        let mut whole = Vec::with_capacity(spec.outputs.len());
+        for io in &spec.outputs {
+            let Some(value) = outputs.get(&io.name) else {
+                whole.push(None);
+                continue;
+            };
+            let (shape, bytes) = read_bytes(value, io.dtype).map_err(Error::Inference)?;
+            let item_shape: Vec<usize> = if spec.batched {
+                let lead = shape.first().copied().unwrap_or(0);
+                if lead != items {
+                    return Err(Error::OutputBatch {
+                        name: io.name.clone(),
+                        expected: items,
+                        got: lead,
+                    });
+                }
+                shape[1..].to_vec()
+            } else {
+                shape
+            };
+            let per_item = item_shape.iter().product::<usize>() * io.dtype.size();
+            whole.push(Some((
+                item_shape,
+                Bytes::copy_from_slice(&bytes[..items * per_item]),
+            )));
+        }
+        Ok(BatchOutput {
+            outputs: whole,
+            items,
+            lengths,
+        })
+    }
+}
+
+/// Forms the model's batches (each item copied once, straight into the ONNX Runtime input
+/// tensor the session reads) and splits its outputs, off the model thread.
+#[derive(Clone, Debug)]
+pub struct ModelStager {
+    spec: Arc<ModelSpec>,
+}
+
+/// A formed batch: the session's input tensors.
+#[derive(Debug)]
+pub struct BatchInput {
+    values: Vec<(String, DynValue)>,
+    items: usize,
+    /// Each item's lengths along the padded axes; empty when no item was padded.
+    lengths: Vec<Vec<usize>>,
+}
+
+/// A batch's outputs, copied out of ONNX Runtime, not yet split.
+#[derive(Debug)]
+pub struct BatchOutput {
+    /// Per output of the spec, in its order: the per-item shape in the batch and the whole
+    /// batch's bytes; `None` when the session did not return it.
+    outputs: Vec<Option<(Vec<usize>, Bytes)>>,
+    items: usize,
+    lengths: Vec<Vec<usize>>,
+}
+
+impl Stager for ModelStager {
+    type Input = BatchInput;
+    type Output = BatchOutput;
+
+    fn form(&self, items: &[&Tensors]) -> Result<BatchInput, Error> {
+        let n = items.len();
+        let spec = &self.spec;
         let batched = spec.batched;
         let allocator = Allocator::default();
-        let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(spec.inputs.len());
+        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(spec.inputs.len());
         let mut padded = false;
         for (at, io) in spec.inputs.iter().enumerate() {
+            let Some(first) = items.first() else { break };
             // The batch's per-item shape: the longest item along each axis (items of one
             // batch have one shape unless the model pads).
-            let mut item_shape = items[0][&io.name].shape().to_vec();
+            let mut item_shape = first[&io.name].shape().to_vec();
             for item in &items[1..] {
                 for (d, &len) in item_shape.iter_mut().zip(item[&io.name].shape()) {
                     *d = (*d).max(len);
@@ -354,54 +456,46 @@ impl Engine for Model {
                 }
             })
             .map_err(Error::Inference)?;
-            inputs.push((io.name.clone(), tensor.into_dyn()));
+            values.push((io.name.clone(), tensor.into_dyn()));
         }
-
-        let outputs = self.session.run(inputs).map_err(Error::Inference)?;
-
-        let lengths: Vec<Vec<usize>> = if padded {
+        let lengths = if padded {
             items.iter().map(|item| spec.lengths(item)).collect()
         } else {
             Vec::new()
         };
+        Ok(BatchInput {
+            values,
+            items: n,
+            lengths,
+        })
+    }
+
+    fn split(&self, output: BatchOutput) -> Result<Vec<Tensors>, Error> {
+        let BatchOutput {
+            outputs,
+            items: n,
+            lengths,
+        } = output;
+        let spec = &self.spec;
         let mut answers: Vec<Tensors> = vec![Tensors::new(); n];
-        for io in &spec.outputs {
-            let Some(value) = outputs.get(&io.name) else {
+        for (io, whole) in spec.outputs.iter().zip(outputs) {
+            let Some((batch_item_shape, whole)) = whole else {
                 continue;
-            };
-            let (shape, bytes) = read_bytes(value, io.dtype).map_err(Error::Inference)?;
-            let batch_item_shape: Vec<usize> = if batched {
-                let lead = shape.first().copied().unwrap_or(0);
-                if lead != n {
-                    return Err(Error::OutputBatch {
-                        name: io.name.clone(),
-                        expected: n,
-                        got: lead,
-                    });
-                }
-                shape[1..].to_vec()
-            } else {
-                shape
             };
             let elem = io.dtype.size();
             let per_item = batch_item_shape.iter().product::<usize>() * elem;
-            // Unpadded answers share one copy of the whole output, each a slice of it: one
-            // allocation per output and batch instead of one per item.
-            let whole = if lengths.is_empty() {
-                Bytes::copy_from_slice(&bytes[..n * per_item])
-            } else {
-                Bytes::new()
-            };
             for (k, answer) in answers.iter_mut().enumerate() {
-                let block = &bytes[k * per_item..(k + 1) * per_item];
                 let data = match lengths.get(k) {
                     Some(lengths) => {
+                        // A padded answer is cut to the item's own length: its own copy.
+                        let block = &whole[k * per_item..(k + 1) * per_item];
                         let own = spec.output_item_shape(io, &batch_item_shape, lengths);
-                        check_output_lengths(&spec, io, &batch_item_shape, &own)?;
+                        check_output_lengths(spec, io, &batch_item_shape, &own)?;
                         let mut out = vec![0u8; own.iter().product::<usize>() * elem];
                         pad::copy_block(block, &batch_item_shape, &mut out, &own, elem);
                         (own, Bytes::from(out))
                     }
+                    // Unpadded answers share the batch's one buffer, each a slice of it.
                     None => (
                         batch_item_shape.clone(),
                         whole.slice(k * per_item..(k + 1) * per_item),

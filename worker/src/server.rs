@@ -270,9 +270,10 @@ async fn connection(
             Some((id, answer)) = conn.pending.next(), if !conn.pending.is_empty() => {
                 conn.in_flight.remove(&id);
                 let mut batch = vec![answer];
-                // The model thread answers a batch item by item: yield once so that the rest
-                // of it is ready, then write every answer that is with one flush (one write
-                // per burst rather than per answer).
+                // The batcher task answers a batch item by item (on a multi-threaded runtime
+                // this task may run meanwhile): yield once so that the rest of it is ready,
+                // then write every answer that is with one flush (one write per burst rather
+                // than per answer).
                 tokio::task::yield_now().await;
                 while let Some(Some((id, answer))) = conn.pending.next().now_or_never() {
                     conn.in_flight.remove(&id);

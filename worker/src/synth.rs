@@ -444,7 +444,6 @@ mod tests {
 #[cfg(test)]
 mod ort_tests {
     use super::*;
-    use crate::batcher::Engine;
     use crate::test_support::{load_cpu, ort_lib, scratch_dir};
     use tidepool_protocol::{Tensor, Tensors};
 

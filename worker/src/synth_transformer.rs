@@ -314,7 +314,6 @@ mod tests {
     use tidepool_protocol::{DType, Tensor, Tensors};
 
     use super::*;
-    use crate::batcher::Engine;
     use crate::test_support::{load_cpu, ort_lib, scratch_dir};
 
     fn plan() -> TransformerPlan {

@@ -31,7 +31,7 @@ use tidepool_bench::stats::fmt_us;
 use tidepool_bench::threads::{CpuSplit, ThreadSample};
 use tidepool_load::{CancellationToken, InputSpec, LoadConfig};
 use tidepool_protocol::Tensors;
-use tidepool_worker::{DeviceChoice, Engine, LoadOptions, Model, ModelSpec, ServeConfig, Worker};
+use tidepool_worker::{DeviceChoice, LoadOptions, Model, ModelSpec, ServeConfig, Worker};
 
 /// Worker benchmark: worker vs direct ONNX Runtime, batching vs none, latency at half load.
 #[derive(Debug, Parser)]
@@ -560,8 +560,8 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
          after {:.0} s) in this process and in a process of its own (`tidepool-worker serve`, driven over \
          TCP from this one by the same closed-loop driver). CPU over the counted window per thread, from \
          `/proc/PID/task/*/schedstat`, in µs per item answered: *runtime* is the async runtime's threads \
-         (in this process it also runs the driver), *model thread* runs each batch (copy in, ONNX Runtime's \
-         calling thread, split out), *pool* is ONNX Runtime's intra-op threads. *Worker outside ONNX \
+         (in this process it also runs the driver), *model thread* runs each batch (ONNX Runtime's calling \
+         thread; the runtime forms each batch, the one copy in, and splits its outputs), *pool* is ONNX Runtime's intra-op threads. *Worker outside ONNX \
          Runtime* is the worker process's CPU per item less direct's CPU per item at the same batch size.",
         timing.measure.as_secs_f64(),
         timing.warmup.as_secs_f64(),
