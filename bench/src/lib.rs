@@ -44,6 +44,8 @@
 //! - [`report`]: the Markdown and JSON report each binary writes.
 //! - [`saturate`]: a closed-loop driver over the protocol client, for a worker's capacity,
 //!   mean batch size and latency at saturation.
+//! - [`skewed`]: the skewed pool (one target five times slower) that `bench-balancer`,
+//!   `bench-failover` and `bench-resilience` load at half its capacity.
 //! - [`stats`]: latency summaries from HDR histograms.
 //! - [`threads`]: CPU time per thread from `/proc`, grouped (driver, worker, ONNX Runtime).
 
@@ -53,6 +55,7 @@ pub mod pipeline;
 pub mod process;
 pub mod report;
 pub mod saturate;
+pub mod skewed;
 pub mod stats;
 pub mod target;
 pub mod threads;

@@ -6,18 +6,28 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-/// The flags every worker benchmark binary takes (flattened into its own).
+/// The flags every benchmark binary takes (flattened into its own): where its report goes
+/// and whether the run is a quick smoke run.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// Directory for the Markdown and JSON reports (and any other files of the run).
+    #[arg(long, default_value = "bench-out")]
+    pub out: std::path::PathBuf,
+    /// A short smoke run (seconds instead of minutes); the figures mean little.
+    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub quick: bool,
+}
+
+/// The flags every worker benchmark binary takes (flattened into its own): [`ReportArgs`]
+/// and the ONNX Runtime library.
 #[derive(Debug, clap::Args)]
 pub struct CommonArgs {
     /// The ONNX Runtime library.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: std::path::PathBuf,
-    /// Directory for the Markdown and JSON reports.
-    #[arg(long, default_value = "bench-out")]
-    pub out: std::path::PathBuf,
-    /// A short smoke run; the figures mean little.
-    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
-    pub quick: bool,
+    /// Where the report goes, and whether the run is a quick one.
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 /// A report being written: Markdown text and a JSON object, side by side.

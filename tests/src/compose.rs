@@ -7,8 +7,11 @@
 //!   written to an env file, so that a command the balancer runs (`--scale-cmd`) sees the
 //!   same project as the test's own commands.
 //! - [`Down`]: tears the project down (`down -v`) when dropped, failed test or not.
+//! - [`stack`]: docker-compose.yml's own project, with its secrets, certificates and
+//!   published ports ([`HostPorts`]).
 //! - [`make_secrets`]: the admin token the compose files mount, made by
 //!   scripts/make-secrets.sh in a test's own folder.
+//! - [`docker`], [`docker_async`]: one `docker` command that must succeed.
 //! - [`make_certs`]: the CA, certificates and keys the compose files mount, made by
 //!   scripts/make-certs.sh in a test's own folder.
 
@@ -17,6 +20,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Features of the image's model (`synth --input-dim 64`, scripts/docker-image.sh).
+pub const INPUT_DIM: usize = 64;
 
 /// The image the compose suites build and run; not `tidepool:local`, which is the user's.
 pub const IMAGE: &str = "tidepool:test";
@@ -264,6 +270,66 @@ pub fn make_certs(dir: &Path) -> PathBuf {
     certs
 }
 
+/// Where docker-compose.yml's two balancers publish their client and admin ports on the
+/// host (`TIDEPOOL_HOST_PORT`, `_ADMIN`, `_PORT_B`, `_ADMIN_B`).
+#[derive(Clone, Debug)]
+pub struct HostPorts(pub [String; 4]);
+
+impl HostPorts {
+    /// Ephemeral loopback ports (`127.0.0.1:`), found with [`Compose::port`]. A container
+    /// started again gets new ones.
+    pub fn ephemeral() -> HostPorts {
+        HostPorts(std::array::from_fn(|_| "127.0.0.1:".to_owned()))
+    }
+
+    /// These addresses, kept across a container's restart: `balancer`'s client and admin
+    /// ports, then `balancer-b`'s.
+    pub fn fixed(addrs: [SocketAddr; 4]) -> HostPorts {
+        HostPorts(addrs.map(|a| a.to_string()))
+    }
+}
+
+/// docker-compose.yml as a project of its own, run as `make compose-up` runs it.
+#[derive(Debug)]
+pub struct Stack {
+    /// The project (not started yet).
+    pub compose: Compose,
+    /// The admin token its balancers require.
+    pub token: String,
+    /// The folder of certificates it mounts; its `ca.pem` is what a client trusts.
+    pub certs: PathBuf,
+}
+
+/// docker-compose.yml (two balancers, TLS and the admin token on) as a project named
+/// `tidepool-<tag>-…`, with its secrets and certificates made in `dir`, its ports published
+/// as `ports` says and the DNS interval set beyond a test's length: the workers are found
+/// when a balancer starts, and a faulted one stays registered.
+pub fn stack(program: Vec<String>, tag: &str, dir: &Path, ports: &HostPorts) -> Stack {
+    let (secrets, token) = make_secrets(dir);
+    let certs = make_certs(dir);
+    let [port, admin, port_b, admin_b] = &ports.0;
+    let compose = Compose::new(
+        program,
+        &workspace_root().join("docker-compose.yml"),
+        tag,
+        &[
+            ("TIDEPOOL_HOST_PORT", port),
+            ("TIDEPOOL_HOST_ADMIN", admin),
+            ("TIDEPOOL_HOST_PORT_B", port_b),
+            ("TIDEPOOL_HOST_ADMIN_B", admin_b),
+            ("TIDEPOOL_DNS_INTERVAL", "1h"),
+            ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
+            ("TIDEPOOL_CERTS", &certs.display().to_string()),
+        ],
+        dir,
+    );
+    Stack {
+        compose,
+        token,
+        certs,
+    }
+}
+
 /// Runs `docker` with `args`; it must succeed; returns its stdout.
 pub fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
@@ -272,6 +338,17 @@ pub fn docker(args: &[&str]) -> String {
         .output()
         .expect("run docker");
     must_succeed(&format!("docker {}", args.join(" ")), &out)
+}
+
+/// [`docker`] on a blocking thread, off the runtime's threads (a test's load uses them).
+pub async fn docker_async(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker(&args)
+    })
+    .await
+    .expect("the docker command's thread")
 }
 
 /// Panics with `what` and the standard error unless `out` is a success; returns stdout.

@@ -1,5 +1,7 @@
 //! The harness every tidepool integration suite shares.
 //!
+//! - [`admin`]: a balancer's admin API over TLS on a published port: `GET`, `/targets`,
+//!   what it routed.
 //! - [`adversary`]: hand-made malformed bodies, VmRSS, metrics, a real worker's arguments.
 //! - [`stand_in`]: an in-process target that speaks the protocol with a configurable
 //!   delay and echoes its inputs, for testing clients and the balancer without a model.
@@ -9,14 +11,17 @@
 //! - [`process`]: the real binaries as child processes, killed on drop.
 //! - [`tls`]: test certificates (made in-process) and https calls to a TLS admin API.
 //! - [`drive`]: a load driver that counts the answers to each request id on the wire.
+//! - [`pool_load`]: steady calls through a `Pool`, each call's outcome recorded once.
 //! - [`init_tracing`]: logs for a failing test, once per process (`RUST_LOG`).
 //!
 //! Everything binds `127.0.0.1:0` and is stopped by the test that started it.
 
+pub mod admin;
 pub mod adversary;
 pub mod balancer;
 pub mod compose;
 pub mod drive;
+pub mod pool_load;
 pub mod process;
 pub mod stand_in;
 pub mod tls;

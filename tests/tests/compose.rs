@@ -31,26 +31,23 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tidepool_protocol::tls::TlsConnector;
 use tidepool_protocol::{Client, ClientOptions, Tensor, Tensors};
+use tidepool_tests::admin::{wait_answering, wait_targets, Admin};
 use tidepool_tests::compose::{
-    build_image, compose_program, docker, make_certs, make_secrets, report, workspace_root,
-    Compose, Down,
+    build_image, compose_program, docker, report, stack, Compose, Down, HostPorts, Stack, INPUT_DIM,
 };
 use tidepool_tests::drive::{drive, Drive};
-use tidepool_tests::tls::{connector, https_with};
+use tidepool_tests::tls::connector;
 use tidepool_tests::worker::scratch_dir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Worker replicas started.
 const WORKERS: usize = 3;
-/// Features of the image's model (`synth --input-dim 64`).
-const INPUT_DIM: usize = 64;
 /// Requests per second sent through the balancer with the protocol client.
 const RATE: u32 = 200;
 /// Requests per second sent as raw frames, every answer counted per id.
@@ -79,25 +76,13 @@ async fn compose_cluster_survives_a_killed_worker() {
     let built = started.elapsed();
 
     let dir = scratch_dir("compose");
-    let (secrets, token) = make_secrets(&dir);
-    let certs = make_certs(&dir);
+    let Stack {
+        compose,
+        token,
+        certs,
+    } = stack(program, "test", &dir, &HostPorts::ephemeral());
     // What a client outside the cluster trusts; the balancer's certificate names 127.0.0.1.
     let tls = connector(&certs.join("ca.pem"), None);
-    let compose = Compose::new(
-        program,
-        &workspace_root().join("docker-compose.yml"),
-        "test",
-        &[
-            ("TIDEPOOL_HOST_PORT", "127.0.0.1:"),
-            ("TIDEPOOL_HOST_ADMIN", "127.0.0.1:"),
-            ("TIDEPOOL_HOST_PORT_B", "127.0.0.1:"),
-            ("TIDEPOOL_HOST_ADMIN_B", "127.0.0.1:"),
-            ("TIDEPOOL_DNS_INTERVAL", "1h"),
-            ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
-            ("TIDEPOOL_CERTS", &certs.display().to_string()),
-        ],
-        &dir,
-    );
     let cluster = Down(compose.clone());
     compose.run(&["up", "-d", "--scale", &format!("worker={WORKERS}")]);
     let front = compose.port("balancer", 7000);
@@ -110,7 +95,7 @@ async fn compose_cluster_survives_a_killed_worker() {
     // The admin API listens beyond loopback in its container, over TLS: plaintext HTTP
     // gets no HTTP answer, and /targets needs the token.
     for admin in &admins {
-        wait_answering(admin).await;
+        wait_answering(admin, READY_WITHIN).await;
         let plain = plaintext_http(admin.addr).await;
         assert!(
             !plain.starts_with("HTTP/"),
@@ -341,53 +326,6 @@ impl ReplyCode for tidepool_protocol::Error {
     }
 }
 
-/// One balancer's admin API as the host sees it: its published address, the CA its
-/// certificate chains to, and the token.
-struct Admin {
-    addr: SocketAddr,
-    ca: PathBuf,
-    token: String,
-}
-
-impl Admin {
-    fn new(addr: SocketAddr, certs: &Path, token: &str) -> Admin {
-        Admin {
-            addr,
-            ca: certs.join("ca.pem"),
-            token: token.to_owned(),
-        }
-    }
-
-    /// `GET path` over TLS, with the token when `authorized`: the status, head and body.
-    async fn get(&self, path: &str, authorized: bool) -> (u16, String, String) {
-        let bearer = format!("Authorization: Bearer {}", self.token);
-        let headers: &[&str] = if authorized { &[&bearer] } else { &[] };
-        https_with(self.addr, &self.ca, "GET", path, headers, None).await
-    }
-}
-
-/// Waits until the admin API completes a TLS handshake (docker's port proxy accepts
-/// before the balancer does), so that the https helpers, which expect an answer, can run.
-async fn wait_answering(admin: &Admin) {
-    let tls = connector(&admin.ca, None);
-    let host = admin.addr.ip().to_string();
-    let deadline = Instant::now() + READY_WITHIN;
-    loop {
-        if let Ok(tcp) = TcpStream::connect(admin.addr).await {
-            let handshake = tls.connect(tcp, &host);
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), handshake).await {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the admin API at {} did not answer a TLS handshake within {READY_WITHIN:?}",
-            admin.addr
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// A plaintext `GET /healthz` to `admin`: whatever came back before the connection ended
 /// (empty when it was closed at once), as text.
 async fn plaintext_http(admin: SocketAddr) -> String {
@@ -403,34 +341,6 @@ async fn plaintext_http(admin: SocketAddr) -> String {
         .await
         .expect("a plaintext request to the TLS admin port ends")
         .unwrap_or_default()
-}
-
-/// Polls `GET /targets` (over TLS, with the token) until `done` holds for the map
-/// address → state; returns that map.
-async fn wait_targets(
-    admin: &Admin,
-    within: Duration,
-    what: &str,
-    done: impl Fn(&BTreeMap<String, String>) -> bool,
-) -> BTreeMap<String, String> {
-    let deadline = Instant::now() + within;
-    let mut last = None;
-    loop {
-        let (status, _, body) = admin.get("/targets", true).await;
-        if status == 200 {
-            let targets = parse_targets(&body);
-            if done(&targets) {
-                return targets;
-            }
-            last = Some(targets);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waited {within:?} for {what} at {}; last /targets: {last:?}",
-            admin.addr
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Polls `GET /scaling` until `done` holds, failing after `within` with the last body.
@@ -454,18 +364,4 @@ async fn wait_scaling(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// `GET /targets`'s body as address → state.
-fn parse_targets(body: &str) -> BTreeMap<String, String> {
-    let targets: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
-    targets
-        .iter()
-        .filter_map(|t| {
-            Some((
-                t["addr"].as_str()?.to_owned(),
-                t["state"].as_str()?.to_owned(),
-            ))
-        })
-        .collect()
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tidepool_protocol::tls::TlsConnector;
 use tidepool_tests::compose::{
     build_image, compose_program, docker, make_certs, make_secrets, report, workspace_root,
-    Compose, Down,
+    Compose, Down, INPUT_DIM,
 };
 use tidepool_tests::drive::{drive, Drive, Tally};
 use tidepool_tests::process::{balancer_args, fast_scaling_args, free_addrs, wait_listening, Proc};
@@ -36,8 +36,6 @@ use tidepool_tests::tls::{connector, https};
 use tidepool_tests::worker::scratch_dir;
 use tokio_util::sync::CancellationToken;
 
-/// Features of the image's model (`synth --input-dim 64`).
-const INPUT_DIM: usize = 64;
 /// The pool's bounds.
 const MIN_WORKERS: usize = 1;
 const MAX_WORKERS: usize = 3;

@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use tidepool_protocol::tls::TlsConnector;
 use tidepool_tests::compose::{
-    build_image, compose_program, docker, make_certs, make_secrets, report, workspace_root,
-    Compose, Down,
+    build_image, compose_program, docker_async, report, stack, Down, HostPorts, Stack, INPUT_DIM,
 };
 use tidepool_tests::drive::{drive, Drive};
 use tidepool_tests::tls::connector;
@@ -30,8 +29,6 @@ use tidepool_tests::worker::scratch_dir;
 
 /// Worker replicas started: one per fault, and one left alone.
 const WORKERS: usize = 4;
-/// Features of the image's model (`synth --input-dim 64`).
-const INPUT_DIM: usize = 64;
 /// Requests per second on each raw connection.
 const RATE: u32 = 60;
 /// Raw connections, each counting its answers per id.
@@ -67,25 +64,9 @@ async fn every_request_answered_once_and_on_time_through_pause_disconnect_and_ki
     let started = Instant::now();
     build_image();
     let dir = scratch_dir("compose-chaos");
-    let (secrets, _token) = make_secrets(&dir);
     // docker-compose.yml runs with TLS on: the load speaks it, trusting the test's CA.
-    let certs = make_certs(&dir);
+    let Stack { compose, certs, .. } = stack(program, "chaos", &dir, &HostPorts::ephemeral());
     let tls = connector(&certs.join("ca.pem"), None);
-    let compose = Compose::new(
-        program,
-        &workspace_root().join("docker-compose.yml"),
-        "chaos",
-        &[
-            ("TIDEPOOL_HOST_PORT", "127.0.0.1:"),
-            ("TIDEPOOL_HOST_ADMIN", "127.0.0.1:"),
-            ("TIDEPOOL_HOST_PORT_B", "127.0.0.1:"),
-            ("TIDEPOOL_HOST_ADMIN_B", "127.0.0.1:"),
-            ("TIDEPOOL_DNS_INTERVAL", "1h"),
-            ("TIDEPOOL_SECRETS", &secrets.display().to_string()),
-            ("TIDEPOOL_CERTS", &certs.display().to_string()),
-        ],
-        &dir,
-    );
     let cluster = Down(compose.clone());
     compose.run(&["up", "-d", "--scale", &format!("worker={WORKERS}")]);
     let front = compose.port("balancer", 7000);
@@ -113,19 +94,12 @@ async fn every_request_answered_once_and_on_time_through_pause_disconnect_and_ki
     let network = format!("{}_default", compose.project());
     let mut unpause = Unpause(None);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    blocking(docker_args(&["pause", &workers[0]])).await;
+    docker_async(&["pause", &workers[0]]).await;
     unpause.0 = Some(workers[0].clone());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    blocking(docker_args(&[
-        "network",
-        "disconnect",
-        "--force",
-        &network,
-        &workers[1],
-    ]))
-    .await;
+    docker_async(&["network", "disconnect", "--force", &network, &workers[1]]).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    blocking(docker_args(&["kill", &workers[2]])).await;
+    docker_async(&["kill", &workers[2]]).await;
 
     let mut tallies = Vec::new();
     for load in loads {
@@ -159,21 +133,6 @@ async fn every_request_answered_once_and_on_time_through_pause_disconnect_and_ki
     );
     drop(unpause);
     drop(cluster);
-}
-
-/// The owned arguments of a `docker` command, for [`blocking`].
-fn docker_args(args: &[&str]) -> Vec<String> {
-    args.iter().map(|a| (*a).to_owned()).collect()
-}
-
-/// Runs `docker args` off the runtime's threads, which the load is using.
-async fn blocking(args: Vec<String>) {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        docker(&args);
-    })
-    .await
-    .unwrap();
 }
 
 /// Waits until a short burst through the balancer comes back all results from every

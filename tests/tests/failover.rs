@@ -11,17 +11,17 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tidepool_protocol::{CallOptions, ClientOptions, Error, Pool};
+use tidepool_protocol::{ClientOptions, Pool};
+use tidepool_tests::admin::routed_total;
 use tidepool_tests::balancer::{echoed, http, inputs};
 use tidepool_tests::drive::Drive;
 use tidepool_tests::init_tracing;
+use tidepool_tests::pool_load::PoolLoad;
 use tidepool_tests::process::{balancer_args, eventually, free_addrs, wait_listening, Proc};
 use tidepool_tests::stand_in::{StandIn, StandInConfig};
 use tidepool_tests::worker::scratch_dir;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -58,54 +58,8 @@ impl Balancer {
     /// Requests this balancer routed to any target, from its metrics.
     async fn routed(&self) -> u64 {
         let (_, metrics) = http(self.admin, "GET", "/metrics", None).await;
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("tidepool_routed_total{"))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-            .sum()
+        routed_total(&metrics)
     }
-}
-
-/// How the pool's calls ended: per call index, the value its result echoed, or the error.
-type Outcomes = Arc<Mutex<Vec<(u32, Result<f32, String>)>>>;
-
-/// Steady load through `pool` until `stop`: one call every `every`, each with its own
-/// value and a 10 s deadline, each on its own task.
-fn steady(
-    pool: Pool,
-    every: Duration,
-    stop: CancellationToken,
-) -> (Outcomes, tokio::task::JoinHandle<u32>) {
-    let outcomes: Outcomes = Arc::default();
-    let recorded = Arc::clone(&outcomes);
-    let sender = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        let mut calls = tokio::task::JoinSet::new();
-        let mut sent = 0u32;
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            sent += 1;
-            let (pool, recorded, k) = (pool.clone(), Arc::clone(&recorded), sent);
-            calls.spawn(async move {
-                let options = CallOptions {
-                    deadline: Some(10 * SECOND),
-                    ..Default::default()
-                };
-                let outcome = pool
-                    .infer_with(inputs(k as f32), options)
-                    .await
-                    .map(|r| echoed(&r.outputs))
-                    .map_err(|e: Error| e.to_string());
-                recorded.lock().await.push((k, outcome));
-            });
-        }
-        while calls.join_next().await.is_some() {}
-        sent
-    });
-    (outcomes, sender)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +105,15 @@ async fn a_killed_balancer_costs_a_pool_nothing_and_rejoins_after_a_restart() {
 
     let stop = CancellationToken::new();
     let bystander = Drive::new(b.listen, 100, 1, stop.clone()).spawn();
-    let (outcomes, sender) = steady(pool.clone(), Duration::from_millis(5), stop.clone());
+    // One call every 5 ms, each with its own value, so that an answer to another call
+    // would show.
+    let load = PoolLoad {
+        pool: pool.clone(),
+        every: Duration::from_millis(5),
+        deadline: 10 * SECOND,
+        stop: stop.clone(),
+    }
+    .start(|k| inputs(k as f32));
 
     // Load on both; then A dies while it holds calls.
     eventually(10 * SECOND, "calls through A", &[&proc_a], || async {
@@ -170,7 +132,7 @@ async fn a_killed_balancer_costs_a_pool_nothing_and_rejoins_after_a_restart() {
         (pool.failovers() > 0).then_some(())
     })
     .await;
-    let answered_while_down = outcomes.lock().await.len();
+    let answered_while_down = load.returned();
 
     // A comes back on the same ports; its target group is rebuilt from its static
     // targets, the pool reconnects once it answers pong, and A takes calls again.
@@ -191,14 +153,15 @@ async fn a_killed_balancer_costs_a_pool_nothing_and_rejoins_after_a_restart() {
     .await;
 
     stop.cancel();
-    let sent = sender.await.unwrap();
-    let outcomes = outcomes.lock().await;
-    assert_eq!(outcomes.len() as u32, sent, "every call returned once");
-    let mut seen = vec![0u32; sent as usize + 1];
-    for (k, outcome) in outcomes.iter() {
-        seen[*k as usize] += 1;
+    let calls = load.finish().await;
+    calls.assert_each_once();
+    for (k, outcome) in &calls.returned {
         match outcome {
-            Ok(value) => assert_eq!(*value, *k as f32, "call {k} got another call's answer"),
+            Ok(r) => assert_eq!(
+                echoed(&r.outputs),
+                *k as f32,
+                "call {k} got another call's answer"
+            ),
             Err(error) => panic!(
                 "call {k} failed: {error}\n{}\n{}",
                 proc_a.log(),
@@ -206,15 +169,12 @@ async fn a_killed_balancer_costs_a_pool_nothing_and_rejoins_after_a_restart() {
             ),
         }
     }
-    assert!(
-        seen[1..].iter().all(|&n| n == 1),
-        "each call answered exactly once"
-    );
     assert!(answered_while_down > 0);
     let tally = bystander.await.unwrap();
     tally.assert_all_ok();
     eprintln!(
-        "failover: {sent} calls, {} sent again, {held} in flight at the targets at the kill; bystander {:?}",
+        "failover: {} calls, {} sent again, {held} in flight at the targets at the kill; bystander {:?}",
+        calls.sent,
         pool.failovers(),
         tally.outcomes()
     );

@@ -28,19 +28,17 @@ use tidepool_bench::autoscale::{
     ScalingPoint, StartTimeline,
 };
 use tidepool_bench::process::{sibling_exe, Proc};
-use tidepool_bench::report::{machine, Report};
+use tidepool_bench::report::{machine, Report, ReportArgs};
 use tidepool_load::{CancellationToken, InputSpec, LoadConfig, ProfileKind};
 
 /// Autoscaling benchmark: a compressed day and a burst, a fixed pool against the busy-share
 /// and the in-flight policies.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Directory for autoscale.md, autoscale.json and the run's files (autoscale/).
-    #[arg(long, default_value = "bench-out")]
-    out: PathBuf,
-    /// A short smoke run (a 40-second day, a 25-second burst); the figures mean little.
-    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
-    quick: bool,
+    /// Where the report goes (OUT, the run's files in OUT/autoscale/), and whether the run
+    /// is a quick one (a 40-second day, a 25-second burst).
+    #[command(flatten)]
+    report: ReportArgs,
     /// The model the pool serves (`tidepool-worker synth --size 64MiB --input-dim 256
     /// --output-dim 16 --layers 4 --seed 1`, as `make demo` builds it).
     #[arg(long, default_value = "build/models/demo-64MiB-256.onnx")]
@@ -140,7 +138,7 @@ impl Policy {
 
 impl Args {
     fn day(&self) -> Duration {
-        self.day.unwrap_or(if self.quick {
+        self.day.unwrap_or(if self.report.quick {
             Duration::from_secs(40)
         } else {
             Duration::from_secs(180)
@@ -149,12 +147,12 @@ impl Args {
 
     fn burst_before(&self) -> Duration {
         self.burst_before
-            .unwrap_or(Duration::from_secs(if self.quick { 10 } else { 15 }))
+            .unwrap_or(Duration::from_secs(if self.report.quick { 10 } else { 15 }))
     }
 
     fn burst_after(&self) -> Duration {
         self.burst_after
-            .unwrap_or(Duration::from_secs(if self.quick { 15 } else { 30 }))
+            .unwrap_or(Duration::from_secs(if self.report.quick { 15 } else { 30 }))
     }
 
     /// The balancer settings of `policy`'s pool; its files are `DIR/NAME.*`.
@@ -210,7 +208,7 @@ impl Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = args.out.join("autoscale");
+    let dir = args.report.out.join("autoscale");
     std::fs::create_dir_all(&dir)?;
     anyhow::ensure!(
         args.model.is_file(),
@@ -221,7 +219,7 @@ fn main() -> anyhow::Result<()> {
     let load_before = loadavg();
     let mut report = Report::new();
     report.set("machine", machine());
-    report.set("quick", args.quick);
+    report.set("quick", args.report.quick);
 
     eprintln!("autoscale: one worker's capacity");
     let capacity = capacity(&args, &dir, &runtime)?;
@@ -250,7 +248,7 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!("autoscale: single worker starts");
     let mut singles = vec![single_start(&args.model, "64MiB", &dir)?];
-    if args.big_model.is_file() && !args.quick {
+    if args.big_model.is_file() && !args.report.quick {
         singles.push(single_start(&args.big_model, "1GiB", &dir)?);
     }
     let load_after = loadavg();
@@ -263,7 +261,7 @@ fn main() -> anyhow::Result<()> {
         singles,
     };
     write_report(&args, &mut report, &run, (&load_before, &load_after));
-    report.write(&args.out, "autoscale")?;
+    report.write(&args.report.out, "autoscale")?;
     println!("{}", report.markdown());
     Ok(())
 }
@@ -284,7 +282,7 @@ fn capacity(args: &Args, dir: &Path, runtime: &tokio::runtime::Runtime) -> anyho
     spec.min_workers = 1;
     spec.max_workers = 1;
     let pool = Pool::start(&spec, Duration::from_secs(120))?;
-    let seconds = if args.quick { 4 } else { 8 };
+    let seconds = if args.report.quick { 4 } else { 8 };
     // Far above what one worker serves, not so far that the load generator itself takes
     // the worker's core.
     let load = args.load(&pool, 10_000.0, Duration::from_secs(seconds));
@@ -558,7 +556,7 @@ fn write_report(
     report.para(&format!(
         "Machine: {}. Load average (1/5/15 min) {load_before} before the benchmark, {load_after} after.{}",
         machine(),
-        if args.quick {
+        if args.report.quick {
             " **Quick smoke run (BENCH_QUICK=1): figures are not meaningful.**"
         } else {
             ""

@@ -30,10 +30,10 @@ use tidepool_bench::process::{
     cpu_seconds, free_port, haproxy_version, start_balancer, start_balancer_with, start_haproxy,
     start_targets, start_targets_threads, BalancerSpec, Proc,
 };
-use tidepool_bench::report::{machine, Report};
-use tidepool_bench::small_item;
+use tidepool_bench::report::{machine, Report, ReportArgs};
 use tidepool_bench::stats::{fmt_us, Latency};
 use tidepool_bench::stats::{histogram, record};
+use tidepool_bench::{skewed, small_item};
 use tidepool_protocol::tls::testing::Pki;
 use tidepool_protocol::tls::{ClientFiles, TlsConnector};
 use tidepool_protocol::{Client, ClientOptions};
@@ -41,12 +41,9 @@ use tidepool_protocol::{Client, ClientOptions};
 /// Balancer benchmark: tidepool-balancer vs HAProxy vs direct.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Directory for balancer.md, balancer.json and HAProxy's configuration.
-    #[arg(long, default_value = "bench-out")]
-    out: PathBuf,
-    /// A short smoke run (seconds instead of minutes); the figures mean little.
-    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
-    quick: bool,
+    /// Where the report goes (OUT), and whether the run is a quick one.
+    #[command(flatten)]
+    report: ReportArgs,
     /// Requests per second in the latency comparison.
     #[arg(long, default_value_t = 2000.0)]
     latency_rate: f64,
@@ -137,7 +134,7 @@ fn main() -> anyhow::Result<()> {
             ),
             None => String::new(),
         },
-        if args.quick {
+        if args.report.quick {
             " **Quick smoke run (BENCH_QUICK=1): figures are not meaningful.**"
         } else {
             ""
@@ -147,7 +144,7 @@ fn main() -> anyhow::Result<()> {
     if haproxy_needed {
         report.set("haproxy", haproxy_version());
     }
-    report.set("quick", args.quick);
+    report.set("quick", args.report.quick);
     if args.baseline.is_some() {
         report.set("baseline", &args.baseline_label);
     }
@@ -171,7 +168,7 @@ fn main() -> anyhow::Result<()> {
         scaling(&args, &mut report)?;
     }
 
-    report.write(&args.out, "balancer")?;
+    report.write(&args.report.out, "balancer")?;
     println!("{}", report.markdown());
     Ok(())
 }
@@ -194,7 +191,7 @@ fn fast_setup(args: &Args) -> anyhow::Result<Setup> {
         binary: None,
     })?;
     let haproxy_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let haproxy = start_haproxy(&args.out.join("haproxy-fast"), haproxy_addr, &addrs)?;
+    let haproxy = start_haproxy(&args.report.out.join("haproxy-fast"), haproxy_addr, &addrs)?;
     let mut via = BTreeMap::from([
         (Via::Direct, addrs[0]),
         (Via::Tidepool, balancer_addr),
@@ -234,7 +231,7 @@ struct LatencyRow {
 }
 
 fn latency(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result<()> {
-    let (rounds, seconds) = if args.quick { (1, 2) } else { (3, 6) };
+    let (rounds, seconds) = if args.report.quick { (1, 2) } else { (3, 6) };
     let connections = 4;
     let mut merged: BTreeMap<Via, (openloop::OpenLoopResult, u64)> = BTreeMap::new();
     for round in 0..rounds {
@@ -366,7 +363,7 @@ struct ThroughputRow {
 }
 
 fn throughput(args: &Args, setup: &Setup, report: &mut Report) -> anyhow::Result<()> {
-    let rounds = if args.quick { 1 } else { 2 };
+    let rounds = if args.report.quick { 1 } else { 2 };
     let saturate = Saturate::small(args, 8);
     let (connections, window, warmup, measure) = saturate.shape();
     let mut rows: BTreeMap<Via, ThroughputRow> = BTreeMap::new();
@@ -499,7 +496,7 @@ async fn closed_loop(
 }
 
 fn tls_pair(args: &Args, report: &mut Report) -> anyhow::Result<()> {
-    let (rounds, seconds, warmup, measure) = if args.quick {
+    let (rounds, seconds, warmup, measure) = if args.report.quick {
         (1, 2, 1, 2)
     } else {
         (3, 5, 1, 6)
@@ -622,23 +619,16 @@ fn tls_pair(args: &Args, report: &mut Report) -> anyhow::Result<()> {
 #[derive(Serialize)]
 struct SkewRow {
     name: &'static str,
-    sent: u64,
-    ok: u64,
-    errors: u64,
-    unanswered: u64,
-    latency: Latency,
+    #[serde(flatten)]
+    outcome: skewed::Outcome,
     latency_with_unanswered: Latency,
-    slow_share: f64,
 }
 
 fn skewed(args: &Args, report: &mut Report) -> anyhow::Result<()> {
-    let fast = Duration::from_micros(1000);
-    let slow = Duration::from_micros(5000);
-    let services = [fast, fast, fast, slow];
-    let capacity: f64 = services.iter().map(|s| 1.0 / s.as_secs_f64()).sum();
-    let rate = capacity * 0.5;
-    let (seconds, drain) = if args.quick { (3, 2) } else { (12, 8) };
-    let connections = 8;
+    let (fast, slow) = (skewed::FAST, skewed::SLOW);
+    let (capacity, rate) = (skewed::capacity(), skewed::rate());
+    let (seconds, drain) = skewed::duration(args.report.quick);
+    let connections = skewed::CONNECTIONS;
     let mut contenders: Vec<(&str, Option<&'static str>, Option<PathBuf>)> = vec![
         (
             "tidepool-balancer, least outstanding (p2c)",
@@ -661,9 +651,7 @@ fn skewed(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (name, routing, binary) in contenders {
         eprintln!("skewed pool: {name}");
-        // Fresh targets each time: a backlog left on the slow one must not carry over.
-        let (_targets, addrs) = start_targets(&services)?;
-        let slow_name = format!("target-{}", services.len() - 1);
+        let (_targets, addrs) = skewed::start()?;
         let (_proc, addr): (Proc, SocketAddr) = match routing {
             Some(routing) => start_balancer(&BalancerSpec {
                 routing,
@@ -673,30 +661,16 @@ fn skewed(args: &Args, report: &mut Report) -> anyhow::Result<()> {
             None => {
                 let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
                 (
-                    start_haproxy(&args.out.join("haproxy-skewed"), addr, &addrs)?,
+                    start_haproxy(&args.report.out.join("haproxy-skewed"), addr, &addrs)?,
                     addr,
                 )
             }
         };
-        let r = openloop::run(&OpenLoopConfig {
-            addr,
-            connections,
-            rate,
-            duration: Duration::from_secs(seconds),
-            drain: Duration::from_secs(drain),
-            seed: 7,
-            item: small_item(args.item_len),
-        })?;
-        let slow_ok = r.workers.get(&slow_name).copied().unwrap_or(0);
+        let r = openloop::run(&skewed::load(addr, args.report.quick, 7, args.item_len))?;
         rows.push(SkewRow {
             name,
-            sent: r.sent,
-            ok: r.ok,
-            errors: r.errors,
-            unanswered: r.unanswered,
-            latency: Latency::of(&r.latency),
+            outcome: skewed::Outcome::of(&r),
             latency_with_unanswered: Latency::of(&r.latency_with_unanswered),
-            slow_share: slow_ok as f64 / r.ok.max(1) as f64,
         });
     }
     report.heading("3. A skewed pool: one target five times slower");
@@ -716,12 +690,12 @@ fn skewed(args: &Args, report: &mut Report) -> anyhow::Result<()> {
         .map(|r| {
             vec![
                 r.name.to_owned(),
-                fmt_us(r.latency.p50_us),
-                fmt_us(r.latency.p99_us),
+                fmt_us(r.outcome.latency.p50_us),
+                fmt_us(r.outcome.latency.p99_us),
                 fmt_us(r.latency_with_unanswered.p99_us),
                 fmt_us(r.latency_with_unanswered.max_us),
-                format!("{:.1}%", r.slow_share * 100.0),
-                format!("{} / {} / {} / {}", r.sent, r.ok, r.errors, r.unanswered),
+                r.outcome.slow_share_cell(),
+                r.outcome.counts_cell(),
             ]
         })
         .collect();
@@ -759,7 +733,7 @@ struct ScalingRow {
 /// both running, measured in interleaved rounds.
 fn scaling(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let rounds = if args.quick { 1 } else { 3 };
+    let rounds = if args.report.quick { 1 } else { 3 };
     // Enough connections to keep every runtime thread busy, and targets with threads of
     // their own, so that the balancer is what limits the rate where the cores allow it.
     let saturate = Saturate::small(args, (2 * cores).max(8));
@@ -883,7 +857,7 @@ impl Saturate {
             connections,
             window: 32,
             warmup: 1,
-            measure: if args.quick { 2 } else { 6 },
+            measure: if args.report.quick { 2 } else { 6 },
             item_len: args.item_len,
         }
     }

@@ -1,36 +1,31 @@
 //! `bench-failover`: least outstanding with two balancers side by side (issue 12). Writes
 //! `OUT/failover.md` and `OUT/failover.json`.
 //!
-//! The skewed pool of `bench-balancer` (four serial targets, one five times slower), once
-//! through one tidepool-balancer and once through two over the same targets, each routing
-//! by its own outstanding counts, half of the clients' connections and half of the load
-//! on each. Each balancer sees only its own half of the slow target's backlog, so least
+//! The skewed pool ([`tidepool_bench::skewed`], as in `bench-balancer`: four serial targets,
+//! one five times slower), once through one tidepool-balancer and once through two over the
+//! same targets, each routing by its own outstanding counts, half of the clients'
+//! connections and half of the load on each. Each balancer sees only its own half of the slow target's backlog, so least
 //! outstanding decides on half the truth; the goal is a p99 within 2x of one balancer's.
 //! The two setups alternate in rounds, on fresh targets each time.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use serde::Serialize;
 use tidepool_bench::openloop::{self, OpenLoopConfig, OpenLoopResult};
-use tidepool_bench::process::{start_balancer, start_targets, BalancerSpec, Proc};
-use tidepool_bench::report::{machine, quick_note, Report};
-use tidepool_bench::small_item;
+use tidepool_bench::process::{start_balancer, BalancerSpec, Proc};
+use tidepool_bench::report::{machine, quick_note, Report, ReportArgs};
+use tidepool_bench::skewed;
 use tidepool_bench::stats::{fmt_us, Latency};
 
 /// Two balancers side by side against one, on the skewed pool.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Directory for failover.md and failover.json.
-    #[arg(long, default_value = "bench-out")]
-    out: PathBuf,
-    /// A short smoke run (seconds instead of minutes); the figures mean little.
-    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
-    quick: bool,
+    /// Where the report goes (OUT), and whether the run is a quick one.
+    #[command(flatten)]
+    report: ReportArgs,
     /// Rounds of each setup, alternating.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -43,27 +38,23 @@ struct Args {
 #[derive(Debug, Serialize)]
 struct Row {
     balancers: usize,
-    sent: u64,
-    ok: u64,
-    errors: u64,
-    unanswered: u64,
-    latency: Latency,
+    #[serde(flatten)]
+    outcome: skewed::Outcome,
     /// p99 of each round, µs.
     round_p99_us: Vec<f64>,
-    slow_share: f64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let fast = Duration::from_micros(1000);
-    let slow = Duration::from_micros(5000);
-    let services = [fast, fast, fast, slow];
-    let capacity: f64 = services.iter().map(|s| 1.0 / s.as_secs_f64()).sum();
-    let rate = capacity * 0.5;
-    let (seconds, drain) = if args.quick { (3, 2) } else { (12, 8) };
-    let connections = 8;
-    let rounds = if args.quick { 1 } else { args.rounds.max(1) };
-    let slow_name = format!("target-{}", services.len() - 1);
+    let (fast, slow) = (skewed::FAST, skewed::SLOW);
+    let (capacity, rate) = (skewed::capacity(), skewed::rate());
+    let (seconds, drain) = skewed::duration(args.report.quick);
+    let connections = skewed::CONNECTIONS;
+    let rounds = if args.report.quick {
+        1
+    } else {
+        args.rounds.max(1)
+    };
 
     let mut merged: BTreeMap<usize, Option<OpenLoopResult>> = BTreeMap::new();
     let mut round_p99: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
@@ -73,7 +64,7 @@ fn main() -> anyhow::Result<()> {
                 "skewed pool through {balancers} balancer(s), round {}",
                 round + 1
             );
-            let (_targets, addrs) = start_targets(&services)?;
+            let (_targets, addrs) = skewed::start()?;
             let fronts: Vec<(Proc, SocketAddr)> = (0..balancers)
                 .map(|_| {
                     start_balancer(&BalancerSpec {
@@ -86,15 +77,7 @@ fn main() -> anyhow::Result<()> {
             let seed = 7 + round as u64;
             let result = side_by_side(
                 &fronts,
-                &OpenLoopConfig {
-                    addr: fronts[0].1,
-                    connections,
-                    rate,
-                    duration: Duration::from_secs(seconds),
-                    drain: Duration::from_secs(drain),
-                    seed,
-                    item: small_item(args.item_len),
-                },
+                &skewed::load(fronts[0].1, args.report.quick, seed, args.item_len),
             )?;
             round_p99
                 .entry(balancers)
@@ -113,13 +96,8 @@ fn main() -> anyhow::Result<()> {
         .filter_map(|(balancers, r)| r.map(|r| (balancers, r)))
         .map(|(balancers, r)| Row {
             balancers,
-            sent: r.sent,
-            ok: r.ok,
-            errors: r.errors,
-            unanswered: r.unanswered,
-            latency: Latency::of(&r.latency),
+            outcome: skewed::Outcome::of(&r),
             round_p99_us: round_p99.remove(&balancers).unwrap_or_default(),
-            slow_share: r.workers.get(&slow_name).copied().unwrap_or(0) as f64 / r.ok.max(1) as f64,
         })
         .collect();
     let one = rows
@@ -130,7 +108,7 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .find(|r| r.balancers == 2)
         .context("two-balancer row")?;
-    let ratio = two.latency.p99_us / one.latency.p99_us.max(1.0);
+    let ratio = two.outcome.latency.p99_us / one.outcome.latency.p99_us.max(1.0);
     let met = ratio <= 2.0;
 
     let mut report = Report::new();
@@ -143,7 +121,7 @@ fn main() -> anyhow::Result<()> {
          outstanding counts) each gets {} connections and half the rate. {rounds} round(s) of each, alternating, \
          fresh targets and balancers every round; the percentiles are over every round's requests.",
         machine(),
-        quick_note(args.quick),
+        quick_note(args.report.quick),
         fmt_us(fast.as_micros() as f64),
         fmt_us(slow.as_micros() as f64),
         connections / 2,
@@ -153,16 +131,16 @@ fn main() -> anyhow::Result<()> {
         .map(|r| {
             vec![
                 r.balancers.to_string(),
-                fmt_us(r.latency.p50_us),
-                fmt_us(r.latency.p99_us),
-                fmt_us(r.latency.max_us),
+                fmt_us(r.outcome.latency.p50_us),
+                fmt_us(r.outcome.latency.p99_us),
+                fmt_us(r.outcome.latency.max_us),
                 r.round_p99_us
                     .iter()
                     .map(|p| fmt_us(*p))
                     .collect::<Vec<_>>()
                     .join(", "),
-                format!("{:.1}%", r.slow_share * 100.0),
-                format!("{} / {} / {} / {}", r.sent, r.ok, r.errors, r.unanswered),
+                r.outcome.slow_share_cell(),
+                r.outcome.counts_cell(),
             ]
         })
         .collect();
@@ -183,11 +161,11 @@ fn main() -> anyhow::Result<()> {
         if met { "met" } else { "missed" }
     ));
     report.set("machine", machine());
-    report.set("quick", args.quick);
+    report.set("quick", args.report.quick);
     report.set("skewed_two_balancers", &rows);
     report.set("p99_ratio", ratio);
     report.set("goal_met", met);
-    report.write(&args.out, "failover")?;
+    report.write(&args.report.out, "failover")?;
     println!("{}", report.markdown());
     Ok(())
 }

@@ -9,7 +9,6 @@
 //!    balancer benchmark): p99 with hedging off, after a fixed delay and after the observed
 //!    p99, and the extra load it costs (hedges sent per request, from `/metrics`).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,19 +16,16 @@ use clap::Parser;
 use serde::Serialize;
 use tidepool_bench::openloop::{self, OpenLoopConfig, OpenLoopResult};
 use tidepool_bench::process::{http_get, start_balancer_admin, start_targets, BalancerSpec};
-use tidepool_bench::report::{machine, quick_note, Report};
-use tidepool_bench::small_item;
+use tidepool_bench::report::{machine, quick_note, Report, ReportArgs};
 use tidepool_bench::stats::{fmt_us, Latency};
+use tidepool_bench::{skewed, small_item};
 
 /// Retries and hedging: errors and p99 during a kill, p99 and extra load on a skewed pool.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Directory for resilience.md and resilience.json.
-    #[arg(long, default_value = "bench-out")]
-    out: PathBuf,
-    /// A short smoke run (seconds instead of minutes); the figures mean little.
-    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
-    quick: bool,
+    /// Where the report goes (OUT), and whether the run is a quick one.
+    #[command(flatten)]
+    report: ReportArgs,
     /// f32 elements per item (small frames).
     #[arg(long, default_value_t = 16)]
     item_len: usize,
@@ -39,15 +35,15 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut report = Report::new();
     report.set("machine", machine());
-    report.set("quick", args.quick);
+    report.set("quick", args.report.quick);
     report.para(&format!(
         "Machine: {}.{}",
         machine(),
-        quick_note(args.quick)
+        quick_note(args.report.quick)
     ));
     kill(&args, &mut report).context("the kill section")?;
     hedging(&args, &mut report).context("the hedging section")?;
-    report.write(&args.out, "resilience")?;
+    report.write(&args.report.out, "resilience")?;
     println!("{}", report.markdown());
     Ok(())
 }
@@ -136,7 +132,11 @@ fn kill(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     let targets = 3;
     let capacity = targets as f64 / service.as_secs_f64();
     let rate = capacity * 0.4;
-    let (rounds, seconds, drain) = if args.quick { (1, 4, 3) } else { (3, 10, 5) };
+    let (rounds, seconds, drain) = if args.report.quick {
+        (1, 4, 3)
+    } else {
+        (3, 10, 5)
+    };
     let mut rows = Vec::new();
     for round in 0..rounds {
         for retries in ["on", "off"] {
@@ -215,12 +215,13 @@ fn kill(args: &Args, report: &mut Report) -> anyhow::Result<()> {
 }
 
 fn hedging(args: &Args, report: &mut Report) -> anyhow::Result<()> {
-    let fast = Duration::from_micros(1000);
-    let slow = Duration::from_micros(5000);
-    let services = [fast, fast, fast, slow];
-    let capacity: f64 = services.iter().map(|s| 1.0 / s.as_secs_f64()).sum();
-    let rate = capacity * 0.5;
-    let (rounds, seconds, drain) = if args.quick { (1, 3, 2) } else { (3, 12, 5) };
+    let (fast, slow) = (skewed::FAST, skewed::SLOW);
+    let rate = skewed::rate();
+    let (rounds, seconds, drain) = if args.report.quick {
+        (1, 3, 2)
+    } else {
+        (3, 12, 5)
+    };
     let settings: [(&str, &[&str]); 4] = [
         ("hedging off", &[]),
         ("--hedge-after 5ms", &["--hedge-after", "5ms"]),
@@ -234,8 +235,7 @@ fn hedging(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     for round in 0..rounds {
         for (name, flags) in settings {
             eprintln!("hedging: round {} of {rounds}, {name}", round + 1);
-            // One process for the four targets, as in the balancer benchmark's skewed pool.
-            let (_targets, addrs) = start_targets(&services)?;
+            let (_targets, addrs) = skewed::start()?;
             let spec = BalancerSpec {
                 routing: "p2c",
                 targets: addrs,

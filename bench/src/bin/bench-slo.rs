@@ -96,11 +96,11 @@ async fn main() -> anyhow::Result<()> {
     if args.steps.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
         bail!("--steps must be positive shares of capacity, like 0.5,1.0,1.5");
     }
-    let step =
-        Duration::from_secs(
-            args.step_seconds
-                .unwrap_or(if args.common.quick { 3 } else { 20 }),
-        );
+    let step = Duration::from_secs(args.step_seconds.unwrap_or(if args.common.report.quick {
+        3
+    } else {
+        20
+    }));
     let mut runs = Vec::new();
     for model in &args.models {
         runs.push(
@@ -110,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let mut report = Report::new();
-    report.set_run(&args.models[0], args.common.quick);
+    report.set_run(&args.models[0], args.common.report.quick);
     report.para(&format!(
         "Open loop, Poisson arrivals, {} s per step; a third of the requests with a deadline of \
          {} full batches' time, the rest {}; --max-batch {}, --max-delay {:?}. Goodput: results \
@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         args.max_batch,
         args.max_delay,
         machine(),
-        quick_note(args.common.quick)
+        quick_note(args.common.report.quick)
     ));
     for run in &runs {
         report.heading(&format!(
@@ -185,7 +185,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     report.set("models", &runs);
-    report.write(&args.common.out, "slo")?;
+    report.write(&args.common.report.out, "slo")?;
     println!("{}", report.markdown());
     Ok(())
 }
@@ -204,7 +204,7 @@ async fn bench_model(
         let meta = client.metadata(Duration::from_secs(10)).await?;
         tidepool_load::input::items_from_metadata(&meta, (16, 16), 64, 1)?
     };
-    let (warmup, measure) = if args.common.quick {
+    let (warmup, measure) = if args.common.report.quick {
         (Duration::from_secs(1), Duration::from_secs(2))
     } else {
         (Duration::from_secs(3), Duration::from_secs(10))

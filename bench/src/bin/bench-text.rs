@@ -74,7 +74,7 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (warmup, measure) = if args.common.quick {
+    let (warmup, measure) = if args.common.report.quick {
         (Duration::from_secs(1), Duration::from_secs(3))
     } else {
         (Duration::from_secs(3), Duration::from_secs(15))
@@ -170,9 +170,9 @@ fn main() -> anyhow::Result<()> {
         args.device,
         measure.as_secs_f64(),
         warmup.as_secs_f64(),
-        quick_note(args.common.quick)
+        quick_note(args.common.report.quick)
     ));
-    report.set_run(&args.model, args.common.quick);
+    report.set_run(&args.model, args.common.report.quick);
     report.set("clients", clients);
     let rows: Vec<Vec<String>> = results
         .iter()
@@ -219,7 +219,7 @@ fn main() -> anyhow::Result<()> {
     );
     report.set("mixed_over_fixed_mean_batch", share);
     report.set("batching_gain", gain);
-    report.write(&args.common.out, "text")?;
+    report.write(&args.common.report.out, "text")?;
     println!("{}", report.markdown());
     Ok(())
 }

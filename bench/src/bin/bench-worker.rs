@@ -87,7 +87,7 @@ struct DirectRow {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let timing = if args.common.quick {
+    let timing = if args.common.report.quick {
         Timing {
             direct_per_batch: Duration::from_secs(1),
             warmup: Duration::from_secs(1),
@@ -125,9 +125,9 @@ fn main() -> anyhow::Result<()> {
         args.device
             .to_possible_value()
             .map_or_else(|| "cpu".to_owned(), |v| v.get_name().to_owned()),
-        quick_note(args.common.quick)
+        quick_note(args.common.report.quick)
     ));
-    report.set_run(&args.model, args.common.quick);
+    report.set_run(&args.model, args.common.report.quick);
 
     eprintln!("direct: loading the model");
     let (spec, direct) = direct(&args, &args.model, &timing, None)?;
@@ -221,7 +221,7 @@ fn main() -> anyhow::Result<()> {
     };
     write_report(&mut report, &timing, &direct, &runs, &latency);
     write_costs(&mut report, &timing, &costs);
-    report.write(&args.common.out, "worker")?;
+    report.write(&args.common.report.out, "worker")?;
     println!("{}", report.markdown());
     Ok(())
 }
