@@ -92,9 +92,10 @@ pub struct ServeConfig {
     pub threads: Option<usize>,
 
     /// Whether ONNX Runtime's intra-op threads spin while they wait for work. Off by default:
-    /// a worker alternates between running a batch and answering it, and threads spinning
-    /// between batches take the cores its async runtime needs for the answers and the next
-    /// requests (BENCHMARKS.md, worker section 5).
+    /// while the model thread runs a batch, the async runtime splits and answers the last one
+    /// and forms the next (worker/src/staging.rs), and threads spinning between batches take
+    /// the cores it needs for that (BENCHMARKS.md, worker section 5, measured before staging
+    /// moved forming and splitting off the model thread: worth re-measuring).
     #[arg(long, env = "TIDEPOOL_WORKER_ORT_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
     pub ort_spinning: bool,
 
