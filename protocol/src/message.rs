@@ -676,11 +676,13 @@ impl WireIn<'_> {
             }),
             "cancel" => Message::Cancel { id },
             "ping" => Message::Ping { id },
-            // A load report needs its busy share; a bare `queue_us` is ignored.
+            // A load report needs its busy share; a bare `queue_us` is ignored, and so is a
+            // share that is no fraction (NaN, infinite): the autoscaler sums these, and one
+            // worker's broken report must not make the pool's total meaningless.
             "pong" => Message::Pong {
                 id,
-                load: self.busy.map(|busy| Load {
-                    busy,
+                load: self.busy.filter(|b| b.is_finite()).map(|busy| Load {
+                    busy: busy.clamp(0.0, 1.0),
                     queue_us: self.queue_us.unwrap_or(0),
                 }),
             },
@@ -842,6 +844,40 @@ pub(crate) mod tests {
                 worker: Some("w1".to_owned()),
             }),
         ]
+    }
+
+    /// What the fuzzer found: a NaN float survives a round trip as the same bytes (while
+    /// `==` calls it unequal to itself), and a `pong` whose busy share is no fraction is
+    /// read as no load report, one out of range as its nearest bound.
+    #[test]
+    fn non_finite_floats_are_kept_or_refused_never_trusted() {
+        let mut model = crate::metadata::tests::encoder();
+        let padding = model.padding.as_mut().expect("the encoder pads");
+        padding.values.insert("input_ids".to_owned(), f64::NAN);
+        let msg = Message::MetadataResult(MetadataResult {
+            id: 6,
+            model,
+            worker: None,
+        });
+        let body = msg.to_msgpack().unwrap();
+        let back = Message::decode(&Bytes::from(body.clone())).unwrap();
+        assert_eq!(back.to_msgpack().unwrap(), body);
+
+        let pong = |busy: f32| {
+            let msg = Message::Pong {
+                id: 4,
+                load: Some(Load { busy, queue_us: 9 }),
+            };
+            match Message::decode(&Bytes::from(msg.to_msgpack().unwrap())).unwrap() {
+                Message::Pong { load, .. } => load.map(|l| l.busy),
+                other => panic!("a pong decodes as a pong, got {other:?}"),
+            }
+        };
+        assert_eq!(pong(f32::NAN), None);
+        assert_eq!(pong(f32::INFINITY), None);
+        assert_eq!(pong(7.5), Some(1.0));
+        assert_eq!(pong(-0.5), Some(0.0));
+        assert_eq!(pong(0.25), Some(0.25));
     }
 
     #[test]
