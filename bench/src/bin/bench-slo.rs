@@ -544,3 +544,44 @@ impl WorkerProc {
         Ok(WorkerSide::parse(&text))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_worker::goodput::Refusal;
+    use tidepool_worker::Metrics;
+
+    /// The series read here are the ones the worker renders: a renamed one would read as
+    /// zero and the side-by-side table would lie quietly.
+    #[test]
+    fn the_worker_counts_are_read_from_its_metrics_text() {
+        let m = Metrics::default();
+        m.goodput.answered(Some(true));
+        m.goodput.answered(Some(true));
+        m.goodput.answered(Some(false));
+        m.goodput.refused(Refusal::PredictedLate);
+        m.goodput.refused(Refusal::Doomed);
+        m.goodput.refused(Refusal::Doomed);
+        m.goodput.refused(Refusal::Expired);
+        m.goodput.refused(Refusal::QueueFull);
+        m.batch_size.observe(16);
+        m.batch_size.observe(4);
+        m.infer_time.observe(40_000);
+        m.infer_time.observe(10_000);
+        let before = WorkerSide::parse(&Metrics::default().render());
+        let w = WorkerSide::parse(&m.render()).since(before);
+        assert_eq!(
+            (
+                w.within,
+                w.late,
+                w.predicted_late,
+                w.queue_full,
+                w.doomed,
+                w.expired
+            ),
+            (2.0, 1.0, 1.0, 1.0, 2.0, 1.0)
+        );
+        assert_eq!((w.batches, w.items_run), (2.0, 20.0));
+        assert!((w.infer_s - 0.05).abs() < 1e-9, "{}", w.infer_s);
+    }
+}
