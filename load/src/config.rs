@@ -106,7 +106,9 @@ pub struct LoadConfig {
     #[arg(long, env = "TIDEPOOL_LOAD_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
 
-    /// Per-request deadline, sent as deadline_ms and enforced here too [default: none].
+    /// Per-request deadline, counted from each request's intended send time like its latency:
+    /// a request the driver sends late carries only what is left of it as deadline_ms (none
+    /// left: answered deadline_exceeded here, unsent); enforced here too [default: none].
     #[arg(long, env = "TIDEPOOL_LOAD_DEADLINE", value_parser = humantime::parse_duration)]
     #[serde(with = "opt_secs")]
     pub deadline: Option<Duration>,

@@ -154,7 +154,8 @@ pub struct Report {
     pub info: RunInfo,
     /// Sends that fell due on the schedule.
     pub offered: u64,
-    /// Requests sent (`offered - skipped`).
+    /// Requests sent (`offered - skipped`), counting those whose deadline ran out before the
+    /// driver got to send them (answered `deadline_exceeded` here).
     pub sent: u64,
     /// Sends refused by the concurrency cap.
     pub skipped: u64,

@@ -258,17 +258,26 @@ struct Request {
 }
 
 async fn request(r: Request) {
-    let result = tokio::select! {
-        result = r.pool.infer_with(r.inputs, r.call) => Some(result),
-        // Dropping the call sends `cancel` to the server.
-        () = r.abandon.cancelled() => None,
-    };
+    let sent = Instant::now();
+    let (outcome, worker, batch_size, error) =
+        match budget_at_send(r.call.deadline, sent.saturating_duration_since(r.due)) {
+            // Its whole budget went by before the driver got to send it.
+            Budget::Spent => (Outcome::DeadlineExceeded, None, None, None),
+            Budget::Left(deadline) => {
+                let call = CallOptions { deadline, ..r.call };
+                let result = tokio::select! {
+                    result = r.pool.infer_with(r.inputs, call) => Some(result),
+                    // Dropping the call sends `cancel` to the server.
+                    () = r.abandon.cancelled() => None,
+                };
+                match result {
+                    Some(Ok(result)) => (Outcome::Ok, result.worker, result.batch_size, None),
+                    Some(Err(error)) => (Outcome::of_error(&error), None, None, Some(error)),
+                    None => (Outcome::Unanswered, None, None, None),
+                }
+            }
+        };
     let now = Instant::now();
-    let (outcome, worker, batch_size, error) = match result {
-        Some(Ok(result)) => (Outcome::Ok, result.worker, result.batch_size, None),
-        Some(Err(error)) => (Outcome::of_error(&error), None, None, Some(error)),
-        None => (Outcome::Unanswered, None, None, None),
-    };
     lock(&r.recorder).answered(Answer {
         at: now.saturating_duration_since(r.start),
         latency: now.saturating_duration_since(r.due),
@@ -277,6 +286,30 @@ async fn request(r: Request) {
         batch_size,
         error,
     });
+}
+
+/// What is left of a request's deadline when it goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Budget {
+    /// Send it with this budget (`None`: no deadline).
+    Left(Option<Duration>),
+    /// Less than a millisecond (`deadline_ms`'s unit) is left: it is answered
+    /// `deadline_exceeded` here, unsent.
+    Spent,
+}
+
+/// The budget of a request sent `lag` after its intended send time. The deadline counts
+/// from the intended time, as the latency does, so a driver that fell behind (a loaded
+/// machine, a starved runtime) sends what is left of it: the server then judges the request
+/// by the same clock as this report, instead of by a fresh full budget from its late arrival.
+fn budget_at_send(deadline: Option<Duration>, lag: Duration) -> Budget {
+    match deadline {
+        None => Budget::Left(None),
+        Some(deadline) => match deadline.checked_sub(lag) {
+            Some(left) if left >= Duration::from_millis(1) => Budget::Left(Some(left)),
+            _ => Budget::Spent,
+        },
+    }
 }
 
 fn lock(recorder: &Mutex<Recorder>) -> std::sync::MutexGuard<'_, Recorder> {
@@ -298,4 +331,41 @@ async fn inputs_of_model(
     tokio::task::spawn_blocking(move || crate::input::inputs_of_model(&model, &lib))
         .await
         .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_late_send_carries_what_is_left_of_its_deadline() {
+        assert_eq!(
+            budget_at_send(Some(ms(100)), ms(0)),
+            Budget::Left(Some(ms(100)))
+        );
+        assert_eq!(
+            budget_at_send(Some(ms(100)), ms(30)),
+            Budget::Left(Some(ms(70)))
+        );
+        assert_eq!(
+            budget_at_send(Some(ms(100)), ms(99)),
+            Budget::Left(Some(ms(1)))
+        );
+        assert_eq!(budget_at_send(None, ms(5_000)), Budget::Left(None));
+    }
+
+    #[test]
+    fn a_send_later_than_its_deadline_is_not_sent() {
+        assert_eq!(budget_at_send(Some(ms(100)), ms(100)), Budget::Spent);
+        assert_eq!(
+            budget_at_send(Some(ms(100)), ms(99) + Duration::from_micros(500)),
+            Budget::Spent,
+            "under a millisecond left: deadline_ms would be 0"
+        );
+        assert_eq!(budget_at_send(Some(ms(100)), ms(250)), Budget::Spent);
+    }
 }

@@ -13,18 +13,28 @@
 //!
 //! Goal (issue 15): at 150% of capacity the adaptive worker's goodput is at least 0.9 of
 //! capacity (no collapse), against the fixed batcher's.
+//!
+//! The worker runs in a process of its own (`tidepool-worker serve`, a fresh one for the
+//! capacity and for each batching mode, all with the same flags), so that the open-loop
+//! driver here and the worker's runtime do not share threads: with the driver in the worker's
+//! process, a step measured the driver's starvation as much as the batcher (bench/intro/slo.md).
+//! Each step sets the worker's own counts (from its `/metrics`) and both processes' CPU beside
+//! the client's counts.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Serialize;
+use tidepool_bench::process::{cpu_seconds, free_port, http_get, sibling_exe, Proc};
 use tidepool_bench::report::{machine, quick_note, CommonArgs, Report};
 use tidepool_bench::saturate::saturate;
 use tidepool_load::{LoadConfig, Outcome};
 use tidepool_protocol::Client;
-use tidepool_worker::{BatchingMode, DeviceChoice, ServeConfig, Worker};
+use tidepool_worker::BatchingMode;
 use tokio_util::sync::CancellationToken;
 
 /// Serving to a latency objective: fixed against adaptive batching under overload.
@@ -73,6 +83,84 @@ struct Step {
     refused_deadline: u64,
     p99_tight_ms: Option<f64>,
     p99_loose_ms: Option<f64>,
+    /// Results the client received within their deadline (from the intended send time).
+    client_within: u64,
+    /// Seconds between the two readings of the worker's counts: the step and its drain.
+    counted_s: f64,
+    /// What the worker itself counted over the step.
+    worker: WorkerSide,
+    /// CPU seconds the worker process used over the step.
+    worker_cpu_s: f64,
+    /// CPU seconds this process (the driver) used over the step.
+    driver_cpu_s: f64,
+}
+
+/// The worker's own counts over one step (differences of its `/metrics`), to set beside the
+/// client's: a gap between them shows requests delayed or lost between the two.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct WorkerSide {
+    /// Results it delivered to the connection within the deadline it received (its clock
+    /// starts at receipt, the client's at the intended send time).
+    within: f64,
+    /// Results it delivered after that deadline.
+    late: f64,
+    /// Refused on arrival, predicted to finish late (`overloaded`).
+    predicted_late: f64,
+    /// Refused because its queue was full (`overloaded`).
+    queue_full: f64,
+    /// Doomed on arrival or in the queue, never run (`deadline_exceeded`).
+    doomed: f64,
+    /// Deadline passed in its queue (`deadline_exceeded`).
+    expired: f64,
+    /// Batches the model ran.
+    batches: f64,
+    /// Items in them.
+    items_run: f64,
+    /// The model's run time over them, seconds.
+    infer_s: f64,
+}
+
+impl WorkerSide {
+    /// The counts in a `/metrics` text (absent ones as zero).
+    fn parse(text: &str) -> WorkerSide {
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        let refused = |why: &str| {
+            value(&format!(
+                "tidepool_worker_refused_total{{reason=\"{why}\"}}"
+            ))
+        };
+        WorkerSide {
+            within: value("tidepool_worker_deadline_results_total{deadline=\"within\"}"),
+            late: value("tidepool_worker_deadline_results_total{deadline=\"late\"}"),
+            predicted_late: refused("predicted_late"),
+            queue_full: refused("queue_full"),
+            doomed: refused("doomed"),
+            expired: refused("expired"),
+            batches: value("tidepool_worker_batch_size_count"),
+            items_run: value("tidepool_worker_batch_size_sum"),
+            infer_s: value("tidepool_worker_inference_seconds_sum"),
+        }
+    }
+
+    /// The counts between `before` and `self`.
+    fn since(self, before: WorkerSide) -> WorkerSide {
+        WorkerSide {
+            within: self.within - before.within,
+            late: self.late - before.late,
+            predicted_late: self.predicted_late - before.predicted_late,
+            queue_full: self.queue_full - before.queue_full,
+            doomed: self.doomed - before.doomed,
+            expired: self.expired - before.expired,
+            batches: self.batches - before.batches,
+            items_run: self.items_run - before.items_run,
+            infer_s: self.infer_s - before.infer_s,
+        }
+    }
 }
 
 /// One model's figures.
@@ -114,12 +202,18 @@ async fn main() -> anyhow::Result<()> {
     report.para(&format!(
         "Open loop, Poisson arrivals, {} s per step; a third of the requests with a deadline of \
          {} full batches' time, the rest {}; --max-batch {}, --max-delay {:?}. Goodput: results \
-         within their deadline per second, over the capacity measured first. {}{}",
+         within their deadline per second, over the capacity measured first. The worker in a \
+         process of its own (`tidepool-worker serve`, a fresh one for the capacity and for each \
+         batching mode, same flags, ONNX Runtime's intra-op threads: {}); the driver \
+         (tidepool-load, in this process) counts each deadline from the intended send time and \
+         sends what is left of it. {}{}",
         step.as_secs(),
         args.tight,
         args.loose,
         args.max_batch,
         args.max_delay,
+        args.threads
+            .map_or_else(|| "its default, one per core".to_owned(), |t| t.to_string()),
         machine(),
         quick_note(args.common.report.quick)
     ));
@@ -162,6 +256,54 @@ async fn main() -> anyhow::Result<()> {
             ],
             &rows,
         );
+        report.para(
+            "The same steps as each side counted them: results within their deadline by the \
+             client (from the intended send time) and by the worker (from receipt); refusals \
+             the worker made (predicted late, queue full: `overloaded`; doomed, expired: \
+             `deadline_exceeded`) against the errors the client received; the batches the model \
+             ran, their mean size and the model's busy share (of the step and its drain, over which \
+             all these are counted); CPU seconds of the worker process and of the driver.",
+        );
+        let sides: Vec<Vec<String>> = run
+            .steps
+            .iter()
+            .map(|s| {
+                let w = &s.worker;
+                vec![
+                    format!("{:.0}%", s.share * 100.0),
+                    s.mode.to_owned(),
+                    format!("{} / {:.0}", s.client_within, w.within),
+                    format!("{} / {:.0}", s.late, w.late),
+                    format!(
+                        "{} / {:.0} + {:.0}",
+                        s.refused_overloaded, w.predicted_late, w.queue_full
+                    ),
+                    format!(
+                        "{} / {:.0} + {:.0}",
+                        s.refused_deadline, w.doomed, w.expired
+                    ),
+                    format!("{:.0}", w.batches),
+                    format!("{:.1}", w.items_run / w.batches.max(1.0)),
+                    format!("{:.2}", w.infer_s / s.counted_s.max(1e-9)),
+                    format!("{:.1} / {:.1}", s.worker_cpu_s, s.driver_cpu_s),
+                ]
+            })
+            .collect();
+        report.table(
+            &[
+                "load",
+                "batching",
+                "within: client / worker",
+                "late: client / worker",
+                "overloaded: client / predicted late + queue full",
+                "deadline_exceeded: client / doomed + expired",
+                "batches",
+                "mean batch",
+                "model busy",
+                "CPU s: worker / driver",
+            ],
+            &sides,
+        );
         if let Some(top) = run.steps.iter().map(|s| s.share).reduce(f64::max) {
             let at = |mode: &str| {
                 run.steps
@@ -196,9 +338,10 @@ async fn bench_model(
     step: Duration,
 ) -> anyhow::Result<ModelRun> {
     // Capacity once, on the adaptive worker without deadlines (both batchers then behave
-    // alike: admission only looks at requests with a deadline).
-    let worker = start_worker(args, model, BatchingMode::Adaptive).await?;
-    let addr = worker.local_addr().to_string();
+    // alike: admission only looks at requests with a deadline), in its own process like the
+    // steps.
+    let worker = WorkerProc::start(args, model, BatchingMode::Adaptive).await?;
+    let addr = worker.addr.to_string();
     let items = {
         let client = Client::connect(&addr).await?;
         let meta = client.metadata(Duration::from_secs(10)).await?;
@@ -210,7 +353,7 @@ async fn bench_model(
         (Duration::from_secs(3), Duration::from_secs(10))
     };
     let sat = saturate(&addr, &items, 2 * args.max_batch, warmup, measure).await?;
-    worker.shutdown().await?;
+    drop(worker);
     if sat.items_per_second <= 0.0 {
         bail!(
             "the worker answered nothing at saturation ({} errors)",
@@ -227,12 +370,32 @@ async fn bench_model(
     );
     let mut steps = Vec::new();
     for mode in [BatchingMode::Fixed, BatchingMode::Adaptive] {
-        let worker = start_worker(args, model, mode).await?;
-        let addr = worker.local_addr().to_string();
+        let mut worker = WorkerProc::start(args, model, mode).await?;
         for &share in &args.steps {
-            steps.push(run_step(&addr, mode, share, capacity, step, tight, loose).await?);
+            let before = (
+                worker.counts().await?,
+                cpu_seconds(worker.pid()),
+                own_cpu(),
+                Instant::now(),
+            );
+            let mut s = run_step(
+                &worker.addr.to_string(),
+                mode,
+                share,
+                capacity,
+                step,
+                tight,
+                loose,
+            )
+            .await?;
+            worker.proc.check_running()?;
+            s.worker = worker.counts().await?.since(before.0);
+            s.worker_cpu_s = cpu_seconds(worker.pid()) - before.1;
+            s.driver_cpu_s = own_cpu() - before.2;
+            s.counted_s = before.3.elapsed().as_secs_f64();
+            eprintln!("bench-slo: {s:?}");
+            steps.push(s);
         }
-        worker.shutdown().await?;
     }
     Ok(ModelRun {
         model: model.display().to_string(),
@@ -242,6 +405,11 @@ async fn bench_model(
         loose_ms: u64::try_from(loose.as_millis()).unwrap_or(u64::MAX),
         steps,
     })
+}
+
+/// CPU seconds this process (the driver) has used so far.
+fn own_cpu() -> f64 {
+    cpu_seconds(std::process::id())
 }
 
 /// One step: the tight and the loose streams together, for `duration`.
@@ -278,13 +446,11 @@ async fn run_step(
     let goodput = |r: &tidepool_load::Report| r.goodput.as_ref().map_or(0, |g| g.within);
     let late = |r: &tidepool_load::Report| r.goodput.as_ref().map_or(0, |g| g.late);
     let window = t.window_s.max(l.window_s).max(1e-9);
-    let goodput_per_s = (goodput(&t) + goodput(&l)) as f64 / window;
+    let within = goodput(&t) + goodput(&l);
+    let goodput_per_s = within as f64 / window;
     let both = |o: Outcome| t.outcome(o) + l.outcome(o);
-    let step = Step {
-        mode: match mode {
-            BatchingMode::Fixed => "fixed",
-            BatchingMode::Adaptive => "adaptive",
-        },
+    Ok(Step {
+        mode: mode_name(mode),
         share,
         offered_per_s: (t.offered + l.offered) as f64 / duration.as_secs_f64(),
         goodput_per_s,
@@ -294,27 +460,128 @@ async fn run_step(
         refused_deadline: both(Outcome::DeadlineExceeded),
         p99_tight_ms: t.latency_ms.p99,
         p99_loose_ms: l.latency_ms.p99,
-    };
-    eprintln!("bench-slo: {step:?}");
-    Ok(step)
+        client_within: within,
+        counted_s: 0.0,
+        worker: WorkerSide::default(),
+        worker_cpu_s: 0.0,
+        driver_cpu_s: 0.0,
+    })
 }
 
-async fn start_worker(
-    args: &Args,
-    model: &std::path::Path,
-    mode: BatchingMode,
-) -> anyhow::Result<Worker> {
-    let mut config = ServeConfig::new(model, "127.0.0.1:0");
-    config.ort_lib = Some(args.common.ort_lib.clone());
-    config.device = DeviceChoice::Auto;
-    config.threads = args.threads;
-    config.max_batch = args.max_batch;
-    config.max_delay = args.max_delay;
-    config.batching = mode;
-    let worker = Worker::start(config).await?;
-    if !worker.ready().await {
-        worker.wait().await?;
-        bail!("the worker stopped before it was ready");
+fn mode_name(mode: BatchingMode) -> &'static str {
+    match mode {
+        BatchingMode::Fixed => "fixed",
+        BatchingMode::Adaptive => "adaptive",
     }
-    Ok(worker)
+}
+
+/// A `tidepool-worker serve` process, killed when dropped.
+struct WorkerProc {
+    proc: Proc,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl WorkerProc {
+    /// Starts the release worker next to this binary with the run's flags and `mode`, and
+    /// returns once it answers a ping (loading the 1 GiB model takes a while).
+    async fn start(
+        args: &Args,
+        model: &std::path::Path,
+        mode: BatchingMode,
+    ) -> anyhow::Result<WorkerProc> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut command = Command::new(sibling_exe("tidepool-worker")?);
+        command
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", &addr.to_string()])
+            .args(["--metrics", &metrics.to_string()])
+            .args(["--max-batch", &args.max_batch.to_string()])
+            .args(["--max-delay", &format!("{}us", args.max_delay.as_micros())])
+            .args(["--batching", mode_name(mode)])
+            .env("ORT_DYLIB_PATH", &args.common.ort_lib)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            );
+        if let Some(threads) = args.threads {
+            command.args(["--threads", &threads.to_string()]);
+        }
+        let mut proc = Proc::spawn("tidepool-worker", &mut command)?;
+        let started = Instant::now();
+        loop {
+            proc.check_running()?;
+            if let Ok(client) = Client::connect(addr.to_string().as_str()).await {
+                if client.ping(Duration::from_secs(1)).await.is_ok() {
+                    break;
+                }
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("the worker at {addr} was not ready within 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(WorkerProc {
+            proc,
+            addr,
+            metrics,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Its counts so far, from its `/metrics`.
+    async fn counts(&self) -> anyhow::Result<WorkerSide> {
+        let metrics = self.metrics;
+        let text = tokio::task::spawn_blocking(move || http_get(metrics, "/metrics"))
+            .await?
+            .context("reading the worker's /metrics")?;
+        Ok(WorkerSide::parse(&text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_worker::goodput::Refusal;
+    use tidepool_worker::Metrics;
+
+    /// The series read here are the ones the worker renders: a renamed one would read as
+    /// zero and the side-by-side table would lie quietly.
+    #[test]
+    fn the_worker_counts_are_read_from_its_metrics_text() {
+        let m = Metrics::default();
+        m.goodput.answered(Some(true));
+        m.goodput.answered(Some(true));
+        m.goodput.answered(Some(false));
+        m.goodput.refused(Refusal::PredictedLate);
+        m.goodput.refused(Refusal::Doomed);
+        m.goodput.refused(Refusal::Doomed);
+        m.goodput.refused(Refusal::Expired);
+        m.goodput.refused(Refusal::QueueFull);
+        m.batch_size.observe(16);
+        m.batch_size.observe(4);
+        m.infer_time.observe(40_000);
+        m.infer_time.observe(10_000);
+        let before = WorkerSide::parse(&Metrics::default().render());
+        let w = WorkerSide::parse(&m.render()).since(before);
+        assert_eq!(
+            (
+                w.within,
+                w.late,
+                w.predicted_late,
+                w.queue_full,
+                w.doomed,
+                w.expired
+            ),
+            (2.0, 1.0, 1.0, 1.0, 2.0, 1.0)
+        );
+        assert_eq!((w.batches, w.items_run), (2.0, 20.0));
+        assert!((w.infer_s - 0.05).abs() < 1e-9, "{}", w.infer_s);
+    }
 }
