@@ -1842,6 +1842,54 @@ mod tests {
         assert_eq!(rig.ran(), vec![0.0, 9.0, 7.0, 1.0, 2.0, 3.0]);
     }
 
+    /// A bystander's item with a 350 ms deadline arriving behind five of a flood's, with
+    /// `fairness`: each batch (of one) predicted at 100 ms and the model 100 ms from free.
+    /// The round robin serves it after one of the flood's (finishing at 300 ms); first in,
+    /// first out, after all five (700 ms).
+    async fn deadline_behind_a_flood(fairness: FairnessMode) -> Reply {
+        let mut cfg = config(1, Duration::ZERO);
+        cfg.fairness.mode = fairness;
+        cfg.fairness.max_flows = 8;
+        let rig = Rig::with_profile(cfg, true, Behaviour::Echo, flat_profile(1, 100 * MS));
+        let running = rig.submit(0.0);
+        rig.until_started(1).await;
+        let flood: Vec<Ticket> = (1..=5).map(|v| rig.submit_as(v as f32, "flood")).collect();
+        let origin = Origin {
+            tenant: Some("bystander"),
+            ..Origin::default()
+        };
+        let deadline = Some(Instant::now() + 350 * MS);
+        let bystander = rig
+            .batcher
+            .handle()
+            .submit_from(item(9.0), Fit::any(), deadline, Priority::Normal, origin)
+            .unwrap();
+        rig.open(7);
+        // Without letting paused time run ahead while the model thread works in real time:
+        // the bystander's batch, if any, is among the first six.
+        rig.until_started(6).await;
+        running.wait().await.unwrap();
+        for t in flood {
+            t.wait().await.unwrap();
+        }
+        bystander.wait().await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_counts_only_what_the_round_robin_serves_first() {
+        let fifo = deadline_behind_a_flood(FairnessMode::Off)
+            .await
+            .unwrap_err();
+        assert_eq!(fifo.code, ErrorCode::Overloaded);
+        assert!(
+            fifo.message.contains("5 requests ahead"),
+            "{}",
+            fifo.message
+        );
+        let fair = deadline_behind_a_flood(FairnessMode::Tenant).await.unwrap();
+        assert_eq!(value(&fair), 9.0);
+    }
+
     // Real time from here: a drain deadline is a timer, and paused time would jump to it
     // while the model thread is still working.
 
