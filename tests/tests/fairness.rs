@@ -1,6 +1,6 @@
-//! Weighted fairness between tenants, end to end through the balancer: one client floods a
-//! slow worker started with `--fairness tenant` while a bystander of another tenant sends
-//! requests. The bystander's requests are served between the flood's rather than behind
+//! Weighted fairness between tenants or client hosts, end to end through the balancer: one
+//! client floods a slow worker started with `--fairness tenant` (or `client`) while a
+//! bystander of another tenant (from another address) sends requests. The bystander's requests are served between the flood's rather than behind
 //! it (judged by the order answers arrive in and by the worker's own `queue_us`, never by
 //! wall-clock time), every request of both gets exactly one answer, its normal one, and the
 //! `tenant` field is checked (a bad one answered `bad_request` under its id, the connection
@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,6 +77,20 @@ async fn exchange(
 
 #[tokio::test]
 async fn a_bystander_tenant_is_served_between_a_floods_requests() {
+    bystander_between_a_floods_requests(FairnessMode::Tenant, "bystander").await;
+}
+
+#[tokio::test]
+async fn a_bystander_host_is_served_between_a_floods_requests() {
+    // The balancer tells the worker each request's client address; the two clients differ
+    // only in that (both send the same tenants as above, which client mode ignores).
+    bystander_between_a_floods_requests(FairnessMode::Client, "127.0.0.2").await;
+}
+
+/// The flood from 127.0.0.1 as tenant `flood`, the bystander from 127.0.0.2 as tenant
+/// `bystander`, through the balancer to a worker with `fairness`, which names the
+/// bystander's flow `bystander_flow`.
+async fn bystander_between_a_floods_requests(fairness: FairnessMode, bystander_flow: &str) {
     init_tracing();
     // Large enough that a batch takes a while, so the flood stays queued.
     let tiny = TinyModel {
@@ -89,8 +104,8 @@ async fn a_bystander_tenant_is_served_between_a_floods_requests() {
     // The balancer's connections carry both clients: none may stop being read before the
     // flood is in the queue (the README's advice).
     config.max_in_flight = 1024;
-    config.fairness = FairnessMode::Tenant;
-    config.tenant_weights = vec![("bystander".to_owned(), 1)];
+    config.fairness = fairness;
+    config.tenant_weights = vec![(bystander_flow.to_owned(), 1)];
     let worker = start_worker(config).await;
     let lb = TestBalancer::start(fast_config(&[worker.local_addr()])).await;
     lb.wait_healthy(1).await;
@@ -103,7 +118,8 @@ async fn a_bystander_tenant_is_served_between_a_floods_requests() {
     let flood = (1..=FLOOD as u64)
         .map(|id| infer(id, item(dim, 1.0), "flood"))
         .collect();
-    let flooding = tokio::spawn(exchange(lb.raw().await, flood, Arc::clone(&order)));
+    let flood_conn = RawConn::connect_from(lb.addr, Ipv4Addr::new(127, 0, 0, 1).into()).await;
+    let flooding = tokio::spawn(exchange(flood_conn, flood, Arc::clone(&order)));
     // The bystander starts once most of the flood waits in the worker's queue.
     let metrics = Arc::clone(worker.metrics());
     wait_until("the flood queued at the worker", || {
@@ -114,7 +130,8 @@ async fn a_bystander_tenant_is_served_between_a_floods_requests() {
     let bystander = (1..=BYSTANDER as u64)
         .map(|id| infer(id, item(dim, 0.25), "bystander"))
         .collect();
-    let served = exchange(lb.raw().await, bystander, Arc::clone(&order)).await;
+    let bystander_conn = RawConn::connect_from(lb.addr, Ipv4Addr::new(127, 0, 0, 2).into()).await;
+    let served = exchange(bystander_conn, bystander, Arc::clone(&order)).await;
     let flooded = flooding.await.unwrap();
 
     for (_, result) in &flooded {
@@ -153,13 +170,13 @@ async fn a_bystander_tenant_is_served_between_a_floods_requests() {
         bystander_worst < flood_median,
         "the bystander waited up to {bystander_worst} us, the flood's median {flood_median} us"
     );
-    let fairness = &worker.metrics().fairness;
-    assert_eq!(fairness.served(Some("bystander")), BYSTANDER as u64);
+    let counts = &worker.metrics().fairness;
+    assert_eq!(counts.served(Some(bystander_flow)), BYSTANDER as u64);
     assert!(
-        fairness.served(None) >= FLOOD as u64,
+        counts.served(None) >= FLOOD as u64,
         "the flood (and the plain client's two) in the unconfigured count"
     );
-    assert_eq!(fairness.active(), 0, "no flow left once the queue is empty");
+    assert_eq!(counts.active(), 0, "no flow left once the queue is empty");
     lb.stop().await.unwrap();
     worker.shutdown().await.unwrap();
 }
