@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tidepool_protocol::{ErrorCode, Infer, InferResult, Message, Tensor, Tensors};
+use tidepool_protocol::{
+    Client, ClientOptions, ErrorCode, Infer, InferResult, Message, Tensor, Tensors,
+};
 use tidepool_tests::balancer::{fast_config, wait_until, RawConn, TestBalancer};
 use tidepool_tests::init_tracing;
 use tidepool_tests::worker::{start_worker, worker_config, TinyModel};
@@ -187,6 +189,7 @@ async fn a_bad_tenant_is_a_bad_request_under_its_id_at_the_balancer_and_the_work
     let tiny = TinyModel::default();
     let mut config = worker_config(&tiny.write());
     config.fairness = FairnessMode::Tenant;
+    config.tenant_weights = vec![("acme".to_owned(), 1)];
     let worker = start_worker(config).await;
     let lb = TestBalancer::start(fast_config(&[worker.local_addr()])).await;
     lb.wait_healthy(1).await;
@@ -218,6 +221,18 @@ async fn a_bad_tenant_is_a_bad_request_under_its_id_at_the_balancer_and_the_work
             answers[&4]
         );
     }
+    // The client's own option names the tenant of every infer it sends.
+    let options = ClientOptions {
+        tenant: Some("acme".to_owned()),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect_with(lb.addr, options).await.unwrap();
+    client.infer(item(dim, 0.5)).await.unwrap();
+    assert_eq!(
+        worker.metrics().fairness.served(Some("acme")),
+        3,
+        "one through the balancer and one direct on raw connections, one from the client"
+    );
     lb.stop().await.unwrap();
     worker.shutdown().await.unwrap();
 }
