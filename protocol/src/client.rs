@@ -227,7 +227,7 @@ impl Client {
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             client: None,
             priority: options.priority,
-            tenant: self.shared.tenant.clone(),
+            tenant: self.shared.tenant.as_deref().map(Box::from),
         });
         match self.call(id, msg, options.deadline, true).await? {
             Message::Result(result) => Ok(result),

@@ -366,7 +366,7 @@ pub(crate) mod tests {
                         deadline_ms,
                         client,
                         priority: Priority::ALL[p],
-                        tenant,
+                        tenant: tenant.map(String::into_boxed_str),
                     })
                 }),
             (

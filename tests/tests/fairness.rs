@@ -37,7 +37,7 @@ fn infer(id: u64, inputs: Tensors, tenant: &str) -> Message {
     Message::Infer(Infer {
         id,
         inputs,
-        tenant: Some(tenant.to_owned()),
+        tenant: Some(tenant.into()),
         ..Infer::default()
     })
 }

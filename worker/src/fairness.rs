@@ -8,7 +8,10 @@
 //!   ([`FairnessMode::Tenant`]; items without one share the flow of the unnamed) or by its
 //!   client's IP address ([`FairnessMode::Client`]: the `client` a balancer adds, else the
 //!   connection's peer; by address rather than `ip:port`, so that opening more connections
-//!   buys a client no larger share).
+//!   buys a client no larger share). A balancer writes `client` itself, replacing any a
+//!   client sent; only a client that reaches a worker directly could name itself, and in
+//!   a deployment only the balancer reaches workers. A tenant, by contrast, is whatever
+//!   the client says.
 //! - **Order.** The batcher asks [`Flows::next`] which flow serves the next place in a batch,
 //!   among the flows that hold an item it may take (of the top class, fitting the batch);
 //!   within a flow, items go oldest first. Each flow's turn in the round adds its weight
