@@ -118,6 +118,11 @@ pub struct LoadConfig {
     #[serde(serialize_with = "priority_str")]
     pub priority: Priority,
 
+    /// Tenant of every request (`tenant`), for a worker that shares its queue between
+    /// tenants (`--fairness tenant`): run one load per tenant to see them share it.
+    #[arg(long, env = "TIDEPOOL_LOAD_TENANT")]
+    pub tenant: Option<String>,
+
     /// Connections to the target; each request goes on the least busy one.
     #[arg(long, env = "TIDEPOOL_LOAD_CONNECTIONS", default_value_t = DEFAULT_CONNECTIONS)]
     pub connections: usize,
@@ -218,6 +223,7 @@ impl LoadConfig {
             concurrency: DEFAULT_CONCURRENCY,
             deadline: None,
             priority: Priority::Normal,
+            tenant: None,
             connections: DEFAULT_CONNECTIONS,
             inputs: vec![InputSpec {
                 name: "input".to_owned(),
@@ -251,6 +257,14 @@ impl LoadConfig {
         };
         if self.target.trim().is_empty() {
             return invalid("target", "give the address of a balancer or worker");
+        }
+        if let Some(tenant) = &self.tenant {
+            if let Err(why) = tidepool_protocol::tenant::check(tenant.as_bytes()) {
+                return invalid(
+                    "tenant",
+                    &format!("{tenant:?} {why}; servers take 1 to 64 bytes of UTF-8 without control characters"),
+                );
+            }
         }
         if !(self.rate.is_finite() && self.rate > 0.0) {
             return invalid("rate", "must be a positive number of items per second");
@@ -436,6 +450,8 @@ mod tests {
             ("rate", Box::new(|c| c.rate = f64::NAN)),
             ("duration", Box::new(|c| c.duration = Duration::ZERO)),
             ("concurrency", Box::new(|c| c.concurrency = 0)),
+            ("tenant", Box::new(|c| c.tenant = Some(String::new()))),
+            ("tenant", Box::new(|c| c.tenant = Some("x".repeat(65)))),
             ("connections", Box::new(|c| c.connections = 0)),
             ("deadline", Box::new(|c| c.deadline = Some(Duration::ZERO))),
             ("input", Box::new(|c| c.inputs.clear())),

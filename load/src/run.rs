@@ -43,8 +43,12 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Repo
     // Several balancers, comma-separated: the pool spreads its connections over them and
     // fails over between them.
     let targets: Vec<&str> = config.target.split(',').map(str::trim).collect();
+    let options = ClientOptions {
+        tenant: config.tenant.clone(),
+        ..ClientOptions::default()
+    };
     let pool = match &config.tls_ca {
-        None => Pool::connect_many(&targets, config.connections, ClientOptions::default()).await,
+        None => Pool::connect_many(&targets, config.connections, options).await,
         Some(ca) => {
             let tls = TlsConnector::new(
                 "load",
@@ -54,7 +58,6 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Repo
                 Default::default(),
             )
             .map_err(connect_error)?;
-            let options = ClientOptions::default();
             Pool::connect_tls_many(&targets, config.connections, options, &tls).await
         }
     }

@@ -33,6 +33,10 @@ pub struct ClientOptions {
     pub max_frame: usize,
     /// Requests buffered towards the writer before `infer` waits (backpressure).
     pub send_queue: usize,
+    /// The tenant every `infer` on this connection names (`tenant`), for a worker that
+    /// shares its queue between tenants; a server answers a name that is not 1 to 64 bytes
+    /// without control characters `bad_request`.
+    pub tenant: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -40,6 +44,7 @@ impl Default for ClientOptions {
         ClientOptions {
             max_frame: DEFAULT_MAX_FRAME,
             send_queue: 1024,
+            tenant: None,
         }
     }
 }
@@ -69,6 +74,8 @@ struct Shared {
     /// Cancelled by the reader when the connection is gone.
     closed: CancellationToken,
     close_reason: Arc<Mutex<Option<String>>>,
+    /// Sent as every `infer`'s `tenant`.
+    tenant: Option<String>,
     /// Stops both tasks when the last `Client` handle is dropped.
     _stop: DropGuard,
 }
@@ -146,6 +153,7 @@ impl Client {
         let pending: Arc<Pending> = Arc::new(DashMap::new());
         let close_reason = Arc::new(Mutex::new(None));
         let codec = MessageCodec::new(options.max_frame);
+        let tenant = options.tenant;
 
         tokio::spawn(write_loop(
             FramedWrite::new(write, codec),
@@ -171,6 +179,7 @@ impl Client {
                 cancels,
                 closed,
                 close_reason,
+                tenant,
                 _stop: stop.drop_guard(),
             }),
         }
@@ -218,6 +227,7 @@ impl Client {
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             client: None,
             priority: options.priority,
+            tenant: self.shared.tenant.as_deref().map(Box::from),
         });
         match self.call(id, msg, options.deadline, true).await? {
             Message::Result(result) => Ok(result),

@@ -356,17 +356,19 @@ pub(crate) mod tests {
                 arb_tensors(),
                 any::<Option<u64>>(),
                 any::<Option<String>>(),
-                0usize..Priority::ALL.len()
+                0usize..Priority::ALL.len(),
+                proptest::option::of("[^\\p{Cc}]{1,16}")
             )
-                .prop_map(|(id, inputs, deadline_ms, client, p)| Message::Infer(
-                    Infer {
+                .prop_map(|(id, inputs, deadline_ms, client, p, tenant)| {
+                    Message::Infer(Infer {
                         id,
                         inputs,
                         deadline_ms,
                         client,
                         priority: Priority::ALL[p],
-                    }
-                )),
+                        tenant: tenant.map(String::into_boxed_str),
+                    })
+                }),
             (
                 any::<u64>(),
                 arb_tensors(),

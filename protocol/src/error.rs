@@ -100,6 +100,16 @@ pub enum Error {
         /// The value sent.
         value: String,
     },
+    /// An `infer`'s `tenant` is no tenant name ([`crate::tenant::check`]).
+    #[error(
+        "tenant {why}; send 1 to 64 bytes of UTF-8 without control characters, or leave it out"
+    )]
+    InvalidTenant {
+        /// The request id.
+        id: RequestId,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A tensor's `dtype` is not one of the protocol's.
     #[error("unknown dtype {dtype:?}; expected one of f32, f64, f16, bf16, i8, i16, i32, i64, u8, u16, u32, u64, bool")]
     UnknownDType {
@@ -291,7 +301,8 @@ impl Error {
             | Error::TensorLength { id, .. } => *id,
             Error::UnknownType { id, .. }
             | Error::MissingField { id, .. }
-            | Error::UnknownPriority { id, .. } => Some(*id),
+            | Error::UnknownPriority { id, .. }
+            | Error::InvalidTenant { id, .. } => Some(*id),
             _ => None,
         }
     }

@@ -25,6 +25,8 @@
 //! - [`raw`]: [`RawMessage`], `infer` and `result` bodies forwarded without decoding
 //!   their tensors: the id (and a balancer's `deadline_ms` and `client`) rewritten by
 //!   splicing byte ranges; [`FrameCodec`] yields the undecoded bodies.
+//! - [`priority`]: [`Priority`], an `infer`'s class; [`tenant`]: the check on an `infer`'s
+//!   `tenant`, the key of a worker's fair sharing between tenants.
 //! - [`limits`]: [`Limits`], how deep, long and wide a body may be: one set, checked alike
 //!   by the full decoder and the `raw` scanner, so whatever a balancer forwards a worker
 //!   accepts.
@@ -54,6 +56,7 @@ pub mod pool;
 pub mod priority;
 pub mod raw;
 pub mod reader;
+pub mod tenant;
 pub mod tensor;
 pub mod tls;
 

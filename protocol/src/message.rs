@@ -18,6 +18,7 @@ use crate::limits::Limits;
 use crate::metadata::ModelMetadata;
 use crate::priority::Priority;
 use crate::raw::Cursor;
+use crate::tenant;
 use crate::tensor::{expected_len, DType, Tensor, WireTensor};
 
 /// A request id, chosen by whoever sends the request.
@@ -107,6 +108,11 @@ pub struct Infer {
     /// The priority class; absent on the wire means [`Priority::Normal`], and is written
     /// only when not normal.
     pub priority: Priority,
+    /// The tenant the request belongs to, for a worker that shares its queue between
+    /// tenants (`--fairness tenant`); checked by [`crate::tenant::check`] when decoded. A
+    /// `Box<str>`, not a `String`: a balancer moves requests by value several times, and
+    /// the 8 bytes of capacity would take them past what moves without a `memcpy`.
+    pub tenant: Option<Box<str>>,
 }
 
 /// A `result`: one item's outputs, with where and how it ran.
@@ -366,9 +372,11 @@ pub(crate) mod key {
     pub(crate) const MODEL: &str = "model";
     /// An `infer`'s priority class.
     pub(crate) const PRIORITY: &str = "priority";
+    /// An `infer`'s tenant.
+    pub(crate) const TENANT: &str = "tenant";
 
     /// Every top-level key the decoder knows, each allowed once in a message.
-    pub(crate) const ALL: [&str; 16] = [
+    pub(crate) const ALL: [&str; 17] = [
         TYPE,
         ID,
         INPUTS,
@@ -385,6 +393,7 @@ pub(crate) mod key {
         BUSY,
         MODEL,
         PRIORITY,
+        TENANT,
     ];
 }
 
@@ -406,6 +415,7 @@ struct WireOut<'a> {
     busy: Option<f32>,
     model: Option<&'a ModelMetadata>,
     priority: Option<Priority>,
+    tenant: Option<&'a str>,
 }
 
 impl Serialize for WireOut<'_> {
@@ -438,6 +448,7 @@ impl Serialize for WireOut<'_> {
             self.busy.is_some(),
             self.model.is_some(),
             self.priority.is_some(),
+            self.tenant.is_some(),
         ];
         let len = 2 + present.iter().filter(|p| **p).count();
         let mut map = serializer.serialize_map(Some(len))?;
@@ -457,6 +468,7 @@ impl Serialize for WireOut<'_> {
         entry(&mut map, key::BUSY, self.busy.as_ref())?;
         entry(&mut map, key::MODEL, self.model)?;
         entry(&mut map, key::PRIORITY, self.priority.map(Priority::as_str))?;
+        entry(&mut map, key::TENANT, self.tenant)?;
         map.end()
     }
 }
@@ -480,6 +492,7 @@ impl<'a> WireOut<'a> {
             busy: None,
             model: None,
             priority: None,
+            tenant: None,
         }
     }
 }
@@ -494,6 +507,7 @@ impl<'a> From<&'a Message> for WireOut<'a> {
                 w.client = i.client.as_deref();
                 // Normal is the default: left out, so that the bytes are what they were.
                 w.priority = (i.priority != Priority::Normal).then_some(i.priority);
+                w.tenant = i.tenant.as_deref();
             }
             Message::Result(r) => {
                 w.outputs = Some(&r.outputs);
@@ -560,63 +574,66 @@ struct WireIn<'a> {
     busy: Option<f32>,
     model: Option<ModelMetadata>,
     #[serde(borrow, default)]
-    priority: Option<WirePriority<'a>>,
+    priority: Option<WireText<'a>>,
+    #[serde(borrow, default)]
+    tenant: Option<WireText<'a>>,
 }
 
-/// A `priority` value as read: a string, or anything else (kept only to say it is wrong).
-/// Only an `infer` reads it; on other messages it is as unknown as any later key, so any
-/// value is skipped rather than refused.
-enum WirePriority<'a> {
+/// A `priority` or `tenant` value as read: a string, or anything else (kept only to say it
+/// is wrong; a `str` that is not UTF-8 comes as bytes, so it is this too). Only an `infer`
+/// reads them; on other messages they are as unknown as any later key, so any value is
+/// skipped rather than refused.
+enum WireText<'a> {
     Text(Cow<'a, str>),
     Other,
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for WirePriority<'a> {
+impl<'de: 'a, 'a> Deserialize<'de> for WireText<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(AnyPriority)
+        d.deserialize_any(AnyText)
     }
 }
 
-/// Reads any value as a [`WirePriority`].
-struct AnyPriority;
+/// Reads any value as a [`WireText`].
+struct AnyText;
 
-impl<'de> serde::de::Visitor<'de> for AnyPriority {
-    type Value = WirePriority<'de>;
+impl<'de> serde::de::Visitor<'de> for AnyText {
+    type Value = WireText<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any value")
     }
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(WirePriority::Text(Cow::Borrowed(v)))
+        Ok(WireText::Text(Cow::Borrowed(v)))
     }
     fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(WirePriority::Text(Cow::Owned(v.to_owned())))
+        Ok(WireText::Text(Cow::Owned(v.to_owned())))
     }
     fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(WirePriority::Other)
+        Ok(WireText::Other)
     }
     fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(WirePriority::Other)
+        Ok(WireText::Other)
     }
     fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(WirePriority::Other)
+        Ok(WireText::Other)
     }
     fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(WirePriority::Other)
+        Ok(WireText::Other)
     }
     fn visit_bytes<E>(self, _: &[u8]) -> Result<Self::Value, E> {
-        Ok(WirePriority::Other)
+        Ok(WireText::Other)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(WirePriority::Other)
+        Ok(WireText::Other)
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while map
             .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
             .is_some()
         {}
-        Ok(WirePriority::Other)
+        Ok(WireText::Other)
     }
 }
 
@@ -641,16 +658,30 @@ impl WireIn<'_> {
                 client: self.client,
                 priority: match self.priority {
                     None => Priority::Normal,
-                    Some(WirePriority::Text(p)) => {
+                    Some(WireText::Text(p)) => {
                         Priority::from_wire(p.as_bytes()).ok_or_else(|| Error::UnknownPriority {
                             id,
                             value: p.chars().take(64).collect(),
                         })?
                     }
-                    Some(WirePriority::Other) => {
+                    Some(WireText::Other) => {
                         return Err(Error::UnknownPriority {
                             id,
                             value: "a value that is not a string".to_owned(),
+                        })
+                    }
+                },
+                tenant: match self.tenant {
+                    None => None,
+                    Some(WireText::Text(t)) => Some(
+                        tenant::check(t.as_bytes())
+                            .map_err(|why| Error::InvalidTenant { id, why })?
+                            .into(),
+                    ),
+                    Some(WireText::Other) => {
+                        return Err(Error::InvalidTenant {
+                            id,
+                            why: "is not a string",
                         })
                     }
                 },
@@ -810,6 +841,7 @@ pub(crate) mod tests {
                 deadline_ms: Some(250),
                 client: Some("10.0.0.9:5000".to_owned()),
                 priority: Priority::High,
+                tenant: Some("acme".into()),
             }),
             Message::Infer(Infer {
                 id: 8,
@@ -817,6 +849,7 @@ pub(crate) mod tests {
                 deadline_ms: None,
                 client: None,
                 priority: Priority::Normal,
+                tenant: None,
             }),
             Message::Result(InferResult {
                 id: 7,

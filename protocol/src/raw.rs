@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::limits::Limits;
 use crate::message::{key, Message, RequestId};
 use crate::priority::Priority;
+use crate::tenant;
 use crate::tensor::DType;
 
 /// The kinds of message a [`RawMessage`] holds: the two that carry tensors.
@@ -373,6 +374,12 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
                     priority = Priority::from_wire(value)?;
                 }
             }
+            key::TENANT => {
+                // Forwarded byte for byte, so only a name the full decoder accepts.
+                if let Some(value) = c.opt(Cursor::str_bytes)? {
+                    tenant::check(value).ok()?;
+                }
+            }
             _ => {
                 // worker, code, message: strings (every other known key).
                 c.opt(Cursor::str)?;
@@ -720,25 +727,63 @@ mod tests {
 
     /// An `infer` body with `priority` set to `value` (any MessagePack value).
     fn with_priority<T: Serialize>(value: T) -> Bytes {
-        #[derive(Serialize)]
-        struct Prioritised<'a, T> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-            id: u64,
-            inputs: std::collections::BTreeMap<&'a str, Tensor>,
-            priority: T,
+        with_entry("priority", value)
+    }
+
+    /// An `infer` body with id 41 and one more entry, `key` set to `value`.
+    fn with_entry<T: Serialize>(key: &str, value: T) -> Bytes {
+        struct Extended<'a, T>(&'a str, T);
+        impl<T: Serialize> Serialize for Extended<'_, T> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeMap;
+                let x = Tensor::from_vec(vec![1], vec![1.0f32]).unwrap();
+                let inputs: std::collections::BTreeMap<&str, Tensor> = [("x", x)].into();
+                let mut map = s.serialize_map(Some(4))?;
+                map.serialize_entry("type", "infer")?;
+                map.serialize_entry("id", &41u64)?;
+                map.serialize_entry("inputs", &inputs)?;
+                map.serialize_entry(self.0, &self.1)?;
+                map.end()
+            }
         }
-        let x = Tensor::from_vec(vec![1], vec![1.0f32]).unwrap();
-        let mut out = Vec::new();
-        Prioritised {
-            kind: "infer",
-            id: 41,
-            inputs: [("x", x)].into(),
-            priority: value,
+        Bytes::from(rmp_serde::to_vec_named(&Extended(key, value)).unwrap())
+    }
+
+    #[test]
+    fn a_valid_tenant_is_vouched_for_and_forwarded_byte_for_byte() {
+        let raw = RawMessage::scan(with_entry("tenant", "acme")).unwrap();
+        let rewrite = Rewrite {
+            id: 9,
+            client: Some("10.1.2.3:4567"),
+            ..Rewrite::default()
+        };
+        let Message::Infer(spliced) = splice(&raw, &rewrite) else {
+            panic!("an infer");
+        };
+        assert_eq!(spliced.tenant.as_deref(), Some("acme"));
+        assert_eq!(spliced.client.as_deref(), Some("10.1.2.3:4567"));
+    }
+
+    #[test]
+    fn a_bad_tenant_is_a_bad_request_under_its_id() {
+        let long = "x".repeat(65);
+        let bodies = [
+            (with_entry("tenant", ""), "is empty"),
+            (with_entry("tenant", long.as_str()), "longer than 64 bytes"),
+            (with_entry("tenant", "a\u{7}b"), "control character"),
+            (with_entry("tenant", 7u8), "not a string"),
+            (
+                with_entry("tenant", serde_bytes::Bytes::new(b"\xff")),
+                "not a string",
+            ),
+        ];
+        for (body, why) in bodies {
+            assert_eq!(RawMessage::scan(body.clone()), None, "{why}");
+            let err = decode_body(body).unwrap_err();
+            assert_eq!(err.request_id(), Some(41), "{why}");
+            assert_eq!(err.code(), crate::ErrorCode::BadRequest, "{why}");
+            assert!(err.to_string().contains(why), "{err}");
         }
-        .serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())
-        .unwrap();
-        Bytes::from(out)
     }
 
     #[test]
@@ -824,6 +869,7 @@ mod tests {
                 deadline_ms: Some(10),
                 client: Some("c".to_owned()),
                 priority: Priority::Normal,
+                tenant: None,
             })
         );
         // The unknown keys are still there, unchanged.

@@ -209,6 +209,20 @@ impl RawConn {
         }
     }
 
+    /// Connects to `addr` from `local`, another loopback address (any of 127.0.0.0/8
+    /// reaches the loopback interface), so that a server sees a second client host.
+    pub async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(local, 0))
+            .expect("bind a loopback address");
+        let stream = socket.connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawConn {
+            framed: Framed::new(stream, MessageCodec::default()),
+        }
+    }
+
     /// Sends one message.
     pub async fn send(&mut self, msg: Message) {
         self.framed.send(msg).await.expect("send frame");

@@ -7,7 +7,7 @@
 //! `TIDEPOOL_*` settings (`TIDEPOOL_QUEUE`, ...) must not become the workers'. Durations read like `5ms` or
 //! `30s`, sizes like `64MiB`. [`ServeConfig::validate`] runs before anything is bound or loaded.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,7 +15,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::admission::BatchingMode;
 use crate::error::Error;
+use crate::fairness::{FairnessMode, FairnessSettings};
 use crate::registration::RegisterToken;
+use tidepool_protocol::tenant;
 
 /// tidepool-worker: serves one ONNX model over the tidepool protocol, batching requests.
 #[derive(Debug, Parser)]
@@ -157,6 +159,30 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_PRIORITY_AGING", default_value = "100ms", value_parser = parse_duration)]
     pub priority_aging: Duration,
 
+    /// Share the queue between clients or tenants within each priority class, by deficit
+    /// round robin, so that one that floods the worker cannot put the others' requests behind
+    /// all of its own: `client` by the client's IP address (the `client` a balancer adds,
+    /// else the connection's peer), `tenant` by the request's `tenant` (requests without one
+    /// share a flow); `off` serves each class oldest first.
+    #[arg(long, env = "TIDEPOOL_WORKER_FAIRNESS", value_enum, default_value_t = FairnessMode::Off)]
+    pub fairness: FairnessMode,
+
+    /// A flow's weight under --fairness, `NAME=W` (a tenant, or with --fairness client an IP
+    /// address; W from 1 to 1000; repeat, or separate with commas): it is served W items for
+    /// every one of a flow of weight 1, the default. A named flow is always kept apart and
+    /// counted in the metrics under its name.
+    #[arg(long = "tenant-weight", env = "TIDEPOOL_WORKER_TENANT_WEIGHTS", value_delimiter = ',', value_parser = parse_weight)]
+    pub tenant_weights: Vec<(String, u32)>,
+
+    /// Most flows kept apart under --fairness besides the --tenant-weight names; names beyond
+    /// it share one flow, so inventing names buys a client no more than that one share.
+    #[arg(
+        long,
+        env = "TIDEPOOL_WORKER_FAIRNESS_MAX_FLOWS",
+        default_value_t = 256
+    )]
+    pub fairness_max_flows: usize,
+
     /// Most items waiting in the queue; beyond it requests are answered `overloaded`.
     #[arg(long, env = "TIDEPOOL_WORKER_QUEUE", default_value_t = 1024)]
     pub queue: usize,
@@ -275,6 +301,9 @@ impl ServeConfig {
             max_delay: Duration::from_millis(2),
             batching: BatchingMode::Adaptive,
             priority_aging: Duration::from_millis(100),
+            fairness: FairnessMode::Off,
+            tenant_weights: Vec::new(),
+            fairness_max_flows: 256,
             queue: 1024,
             max_in_flight: 256,
             max_frame: tidepool_protocol::DEFAULT_MAX_FRAME as u64,
@@ -424,6 +453,7 @@ impl ServeConfig {
                 );
             }
         }
+        self.validate_fairness()?;
         self.register_credentials()?;
         self.validate_tls()?;
         if !self.model.is_file() {
@@ -441,6 +471,69 @@ impl ServeConfig {
 }
 
 impl ServeConfig {
+    /// How the batcher shares its queue, the names as flows know them (an IP address in its
+    /// canonical spelling).
+    pub fn fairness_settings(&self) -> FairnessSettings {
+        let canonical = |name: &str| match self.fairness {
+            FairnessMode::Client => name
+                .parse::<IpAddr>()
+                .map_or_else(|_| name.to_owned(), |ip| ip.to_string()),
+            FairnessMode::Off | FairnessMode::Tenant => name.to_owned(),
+        };
+        FairnessSettings {
+            mode: self.fairness,
+            weights: self
+                .tenant_weights
+                .iter()
+                .map(|(name, w)| (canonical(name), *w))
+                .collect(),
+            max_flows: self.fairness_max_flows,
+        }
+    }
+
+    /// --tenant-weight names what --fairness keys flows by, once each, with a weight in range.
+    fn validate_fairness(&self) -> Result<(), Error> {
+        let invalid = |reason: String| {
+            Err(Error::InvalidConfig {
+                flag: "tenant-weight",
+                reason,
+            })
+        };
+        if self.fairness_max_flows == 0 {
+            return Err(Error::InvalidConfig {
+                flag: "fairness-max-flows",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        if self.fairness == FairnessMode::Off && !self.tenant_weights.is_empty() {
+            return invalid("weighs flows, which only --fairness client or tenant makes".into());
+        }
+        for (name, weight) in &self.tenant_weights {
+            if !(1..=MAX_WEIGHT).contains(weight) {
+                return invalid(format!("{name}={weight}: W must be 1 to {MAX_WEIGHT}"));
+            }
+            let named = match self.fairness {
+                FairnessMode::Client => name
+                    .parse::<IpAddr>()
+                    .map(|_| ())
+                    .map_err(|_| "is not an IP address (--fairness client)"),
+                FairnessMode::Off | FairnessMode::Tenant => {
+                    tenant::check(name.as_bytes()).map(|_| ())
+                }
+            };
+            if let Err(why) = named {
+                return invalid(format!("{name:?} {why}"));
+            }
+        }
+        let settings = self.fairness_settings();
+        let mut names: Vec<&str> = settings.weights.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+            return invalid(format!("{} is named twice", twice[0]));
+        }
+        Ok(())
+    }
+
     /// The TLS flags that must go together.
     fn validate_tls(&self) -> Result<(), Error> {
         let invalid = |flag, reason: &str| {
@@ -568,15 +661,33 @@ impl ModelFile {
     }
 }
 
+/// The largest `--tenant-weight`: enough for any sensible ratio, and a flow's turn stays short.
+const MAX_WEIGHT: u32 = 1000;
+
+/// Parses `NAME=W` for `--tenant-weight` (the range is checked with the rest).
+fn parse_weight(s: &str) -> Result<(String, u32), String> {
+    parse_pair(s, "NAME=W, like acme=2", "a whole number")
+}
+
 /// Parses `NAME=VALUE` for `--pad`.
 fn parse_pad(s: &str) -> Result<(String, f64), String> {
+    parse_pair(s, "NAME=VALUE, like input_ids=0", "a number")
+}
+
+/// Parses `NAME=VALUE` with a value of type `T`: `form` shows the form, `what` says what
+/// the value must be.
+fn parse_pair<T: std::str::FromStr>(
+    s: &str,
+    form: &str,
+    what: &str,
+) -> Result<(String, T), String> {
     let (name, value) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected NAME=VALUE, like input_ids=0"))?;
+        .ok_or_else(|| format!("{s:?}: expected {form}"))?;
     let value = value
         .trim()
-        .parse::<f64>()
-        .map_err(|_| format!("{s:?}: the value {value:?} is not a number"))?;
+        .parse::<T>()
+        .map_err(|_| format!("{s:?}: the value {value:?} is not {what}"))?;
     Ok((name.trim().to_owned(), value))
 }
 
@@ -879,5 +990,54 @@ mod tests {
         c.ort_lib = Some("/nonexistent/libonnxruntime.so".into());
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("make ort"), "{err}");
+    }
+
+    #[test]
+    fn tenant_weights_are_checked_against_the_fairness_mode() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(
+                ["tidepool-worker", "serve", "--model", "m.onnx"]
+                    .iter()
+                    .chain(args),
+            )
+            .unwrap();
+            let Command::Serve(c) = cli.command else {
+                panic!("serve")
+            };
+            c
+        };
+        let c = parse(&["--fairness", "tenant", "--tenant-weight", "acme=3,beta=1"]);
+        c.validate_fairness().unwrap();
+        let settings = c.fairness_settings();
+        assert_eq!(settings.mode, FairnessMode::Tenant);
+        assert_eq!(
+            settings.weights,
+            vec![("acme".to_owned(), 3), ("beta".to_owned(), 1)]
+        );
+        assert_eq!(settings.max_flows, 256);
+        let refused = [
+            &["--tenant-weight", "acme=3"][..],
+            &["--fairness", "tenant", "--tenant-weight", "acme=0"],
+            &["--fairness", "tenant", "--tenant-weight", "acme=1001"],
+            &["--fairness", "tenant", "--tenant-weight", "a=1,a=2"],
+            &["--fairness", "client", "--tenant-weight", "acme=2"],
+            &["--fairness", "client", "--tenant-weight", "::1=2,0:0::1=3"],
+            &["--fairness", "client", "--fairness-max-flows", "0"],
+        ];
+        for args in refused {
+            assert!(parse(args).validate_fairness().is_err(), "{args:?}");
+        }
+        let c = parse(&["--fairness", "client", "--tenant-weight", "0:0::1=2"]);
+        c.validate_fairness().unwrap();
+        assert_eq!(c.fairness_settings().weights, vec![("::1".to_owned(), 2)]);
+        assert!(Cli::try_parse_from([
+            "tidepool-worker",
+            "serve",
+            "--model",
+            "m",
+            "--tenant-weight",
+            "acme"
+        ])
+        .is_err());
     }
 }

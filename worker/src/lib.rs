@@ -33,7 +33,9 @@
 //!   online from the batches run; [`admission`]: predicted-finish admission, doomed items
 //!   dropped before they run, and each batch's close chosen from its members' deadlines;
 //!   [`priority`]: priority classes in the queue (order, ageing, shedding the low class
-//!   first); [`goodput`]: results counted against their deadlines, refusals by reason.
+//!   first); [`fairness`]: with `--fairness`, deficit round robin between clients or
+//!   tenants within a class; [`goodput`]: results counted against their deadlines, refusals
+//!   by reason.
 //! - [`server`]: protocol connections: frames in, batcher, answers out, with backpressure.
 //! - [`registration`]: registering with the balancer's admin API once ready (and again
 //!   every few seconds, for a balancer that restarted), and deregistering first on shutdown.
@@ -76,6 +78,7 @@ pub mod busy;
 pub mod config;
 pub mod cost;
 pub mod error;
+pub mod fairness;
 pub mod goodput;
 pub mod metrics;
 pub mod model;
@@ -496,6 +499,7 @@ async fn serve_model(
         drain_timeout: config.drain_timeout,
         mode: config.batching,
         aging: config.priority_aging,
+        fairness: config.fairness_settings(),
     };
     let batcher_stop = CancellationToken::new();
     let batcher = Batcher::start(

@@ -15,6 +15,7 @@ use tidepool_protocol::tls::HandshakeFailures;
 use tidepool_protocol::{ErrorCode, FrameBudget};
 
 use crate::busy::BusyMeter;
+use crate::fairness::FairMetrics;
 use crate::goodput::Goodput;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -144,6 +145,9 @@ pub struct Metrics {
     pub busy: BusyMeter,
     /// Results against their deadlines, refusals by reason (the batcher counts them).
     pub goodput: Goodput,
+    /// Items served per configured flow and flows active, with `--fairness` (the batcher's
+    /// flows count them).
+    pub fairness: Arc<FairMetrics>,
 }
 
 impl Default for Metrics {
@@ -164,6 +168,7 @@ impl Default for Metrics {
             frame_budget: OnceLock::new(),
             busy: BusyMeter::default(),
             goodput: Goodput::default(),
+            fairness: Arc::default(),
         }
     }
 }
@@ -228,6 +233,7 @@ impl Metrics {
             );
         }
         self.goodput.render(&mut out);
+        self.fairness.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP tidepool_worker_connections Open protocol connections.\n\

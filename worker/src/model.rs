@@ -1221,6 +1221,7 @@ mod real_model_tests {
             drain_timeout: Duration::from_secs(10),
             mode: crate::BatchingMode::Adaptive,
             aging: Duration::from_millis(100),
+            fairness: Default::default(),
         };
         let batcher = Batcher::start(
             model,

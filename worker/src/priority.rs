@@ -3,7 +3,8 @@
 //!
 //! - **Order.** The batcher leads each batch with the queued item of the highest *effective*
 //!   rank ([`effective_rank`]), the oldest among equals; its batch mates are chosen the same
-//!   way among those that fit with it.
+//!   way among those that fit with it. With `--fairness`, ranks stop at the top class and
+//!   the flows (clients or tenants) holding the best rank share it ([`crate::fairness`]).
 //! - **Ageing.** An item's effective rank is its class's rank plus one per `aging` it has
 //!   waited, so a low item that has waited two ageing steps ranks with a fresh high one and
 //!   then ahead of it: under any load every item reaches the front in bounded time.

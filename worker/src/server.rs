@@ -26,7 +26,7 @@
 //!   wrote just before it saw the shutdown gets answers rather than a reset.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -48,6 +48,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::batcher::{BatcherHandle, Canceller, Reply};
+use crate::fairness::Origin;
 use crate::metrics::{Metrics, Outcome};
 use crate::spec::ModelSpec;
 
@@ -213,6 +214,8 @@ struct Connection {
     pending: FuturesUnordered<Pending>,
     /// The ids pending on this connection, with their cancellers.
     in_flight: HashMap<RequestId, Canceller>,
+    /// The peer's address: the client's, for `--fairness client`, when no balancer says.
+    peer: Option<IpAddr>,
 }
 
 async fn connection(
@@ -223,6 +226,7 @@ async fn connection(
     _slot: OwnedSemaphorePermit,
 ) {
     let peer = stream.peer_addr();
+    let peer_ip = peer.as_ref().ok().map(SocketAddr::ip);
     let stream = match (&context.tls, peer) {
         (None, _) => Stream::Plain(stream),
         // A failed or stalled handshake costs this connection only; the acceptor logs and
@@ -248,6 +252,7 @@ async fn connection(
         context,
         pending: FuturesUnordered::new(),
         in_flight: HashMap::new(),
+        peer: peer_ip,
     };
     let mut reading = true;
     let mut closing = false;
@@ -455,7 +460,8 @@ impl Connection {
             inputs,
             deadline_ms,
             priority,
-            ..
+            client,
+            tenant,
         } = infer;
         let reject = |code, message: String, retry: Option<u64>| {
             Some(Answer {
@@ -498,7 +504,12 @@ impl Connection {
         }
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
         let fit = spec.fit(&inputs);
-        let ticket = match batcher.submit_prioritised(inputs, fit, deadline, priority) {
+        let origin = Origin {
+            tenant: tenant.as_deref(),
+            client: client.as_deref(),
+            peer: self.peer,
+        };
+        let ticket = match batcher.submit_from(inputs, fit, deadline, priority, origin) {
             Ok(ticket) => ticket,
             Err(rejection) => {
                 return reject(rejection.code, rejection.message, rejection.retry_after_ms)
