@@ -405,6 +405,7 @@ fn routing_settings(config: &Config) -> RoutingSettings {
         max_outstanding: config.max_outstanding,
         // The next health check may make a target healthy.
         retry_after: config.health_interval,
+        admission: config.admission,
     }
 }
 

@@ -31,6 +31,20 @@ pub enum RoutingPolicy {
     RoundRobin,
 }
 
+/// Whether the balancer refuses requests that no target can answer by their deadline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Admission {
+    /// From each worker's reported batch times and the requests outstanding on it: a
+    /// request with a `deadline_ms` that even the best eligible target is predicted to
+    /// answer late is answered at once (`overloaded` with a `retry_after_ms`), never
+    /// forwarded. Requests without a deadline, and targets that report no batch times
+    /// (older workers, `--batching fixed`), are not affected.
+    #[default]
+    Predicted,
+    /// Forward every request; only the workers judge deadlines.
+    Off,
+}
+
 /// How a target's health is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum HealthProtocol {
@@ -125,6 +139,17 @@ pub struct Config {
     /// Unlimited when absent.
     #[arg(long, env = "TIDEPOOL_MAX_OUTSTANDING")]
     pub max_outstanding: Option<usize>,
+
+    /// Predicted-finish admission: refuse at once a request with a deadline that even the
+    /// best eligible target is predicted to answer late (from its reported batch times and
+    /// the requests outstanding on it), instead of forwarding it.
+    #[arg(
+        long,
+        env = "TIDEPOOL_ADMISSION",
+        value_enum,
+        default_value = "predicted"
+    )]
+    pub admission: Admission,
 
     /// Requests that may wait in the balancer for a target below --max-outstanding;
     /// past it requests are answered `overloaded`.
@@ -396,6 +421,7 @@ impl Default for Config {
             fail_open: true,
             idle_timeout: Duration::from_secs(350),
             max_outstanding: None,
+            admission: Admission::Predicted,
             queue: 1024,
             queue_timeout: Duration::from_secs(1),
             max_client_in_flight: 4096,
@@ -774,6 +800,22 @@ mod tests {
         assert_eq!(c.targets.len(), 2);
         assert_eq!(c.routing, RoutingPolicy::FullScan);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn admission_is_predicted_unless_turned_off() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("tidepool-balancer").chain(args.iter().copied()))
+                .map(|c| c.admission)
+        };
+        assert_eq!(parse(&[]).unwrap(), Admission::Predicted);
+        assert_eq!(Config::default().admission, Admission::Predicted);
+        assert_eq!(parse(&["--admission", "off"]).unwrap(), Admission::Off);
+        assert_eq!(
+            parse(&["--admission", "predicted"]).unwrap(),
+            Admission::Predicted
+        );
+        assert!(parse(&["--admission", "maybe"]).is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The [`Router`]: hands one request to a target. It takes the target group's snapshot,
-//! lets [`routing::choose`] decide, counts the request on the target, and gives it to one
-//! of the target's upstream connections; or queues it when every eligible target is full,
-//! or answers `unavailable` when none can take it. The wait queue's task ([`Router::run_queue`])
+//! lets [`routing::choose`] decide, lets [`admission`] judge a request with a deadline
+//! (answering it at once when no eligible target is predicted to make it), counts the
+//! request on the target, and gives it to one of the target's upstream connections; or
+//! queues it when every eligible target is full, or answers `unavailable` when none can
+//! take it. The wait queue's task ([`Router::run_queue`])
 //! lives here too: it is the router, retried as capacity appears.
 
 use std::collections::VecDeque;
@@ -11,17 +13,19 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use tidepool_protocol::{ErrorCode, Priority};
+use tidepool_protocol::{late_retry_ms, ErrorCode, Priority};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RoutingPolicy;
+use crate::admission::{self, Refusal, Verdict};
+use crate::config::{Admission, RoutingPolicy};
 use crate::metrics::{Metrics, Reject};
 use crate::pending::Request;
 use crate::queue::{QueueHandle, QueueReceiver};
 use crate::registry::TargetGroup;
 use crate::routing::{self, Candidate, Choice};
-use crate::target::InFlight;
+use crate::target::{InFlight, Target};
+use crate::throttle::LogThrottle;
 use crate::upstream::Forward;
 
 /// What routing needs per caller and reuses across requests, so that routing allocates
@@ -52,6 +56,9 @@ pub(crate) struct RoutingSettings {
     /// The retry hint given with `unavailable` when no target can take a request: the
     /// time until the next health check may change that.
     pub(crate) retry_after: Duration,
+    /// Whether requests with a deadline are judged before they are forwarded
+    /// ([`admission`]).
+    pub(crate) admission: Admission,
 }
 
 /// The outcome of [`Router::try_route`].
@@ -73,6 +80,9 @@ pub(crate) struct Router {
     round_robin: AtomicUsize,
     /// For the time requests spend in the queue.
     metrics: Arc<Metrics>,
+    /// One line a second about requests admission refused: a flood of doomed requests is
+    /// counted on `/metrics`, not logged one by one.
+    refusal_log: LogThrottle,
 }
 
 impl Router {
@@ -89,6 +99,7 @@ impl Router {
             settings,
             round_robin: AtomicUsize::new(0),
             metrics,
+            refusal_log: LogThrottle::default(),
         }
     }
 
@@ -157,13 +168,20 @@ impl Router {
             request.pending.time_up("waiting in the balancer");
             return Routed::Done;
         }
-        if let Err(passed) = request
+        // What is left of a deadline, when admission judges it: a request without one
+        // costs nothing more here.
+        let left = match request
             .payload
             .deadline_left_at(request.pending.received(), now)
         {
-            request.pending.deadline_passed(passed);
-            return Routed::Done;
-        }
+            Err(passed) => {
+                request.pending.deadline_passed(passed);
+                return Routed::Done;
+            }
+            Ok(left) => left
+                .filter(|_| self.settings.admission == Admission::Predicted)
+                .map(Duration::from_millis),
+        };
         let limit = self.settings.max_outstanding;
         let targets = self.group.snapshot();
         scratch.candidates.clear();
@@ -198,8 +216,30 @@ impl Router {
                 Choice::Full => return Routed::Full(request),
                 Choice::NoTarget => return Routed::NoTarget(request),
             };
+            let index = match left {
+                None => index,
+                Some(left) => match self.admit(
+                    &targets,
+                    &scratch.candidates,
+                    index,
+                    request.payload.priority(),
+                    left,
+                ) {
+                    Ok(index) => index,
+                    Err((refusal, at)) => {
+                        self.refuse(
+                            request,
+                            refusal,
+                            &targets[at],
+                            &scratch.candidates[at],
+                            left,
+                        );
+                        return Routed::Done;
+                    }
+                },
+            };
             let target = &targets[index];
-            let Some(guard) = InFlight::try_acquire(target, limit) else {
+            let Some(mut guard) = InFlight::try_acquire(target, limit) else {
                 // Another task took the last place since the snapshot.
                 scratch.candidates[index].full = true;
                 continue;
@@ -217,6 +257,9 @@ impl Router {
                     None,
                 );
                 return Routed::Done;
+            }
+            if request.payload.priority() == Priority::Low {
+                guard.count_low();
             }
             request.pending.set_in_flight(guard);
             match conn
@@ -237,6 +280,88 @@ impl Router {
             }
         }
         Routed::NoTarget(request)
+    }
+
+    /// Predicted-finish admission ([`admission`]) of a request of `priority` with `left` of
+    /// its deadline: `chosen` when it is predicted in time, else the open target predicted
+    /// in time with the fewest outstanding; when none is, why, with the target that came
+    /// nearest.
+    fn admit(
+        &self,
+        targets: &[Arc<Target>],
+        candidates: &[Candidate],
+        chosen: usize,
+        priority: Priority,
+        left: Duration,
+    ) -> Result<usize, (Refusal, usize)> {
+        let judge = |i: usize| {
+            let target = &targets[i];
+            let ahead = admission::ahead(
+                priority,
+                candidates[i].outstanding,
+                target.low_outstanding(),
+            );
+            admission::judge(target.batch_times(), ahead, left)
+        };
+        if judge(chosen) == Verdict::Admit {
+            return Ok(chosen);
+        }
+        // Off the common path: the chosen target would be late, so every open one is asked.
+        // (`chosen` is among the open ones: routing picked it from them.)
+        let (verdict, at) = routing::open(candidates, self.settings.fail_open)
+            .map(|i| (judge(i), i))
+            .min_by_key(|(verdict, i)| (verdict.rank(), candidates[*i].outstanding))
+            .unwrap_or_else(|| (judge(chosen), chosen));
+        match verdict {
+            Verdict::Admit => Ok(at),
+            Verdict::Refuse(refusal) => Err((refusal, at)),
+        }
+    }
+
+    /// Answers a request that admission refused, predicted on `target` (the one that came
+    /// nearest to its deadline, with `candidate`'s outstanding count).
+    fn refuse(
+        &self,
+        request: Request,
+        refusal: Refusal,
+        target: &Target,
+        candidate: &Candidate,
+        left: Duration,
+    ) {
+        let budget_ms = request.payload.deadline_ms().unwrap_or_default();
+        if let Some(suppressed) = self.refusal_log.allow() {
+            tracing::info!(
+                target = %target.addr(),
+                outstanding = candidate.outstanding,
+                left_ms = left.as_millis(),
+                ?refusal,
+                suppressed,
+                "refused a request that no target is predicted to answer by its deadline"
+            );
+        }
+        match refusal {
+            Refusal::Late { finish, late_by } => request.pending.reject(
+                Reject::PredictedLate,
+                ErrorCode::Overloaded,
+                format!(
+                    "the balancer predicts this request would be answered in {} ms at the earliest, on the target predicted soonest ({} requests outstanding there), after its deadline_ms of {budget_ms} ({} ms were left); it was not forwarded: retry after retry_after_ms, or with a larger deadline_ms",
+                    finish.as_millis(),
+                    candidate.outstanding,
+                    left.as_millis()
+                ),
+                Some(late_retry_ms(late_by)),
+            ),
+            Refusal::Doomed { alone } => request.pending.reject(
+                Reject::Doomed,
+                ErrorCode::DeadlineExceeded,
+                format!(
+                    "its deadline_ms of {budget_ms} left {} ms, less than the fastest target takes to run a batch of one ({} ms); it was not forwarded: retry with a larger deadline_ms",
+                    left.as_millis(),
+                    alone.as_millis()
+                ),
+                None,
+            ),
+        }
     }
 
     /// The wait queue's task: routes waiting requests as capacity appears, answers
@@ -395,6 +520,7 @@ mod tests {
             fail_open: true,
             max_outstanding: None,
             retry_after: HEALTH_INTERVAL,
+            admission: Admission::Predicted,
         }
     }
 
@@ -506,6 +632,7 @@ mod tests {
                 pending,
                 payload: Payload::Decoded(Infer {
                     id,
+                    deadline_ms,
                     priority,
                     ..Infer::default()
                 }),
@@ -792,5 +919,173 @@ mod tests {
         let order: Vec<RequestId> = std::iter::from_fn(|| f.answer()).map(|m| m.id()).collect();
         assert_eq!(order, vec![first, patient]);
         assert_eq!(f.router.queue.signal().len(), 0);
+    }
+
+    /// A worker whose batch of one takes 11 ms and a full batch of 8 takes 18 ms.
+    const TIMES: tidepool_protocol::BatchTimes = tidepool_protocol::BatchTimes {
+        one_us: 11_000,
+        full_us: 18_000,
+        max_batch: 8,
+    };
+
+    /// Records on `target` a `pong` that reports `times`.
+    fn report(target: &Target, times: Option<tidepool_protocol::BatchTimes>) {
+        target.set_reported_load(Some(tidepool_protocol::Load {
+            busy: 0.5,
+            queue_us: 0,
+            batches: times,
+        }));
+    }
+
+    /// How many requests the balancer refused for `reason`, as `/metrics` shows it.
+    fn refused(f: &Fixture, reason: &str) -> u64 {
+        let text = f.router.metrics.render(&[], 0);
+        let line = format!("tidepool_rejected_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.parse().ok())
+            .expect("the reason is rendered")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_no_target_can_answer_in_time_is_refused_and_never_forwarded() {
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        let (target, mut conn) = f.target(1, TargetState::Healthy);
+        report(&target, Some(TIMES));
+        // A batch running, two full ones ahead: 36 ms, then 11 for its own.
+        let _held = load(&target, 24);
+
+        let late = f.submit_with(Some(40)).await;
+        let reply = f.error();
+        assert_eq!(reply.id, late, "answered under its own id");
+        assert_eq!(reply.code, ErrorCode::Overloaded);
+        assert_eq!(reply.retry_after_ms, Some(8), "7 ms too late, rounded up");
+        assert!(
+            reply.message.contains("answered in 47 ms")
+                && reply.message.contains("deadline_ms of 40")
+                && reply.message.contains("24 requests outstanding"),
+            "{}",
+            reply.message
+        );
+        assert!(received(&mut conn).is_empty(), "never forwarded");
+        assert_eq!(target.outstanding(), 24, "nothing counted on the target");
+        assert_eq!(refused(&f, "predicted_late"), 1);
+
+        let doomed = f.submit_with(Some(5)).await;
+        let reply = f.error();
+        assert_eq!(reply.id, doomed);
+        assert_eq!(reply.code, ErrorCode::DeadlineExceeded);
+        assert!(
+            reply.message.contains("batch of one (11 ms)"),
+            "{}",
+            reply.message
+        );
+        assert_eq!(refused(&f, "doomed"), 1);
+        assert!(received(&mut conn).is_empty());
+
+        // In time, and without a deadline: forwarded as ever.
+        f.submit_with(Some(47)).await;
+        f.submit().await;
+        let sent = received(&mut conn);
+        assert_eq!(sent.len(), 2);
+        assert!(f.answer().is_none(), "no answer but the target's");
+        assert_eq!(refused(&f, "predicted_late"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_choice_gives_way_to_a_target_that_is_in_time() {
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        // Fewer outstanding, so routing picks it, but slow: 50 ms for a batch of one and
+        // a full batch of 100 ahead.
+        let (slow, mut slow_conn) = f.target(1, TargetState::Healthy);
+        report(
+            &slow,
+            Some(tidepool_protocol::BatchTimes {
+                one_us: 50_000,
+                full_us: 100_000,
+                max_batch: 8,
+            }),
+        );
+        let _slow_held = load(&slow, 16);
+        let (fast, mut fast_conn) = f.target(2, TargetState::Healthy);
+        report(&fast, Some(TIMES));
+        let _fast_held = load(&fast, 24);
+
+        f.submit_with(Some(60)).await;
+        assert!(f.answer().is_none(), "admitted");
+        assert!(received(&mut slow_conn).is_empty());
+        assert_eq!(received(&mut fast_conn).len(), 1, "47 ms on the fast one");
+        // Without a deadline, least outstanding as ever.
+        f.submit().await;
+        assert_eq!(received(&mut slow_conn).len(), 1);
+        assert_eq!(refused(&f, "predicted_late"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn targets_without_a_report_and_admission_off_forward_everything() {
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        let (target, mut conn) = f.target(1, TargetState::Healthy);
+        let _held = load(&target, 1_000);
+        f.submit_with(Some(1)).await;
+        report(&target, None);
+        f.submit_with(Some(1)).await;
+        assert_eq!(received(&mut conn).len(), 2, "no batch times, no forecast");
+
+        let mut f = Fixture::new(
+            RoutingSettings {
+                admission: Admission::Off,
+                ..settings(RoutingPolicy::P2c)
+            },
+            8,
+        );
+        let (target, mut conn) = f.target(1, TargetState::Healthy);
+        report(&target, Some(TIMES));
+        let _held = load(&target, 1_000);
+        f.submit_with(Some(1)).await;
+        let sent = received(&mut conn);
+        assert_eq!(sent.len(), 1, "--admission off");
+        assert!(f.answer().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_judged_by_what_it_would_wait_behind() {
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        let (target, mut conn) = f.target(1, TargetState::Healthy);
+        report(&target, Some(TIMES));
+        let mut held = load(&target, 24);
+        for guard in &mut held {
+            guard.count_low();
+        }
+        // 24 low requests outstanding: 47 ms for another low one, 11 for a normal one.
+        let low = f.submit_as(Some(40), Priority::Low).await;
+        assert_eq!(f.error().id, low);
+        f.submit_as(Some(40), Priority::Normal).await;
+        // Held, not dropped: a dropped request is answered `unavailable`.
+        let normal_sent = received(&mut conn);
+        assert_eq!(normal_sent.len(), 1, "the normal one goes ahead of them");
+
+        let _normal_held = load(&target, 24);
+        let normal = f.submit_as(Some(40), Priority::Normal).await;
+        assert_eq!(f.error().id, normal);
+        // A high one may be served next whatever waits: refused only if doomed.
+        f.submit_as(Some(11), Priority::High).await;
+        let high_sent = received(&mut conn);
+        assert_eq!(high_sent.len(), 1);
+        let doomed = f.submit_as(Some(10), Priority::High).await;
+        let reply = f.error();
+        assert_eq!(
+            (reply.id, reply.code),
+            (doomed, ErrorCode::DeadlineExceeded)
+        );
+        assert_eq!(refused(&f, "predicted_late"), 2);
+        assert_eq!(refused(&f, "doomed"), 1);
+
+        // The low count follows the guards.
+        assert_eq!(target.low_outstanding(), 24);
+        f.submit_as(None, Priority::Low).await;
+        assert_eq!(target.low_outstanding(), 25);
+        drop(received(&mut conn));
+        drop(held);
+        assert_eq!(target.low_outstanding(), 0);
     }
 }

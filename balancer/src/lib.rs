@@ -10,8 +10,10 @@
 //!    or when dropped.
 //! 2. The router in [`dispatch`] takes the target group's snapshot and lets [`routing`]
 //!    choose a target (a pure function: p2c, full scan or round-robin over the healthy
-//!    targets, with fail-open); the request is counted on the target by an in-flight guard
-//!    ([`target`]). When every eligible target is at `--max-outstanding` it waits in the
+//!    targets, with fail-open). A request with a deadline that no eligible target is
+//!    predicted to answer in time, from the workers' reported batch times and the requests
+//!    outstanding on them, is answered there and never forwarded ([`admission`]). The
+//!    request is counted on the target by an in-flight guard ([`target`]). When every eligible target is at `--max-outstanding` it waits in the
 //!    [`queue`], whose task the router runs.
 //! 3. [`upstream`] writes it to one of the target's persistent connections under a fresh
 //!    id, and takes the answer back to the pending entry, which restores the client's id.
@@ -67,7 +69,7 @@
 //! `balancer` → `admin` → `handle` → `frontend` → `metadata` → `dispatch` → `discovery` →
 //! `registry` → `health` → `rescue` → `tls` → [`routing`] → [`config`] → [`autoscale`] → the data
 //! types → `auth` → `burst`, `error`, `validation`, and the leaves that import nothing of
-//! the crate: `retry`, `outlier`, `deadline`, `throttle` ([`heap`] imports only `error`). (`autoscale` sees one data type, [`target`]'s
+//! the crate: `retry`, `outlier`, `deadline`, `throttle`, `admission` ([`heap`] imports only `error`). (`autoscale` sees one data type, [`target`]'s
 //! `TargetInfo`, and `auth`'s token, which it hands to the workers it starts. Neighbours
 //! in the list need not import each other: `admin` and `frontend` do not.)
 //!
@@ -96,6 +98,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admission;
 mod auth;
 pub mod autoscale;
 mod balancer;
@@ -128,7 +131,7 @@ mod validation;
 pub use auth::{AdminToken, ADMIN_TOKEN_ENV, WORKER_TOKEN_ENV};
 pub use autoscale::{AutoscaleConfig, Pool, ScalingStatus};
 pub use balancer::Balancer;
-pub use config::{Config, HealthProtocol, HedgeAfter, RoutingPolicy};
+pub use config::{Admission, Config, HealthProtocol, HedgeAfter, RoutingPolicy};
 pub use discovery::{Resolver, SystemResolver};
 pub use error::Error;
 pub use handle::Handle;

@@ -35,10 +35,16 @@ pub(crate) enum Reject {
     BadRequest,
     /// Its deadline passed while it waited in the balancer.
     DeadlineExceeded,
+    /// Predicted-finish admission: even the best eligible target was predicted to answer it
+    /// after its deadline (`overloaded`).
+    PredictedLate,
+    /// Predicted-finish admission: its remaining budget was shorter than a batch of one on
+    /// any target (`deadline_exceeded`).
+    Doomed,
 }
 
 impl Reject {
-    const ALL: [Reject; 8] = [
+    const ALL: [Reject; 10] = [
         Reject::QueueFull,
         Reject::QueueTimeout,
         Reject::NoTarget,
@@ -47,6 +53,8 @@ impl Reject {
         Reject::Cancelled,
         Reject::BadRequest,
         Reject::DeadlineExceeded,
+        Reject::PredictedLate,
+        Reject::Doomed,
     ];
 
     fn as_str(self) -> &'static str {
@@ -59,6 +67,8 @@ impl Reject {
             Reject::Cancelled => "cancelled",
             Reject::BadRequest => "bad_request",
             Reject::DeadlineExceeded => "deadline_exceeded",
+            Reject::PredictedLate => "predicted_late",
+            Reject::Doomed => "doomed",
         }
     }
 }

@@ -54,19 +54,8 @@ pub fn choose<R: Rng + ?Sized>(
     ticket: usize,
     rng: &mut R,
 ) -> Choice {
-    let any_healthy = candidates.iter().any(|c| c.state == TargetState::Healthy);
-    let in_state = |c: &Candidate| {
-        c.connected
-            && if any_healthy {
-                c.state == TargetState::Healthy
-            } else {
-                fail_open && c.state != TargetState::Draining
-            }
-    };
-    // Outlier detection steers load, it never refuses it: when every eligible target is
-    // set aside, they are all eligible again.
-    let any_in = candidates.iter().any(|c| in_state(c) && !c.set_aside);
-    let eligible = |c: &Candidate| in_state(c) && !(any_in && c.set_aside);
+    let rules = Eligibility::of(candidates, fail_open);
+    let eligible = |c: &Candidate| rules.eligible(c);
     let mut eligible_count = 0usize;
     let mut open = 0usize;
     for c in candidates.iter().filter(|c| eligible(c)) {
@@ -151,6 +140,55 @@ pub fn choose<R: Rng + ?Sized>(
         "routing decision"
     );
     choice
+}
+
+/// The candidates [`choose`] may pick now (eligible, and below their limit), by index:
+/// where a request goes when the one chosen will not do (predicted-finish admission looks
+/// for a target that can answer in time).
+pub fn open(candidates: &[Candidate], fail_open: bool) -> impl Iterator<Item = usize> + '_ {
+    let rules = Eligibility::of(candidates, fail_open);
+    candidates
+        .iter()
+        .enumerate()
+        .filter(move |(_, c)| rules.eligible(c) && !c.full)
+        .map(|(i, _)| i)
+}
+
+/// Which candidates are eligible, as one decision's snapshot sees them.
+#[derive(Clone, Copy)]
+struct Eligibility {
+    fail_open: bool,
+    /// Some candidate is healthy: only healthy ones are eligible.
+    any_healthy: bool,
+    /// Some candidate in an eligible state is not set aside: set-aside ones are passed over.
+    any_in: bool,
+}
+
+impl Eligibility {
+    fn of(candidates: &[Candidate], fail_open: bool) -> Eligibility {
+        let mut rules = Eligibility {
+            fail_open,
+            any_healthy: candidates.iter().any(|c| c.state == TargetState::Healthy),
+            any_in: false,
+        };
+        // Outlier detection steers load, it never refuses it: when every eligible target
+        // is set aside, they are all eligible again.
+        rules.any_in = candidates.iter().any(|c| rules.in_state(c) && !c.set_aside);
+        rules
+    }
+
+    fn in_state(&self, c: &Candidate) -> bool {
+        c.connected
+            && if self.any_healthy {
+                c.state == TargetState::Healthy
+            } else {
+                self.fail_open && c.state != TargetState::Draining
+            }
+    }
+
+    fn eligible(&self, c: &Candidate) -> bool {
+        self.in_state(c) && !(self.any_in && c.set_aside)
+    }
 }
 
 /// Compares `(outstanding + 1) / weight` without division.
@@ -273,6 +311,31 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+
+        #[test]
+        fn open_lists_exactly_what_choose_may_pick(
+            candidates in prop::collection::vec(candidate(), 0..12),
+            fail_open: bool,
+            ticket: usize,
+            seed: u64,
+        ) {
+            let open: Vec<usize> = open(&candidates, fail_open).collect();
+            for policy in POLICIES {
+                let mut rng = SmallRng::seed_from_u64(seed);
+                match choose(policy, &candidates, fail_open, ticket, &mut rng) {
+                    Choice::Target(i) => prop_assert!(open.contains(&i)),
+                    Choice::Full | Choice::NoTarget => prop_assert!(open.is_empty()),
+                }
+            }
+            // Full scan picks one of the least loaded of them.
+            if let Some(&least) = open.iter().min_by(|&&a, &&b| compare(&candidates[a], &candidates[b])) {
+                let mut rng = SmallRng::seed_from_u64(seed);
+                let Choice::Target(i) = choose(RoutingPolicy::FullScan, &candidates, fail_open, 0, &mut rng) else {
+                    return Err(TestCaseError::fail("open candidates, yet no choice"));
+                };
+                prop_assert_eq!(compare(&candidates[i], &candidates[least]), std::cmp::Ordering::Equal);
             }
         }
 

@@ -10,10 +10,11 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
-use tidepool_protocol::Load;
+use tidepool_protocol::{BatchTimes, Load};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::ReportedTimes;
 use crate::metrics::Histogram;
 use crate::outlier::{EjectionReason, OutlierCell};
 use crate::queue::QueueSignal;
@@ -149,6 +150,10 @@ pub struct Target {
     /// When the state last changed. Written on transitions only, read by the admin API.
     since: Mutex<SystemTime>,
     outstanding: Outstanding,
+    /// How many of the outstanding requests are low priority ([`InFlight::count_low`]):
+    /// a worker serves normal and high requests before them, so admission leaves them out
+    /// of what waits ahead of one.
+    low_outstanding: AtomicUsize,
     /// Requests routed here, ever.
     routed: AtomicU64,
     /// Time from reading a request to writing its answer, for requests routed here.
@@ -169,6 +174,9 @@ pub struct Target {
     /// The load its last `pong` reported; written by the health check, read by the
     /// autoscaler. A std mutex: held only to copy two numbers, never across an await.
     reported: Mutex<Option<Load>>,
+    /// The batch times of that report, for admission on the routing path: atomics, since
+    /// every request with a deadline reads them.
+    times: ReportedTimes,
     /// Outlier detection's view of it: whether routing passes over it, and why.
     pub(crate) outlier: OutlierCell,
 }
@@ -196,6 +204,7 @@ impl Target {
             state: AtomicU8::new(TargetState::Initial as u8),
             since: Mutex::new(SystemTime::now()),
             outstanding: Outstanding::default(),
+            low_outstanding: AtomicUsize::new(0),
             routed: AtomicU64::new(0),
             latency: Histogram::latency(),
             conns: (0..connections.max(1))
@@ -208,6 +217,7 @@ impl Target {
             idle: Notify::new(),
             signal,
             reported: Mutex::new(None),
+            times: ReportedTimes::default(),
             outlier: OutlierCell::default(),
         }
     }
@@ -237,6 +247,11 @@ impl Target {
         self.outstanding.get()
     }
 
+    /// How many of its outstanding requests are low priority.
+    pub(crate) fn low_outstanding(&self) -> usize {
+        self.low_outstanding.load(Ordering::Relaxed)
+    }
+
     /// The load (busy share, queue delay) the target's last `pong` reported, if any.
     pub fn reported_load(&self) -> Option<Load> {
         *self.reported.lock().unwrap_or_else(|p| p.into_inner())
@@ -244,7 +259,14 @@ impl Target {
 
     /// Records the load a health check's `pong` reported (`None`: it reported none).
     pub(crate) fn set_reported_load(&self, load: Option<Load>) {
+        self.times.set(load.and_then(|l| l.batches));
         *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = load;
+    }
+
+    /// The batch times its last `pong` reported, if any (lock-free: admission reads them
+    /// for every request with a deadline).
+    pub(crate) fn batch_times(&self) -> Option<BatchTimes> {
+        self.times.get()
     }
 
     /// Requests routed to it since it was registered.
@@ -368,6 +390,8 @@ impl Target {
 /// outstanding count from creation to drop.
 pub(crate) struct InFlight {
     target: Arc<Target>,
+    /// Also counted in the target's low-priority count.
+    low: bool,
 }
 
 impl InFlight {
@@ -391,7 +415,15 @@ impl InFlight {
         target.routed.fetch_add(1, Ordering::Relaxed);
         Some(InFlight {
             target: Arc::clone(target),
+            low: false,
         })
+    }
+
+    /// Counts the request in the target's low-priority count too, until the guard drops.
+    pub(crate) fn count_low(&mut self) {
+        if !std::mem::replace(&mut self.low, true) {
+            self.target.low_outstanding.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The target it counts on.
@@ -402,6 +434,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if self.low {
+            self.target.low_outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
         if self.target.outstanding.0.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.target.idle.notify_waiters();
         }
@@ -431,6 +466,9 @@ pub struct TargetInfo {
     pub busy: Option<f64>,
     /// The queue delay its last `pong` reported, in microseconds.
     pub queue_us: Option<u64>,
+    /// The batch run times its last `pong` reported (a worker serving to deadlines, once
+    /// it has run a batch): what predicted-finish admission forecasts with.
+    pub batches: Option<BatchTimes>,
     /// Why outlier detection has ejected it, while it is ejected: routing passes over it
     /// until the ejection ends (`--eject-consecutive`, `--eject-base`).
     pub ejected: Option<EjectionReason>,
@@ -452,6 +490,7 @@ impl From<&Target> for TargetInfo {
             since: t.since(),
             busy: reported.map(|l| f64::from(l.busy)),
             queue_us: reported.map(|l| l.queue_us),
+            batches: reported.and_then(|l| l.batches),
             ejected: t.outlier.ejection(),
         }
     }
@@ -519,6 +558,13 @@ mod tests {
         drop(b);
         assert_eq!(t.outstanding(), 0);
         assert_eq!(t.routed(), 2);
+
+        let mut low = InFlight::try_acquire(&t, None).unwrap();
+        low.count_low();
+        low.count_low();
+        assert_eq!(t.low_outstanding(), 1, "counted once");
+        drop(low);
+        assert_eq!((t.outstanding(), t.low_outstanding()), (0, 0));
     }
 
     #[test]

@@ -67,8 +67,8 @@ pub use codec::{encode_frame, FrameCodec, Inbound, MessageCodec, DEFAULT_MAX_FRA
 pub use error::Error;
 pub use limits::{LimitExceeded, Limits};
 pub use message::{
-    ErrorCode, ErrorReply, Infer, InferResult, Load, Message, MetadataResult, RequestId, Tensors,
-    CONNECTION_ID,
+    late_retry_ms, BatchTimes, ErrorCode, ErrorReply, Infer, InferResult, Load, Message,
+    MetadataResult, RequestId, Tensors, CONNECTION_ID,
 };
 pub use metadata::{ModelMetadata, PaddingMetadata, TensorMetadata};
 pub use pool::Pool;

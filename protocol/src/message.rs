@@ -92,6 +92,48 @@ pub struct Load {
     /// The time items waited in the queue before their batch ran, averaged over the same
     /// recent seconds, in microseconds (wire key `queue_us`).
     pub queue_us: u64,
+    /// The batch run times the worker predicts with, when it serves to deadlines and has run
+    /// a batch: what a balancer's predicted-finish admission forecasts with.
+    pub batches: Option<BatchTimes>,
+}
+
+/// A worker's predicted batch run times, as its `pong` reports them (wire keys
+/// `batch_one_us`, `batch_full_us`, `max_batch`, all three or none).
+///
+/// Read from a peer, so bounded at decode ([`BatchTimes::checked`]): a report a balancer
+/// acts on must not make its arithmetic overflow, and one broken worker's report is dropped
+/// rather than trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BatchTimes {
+    /// A batch of one item's predicted run time, in microseconds (at most
+    /// [`BatchTimes::MAX_US`]).
+    pub one_us: u64,
+    /// A full batch's predicted run time, in microseconds (at most [`BatchTimes::MAX_US`]).
+    pub full_us: u64,
+    /// The most items the worker runs in one batch (1 to [`BatchTimes::MAX_BATCH`]).
+    pub max_batch: u32,
+}
+
+impl BatchTimes {
+    /// The longest batch time a report may state, an hour: longer reads as an hour.
+    pub const MAX_US: u64 = 3_600_000_000;
+    /// The largest batch a report may state: larger reads as this.
+    pub const MAX_BATCH: u32 = 1 << 20;
+
+    /// A report from its wire keys: `None` unless all three are present and the batch size
+    /// is at least 1; times and size beyond their bounds read as the bound.
+    pub fn checked(
+        one_us: Option<u64>,
+        full_us: Option<u64>,
+        max_batch: Option<u32>,
+    ) -> Option<Self> {
+        let max_batch = max_batch.filter(|&n| n > 0)?;
+        Some(BatchTimes {
+            one_us: one_us?.min(Self::MAX_US),
+            full_us: full_us?.min(Self::MAX_US),
+            max_batch: max_batch.min(Self::MAX_BATCH),
+        })
+    }
 }
 
 /// An `infer` request: one item, without the batch dimension.
@@ -161,6 +203,15 @@ impl ErrorReply {
         self.retry_after_ms = Some(ms);
         self
     }
+}
+
+/// The `retry_after_ms` for a request refused because it was predicted to be answered
+/// `late_by` after its deadline (by a worker or a balancer): by then the work ahead of it has
+/// shrunk by that much. At least 1 ms, at most a minute.
+pub fn late_retry_ms(late_by: std::time::Duration) -> u64 {
+    u64::try_from(late_by.as_millis().saturating_add(1))
+        .unwrap_or(u64::MAX)
+        .clamp(1, 60_000)
 }
 
 /// The error codes of protocol v1.
@@ -374,9 +425,15 @@ pub(crate) mod key {
     pub(crate) const PRIORITY: &str = "priority";
     /// An `infer`'s tenant.
     pub(crate) const TENANT: &str = "tenant";
+    /// A `pong`'s predicted run time of a batch of one.
+    pub(crate) const BATCH_ONE_US: &str = "batch_one_us";
+    /// A `pong`'s predicted run time of a full batch.
+    pub(crate) const BATCH_FULL_US: &str = "batch_full_us";
+    /// A `pong`'s most items per batch.
+    pub(crate) const MAX_BATCH: &str = "max_batch";
 
     /// Every top-level key the decoder knows, each allowed once in a message.
-    pub(crate) const ALL: [&str; 17] = [
+    pub(crate) const ALL: [&str; 20] = [
         TYPE,
         ID,
         INPUTS,
@@ -394,6 +451,9 @@ pub(crate) mod key {
         MODEL,
         PRIORITY,
         TENANT,
+        BATCH_ONE_US,
+        BATCH_FULL_US,
+        MAX_BATCH,
     ];
 }
 
@@ -416,6 +476,9 @@ struct WireOut<'a> {
     model: Option<&'a ModelMetadata>,
     priority: Option<Priority>,
     tenant: Option<&'a str>,
+    batch_one_us: Option<u64>,
+    batch_full_us: Option<u64>,
+    max_batch: Option<u32>,
 }
 
 impl Serialize for WireOut<'_> {
@@ -449,6 +512,9 @@ impl Serialize for WireOut<'_> {
             self.model.is_some(),
             self.priority.is_some(),
             self.tenant.is_some(),
+            self.batch_one_us.is_some(),
+            self.batch_full_us.is_some(),
+            self.max_batch.is_some(),
         ];
         let len = 2 + present.iter().filter(|p| **p).count();
         let mut map = serializer.serialize_map(Some(len))?;
@@ -469,6 +535,9 @@ impl Serialize for WireOut<'_> {
         entry(&mut map, key::MODEL, self.model)?;
         entry(&mut map, key::PRIORITY, self.priority.map(Priority::as_str))?;
         entry(&mut map, key::TENANT, self.tenant)?;
+        entry(&mut map, key::BATCH_ONE_US, self.batch_one_us.as_ref())?;
+        entry(&mut map, key::BATCH_FULL_US, self.batch_full_us.as_ref())?;
+        entry(&mut map, key::MAX_BATCH, self.max_batch.as_ref())?;
         map.end()
     }
 }
@@ -493,6 +562,9 @@ impl<'a> WireOut<'a> {
             model: None,
             priority: None,
             tenant: None,
+            batch_one_us: None,
+            batch_full_us: None,
+            max_batch: None,
         }
     }
 }
@@ -526,6 +598,11 @@ impl<'a> From<&'a Message> for WireOut<'a> {
             } => {
                 w.busy = Some(load.busy);
                 w.queue_us = Some(load.queue_us);
+                if let Some(times) = load.batches {
+                    w.batch_one_us = Some(times.one_us);
+                    w.batch_full_us = Some(times.full_us);
+                    w.max_batch = Some(times.max_batch);
+                }
             }
             Message::MetadataResult(m) => {
                 w.model = Some(&m.model);
@@ -577,6 +654,12 @@ struct WireIn<'a> {
     priority: Option<WireText<'a>>,
     #[serde(borrow, default)]
     tenant: Option<WireText<'a>>,
+    #[serde(default)]
+    batch_one_us: Option<u64>,
+    #[serde(default)]
+    batch_full_us: Option<u64>,
+    #[serde(default)]
+    max_batch: Option<u32>,
 }
 
 /// A `priority` or `tenant` value as read: a string, or anything else (kept only to say it
@@ -709,12 +792,18 @@ impl WireIn<'_> {
             "ping" => Message::Ping { id },
             // A load report needs its busy share; a bare `queue_us` is ignored, and so is a
             // share that is no fraction (NaN, infinite): the autoscaler sums these, and one
-            // worker's broken report must not make the pool's total meaningless.
+            // worker's broken report must not make the pool's total meaningless. Batch times
+            // come with a load report or not at all, bounded ([`BatchTimes::checked`]).
             "pong" => Message::Pong {
                 id,
                 load: self.busy.filter(|b| b.is_finite()).map(|busy| Load {
                     busy: busy.clamp(0.0, 1.0),
                     queue_us: self.queue_us.unwrap_or(0),
+                    batches: BatchTimes::checked(
+                        self.batch_one_us,
+                        self.batch_full_us,
+                        self.max_batch,
+                    ),
                 }),
             },
             "metadata" => Message::Metadata { id },
@@ -868,6 +957,19 @@ pub(crate) mod tests {
                 load: Some(Load {
                     busy: 0.625,
                     queue_us: 1800,
+                    batches: None,
+                }),
+            },
+            Message::Pong {
+                id: 3,
+                load: Some(Load {
+                    busy: 0.5,
+                    queue_us: 900,
+                    batches: Some(BatchTimes {
+                        one_us: 11_000,
+                        full_us: 18_000,
+                        max_batch: 8,
+                    }),
                 }),
             },
             Message::Metadata { id: 2 },
@@ -899,7 +1001,11 @@ pub(crate) mod tests {
         let pong = |busy: f32| {
             let msg = Message::Pong {
                 id: 4,
-                load: Some(Load { busy, queue_us: 9 }),
+                load: Some(Load {
+                    busy,
+                    queue_us: 9,
+                    batches: None,
+                }),
             };
             match Message::decode(&Bytes::from(msg.to_msgpack().unwrap())).unwrap() {
                 Message::Pong { load, .. } => load.map(|l| l.busy),
@@ -911,6 +1017,64 @@ pub(crate) mod tests {
         assert_eq!(pong(7.5), Some(1.0));
         assert_eq!(pong(-0.5), Some(0.0));
         assert_eq!(pong(0.25), Some(0.25));
+    }
+
+    /// A worker's batch times are taken only whole and within bounds: a report a balancer
+    /// forecasts with cannot make it overflow or divide by zero.
+    #[test]
+    fn batch_times_are_whole_and_bounded_or_dropped() {
+        #[derive(Serialize)]
+        struct Pong {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            id: u64,
+            busy: f32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            batch_one_us: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            batch_full_us: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            max_batch: Option<u32>,
+        }
+        let times = |one, full, max| {
+            let body = encode(&Pong {
+                kind: "pong",
+                id: 5,
+                busy: 0.5,
+                batch_one_us: one,
+                batch_full_us: full,
+                max_batch: max,
+            });
+            match Message::decode(&body).unwrap() {
+                Message::Pong { load, .. } => load.expect("busy makes a load report").batches,
+                other => panic!("a pong decodes as a pong, got {other:?}"),
+            }
+        };
+        let whole = BatchTimes {
+            one_us: 10,
+            full_us: 20,
+            max_batch: 4,
+        };
+        assert_eq!(times(Some(10), Some(20), Some(4)), Some(whole));
+        assert_eq!(times(None, Some(20), Some(4)), None, "a key missing");
+        assert_eq!(times(Some(10), None, Some(4)), None);
+        assert_eq!(times(Some(10), Some(20), None), None);
+        assert_eq!(times(Some(10), Some(20), Some(0)), None, "no batch of 0");
+        assert_eq!(
+            times(Some(u64::MAX), Some(u64::MAX), Some(u32::MAX)),
+            Some(BatchTimes {
+                one_us: BatchTimes::MAX_US,
+                full_us: BatchTimes::MAX_US,
+                max_batch: BatchTimes::MAX_BATCH,
+            })
+        );
+    }
+
+    #[test]
+    fn a_late_request_is_told_to_retry_once_it_would_be_in_time() {
+        assert_eq!(late_retry_ms(std::time::Duration::from_millis(7)), 8);
+        assert_eq!(late_retry_ms(std::time::Duration::ZERO), 1);
+        assert_eq!(late_retry_ms(std::time::Duration::from_secs(3600)), 60_000);
     }
 
     #[test]

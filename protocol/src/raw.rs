@@ -354,14 +354,18 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
                 c.opt(Cursor::str)?;
                 client_entry = Some(entry_start..0);
             }
-            key::BATCH_SIZE => {
+            key::BATCH_SIZE | key::MAX_BATCH => {
                 if c.opt(Cursor::uint)?
                     .is_some_and(|n| n > u64::from(u32::MAX))
                 {
                     return None;
                 }
             }
-            key::QUEUE_US | key::INFER_US | key::RETRY_AFTER_MS => {
+            key::QUEUE_US
+            | key::INFER_US
+            | key::RETRY_AFTER_MS
+            | key::BATCH_ONE_US
+            | key::BATCH_FULL_US => {
                 c.opt(Cursor::uint)?;
             }
             key::MODEL => {

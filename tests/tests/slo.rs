@@ -1,8 +1,10 @@
 //! Serving to a latency objective, end to end on a real worker: the `priority` field on the
 //! wire (validated, answered under its id), and a bystander client whose every request gets
 //! its normal answer while another client floods the worker with tight deadlines at low
-//! priority, each of whose requests gets exactly one answer of a documented kind; and the
-//! field forwarded by the balancer unchanged.
+//! priority, each of whose requests gets exactly one answer of a documented kind; the
+//! field forwarded by the balancer unchanged; and the balancer's predicted-finish
+//! admission, which answers a burst that the worker cannot serve in time itself, so that
+//! the worker never sees those requests, while a bystander is served as usual.
 
 // A failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
@@ -13,12 +15,15 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
 use tidepool_protocol::{
-    CallOptions, Client, Error, ErrorCode, Infer, Message, MessageCodec, Priority, Tensor, Tensors,
+    CallOptions, Client, Error, ErrorCode, Infer, InferResult, Message, MessageCodec, Priority,
+    Tensor, Tensors,
 };
 use tidepool_tests::balancer::{fast_config, TestBalancer};
 use tidepool_tests::init_tracing;
 use tidepool_tests::worker::{start_worker, worker_config, TinyModel};
 use tidepool_worker::goodput::Refusal;
+use tidepool_worker::metrics::Outcome;
+use tidepool_worker::ServeConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
@@ -28,6 +33,23 @@ fn item(dim: usize, v: f32) -> Tensors {
         "input".to_owned(),
         Tensor::from_vec(vec![dim], vec![v; dim]).unwrap(),
     )])
+}
+
+/// A model large enough that a batch takes a measurable time, so that the worker's profile
+/// has something to predict with.
+fn measurable() -> TinyModel {
+    TinyModel {
+        size: 8 << 20,
+        ..TinyModel::default()
+    }
+}
+
+/// A worker of `tiny` that batches up to 4 items, with a queue of `queue`.
+fn batching(tiny: &TinyModel, queue: usize) -> ServeConfig {
+    let mut config = worker_config(&tiny.write());
+    config.max_batch = 4;
+    config.queue = queue;
+    config
 }
 
 #[tokio::test]
@@ -82,16 +104,8 @@ async fn an_unknown_priority_is_a_bad_request_and_the_connection_goes_on() {
 #[tokio::test]
 async fn a_bystander_is_served_while_another_client_floods_tight_low_priority_requests() {
     init_tracing();
-    // Large enough that a batch takes a measurable time, so the profile has something to
-    // predict with.
-    let tiny = TinyModel {
-        size: 8 << 20,
-        ..TinyModel::default()
-    };
-    let mut config = worker_config(&tiny.write());
-    config.max_batch = 4;
-    config.queue = 64;
-    let worker = start_worker(config).await;
+    let tiny = measurable();
+    let worker = start_worker(batching(&tiny, 64)).await;
     let dim = tiny.input_dim;
     let flooder = Client::connect(worker.local_addr()).await.unwrap();
     let bystander = Client::connect(worker.local_addr()).await.unwrap();
@@ -107,34 +121,12 @@ async fn a_bystander_is_served_while_another_client_floods_tight_low_priority_re
             flooder.infer_with(item(dim, 1.0), options).await
         }
     }));
-    let served = async {
-        for _ in 0..40 {
-            let options = CallOptions {
-                deadline: Some(Duration::from_secs(30)),
-                priority: Priority::Normal,
-            };
-            let result = bystander
-                .infer_with(item(dim, 0.25), options)
-                .await
-                .unwrap();
-            assert_eq!(result.outputs, expected, "the bystander's normal answer");
-        }
-    };
+    let served = serve_bystander(&bystander, dim, &expected, 40, |_| {
+        Some(Duration::from_secs(30))
+    });
     let (flooded, ()) = tokio::join!(flood, served);
 
-    // Every flood request got one answer: a result, or a refusal of a documented kind.
-    let mut refused = 0;
-    for answer in &flooded {
-        match answer {
-            Ok(_) => {}
-            Err(Error::Overloaded { retry_after, .. }) => {
-                assert!(retry_after.is_some_and(|d| d >= Duration::from_millis(1)));
-                refused += 1;
-            }
-            Err(Error::DeadlineExceeded { .. }) => refused += 1,
-            Err(other) => panic!("an answer outside the objective's kinds: {other}"),
-        }
-    }
+    let refused = refusals(&flooded);
     assert!(
         refused > 0,
         "400 low requests with 1-3 ms budgets were all served"
@@ -193,6 +185,128 @@ async fn priority_passes_through_the_balancer_to_the_worker() {
     assert!(
         worker.metrics().goodput.refusals(Refusal::LowPriority) > 0,
         "the worker never saw a low-priority request through the balancer"
+    );
+    lb.stop().await.unwrap();
+    worker.shutdown().await.unwrap();
+}
+
+/// Sends `calls` requests one after another, the `i`th with `deadline(i)`: each must get
+/// the bystander's normal answer, `expected`.
+async fn serve_bystander(
+    client: &Client,
+    dim: usize,
+    expected: &Tensors,
+    calls: usize,
+    deadline: impl Fn(usize) -> Option<Duration>,
+) {
+    for i in 0..calls {
+        let options = CallOptions {
+            deadline: deadline(i),
+            priority: Priority::Normal,
+        };
+        let result = client.infer_with(item(dim, 0.25), options).await.unwrap();
+        assert_eq!(&result.outputs, expected, "the bystander's normal answer");
+    }
+}
+
+/// Checks that every flood request got one answer, a result or a refusal of a documented
+/// kind (`overloaded` with a retry hint, `deadline_exceeded`); returns the refusals.
+fn refusals(answers: &[Result<InferResult, Error>]) -> usize {
+    answers
+        .iter()
+        .filter(|answer| match answer {
+            Ok(_) => false,
+            Err(Error::Overloaded { retry_after, .. }) => {
+                assert!(retry_after.is_some_and(|d| d >= Duration::from_millis(1)));
+                true
+            }
+            Err(Error::DeadlineExceeded { .. }) => true,
+            Err(other) => panic!("an answer outside the objective's kinds: {other}"),
+        })
+        .count()
+}
+
+/// The sum of a worker's answered items, every outcome together.
+fn worker_items(worker: &tidepool_worker::Worker) -> u64 {
+    let metrics = worker.metrics();
+    metrics.items(Outcome::Ok)
+        + ErrorCode::ALL
+            .into_iter()
+            .map(|code| metrics.items(Outcome::Error(code)))
+            .sum::<u64>()
+}
+
+/// A counter's value in a `/metrics` text.
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("{series} is not in /metrics"))
+}
+
+#[tokio::test]
+async fn the_balancer_refuses_a_flood_no_worker_can_answer_in_time_and_serves_the_bystander() {
+    init_tracing();
+    let tiny = measurable();
+    // Room for the whole flood: what refuses here is predicting, not a full queue.
+    let worker = start_worker(batching(&tiny, 1024)).await;
+    let lb = TestBalancer::start(fast_config(&[worker.local_addr()])).await;
+    lb.wait_healthy(1).await;
+    let dim = tiny.input_dim;
+    let bystander = lb.client().await;
+    let expected = bystander.infer(item(dim, 0.25)).await.unwrap().outputs;
+    // Full batches too, so that the worker's profile has both ends.
+    let warm = futures::future::join_all((0..8).map(|_| bystander.infer(item(dim, 0.25)))).await;
+    assert!(warm.iter().all(Result::is_ok));
+
+    // The next health check brings the worker's batch times to the balancer.
+    lb.wait_for("the worker's batch times", |h| {
+        h.targets().first().is_some_and(|t| t.batches.is_some())
+    })
+    .await;
+    let times = lb.handle.targets()[0].batches.unwrap();
+    // Room for the request's own batch and three full ones: the balancer forwards about
+    // five batches' worth of the burst and answers the rest itself.
+    let budget_us = times.one_us + 3 * times.full_us;
+    let budget = Duration::from_millis(budget_us.div_ceil(1000).max(2));
+
+    let flooder = lb.client().await;
+    const FLOOD: u64 = 400;
+    let flood = futures::future::join_all((0..FLOOD).map(|_| {
+        let flooder = flooder.clone();
+        async move {
+            let options = CallOptions {
+                deadline: Some(budget),
+                priority: Priority::Normal,
+            };
+            flooder.infer_with(item(dim, 1.0), options).await
+        }
+    }));
+    // Loose deadlines and none: admission must pass both.
+    let served = serve_bystander(&bystander, dim, &expected, 40, |i| {
+        (i % 2 == 0).then_some(Duration::from_secs(30))
+    });
+    let (flooded, ()) = tokio::join!(flood, served);
+    let bystander_calls = 1 + 8 + 40;
+    refusals(&flooded);
+    let text = lb.handle.metrics_text();
+    let at_balancer = counter(&text, "tidepool_rejected_total{reason=\"predicted_late\"}")
+        + counter(&text, "tidepool_rejected_total{reason=\"doomed\"}");
+    assert!(
+        at_balancer > 0,
+        "a burst of {FLOOD} with {budget:?} each was all forwarded"
+    );
+    // What the balancer refused never reached the worker.
+    let flood_at_worker = worker_items(&worker) - bystander_calls;
+    assert!(
+        flood_at_worker <= FLOOD - at_balancer,
+        "the worker answered {flood_at_worker} flood requests, the balancer refused {at_balancer}"
+    );
+    let goodput = &worker.metrics().goodput;
+    let at_worker = goodput.refusals(Refusal::PredictedLate) + goodput.refusals(Refusal::Doomed);
+    assert!(
+        at_worker < at_balancer,
+        "the worker refused {at_worker}, the balancer {at_balancer}: the balancer should catch the burst"
     );
     lb.stop().await.unwrap();
     worker.shutdown().await.unwrap();

@@ -7,7 +7,8 @@
 //!   one handed over) plus the full batches that the items of its class or a higher one
 //!   already queued make; its own batch is the rest of those items and itself. If even that
 //!   (optimistic: no waiting, no slower machine) ends after its deadline, the item is refused
-//!   at once, `overloaded` with a `retry_after_ms` of how late it would have been, instead of
+//!   at once, `overloaded` with a `retry_after_ms` of how late it would have been
+//!   ([`tidepool_protocol::late_retry_ms`], the balancer's rule too), instead of
 //!   queueing to be answered `deadline_exceeded` later, after taking a place in the queue
 //!   from items that could still make it.
 //! - **Doomed items** ([`doomed`]). An item that cannot finish by its deadline even if its
@@ -107,14 +108,6 @@ pub fn judge(now: Instant, deadline: Instant, forecast: Forecast) -> Verdict {
     }
 }
 
-/// The `retry_after_ms` for an item refused `late_by` too late: by then the queue ahead of
-/// it has shrunk by that much model time. At least 1 ms, at most a minute.
-pub fn retry_after_ms(late_by: Duration) -> u64 {
-    u64::try_from(late_by.as_millis().saturating_add(1))
-        .unwrap_or(u64::MAX)
-        .clamp(1, 60_000)
-}
-
 /// True when an item due at `deadline` cannot finish in time even alone, started once the
 /// model's `model_busy` of work in hand is done: a batch of one runs `alone`.
 pub fn doomed(now: Instant, deadline: Instant, model_busy: Duration, alone: Duration) -> bool {
@@ -184,9 +177,6 @@ mod tests {
                 late_by: ms(7)
             }
         );
-        assert_eq!(retry_after_ms(ms(7)), 8);
-        assert_eq!(retry_after_ms(Duration::ZERO), 1);
-        assert_eq!(retry_after_ms(Duration::from_secs(3600)), 60_000);
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,7 +29,9 @@
 //!   batches run: an arriving item that would finish late is refused at once, an item that
 //!   could not finish in time even alone is answered before its batch forms, and a partial
 //!   batch closes before waiting longer would make its most urgent member late
-//!   ([`crate::admission`]).
+//!   ([`crate::admission`]). The profile's times for a batch of one and a full one (its
+//!   fastest length bucket) go out in the worker's `pong` ([`BatcherHandle::batch_times`]),
+//!   so that a balancer refuses such items before it forwards them.
 //! - **Priority.** The queue is served by [`crate::priority`]'s effective rank (class, aged
 //!   by waiting), oldest first among equals; low items may fill only half the queue. A [`Canceller`]
 //!   removes an item that is still queued and answers it `cancelled`; an item that already
@@ -58,7 +60,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tidepool_protocol::{ErrorCode, Priority, Tensors};
+use tidepool_protocol::{BatchTimes, ErrorCode, Priority, Tensors};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
@@ -264,6 +266,9 @@ struct Shared {
     /// Recent batch duration in microseconds (an exponential moving average), for
     /// `retry_after_ms`.
     batch_us: AtomicU64,
+    /// The batch times the actor last predicted (adaptive mode, once a batch has run), for
+    /// `pong`. A std mutex held to copy three numbers, once per batch and per `pong`.
+    times: std::sync::Mutex<Option<BatchTimes>>,
     /// Wakes the actor to look for cancelled items.
     wake: Notify,
     /// What an item's flow is named by.
@@ -384,6 +389,16 @@ impl BatcherHandle {
         self.shared.capacity - self.shared.permits.available_permits()
     }
 
+    /// The batch run times the worker predicts with, for its `pong`: `None` in fixed mode
+    /// and until a batch has run, so that a balancer then admits everything.
+    pub fn batch_times(&self) -> Option<BatchTimes> {
+        *self
+            .shared
+            .times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// How long until the queue has room, estimated: the batches ahead times the recent
     /// batch time, at least 1 ms.
     fn retry_after_ms(&self) -> u64 {
@@ -484,6 +499,7 @@ impl Batcher {
             capacity,
             max_batch: config.max_batch.max(1),
             batch_us: AtomicU64::new(0),
+            times: std::sync::Mutex::new(None),
             wake: Notify::new(),
             fairness: config.fairness.mode,
             metrics: Arc::clone(&metrics),
@@ -509,6 +525,7 @@ impl Batcher {
             drain_deadline: None,
             drain_expired: false,
         };
+        actor.publish_times();
         let task = tokio::spawn(actor.run(shutdown));
         Ok(Batcher {
             handle: BatcherHandle { tx, shared },
@@ -705,7 +722,7 @@ impl<S: Stager> Actor<S> {
                 finish.as_millis(),
                 budget.as_millis()
             ),
-            retry_after_ms: Some(admission::retry_after_ms(late_by)),
+            retry_after_ms: Some(tidepool_protocol::late_retry_ms(late_by)),
         };
         Some((Refusal::PredictedLate, rejection))
     }
@@ -723,6 +740,29 @@ impl<S: Stager> Actor<S> {
                 }
             })
             .sum()
+    }
+
+    /// Publishes the profile's batch times for `pong` (adaptive mode only: a fixed batcher
+    /// admits everything, and so should a balancer in front of it).
+    fn publish_times(&self) {
+        if self.config.mode != BatchingMode::Adaptive {
+            return;
+        }
+        let max_batch = self.shared.max_batch;
+        let times = self
+            .profile
+            .fastest(1)
+            .zip(self.profile.fastest(max_batch))
+            .map(|(one, full)| BatchTimes {
+                one_us: micros(one),
+                full_us: micros(full),
+                max_batch: u32::try_from(max_batch).unwrap_or(u32::MAX),
+            });
+        *self
+            .shared
+            .times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = times;
     }
 
     fn begin_drain(&mut self) {
@@ -759,6 +799,7 @@ impl<S: Stager> Actor<S> {
                 batch.size,
                 Duration::from_micros(done.infer_us),
             );
+            self.publish_times();
         }
         self.metrics.infer_time.observe(done.infer_us);
         let old = self.shared.batch_us.load(Ordering::Relaxed);
@@ -1888,6 +1929,48 @@ mod tests {
         );
         let fair = deadline_behind_a_flood(FairnessMode::Tenant).await.unwrap();
         assert_eq!(value(&fair), 9.0);
+    }
+
+    #[tokio::test]
+    async fn the_batch_times_are_reported_in_adaptive_mode_once_a_batch_ran() {
+        let learned = Rig::with_profile(
+            config(8, Duration::ZERO),
+            false,
+            Behaviour::Echo,
+            flat_profile(8, 100 * MS),
+        );
+        assert_eq!(
+            learned.batcher.handle().batch_times(),
+            Some(BatchTimes {
+                one_us: 100_000,
+                full_us: 100_000,
+                max_batch: 8
+            })
+        );
+
+        let fresh = Rig::new(config(4, Duration::ZERO), false, Behaviour::Echo);
+        assert_eq!(
+            fresh.batcher.handle().batch_times(),
+            None,
+            "nothing ran yet"
+        );
+        fresh.submit(1.0).wait().await.unwrap();
+        let times = fresh.batcher.handle().batch_times().expect("a batch ran");
+        assert_eq!(times.max_batch, 4);
+        assert_eq!(
+            times.one_us, times.full_us,
+            "one size measured: flat, as the worker itself predicts"
+        );
+
+        let mut cfg = config(8, Duration::ZERO);
+        cfg.mode = BatchingMode::Fixed;
+        let fixed = Rig::with_profile(cfg, false, Behaviour::Echo, flat_profile(8, 100 * MS));
+        fixed.submit(1.0).wait().await.unwrap();
+        assert_eq!(
+            fixed.batcher.handle().batch_times(),
+            None,
+            "a fixed batcher admits everything, so a balancer must too"
+        );
     }
 
     // Real time from here: a drain deadline is a timer, and paused time would jump to it

@@ -204,12 +204,14 @@ impl BusyMeter {
         self.reading_at(Instant::now())
     }
 
-    /// The load report of `pong` as of `now`: `busy` is the load share.
+    /// The load report of `pong` as of `now`: `busy` is the load share. The batch times are
+    /// the batcher's to add (its profile, not this meter's shape, is what it predicts with).
     pub fn load_at(&self, now: Instant) -> Load {
         let r = self.reading_at(now);
         Load {
             busy: r.load_share as f32,
             queue_us: r.queue_us.round() as u64,
+            batches: None,
         }
     }
 

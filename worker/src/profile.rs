@@ -85,6 +85,15 @@ impl Profile {
         Some(Duration::from_secs_f64(seconds.max(0.0)))
     }
 
+    /// The fastest length bucket's predicted run time of a batch of `size`: what the worker
+    /// reports in `pong` for a balancer, which cannot see an item's length and so forecasts
+    /// optimistically. `None` until a batch has run.
+    pub fn fastest(&self, size: usize) -> Option<Duration> {
+        (0..self.times.len())
+            .filter_map(|bucket| self.predict(bucket, size))
+            .min()
+    }
+
     fn index(&self, bucket: usize, size: usize) -> (usize, usize) {
         (
             bucket.min(self.times.len() - 1),
@@ -147,6 +156,21 @@ mod tests {
         flat.observe(0, 3, ms(25));
         assert_eq!(flat.predict(0, 16), Some(ms(25)), "one size measured: flat");
         assert_eq!(flat.predict(0, 1), Some(ms(25)));
+    }
+
+    #[test]
+    fn the_report_takes_the_fastest_bucket_per_size() {
+        let mut profile = Profile::new(4, 3);
+        assert_eq!(profile.fastest(1), None);
+        profile.observe(1, 1, ms(30));
+        profile.observe(1, 4, ms(60));
+        profile.observe(2, 4, ms(50));
+        assert_eq!(
+            profile.fastest(1),
+            Some(ms(30)),
+            "bucket 2 predicts flat 50"
+        );
+        assert_eq!(profile.fastest(4), Some(ms(50)));
     }
 
     #[test]

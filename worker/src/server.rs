@@ -37,7 +37,8 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use tidepool_protocol::tls::{Stream, TlsAcceptor, WriteHalf};
 use tidepool_protocol::{
     encode_frame, Error as ProtocolError, ErrorCode, ErrorReply, FrameBudget, FrameReader, Infer,
-    InferResult, Message, MessageCodec, MetadataResult, ModelMetadata, RequestId, CONNECTION_ID,
+    InferResult, Load, Message, MessageCodec, MetadataResult, ModelMetadata, RequestId,
+    CONNECTION_ID,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -400,14 +401,17 @@ impl Connection {
                 None
             }
             Message::Ping { id } => Some(Answer {
-                message: self.when_ready(id, |_| Message::Pong {
+                message: self.when_ready(id, |_, batcher| Message::Pong {
                     id,
-                    load: Some(self.context.metrics.busy.load()),
+                    load: Some(Load {
+                        batches: batcher.batch_times(),
+                        ..self.context.metrics.busy.load()
+                    }),
                 }),
                 counts: false,
             }),
             Message::Metadata { id } => Some(Answer {
-                message: self.when_ready(id, |metadata| {
+                message: self.when_ready(id, |metadata, _| {
                     Message::MetadataResult(MetadataResult {
                         id,
                         model: ModelMetadata::clone(metadata),
@@ -433,11 +437,17 @@ impl Connection {
         }
     }
 
-    /// `ready`'s answer once the model is loaded (it gets the model's metadata);
-    /// `unavailable` while loading or shutting down.
-    fn when_ready(&self, id: RequestId, ready: impl FnOnce(&ModelMetadata) -> Message) -> Message {
+    /// `ready`'s answer once the model is loaded (it gets the model's metadata and the way
+    /// into its batcher); `unavailable` while loading or shutting down.
+    fn when_ready(
+        &self,
+        id: RequestId,
+        ready: impl FnOnce(&ModelMetadata, &BatcherHandle) -> Message,
+    ) -> Message {
         match &*self.context.phase.borrow() {
-            Phase::Ready { metadata, .. } => ready(metadata),
+            Phase::Ready {
+                metadata, batcher, ..
+            } => ready(metadata, batcher),
             Phase::Loading => Message::Error(
                 ErrorReply::new(
                     id,

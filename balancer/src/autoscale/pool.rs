@@ -62,6 +62,7 @@ pub(crate) mod fake {
                 since: SystemTime::UNIX_EPOCH,
                 busy: None,
                 queue_us: None,
+                batches: None,
                 ejected: None,
             };
             let mut s = self.state();

@@ -114,6 +114,7 @@ mod tests {
             since: SystemTime::UNIX_EPOCH,
             busy: None,
             queue_us: None,
+            batches: None,
             ejected: None,
         }
     }
