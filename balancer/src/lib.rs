@@ -75,7 +75,7 @@
 //! `balancer` → `admin` → `handle` → `frontend` → `metadata` → `dispatch` → `discovery` →
 //! `registry` → `health` → `rescue` → `tls` → [`routing`] → [`config`] → [`autoscale`] → the data
 //! types → `auth` → `burst`, `error`, `validation`, and the leaves that import nothing of
-//! the crate: `retry`, `outlier`, `deadline`, `throttle` ([`heap`] and `shard` import only
+//! the crate: `retry`, `outlier`, `deadline`, `throttle`, `client_ids` ([`heap`] and `shard` import only
 //! `error`). (`autoscale` sees one data type, [`target`]'s
 //! `TargetInfo`, and `auth`'s token, which it hands to the workers it starts. Neighbours
 //! in the list need not import each other: `admin` and `frontend` do not.)
@@ -109,6 +109,7 @@ mod auth;
 pub mod autoscale;
 mod balancer;
 mod burst;
+mod client_ids;
 pub mod config;
 mod deadline;
 mod discovery;
