@@ -318,7 +318,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
         // the UTF-8 check (the check per string was a tenth of the balancer's instructions).
         let name = c.str_bytes()?;
         let Some(k) = key::ALL.iter().position(|known| known.as_bytes() == name) else {
-            std::str::from_utf8(name).ok()?;
+            utf8(name)?;
             c.skip()?;
             continue;
         };
@@ -350,7 +350,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
                 deadline_entry = Some(entry_start..0);
             }
             key::CLIENT => {
-                c.opt(Cursor::str)?;
+                c.opt(Cursor::text)?;
                 client_entry = Some(entry_start..0);
             }
             key::BATCH_SIZE => {
@@ -375,7 +375,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
             }
             _ => {
                 // worker, code, message: strings (every other known key).
-                c.opt(Cursor::str)?;
+                c.opt(Cursor::text)?;
             }
         }
         // Close the range of the entry just read.
@@ -422,7 +422,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
 /// A map of name → tensor, each checked as the full decoder does.
 fn tensors(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     for _ in 0..c.map_len()? {
-        c.str()?;
+        c.text()?;
         tensor(c, limits)?;
     }
     Some(())
@@ -436,7 +436,16 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     let mut data: Option<usize> = None;
     for _ in 0..c.map_len()? {
         match c.str_bytes()? {
-            b"dtype" if dtype.is_none() => dtype = Some(c.str()?.parse().ok()?),
+            b"dtype" if dtype.is_none() => {
+                // Compared as bytes: every dtype's name is ASCII, and anything else is
+                // refused either way.
+                let name = c.str_bytes()?;
+                dtype = Some(
+                    DType::ALL
+                        .into_iter()
+                        .find(|d| d.as_str().as_bytes() == name)?,
+                );
+            }
             b"shape" if shape_at.is_none() => {
                 shape_at = Some(c.pos);
                 let dims = c.array_len()?;
@@ -448,7 +457,7 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
             b"data" if data.is_none() => data = Some(c.bin()?.len()),
             b"dtype" | b"shape" | b"data" => return None,
             other => {
-                std::str::from_utf8(other).ok()?;
+                utf8(other)?;
                 c.skip()?;
             }
         }
@@ -462,6 +471,13 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
         expected = expected.and_then(|e| e.checked_mul(dim));
     }
     (expected == Some(data?)).then_some(())
+}
+
+/// Whether `bytes` are UTF-8, as the full decoder requires of every string. ASCII first:
+/// names, dtypes and addresses nearly always are, and `is_ascii` inlines to a few
+/// instructions a word where `from_utf8` is a call of a few dozen for a short string.
+fn utf8(bytes: &[u8]) -> Option<()> {
+    (bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()).then_some(())
 }
 
 /// A read position in a body. Every method returns `None` on anything it does not
@@ -524,6 +540,11 @@ impl<'a> Cursor<'a> {
 
     pub(crate) fn str(&mut self) -> Option<&'a str> {
         std::str::from_utf8(self.str_bytes()?).ok()
+    }
+
+    /// A string checked to be UTF-8 whose text is not needed.
+    fn text(&mut self) -> Option<()> {
+        utf8(self.str_bytes()?)
     }
 
     /// A string's bytes, not yet checked to be UTF-8: enough to compare with a known key
@@ -888,6 +909,34 @@ mod tests {
         let mut trailing = body(&every_message()[0]).to_vec();
         trailing.push(0xc0);
         assert!(RawMessage::scan(Bytes::from(trailing)).is_none());
+    }
+
+    #[test]
+    fn strings_are_checked_as_text_past_the_ascii_fast_path() {
+        // A tensor name and a client that are UTF-8 but not ASCII take the slow check.
+        let mut inputs = crate::Tensors::new();
+        inputs.insert(
+            "é".to_owned(),
+            Tensor::from_vec(vec![1], vec![1.0f32]).unwrap(),
+        );
+        let msg = Message::Infer(Infer {
+            id: 3,
+            inputs,
+            client: Some("ü:1".to_owned()),
+            ..Infer::default()
+        });
+        let good = body(&msg);
+        assert_eq!(RawMessage::scan(good.clone()).unwrap().to_message(), msg);
+        // The same bytes with `é` (c3 a9) broken, then `ü` (c3 bc): not text, refused by
+        // both.
+        for broken in [[0xc3, 0xa9], [0xc3, 0xbc]] {
+            let mut bad = good.to_vec();
+            let at = bad.windows(2).position(|w| w == broken).unwrap();
+            bad[at + 1] = 0xff;
+            let bad = Bytes::from(bad);
+            assert!(RawMessage::scan(bad.clone()).is_none());
+            assert!(Message::decode(&bad).is_err());
+        }
     }
 
     #[test]
