@@ -18,7 +18,7 @@ use crate::config::{Config, HedgeAfter};
 use crate::discovery::{resolve_one, Resolver, SystemResolver};
 use crate::dispatch::{Router, RoutingSettings};
 use crate::error::Error;
-use crate::frontend::{ClientLimits, FrontendContext};
+use crate::frontend::{Accept, ClientLimits, FrontendContext};
 use crate::handle::Handle;
 use crate::health::HealthCheck;
 use crate::hedge::{HedgeDelay, HedgeSettings, Hedges, Watches};
@@ -28,6 +28,7 @@ use crate::pending::Lifecycle;
 use crate::queue::{QueueHandle, QueueReceiver, QueueSignal, Reroute};
 use crate::registry::{GroupSettings, TargetGroup};
 use crate::retry::{Retries, RetrySettings};
+use crate::shard::{self, ShardRuntimes, Shards};
 use crate::target::Thresholds;
 use crate::tls::{Tls, TlsListener};
 use crate::upstream::UpstreamSettings;
@@ -48,7 +49,7 @@ pub struct Balancer {
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
     scaling: StatusSlot,
-    listener: TcpListener,
+    listener: ClientListener,
     admin: TcpListener,
     /// The admin API's token and refusal counts.
     auth: AdminAuth,
@@ -62,6 +63,38 @@ pub struct Balancer {
     static_targets: Vec<SocketAddr>,
     /// TLS of the client listener, the admin API and towards the targets, where asked for.
     tls: Tls,
+}
+
+/// Where client connections are accepted (`--shards`).
+enum ClientListener {
+    /// One listener on the runtime `run` is called on.
+    Single(TcpListener),
+    /// One listener per shard, each on its shard's thread and runtime.
+    Sharded(Shards),
+}
+
+impl ClientListener {
+    async fn bind(config: &Config) -> Result<ClientListener, Error> {
+        Ok(match shard::count(config.shards) {
+            1 => ClientListener::Single(bind(config.listen, "listen")?),
+            shards => ClientListener::Sharded(Shards::start(shards, config.listen).await?),
+        })
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            ClientListener::Single(listener) => listener.local_addr().ok(),
+            ClientListener::Sharded(shards) => Some(shards.addr()),
+        }
+    }
+
+    /// The shards' runtimes, where the target group opens each shard's connections.
+    fn runtimes(&self) -> ShardRuntimes {
+        match self {
+            ClientListener::Single(_) => ShardRuntimes::default(),
+            ClientListener::Sharded(shards) => shards.runtimes(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Balancer {
@@ -91,7 +124,7 @@ impl Balancer {
         for target in &config.targets {
             static_targets.push(resolve_one(target).await?);
         }
-        let listener = bind(config.listen, "listen")?;
+        let listener = ClientListener::bind(&config).await?;
         let admin = bind(config.admin, "admin")?;
         // The bound addresses: with port 0 the real ports are only known now.
         let rules = TargetRules::new(
@@ -128,7 +161,7 @@ impl Balancer {
             .with_hedges(hedges.as_ref().map(|(h, _)| h.clone()));
         let hedging = hedges.map(|(h, watches)| (h, watches, queue.reroute()));
         let group = TargetGroup::new(
-            group_settings(&config, &tls),
+            group_settings(&config, &tls, listener.runtimes()),
             rules,
             Arc::clone(&signal),
             queue.reroute(),
@@ -246,7 +279,8 @@ impl Balancer {
             ))
         });
         tracing::info!(
-            listen = %self.listener.local_addr().map_err(|e| Error::Bind { what: "listen", addr: config.listen, source: e })?,
+            listen = %self.listener.local_addr().unwrap_or(config.listen),
+            shards = self.listener.runtimes().len().max(1),
             routing = ?config.routing,
             "balancer serving"
         );
@@ -279,19 +313,33 @@ impl Balancer {
                 request_timeout: config.request_timeout,
             },
             tls: self.tls.client.clone(),
+            accept: Accept::new(config.max_connections),
         };
         let _ = frontend
             .metrics
             .limits
             .budget
             .set(frontend.limits.budget.clone());
-        frontend::serve(
-            self.listener,
-            frontend,
-            shutdown.clone(),
-            connections.clone(),
-        )
-        .await;
+        // Every shard stops accepting before the drain begins.
+        let shards = match self.listener {
+            ClientListener::Single(listener) => {
+                frontend::serve(listener, frontend, shutdown.clone(), connections.clone()).await;
+                None
+            }
+            ClientListener::Sharded(mut shards) => {
+                shards
+                    .serve(|listener| {
+                        frontend::serve(
+                            listener,
+                            frontend.clone(),
+                            shutdown.clone(),
+                            connections.clone(),
+                        )
+                    })
+                    .await;
+                Some(shards)
+            }
+        };
 
         group.close();
         let in_flight = lifecycle.live();
@@ -339,13 +387,18 @@ impl Balancer {
         }
         tls_tasks.close();
         tls_tasks.wait().await;
+        // Last: the shards' threads carried client connections and connections to the
+        // targets, which are done with or given up on by now.
+        if let Some(shards) = shards {
+            shards.stop().await;
+        }
         tracing::info!("balancer stopped");
         Ok(())
     }
 }
 
 /// The target group's settings from the flags.
-fn group_settings(config: &Config, tls: &Tls) -> GroupSettings {
+fn group_settings(config: &Config, tls: &Tls, shards: ShardRuntimes) -> GroupSettings {
     GroupSettings {
         connections_per_target: config.connections_per_target,
         deregistration_delay: config.deregistration_delay,
@@ -364,6 +417,7 @@ fn group_settings(config: &Config, tls: &Tls) -> GroupSettings {
             keepalive: config.upstream_keepalive,
         },
         upstream_tls: tls.upstream.clone(),
+        shards,
     }
 }
 

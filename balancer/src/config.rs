@@ -185,6 +185,18 @@ pub struct Config {
     #[arg(long, env = "TIDEPOOL_RUNTIME_THREADS", default_value_t = 1)]
     pub runtime_threads: usize,
 
+    /// Client listener shards. 1 (the default): one client listener, on the runtime of
+    /// --runtime-threads. N: N listeners on the same port (SO_REUSEPORT, the kernel spreads
+    /// new connections over them), each on its own thread with its own single-threaded
+    /// runtime and its own --connections-per-target connections to each target, so that a
+    /// request and its answer stay on one core. 0: one shard per CPU core. The shards
+    /// share the target group (one exact outstanding count per target, so
+    /// --max-outstanding and least-outstanding hold across them), the wait queue, the
+    /// frame budget, --max-connections and the admin API; the admin API, health checks and
+    /// the wait queue run on the --runtime-threads runtime.
+    #[arg(long, env = "TIDEPOOL_SHARDS", default_value_t = 1)]
+    pub shards: usize,
+
     /// Autoscaling: the load signal, the policy and what acts on it.
     #[command(flatten)]
     pub autoscale: AutoscaleConfig,
@@ -428,6 +440,7 @@ impl Default for Config {
             max_frame: tidepool_protocol::DEFAULT_MAX_FRAME,
             drain_timeout: Duration::from_secs(30),
             runtime_threads: 1,
+            shards: 1,
             autoscale: AutoscaleConfig::default(),
             admin_token_file: None,
             admin_token: None,
@@ -523,6 +536,9 @@ impl Config {
                 "runtime-threads",
                 "must be at most 1024 (0: one per CPU core)",
             );
+        }
+        if self.shards > 1024 {
+            return bad("shards", "must be at most 1024 (0: one per CPU core)");
         }
         if self.max_frame < 64 || self.max_frame > u32::MAX as usize {
             return bad("max-frame", "must be between 64 bytes and 4 GiB");

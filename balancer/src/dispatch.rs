@@ -560,6 +560,7 @@ mod tests {
                         keepalive: Duration::from_secs(30),
                     },
                     upstream_tls: None,
+                    shards: crate::shard::ShardRuntimes::default(),
                 },
                 TargetRules::new(Vec::new(), Vec::new(), 64),
                 signal,

@@ -31,6 +31,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A client listener shard's thread or runtime could not be started (`--shards`).
+    #[error("could not start client listener shard {shard} of {shards}: {source}; start with fewer --shards")]
+    Shard {
+        /// Which shard (from 0).
+        shard: usize,
+        /// How many were asked for.
+        shards: usize,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
     /// A target address could not be resolved.
     #[error("could not resolve target {addr:?}: {source}")]
     Resolve {

@@ -71,6 +71,26 @@ pub(crate) struct FrontendContext {
     pub(crate) limits: ClientLimits,
     /// TLS on this listener (`--tls-cert`), else plain TCP.
     pub(crate) tls: Option<TlsAcceptor>,
+    /// What every listener shares (`--shards`): the connection slots and the log throttles.
+    pub(crate) accept: Accept,
+}
+
+/// The `--max-connections` slots and the throttled log lines, one set for all listeners,
+/// so that N shards hold `--max-connections` connections in all, not N times as many.
+#[derive(Clone, Debug)]
+pub(crate) struct Accept {
+    slots: Arc<Semaphore>,
+    logs: Arc<Logs>,
+}
+
+impl Accept {
+    /// Room for `max_connections` client connections.
+    pub(crate) fn new(max_connections: usize) -> Accept {
+        Accept {
+            slots: Arc::new(Semaphore::new(max_connections)),
+            logs: Arc::new(Logs::default()),
+        }
+    }
 }
 
 /// The limits of `--frame-budget`, `--frame-timeout` and `--max-connections`.
@@ -100,8 +120,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     connections: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
-    let logs = Arc::new(Logs::default());
+    let Accept { slots, logs } = ctx.accept.clone();
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,

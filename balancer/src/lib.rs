@@ -38,6 +38,14 @@
 //! healthy target. [`heap`] reads the allocator's figures (bytes in use, resident) for
 //! `/metrics`.
 //!
+//! ## Threads
+//! By default everything runs on one runtime (`--runtime-threads`: one thread, or a
+//! multi-threaded one). With `--shards N`, `shard` starts N threads, each with its own
+//! single-threaded runtime and a client listener on the shared port (`SO_REUSEPORT`); a
+//! shard's client connections and its own connections to every target run there, so that
+//! a request and its answer stay on one thread. The target group, its outstanding counts,
+//! the wait queue, the budgets and the admin API stay one for all shards (see `shard`).
+//!
 //! ## Who owns what
 //! Each piece of state has one owner behind a cheap-to-clone handle, and each task gets the
 //! settings it needs, never the whole [`Config`]:
@@ -69,7 +77,8 @@
 //! `balancer` → `admin` → `handle` → `frontend` → `metadata` → `dispatch` → `discovery` →
 //! `registry` → `health` → `rescue` → `tls` → [`routing`] → [`config`] → [`autoscale`] → the data
 //! types → `auth` → `burst`, `error`, `validation`, and the leaves that import nothing of
-//! the crate: `retry`, `outlier`, `deadline`, `throttle`, `admission` ([`heap`] imports only `error`). (`autoscale` sees one data type, [`target`]'s
+//! the crate: `retry`, `outlier`, `deadline`, `throttle`, `admission`, `client_ids` ([`heap`]
+//! and `shard` import only `error`). (`autoscale` sees one data type, [`target`]'s
 //! `TargetInfo`, and `auth`'s token, which it hands to the workers it starts. Neighbours
 //! in the list need not import each other: `admin` and `frontend` do not.)
 //!
@@ -103,6 +112,7 @@ mod auth;
 pub mod autoscale;
 mod balancer;
 mod burst;
+mod client_ids;
 pub mod config;
 mod deadline;
 mod discovery;
@@ -122,6 +132,7 @@ mod registry;
 mod rescue;
 mod retry;
 pub mod routing;
+mod shard;
 pub mod target;
 mod throttle;
 mod tls;

@@ -22,6 +22,7 @@ use tidepool_protocol::{ErrorCode, ErrorReply, Infer, Message, RawMessage, Reque
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
+use crate::client_ids::ClientIds;
 use crate::metrics::{Metrics, Reject};
 use crate::target::InFlight;
 use crate::upstream::UpstreamConn;
@@ -234,7 +235,7 @@ pub(crate) struct ClientConn {
     pub(crate) peer: String,
     /// Client id → where the request is. An id is here from the moment it is read until
     /// just before its answer is queued, so a reused id is refused only while in flight.
-    pub(crate) slots: DashMap<RequestId, Slot>,
+    pub(crate) slots: DashMap<RequestId, Slot, ClientIds>,
     pub(crate) metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
     opened: Instant,
@@ -252,7 +253,7 @@ impl ClientConn {
         ClientConn {
             answers,
             peer,
-            slots: DashMap::new(),
+            slots: DashMap::with_hasher(ClientIds::new()),
             metrics,
             lifecycle,
             opened: Instant::now(),

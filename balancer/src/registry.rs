@@ -34,6 +34,7 @@ use crate::health::HealthCheck;
 use crate::metrics::Metrics;
 use crate::queue::{QueueSignal, Reroute};
 use crate::rescue::Elsewhere;
+use crate::shard::ShardRuntimes;
 use crate::target::{Target, TargetInfo, TargetState};
 use crate::upstream::{self, UpstreamContext, UpstreamSettings};
 use crate::validation::{TargetRefusal, TargetRules};
@@ -52,6 +53,9 @@ pub(crate) struct GroupSettings {
     pub(crate) upstream: UpstreamSettings,
     /// TLS towards the targets (`--upstream-tls-*`), for connections and health checks.
     pub(crate) upstream_tls: Option<TlsConnector>,
+    /// With `--shards`, each shard's runtime: every target gets `connections_per_target`
+    /// connections per shard, on the shard's thread. Empty: all on the current runtime.
+    pub(crate) shards: ShardRuntimes,
 }
 
 /// The set of targets; cheap to clone.
@@ -293,11 +297,14 @@ impl TargetGroup {
             self.elsewhere(),
         ));
         for slot in 0..target.conn_slots() {
-            shared.tasks.spawn(upstream::maintain(
-                Arc::clone(target),
-                slot,
-                shared.upstream.clone(),
-            ));
+            let maintain = upstream::maintain(Arc::clone(target), slot, shared.upstream.clone());
+            match target
+                .shard_of(slot)
+                .and_then(|s| shared.settings.shards.get(s))
+            {
+                Some(runtime) => shared.tasks.spawn_on(maintain, runtime),
+                None => shared.tasks.spawn(maintain),
+            };
         }
     }
 
@@ -307,12 +314,12 @@ impl TargetGroup {
         let target = match shared.active.entry(addr) {
             Entry::Occupied(e) => return (Arc::clone(e.get()), false),
             Entry::Vacant(e) => {
-                let target = Arc::new(Target::new(
-                    addr,
-                    weight,
-                    shared.settings.connections_per_target,
-                    Arc::clone(&shared.signal),
-                ));
+                let per_shard = shared.settings.connections_per_target;
+                let shards = shared.settings.shards.len().max(1);
+                let target = Arc::new(
+                    Target::new(addr, weight, per_shard * shards, Arc::clone(&shared.signal))
+                        .sharded(per_shard),
+                );
                 e.insert(Arc::clone(&target));
                 target
             }
@@ -466,6 +473,7 @@ mod tests {
                 keepalive: Duration::from_secs(30),
             },
             upstream_tls: None,
+            shards: crate::shard::ShardRuntimes::default(),
         };
         TargetGroup::new(
             settings,

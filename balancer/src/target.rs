@@ -18,6 +18,7 @@ use crate::admission::ReportedTimes;
 use crate::metrics::Histogram;
 use crate::outlier::{EjectionReason, OutlierCell};
 use crate::queue::QueueSignal;
+use crate::shard;
 use crate::upstream::UpstreamConn;
 
 /// A target's state, as in an NLB target group.
@@ -158,8 +159,11 @@ pub struct Target {
     routed: AtomicU64,
     /// Time from reading a request to writing its answer, for requests routed here.
     pub(crate) latency: Histogram,
-    /// The persistent upstream connections; `None` while a slot reconnects.
+    /// The persistent upstream connections; `None` while a slot reconnects. With
+    /// `--shards`, shard `s` owns slots `s * shard_conns ..` of them, which run on its thread.
     conns: Box<[ArcSwapOption<UpstreamConn>]>,
+    /// Slots per shard; all of `conns` when the balancer is not sharded.
+    shard_conns: usize,
     /// Connections in `conns` that are open: routing skips a target with none.
     live_conns: AtomicUsize,
     next_conn: AtomicUsize,
@@ -210,6 +214,7 @@ impl Target {
             conns: (0..connections.max(1))
                 .map(|_| ArcSwapOption::empty())
                 .collect(),
+            shard_conns: connections.max(1),
             live_conns: AtomicUsize::new(0),
             next_conn: AtomicUsize::new(0),
             stop: CancellationToken::new(),
@@ -220,6 +225,17 @@ impl Target {
             times: ReportedTimes::default(),
             outlier: OutlierCell::default(),
         }
+    }
+
+    /// Splits its connection slots among shards, `per_shard` each (`--shards`).
+    pub(crate) fn sharded(mut self, per_shard: usize) -> Target {
+        self.shard_conns = per_shard.clamp(1, self.conns.len());
+        self
+    }
+
+    /// The shard whose thread runs connection slot `slot` (`None`: not sharded).
+    pub(crate) fn shard_of(&self, slot: usize) -> Option<usize> {
+        (self.shard_conns < self.conns.len()).then(|| slot / self.shard_conns)
     }
 
     /// The target's address.
@@ -346,15 +362,23 @@ impl Target {
         }
     }
 
-    /// An open upstream connection, taken in turn.
+    /// An open upstream connection, taken in turn: on a shard's thread, one of the
+    /// shard's own while it has one open, so that the request and its answer never wake
+    /// another thread.
     pub(crate) fn pick_conn(&self) -> Option<Arc<UpstreamConn>> {
         let n = self.conns.len();
         let start = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        (0..n).find_map(|k| {
-            self.conns[(start + k) % n]
-                .load_full()
-                .filter(|c| !c.is_closed())
-        })
+        let open = |slot: usize| self.conns[slot].load_full().filter(|c| !c.is_closed());
+        let per = self.shard_conns;
+        if per < n {
+            let own = shard::current().map(|shard| shard * per);
+            if let Some(own) = own.filter(|own| own + per <= n) {
+                if let Some(conn) = (0..per).find_map(|k| open(own + (start + k) % per)) {
+                    return Some(conn);
+                }
+            }
+        }
+        (0..n).find_map(|k| open((start + k) % n))
     }
 
     /// The open upstream connections.
@@ -565,6 +589,67 @@ mod tests {
         assert_eq!(t.low_outstanding(), 1, "counted once");
         drop(low);
         assert_eq!((t.outstanding(), t.low_outstanding()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_shard_takes_its_own_connections_first() {
+        use crate::shard::Shards;
+        use crate::upstream::UpstreamConn;
+
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        // Two shards, two connections each: shard 1 owns slots 2 and 3.
+        let target = Arc::new(Target::new(addr, 1, 4, Arc::new(QueueSignal::default())).sharded(2));
+        assert_eq!((target.shard_of(1), target.shard_of(2)), (Some(0), Some(1)));
+        let conns: Vec<_> = (0..4)
+            .map(|slot| {
+                let closed = CancellationToken::new();
+                let (conn, outlets) = UpstreamConn::new(addr, closed.clone());
+                target.attach(slot, Arc::clone(&conn));
+                (conn, outlets, closed)
+            })
+            .collect();
+        // The slots 8 picks took, each once, in order; `picks` is how many were taken.
+        let slots_of = |picked: Vec<Option<Arc<UpstreamConn>>>| {
+            let picks = picked.iter().flatten().count();
+            let mut slots: Vec<usize> = picked
+                .iter()
+                .flatten()
+                .map(|p| {
+                    conns
+                        .iter()
+                        .position(|(c, _, _)| Arc::ptr_eq(c, p))
+                        .unwrap()
+                })
+                .collect();
+            slots.sort_unstable();
+            slots.dedup();
+            (slots, picks)
+        };
+        let shards = Shards::start(2, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let on_shard_1 = || {
+            let target = Arc::clone(&target);
+            shards
+                .runtimes()
+                .get(1)
+                .unwrap()
+                .spawn(async move { (0..8).map(|_| target.pick_conn()).collect::<Vec<_>>() })
+        };
+
+        assert_eq!(
+            slots_of(on_shard_1().await.unwrap()),
+            (vec![2, 3], 8),
+            "shard 1 takes its own two connections, in turn"
+        );
+        // Off the shards' threads (the queue's task): every slot in turn.
+        let here = (0..8).map(|_| target.pick_conn()).collect();
+        assert_eq!(slots_of(here), (vec![0, 1, 2, 3], 8));
+        // With its own connections closed, a shard takes another shard's rather than none.
+        conns[2].2.cancel();
+        conns[3].2.cancel();
+        assert_eq!(slots_of(on_shard_1().await.unwrap()), (vec![0, 1], 8));
+        shards.stop().await;
     }
 
     #[test]

@@ -233,8 +233,7 @@ impl RawMessage {
 
         let start = dst.len();
         dst.put_u32(0);
-        // Writing to a BytesMut cannot fail.
-        let _ = rmp::encode::write_map_len(&mut (&mut *dst).writer(), entries);
+        put_map_len(dst, entries);
         let mut at = self.first_entry as usize;
         for range in cut.iter().flatten() {
             dst.extend_from_slice(&self.body[at..range.start]);
@@ -269,16 +268,54 @@ impl RawMessage {
     }
 }
 
+// The few MessagePack markers a rewrite writes, put straight into the buffer in the
+// smallest form, as rmp's encoder chooses it: through rmp's `io::Write` adapter each string
+// or number cost several calls and error paths that a `BytesMut` never takes (about 500
+// instructions per forwarded frame).
+
 fn put_uint_entry(dst: &mut BytesMut, key: &str, value: u64) {
-    let mut w = dst.writer();
-    let _ = rmp::encode::write_str(&mut w, key);
-    let _ = rmp::encode::write_uint(&mut w, value);
+    put_str(dst, key);
+    put_uint(dst, value);
 }
 
 fn put_str_entry(dst: &mut BytesMut, key: &str, value: &str) {
-    let mut w = dst.writer();
-    let _ = rmp::encode::write_str(&mut w, key);
-    let _ = rmp::encode::write_str(&mut w, value);
+    put_str(dst, key);
+    put_str(dst, value);
+}
+
+/// A map header of `len` entries.
+fn put_map_len(dst: &mut BytesMut, len: u32) {
+    match len {
+        0..=15 => dst.put_u8(0x80 | len as u8),
+        _ => put_sized(dst, u64::from(len), &[(0xde, 2), (0xdf, 4)]),
+    }
+}
+
+/// A string. Longer than 4 GiB cannot happen here: it is a key or a client's address.
+fn put_str(dst: &mut BytesMut, value: &str) {
+    match value.len() {
+        len @ 0..=31 => dst.put_u8(0xa0 | len as u8),
+        len => put_sized(dst, len as u64, &[(0xd9, 1), (0xda, 2), (0xdb, 4)]),
+    }
+    dst.put_slice(value.as_bytes());
+}
+
+/// An unsigned integer.
+fn put_uint(dst: &mut BytesMut, value: u64) {
+    match value {
+        0..=0x7f => dst.put_u8(value as u8),
+        _ => put_sized(dst, value, &[(0xcc, 1), (0xcd, 2), (0xce, 4), (0xcf, 8)]),
+    }
+}
+
+/// `value` big-endian behind the marker of the narrowest of `widths` (marker, bytes) that
+/// holds it (the widest if none does).
+fn put_sized(dst: &mut BytesMut, value: u64, widths: &[(u8, usize)]) {
+    let fits = |&&(_, bytes): &&(u8, usize)| bytes >= 8 || value >> (8 * bytes) == 0;
+    if let Some(&(marker, bytes)) = widths.iter().find(fits).or(widths.last()) {
+        dst.put_u8(marker);
+        dst.put_uint(value, bytes);
+    }
 }
 
 /// What [`scan`] found.
@@ -319,7 +356,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
         // the UTF-8 check (the check per string was a tenth of the balancer's instructions).
         let name = c.str_bytes()?;
         let Some(k) = key::ALL.iter().position(|known| known.as_bytes() == name) else {
-            std::str::from_utf8(name).ok()?;
+            utf8(name)?;
             c.skip()?;
             continue;
         };
@@ -351,7 +388,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
                 deadline_entry = Some(entry_start..0);
             }
             key::CLIENT => {
-                c.opt(Cursor::str)?;
+                c.opt(Cursor::text)?;
                 client_entry = Some(entry_start..0);
             }
             key::BATCH_SIZE | key::MAX_BATCH => {
@@ -386,7 +423,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
             }
             _ => {
                 // worker, code, message: strings (every other known key).
-                c.opt(Cursor::str)?;
+                c.opt(Cursor::text)?;
             }
         }
         // Close the range of the entry just read.
@@ -433,7 +470,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
 /// A map of name → tensor, each checked as the full decoder does.
 fn tensors(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     for _ in 0..c.map_len()? {
-        c.str()?;
+        c.text()?;
         tensor(c, limits)?;
     }
     Some(())
@@ -447,7 +484,16 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     let mut data: Option<usize> = None;
     for _ in 0..c.map_len()? {
         match c.str_bytes()? {
-            b"dtype" if dtype.is_none() => dtype = Some(c.str()?.parse().ok()?),
+            b"dtype" if dtype.is_none() => {
+                // Compared as bytes: every dtype's name is ASCII, and anything else is
+                // refused either way.
+                let name = c.str_bytes()?;
+                dtype = Some(
+                    DType::ALL
+                        .into_iter()
+                        .find(|d| d.as_str().as_bytes() == name)?,
+                );
+            }
             b"shape" if shape_at.is_none() => {
                 shape_at = Some(c.pos);
                 let dims = c.array_len()?;
@@ -459,7 +505,7 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
             b"data" if data.is_none() => data = Some(c.bin()?.len()),
             b"dtype" | b"shape" | b"data" => return None,
             other => {
-                std::str::from_utf8(other).ok()?;
+                utf8(other)?;
                 c.skip()?;
             }
         }
@@ -473,6 +519,13 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
         expected = expected.and_then(|e| e.checked_mul(dim));
     }
     (expected == Some(data?)).then_some(())
+}
+
+/// Whether `bytes` are UTF-8, as the full decoder requires of every string. ASCII first:
+/// names, dtypes and addresses nearly always are, and `is_ascii` inlines to a few
+/// instructions a word where `from_utf8` is a call of a few dozen for a short string.
+fn utf8(bytes: &[u8]) -> Option<()> {
+    (bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()).then_some(())
 }
 
 /// A read position in a body. Every method returns `None` on anything it does not
@@ -535,6 +588,11 @@ impl<'a> Cursor<'a> {
 
     pub(crate) fn str(&mut self) -> Option<&'a str> {
         std::str::from_utf8(self.str_bytes()?).ok()
+    }
+
+    /// A string checked to be UTF-8 whose text is not needed.
+    fn text(&mut self) -> Option<()> {
+        utf8(self.str_bytes()?)
     }
 
     /// A string's bytes, not yet checked to be UTF-8: enough to compare with a known key
@@ -938,6 +996,68 @@ mod tests {
         let mut trailing = body(&every_message()[0]).to_vec();
         trailing.push(0xc0);
         assert!(RawMessage::scan(Bytes::from(trailing)).is_none());
+    }
+
+    #[test]
+    fn strings_are_checked_as_text_past_the_ascii_fast_path() {
+        // A tensor name and a client that are UTF-8 but not ASCII take the slow check.
+        let mut inputs = crate::Tensors::new();
+        inputs.insert(
+            "é".to_owned(),
+            Tensor::from_vec(vec![1], vec![1.0f32]).unwrap(),
+        );
+        let msg = Message::Infer(Infer {
+            id: 3,
+            inputs,
+            client: Some("ü:1".to_owned()),
+            ..Infer::default()
+        });
+        let good = body(&msg);
+        assert_eq!(RawMessage::scan(good.clone()).unwrap().to_message(), msg);
+        // The same bytes with `é` (c3 a9) broken, then `ü` (c3 bc): not text, refused by
+        // both.
+        for broken in [[0xc3, 0xa9], [0xc3, 0xbc]] {
+            let mut bad = good.to_vec();
+            let at = bad.windows(2).position(|w| w == broken).unwrap();
+            bad[at + 1] = 0xff;
+            let bad = Bytes::from(bad);
+            assert!(RawMessage::scan(bad.clone()).is_none());
+            assert!(Message::decode(&bad).is_err());
+        }
+    }
+
+    #[test]
+    fn markers_are_written_as_rmp_writes_them() {
+        for n in [
+            0u64,
+            0x7f,
+            0x80,
+            0xff,
+            0x100,
+            0xffff,
+            0x1_0000,
+            0xffff_ffff,
+            1 << 32,
+            u64::MAX,
+        ] {
+            let (mut ours, mut theirs) = (BytesMut::new(), Vec::new());
+            put_uint(&mut ours, n);
+            rmp::encode::write_uint(&mut theirs, n).unwrap();
+            assert_eq!(&ours[..], &theirs[..], "uint {n}");
+        }
+        for len in [0u32, 15, 16, 0xffff, 0x1_0000] {
+            let (mut ours, mut theirs) = (BytesMut::new(), Vec::new());
+            put_map_len(&mut ours, len);
+            rmp::encode::write_map_len(&mut theirs, len).unwrap();
+            assert_eq!(&ours[..], &theirs[..], "map of {len}");
+        }
+        for len in [0usize, 31, 32, 0xff, 0x100, 0xffff, 0x1_0000] {
+            let text = "a".repeat(len);
+            let (mut ours, mut theirs) = (BytesMut::new(), Vec::new());
+            put_str(&mut ours, &text);
+            rmp::encode::write_str(&mut theirs, &text).unwrap();
+            assert_eq!(&ours[..], &theirs[..], "string of {len}");
+        }
     }
 
     #[test]

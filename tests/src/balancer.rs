@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use tidepool_balancer::{Balancer, Config, Error, Handle, Resolver};
-use tidepool_protocol::{Client, Infer, Message, MessageCodec, Tensor, Tensors};
+use tidepool_protocol::{Client, Infer, Message, MessageCodec, Pool, Tensor, Tensors};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -181,6 +181,29 @@ pub fn inputs(value: f32) -> Tensors {
 /// The value of an echoed `x`.
 pub fn echoed(outputs: &Tensors) -> f32 {
     outputs["x"].to_vec::<f32>().expect("f32 output")[0]
+}
+
+/// Sends `calls` calls at once over `pool`, call `k` carrying `k`; panics unless every one
+/// gets a result with its own value. `log` (say, the balancer's log) joins a failure's
+/// message.
+pub async fn every_call_answered(pool: &Pool, calls: u32, log: impl Fn() -> String) {
+    let mut running = tokio::task::JoinSet::new();
+    for k in 1..=calls {
+        let pool = pool.clone();
+        running.spawn(async move { (k, pool.infer(inputs(k as f32)).await) });
+    }
+    let mut answered = 0;
+    while let Some(joined) = running.join_next().await {
+        let (k, outcome) = joined.expect("call task");
+        let result = outcome.unwrap_or_else(|e| panic!("call {k} failed: {e}\n{}", log()));
+        assert_eq!(
+            echoed(&result.outputs),
+            k as f32,
+            "call {k} got another's answer"
+        );
+        answered += 1;
+    }
+    assert_eq!(answered, calls);
 }
 
 /// An `infer` frame with id `id` carrying `value`.

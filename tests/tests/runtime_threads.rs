@@ -1,5 +1,6 @@
-//! `--runtime-threads`: the balancer binary on a multi-threaded runtime (0: one thread per
-//! core; N: N threads) forwards as the default single thread does: calls from several
+//! `--runtime-threads` and `--shards`: the balancer binary on a multi-threaded runtime (0:
+//! one thread per core; N: N threads), or with client listener shards on threads of their
+//! own, forwards as the default single thread does: calls from several
 //! connections at once, each answered once with its own value, and a bystander's every
 //! request a result.
 
@@ -9,7 +10,7 @@
 use std::time::Duration;
 
 use tidepool_protocol::{ClientOptions, Pool};
-use tidepool_tests::balancer::{echoed, inputs};
+use tidepool_tests::balancer::every_call_answered;
 use tidepool_tests::drive::Drive;
 use tidepool_tests::init_tracing;
 use tidepool_tests::process::{balancer_args, eventually, free_addrs, wait_listening, Proc};
@@ -21,9 +22,9 @@ const SECOND: Duration = Duration::from_secs(1);
 /// Calls sent at once over the pool's connections.
 const CALLS: u32 = 400;
 
-/// A balancer process with `--runtime-threads threads` over two stand-in targets: every
-/// call and every bystander request answered once, correctly.
-async fn every_request_answered_with(threads: &str) {
+/// A balancer process with `flag value` (`--runtime-threads 0`, `--shards 2`) over two
+/// stand-in targets: every call and every bystander request answered once, correctly.
+async fn every_request_answered_with(flag: &str, value: &str) {
     init_tracing();
     let dir = scratch_dir("runtime-threads");
     let mut targets = Vec::new();
@@ -38,7 +39,7 @@ async fn every_request_answered_with(threads: &str) {
     }
     let [listen, admin] = free_addrs();
     let mut args = balancer_args(listen, admin);
-    args.extend(["--runtime-threads".to_owned(), threads.to_owned()]);
+    args.extend([flag.to_owned(), value.to_owned()]);
     for target in &targets {
         args.extend(["--target".to_owned(), target.addr().to_string()]);
     }
@@ -57,33 +58,23 @@ async fn every_request_answered_with(threads: &str) {
 
     let stop = CancellationToken::new();
     let bystander = Drive::new(listen, 100, 1, stop.clone()).spawn();
-    let mut calls = tokio::task::JoinSet::new();
-    for k in 1..=CALLS {
-        let pool = pool.clone();
-        calls.spawn(async move { (k, pool.infer(inputs(k as f32)).await) });
-    }
-    let mut answered = 0;
-    while let Some(joined) = calls.join_next().await {
-        let (k, outcome) = joined.unwrap();
-        let result = outcome.unwrap_or_else(|e| panic!("call {k} failed: {e}\n{}", proc.log()));
-        assert_eq!(
-            echoed(&result.outputs),
-            k as f32,
-            "call {k} got another's answer"
-        );
-        answered += 1;
-    }
-    assert_eq!(answered, CALLS);
+    every_call_answered(&pool, CALLS, || proc.log()).await;
     stop.cancel();
     bystander.await.unwrap().assert_all_ok();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_runtime_thread_per_core_answers_every_request() {
-    every_request_answered_with("0").await;
+    every_request_answered_with("--runtime-threads", "0").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_runtime_threads_answer_every_request() {
-    every_request_answered_with("3").await;
+    every_request_answered_with("--runtime-threads", "3").await;
+}
+
+/// The binary's `--shards`: two listeners on the port, each on its own thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shards_answer_every_request() {
+    every_request_answered_with("--shards", "2").await;
 }

@@ -717,9 +717,10 @@ fn skewed(args: &Args, report: &mut Report) -> anyhow::Result<()> {
 
 #[derive(Serialize)]
 struct ScalingRow {
-    /// `--runtime-threads`: 1, or 0 for one per core.
-    runtime_threads: usize,
-    /// The threads that makes on this machine.
+    /// The flags that set the balancer's threads: `--runtime-threads 1`,
+    /// `--runtime-threads 0` (one per core) or `--shards 0` (one shard per core).
+    mode: String,
+    /// The threads that makes on this machine that carry frames.
     threads: usize,
     rounds: Vec<PipelineResult>,
     mean_per_second: f64,
@@ -729,8 +730,8 @@ struct ScalingRow {
     per_core_second: f64,
 }
 
-/// Section 5: one balancer binary with `--runtime-threads 1` and with one thread per core,
-/// both running, measured in interleaved rounds.
+/// Section 5: one balancer binary with `--runtime-threads 1`, with one runtime thread per
+/// core and with one shard per core, all running, measured in interleaved rounds.
 fn scaling(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let rounds = if args.report.quick { 1 } else { 3 };
@@ -746,17 +747,24 @@ fn scaling(args: &Args, report: &mut Report) -> anyhow::Result<()> {
         binary: None,
     };
     let mut contenders = Vec::new();
-    for runtime_threads in [1usize, 0] {
-        let flags = ["--runtime-threads".to_owned(), runtime_threads.to_string()];
+    // Sharded: one single-threaded runtime per core, each with its own listener on the
+    // port (SO_REUSEPORT) and its own connections to the targets; the main runtime keeps
+    // one thread for the admin API, health checks and the wait queue.
+    let modes = [
+        ("--runtime-threads", "1", 1),
+        ("--runtime-threads", "0", cores),
+        ("--shards", "0", cores),
+    ];
+    for (flag, value, threads) in modes {
+        let flags = [flag.to_owned(), value.to_owned()];
         let (proc, addr) = start_balancer_with(&spec, &flags)?;
-        let threads = if runtime_threads == 0 { cores } else { 1 };
-        contenders.push((runtime_threads, threads, proc, addr));
+        contenders.push((format!("{flag} {value}"), threads, proc, addr));
     }
     let mut rows: Vec<ScalingRow> = contenders
         .iter()
-        .map(|&(runtime_threads, threads, _, _)| ScalingRow {
-            runtime_threads,
-            threads,
+        .map(|(mode, threads, _, _)| ScalingRow {
+            mode: mode.clone(),
+            threads: *threads,
             rounds: Vec::new(),
             mean_per_second: 0.0,
             cores_busy: 0.0,
@@ -766,12 +774,13 @@ fn scaling(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     for round in 0..rounds {
         for (row, (_, threads, proc, addr)) in rows.iter_mut().zip(&contenders) {
             eprintln!(
-                "scaling: round {} of {rounds}, {threads} runtime thread(s)",
-                round + 1
+                "scaling: round {} of {rounds}, {} ({threads} thread(s))",
+                round + 1,
+                row.mode
             );
             let (r, cpu) = saturate
                 .run(*addr, Some(proc.pid()))
-                .with_context(|| format!("saturating the balancer with {threads} thread(s)"))?;
+                .with_context(|| format!("saturating the balancer with {}", row.mode))?;
             let cpu = cpu.unwrap_or(0.0);
             // CPU is counted over warm-up and measurement; so are the frames.
             let seconds = (warmup + measure) as f64;
@@ -786,10 +795,11 @@ fn scaling(args: &Args, report: &mut Report) -> anyhow::Result<()> {
             row.rounds.iter().map(|r| r.per_second).sum::<f64>() / row.rounds.len().max(1) as f64;
     }
     let one = rows.first().map_or(1.0, |r| r.mean_per_second.max(1.0));
-    report.heading("5. Runtime threads: frames/s per core");
+    report.heading("5. Runtime threads and shards: frames/s per core");
     report.para(&format!(
-        "The same tidepool-balancer twice, `--runtime-threads 1` and `--runtime-threads 0` (one thread per \
-         core: {cores} here), both running, in {rounds} interleaved rounds of {measure} s (after {warmup} s of \
+        "The same tidepool-balancer three times, `--runtime-threads 1`, `--runtime-threads 0` (one thread per \
+         core: {cores} here) and `--shards 0` (one shard per core: a listener on the shared port with \
+         SO_REUSEPORT, a single-threaded runtime and its own connections to each target), all running, in {rounds} interleaved rounds of {measure} s (after {warmup} s of \
          warm-up): {connections} client connections with {window} small frames in flight each, 3 echo targets \
          on {target_threads} thread(s). Frames/s per core is frames forwarded per second of the balancer's own \
          CPU (from /proc). The driver and the targets share the cores with the balancer: on a machine with \
@@ -801,7 +811,7 @@ fn scaling(args: &Args, report: &mut Report) -> anyhow::Result<()> {
         .map(|r| {
             let (per_round, errors) = round_cells(&r.rounds);
             vec![
-                format!("{} ({} thread(s))", r.runtime_threads, r.threads),
+                format!("{} ({} thread(s))", r.mode, r.threads),
                 format!("{:.0}", r.mean_per_second),
                 per_round,
                 format!("{:.2}", r.cores_busy),
@@ -813,7 +823,7 @@ fn scaling(args: &Args, report: &mut Report) -> anyhow::Result<()> {
         .collect();
     report.table(
         &[
-            "--runtime-threads",
+            "threads",
             "frames/s (mean)",
             "per round",
             "balancer cores busy",
