@@ -537,6 +537,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_new_target_turns_healthy_after_fast_start_up_checks() {
+        // Checked once an hour once healthy, but a new target's checks come every
+        // STARTUP_INTERVAL: the two passes of the healthy threshold take 100 ms, not an hour.
+        let group = group();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (target, _) = group.register(listener.local_addr().unwrap(), 1).unwrap();
+        let started = tokio::time::Instant::now();
+        while target.state() != TargetState::Healthy {
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "still {} after {:?}",
+                target.state(),
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(started.elapsed() >= crate::health::STARTUP_INTERVAL);
+        group.stop();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_drained_target_closes_at_once_and_stays_listed_until_the_delay() {
         let group = group();
         let target = group.register_idle(addr(1), 1);

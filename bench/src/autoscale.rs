@@ -186,8 +186,11 @@ fn secs(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
 
-/// The fields of `GET /scaling` this benchmark reads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Deserialize, Serialize)]
+/// The fields of `GET /scaling` this benchmark reads: the pool's size, and the policy's
+/// signal and reasoning behind each reading, so that a run's `scaling.json` explains why
+/// the pool was the size it was.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, Serialize)]
+#[serde(default)]
 pub struct Scaling {
     /// Workers healthy and taking requests.
     pub ready: usize,
@@ -199,6 +202,25 @@ pub struct Scaling {
     pub desired: usize,
     /// Outstanding plus queued per ready worker, averaged over the window.
     pub load_per_worker: f64,
+    /// Outstanding plus queued requests in all, averaged over the stable window.
+    pub total_load: f64,
+    /// The ready workers' busy shares (load shares) summed, now; `None`: none reported.
+    pub busy_total: Option<f64>,
+    /// Demand in workers, averaged over the stable window.
+    pub stable_demand: f64,
+    /// Demand in workers, averaged over the panic window.
+    pub panic_demand: f64,
+    /// Requests per second a fully busy worker answers, as the balancer measured it
+    /// (answers over busy shares): below the measured capacity, the busy shares over-read.
+    pub capacity_per_worker: Option<f64>,
+    /// Requests that entered the balancer per second, over the last second.
+    pub arrived_per_s: f64,
+    /// `stable` or `panic`.
+    pub mode: String,
+    /// The signal that set the latest demand (`busy`, `in_flight`, `arrivals`).
+    pub signal: String,
+    /// The policy's reason, in words.
+    pub reason: String,
 }
 
 impl Scaling {
@@ -214,7 +236,7 @@ fn get_scaling(admin: SocketAddr) -> anyhow::Result<Scaling> {
 }
 
 /// One reading of `GET /scaling`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ScalingPoint {
     /// Seconds since the poller's zero (the start of the load).
     pub t: f64,

@@ -119,6 +119,63 @@ async fn least_outstanding_avoids_a_slow_target() {
 }
 
 #[tokio::test]
+async fn a_new_target_joins_after_fast_start_up_checks_while_a_bystander_is_served() {
+    init_tracing();
+    let a = stand_in(Duration::from_millis(1)).await;
+    let b = stand_in(Duration::from_millis(1)).await;
+    // Checked every 5 s once healthy: two passes at the interval would take 10 s.
+    let lb = TestBalancer::start(tidepool_balancer::Config {
+        health_interval: 5 * SECOND,
+        health_timeout: SECOND,
+        ..fast_config(&[a.addr()])
+    })
+    .await;
+    lb.wait_healthy(1).await;
+
+    // A bystander's requests all the while, each answered with its own echo.
+    let client = lb.client().await;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bystander = tokio::spawn({
+        let done = Arc::clone(&done);
+        async move {
+            let mut answered = 0u32;
+            while !done.load(Ordering::Relaxed) {
+                let result = client
+                    .infer(inputs(answered as f32))
+                    .await
+                    .expect("every bystander request is answered");
+                assert_eq!(echoed(&result.outputs), answered as f32);
+                answered += 1;
+            }
+            answered
+        }
+    });
+
+    let registered = tokio::time::Instant::now();
+    lb.handle.register(b.addr(), 1).unwrap();
+    lb.wait_healthy(2).await;
+    let took = registered.elapsed();
+    assert!(
+        took < 5 * SECOND,
+        "healthy after {took:?}: start-up checks, not two 5 s intervals"
+    );
+    // Healthy, it is checked at the interval again: no more fast checks.
+    let pings = b.stats().pings.load(Ordering::Relaxed);
+    tokio::time::sleep(SECOND).await;
+    assert!(b.stats().pings.load(Ordering::Relaxed) <= pings + 1);
+
+    // And it serves: the bystander's requests reach it too.
+    wait_until("the new target serves", || {
+        b.stats().received.load(Ordering::Relaxed) > 0
+    })
+    .await;
+
+    done.store(true, Ordering::Relaxed);
+    assert!(bystander.await.unwrap() > 0);
+    lb.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn health_moves_at_each_threshold() {
     init_tracing();
     let target = stand_in(Duration::ZERO).await;

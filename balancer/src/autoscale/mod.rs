@@ -5,7 +5,8 @@
 //! *load share*: the share of its full-batch capacity the recent load used, which the worker
 //! computes from its own batch timings and reports in the `pong` of its health check), requests outstanding at each worker and waiting in the balancer's queue — and
 //! turns it into a [`policy::Sample`], with the requests arrived and answered per second
-//! from the balancer's own counters ([`rates`]). The [`policy`] (a pure function of the recent
+//! from the balancer's own counters ([`rates`]), which it also reads every quarter second
+//! between samples so that a surge is decided on at once. The [`policy`] (a pure function of the recent
 //! samples, the clock and the measured [`startup`] time) says how many workers the pool
 //! needs: a stable window for normal decisions, a panic window for surges, and, with
 //! `--predictive`, a [`forecast`] from the load remembered by time of day. The result is
@@ -24,7 +25,8 @@
 //! start-up time before it is needed. Requests in flight remain a guard, at
 //! `--target-load` per worker (about the workers' `--max-batch`: one batch running while
 //! the next fills): past saturation, where busy shares stop at 1, and for workers that do
-//! not report a busy share (TCP health checks, older workers), they size the pool.
+//! not report a busy share (TCP health checks, older workers), they size the pool; below
+//! saturation they do not count (a batching pool's requests in flight are batches forming).
 
 pub mod actuator;
 pub(crate) mod controller;
@@ -39,7 +41,9 @@ use std::time::Duration;
 
 pub use controller::ScalingStatus;
 pub use forecast::{DayProfile, Predictive};
-pub use policy::{decide, Action, Decision, History, Mode, Outlook, PolicyConfig, Sample, Signal};
+pub use policy::{
+    decide, surges, Action, Decision, History, Mode, Outlook, PolicyConfig, Sample, Signal,
+};
 pub use pool::Pool;
 pub use rates::{Rate, Rates};
 pub use startup::StartupClock;
@@ -91,7 +95,8 @@ pub struct AutoscaleConfig {
     pub scaling_signal: Signal,
 
     /// The in-flight guard: outstanding plus queued requests per worker that the pool needs
-    /// at least (see the module docs: about the workers' --max-batch).
+    /// at least once it is saturated or its workers report no busy share (see the module
+    /// docs: about the workers' --max-batch).
     #[arg(long, env = "TIDEPOOL_TARGET_LOAD", default_value_t = PolicyConfig::DEFAULT.target_load)]
     pub target_load: f64,
 

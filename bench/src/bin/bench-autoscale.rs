@@ -25,7 +25,7 @@ use clap::Parser;
 use serde::Serialize;
 use tidepool_bench::autoscale::{
     read_log, time_to_ask, time_to_ready, worker_seconds, ObjectiveShare, Poller, Pool, PoolSpec,
-    ScalingPoint, StartTimeline,
+    Scaling, ScalingPoint, StartTimeline,
 };
 use tidepool_bench::process::{sibling_exe, Proc};
 use tidepool_bench::report::{machine, Report, ReportArgs};
@@ -177,7 +177,10 @@ impl Args {
             // A 64 MiB worker is serving within a second; two 1 s health checks follow.
             worker_startup: Duration::from_secs(3),
             log: dir.join(format!("{name}.log")),
-            rust_log: "warn",
+            // The policy's decisions (each change of the desired count, mode or signal,
+            // with its figures and reason), worker starts and health changes: what the
+            // report's reader needs to see why the pool was the size it was.
+            rust_log: "warn,tidepool_balancer::autoscale=info,tidepool_balancer::health=info",
             worker_logs: None,
         };
         if policy == Policy::InFlight {
@@ -679,7 +682,7 @@ impl RealDefaults {
 
 /// How the busy pool's settings stand for a real deployment's: each setting about the
 /// load's own time scale is compressed with the day, down to the floor the machinery
-/// sets (one sample a second, the workers' 5 s load-share average, real start-ups).
+/// sets (one sample a second, the workers' 2 s load-share average, real start-ups).
 fn settings_map(args: &Args, report: &mut Report, compression: f64) {
     let real = RealDefaults::BALANCER;
     let scaled = |d: Duration| format!("{:.3} s", d.as_secs_f64() / compression);
@@ -689,7 +692,7 @@ fn settings_map(args: &Args, report: &mut Report, compression: f64) {
             format!("{:?}", real.window),
             scaled(real.window),
             format!("{:?}", args.busy_window),
-            "the workers average their load share over 5 s and the balancer samples once a \
+            "the workers average their load share over 2 s and the balancer samples once a \
              second: a shorter window averages one worker's noise"
                 .to_owned(),
         ],
@@ -726,7 +729,25 @@ fn settings_map(args: &Args, report: &mut Report, compression: f64) {
             "every few seconds".to_owned(),
             "—".to_owned(),
             "every 1 s, 2 to turn healthy".to_owned(),
-            "part of every start-up".to_owned(),
+            "part of every start-up, but only once healthy: see the next row".to_owned(),
+        ],
+        vec![
+            "start-up checks (not a flag)".to_owned(),
+            "every 100 ms until first healthy, for at most 60 s".to_owned(),
+            "—".to_owned(),
+            "the same".to_owned(),
+            "a new worker is let in 2 fast checks after it registers, not 2 intervals \
+             after; the same in any deployment"
+                .to_owned(),
+        ],
+        vec![
+            "workers' load-share average (not a flag)".to_owned(),
+            "2 s".to_owned(),
+            "—".to_owned(),
+            "2 s".to_owned(),
+            "was 5 s: the policy averages over its own windows, so the worker's average \
+             only added lag to every decision, in any deployment"
+                .to_owned(),
         ],
     ];
     report.table(
@@ -879,10 +900,99 @@ fn day_section(args: &Args, report: &mut Report, run: &Run) {
     let mut header = vec!["day time", "offered items/s"];
     header.extend(run.days.iter().map(|r| r.policy.name()));
     report.table(&header, &rows);
+    if let Some(busy) = of(&run.days, Policy::Busy) {
+        signal_section(report, run, busy, &run.days[0].timeline, part_s, parts);
+    }
     report.para(
         "Files: `bench-out/autoscale/day-{fixed,busy,in-flight}-{timeline.csv,timeline.svg,report.json,scaling.json}` and `.log`.",
     );
     report.set("days", &run.days);
+}
+
+/// The busy pool's signal by day part, from its `/scaling` readings: what the policy saw
+/// against what the offered load needed, so that the report says why the pool was the size
+/// it was (`scaling.json` and the `.log` have every reading and decision).
+fn signal_section(
+    report: &mut Report,
+    run: &Run,
+    busy: &PoolRun,
+    offered: &[tidepool_load::SecondRow],
+    part_s: f64,
+    parts: u64,
+) {
+    let mut rows = Vec::new();
+    for i in 0..parts {
+        let (from, to) = (i as f64 * part_s, (i + 1) as f64 * part_s);
+        let points: Vec<&Scaling> = busy
+            .points
+            .iter()
+            .filter(|p| p.t >= from && p.t < to)
+            .map(|p| &p.scaling)
+            .collect();
+        let mean = |f: &dyn Fn(&Scaling) -> Option<f64>| {
+            let v: Vec<f64> = points.iter().filter_map(|p| f(p)).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        let rate: Vec<u64> = offered
+            .iter()
+            .filter(|r| (r.t as f64) >= from && (r.t as f64) < to)
+            .map(|r| r.offered)
+            .collect();
+        let need = rate.iter().sum::<u64>() as f64
+            / rate.len().max(1) as f64
+            / run.capacity.max(f64::MIN_POSITIVE);
+        let busy_total = mean(&|p| p.busy_total);
+        let panic = points.iter().filter(|p| p.mode == "panic").count();
+        let mut signals: Vec<(&str, usize)> = Vec::new();
+        for p in &points {
+            match signals.iter_mut().find(|(s, _)| *s == p.signal) {
+                Some((_, k)) => *k += 1,
+                None => signals.push((p.signal.as_str(), 1)),
+            }
+        }
+        signals.sort_by_key(|s| std::cmp::Reverse(s.1));
+        let f2 = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.2}"));
+        rows.push(vec![
+            format!("{:02}–{:02} h", i * 3, (i + 1) * 3),
+            format!("{need:.2}"),
+            f2(busy_total),
+            f2(busy_total.map(|b| b / need.max(f64::MIN_POSITIVE))),
+            mean(&|p| p.capacity_per_worker).map_or("—".to_owned(), |c| format!("{c:.0}")),
+            f2(mean(&|p| Some(p.total_load))),
+            f2(mean(&|p| Some(p.desired as f64))),
+            format!("{panic} of {}", points.len()),
+            signals
+                .iter()
+                .map(|(s, k)| format!("{s} {k}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ]);
+    }
+    report.para(&format!(
+        "The busy pool's signal through the day, from its `/scaling` readings (means per \
+         part): the load's need in workers at 100% busy (offered ÷ the {:.0} items/s one \
+         worker served alone), the busy shares summed as the balancer read them and their \
+         ratio to that need (above 1: the signal over-reads), each worker's capacity as the \
+         balancer measured it (answers over busy shares), requests in flight and queued \
+         (the in-flight guard's load), the desired count, the readings in panic mode, and \
+         which signal set the demand. `day-busy.log` has each change of decision with its \
+         reason.",
+        run.capacity
+    ));
+    report.table(
+        &[
+            "day time",
+            "need (workers at 100%)",
+            "busy total",
+            "busy ÷ need",
+            "capacity per worker, measured",
+            "in flight + queued",
+            "desired",
+            "panic",
+            "demand set by",
+        ],
+        &rows,
+    );
 }
 
 fn burst_section(args: &Args, report: &mut Report, run: &Run) {
@@ -912,15 +1022,19 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
     let fixed = of(&run.bursts, Policy::Fixed);
     let mut header = POOL_COLUMNS.to_vec();
     header.extend([
+        "mean workers at the base",
         "step → asked for enough",
         "step → enough ready",
         "after the step: worst p99 / seconds over",
     ]);
+    let step_s = before.as_secs_f64();
+    let at_base = |r: &PoolRun| worker_seconds(&r.points, 0.0, step_s) / step_s.max(1e-9);
     let rows: Vec<Vec<String>> = run
         .bursts
         .iter()
         .map(|r| {
             let mut row = pool_cells(args, r, fixed);
+            row.push(format!("{:.2}", at_base(r)));
             row.push(s(r.to_ask_s));
             row.push(format!(
                 "{} ({} ready at the step)",
@@ -956,11 +1070,23 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
         } else {
             "missed"
         };
+        // A pool that had enough at the step bought it with workers at the base: say what
+        // each pool's readiness cost there, beside the busy pool's own reaction.
+        let base_cost = |r: &PoolRun| worker_seconds(&r.points, 0.0, step_s);
         report.para(&format!(
             "Goal: the busy-share policy has enough workers sooner after the step than the \
-             in-flight policy: **{verdict}** ({} against {}).",
+             in-flight policy: **{verdict}** ({} against {}). At the base rate the busy pool \
+             held {:.2} workers ({:.0} worker-seconds before the step) and the in-flight pool \
+             {:.2} ({:.0}); the busy pool asked for enough {} after the step and had them \
+             ready {} after it.",
             s(busy.to_enough_s),
             s(in_flight.to_enough_s),
+            at_base(busy),
+            base_cost(busy),
+            at_base(in_flight),
+            base_cost(in_flight),
+            s(busy.to_ask_s),
+            s(busy.to_enough_s),
         ));
         report.set("burst_goal", verdict);
     }
