@@ -77,10 +77,15 @@ pub fn balancer_args(listen: SocketAddr, admin: SocketAddr) -> Vec<String> {
 /// `tidepool-balancer` autoscaling arguments for tests: `--autoscale` between `min` and
 /// `max` workers at `target_load`, with 1 s stable and panic windows, 1 s out and 3 s in, so a test sees a
 /// pool grow and shrink within seconds. The actuator flag (`--worker-cmd` or `--scale-cmd`)
-/// is the caller's.
+/// is the caller's. The signal is requests in flight (`--scaling-signal in-flight`): these
+/// tests exercise the actuators, and the tests' tiny model keeps its workers' busy shares
+/// near zero at any load a test can drive, so the busy policy would rightly never grow the
+/// pool (its own rules are tested on simulated time in the balancer's `autoscale` module).
 pub fn fast_scaling_args(min: usize, max: usize, target_load: f64) -> Vec<String> {
     [
         "--autoscale".to_owned(),
+        "--scaling-signal".to_owned(),
+        "in-flight".to_owned(),
         "--min-workers".to_owned(),
         min.to_string(),
         "--max-workers".to_owned(),
