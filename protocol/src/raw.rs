@@ -22,10 +22,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::Error;
 use crate::limits::Limits;
-use crate::message::{key, Message, RequestId};
+use crate::message::{key, Infer, InferResult, Message, RequestId, Tensors};
 use crate::priority::Priority;
 use crate::tenant;
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
 
 /// The kinds of message a [`RawMessage`] holds: the two that carry tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,14 +197,87 @@ impl RawMessage {
         self.priority
     }
 
+    /// A `result`'s `batch_size` (absent or nil: `None`). Read again from the body's
+    /// top-level entries rather than kept by the scan, so that a balancer, which never asks,
+    /// does not move it with every frame; stepping over a tensor's data costs nothing.
+    pub fn batch_size(&self) -> Option<u32> {
+        let mut c = Cursor::new(&self.body);
+        c.pos = self.first_entry as usize;
+        for _ in 0..self.entries {
+            if c.str_bytes()? == key::BATCH_SIZE.as_bytes() {
+                // The scan checked that it is a `u32` (RawMessage invariant).
+                return u32::try_from(c.opt(Cursor::uint)??).ok();
+            }
+            c.skip()?;
+        }
+        None
+    }
+
     /// The body as received.
     pub fn body(&self) -> &Bytes {
         &self.body
     }
 
-    /// Decodes the body in full (tensor data stays a slice of it).
+    /// Decodes the body in full (tensor data stays a slice of it): the message
+    /// [`Message::decode`] gives, built from the scanned body without checking again what
+    /// the scan checked (the limits, the types, the tensors' lengths) and without serde. A
+    /// worker reads every `infer` this way; the fuzz target holds it to the full decoder.
     pub fn to_message(&self) -> Message {
-        Message::decode(&self.body).expect("a scanned body decodes (RawMessage invariant)")
+        self.build().unwrap_or_else(|| {
+            Message::decode(&self.body).expect("a scanned body decodes (RawMessage invariant)")
+        })
+    }
+
+    /// The message, read from the top-level entries the scan vouched for; `None` only if
+    /// the body is not what the scan found (never, by the invariant).
+    fn build(&self) -> Option<Message> {
+        let mut c = Cursor::new(&self.body);
+        c.pos = self.first_entry as usize;
+        let (tensors_key, mut tensors) = match self.kind {
+            RawKind::Infer => (key::INPUTS, None),
+            RawKind::Result => (key::OUTPUTS, None),
+        };
+        let (mut client, mut tenant, mut worker) = (None, None, None);
+        let (mut queue_us, mut infer_us, mut batch_size) = (None, None, None);
+        for _ in 0..self.entries {
+            let name = c.str_bytes()?;
+            match (self.kind, name) {
+                (_, name) if name == tensors_key.as_bytes() => {
+                    tensors = Some(read_tensors(&mut c, &self.body)?);
+                }
+                (RawKind::Infer, b"client") => client = c.opt(Cursor::str)?.map(str::to_owned),
+                // The scan checked it against the tenant rules already.
+                (RawKind::Infer, b"tenant") => tenant = c.opt(Cursor::str)?.map(Box::from),
+                (RawKind::Result, b"worker") => worker = c.opt(Cursor::str)?.map(str::to_owned),
+                (RawKind::Result, b"queue_us") => queue_us = c.opt(Cursor::uint)?,
+                (RawKind::Result, b"infer_us") => infer_us = c.opt(Cursor::uint)?,
+                (RawKind::Result, b"batch_size") => {
+                    batch_size = c.opt(Cursor::uint)?.map(u32::try_from).transpose().ok()?;
+                }
+                // The type, id, deadline and priority the scan kept, and what this kind of
+                // message does not read.
+                _ => c.skip()?,
+            }
+        }
+        let tensors = tensors?;
+        Some(match self.kind {
+            RawKind::Infer => Message::Infer(Infer {
+                id: self.id,
+                inputs: tensors,
+                deadline_ms: self.deadline_ms,
+                client,
+                priority: self.priority,
+                tenant,
+            }),
+            RawKind::Result => Message::Result(InferResult {
+                id: self.id,
+                outputs: tensors,
+                queue_us,
+                infer_us,
+                batch_size,
+                worker,
+            }),
+        })
     }
 
     /// Appends the message as one frame (length prefix included) to `dst`, changed as
@@ -467,6 +540,33 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
     })
 }
 
+/// A map of name → tensor that [`tensors`] accepted, read as the full decoder reads it: a
+/// name given twice keeps its last tensor, and each tensor's data is a slice of `body`.
+fn read_tensors(c: &mut Cursor<'_>, body: &Bytes) -> Option<Tensors> {
+    let mut out = Tensors::new();
+    for _ in 0..c.map_len()? {
+        let name = c.str()?.to_owned();
+        let (mut dtype, mut shape, mut data) = (None, None, None);
+        for _ in 0..c.map_len()? {
+            match c.str_bytes()? {
+                b"dtype" => dtype = Some(c.str()?.parse::<DType>().ok()?),
+                b"shape" => {
+                    let dims = c.array_len()?;
+                    let mut dims_read = Vec::with_capacity(dims);
+                    for _ in 0..dims {
+                        dims_read.push(usize::try_from(c.uint()?).unwrap_or(usize::MAX));
+                    }
+                    shape = Some(dims_read);
+                }
+                b"data" => data = Some(body.slice_ref(c.bin()?)),
+                _ => c.skip()?,
+            }
+        }
+        out.insert(name, Tensor::new(dtype?, shape?, data?).ok()?);
+    }
+    Some(out)
+}
+
 /// A map of name → tensor, each checked as the full decoder does.
 fn tensors(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     for _ in 0..c.map_len()? {
@@ -703,8 +803,6 @@ mod tests {
     use super::*;
     use crate::codec::tests::arb_message;
     use crate::message::tests::every_message;
-    use crate::message::{Infer, InferResult};
-    use crate::tensor::Tensor;
     use bytes::Buf;
     use proptest::prelude::*;
     use serde::Serialize;
@@ -739,7 +837,9 @@ mod tests {
                 (Message::Infer(infer), RawKind::Infer) => {
                     assert_eq!(infer.deadline_ms, raw.deadline_ms())
                 }
-                (Message::Result(_), RawKind::Result) => {}
+                (Message::Result(result), RawKind::Result) => {
+                    assert_eq!(result.batch_size, raw.batch_size())
+                }
                 (msg, kind) => panic!("scanned as {kind:?}, decoded as {msg:?}"),
             }
         }
@@ -753,10 +853,95 @@ mod tests {
                 (Message::Infer(_) | Message::Result(_), Frame::Raw(raw)) => {
                     assert_eq!(raw.to_message(), msg);
                     assert_eq!(raw.id(), msg.id());
+                    let batch_size = match &msg {
+                        Message::Result(result) => result.batch_size,
+                        _ => None,
+                    };
+                    assert_eq!(raw.batch_size(), batch_size, "{msg:?}");
                 }
                 (_, Frame::Message(decoded)) => assert_eq!(decoded, &msg),
                 _ => panic!("{msg:?} read as {frame:?}"),
             }
+        }
+    }
+
+    /// Bodies the encoder never writes but the scan accepts: `to_message` builds from them
+    /// what the full decoder reads, field for field.
+    #[test]
+    fn unusual_bodies_build_the_message_the_decoder_reads() {
+        use rmp::encode as w;
+        fn tensor(out: &mut Vec<u8>, value: f32, extra: bool) {
+            w::write_map_len(out, 3 + u32::from(extra)).unwrap();
+            if extra {
+                w::write_str(out, "layout").unwrap();
+                w::write_array_len(out, 1).unwrap();
+                w::write_uint(out, 7).unwrap();
+            }
+            w::write_str(out, "data").unwrap();
+            w::write_bin(out, &value.to_le_bytes()).unwrap();
+            w::write_str(out, "shape").unwrap();
+            w::write_array_len(out, 1).unwrap();
+            w::write_uint(out, 1).unwrap();
+            w::write_str(out, "dtype").unwrap();
+            w::write_str(out, "f32").unwrap();
+        }
+        for kind in ["infer", "result"] {
+            let (mine, other) = if kind == "infer" {
+                ("inputs", "outputs")
+            } else {
+                ("outputs", "inputs")
+            };
+            let mut out = Vec::new();
+            w::write_map_len(&mut out, 13).unwrap();
+            w::write_str(&mut out, "future").unwrap();
+            w::write_map_len(&mut out, 1).unwrap();
+            w::write_str(&mut out, "k").unwrap();
+            w::write_array_len(&mut out, 2).unwrap();
+            w::write_nil(&mut out).unwrap();
+            w::write_f64(&mut out, 1.5).unwrap();
+            w::write_str(&mut out, mine).unwrap();
+            // The same name twice: the decoder keeps the last.
+            w::write_map_len(&mut out, 3).unwrap();
+            for (name, value, extra) in [("b", 1.0, true), ("a", 2.0, false), ("b", 3.0, false)] {
+                w::write_str(&mut out, name).unwrap();
+                tensor(&mut out, value, extra);
+            }
+            w::write_str(&mut out, other).unwrap();
+            w::write_map_len(&mut out, 1).unwrap();
+            w::write_str(&mut out, "z").unwrap();
+            tensor(&mut out, 9.0, false);
+            w::write_str(&mut out, "id").unwrap();
+            w::write_uint(&mut out, 1 << 40).unwrap();
+            w::write_str(&mut out, "deadline_ms").unwrap();
+            w::write_nil(&mut out).unwrap();
+            w::write_str(&mut out, "client").unwrap();
+            w::write_str(&mut out, "10.0.0.1:9").unwrap();
+            w::write_str(&mut out, "worker").unwrap();
+            w::write_nil(&mut out).unwrap();
+            w::write_str(&mut out, "queue_us").unwrap();
+            w::write_uint(&mut out, 12).unwrap();
+            w::write_str(&mut out, "infer_us").unwrap();
+            w::write_nil(&mut out).unwrap();
+            w::write_str(&mut out, "batch_size").unwrap();
+            w::write_uint(&mut out, 3).unwrap();
+            w::write_str(&mut out, "priority").unwrap();
+            w::write_str(&mut out, "low").unwrap();
+            w::write_str(&mut out, "code").unwrap();
+            w::write_nil(&mut out).unwrap();
+            w::write_str(&mut out, "type").unwrap();
+            w::write_str(&mut out, kind).unwrap();
+            let body = Bytes::from(out);
+            let raw = RawMessage::scan(body.clone()).expect("the scan accepts it");
+            let decoded = Message::decode(&body).unwrap();
+            assert_eq!(raw.build().as_ref(), Some(&decoded), "{kind}");
+            assert_eq!(raw.to_message(), decoded);
+            let tensors = match &decoded {
+                Message::Infer(infer) => &infer.inputs,
+                Message::Result(result) => &result.outputs,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(tensors["b"].to_vec::<f32>().unwrap(), [3.0]);
+            assert_eq!(tensors.len(), 2);
         }
     }
 

@@ -34,10 +34,11 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
+use tidepool_protocol::raw::decode_body;
 use tidepool_protocol::tls::{Stream, TlsAcceptor, WriteHalf};
 use tidepool_protocol::{
-    encode_frame, Error as ProtocolError, ErrorCode, ErrorReply, FrameBudget, FrameReader, Infer,
-    InferResult, Load, Message, MessageCodec, MetadataResult, ModelMetadata, RequestId,
+    encode_frame, Error as ProtocolError, ErrorCode, ErrorReply, Frame, FrameBudget, FrameReader,
+    Infer, InferResult, Load, Message, MessageCodec, MetadataResult, ModelMetadata, RequestId,
     CONNECTION_ID,
 };
 use tokio::net::{TcpListener, TcpStream};
@@ -294,7 +295,13 @@ async fn connection(
                         reading = false;
                         Vec::new()
                     }
-                    Ok(Some(body)) => match Message::decode(&body) {
+                    // An infer is read by the raw scan and built from what it vouched for
+                    // (the full decoder's message, without serde or a second walk for the
+                    // limits); anything else, and every refusal, is the full decoder's.
+                    Ok(Some(body)) => match decode_body(body).map(|frame| match frame {
+                        Frame::Raw(raw) => raw.to_message(),
+                        Frame::Message(message) => message,
+                    }) {
                         Ok(message) => conn.handle(message).into_iter().collect(),
                         // One bad message: answered under its own id, the connection goes on.
                         Err(e) => vec![Answer { message: Message::Error(e.reply()), counts: true }],

@@ -545,7 +545,7 @@ fn tls_pair(args: &Args, report: &mut Report) -> anyhow::Result<()> {
                 window,
                 warmup: Duration::from_secs(warmup),
                 measure: Duration::from_secs(measure),
-                item: item.clone(),
+                items: vec![item.clone()],
                 tls: tls.then(|| Arc::clone(&client_config)),
             })
             .with_context(|| format!("saturating the balancer, tls {tls}"))?;
@@ -891,7 +891,7 @@ impl Saturate {
             window: self.window,
             warmup: Duration::from_secs(self.warmup),
             measure: Duration::from_secs(self.measure),
-            item: small_item(self.item_len),
+            items: vec![small_item(self.item_len)],
             tls: None,
         })?;
         Ok((r, pid.zip(before).map(|(p, b)| cpu_seconds(p) - b)))

@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         window: args.window,
         warmup: Duration::ZERO,
         measure: Duration::ZERO,
-        item: small_item(args.item_len),
+        items: vec![small_item(args.item_len)],
         tls: None,
     };
     let result = pipeline::run_frames(&config, args.frames, args.limit)?;

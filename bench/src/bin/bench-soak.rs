@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
                 window: 16,
                 warmup: Duration::from_secs(3),
                 measure: Duration::from_secs(10),
-                item: item.clone(),
+                items: vec![item.clone()],
                 tls: None,
             })?;
             eprintln!("soak: capacity {:.0} results/s", measured.per_second);

@@ -10,9 +10,11 @@
 //! 5. The worker's own cost per item (issue 16), on the same model and, with `--fast-model`,
 //!    on a model fast enough that the worker rather than the model sets the pace: the
 //!    worker in this process and in a process of its own (`tidepool-worker serve`, driven
-//!    over TCP from here), with the CPU of the window split per thread (`/proc/*/task/*/
-//!    schedstat`) into the driver's, the async runtime's, the model thread's and ONNX
-//!    Runtime's pool threads', against ONNX Runtime's own CPU per item when driven directly.
+//!    over TCP from here by the pipelined driver of `tidepool_bench::pipeline`, which encodes
+//!    each item once and reads answers with the raw scanner), with the CPU of the window
+//!    split per thread (`/proc/*/task/*/schedstat`) into the driver's, the async runtime's,
+//!    the model thread's and ONNX Runtime's pool threads', against ONNX Runtime's own CPU per
+//!    item when driven directly: in items/s and in items per CPU-second.
 //!
 //! Each phase loads the model afresh and drops it before the next, so that only one copy
 //! is ever in memory.
@@ -24,6 +26,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use clap::ValueEnum as _;
 use serde::Serialize;
+use tidepool_bench::pipeline::{self, PipelineConfig};
 use tidepool_bench::process::{free_port, sibling_exe, Proc};
 use tidepool_bench::report::{machine, quick_note, CommonArgs, Report};
 use tidepool_bench::saturate::{saturate, saturate_probed, Saturation};
@@ -522,6 +525,7 @@ fn own_process(
         );
     let mut child = Proc::spawn("tidepool-worker", &mut command)?;
     let pid = child.pid();
+    let socket: std::net::SocketAddr = addr.parse()?;
     runtime.block_on(async {
         let started = Instant::now();
         loop {
@@ -536,20 +540,43 @@ fn own_process(
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let (sat, opened, closed) =
-            saturate_probed(&addr, items, clients, timing.warmup, timing.measure, || {
-                (ThreadSample::take(Some(pid)), ThreadSample::take(None))
-            })
-            .await?;
-        Ok(Split {
-            sat,
-            worker: CpuSplit::of(&opened.0, &closed.0, own_process_group),
-            driver: Some(CpuSplit::of(&opened.1, &closed.1, |_, _| {
-                "driver".to_owned()
-            })),
-        })
+        anyhow::Ok(())
+    })?;
+    // The driver is measurement sharing the cores with the worker: the pipelined driver's
+    // pre-encoded frames and raw-scanned answers, not the protocol client's tasks.
+    let connections = DRIVER_CONNECTIONS;
+    let config = PipelineConfig {
+        addr: socket,
+        connections,
+        window: clients.div_ceil(connections),
+        warmup: timing.warmup,
+        measure: timing.measure,
+        items: items.to_vec(),
+        tls: None,
+    };
+    let (result, opened, closed) = pipeline::run_probed(&config, || {
+        (ThreadSample::take(Some(pid)), ThreadSample::take(None))
+    })?;
+    child.check_running()?;
+    Ok(Split {
+        sat: Saturation {
+            items: result.ok,
+            errors: result.errors,
+            seconds: timing.measure.as_secs_f64(),
+            items_per_second: result.per_second,
+            mean_batch: result.mean_batch,
+            latency: result.latency,
+        },
+        worker: CpuSplit::of(&opened.0, &closed.0, own_process_group),
+        driver: Some(CpuSplit::of(&opened.1, &closed.1, |_, _| {
+            "driver".to_owned()
+        })),
     })
 }
+
+/// Connections from the driver to a worker in its own process (as [`saturate`] uses), the
+/// callers spread evenly over them.
+const DRIVER_CONNECTIONS: usize = 4;
 
 fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
     report.heading("5. The worker's own cost per item (issue 16)");
@@ -557,12 +584,16 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
         "Each model driven directly (section 1's loop; CPU of the whole process per item: ONNX Runtime's \
          own, the copy into its input buffer included; the fast model both with ONNX Runtime's threads \
          spinning, its default, and not, as the worker now runs them, the best of all counted), then the worker at saturation ({:.0} s counted \
-         after {:.0} s) in this process and in a process of its own (`tidepool-worker serve`, driven over \
-         TCP from this one by the same closed-loop driver). CPU over the counted window per thread, from \
+         after {:.0} s) in this process (driven by the protocol client's closed-loop callers) and in a process \
+         of its own (`tidepool-worker serve`, driven over TCP from this one by the pipelined driver: the same \
+         number of requests in flight over 4 connections, each item encoded once with each request's id spliced \
+         in, answers read with the raw scanner, each id checked answered once). CPU over the counted window per thread, from \
          `/proc/PID/task/*/schedstat`, in µs per item answered: *runtime* is the async runtime's threads \
          (in this process it also runs the driver), *model thread* runs each batch (ONNX Runtime's calling \
          thread; the runtime forms each batch, the one copy in, and splits its outputs), *pool* is ONNX Runtime's intra-op threads. *Worker outside ONNX \
-         Runtime* is the worker process's CPU per item less direct's CPU per item at the same batch size.",
+         Runtime* is the worker process's CPU per item less direct's CPU per item at the same batch size. *Items per \
+         CPU-second ÷ direct* is direct's CPU per item at the same batch size over the worker process's: the \
+         worker's efficiency, which the driver's share of the cores does not move as it moves items/s.",
         timing.measure.as_secs_f64(),
         timing.warmup.as_secs_f64(),
     ));
@@ -590,6 +621,7 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
             "—".to_owned(),
             format!("{:.1}", cost.best.cpu_us_per_item),
             "—".to_owned(),
+            "1.00".to_owned(),
         ]);
         let mut runs = vec![
             ("worker in this process", &cost.in_process),
@@ -613,6 +645,10 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
             let outside = split.driver.as_ref().map_or("—".to_owned(), |_| {
                 format!("{:.1}", worker_total - cost.at_batch.cpu_us_per_item)
             });
+            // In this process the worker's CPU includes the driver's: no efficiency of its own.
+            let efficiency = split.driver.as_ref().map_or("—".to_owned(), |_| {
+                format!("{:.2}", cost.at_batch.cpu_us_per_item / worker_total)
+            });
             rows.push(vec![
                 format!("`{name}` {how}, `--max-batch {}`", cost.max_batch),
                 format!("{:.1}", split.sat.items_per_second),
@@ -633,6 +669,7 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
                 ),
                 format!("{worker_total:.1}"),
                 outside,
+                efficiency,
             ]);
         }
     }
@@ -647,21 +684,29 @@ fn write_costs(report: &mut Report, timing: &Timing, costs: &[Cost]) {
             "pool µs",
             "worker process µs",
             "worker outside ONNX Runtime µs",
+            "items per CPU-second ÷ direct",
         ],
         &rows,
     );
     for cost in costs {
         let ratio = cost.own_process.sat.items_per_second / cost.best.items_per_second;
         let goal = cost.goal;
+        let own = &cost.own_process;
+        let worker_us = own.per_item(own.worker.total);
+        let driver_us = own.per_item(own.driver.as_ref().map_or(0.0, |d| d.total));
+        let efficiency = cost.at_batch.cpu_us_per_item / worker_us.max(f64::MIN_POSITIVE);
         report.para(&format!(
-            "`{}`, driver in its own process: **{ratio:.2} of direct's best** (goal ≥ {goal}: {}); mean \
-             batch {:.1}, {} errors; direct at batch {} costs {:.1} µs of CPU per item.",
+            "`{}`, driver in its own process: **{ratio:.2} of direct's best** in items/s (goal ≥ {goal}: {}); \
+             in items per CPU-second the worker process does **{efficiency:.2} of direct's** at batch {} \
+             ({:.1} µs of CPU per item against direct's {:.1}; the driver {:.1}); mean batch {:.1}, {} errors.",
             cost.model.display(),
             if ratio >= goal { "met" } else { "missed" },
+            cost.at_batch.batch,
+            worker_us,
+            cost.at_batch.cpu_us_per_item,
+            driver_us,
             cost.own_process.sat.mean_batch,
             cost.own_process.sat.errors,
-            cost.at_batch.batch,
-            cost.at_batch.cpu_us_per_item,
         ));
     }
     report.set("cost_per_item", costs);
