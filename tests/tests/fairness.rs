@@ -94,9 +94,12 @@ async fn a_bystander_host_is_served_between_a_floods_requests() {
 /// bystander's flow `bystander_flow`.
 async fn bystander_between_a_floods_requests(fairness: FairnessMode, bystander_flow: &str) {
     init_tracing();
-    // Large enough that a batch takes a while, so the flood stays queued.
+    // Large enough that a batch takes a while, so the flood stays queued: at 8 MiB a batch
+    // of one took about 60 us on a quiet fast machine, and the worker drained the flood as
+    // fast as it arrived (CI saw the queue never reach half of it); 64 MiB streams eight
+    // times the weights per batch.
     let tiny = TinyModel {
-        size: 8 << 20,
+        size: 64 << 20,
         ..TinyModel::default()
     };
     let mut config = worker_config(&tiny.write());
