@@ -61,6 +61,15 @@ impl Forecast {
     pub fn finish(&self) -> Duration {
         self.ahead + self.own
     }
+
+    /// [`Forecast::finish`] plus the learned `margin`, but never more of it than the time
+    /// ahead: the margin keeps the queue from filling past what will finish in time, and an
+    /// item that would start at once is judged by its own batch alone, since refusing it
+    /// would leave the model idle (on a machine whose hiccups made the margin wider than a
+    /// tight deadline, every tight item would be refused even on an idle model).
+    pub fn with_margin(&self, margin: Duration) -> Duration {
+        self.finish().saturating_add(margin.min(self.ahead))
+    }
 }
 
 /// The forecast for an item in length `bucket` with `items_ahead` items queued before it (its
@@ -100,7 +109,7 @@ pub enum Verdict {
 /// Admits an item arriving at `now` with `deadline` unless `forecast`, plus the learned
 /// `margin`, ends after it.
 pub fn judge(now: Instant, deadline: Instant, forecast: Forecast, margin: Duration) -> Verdict {
-    let finish = forecast.finish().saturating_add(margin);
+    let finish = forecast.with_margin(margin);
     let done = now + finish;
     if done > deadline {
         Verdict::Refuse {
@@ -196,6 +205,12 @@ mod tests {
             },
             "in time by the forecast alone, late with the margin"
         );
+        // Nothing ahead: judged by its own batch alone, however wide the margin.
+        let idle = forecast(&profile(), 0, 0, 8, Duration::ZERO).unwrap();
+        assert_eq!(judge(now, now + ms(11), idle, ms(30)), Verdict::Admit);
+        // A little ahead: at most that much of the margin counts.
+        let busy = forecast(&profile(), 0, 0, 8, ms(2)).unwrap();
+        assert_eq!(busy.with_margin(ms(30)), ms(2 + 11 + 2));
     }
 
     #[tokio::test(start_paused = true)]

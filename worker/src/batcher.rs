@@ -824,13 +824,17 @@ impl<S: Stager> Actor<S> {
             .then(|| {
                 let alone = self.profile.fastest(1)?;
                 let full = self.profile.fastest(max_batch)?;
-                let start = now + self.model_busy(now) + self.margin.get(now);
-                let mut finish = [start; 3];
+                let busy = self.model_busy(now);
+                let margin = self.margin.get(now);
+                let mut finish = [now; 3];
                 for (at, class) in finish.iter_mut().zip(Priority::ALL) {
                     let ahead = self.classes.at_or_above(class);
                     let full_ahead = u32::try_from(ahead / max_batch).unwrap_or(u32::MAX);
-                    let own = self.profile.fastest(ahead % max_batch + 1)?;
-                    *at += full.saturating_mul(full_ahead) + own;
+                    let forecast = admission::Forecast {
+                        ahead: busy + full.saturating_mul(full_ahead),
+                        own: self.profile.fastest(ahead % max_batch + 1)?,
+                    };
+                    *at += forecast.with_margin(margin);
                 }
                 Some((finish, alone))
             })
@@ -1855,29 +1859,39 @@ mod tests {
         rig.until_ran(2).await;
         running.wait().await.unwrap();
         assert_eq!(value(&slow.wait().await.unwrap()), 1.0);
-        // On an idle model a batch of one is forecast at no more than 100 ms: within a
-        // 300 ms deadline by the forecast alone, not with the 300 ms margin learned.
+        // The model busy again: at most 100 ms in hand and 100 of its own is within a
+        // 200 ms deadline by the forecast alone, not with the 300 ms margin learned (of
+        // which the time in hand counts).
+        let running = rig.submit(5.0);
+        rig.until_started(3).await;
         let handle = rig.batcher.handle();
         let now = Instant::now();
-        let early = handle.refuse_early(now, now + 300 * MS, Priority::Normal);
+        let early = handle.refuse_early(now, now + 200 * MS, Priority::Normal);
         assert_eq!(early.map(|r| r.code), Some(ErrorCode::Overloaded));
         let err = rig
-            .submit_with(2.0, Some(300 * MS), Priority::Normal)
+            .submit_with(2.0, Some(200 * MS), Priority::Normal)
             .unwrap()
             .wait()
             .await
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::Overloaded);
         assert_eq!(rig.metrics.goodput.refusals(Refusal::PredictedLate), 2);
-        // Once the slow answer has left the margin's window, the same item is admitted.
+        // Once the slow answer has left the margin's window, the same item is admitted
+        // behind the same work in hand.
         tokio::time::advance(crate::margin::WINDOW).await;
-        let admitted = rig
-            .submit_with(3.0, Some(300 * MS), Priority::Normal)
-            .unwrap();
         rig.open(1);
         rig.until_ran(3).await;
+        running.wait().await.unwrap();
+        let running = rig.submit(6.0);
+        rig.until_started(4).await;
+        let admitted = rig
+            .submit_with(3.0, Some(200 * MS), Priority::Normal)
+            .unwrap();
+        rig.open(2);
+        rig.until_ran(5).await;
+        running.wait().await.unwrap();
         assert_eq!(value(&admitted.wait().await.unwrap()), 3.0);
-        assert_eq!(rig.ran(), vec![0.0, 1.0, 3.0]);
+        assert_eq!(rig.ran(), vec![0.0, 1.0, 5.0, 6.0, 3.0]);
     }
 
     #[tokio::test(start_paused = true)]
