@@ -4,7 +4,8 @@
 //! priority, each of whose requests gets exactly one answer of a documented kind; the
 //! field forwarded by the balancer unchanged; and the balancer's predicted-finish
 //! admission, which answers a burst that the worker cannot serve in time itself, so that
-//! the worker never sees those requests, while a bystander is served as usual.
+//! the worker never sees those requests, while a bystander is served as usual; and a
+//! request refused by its deadline alone, before its tensors are read.
 
 // A failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
@@ -187,6 +188,60 @@ async fn priority_passes_through_the_balancer_to_the_worker() {
         "the worker never saw a low-priority request through the balancer"
     );
     lb.stop().await.unwrap();
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_be_served_in_time_is_refused_before_its_tensors_are_read() {
+    init_tracing();
+    let tiny = measurable();
+    let worker = start_worker(batching(&tiny, 64)).await;
+    let dim = tiny.input_dim;
+    let bystander = Client::connect(worker.local_addr()).await.unwrap();
+    // A batch has run: the worker's profile knows a batch of one's time.
+    let expected = bystander.infer(item(dim, 0.25)).await.unwrap().outputs;
+    // Inputs of the wrong width: only decoding and checking them finds that out.
+    let body = |id, deadline_ms| {
+        Message::Infer(Infer {
+            id,
+            inputs: item(dim + 1, 1.0),
+            deadline_ms,
+            ..Infer::default()
+        })
+        .to_msgpack()
+        .unwrap()
+    };
+    let mut frames = BytesMut::new();
+    for b in [body(1, Some(0)), body(2, Some(60_000)), body(3, None)] {
+        frames.put_u32(u32::try_from(b.len()).unwrap());
+        frames.put_slice(&b);
+    }
+    let stream = TcpStream::connect(worker.local_addr()).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    write.write_all(&frames).await.unwrap();
+    let served = serve_bystander(&bystander, dim, &expected, 20, |_| {
+        Some(Duration::from_secs(30))
+    });
+    let mut answers = FramedRead::new(read, MessageCodec::default());
+    let read_three = async {
+        let mut by_id = BTreeMap::new();
+        while by_id.len() < 3 {
+            let msg = answers.next().await.unwrap().unwrap().unwrap();
+            assert!(by_id.insert(msg.id(), msg).is_none(), "one answer per id");
+        }
+        by_id
+    };
+    let ((), by_id) = tokio::join!(served, read_three);
+    let code = |id| match &by_id[&id] {
+        Message::Error(e) => e.code,
+        other => panic!("expected an error for {id}, got {other:?}"),
+    };
+    // No budget at all: refused from its deadline alone, its inputs never read.
+    assert_eq!(code(1), ErrorCode::DeadlineExceeded);
+    // Time enough, or no deadline: decoded, checked, and refused for what they are.
+    assert_eq!(code(2), ErrorCode::BadRequest);
+    assert_eq!(code(3), ErrorCode::BadRequest);
+    assert_eq!(worker.metrics().goodput.refusals(Refusal::Doomed), 1);
     worker.shutdown().await.unwrap();
 }
 

@@ -10,7 +10,10 @@
 //!   at once, `overloaded` with a `retry_after_ms` of how late it would have been
 //!   ([`tidepool_protocol::late_retry_ms`], the balancer's rule too), instead of
 //!   queueing to be answered `deadline_exceeded` later, after taking a place in the queue
-//!   from items that could still make it.
+//!   from items that could still make it. The batcher adds to each forecast the
+//!   [`crate::margin::Margin`] learned from how late the items it admitted actually
+//!   finished, so that what it admits it finishes in time even when batches run slower
+//!   than the profile says.
 //! - **Doomed items** ([`doomed`]). An item that cannot finish by its deadline even if its
 //!   batch were just itself, started as soon as the model is free, is answered
 //!   `deadline_exceeded` and never computed: on arrival (its budget is shorter than a batch
@@ -58,6 +61,15 @@ impl Forecast {
     pub fn finish(&self) -> Duration {
         self.ahead + self.own
     }
+
+    /// [`Forecast::finish`] plus the learned `margin`, but never more of it than the time
+    /// ahead: the margin keeps the queue from filling past what will finish in time, and an
+    /// item that would start at once is judged by its own batch alone, since refusing it
+    /// would leave the model idle (on a machine whose hiccups made the margin wider than a
+    /// tight deadline, every tight item would be refused even on an idle model).
+    pub fn with_margin(&self, margin: Duration) -> Duration {
+        self.finish().saturating_add(margin.min(self.ahead))
+    }
 }
 
 /// The forecast for an item in length `bucket` with `items_ahead` items queued before it (its
@@ -94,9 +106,10 @@ pub enum Verdict {
     },
 }
 
-/// Admits an item arriving at `now` with `deadline` unless `forecast` ends after it.
-pub fn judge(now: Instant, deadline: Instant, forecast: Forecast) -> Verdict {
-    let finish = forecast.finish();
+/// Admits an item arriving at `now` with `deadline` unless `forecast`, plus the learned
+/// `margin`, ends after it.
+pub fn judge(now: Instant, deadline: Instant, forecast: Forecast, margin: Duration) -> Verdict {
+    let finish = forecast.with_margin(margin);
     let done = now + finish;
     if done > deadline {
         Verdict::Refuse {
@@ -166,17 +179,38 @@ mod tests {
         let now = Instant::now();
         let f = forecast(&profile(), 0, 19, 8, ms(7)).unwrap();
         assert_eq!(
-            judge(now, now + ms(57), f),
+            judge(now, now + ms(57), f, Duration::ZERO),
             Verdict::Admit,
             "exactly in time"
         );
         assert_eq!(
-            judge(now, now + ms(50), f),
+            judge(now, now + ms(50), f, Duration::ZERO),
             Verdict::Refuse {
                 finish: ms(57),
                 late_by: ms(7)
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_margin_counts_against_the_deadline() {
+        let now = Instant::now();
+        let f = forecast(&profile(), 0, 19, 8, ms(7)).unwrap();
+        assert_eq!(judge(now, now + ms(60), f, ms(3)), Verdict::Admit);
+        assert_eq!(
+            judge(now, now + ms(59), f, ms(3)),
+            Verdict::Refuse {
+                finish: ms(60),
+                late_by: ms(1)
+            },
+            "in time by the forecast alone, late with the margin"
+        );
+        // Nothing ahead: judged by its own batch alone, however wide the margin.
+        let idle = forecast(&profile(), 0, 0, 8, Duration::ZERO).unwrap();
+        assert_eq!(judge(now, now + ms(11), idle, ms(30)), Verdict::Admit);
+        // A little ahead: at most that much of the margin counts.
+        let busy = forecast(&profile(), 0, 0, 8, ms(2)).unwrap();
+        assert_eq!(busy.with_margin(ms(30)), ms(2 + 11 + 2));
     }
 
     #[tokio::test(start_paused = true)]

@@ -70,7 +70,9 @@ use tracing::{debug, error, info, warn};
 use crate::admission::{self, BatchingMode, Verdict};
 use crate::error::Error;
 use crate::fairness::{FairnessMode, FairnessSettings, FlowId, Flows, Origin};
+use crate::gate::{Gate, Refused};
 use crate::goodput::Refusal;
+use crate::margin::Margin;
 use crate::metrics::Metrics;
 use crate::priority::{self, ClassCounts};
 use crate::profile::Profile;
@@ -225,6 +227,9 @@ struct Queued {
     inputs: Tensors,
     fit: Fit,
     deadline: Option<Instant>,
+    /// When admission forecast it would finish, without the margin (adaptive mode, once the
+    /// profile knows its bucket): compared with when it is answered, for the [`Margin`].
+    forecast: Option<Instant>,
     priority: Priority,
     /// The name of its flow, until the actor files it under [`Queued::flow`].
     flow_name: Option<Box<str>>,
@@ -255,6 +260,8 @@ struct Handed {
     size: usize,
     /// When it started: at hand-over to an idle model, else when the one before it ended.
     started: Option<Instant>,
+    /// Its members' [`Queued::forecast`]s, for the [`Margin`] once it is answered.
+    forecasts: Vec<Instant>,
 }
 
 /// Shared between the handles and the actor.
@@ -271,6 +278,8 @@ struct Shared {
     times: std::sync::Mutex<Option<BatchTimes>>,
     /// Wakes the actor to look for cancelled items.
     wake: Notify,
+    /// The actor's admission snapshot, for refusing at the connection ([`crate::gate`]).
+    gate: Gate,
     /// What an item's flow is named by.
     fairness: FairnessMode,
     /// For refusals at submission.
@@ -355,6 +364,7 @@ impl BatcherHandle {
             inputs,
             fit,
             deadline,
+            forecast: None,
             priority,
             flow_name: self.shared.fairness.key(origin),
             flow: FlowId::NONE,
@@ -382,6 +392,37 @@ impl BatcherHandle {
                 Err(shutting_down())
             }
         }
+    }
+
+    /// Predicted-finish admission before the item is decoded ([`crate::gate`]): the refusal
+    /// for an item of `priority` arriving at `now` with `deadline` that the batcher would
+    /// refuse too, counted as the batcher counts its own; `None`: decode it and submit.
+    pub fn refuse_early(
+        &self,
+        now: Instant,
+        deadline: Instant,
+        priority: Priority,
+    ) -> Option<Rejection> {
+        let budget = deadline.saturating_duration_since(now).as_millis();
+        let (why, rejection) = match self.shared.gate.check(now, deadline, priority)? {
+            Refused::Doomed { alone } => (
+                Refusal::Doomed,
+                Rejection::new(ErrorCode::DeadlineExceeded, doomed_message(budget, alone)),
+            ),
+            Refused::Late { finish, late_by } => (
+                Refusal::PredictedLate,
+                Rejection {
+                    code: ErrorCode::Overloaded,
+                    message: format!(
+                        "the worker predicts this request would be answered in {} ms, after its deadline_ms of {budget}; retry after retry_after_ms, on another worker, or with a larger deadline_ms",
+                        finish.as_millis()
+                    ),
+                    retry_after_ms: Some(tidepool_protocol::late_retry_ms(late_by)),
+                },
+            ),
+        };
+        self.shared.metrics.goodput.refused(why);
+        Some(rejection)
     }
 
     /// Items waiting (queued or on their way into the queue).
@@ -443,6 +484,15 @@ fn bucket_of(buckets: &[usize], tokens: usize) -> usize {
     buckets.partition_point(|&bound| bound < tokens)
 }
 
+/// Why an item whose budget of `budget_ms` is shorter than a batch of one (`alone`) was
+/// not run.
+fn doomed_message(budget_ms: u128, alone: Duration) -> String {
+    format!(
+        "its deadline_ms of {budget_ms} is shorter than this worker takes to run a batch of one ({} ms); it was not run: retry with a larger deadline_ms",
+        alone.as_millis()
+    )
+}
+
 fn shutting_down() -> Rejection {
     Rejection::new(
         ErrorCode::ShuttingDown,
@@ -501,12 +551,14 @@ impl Batcher {
             batch_us: AtomicU64::new(0),
             times: std::sync::Mutex::new(None),
             wake: Notify::new(),
+            gate: Gate::new(),
             fairness: config.fairness.mode,
             metrics: Arc::clone(&metrics),
         });
         let flows = Flows::new(&config.fairness, Arc::clone(&metrics.fairness));
         let actor = Actor {
             profile,
+            margin: Margin::new(),
             handed: VecDeque::new(),
             classes: ClassCounts::default(),
             flows,
@@ -564,6 +616,8 @@ struct Actor<S: Stager> {
     config: BatchConfig,
     /// Batch run times learned from the batches run.
     profile: Profile,
+    /// How much later than forecast admitted items finish, added to admission's forecasts.
+    margin: Margin,
     /// The batches handed to the model thread and not yet done, oldest first.
     handed: VecDeque<Handed>,
     /// Queued items per class (the actor's queue only).
@@ -605,6 +659,7 @@ impl<S: Stager> Actor<S> {
             }
             self.check_drain_deadline(now);
             self.dispatch(now);
+            self.publish_gate(now);
             self.metrics
                 .queue_depth
                 .store(self.queued_now() as i64, Ordering::Relaxed);
@@ -617,10 +672,15 @@ impl<S: Stager> Actor<S> {
                 _ = shutdown.cancelled(), if !self.draining => self.begin_drain(),
                 done = self.done_rx.recv() => match done {
                     Some(ran) => {
-                        self.batch_done(&ran);
+                        let forecasts = self.batch_done(&ran);
                         // Hand the model its next batch before splitting this one.
                         self.dispatch(Instant::now());
                         ran.finish(&self.stager);
+                        // Its items are answered now (the connections write them next).
+                        let answered = Instant::now();
+                        for forecast in forecasts {
+                            self.margin.observe(forecast, answered);
+                        }
                     }
                     None => {
                         error!("the model thread has ended; answering queued items internal");
@@ -658,44 +718,50 @@ impl<S: Stager> Actor<S> {
             )));
             return;
         }
+        let mut item = item;
         if let Some(deadline) = item.deadline {
-            if let Some((why, refusal)) = self.refuse_late(&item, deadline) {
-                self.shared.metrics.goodput.refused(why);
-                item.reply.send(Err(refusal));
-                return;
+            match self.refuse_late(&item, deadline) {
+                Ok(forecast) => item.forecast = forecast,
+                Err((why, refusal)) => {
+                    self.shared.metrics.goodput.refused(why);
+                    item.reply.send(Err(refusal));
+                    return;
+                }
             }
             let look = self.look_at(&item, deadline, Instant::now());
             self.next_deadline = Some(self.next_deadline.map_or(look, |d| d.min(look)));
         }
-        let mut item = item;
         item.flow = self.flows.join(item.flow_name.take().as_deref());
         self.classes.add(item.priority);
         self.queue.push_back(item);
     }
 
     /// Predicted-finish admission ([`admission::judge`]): the refusal for an item that would
-    /// finish after `deadline`, counting as ahead of it the queued items of its class or a
-    /// higher one. `None` (admit) in fixed mode or while the profile knows nothing. An item
-    /// that could not make it even alone on an idle model is `deadline_exceeded` (waiting
-    /// does not help; a larger budget does), any other `overloaded` with a retry hint.
-    fn refuse_late(&self, item: &Queued, deadline: Instant) -> Option<(Refusal, Rejection)> {
+    /// finish after `deadline` (its forecast plus the learned [`Margin`]), counting as ahead
+    /// of it the queued items of its class or a higher one. An item that could not make it
+    /// even alone on an idle model is `deadline_exceeded` (waiting does not help; a larger
+    /// budget does), any other `overloaded` with a retry hint. Admitted: its forecast finish
+    /// without the margin, `None` in fixed mode or while the profile knows nothing.
+    fn refuse_late(
+        &mut self,
+        item: &Queued,
+        deadline: Instant,
+    ) -> Result<Option<Instant>, (Refusal, Rejection)> {
         if self.config.mode != BatchingMode::Adaptive {
-            return None;
+            return Ok(None);
         }
         let now = Instant::now();
         let bucket = self.bucket(item.fit.tokens);
         let budget = deadline.saturating_duration_since(item.enqueued);
-        let alone = self.profile.predict(bucket, 1)?;
+        let Some(alone) = self.profile.predict(bucket, 1) else {
+            return Ok(None);
+        };
         if admission::doomed(now, deadline, Duration::ZERO, alone) {
-            return Some((
+            return Err((
                 Refusal::Doomed,
                 Rejection::new(
                     ErrorCode::DeadlineExceeded,
-                    format!(
-                        "its deadline_ms of {} is shorter than this worker takes to run a batch of one ({} ms); it was not run: retry with a larger deadline_ms",
-                        budget.as_millis(),
-                        alone.as_millis()
-                    ),
+                    doomed_message(budget.as_millis(), alone),
                 ),
             ));
         }
@@ -705,15 +771,19 @@ impl<S: Stager> Actor<S> {
                 .ahead(item.flow_name.as_deref())
                 .unwrap_or(usize::MAX),
         );
-        let forecast = admission::forecast(
+        let Some(forecast) = admission::forecast(
             &self.profile,
             bucket,
             ahead,
             self.config.max_batch,
             self.model_busy(now),
-        )?;
-        let Verdict::Refuse { finish, late_by } = admission::judge(now, deadline, forecast) else {
-            return None;
+        ) else {
+            return Ok(None);
+        };
+        let margin = self.margin.get(now);
+        let Verdict::Refuse { finish, late_by } = admission::judge(now, deadline, forecast, margin)
+        else {
+            return Ok(Some(now + forecast.finish()));
         };
         let rejection = Rejection {
             code: ErrorCode::Overloaded,
@@ -724,7 +794,7 @@ impl<S: Stager> Actor<S> {
             ),
             retry_after_ms: Some(tidepool_protocol::late_retry_ms(late_by)),
         };
-        Some((Refusal::PredictedLate, rejection))
+        Err((Refusal::PredictedLate, rejection))
     }
 
     /// The model thread's work in hand at `now`, predicted: what is left of the running
@@ -740,6 +810,36 @@ impl<S: Stager> Actor<S> {
                 }
             })
             .sum()
+    }
+
+    /// Publishes for the connections' [`Gate`] the earliest an item of each class arriving
+    /// at `now` could be answered: [`Actor::refuse_late`]'s forecast and margin at the
+    /// fastest bucket's times. Closed in fixed mode, while draining, with fair sharing
+    /// (which counts a flow's own items ahead) and while the profile knows nothing.
+    fn publish_gate(&mut self, now: Instant) {
+        let open =
+            self.config.mode == BatchingMode::Adaptive && !self.draining && !self.flows.enabled();
+        let max_batch = self.config.max_batch.max(1);
+        let snapshot = open
+            .then(|| {
+                let alone = self.profile.fastest(1)?;
+                let full = self.profile.fastest(max_batch)?;
+                let busy = self.model_busy(now);
+                let margin = self.margin.get(now);
+                let mut finish = [now; 3];
+                for (at, class) in finish.iter_mut().zip(Priority::ALL) {
+                    let ahead = self.classes.at_or_above(class);
+                    let full_ahead = u32::try_from(ahead / max_batch).unwrap_or(u32::MAX);
+                    let forecast = admission::Forecast {
+                        ahead: busy + full.saturating_mul(full_ahead),
+                        own: self.profile.fastest(ahead % max_batch + 1)?,
+                    };
+                    *at += forecast.with_margin(margin);
+                }
+                Some((finish, alone))
+            })
+            .flatten();
+        self.shared.gate.publish(snapshot);
     }
 
     /// Publishes the profile's batch times for `pong` (adaptive mode only: a fixed batcher
@@ -780,18 +880,24 @@ impl<S: Stager> Actor<S> {
         );
     }
 
-    fn batch_done(&mut self, done: &Ran<S::Output>) {
+    /// Learns from a batch back from the model thread; returns its members' forecasts,
+    /// for the [`Margin`] once they are answered.
+    fn batch_done(&mut self, done: &Ran<S::Output>) -> Vec<Instant> {
         self.in_flight = self.in_flight.saturating_sub(1);
         // Every batch handed over comes back, run or skipped, so `handed` stays in step.
-        let batch = self.handed.pop_front();
+        let mut batch = self.handed.pop_front();
+        let forecasts = batch
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.forecasts))
+            .unwrap_or_default();
         if let Some(next) = self.handed.front_mut() {
             // The model thread went straight on to it.
             next.started.get_or_insert_with(Instant::now);
         }
         if !done.ran() {
             // A batch whose members were all gone did not run: it says nothing of the
-            // model's speed.
-            return;
+            // model's speed (its members' forecasts still do: they were answered this late).
+            return forecasts;
         }
         if let Some(batch) = batch {
             self.profile.observe(
@@ -809,6 +915,7 @@ impl<S: Stager> Actor<S> {
             (old * 7 + done.infer_us) / 8
         };
         self.shared.batch_us.store(avg, Ordering::Relaxed);
+        forecasts
     }
 
     /// Answers expired items (and, adaptive, doomed ones: [`admission::doomed`]), drops
@@ -934,7 +1041,7 @@ impl<S: Stager> Actor<S> {
             if !self.should_dispatch(now) {
                 break;
             }
-            let (bucket, inputs, members) = self.take_batch(now);
+            let (bucket, inputs, members, forecasts) = self.take_batch(now);
             let size = members.len();
             self.metrics.batch_size.observe(size as u64);
             // The copy into the batch's input happens here, while the model runs the
@@ -950,6 +1057,7 @@ impl<S: Stager> Actor<S> {
                         bucket,
                         size,
                         started: (self.in_flight == 0).then_some(now),
+                        forecasts,
                     });
                     self.in_flight += 1;
                 }
@@ -966,16 +1074,16 @@ impl<S: Stager> Actor<S> {
     /// Takes the next batch out of the queue: a leader and up to `max_batch - 1` items that
     /// may share its batch (the same key and bucket, within the token budget), chosen by
     /// [`Actor::pick_by_rank`] or, when the queue is shared fairly, [`Actor::pick_fair`].
-    /// Returns the batch's length bucket, and its items' inputs and their members in the same
-    /// order.
-    fn take_batch(&mut self, now: Instant) -> (usize, Vec<Tensors>, Vec<Member>) {
+    /// Returns the batch's length bucket, its items' inputs and their members in the same
+    /// order, and the forecasts of those that have one.
+    fn take_batch(&mut self, now: Instant) -> (usize, Vec<Tensors>, Vec<Member>, Vec<Instant>) {
         let mut picked = if self.flows.enabled() {
             self.pick_fair(now)
         } else {
             self.pick_by_rank(now)
         };
         let Some(&lead_at) = picked.first() else {
-            return (0, Vec::new(), Vec::new());
+            return (0, Vec::new(), Vec::new(), Vec::new());
         };
         let bucket = self.bucket(self.queue[lead_at].fit.tokens);
         // Remove from the back so the positions still hold; the leader goes first.
@@ -993,6 +1101,7 @@ impl<S: Stager> Actor<S> {
                 taken.push(item);
             }
         }
+        let forecasts = taken.iter().filter_map(|item| item.forecast).collect();
         let (inputs, members) = taken
             .into_iter()
             .map(|item| {
@@ -1008,7 +1117,7 @@ impl<S: Stager> Actor<S> {
                 (item.inputs, member)
             })
             .unzip();
-        (bucket, inputs, members)
+        (bucket, inputs, members, forecasts)
     }
 
     /// The batch by rank alone, as queue positions, leader first: the leader is the item of
@@ -1297,6 +1406,14 @@ mod tests {
         /// Waits (without moving paused time) until `n` batches have started.
         async fn until_started(&self, n: usize) {
             while self.started().len() < n {
+                tokio::task::yield_now().await;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+
+        /// Waits (without moving paused time) until `n` items have run.
+        async fn until_ran(&self, n: usize) {
+            while self.ran().len() < n {
                 tokio::task::yield_now().await;
                 std::thread::sleep(Duration::from_micros(100));
             }
@@ -1726,6 +1843,119 @@ mod tests {
             "the doomed item was never computed"
         );
         assert_eq!(rig.metrics.goodput.refusals(Refusal::Doomed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_answered_later_than_forecast_widen_admission_until_it_decays() {
+        let (rig, running) = busy_rig(BatchingMode::Adaptive).await;
+        // Forecast at 200 ms (100 in hand, 100 of its own); the batches overrun to 500 ms.
+        let slow = rig
+            .submit_with(1.0, Some(1_000 * MS), Priority::Normal)
+            .unwrap();
+        tokio::task::yield_now().await;
+        tokio::time::advance(500 * MS).await;
+        rig.open(2);
+        // Without letting paused time run ahead while the model thread works in real time.
+        rig.until_ran(2).await;
+        running.wait().await.unwrap();
+        assert_eq!(value(&slow.wait().await.unwrap()), 1.0);
+        // The model busy again: at most 100 ms in hand and 100 of its own is within a
+        // 200 ms deadline by the forecast alone, not with the 300 ms margin learned (of
+        // which the time in hand counts).
+        let running = rig.submit(5.0);
+        rig.until_started(3).await;
+        let handle = rig.batcher.handle();
+        let now = Instant::now();
+        let early = handle.refuse_early(now, now + 200 * MS, Priority::Normal);
+        assert_eq!(early.map(|r| r.code), Some(ErrorCode::Overloaded));
+        let err = rig
+            .submit_with(2.0, Some(200 * MS), Priority::Normal)
+            .unwrap()
+            .wait()
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::Overloaded);
+        assert_eq!(rig.metrics.goodput.refusals(Refusal::PredictedLate), 2);
+        // Once the slow answer has left the margin's window, the same item is admitted
+        // behind the same work in hand.
+        tokio::time::advance(crate::margin::WINDOW).await;
+        rig.open(1);
+        rig.until_ran(3).await;
+        running.wait().await.unwrap();
+        let running = rig.submit(6.0);
+        rig.until_started(4).await;
+        let admitted = rig
+            .submit_with(3.0, Some(200 * MS), Priority::Normal)
+            .unwrap();
+        rig.open(2);
+        rig.until_ran(5).await;
+        running.wait().await.unwrap();
+        assert_eq!(value(&admitted.wait().await.unwrap()), 3.0);
+        assert_eq!(rig.ran(), vec![0.0, 1.0, 5.0, 6.0, 3.0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connections_gate_refuses_what_admission_would_and_nothing_else() {
+        let (rig, running) = busy_rig(BatchingMode::Adaptive).await;
+        let handle = rig.batcher.handle();
+        // Seventeen items: a full batch formed ahead of the running one (in hand) and nine
+        // queued, one full batch of them ahead of the next normal arrival.
+        let queued: Vec<Ticket> = (1..=17)
+            .map(|v| {
+                rig.submit_with(v as f32, Some(HOUR), Priority::Normal)
+                    .unwrap()
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let now = Instant::now();
+        // 200 ms in hand, 100 for the batch ahead, 100 of its own: 400 ms.
+        let late = handle.refuse_early(now, now + 350 * MS, Priority::Normal);
+        let late = late.expect("predicted late at the gate");
+        assert_eq!(late.code, ErrorCode::Overloaded);
+        assert_eq!(late.retry_after_ms, Some(51));
+        assert_eq!(
+            handle.refuse_early(now, now + 400 * MS, Priority::Normal),
+            None
+        );
+        // A high item has nothing of its class queued ahead of it.
+        assert_eq!(
+            handle.refuse_early(now, now + 350 * MS, Priority::High),
+            None
+        );
+        let doomed = handle.refuse_early(now, now + 50 * MS, Priority::High);
+        assert_eq!(doomed.map(|r| r.code), Some(ErrorCode::DeadlineExceeded));
+        let goodput = &rig.metrics.goodput;
+        assert_eq!(
+            (
+                goodput.refusals(Refusal::PredictedLate),
+                goodput.refusals(Refusal::Doomed)
+            ),
+            (1, 1)
+        );
+        // What the gate let through, the batcher admits and answers.
+        let fits = rig
+            .submit_with(99.0, Some(400 * MS), Priority::Normal)
+            .unwrap();
+        rig.open(4);
+        rig.until_ran(19).await;
+        running.wait().await.unwrap();
+        for ticket in queued {
+            ticket.wait().await.unwrap();
+        }
+        assert_eq!(value(&fits.wait().await.unwrap()), 99.0);
+
+        let (fixed, running) = busy_rig(BatchingMode::Fixed).await;
+        let now = Instant::now();
+        assert_eq!(
+            fixed
+                .batcher
+                .handle()
+                .refuse_early(now, now + MS, Priority::Normal),
+            None,
+            "a fixed batcher admits everything"
+        );
+        fixed.open(1);
+        running.wait().await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

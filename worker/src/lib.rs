@@ -32,6 +32,9 @@
 //! - [`profile`]: the model thread's batch run time by batch size and length bucket, learned
 //!   online from the batches run; [`admission`]: predicted-finish admission, doomed items
 //!   dropped before they run, and each batch's close chosen from its members' deadlines;
+//!   [`margin`]: how much later than forecast admitted items finish, learned online and
+//!   added to admission's forecasts; [`gate`]: the same admission at the connection,
+//!   from a request's scanned fields, before its tensors are decoded;
 //!   [`priority`]: priority classes in the queue (order, ageing, shedding the low class
 //!   first); [`fairness`]: with `--fairness`, deficit round robin between clients or
 //!   tenants within a class; [`goodput`]: results counted against their deadlines, refusals
@@ -79,7 +82,9 @@ pub mod config;
 pub mod cost;
 pub mod error;
 pub mod fairness;
+pub mod gate;
 pub mod goodput;
+pub mod margin;
 pub mod metrics;
 pub mod model;
 mod pad;

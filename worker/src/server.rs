@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
-use tidepool_protocol::raw::decode_body;
+use tidepool_protocol::raw::{decode_body, RawKind, RawMessage};
 use tidepool_protocol::tls::{Stream, TlsAcceptor, WriteHalf};
 use tidepool_protocol::{
     encode_frame, Error as ProtocolError, ErrorCode, ErrorReply, Frame, FrameBudget, FrameReader,
@@ -297,12 +297,14 @@ async fn connection(
                     }
                     // An infer is read by the raw scan and built from what it vouched for
                     // (the full decoder's message, without serde or a second walk for the
-                    // limits); anything else, and every refusal, is the full decoder's.
-                    Ok(Some(body)) => match decode_body(body).map(|frame| match frame {
-                        Frame::Raw(raw) => raw.to_message(),
-                        Frame::Message(message) => message,
-                    }) {
-                        Ok(message) => conn.handle(message).into_iter().collect(),
+                    // limits), unless its scanned fields already say it would be refused;
+                    // anything else, and every malformed body, is the full decoder's.
+                    Ok(Some(body)) => match decode_body(body) {
+                        Ok(Frame::Raw(raw)) => match conn.refuse_early(&raw) {
+                            Some(answer) => vec![answer],
+                            None => conn.handle(raw.to_message()).into_iter().collect(),
+                        },
+                        Ok(Frame::Message(message)) => conn.handle(message).into_iter().collect(),
                         // One bad message: answered under its own id, the connection goes on.
                         Err(e) => vec![Answer { message: Message::Error(e.reply()), counts: true }],
                     },
@@ -396,6 +398,30 @@ async fn write_all(
 }
 
 impl Connection {
+    /// An `infer`'s refusal decided from its scanned fields alone ([`crate::gate`]), before
+    /// its tensors are decoded and checked: its deadline cannot be met. `None` for anything
+    /// the full path must judge (no deadline, an id already in flight, not serving).
+    fn refuse_early(&self, raw: &RawMessage) -> Option<Answer> {
+        if raw.kind() != RawKind::Infer || self.in_flight.contains_key(&raw.id()) {
+            return None;
+        }
+        let now = Instant::now();
+        let deadline = now.checked_add(Duration::from_millis(raw.deadline_ms()?))?;
+        let rejection = match &*self.context.phase.borrow() {
+            Phase::Ready { batcher, .. } => batcher.refuse_early(now, deadline, raw.priority())?,
+            Phase::Loading | Phase::Draining => return None,
+        };
+        Some(Answer {
+            message: Message::Error(ErrorReply {
+                id: raw.id(),
+                code: rejection.code,
+                message: rejection.message,
+                retry_after_ms: rejection.retry_after_ms,
+            }),
+            counts: true,
+        })
+    }
+
     /// Handles one request; returns an answer to write now, if any.
     fn handle(&mut self, message: Message) -> Option<Answer> {
         match message {
