@@ -41,6 +41,8 @@
 //!   deadline, and lost balancers are reconnected with backoff.
 //! - [`tls`]: rustls for clients and servers: PEM files, reloadable configurations, handshakes
 //!   bounded by a timeout, and [`tls::Stream`], a connection with or without TLS.
+//! - `result_wire`: a `result`'s bytes written straight, byte for byte serde's (one per
+//!   item a worker answers).
 //! - [`error`]: [`Error`], the crate's one error type.
 
 #![forbid(unsafe_code)]
@@ -56,6 +58,7 @@ pub mod pool;
 pub mod priority;
 pub mod raw;
 pub mod reader;
+mod result_wire;
 pub mod tenant;
 pub mod tensor;
 pub mod tls;

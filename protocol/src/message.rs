@@ -336,9 +336,12 @@ impl Message {
 
     /// Appends the MessagePack map to `out`.
     pub fn write_msgpack<W: std::io::Write>(&self, out: &mut W) -> Result<(), Error> {
-        let wire = WireOut::from(self);
-        wire.serialize(&mut rmp_serde::Serializer::new(out).with_struct_map())
-            .map_err(Error::Encode)
+        match self {
+            // One per item answered: written straight, the same bytes as serde's.
+            Message::Result(result) => crate::result_wire::write_result(result, out)
+                .map_err(|e| Error::Encode(rmp_serde::encode::Error::InvalidValueWrite(e))),
+            _ => write_with_serde(self, out),
+        }
     }
 
     /// Decodes one frame body within [`Limits::PROTOCOL`]. Tensor data in the result are
@@ -370,6 +373,17 @@ impl Message {
         };
         wire.into_message(body, limits)
     }
+}
+
+/// Writes `message` through [`WireOut`] and serde: the definition of every message's bytes,
+/// which [`crate::result_wire`] reproduces for `result`.
+pub(crate) fn write_with_serde<W: std::io::Write>(
+    message: &Message,
+    out: &mut W,
+) -> Result<(), Error> {
+    WireOut::from(message)
+        .serialize(&mut rmp_serde::Serializer::new(out).with_struct_map())
+        .map_err(Error::Encode)
 }
 
 /// Best effort: the `id` of a body whose other fields did not decode. Reads only the top-level

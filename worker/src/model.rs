@@ -23,7 +23,7 @@ use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::builder::SessionBuilder;
 use ort::session::Session;
-use ort::value::{DynTensor, DynValue, Outlet, TensorElementType, ValueType};
+use ort::value::{DynTensor, DynValue, Outlet, Tensor as OrtTensor, TensorElementType, ValueType};
 use tidepool_protocol::{DType, Tensor, Tensors};
 use tracing::{info, warn};
 
@@ -430,8 +430,6 @@ impl Stager for ModelStager {
                 shape.push(n as i64);
             }
             shape.extend(item_shape.iter().map(|&d| d as i64));
-            let mut tensor = DynTensor::new(&allocator, element_type(io.dtype), shape)
-                .map_err(Error::Inference)?;
             let elem = io.dtype.size();
             let per_item = item_shape.iter().product::<usize>() * elem;
             let short = items
@@ -445,6 +443,14 @@ impl Stager for ModelStager {
                 });
             }
             padded |= short;
+            if !short && per_item > 0 {
+                if let Some(value) = owned_input(items, &io.name, io.dtype, &shape) {
+                    values.push((io.name.clone(), value.map_err(Error::Inference)?));
+                    continue;
+                }
+            }
+            let mut tensor = DynTensor::new(&allocator, element_type(io.dtype), shape)
+                .map_err(Error::Inference)?;
             let pad = spec.pad_bytes(at);
             with_bytes_mut(&mut tensor, io.dtype, |dst| {
                 if short {
@@ -693,6 +699,67 @@ fn element_type(dtype: DType) -> TensorElementType {
     }
 }
 
+/// The input `name` of a batch whose items all have the batch's per-item shape, as a tensor
+/// of `shape` over a buffer filled by the one copy of each item and handed to ONNX Runtime as
+/// it is. `DynTensor::new` zero-fills a buffer of its own, which the copy then overwrites
+/// byte for byte: about a sixth of the runtime thread's instructions per item on a fast
+/// model (BENCHMARKS.md, worker). `None` for bool, whose bytes must be checked to be 0 or 1
+/// on their way in (the caller's path through [`with_bytes_mut`] does that).
+fn owned_input(
+    items: &[&Tensors],
+    name: &str,
+    dtype: DType,
+    shape: &[i64],
+) -> Option<ort::Result<DynValue>> {
+    macro_rules! pod {
+        ($t:ty) => {
+            Some(
+                OrtTensor::<$t>::from_array((shape.to_vec(), stack::<$t>(items, name)))
+                    .map(OrtTensor::into_dyn),
+            )
+        };
+    }
+    match dtype {
+        DType::F32 => pod!(f32),
+        DType::F64 => pod!(f64),
+        DType::F16 => pod!(half::f16),
+        DType::Bf16 => pod!(half::bf16),
+        DType::I8 => pod!(i8),
+        DType::I16 => pod!(i16),
+        DType::I32 => pod!(i32),
+        DType::I64 => pod!(i64),
+        DType::U8 => pod!(u8),
+        DType::U16 => pod!(u16),
+        DType::U32 => pod!(u32),
+        DType::U64 => pod!(u64),
+        DType::Bool => None,
+    }
+}
+
+/// Every item's input `name`, one after the other, as elements of `T` read from their
+/// little-endian wire bytes: the one copy of each item, into a buffer never written before.
+fn stack<T: bytemuck::Pod>(items: &[&Tensors], name: &str) -> Vec<T> {
+    let size = std::mem::size_of::<T>();
+    let len = items
+        .iter()
+        .map(|item| item[name].data().len())
+        .sum::<usize>()
+        / size;
+    let mut out = Vec::with_capacity(len);
+    for item in items {
+        let data = item[name].data();
+        match bytemuck::try_cast_slice::<u8, T>(data) {
+            Ok(values) => out.extend_from_slice(values),
+            // Tensor bytes sit wherever their frame put them, often off `T`'s alignment.
+            Err(_) => out.extend(
+                data.chunks_exact(size)
+                    .map(bytemuck::pod_read_unaligned::<T>),
+            ),
+        }
+    }
+    out
+}
+
 /// Lends the tensor's elements to `write` as little-endian bytes. Bool elements go through a
 /// byte buffer (a `bool` may only hold 0 or 1, so its memory is never handed out as bytes).
 fn with_bytes_mut(
@@ -773,6 +840,44 @@ fn read_bytes(
 }
 
 #[cfg(test)]
+mod stack_tests {
+    use super::*;
+
+    fn item(name: &str, data: Bytes, dtype: DType, len: usize) -> Tensors {
+        Tensors::from([(
+            name.to_owned(),
+            Tensor::new(dtype, vec![len], data).unwrap(),
+        )])
+    }
+
+    #[test]
+    fn aligned_and_unaligned_items_stack_in_order() {
+        let wire = |values: &[i64], offset: usize| {
+            let mut buf = vec![0u8; offset];
+            buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            Bytes::from(buf).slice(offset..)
+        };
+        let items = [
+            item("a", wire(&[1, -2], 0), DType::I64, 2),
+            item("a", wire(&[3, i64::MAX], 3), DType::I64, 2),
+            item("a", wire(&[i64::MIN, 0], 1), DType::I64, 2),
+        ];
+        let refs: Vec<&Tensors> = items.iter().collect();
+        assert_eq!(
+            stack::<i64>(&refs, "a"),
+            vec![1, -2, 3, i64::MAX, i64::MIN, 0]
+        );
+    }
+
+    #[test]
+    fn bool_inputs_are_left_to_the_checked_path() {
+        let items = [item("b", Bytes::from_static(&[1, 0]), DType::Bool, 2)];
+        let refs: Vec<&Tensors> = items.iter().collect();
+        assert!(owned_input(&refs, "b", DType::Bool, &[1, 2]).is_none());
+    }
+}
+
+#[cfg(test)]
 mod ort_tests {
     use ort::editor::{Node, ONNX_DOMAIN};
     use ort::value::TensorElementType as T;
@@ -836,6 +941,37 @@ mod ort_tests {
         assert_eq!(out[0]["b_out"].data().as_ref(), &[0, 1, 0]);
         assert_eq!(out[1]["b_out"].data().as_ref(), &[1, 1, 0]);
         assert_eq!(out[1]["b_out"].shape(), &[3]);
+    }
+
+    #[test]
+    fn items_whose_bytes_sit_off_alignment_are_stacked_whole() {
+        let path = scratch_dir("unaligned").join("identity.onnx");
+        let mut graph = new_graph();
+        graph
+            .set_inputs([outlet("x", T::Float32, &[-1, 3])])
+            .unwrap();
+        graph
+            .set_outputs([outlet("y", T::Float32, &[-1, 3])])
+            .unwrap();
+        graph
+            .add_node(Node::new("Identity", ONNX_DOMAIN, "id", ["x"], ["y"], []).unwrap())
+            .unwrap();
+        write_graph(&path, graph);
+        let mut model = load_cpu(&path);
+        // Each item's bytes cut one byte into a buffer, as a frame's read buffer leaves them.
+        let item = |values: [f32; 3]| {
+            let mut buf = vec![0xAAu8];
+            buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            let data = Bytes::from(buf).slice(1..);
+            Tensors::from([(
+                "x".to_owned(),
+                Tensor::new(DType::F32, vec![3], data).unwrap(),
+            )])
+        };
+        let items = [item([1.0, -2.5, 3.0]), item([4.0, 5.0, -6.25])];
+        let out = model.run(&[&items[0], &items[1]]).unwrap();
+        assert_eq!(out[0]["y"].to_vec::<f32>().unwrap(), vec![1.0, -2.5, 3.0]);
+        assert_eq!(out[1]["y"].to_vec::<f32>().unwrap(), vec![4.0, 5.0, -6.25]);
     }
 
     #[test]
