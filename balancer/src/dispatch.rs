@@ -41,34 +41,48 @@ pub(crate) struct Scratch {
 /// The targets and connections one read burst's requests went to.
 #[derive(Default)]
 struct Burst {
-    /// The target the burst's last request went to: the next one goes there too while
-    /// [`routing::keeps`] says it is still near the least loaded (least-outstanding
-    /// policies only; round-robin takes turns per request).
-    last: Option<std::net::SocketAddr>,
-    /// The connection the burst uses on each target it went to (at most one per target):
-    /// a target's requests of one burst share one connection, and so one `send`, instead
-    /// of taking its connections in turn. Which connection carries a request does not
-    /// change which target it goes to.
-    conns: Vec<Arc<UpstreamConn>>,
+    /// The connection the burst uses on each target it went to (at most one per target,
+    /// which is compared by identity: a target registered again at the same address while
+    /// the old one drains is another target): a target's requests of one burst share one
+    /// connection, and so one `send`, instead of taking its connections in turn. Which
+    /// connection carries a request does not change which target it goes to.
+    conns: Vec<(Arc<Target>, Arc<UpstreamConn>)>,
+    /// Which of `conns` the burst's last request went to: the next one goes to that target
+    /// too while [`routing::keeps`] says it is still near the least loaded
+    /// (least-outstanding policies only; round-robin takes turns per request).
+    last: Option<usize>,
 }
 
 impl Burst {
-    /// The open connection this burst already uses on `target`.
-    fn conn(&self, target: &Target) -> Option<Arc<UpstreamConn>> {
-        self.conns
-            .iter()
-            .find(|c| c.addr() == target.addr() && !c.is_closed())
-            .cloned()
+    /// The target the burst's last request went to.
+    fn last(&self) -> Option<&Arc<Target>> {
+        self.last.and_then(|i| self.conns.get(i)).map(|(t, _)| t)
     }
 
-    /// A request of this burst went to `conn`.
-    fn sent(&mut self, conn: Arc<UpstreamConn>) {
-        self.last = Some(conn.addr());
-        if !self.conns.iter().any(|c| Arc::ptr_eq(c, &conn)) {
-            // A closed connection of the same target gives way to its successor.
-            self.conns.retain(|c| c.addr() != conn.addr());
-            self.conns.push(conn);
-        }
+    /// The open connection this burst already uses on `target`.
+    fn conn(&self, target: &Arc<Target>) -> Option<Arc<UpstreamConn>> {
+        self.conns
+            .iter()
+            .find(|(t, c)| Arc::ptr_eq(t, target) && !c.is_closed())
+            .map(|(_, c)| Arc::clone(c))
+    }
+
+    /// A request of this burst went to `conn` of `target`.
+    fn sent(&mut self, target: &Arc<Target>, conn: Arc<UpstreamConn>) {
+        let at = match self.conns.iter().position(|(t, _)| Arc::ptr_eq(t, target)) {
+            Some(at) => {
+                // A closed connection gives way to the one that replaced it.
+                if !Arc::ptr_eq(&self.conns[at].1, &conn) {
+                    self.conns[at].1 = conn;
+                }
+                at
+            }
+            None => {
+                self.conns.push((Arc::clone(target), conn));
+                self.conns.len() - 1
+            }
+        };
+        self.last = Some(at);
     }
 }
 
@@ -245,9 +259,9 @@ impl Router {
         }));
         // The target this burst's previous request went to (least-outstanding policies
         // only: round-robin takes turns per request).
-        let last = match (scratch.burst.last, self.settings.policy) {
+        let last = match (scratch.burst.last(), self.settings.policy) {
             (_, RoutingPolicy::RoundRobin) | (None, _) => None,
-            (Some(addr), _) => targets.iter().position(|t| t.addr() == addr),
+            (Some(last), _) => targets.iter().position(|t| Arc::ptr_eq(t, last)),
         };
         // Each pass that fails marks one candidate unusable, so this ends.
         for _ in 0..=targets.len() {
@@ -328,7 +342,7 @@ impl Router {
                 .await
             {
                 Ok(()) => {
-                    scratch.burst.sent(conn);
+                    scratch.burst.sent(target, conn);
                     return Routed::Done;
                 }
                 Err(forward) => {
@@ -1264,5 +1278,24 @@ mod tests {
             f.submit().await;
         }
         assert_eq!(counts(&mut conns, &mut held), [3, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_never_takes_a_drained_targets_connection_for_its_successor() {
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        let (old, mut old_conn) = f.target(1, TargetState::Healthy);
+        f.submit().await;
+        let held = received(&mut old_conn);
+        assert_eq!(held.len(), 1);
+        // Deregistered (draining, its connection still open for what it holds) and
+        // registered again at the same address within the same burst.
+        assert!(f.group.deregister(old.addr()));
+        let (new, mut new_conn) = f.target(1, TargetState::Healthy);
+        assert!(!Arc::ptr_eq(&old, &new));
+        f.submit().await;
+        assert!(received(&mut old_conn).is_empty(), "not the old target's");
+        let sent = received(&mut new_conn);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(new.outstanding(), 1, "counted on the new target");
     }
 }
