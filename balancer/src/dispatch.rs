@@ -26,13 +26,64 @@ use crate::registry::TargetGroup;
 use crate::routing::{self, Candidate, Choice};
 use crate::target::{InFlight, Target};
 use crate::throttle::LogThrottle;
-use crate::upstream::Forward;
+use crate::upstream::{Forward, UpstreamConn};
 
 /// What routing needs per caller and reuses across requests, so that routing allocates
 /// nothing in the steady state.
 pub(crate) struct Scratch {
     candidates: Vec<Candidate>,
     rng: SmallRng,
+    /// Where the current read burst's requests went, so that the burst leaves in as few
+    /// `send`s as routing allows. Cleared at the end of each burst ([`Scratch::end_burst`]).
+    burst: Burst,
+}
+
+/// The targets and connections one read burst's requests went to.
+#[derive(Default)]
+struct Burst {
+    /// The connection the burst uses on each target it went to (at most one per target,
+    /// which is compared by identity: a target registered again at the same address while
+    /// the old one drains is another target): a target's requests of one burst share one
+    /// connection, and so one `send`, instead of taking its connections in turn. Which
+    /// connection carries a request does not change which target it goes to.
+    conns: Vec<(Arc<Target>, Arc<UpstreamConn>)>,
+    /// Which of `conns` the burst's last request went to: the next one goes to that target
+    /// too while [`routing::keeps`] says it is still near the least loaded
+    /// (least-outstanding policies only; round-robin takes turns per request).
+    last: Option<usize>,
+}
+
+impl Burst {
+    /// The target the burst's last request went to.
+    fn last(&self) -> Option<&Arc<Target>> {
+        self.last.and_then(|i| self.conns.get(i)).map(|(t, _)| t)
+    }
+
+    /// The open connection this burst already uses on `target`.
+    fn conn(&self, target: &Arc<Target>) -> Option<Arc<UpstreamConn>> {
+        self.conns
+            .iter()
+            .find(|(t, c)| Arc::ptr_eq(t, target) && !c.is_closed())
+            .map(|(_, c)| Arc::clone(c))
+    }
+
+    /// A request of this burst went to `conn` of `target`.
+    fn sent(&mut self, target: &Arc<Target>, conn: Arc<UpstreamConn>) {
+        let at = match self.conns.iter().position(|(t, _)| Arc::ptr_eq(t, target)) {
+            Some(at) => {
+                // A closed connection gives way to the one that replaced it.
+                if !Arc::ptr_eq(&self.conns[at].1, &conn) {
+                    self.conns[at].1 = conn;
+                }
+                at
+            }
+            None => {
+                self.conns.push((Arc::clone(target), conn));
+                self.conns.len() - 1
+            }
+        };
+        self.last = Some(at);
+    }
 }
 
 impl Scratch {
@@ -40,7 +91,14 @@ impl Scratch {
         Scratch {
             candidates: Vec::new(),
             rng: SmallRng::from_rng(&mut rand::rng()),
+            burst: Burst::default(),
         }
+    }
+
+    /// The requests read together have all been routed: the next one is routed afresh.
+    pub(crate) fn end_burst(&mut self) {
+        self.burst.last = None;
+        self.burst.conns.clear();
     }
 }
 
@@ -199,22 +257,33 @@ impl Router {
                 full: limit.is_some_and(|l| outstanding >= l),
             }
         }));
+        // The target this burst's previous request went to (least-outstanding policies
+        // only: round-robin takes turns per request).
+        let last = match (scratch.burst.last(), self.settings.policy) {
+            (_, RoutingPolicy::RoundRobin) | (None, _) => None,
+            (Some(last), _) => targets.iter().position(|t| Arc::ptr_eq(t, last)),
+        };
         // Each pass that fails marks one candidate unusable, so this ends.
         for _ in 0..=targets.len() {
             let ticket = match self.settings.policy {
                 RoutingPolicy::RoundRobin => self.round_robin.fetch_add(1, Ordering::Relaxed),
                 _ => 0,
             };
-            let index = match routing::choose(
-                self.settings.policy,
-                &scratch.candidates,
-                self.settings.fail_open,
-                ticket,
-                &mut scratch.rng,
-            ) {
-                Choice::Target(index) => index,
-                Choice::Full => return Routed::Full(request),
-                Choice::NoTarget => return Routed::NoTarget(request),
+            let kept =
+                last.filter(|&i| routing::keeps(&scratch.candidates, self.settings.fail_open, i));
+            let index = match kept {
+                Some(index) => index,
+                None => match routing::choose(
+                    self.settings.policy,
+                    &scratch.candidates,
+                    self.settings.fail_open,
+                    ticket,
+                    &mut scratch.rng,
+                ) {
+                    Choice::Target(index) => index,
+                    Choice::Full => return Routed::Full(request),
+                    Choice::NoTarget => return Routed::NoTarget(request),
+                },
             };
             let index = match left {
                 None => index,
@@ -244,7 +313,10 @@ impl Router {
                 scratch.candidates[index].full = true;
                 continue;
             };
-            let Some(conn) = target.pick_conn() else {
+            // The connection this burst already uses on the target, so that its requests
+            // there share a `send`.
+            let conn = scratch.burst.conn(target).or_else(|| target.pick_conn());
+            let Some(conn) = conn else {
                 scratch.candidates[index].connected = false;
                 continue;
             };
@@ -269,7 +341,10 @@ impl Router {
                 })
                 .await
             {
-                Ok(()) => return Routed::Done,
+                Ok(()) => {
+                    scratch.burst.sent(target, conn);
+                    return Routed::Done;
+                }
                 Err(forward) => {
                     // The connection closed before taking it: nothing was written.
                     request = forward.request;
@@ -460,6 +535,8 @@ impl Router {
                     }
                 }
             }
+            // What one pass routed is the queue's burst.
+            scratch.end_burst();
         }
         rx.close();
         signal.left(waiting.len());
@@ -538,12 +615,17 @@ mod tests {
 
     impl Fixture {
         fn new(settings: RoutingSettings, queue_capacity: usize) -> Fixture {
+            Fixture::with_conns(settings, queue_capacity, 1)
+        }
+
+        /// A fixture whose targets keep `conns` connections each ([`Fixture::targets_conns`]).
+        fn with_conns(settings: RoutingSettings, queue_capacity: usize, conns: usize) -> Fixture {
             let metrics = Arc::new(Metrics::default());
             let signal = Arc::new(QueueSignal::default());
             let (queue, rx) = QueueHandle::new(queue_capacity, QUEUE_TIMEOUT, Arc::clone(&signal));
             let group = TargetGroup::new(
                 GroupSettings {
-                    connections_per_target: 1,
+                    connections_per_target: conns,
                     deregistration_delay: Duration::from_secs(30),
                     health: HealthCheck {
                         protocol: HealthProtocol::Tcp,
@@ -606,6 +688,22 @@ mod tests {
             if state != TargetState::Initial {
                 target.set_health(state);
             }
+            (target, outlets)
+        }
+
+        /// Registers a target at 127.0.0.1:`port`, healthy, with each of its connection slots
+        /// attached to a connection whose writer's side the test holds.
+        fn target_conns(&self, port: u16) -> (Arc<Target>, Vec<Outlets>) {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let target = self.group.register_idle(addr, 1);
+            let outlets = (0..target.conn_slots())
+                .map(|slot| {
+                    let (conn, outlets) = UpstreamConn::new(addr, target.stop.child_token());
+                    target.attach(slot, conn);
+                    outlets
+                })
+                .collect();
+            target.set_health(TargetState::Healthy);
             (target, outlets)
         }
 
@@ -1088,5 +1186,116 @@ mod tests {
         drop(received(&mut conn));
         drop(held);
         assert_eq!(target.low_outstanding(), 0);
+    }
+
+    /// How many requests each of `outlets` received (and holds outstanding).
+    fn counts(outlets: &mut [Outlets], held: &mut Vec<Forward>) -> Vec<usize> {
+        outlets
+            .iter_mut()
+            .map(|o| {
+                let got = received(o);
+                let n = got.len();
+                held.extend(got);
+                n
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_burst_shares_one_connection_per_target_and_bursts_take_turns() {
+        let mut f = Fixture::with_conns(settings(RoutingPolicy::P2c), 8, 2);
+        let (_target, mut conns) = f.target_conns(1);
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            f.submit().await;
+        }
+        let first = counts(&mut conns, &mut held);
+        assert!(
+            first == [5, 0] || first == [0, 5],
+            "one connection: {first:?}"
+        );
+        f.scratch.end_burst();
+        for _ in 0..5 {
+            f.submit().await;
+        }
+        let second = counts(&mut conns, &mut held);
+        assert_eq!(
+            second,
+            [first[1], first[0]],
+            "the next burst takes the other connection"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_stays_on_its_target_within_the_slack_then_moves() {
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        let (a, a_conn) = f.target(1, TargetState::Healthy);
+        let (b, b_conn) = f.target(2, TargetState::Healthy);
+        let mut conns = [a_conn, b_conn];
+        // A deep pipeline: 40 outstanding on each, so a burst may lead by 40 / 4 = 10.
+        let _held = [load(&a, 40), load(&b, 40)];
+        let mut held = Vec::new();
+        f.submit().await;
+        let first = counts(&mut conns, &mut held);
+        let (kept, other) = if first[0] == 1 { (0, 1) } else { (1, 0) };
+        for _ in 0..10 {
+            f.submit().await;
+        }
+        let run = counts(&mut conns, &mut held);
+        assert_eq!(run[kept], 10, "kept up to 51 = 40 + 1 + 10: {run:?}");
+        f.submit().await;
+        let next = counts(&mut conns, &mut held);
+        assert_eq!(next[other], 1, "past the slack: the least loaded");
+        // A new burst is routed afresh: least outstanding as ever.
+        f.scratch.end_burst();
+        f.submit().await;
+        assert_eq!(counts(&mut conns, &mut held)[other], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_few_outstanding_a_burst_spreads_as_least_outstanding_would() {
+        // A skewed pool at half load: a slow target's backlog is what p99 waits behind, and
+        // a burst must not pile onto it.
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        let (_slow, slow_conn) = f.target(1, TargetState::Healthy);
+        let (_fast, fast_conn) = f.target(2, TargetState::Healthy);
+        let mut conns = [slow_conn, fast_conn];
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            f.submit().await;
+        }
+        assert_eq!(counts(&mut conns, &mut held), [3, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_takes_turns_within_a_burst() {
+        let mut f = Fixture::new(settings(RoutingPolicy::RoundRobin), 8);
+        let (_a, a_conn) = f.target(1, TargetState::Healthy);
+        let (_b, b_conn) = f.target(2, TargetState::Healthy);
+        let mut conns = [a_conn, b_conn];
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            f.submit().await;
+        }
+        assert_eq!(counts(&mut conns, &mut held), [3, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_never_takes_a_drained_targets_connection_for_its_successor() {
+        let mut f = Fixture::new(settings(RoutingPolicy::P2c), 8);
+        let (old, mut old_conn) = f.target(1, TargetState::Healthy);
+        f.submit().await;
+        let held = received(&mut old_conn);
+        assert_eq!(held.len(), 1);
+        // Deregistered (draining, its connection still open for what it holds) and
+        // registered again at the same address within the same burst.
+        assert!(f.group.deregister(old.addr()));
+        let (new, mut new_conn) = f.target(1, TargetState::Healthy);
+        assert!(!Arc::ptr_eq(&old, &new));
+        f.submit().await;
+        assert!(received(&mut old_conn).is_empty(), "not the old target's");
+        let sent = received(&mut new_conn);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(new.outstanding(), 1, "counted on the new target");
     }
 }

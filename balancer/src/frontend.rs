@@ -279,6 +279,11 @@ async fn connection(
                 },
             },
         };
+        // The read burst is over once the next frame needs another read: the frames read
+        // together went out together (`Scratch`); the next burst is routed afresh.
+        if frames.buffered() == 0 {
+            scratch.end_burst();
+        }
         let frame = tokio::select! {
             biased;
             () = writer_gone.cancelled() => break,

@@ -25,7 +25,7 @@
 
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -44,9 +44,14 @@ struct Shared {
     reserve: usize,
     /// The largest frame that may take from the reserve.
     small: usize,
-    /// Bytes free and connections waiting. A plain mutex: held for an arithmetic step,
-    /// never across an await.
-    account: Mutex<Account>,
+    /// Bytes free: taken with a compare-and-swap, given back with an add (no lock on the
+    /// path every frame takes twice).
+    available: AtomicUsize,
+    /// Connections in [`ConnectionBudget::acquire`]. A released frame wakes them only when
+    /// there are any: waking nobody costs nothing on the hot path. Sequentially consistent
+    /// with `available`: a waiter counts itself before looking at `available`, a release
+    /// adds to `available` before reading this, so one of the two sees the other.
+    waiting: AtomicUsize,
     /// Woken when bytes come back while a connection waits for them.
     released: Notify,
     /// Times a connection had to stop reading because its frame did not fit.
@@ -63,10 +68,8 @@ impl FrameBudget {
                 per_connection: per_connection.min(total),
                 reserve: total / 8,
                 small: total / 64,
-                account: Mutex::new(Account {
-                    available: total,
-                    waiting: 0,
-                }),
+                available: AtomicUsize::new(total),
+                waiting: AtomicUsize::new(0),
                 released: Notify::new(),
                 waits: AtomicU64::new(0),
             }),
@@ -91,7 +94,7 @@ impl FrameBudget {
 
     /// Bytes currently held by frames being read or held.
     pub fn held(&self) -> usize {
-        self.shared.total - self.shared.lock().available
+        self.shared.total - self.shared.available.load(Ordering::SeqCst)
     }
 
     /// How many times a connection stopped reading because its next frame did not fit.
@@ -113,11 +116,6 @@ impl FrameBudget {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Account> {
-        // The guarded values are plain counts that every critical section leaves consistent.
-        self.account.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn largest_frame(&self) -> usize {
         self.per_connection
             .min(self.total - self.reserve)
@@ -129,29 +127,19 @@ impl Shared {
     }
 }
 
-/// What the budget's mutex guards.
-#[derive(Debug)]
-struct Account {
-    /// Bytes free.
-    available: usize,
-    /// Connections in [`ConnectionBudget::acquire`]. A released frame wakes them only when
-    /// there are any: waking nobody costs two locks per frame on the hot path.
-    waiting: usize,
-}
-
 /// Counts a connection as waiting for bytes for as long as it lives (cancel safe).
 struct Waiting<'a>(&'a Shared);
 
 impl<'a> Waiting<'a> {
     fn new(shared: &'a Shared) -> Waiting<'a> {
-        shared.lock().waiting += 1;
+        shared.waiting.fetch_add(1, Ordering::SeqCst);
         Waiting(shared)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.lock().waiting -= 1;
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -172,7 +160,7 @@ struct Conn {
 impl ConnectionBudget {
     /// Bytes this connection holds.
     pub fn held(&self) -> usize {
-        self.conn.held.load(Ordering::Acquire)
+        self.conn.held.load(Ordering::SeqCst)
     }
 
     /// The largest frame this budget can ever admit (see [`FrameBudget::largest_frame`]).
@@ -185,12 +173,20 @@ impl ConnectionBudget {
         if self.held().saturating_add(len) > self.shared.per_connection {
             return None;
         }
-        {
-            let mut account = self.shared.lock();
-            if !self.shared.fits(account.available, len) {
+        let mut available = self.shared.available.load(Ordering::SeqCst);
+        loop {
+            if !self.shared.fits(available, len) {
                 return None;
             }
-            account.available -= len;
+            match self.shared.available.compare_exchange_weak(
+                available,
+                available - len,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => break,
+                Err(now) => available = now,
+            }
         }
         self.conn.held.fetch_add(len, Ordering::AcqRel);
         Some(FramePermit {
@@ -205,7 +201,8 @@ impl ConnectionBudget {
     /// check it first.
     pub async fn acquire(&self, len: usize) -> FramePermit {
         // Counted as waiting before the first look, so that bytes released after it wake
-        // this connection (a release reads the count under the lock it adds its bytes in).
+        // this connection (a release reads the count after it gave its bytes back; both
+        // sides' steps are sequentially consistent, so one of them sees the other).
         let _waiting = Waiting::new(&self.shared);
         let mut counted = false;
         loop {
@@ -261,13 +258,9 @@ impl Drop for FramePermit {
     fn drop(&mut self) {
         // The connection's count first: a waiter that sees the bytes in the budget sees
         // them gone from its ceiling too.
-        self.conn.held.fetch_sub(self.len, Ordering::AcqRel);
-        let waiting = {
-            let mut account = self.shared.lock();
-            account.available += self.len;
-            account.waiting
-        };
-        if waiting > 0 {
+        self.conn.held.fetch_sub(self.len, Ordering::SeqCst);
+        self.shared.available.fetch_add(self.len, Ordering::SeqCst);
+        if self.shared.waiting.load(Ordering::SeqCst) > 0 {
             self.shared.released.notify_waiters();
             self.conn.released.notify_waiters();
         }

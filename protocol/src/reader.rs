@@ -95,6 +95,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         !matches!(self.state, State::Idle)
     }
 
+    /// Bytes already read from the socket and not yet taken as frames: zero once a read
+    /// burst has been taken whole (the next frame needs another read).
+    pub fn buffered(&self) -> usize {
+        self.io.buffer().len()
+    }
+
     /// True while the next frame waits for the budget, the connection not being read.
     pub fn waiting_for_budget(&self) -> bool {
         matches!(self.state, State::Budget { .. })
