@@ -1,7 +1,8 @@
 //! Feeds arbitrary bytes to the frame decoder, cut at an arbitrary point, and checks what
 //! must hold whatever arrives: no panic; every frame that decodes re-encodes to a frame
 //! that decodes to the same message (the same bytes again); errors that are not fatal
-//! name a request id only when one was readable; and every body the `raw` scanner passes (what a balancer
+//! name a request id only when one was readable; the hand-written `result` writer writes
+//! serde's bytes exactly; and every body the `raw` scanner passes (what a balancer
 //! forwards) the full decoder (what a worker runs) accepts, with the same id.
 #![no_main]
 
@@ -20,6 +21,12 @@ fuzz_target!(|data: &[u8]| {
     loop {
         match codec.decode(&mut buf) {
             Ok(Some(Ok(msg))) => {
+                // The hand-written `result` writer must write serde's bytes exactly.
+                assert_eq!(
+                    msg.to_msgpack().expect("a decoded message encodes"),
+                    msg.to_msgpack_via_serde().expect("a decoded message encodes with serde"),
+                    "the straight writer and serde agree"
+                );
                 let frame = encode_frame(&msg).expect("a decoded message re-encodes");
                 let mut again = BytesMut::from(&frame[..]);
                 let back = MessageCodec::new(usize::MAX >> 1)

@@ -344,6 +344,15 @@ impl Message {
         }
     }
 
+    /// The MessagePack map as serde writes it: the definition that [`Message::write_msgpack`]'s
+    /// hand-written `result` path is held to, byte for byte (unit tests and the `decode` fuzz
+    /// target compare the two). Not for the hot path.
+    pub fn to_msgpack_via_serde(&self) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::with_capacity(64);
+        write_with_serde(self, &mut out)?;
+        Ok(out)
+    }
+
     /// Decodes one frame body within [`Limits::PROTOCOL`]. Tensor data in the result are
     /// slices of `body`.
     ///
