@@ -14,6 +14,14 @@
 //! model thread runs ([`CostModel`]), so small batches that run slower at night than the
 //! warm-up's are weighed by what they cost now, against the last full batches' time.
 //!
+//! Each batch is timed by the cost shape's [`BatchClock`]: with one intra-op thread on the
+//! CPU, the model thread's CPU time, so that a batch slowed by neighbours taking the core
+//! (other workers on the same machine) weighs what its own work weighed. The load share
+//! then integrates `weight × cpu / wall` over the batch's wall span: the share of a core's
+//! full-batch capacity the load needed, whoever else ran. While a batch runs its CPU time is
+//! not known yet, so it counts as all work until it ends. The plain busy share stays in
+//! wall time (how long the model thread was inside a batch).
+//!
 //! All figures are exponential averages in continuous time with time constant
 //! [`TIME_CONSTANT`]: the busy share is the average of a 0/1 signal (1 while a batch runs),
 //! the load share of a signal that is the running batch's weight while it runs, both folded
@@ -25,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use tidepool_protocol::Load;
 
+use crate::clock::{run_time, BatchClock};
 use crate::cost::{BatchCost, CostModel};
 
 /// The averaging time constant: long enough to smooth single batches (hundreds of them
@@ -52,14 +61,16 @@ pub struct BusyMeter {
 /// What the meter reads at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Reading {
-    /// The share of the worker's full-batch capacity the recent load used, 0 to 1.
+    /// The share of the worker's full-batch capacity the recent load used, 0 to 1 (timed
+    /// by the cost's clock: with a thread's CPU time, against a whole core).
     pub load_share: f64,
     /// The fraction of recent wall time the model thread ran batches, 0 to 1.
     pub busy: f64,
     /// The recent queue delay, microseconds.
     pub queue_us: f64,
     /// Items per second the model thread can run in full batches, from the recent batches'
-    /// run times (each scaled to a full batch by the cost shape); `None` before any batch.
+    /// run times (each scaled to a full batch by the cost shape, timed by its clock: per
+    /// CPU-second of the model thread with a thread's CPU time); `None` before any batch.
     pub capacity: Option<f64>,
 }
 
@@ -73,14 +84,28 @@ struct State {
     queue_us: f64,
     /// When the averages were last brought up to date.
     at: Instant,
-    /// The running batch: when it started and its items; `None` while the thread waits.
-    running: Option<(Instant, usize)>,
+    /// The running batch; `None` while the thread waits.
+    running: Option<Running>,
     /// How a batch's cost grows with its size: `model`'s latest shape.
     cost: BatchCost,
     /// The run times of the batches run, by size, from which `cost` is relearned.
     model: CostModel,
     /// A full batch's recent run time in seconds (a moving average over batches).
     full_batch_s: Option<f64>,
+}
+
+/// The batch the model thread is running.
+#[derive(Clone, Copy, Debug)]
+struct Running {
+    /// When it started.
+    started: Instant,
+    /// The thread's CPU clock then (`None` when timed by the wall).
+    cpu: Option<Duration>,
+    /// Its items.
+    items: usize,
+    /// The share of its wall time that was its own work: 1 while it runs, its CPU time over
+    /// its wall time once it ended.
+    own: f64,
 }
 
 impl Default for BusyMeter {
@@ -100,7 +125,7 @@ impl State {
     fn at(&self, now: Instant) -> (f64, f64, f64) {
         let k = keep(now.saturating_duration_since(self.at));
         let (weight, busy) = match self.running {
-            Some((_, items)) => (self.cost.weight(items), 1.0),
+            Some(r) => (self.cost.weight(r.items) * r.own, 1.0),
             None => (0.0, 0.0),
         };
         // The queue delay fades while no batch reports one: an idle worker has no queue.
@@ -162,12 +187,29 @@ impl BusyMeter {
         self.state().cost
     }
 
+    /// The clock batches are timed by: the cost shape's (see [`BusyMeter::set_cost`]).
+    pub fn clock(&self) -> BatchClock {
+        self.state().cost.clock()
+    }
+
     /// A batch of `items` starts running at `now`; `queue_us` is the mean time its items
-    /// waited.
+    /// waited. Call it, and [`BusyMeter::batch_finished`], on the thread that runs the
+    /// batch: with [`BatchClock::ThreadCpu`] they read that thread's CPU clock.
     pub fn batch_started(&self, now: Instant, items: usize, queue_us: u64) {
+        let cpu = self.clock().cpu_now();
+        self.started_at(now, cpu, items, queue_us);
+    }
+
+    /// [`BusyMeter::batch_started`] with the thread's CPU clock read as `cpu`.
+    fn started_at(&self, now: Instant, cpu: Option<Duration>, items: usize, queue_us: u64) {
         let mut s = self.state();
         s.advance(now);
-        s.running = Some((now, items));
+        s.running = Some(Running {
+            started: now,
+            cpu,
+            items,
+            own: 1.0,
+        });
         // Each batch pulls the queue delay a fifth of the way to its own: a few batches
         // move it, one outlier does not.
         s.queue_us += (queue_us as f64 - s.queue_us) * 0.2;
@@ -175,18 +217,34 @@ impl BusyMeter {
 
     /// The running batch finished at `now`.
     pub fn batch_finished(&self, now: Instant) {
+        let cpu = self.clock().cpu_now();
+        self.finished_at(now, cpu);
+    }
+
+    /// [`BusyMeter::batch_finished`] with the thread's CPU clock read as `cpu`.
+    fn finished_at(&self, now: Instant, cpu: Option<Duration>) {
         let mut s = self.state();
-        s.advance(now);
-        if let Some((started, items)) = s.running.take() {
-            let run = now.saturating_duration_since(started);
-            s.model.observe(items, run);
-            s.cost = s.model.cost();
-            let full = run.as_secs_f64() / s.cost.cost(items);
-            s.full_batch_s = Some(match s.full_batch_s {
-                Some(old) => old + (full - old) * FULL_BATCH_GAIN,
-                None => full,
-            });
+        let Some(mut running) = s.running else {
+            s.advance(now);
+            return;
+        };
+        let wall = now.saturating_duration_since(running.started);
+        let run = run_time(wall, running.cpu, cpu);
+        // Only now is the batch's own share of its span known: fold the span in with it.
+        // (`at` has not moved since the batch started: only the two ends advance it.)
+        if !wall.is_zero() {
+            running.own = run.as_secs_f64() / wall.as_secs_f64();
         }
+        s.running = Some(running);
+        s.advance(now);
+        s.running = None;
+        s.model.observe(running.items, run);
+        s.cost = s.model.cost();
+        let full = run.as_secs_f64() / s.cost.cost(running.items);
+        s.full_batch_s = Some(match s.full_batch_s {
+            Some(old) => old + (full - old) * FULL_BATCH_GAIN,
+            None => full,
+        });
     }
 
     /// Everything the meter knows as of `now`.
@@ -308,6 +366,31 @@ mod tests {
     /// queued or the oldest has waited 5 ms (the batcher's rule); a batch of `n` runs
     /// `run(n)` seconds. Returns the meter's reading at the end.
     fn simulate(cost: BatchCost, run: impl Fn(usize) -> f64, rate: f64, span: f64) -> Reading {
+        simulate_phases(
+            cost,
+            run,
+            &[Phase {
+                rate,
+                span,
+                crowd: 1.0,
+            }],
+        )
+    }
+
+    /// A stretch of [`simulate_phases`]' load.
+    struct Phase {
+        /// Arrivals, items/s.
+        rate: f64,
+        /// Seconds.
+        span: f64,
+        /// Each batch's wall time over its own work: 2 when a neighbour holds the core half
+        /// the time (the work, and so the thread's CPU time, stays `run(n)`).
+        crowd: f64,
+    }
+
+    /// [`simulate`] through `phases` one after the other; the model thread's CPU clock
+    /// advances by `run(n)` per batch, its wall time by `run(n) × crowd`.
+    fn simulate_phases(cost: BatchCost, run: impl Fn(usize) -> f64, phases: &[Phase]) -> Reading {
         let max_delay = 0.005;
         // xorshift64*: a fixed seed, so that every run sees the same arrivals.
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -317,31 +400,44 @@ mod tests {
             x ^= x >> 27;
             (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
         };
+        // Arrivals, each with the crowding of its phase.
         let mut arrivals = Vec::new();
-        let mut t = 0.0;
-        while t < span {
-            t += -(1.0 - uniform()).ln() / rate;
-            arrivals.push(t);
+        let mut from = 0.0;
+        for phase in phases {
+            let mut t = from;
+            loop {
+                t += -(1.0 - uniform()).ln() / phase.rate;
+                if t >= from + phase.span {
+                    break;
+                }
+                arrivals.push((t, phase.crowd));
+            }
+            from += phase.span;
         }
+        let span = from;
         let t0 = Instant::now();
         let m = BusyMeter::new(t0);
         m.set_cost(cost);
-        let (mut free_at, mut next) = (0.0f64, 0usize);
+        let timed_by_cpu = cost.clock() == BatchClock::ThreadCpu;
+        let (mut free_at, mut next, mut cpu) = (0.0f64, 0usize, Duration::ZERO);
         while next < arrivals.len() {
-            let full_at = arrivals.get(next + MAX_BATCH - 1).copied();
-            let due = (arrivals[next] + max_delay).min(full_at.unwrap_or(f64::INFINITY));
+            let full_at = arrivals.get(next + MAX_BATCH - 1).map(|a| a.0);
+            let due = (arrivals[next].0 + max_delay).min(full_at.unwrap_or(f64::INFINITY));
             let start = free_at.max(due);
             let n = arrivals[next..]
                 .iter()
                 .take(MAX_BATCH)
-                .take_while(|&&a| a <= start)
+                .take_while(|a| a.0 <= start)
                 .count();
-            let end = start + run(n);
+            let work = run(n);
+            let end = start + work * arrivals[next].1;
             if end > span {
                 break;
             }
-            m.batch_started(t0 + secs(start), n, 0);
-            m.batch_finished(t0 + secs(end));
+            let clock = |cpu: Duration| timed_by_cpu.then_some(cpu);
+            m.started_at(t0 + secs(start), clock(cpu), n, 0);
+            cpu += secs(work);
+            m.finished_at(t0 + secs(end), clock(cpu));
             (free_at, next) = (end, next + n);
         }
         m.reading_at(t0 + secs(span))
@@ -436,5 +532,86 @@ mod tests {
         let reader = m.clone();
         m.batch_started(t0, 1, 0);
         assert!(reader.load_at(t0 + secs(1.0)).busy > 0.1);
+    }
+
+    /// The autoscaling benchmark's evening: a minute of large batches at the peak, each
+    /// twice as long as alone because three workers share two cores, then the load falls
+    /// to a fifth of capacity and the machine quietens.
+    fn after_a_crowded_peak(clock: BatchClock) -> Reading {
+        let capacity = MAX_BATCH as f64 / weight_bound(MAX_BATCH);
+        let pair = (
+            Duration::from_secs_f64(weight_bound(1)),
+            Duration::from_secs_f64(weight_bound(MAX_BATCH)),
+        );
+        let cost = BatchCost::from_pairs(MAX_BATCH, &[pair; 3]).timed_by(clock);
+        simulate_phases(
+            cost,
+            weight_bound,
+            &[
+                // Nearly all the crowded capacity: large batches, and no backlog left
+                // to drain (and time afresh) after the peak.
+                Phase {
+                    rate: 0.95 * capacity / 2.0,
+                    span: 60.0,
+                    crowd: 2.0,
+                },
+                Phase {
+                    rate: 0.2 * capacity,
+                    span: 30.0,
+                    crowd: 1.0,
+                },
+            ],
+        )
+    }
+
+    #[test]
+    fn timed_by_the_threads_cpu_the_evening_reads_the_load_not_the_peaks_crowd() {
+        let capacity = MAX_BATCH as f64 / weight_bound(MAX_BATCH);
+        let r = after_a_crowded_peak(BatchClock::ThreadCpu);
+        assert!((r.load_share - 0.2).abs() < 0.03, "{r:?}");
+        let c = r.capacity.unwrap();
+        assert!((c / capacity - 1.0).abs() < 0.05, "{c} against {capacity}");
+        // By the wall clock the full batches kept from the crowded peak are the anchor, and
+        // the evening reads about twice its load: what the benchmark saw.
+        let r = after_a_crowded_peak(BatchClock::Wall);
+        assert!(r.load_share > 0.3, "{r:?}");
+    }
+
+    #[test]
+    fn a_crowded_batch_weighs_its_own_work() {
+        // Saturated, but every batch spends half its wall time waiting for the core: by
+        // the thread's CPU time the worker's load is half a core, by the wall all of it.
+        let capacity = MAX_BATCH as f64 / weight_bound(MAX_BATCH);
+        let phase = |crowd| Phase {
+            rate: 2.0 * capacity,
+            span: 60.0,
+            crowd,
+        };
+        let cost = measured(weight_bound).timed_by(BatchClock::ThreadCpu);
+        let r = simulate_phases(cost, weight_bound, &[phase(2.0)]);
+        assert!((r.load_share - 0.5).abs() < 0.03, "{r:?}");
+        assert!(r.busy > 0.98, "the plain busy share is wall time: {r:?}");
+        let r = simulate_phases(cost.timed_by(BatchClock::Wall), weight_bound, &[phase(2.0)]);
+        assert!(r.load_share > 0.98, "{r:?}");
+    }
+
+    #[test]
+    fn a_running_batch_counts_as_work_until_its_cpu_time_is_known() {
+        let t0 = Instant::now();
+        let m = BusyMeter::new(t0);
+        m.set_cost(BatchCost::linear(1).timed_by(BatchClock::ThreadCpu));
+        m.started_at(t0, Some(secs(5.0)), 1, 0);
+        let during = m.reading_at(t0 + TIME_CONSTANT).load_share;
+        assert!((during - (1.0 - (-1.0f64).exp())).abs() < 1e-3, "{during}");
+        // It ran a quarter of its span: the span counts a quarter.
+        m.finished_at(t0 + TIME_CONSTANT, Some(secs(5.0) + TIME_CONSTANT / 4));
+        let after = m.reading_at(t0 + TIME_CONSTANT).load_share;
+        assert!(
+            (after - 0.25 * (1.0 - (-1.0f64).exp())).abs() < 1e-3,
+            "{after}"
+        );
+        // A finish with no batch running changes nothing.
+        m.finished_at(t0 + TIME_CONSTANT, Some(secs(9.0)));
+        assert_eq!(m.reading_at(t0 + TIME_CONSTANT).load_share, after);
     }
 }

@@ -12,10 +12,11 @@
 //!
 //! Summed over a second, `Σ run_time × weight` is `items/s × full-batch time / max_batch`:
 //! the arrival rate against the worker's full-batch capacity, linear up to saturation, where
-//! batches are full (weight 1) and it equals the busy share. Each batch's own run time carries
-//! the machine's contention at that moment, so only the *shape* of the cost (how a single
-//! item's batch compares with a full one) has to be known, not the absolute timings: shape is
-//! a property of the model, timings of the machine. The shape is measured once after warm-up,
+//! batches are full (weight 1) and it equals the busy share. The shape (how a single item's
+//! batch compares with a full one) is a property of the model; the absolute times are the
+//! machine's, which is why they are read on a [`BatchClock`]: with one intra-op thread the
+//! model thread's CPU time, which a neighbour taking the core does not lengthen (see
+//! [`crate::clock`]). The shape is measured once after warm-up,
 //! batches of one and full batches interleaved (so that contention hits both alike), the
 //! median of a few pairs' ratios; `cost(n)` is the straight line between those two points.
 //!
@@ -33,6 +34,17 @@
 //! the other way only when the whole machine slowed down since the full batches were
 //! timed (then the night reads a little low, until full batches run again).
 //!
+//! Timed by the wall clock, the kept full batches were the problem: at the peak of the
+//! autoscaling benchmark three workers shared two cores, every full batch ran about twice
+//! as long as alone, and after the peak the pool's load shares read 2.0–2.4× the load's
+//! need, anchored on those slow batches. Timed by the model thread's CPU time, a full batch
+//! costs the same crowded or alone, so the anchor that stays is the model's, not the
+//! crowd's. Fading stale sizes out of the fit instead was rejected: at night only sizes
+//! 1–8 run, and a line through them extrapolated to a full batch is only as good as the
+//! cost is straight; a model that streams its weights runs small batches at nearly the same
+//! time (memory-bound) and full ones compute-bound, so the extrapolation would read the full
+//! batch short and the load share low, the unsafe side.
+//!
 //! The model is a pure value, fed with `(items, run time)` and read as a [`BatchCost`] or
 //! a run-time profile ([`CostModel::predict`]), so that other parts of the worker (e.g.
 //! admission by deadline) can ask what a batch of `n` will take.
@@ -42,6 +54,8 @@
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use crate::clock::BatchClock;
 
 /// How many interleaved pairs (one item, full batch) [`measure`] times at most.
 pub const PROFILE_PAIRS: usize = 3;
@@ -61,6 +75,10 @@ pub struct BatchCost {
     /// A full batch's run time as measured (the median of the timed pairs), when known:
     /// the absolute scale that lets a [`CostModel`] weigh live small batches against it.
     full: Option<Duration>,
+    /// The clock the timings were read on; a [`CostModel`] and the busy meter time live
+    /// batches by the same one, so that the warm-up's full batch and tonight's small ones
+    /// are in one unit.
+    clock: BatchClock,
 }
 
 impl BatchCost {
@@ -72,6 +90,7 @@ impl BatchCost {
             max_batch,
             single: 1.0 / max_batch as f64,
             full: None,
+            clock: BatchClock::Wall,
         }
     }
 
@@ -115,6 +134,16 @@ impl BatchCost {
     /// A full batch's measured run time, if known.
     pub fn full_batch(&self) -> Option<Duration> {
         self.full
+    }
+
+    /// The same shape, its times read on `clock`.
+    pub fn timed_by(self, clock: BatchClock) -> Self {
+        BatchCost { clock, ..self }
+    }
+
+    /// The clock the times were read on (and live batches are to be timed by).
+    pub fn clock(&self) -> BatchClock {
+        self.clock
     }
 
     /// The largest batch.
@@ -287,30 +316,32 @@ impl CostModel {
         }
         BatchCost::new(self.max_batch(), one.as_secs_f64() / full.as_secs_f64())
             .with_full_batch(Some(full))
+            .timed_by(self.prior.clock())
     }
 }
 
 /// Times up to [`PROFILE_PAIRS`] interleaved pairs of `run(1)` and `run(max_batch)` (within
-/// [`PROFILE_BUDGET`], at least one pair) and returns their shape. Call it after warm-up, so
-/// that no pair pays for lazy initialisation.
+/// [`PROFILE_BUDGET`], at least one pair) on `clock` and returns their shape. Call it after
+/// warm-up, so that no pair pays for lazy initialisation, and on the thread that runs the
+/// batches when `clock` is a thread's CPU time.
 pub fn measure<E>(
     max_batch: usize,
+    clock: BatchClock,
     mut run: impl FnMut(usize) -> Result<(), E>,
 ) -> Result<BatchCost, E> {
     if max_batch <= 1 {
-        return Ok(BatchCost::linear(max_batch));
+        return Ok(BatchCost::linear(max_batch).timed_by(clock));
     }
     let started = Instant::now();
     let mut pairs = Vec::with_capacity(PROFILE_PAIRS);
     while pairs.len() < PROFILE_PAIRS && (pairs.is_empty() || started.elapsed() < PROFILE_BUDGET) {
-        let t = Instant::now();
-        run(1)?;
-        let one = t.elapsed();
-        let t = Instant::now();
-        run(max_batch)?;
-        pairs.push((one, t.elapsed()));
+        let (ran, one) = clock.time(|| run(1));
+        ran?;
+        let (ran, full) = clock.time(|| run(max_batch));
+        ran?;
+        pairs.push((one, full));
     }
-    Ok(BatchCost::from_pairs(max_batch, &pairs))
+    Ok(BatchCost::from_pairs(max_batch, &pairs).timed_by(clock))
 }
 
 #[cfg(test)]
@@ -449,14 +480,26 @@ mod tests {
     #[test]
     fn measure_interleaves_pairs_within_the_budget() {
         let mut sizes = Vec::new();
-        let c = measure::<()>(16, |n| {
+        let c = measure::<()>(16, BatchClock::Wall, |n| {
             sizes.push(n);
             Ok(())
         })
         .unwrap();
         assert_eq!(sizes, [1, 16].repeat(PROFILE_PAIRS));
         assert_eq!(c.max_batch(), 16);
-        assert_eq!(measure::<()>(1, |_| Err(())), Ok(BatchCost::linear(1)));
-        assert_eq!(measure(4, |_| Err("failed")), Err("failed"));
+        assert_eq!(
+            measure::<()>(1, BatchClock::Wall, |_| Err(())),
+            Ok(BatchCost::linear(1))
+        );
+        assert_eq!(
+            measure(4, BatchClock::ThreadCpu, |_| Err("failed")),
+            Err("failed")
+        );
+        let c = measure::<()>(4, BatchClock::ThreadCpu, |_| Ok(())).unwrap();
+        assert_eq!(
+            c.clock(),
+            BatchClock::ThreadCpu,
+            "the shape says how it was timed"
+        );
     }
 }

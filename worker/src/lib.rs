@@ -28,7 +28,9 @@
 //!   only runs batches.
 //! - [`busy`]: the model thread's load share (the autoscaler's signal, in `pong`), busy share
 //!   and queue delay; [`cost`]: how a batch's run time grows with its size, measured after
-//!   warm-up, which turns busy time into the load share.
+//!   warm-up, which turns busy time into the load share; [`clock`]: which clock times a
+//!   batch (the model thread's CPU time with one intra-op thread, so that neighbours on
+//!   the same cores do not read as load).
 //! - [`profile`]: the model thread's batch run time by batch size and length bucket, learned
 //!   online from the batches run; [`admission`]: predicted-finish admission, doomed items
 //!   dropped before they run, and each batch's close chosen from its members' deadlines;
@@ -78,6 +80,7 @@
 pub mod admission;
 pub mod batcher;
 pub mod busy;
+pub mod clock;
 pub mod config;
 pub mod cost;
 pub mod error;

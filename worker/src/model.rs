@@ -28,6 +28,7 @@ use tidepool_protocol::{DType, Tensor, Tensors};
 use tracing::{info, warn};
 
 use crate::batcher::{Engine, Stager};
+use crate::clock::BatchClock;
 use crate::config::DeviceChoice;
 use crate::cost::BatchCost;
 use crate::error::Error;
@@ -147,6 +148,8 @@ pub struct Model {
     spec: Arc<ModelSpec>,
     device: Device,
     identity: Identity,
+    /// How batches on this session are timed: its thread's CPU time with one CPU thread.
+    clock: BatchClock,
 }
 
 /// What identifies a loaded model file, for its metadata.
@@ -217,6 +220,7 @@ impl Model {
             spec,
             device,
             identity,
+            clock: BatchClock::for_session(device, options.threads),
         })
     }
 
@@ -285,14 +289,15 @@ impl Model {
         let full = plan
             .max_batch_tokens
             .map_or(max_batch, |budget| (budget / tokens).clamp(1, max_batch));
-        let cost = crate::cost::measure(full, |size| {
+        let cost = crate::cost::measure(full, self.clock, |size| {
             let batch: Vec<&Tensors> = std::iter::repeat_n(&item, size).collect();
             self.run(&batch).map(drop)
         })?;
         if full == max_batch || full <= 1 {
             return Ok(
                 BatchCost::new(max_batch, if full <= 1 { 0.0 } else { cost.single() })
-                    .with_full_batch(cost.full_batch().filter(|_| full == max_batch)),
+                    .with_full_batch(cost.full_batch().filter(|_| full == max_batch))
+                    .timed_by(cost.clock()),
             );
         }
         // The token budget cut the timed batch short of --max-batch: extend its straight line
@@ -302,7 +307,9 @@ impl Model {
         let full_time = cost
             .full_batch()
             .and_then(|d| std::time::Duration::try_from_secs_f64(d.as_secs_f64() * at_max).ok());
-        Ok(BatchCost::new(max_batch, s / at_max).with_full_batch(full_time))
+        Ok(BatchCost::new(max_batch, s / at_max)
+            .with_full_batch(full_time)
+            .timed_by(cost.clock()))
     }
 }
 

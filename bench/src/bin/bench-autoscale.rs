@@ -10,8 +10,9 @@
 //!    in-flight`, the policy before busy shares): the worker-seconds each used (read from
 //!    `GET /scaling` every second: ready, coming and leaving workers all cost) and the
 //!    share of seconds whose p99 met the objective.
-//! 2. A burst: a fifth of the peak, then the peak at once (a 5× step), against the same
-//!    three pools: the time from the step to enough ready workers, and the seconds over the
+//! 2. A burst: a base rate both autoscaled pools serve with their minimum (a tenth of the
+//!    peak by default, `--burst-step`), then the peak at once, against the same three
+//!    pools: the time from the step to enough ready workers, and the seconds over the
 //!    objective after it.
 //! 3. One worker start alone on an idle pool, for the 64 MiB and the 1 GiB model: process
 //!    start, model load and warm-up without the step's CPU contention.
@@ -97,7 +98,14 @@ struct Args {
     /// The in-flight pool's `--scale-out-delay`.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     in_flight_scale_out_delay: Duration,
-    /// The burst: seconds at a fifth of the peak before the step [default: 15s, 10s with
+    /// The burst: the peak over the base rate before it. At a fifth of the peak (a 5× step)
+    /// the in-flight pool already held 2 workers at the base (1.67 on average over the last
+    /// quiet run), enough for the peak, so there was no recovery to compare; at a tenth (the
+    /// day's night rate, where both policies held about one worker) both pools start the step
+    /// from what the base needs.
+    #[arg(long, default_value_t = 10.0)]
+    burst_step: f64,
+    /// The burst: seconds at the base rate before the step [default: 15s, 10s with
     /// --quick].
     #[arg(long, value_parser = humantime::parse_duration)]
     burst_before: Option<Duration>,
@@ -218,6 +226,11 @@ fn main() -> anyhow::Result<()> {
         "{} is missing; scripts/bench.sh writes it (tidepool-worker synth --size 64MiB --input-dim 256 --output-dim 16 --layers 4 --seed 1)",
         args.model.display()
     );
+    anyhow::ensure!(
+        args.burst_step.is_finite() && args.burst_step > 1.0,
+        "--burst-step {} is not a step up: give the peak over the base rate, more than 1 (10: a tenth of the peak, then the peak)",
+        args.burst_step
+    );
     let runtime = tokio::runtime::Runtime::new()?;
     let load_before = loadavg();
     let mut report = Report::new();
@@ -243,7 +256,7 @@ fn main() -> anyhow::Result<()> {
         for policy in Policy::ALL {
             eprintln!(
                 "autoscale: a burst {:.0} -> {peak:.0} items/s, {} pool",
-                peak / 5.0,
+                peak / args.burst_step,
                 policy.name()
             );
             bursts.push(burst(&args, &dir, &runtime, policy, peak, capacity)?);
@@ -318,7 +331,7 @@ struct PoolRun {
     /// until that many were ready (`None`: never, in the run).
     enough: Option<usize>,
     /// Burst runs: workers ready at the step (a pool that already had enough, grown during
-    /// the fifth of the peak, shows no recovery to compare).
+    /// the base, shows no recovery to compare).
     ready_at_step: Option<usize>,
     /// Burst runs: seconds from the step until the policy asked for enough workers (its
     /// reaction, before any worker starts); `None` for a pool that already had enough.
@@ -408,7 +421,7 @@ fn day(
     measure(args, dir, runtime, &name, policy, load, args.day())
 }
 
-/// The burst: a fifth of the peak, then the peak at once until the end.
+/// The burst: the base (the peak over `--burst-step`), then the peak at once until the end.
 fn burst(
     args: &Args,
     dir: &Path,
@@ -422,7 +435,7 @@ fn burst(
     let load = |pool: &Pool| {
         let mut load = args.load(pool, peak, total);
         load.profile = ProfileKind::Burst;
-        load.burst_base = Some(peak / 5.0);
+        load.burst_base = Some(peak / args.burst_step);
         load.burst_every = total;
         load.burst_length = args.burst_after();
         load
@@ -617,6 +630,7 @@ fn write_report(
             "model": args.model, "capacity": run.capacity, "peak": run.peak,
             "day_s": day.as_secs_f64(), "max_workers": args.max_workers,
             "burst_before_s": args.burst_before().as_secs_f64(),
+            "burst_step": args.burst_step,
             "burst_after_s": args.burst_after().as_secs_f64(),
             "objective_ms": args.objective_ms, "seed": args.seed, "compression": compression,
             "busy": format!("{busy:?}"), "in_flight": format!("{in_flight:?}"),
@@ -999,18 +1013,21 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
     let (before, after) = (args.burst_before(), args.burst_after());
     let total = before + after;
     report.heading(&format!(
-        "2. A burst: {:.0} → {:.0} items/s at once (a 5× step)",
-        run.peak / 5.0,
-        run.peak
+        "2. A burst: {:.0} → {:.0} items/s at once (a {}× step)",
+        run.peak / args.burst_step,
+        run.peak,
+        args.burst_step
     ));
     let enough = run.bursts.iter().find_map(|r| r.enough).unwrap_or(1);
     report.para(&format!(
         "`tidepool-load --profile burst --burst-base {:.0} --rate {:.0} --burst-every {}s \
-         --burst-length {}s --duration {}s`: {} s at a fifth of the peak, then the peak. Enough \
+         --burst-length {}s --duration {}s`: {} s at the base, then the peak. Enough \
          workers: what the peak needs with each fully busy, ceil({:.0} / {:.0}) = **{enough}**; \
          fewer and the queue grows without bound. The time to enough is from the step to the \
-         first `GET /scaling` reading (every second) with that many ready.",
-        run.peak / 5.0,
+         first `GET /scaling` reading (every second) with that many ready. The goal is judged \
+         only when both autoscaled pools had fewer than enough ready at the step: a pool that \
+         already had enough bought it with workers at the base, and has nothing to recover.",
+        run.peak / args.burst_step,
         run.peak,
         total.as_secs(),
         after.as_secs(),
