@@ -890,7 +890,9 @@ mod ort_tests {
     use ort::value::TensorElementType as T;
 
     use super::*;
-    use crate::test_support::{load_cpu, new_graph, ort_lib, outlet, scratch_dir, write_graph};
+    use crate::test_support::{
+        load_cpu, new_graph, ort_lib, outlet, scratch_dir, write_graph, write_unary,
+    };
 
     #[test]
     fn integer_and_bool_tensors_are_stacked_and_split() {
@@ -953,17 +955,7 @@ mod ort_tests {
     #[test]
     fn items_whose_bytes_sit_off_alignment_are_stacked_whole() {
         let path = scratch_dir("unaligned").join("identity.onnx");
-        let mut graph = new_graph();
-        graph
-            .set_inputs([outlet("x", T::Float32, &[-1, 3])])
-            .unwrap();
-        graph
-            .set_outputs([outlet("y", T::Float32, &[-1, 3])])
-            .unwrap();
-        graph
-            .add_node(Node::new("Identity", ONNX_DOMAIN, "id", ["x"], ["y"], []).unwrap())
-            .unwrap();
-        write_graph(&path, graph);
+        write_unary(&path, "Identity", &[-1, 3]);
         let mut model = load_cpu(&path);
         // Each item's bytes cut one byte into a buffer, as a frame's read buffer leaves them.
         let item = |values: [f32; 3]| {
@@ -984,17 +976,7 @@ mod ort_tests {
     #[test]
     fn a_fixed_leading_dimension_runs_items_alone_with_their_whole_shape() {
         let path = scratch_dir("fixed").join("fixed.onnx");
-        let mut graph = new_graph();
-        graph
-            .set_inputs([outlet("x", T::Float32, &[1, 4])])
-            .unwrap();
-        graph
-            .set_outputs([outlet("y", T::Float32, &[1, 4])])
-            .unwrap();
-        graph
-            .add_node(Node::new("Relu", ONNX_DOMAIN, "relu", ["x"], ["y"], []).unwrap())
-            .unwrap();
-        write_graph(&path, graph);
+        write_unary(&path, "Relu", &[1, 4]);
 
         let mut model = load_cpu(&path);
         assert!(!model.spec().batched);
@@ -1030,17 +1012,7 @@ mod ort_tests {
     #[test]
     fn device_cuda_without_the_feature_says_how_to_build_it() {
         let path = scratch_dir("cuda").join("m.onnx");
-        let mut graph = new_graph();
-        graph
-            .set_inputs([outlet("x", T::Float32, &[-1, 2])])
-            .unwrap();
-        graph
-            .set_outputs([outlet("y", T::Float32, &[-1, 2])])
-            .unwrap();
-        graph
-            .add_node(Node::new("Relu", ONNX_DOMAIN, "relu", ["x"], ["y"], []).unwrap())
-            .unwrap();
-        write_graph(&path, graph);
+        write_unary(&path, "Relu", &[-1, 2]);
         let err = Model::load(&LoadOptions {
             path,
             ort_lib: ort_lib(),

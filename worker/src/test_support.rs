@@ -90,6 +90,20 @@ pub(crate) fn new_graph() -> ort::editor::Graph {
     ort::editor::Graph::new().unwrap()
 }
 
+/// Writes a one-node model `y = op(x)`, input and output f32 of shape `dims` (-1: dynamic).
+#[cfg(test)]
+pub(crate) fn write_unary(path: &std::path::Path, op: &str, dims: &[i64]) {
+    use ort::editor::{Node, ONNX_DOMAIN};
+    use ort::value::TensorElementType as T;
+    let mut graph = new_graph();
+    graph.set_inputs([outlet("x", T::Float32, dims)]).unwrap();
+    graph.set_outputs([outlet("y", T::Float32, dims)]).unwrap();
+    graph
+        .add_node(Node::new(op, ONNX_DOMAIN, op, ["x"], ["y"], []).unwrap())
+        .unwrap();
+    write_graph(path, graph);
+}
+
 /// Loads `path` on the CPU with one intra-op thread, as the unit tests run models.
 #[cfg(test)]
 pub(crate) fn load_cpu(path: &std::path::Path) -> crate::model::Model {
