@@ -32,7 +32,7 @@ pub fn binary(name: &str) -> PathBuf {
 ///
 /// Processes are told their port on the command line, so the port is reserved by binding
 /// it and released just before the process starts; in-process servers bind
-/// `127.0.0.1:0` instead.
+/// `127.0.0.1:0` instead. See [`free_addrs`] for why the port cannot be taken meanwhile.
 pub fn free_addr() -> SocketAddr {
     let [addr] = free_addrs();
     addr
@@ -40,13 +40,46 @@ pub fn free_addr() -> SocketAddr {
 
 /// `N` distinct loopback addresses whose ports were free a moment ago.
 ///
-/// All `N` are held at once while they are picked: two separate picks may return the same
-/// port, which would make a balancer's `--listen` and `--admin` collide.
+/// Between the pick and the child process's own bind the port is unheld, so it must come
+/// from where nobody else in the test process draws: not from the kernel's ephemeral range,
+/// which every `bind(0)` of an in-process server and every outgoing connection's source
+/// port draw from (a port taken there once sent a test's clients to another test's listener),
+/// and never twice from this process. Ports are handed out from one counter, below the
+/// ephemeral range, starting at an offset drawn from the process id so that two test
+/// processes at once start far apart; each is checked free by binding it.
 pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().expect("bound listener has an address"))
+    std::array::from_fn(|_| next_free_port())
+}
+
+/// The ports [`free_addrs`] draws from: `[1024, the ephemeral range's start)`.
+fn unshared_ports() -> std::ops::Range<u16> {
+    // Linux's default when the file is unreadable (another OS, a locked-down sandbox).
+    const EPHEMERAL_START: u16 = 32768;
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|start| *start > 2048)
+        .unwrap_or(EPHEMERAL_START);
+    1024..start
+}
+
+/// The next port from this process's counter that binds, as a loopback address.
+fn next_free_port() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let ports = unshared_ports();
+    let span = u32::from(ports.end - ports.start);
+    let next = NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7919) % span));
+    for _ in 0..span {
+        let offset = next.fetch_add(1, Ordering::Relaxed) % span;
+        let port = ports.start + u16::try_from(offset).expect("offset within a u16 range");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free loopback port in {ports:?}: is something holding them all?");
 }
 
 /// `tidepool-balancer` arguments for tests: `listen` and `admin` addresses, health checks
