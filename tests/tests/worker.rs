@@ -32,6 +32,19 @@ fn item(values: Vec<f32>) -> Tensors {
     )])
 }
 
+/// Asserts that `outputs` served for `x` match a direct ONNX Runtime run of `model`.
+fn assert_matches_direct(model: &std::path::Path, x: &[f32], outputs: &Tensors) {
+    let served = outputs["output"].to_vec::<f32>().unwrap();
+    let direct = direct_run(model, x);
+    assert_eq!(served.len(), direct.len());
+    for (s, d) in served.iter().zip(&direct) {
+        assert!(
+            (s - d).abs() <= 1e-4 * d.abs().max(1.0),
+            "served {s} vs direct {d}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_synthetic_model_served_matches_a_direct_ort_run() {
     init_tracing();
@@ -55,16 +68,8 @@ async fn a_synthetic_model_served_matches_a_direct_ort_run() {
         assert_eq!(result.worker.as_deref(), Some("w-under-test"));
         assert!(result.queue_us.is_some() && result.infer_us.is_some());
         largest_batch = largest_batch.max(result.batch_size.unwrap());
-        let served = result.outputs["output"].to_vec::<f32>().unwrap();
         assert_eq!(result.outputs["output"].shape(), &[tiny.output_dim]);
-        let direct = direct_run(&model, x);
-        assert_eq!(served.len(), direct.len());
-        for (s, d) in served.iter().zip(&direct) {
-            assert!(
-                (s - d).abs() <= 1e-4 * d.abs().max(1.0),
-                "served {s} vs direct {d}"
-            );
-        }
+        assert_matches_direct(&model, x, &result.outputs);
     }
     assert!(
         largest_batch > 1,
@@ -492,17 +497,7 @@ async fn two_model_instances_answer_every_item_as_a_direct_run_with_a_bystander(
     config.threads = Some(2);
     let worker = start_worker(config).await;
     let addr = worker.local_addr();
-    let check = |x: &[f32], outputs: &Tensors| {
-        let served = outputs["output"].to_vec::<f32>().unwrap();
-        let direct = direct_run(&model, x);
-        assert_eq!(served.len(), direct.len());
-        for (s, d) in served.iter().zip(&direct) {
-            assert!(
-                (s - d).abs() <= 1e-4 * d.abs().max(1.0),
-                "served {s} vs direct {d}"
-            );
-        }
-    };
+    let check = |x: &[f32], outputs: &Tensors| assert_matches_direct(&model, x, outputs);
 
     let bystander_client = Client::connect(addr).await.unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
