@@ -32,6 +32,19 @@ fn item(values: Vec<f32>) -> Tensors {
     )])
 }
 
+/// Asserts that `outputs` served for `x` match a direct ONNX Runtime run of `model`.
+fn assert_matches_direct(model: &std::path::Path, x: &[f32], outputs: &Tensors) {
+    let served = outputs["output"].to_vec::<f32>().unwrap();
+    let direct = direct_run(model, x);
+    assert_eq!(served.len(), direct.len());
+    for (s, d) in served.iter().zip(&direct) {
+        assert!(
+            (s - d).abs() <= 1e-4 * d.abs().max(1.0),
+            "served {s} vs direct {d}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_synthetic_model_served_matches_a_direct_ort_run() {
     init_tracing();
@@ -55,16 +68,8 @@ async fn a_synthetic_model_served_matches_a_direct_ort_run() {
         assert_eq!(result.worker.as_deref(), Some("w-under-test"));
         assert!(result.queue_us.is_some() && result.infer_us.is_some());
         largest_batch = largest_batch.max(result.batch_size.unwrap());
-        let served = result.outputs["output"].to_vec::<f32>().unwrap();
         assert_eq!(result.outputs["output"].shape(), &[tiny.output_dim]);
-        let direct = direct_run(&model, x);
-        assert_eq!(served.len(), direct.len());
-        for (s, d) in served.iter().zip(&direct) {
-            assert!(
-                (s - d).abs() <= 1e-4 * d.abs().max(1.0),
-                "served {s} vs direct {d}"
-            );
-        }
+        assert_matches_direct(&model, x, &result.outputs);
     }
     assert!(
         largest_batch > 1,
@@ -475,4 +480,80 @@ async fn a_text_encoder_describes_itself_and_batches_mixed_lengths_as_alone() {
         "32 items of lengths 1 to 40 never shared a batch (largest {largest})"
     );
     worker.shutdown().await.unwrap();
+}
+
+/// `--instances 2`: two model threads, each with its own session, serve one batcher. A
+/// flood of concurrent items and a bystander's sequential requests are each answered once
+/// with what a direct ONNX Runtime run gives, and shutdown drains both threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_model_instances_answer_every_item_as_a_direct_run_with_a_bystander() {
+    init_tracing();
+    let tiny = TinyModel::default();
+    let model = tiny.write();
+    let mut config = worker_config(&model);
+    config.max_batch = 4;
+    config.max_delay = Duration::from_millis(2);
+    config.instances = 2;
+    config.threads = Some(2);
+    let worker = start_worker(config).await;
+    let addr = worker.local_addr();
+    let check = |x: &[f32], outputs: &Tensors| assert_matches_direct(&model, x, outputs);
+
+    let bystander_client = Client::connect(addr).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let bystander = tokio::spawn({
+        let stop = stop.clone();
+        let dim = tiny.input_dim;
+        async move {
+            let mut answered = Vec::new();
+            let mut seed = 1_000;
+            while !stop.is_cancelled() {
+                let x = input(dim, seed);
+                let result = bystander_client.infer(item(x.clone())).await;
+                answered.push((x, result));
+                seed += 1;
+            }
+            answered
+        }
+    });
+
+    let client = Client::connect(addr).await.unwrap();
+    for round in 0..4 {
+        let inputs: Vec<Vec<f32>> = (0..64)
+            .map(|i| input(tiny.input_dim, round * 64 + i))
+            .collect();
+        let results =
+            futures::future::join_all(inputs.iter().map(|x| client.infer(item(x.clone())))).await;
+        for (x, result) in inputs.iter().zip(results) {
+            check(x, &result.unwrap().outputs);
+        }
+    }
+    stop.cancel();
+    let answered = bystander.await.unwrap();
+    assert!(!answered.is_empty(), "the bystander was never answered");
+    for (x, result) in &answered {
+        let result = result
+            .as_ref()
+            .expect("every bystander request gets its result");
+        check(x, &result.outputs);
+    }
+
+    // Items in flight at shutdown are still answered, by whichever thread takes them.
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.infer(item(input(16, i))).await })
+        })
+        .collect();
+    worker.shutdown().await.unwrap();
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert!(
+            answer.is_ok()
+                || answer
+                    .as_ref()
+                    .is_err_and(|e| e.to_string().contains("shutting")),
+            "{answer:?}"
+        );
+    }
 }

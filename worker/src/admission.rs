@@ -73,21 +73,25 @@ impl Forecast {
 }
 
 /// The forecast for an item in length `bucket` with `items_ahead` items queued before it (its
-/// class or higher), batches of up to `max_batch`, and `model_busy` of work in hand on the
-/// model thread. `None` while the profile has no time for that bucket.
+/// class or higher), batches of up to `max_batch`, `instances` model threads running batches
+/// side by side, and `model_busy` until a model thread is free (the work in hand shared
+/// among them). The full batches ahead are shared among the threads too. `None` while the
+/// profile has no time for that bucket.
 pub fn forecast(
     profile: &Profile,
     bucket: usize,
     items_ahead: usize,
     max_batch: usize,
+    instances: usize,
     model_busy: Duration,
 ) -> Option<Forecast> {
     let max_batch = max_batch.max(1);
     let full = u32::try_from(items_ahead / max_batch).unwrap_or(u32::MAX);
+    let instances = u32::try_from(instances).unwrap_or(u32::MAX).max(1);
     let full_batch = profile.predict(bucket, max_batch)?;
     let own = profile.predict(bucket, items_ahead % max_batch + 1)?;
     Some(Forecast {
-        ahead: model_busy.saturating_add(full_batch.saturating_mul(full)),
+        ahead: model_busy.saturating_add(full_batch.saturating_mul(full) / instances),
         own,
     })
 }
@@ -151,13 +155,13 @@ mod tests {
 
     #[test]
     fn nothing_is_forecast_before_the_profile_knows_the_bucket() {
-        assert_eq!(forecast(&Profile::new(8, 1), 0, 3, 8, ms(5)), None);
+        assert_eq!(forecast(&Profile::new(8, 1), 0, 3, 8, 1, ms(5)), None);
     }
 
     #[test]
     fn the_forecast_counts_work_in_hand_full_batches_ahead_and_its_own_batch() {
         // 19 ahead: two full batches (2 × 18), then its batch of 3 + itself (14).
-        let f = forecast(&profile(), 0, 19, 8, ms(7)).unwrap();
+        let f = forecast(&profile(), 0, 19, 8, 1, ms(7)).unwrap();
         assert_eq!(
             f,
             Forecast {
@@ -166,7 +170,12 @@ mod tests {
             }
         );
         assert_eq!(f.finish(), ms(57));
-        let empty = forecast(&profile(), 0, 0, 8, Duration::ZERO).unwrap();
+        // Two model threads: the full batches ahead run two at a time (the work in hand is
+        // already shared by the caller).
+        let two = forecast(&profile(), 0, 19, 8, 2, ms(7)).unwrap();
+        assert_eq!(two.ahead, ms(7 + 18));
+        assert_eq!(two.own, ms(14));
+        let empty = forecast(&profile(), 0, 0, 8, 1, Duration::ZERO).unwrap();
         assert_eq!(
             empty.finish(),
             ms(11),
@@ -177,7 +186,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_item_that_cannot_finish_in_time_is_refused_with_how_late() {
         let now = Instant::now();
-        let f = forecast(&profile(), 0, 19, 8, ms(7)).unwrap();
+        let f = forecast(&profile(), 0, 19, 8, 1, ms(7)).unwrap();
         assert_eq!(
             judge(now, now + ms(57), f, Duration::ZERO),
             Verdict::Admit,
@@ -195,7 +204,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_margin_counts_against_the_deadline() {
         let now = Instant::now();
-        let f = forecast(&profile(), 0, 19, 8, ms(7)).unwrap();
+        let f = forecast(&profile(), 0, 19, 8, 1, ms(7)).unwrap();
         assert_eq!(judge(now, now + ms(60), f, ms(3)), Verdict::Admit);
         assert_eq!(
             judge(now, now + ms(59), f, ms(3)),
@@ -206,10 +215,10 @@ mod tests {
             "in time by the forecast alone, late with the margin"
         );
         // Nothing ahead: judged by its own batch alone, however wide the margin.
-        let idle = forecast(&profile(), 0, 0, 8, Duration::ZERO).unwrap();
+        let idle = forecast(&profile(), 0, 0, 8, 1, Duration::ZERO).unwrap();
         assert_eq!(judge(now, now + ms(11), idle, ms(30)), Verdict::Admit);
         // A little ahead: at most that much of the margin counts.
-        let busy = forecast(&profile(), 0, 0, 8, ms(2)).unwrap();
+        let busy = forecast(&profile(), 0, 0, 8, 1, ms(2)).unwrap();
         assert_eq!(busy.with_margin(ms(30)), ms(2 + 11 + 2));
     }
 

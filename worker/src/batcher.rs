@@ -50,6 +50,16 @@
 //! - **A formed batch.** An item whose batch is formed but not yet running is answered
 //!   `cancelled` or `deadline_exceeded` when the model thread takes the batch (see
 //!   [`crate::staging`]); once the batch runs, its result comes as usual.
+//! - **Model instances.** With `--instances N` ([`Batcher::start_instances`]), N model
+//!   threads, each with its own engine (its own ONNX Runtime session), take batches from one
+//!   channel, each the next batch when it is free: up to N batches run side by side and one
+//!   more is formed ahead. Each batch carries a number, so that batches coming back out of
+//!   order are matched with what the actor remembers of them. The forecasts treat the N
+//!   threads as one pool N times as fast ([`Actor::model_busy`], [`admission::forecast`]):
+//!   the work in hand and the full batches ahead divided by N, each batch still taking its
+//!   profiled time. That is the makespan's lower bound, not a conservative figure: an item
+//!   can wait up to one more batch than forecast when the threads end unevenly, and the
+//!   learned [`Margin`] adds what items were answered later than forecast.
 //! - **Shutdown.** When the shutdown token fires, new submissions are answered `shutting_down`,
 //!   queued items keep running (without waiting for `max_delay`) until the queue is empty or
 //!   `drain_timeout` passes; whatever is still queued then is answered `shutting_down`. The
@@ -262,6 +272,8 @@ struct Handed {
     started: Option<Instant>,
     /// Its members' [`Queued::forecast`]s, for the [`Margin`] once it is answered.
     forecasts: Vec<Instant>,
+    /// Its [`Staged::id`].
+    id: u64,
 }
 
 /// Shared between the handles and the actor.
@@ -500,12 +512,12 @@ fn shutting_down() -> Rejection {
     )
 }
 
-/// The running batcher: its handle, its task and its model thread.
+/// The running batcher: its handle, its task and its model threads.
 #[derive(Debug)]
 pub struct Batcher {
     handle: BatcherHandle,
     task: JoinHandle<()>,
-    thread: std::thread::JoinHandle<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Batcher {
@@ -517,33 +529,60 @@ impl Batcher {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Batcher, Error> {
-        let profile = Profile::new(config.max_batch, config.buckets.len() + 1);
-        Batcher::start_with(engine, config, metrics, shutdown, profile)
+        Batcher::start_instances(vec![engine], config, metrics, shutdown)
     }
 
-    /// [`Batcher::start`] with a profile already learned (tests give one, so that a
-    /// prediction does not hang on how fast the test machine runs a stand-in).
+    /// [`Batcher::start`] with one model thread per engine in `engines` (the model's
+    /// instances, at least one), all taking batches from this batcher. The busy meter is
+    /// set to as many instances.
+    pub fn start_instances<E: Engine>(
+        engines: Vec<E>,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Batcher, Error> {
+        let profile = Profile::new(config.max_batch, config.buckets.len() + 1);
+        Batcher::start_with(engines, config, metrics, shutdown, profile)
+    }
+
+    /// [`Batcher::start_instances`] with a profile already learned (tests give one, so that
+    /// a prediction does not hang on how fast the test machine runs a stand-in).
     fn start_with<E: Engine>(
-        engine: E,
+        engines: Vec<E>,
         config: BatchConfig,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         profile: Profile,
     ) -> Result<Batcher, Error> {
+        let instances = engines.len();
+        let stager = engines
+            .first()
+            .ok_or(Error::ModelThread(
+                "a batcher needs at least one model instance",
+            ))?
+            .stager();
         let capacity = config.queue.max(1);
         let (tx, rx) = mpsc::channel(capacity);
-        // At most two batches are handed over at once (one running, one formed next), so
-        // these channels never fill.
-        let (batch_tx, batch_rx) = mpsc::channel(2);
-        let (done_tx, done_rx) = mpsc::channel(2);
-        let stager = engine.stager();
-        let thread = std::thread::Builder::new()
-            .name("tidepool-model".into())
-            .spawn({
-                let meter = metrics.busy.clone();
-                move || staging::model_thread(engine, batch_rx, done_tx, meter)
-            })
-            .map_err(|_| Error::ModelThread("could not spawn the model thread"))?;
+        // At most one batch per model thread plus one formed next are handed over at once,
+        // so these channels never fill.
+        let (batch_tx, batch_rx) = mpsc::channel(instances + 1);
+        let (done_tx, done_rx) = mpsc::channel(instances + 1);
+        let batch_rx = Arc::new(std::sync::Mutex::new(batch_rx));
+        metrics.busy.set_instances(instances);
+        let mut threads = Vec::with_capacity(instances);
+        for (slot, engine) in engines.into_iter().enumerate() {
+            let meter = metrics.busy.clone();
+            let (batch_rx, done_tx) = (Arc::clone(&batch_rx), done_tx.clone());
+            let thread = std::thread::Builder::new()
+                .name("tidepool-model".into())
+                .spawn(move || staging::model_thread(engine, slot, batch_rx, done_tx, meter));
+            match thread {
+                Ok(thread) => threads.push(thread),
+                // Dropping the batch sender on return ends the threads already started.
+                Err(_) => return Err(Error::ModelThread("could not spawn a model thread")),
+            }
+        }
+        drop(done_tx);
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(capacity)),
             capacity,
@@ -557,6 +596,8 @@ impl Batcher {
         });
         let flows = Flows::new(&config.fairness, Arc::clone(&metrics.fairness));
         let actor = Actor {
+            instances,
+            next_id: 0,
             profile,
             margin: Margin::new(),
             handed: VecDeque::new(),
@@ -582,7 +623,7 @@ impl Batcher {
         Ok(Batcher {
             handle: BatcherHandle { tx, shared },
             task,
-            thread,
+            threads,
         })
     }
 
@@ -592,21 +633,28 @@ impl Batcher {
     }
 
     /// Waits until the batcher has drained after its shutdown token fired, then joins the
-    /// model thread.
+    /// model threads.
     pub async fn join(self) {
         let Batcher {
             handle,
             task,
-            thread,
+            threads,
         } = self;
         drop(handle);
         if let Err(e) = task.await {
             error!(error = %e, "batcher task failed");
         }
-        // The task dropped the batch sender, so the thread ends after its current batch.
-        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
-        if !matches!(joined, Ok(Ok(()))) {
-            error!("model thread ended abnormally");
+        // The task dropped the batch sender, so each thread ends after its current batch.
+        let joined = tokio::task::spawn_blocking(move || {
+            threads
+                .into_iter()
+                .map(std::thread::JoinHandle::join)
+                .filter(Result::is_err)
+                .count()
+        })
+        .await;
+        if !matches!(joined, Ok(0)) {
+            error!("a model thread ended abnormally");
         }
     }
 }
@@ -614,11 +662,15 @@ impl Batcher {
 /// The batching task's state.
 struct Actor<S: Stager> {
     config: BatchConfig,
+    /// Model threads taking batches (at least 1).
+    instances: usize,
+    /// The [`Staged::id`] of the next batch handed over.
+    next_id: u64,
     /// Batch run times learned from the batches run.
     profile: Profile,
     /// How much later than forecast admitted items finish, added to admission's forecasts.
     margin: Margin,
-    /// The batches handed to the model thread and not yet done, oldest first.
+    /// The batches handed to the model threads and not yet done, oldest first.
     handed: VecDeque<Handed>,
     /// Queued items per class (the actor's queue only).
     classes: ClassCounts,
@@ -633,7 +685,7 @@ struct Actor<S: Stager> {
     /// No queued item needs a look before this: its deadline, or in adaptive mode when it
     /// becomes doomed (a lower bound, refreshed on purge).
     next_deadline: Option<Instant>,
-    /// Batches handed to the model thread and not yet reported done (0, 1 or 2).
+    /// Batches handed to the model threads and not yet reported done (0 to instances + 1).
     in_flight: usize,
     batch_tx: mpsc::Sender<Staged<S::Input>>,
     done_rx: mpsc::Receiver<Ran<S::Output>>,
@@ -776,6 +828,7 @@ impl<S: Stager> Actor<S> {
             bucket,
             ahead,
             self.config.max_batch,
+            self.instances,
             self.model_busy(now),
         ) else {
             return Ok(None);
@@ -797,10 +850,12 @@ impl<S: Stager> Actor<S> {
         Err((Refusal::PredictedLate, rejection))
     }
 
-    /// The model thread's work in hand at `now`, predicted: what is left of the running
-    /// batch and the one handed over after it (a size the profile cannot predict counts 0).
+    /// The model threads' work in hand at `now`, predicted: what is left of the running
+    /// batches and the one handed over after them (a size the profile cannot predict counts
+    /// 0), shared among the instances (the module docs say why that is a lower bound).
     fn model_busy(&self, now: Instant) -> Duration {
-        self.handed
+        let total: Duration = self
+            .handed
             .iter()
             .map(|h| {
                 let run = self.profile.predict(h.bucket, h.size).unwrap_or_default();
@@ -809,7 +864,8 @@ impl<S: Stager> Actor<S> {
                     None => run,
                 }
             })
-            .sum()
+            .sum();
+        total / u32::try_from(self.instances).unwrap_or(u32::MAX).max(1)
     }
 
     /// Publishes for the connections' [`Gate`] the earliest an item of each class arriving
@@ -830,8 +886,9 @@ impl<S: Stager> Actor<S> {
                 for (at, class) in finish.iter_mut().zip(Priority::ALL) {
                     let ahead = self.classes.at_or_above(class);
                     let full_ahead = u32::try_from(ahead / max_batch).unwrap_or(u32::MAX);
+                    let instances = u32::try_from(self.instances).unwrap_or(u32::MAX).max(1);
                     let forecast = admission::Forecast {
-                        ahead: busy + full.saturating_mul(full_ahead),
+                        ahead: busy + full.saturating_mul(full_ahead) / instances,
                         own: self.profile.fastest(ahead % max_batch + 1)?,
                     };
                     *at += forecast.with_margin(margin);
@@ -885,14 +942,21 @@ impl<S: Stager> Actor<S> {
     fn batch_done(&mut self, done: &Ran<S::Output>) -> Vec<Instant> {
         self.in_flight = self.in_flight.saturating_sub(1);
         // Every batch handed over comes back, run or skipped, so `handed` stays in step.
-        let mut batch = self.handed.pop_front();
+        let mut batch = self
+            .handed
+            .iter()
+            .position(|h| h.id == done.id)
+            .and_then(|at| self.handed.remove(at));
         let forecasts = batch
             .as_mut()
             .map(|b| std::mem::take(&mut b.forecasts))
             .unwrap_or_default();
-        if let Some(next) = self.handed.front_mut() {
-            // The model thread went straight on to it.
-            next.started.get_or_insert_with(Instant::now);
+        let running = self.handed.iter().filter(|h| h.started.is_some()).count();
+        if running < self.instances {
+            if let Some(next) = self.handed.iter_mut().find(|h| h.started.is_none()) {
+                // The freed model thread went straight on to it.
+                next.started = Some(Instant::now());
+            }
         }
         if !done.ran() {
             // A batch whose members were all gone did not run: it says nothing of the
@@ -1022,15 +1086,15 @@ impl<S: Stager> Actor<S> {
             return false;
         }
         let full = self.queue.len() >= self.config.max_batch;
-        match self.in_flight {
-            0 => {
-                full || self.draining
-                    || self.config.max_delay.is_zero()
-                    || now >= oldest.enqueued + self.config.max_delay
-                    || self.urgent_close(now).is_some_and(|close| now >= close)
-            }
-            1 => full,
-            _ => false,
+        // A model thread is idle: the usual rules; all busy: a full batch is formed ahead so
+        // that it starts the moment one ends; one formed ahead: nothing more.
+        if self.in_flight < self.instances {
+            full || self.draining
+                || self.config.max_delay.is_zero()
+                || now >= oldest.enqueued + self.config.max_delay
+                || self.urgent_close(now).is_some_and(|close| now >= close)
+        } else {
+            self.in_flight == self.instances && full
         }
     }
 
@@ -1048,16 +1112,20 @@ impl<S: Stager> Actor<S> {
             // previous batch. A batch that fails to form is answered here and never handed
             // over, so it has no place in `handed`.
             let items: Vec<&Tensors> = inputs.iter().collect();
-            let Some(batch) = staging::stage(&self.stager, &items, members) else {
+            let Some(mut batch) = staging::stage(&self.stager, &items, members) else {
                 continue;
             };
+            let id = self.next_id;
+            self.next_id += 1;
+            batch.id = id;
             match self.batch_tx.try_send(batch) {
                 Ok(()) => {
                     self.handed.push_back(Handed {
                         bucket,
                         size,
-                        started: (self.in_flight == 0).then_some(now),
+                        started: (self.in_flight < self.instances).then_some(now),
                         forecasts,
+                        id,
                     });
                     self.in_flight += 1;
                 }
@@ -1251,7 +1319,8 @@ impl<S: Stager> Actor<S> {
     fn next_wake(&self) -> Option<Instant> {
         let mut wake = self.next_deadline;
         let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
-        if let (Some(oldest), 0, false) = (self.queue.front(), self.in_flight, self.draining) {
+        let idle = self.in_flight < self.instances;
+        if let (Some(oldest), true, false) = (self.queue.front(), idle, self.draining) {
             if !self.config.max_delay.is_zero() {
                 consider(oldest.enqueued + self.config.max_delay);
                 if let Some(close) = self.urgent_close(Instant::now()) {
@@ -1332,19 +1401,34 @@ mod tests {
             behaviour: Behaviour,
             profile: Profile,
         ) -> Rig {
+            Rig::with_instances(config, 1, gated, behaviour, profile)
+        }
+
+        /// A rig of `instances` model threads sharing one gate (each opening lets one batch
+        /// through, on whichever thread waits).
+        fn with_instances(
+            config: BatchConfig,
+            instances: usize,
+            gated: bool,
+            behaviour: Behaviour,
+            profile: Profile,
+        ) -> Rig {
             let started = Arc::new(Mutex::new(Vec::new()));
             let ran = Arc::new(Mutex::new(Vec::new()));
             let (gate, gate_rx) = std::sync::mpsc::channel();
-            let engine = Fake {
-                started: Arc::clone(&started),
-                ran: Arc::clone(&ran),
-                gate: gated.then_some(gate_rx),
-                behaviour,
-            };
+            let gate_rx = Arc::new(Mutex::new(gate_rx));
+            let engines = (0..instances)
+                .map(|_| Fake {
+                    started: Arc::clone(&started),
+                    ran: Arc::clone(&ran),
+                    gate: gated.then(|| Arc::clone(&gate_rx)),
+                    behaviour,
+                })
+                .collect();
             let shutdown = CancellationToken::new();
             let metrics = Arc::new(Metrics::default());
             let batcher = Batcher::start_with(
-                engine,
+                engines,
                 config,
                 Arc::clone(&metrics),
                 shutdown.clone(),
@@ -2201,6 +2285,105 @@ mod tests {
             None,
             "a fixed batcher admits everything, so a balancer must too"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_instances_run_two_batches_side_by_side_and_form_one_ahead() {
+        let rig = Rig::with_instances(
+            config(2, Duration::ZERO),
+            2,
+            true,
+            Behaviour::Echo,
+            Profile::new(2, 1),
+        );
+        // Each runs at once on its own thread: neither waits for the other to finish.
+        let a = rig.submit(1.0);
+        rig.until_started(1).await;
+        let b = rig.submit(2.0);
+        rig.until_started(2).await;
+        assert_eq!(rig.started(), vec![1, 1]);
+        assert_eq!(
+            rig.metrics.busy.reading().capacity,
+            None,
+            "nothing ended yet"
+        );
+        // Both threads busy: a full batch is formed ahead, a partial one waits.
+        let rest: Vec<Ticket> = (3..=5).map(|v| rig.submit(v as f32)).collect();
+        rig.open(5);
+        let mut answers = vec![
+            value(&a.wait().await.unwrap()),
+            value(&b.wait().await.unwrap()),
+        ];
+        for t in rest {
+            answers.push(value(&t.wait().await.unwrap()));
+        }
+        assert_eq!(answers, vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        let mut sizes = rig.started();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![1, 1, 1, 2], "{:?}", rig.started());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_two_instances_admission_counts_the_queue_half_as_long() {
+        // 100 ms per batch of up to 2, six items submitted to a gated model, then one with
+        // a deadline.
+        let forecast_of = |instances: usize| async move {
+            let rig = Rig::with_instances(
+                config(2, Duration::ZERO),
+                instances,
+                true,
+                Behaviour::Echo,
+                flat_profile(2, 100 * MS),
+            );
+            let mut held = vec![rig.submit(0.0)];
+            rig.until_started(1).await;
+            for v in 1..=5 {
+                held.push(rig.submit(v as f32));
+            }
+            rig.until_started(instances).await;
+            // Forecast: 400 ms with one thread (100 left of the running batch, 100 for the
+            // one formed ahead, a full batch of the queue and its own), 300 with two (the
+            // work in hand and the full batches ahead shared by both). A budget of 350 ms
+            // is enough only for the second.
+            let late = rig
+                .submit_with(9.0, Some(350 * MS), Priority::Normal)
+                .unwrap();
+            // Paused time moves only once the actor has judged it with the model still
+            // gated: a refusal is answered by then, an admitted item waits.
+            let early = tokio::time::timeout(MS, late.wait()).await;
+            let refused = rig.metrics.goodput.refusals(Refusal::PredictedLate);
+            rig.open(16);
+            for t in held {
+                t.wait().await.unwrap();
+            }
+            (
+                early.ok().map(|answer| answer.err().map(|e| e.code)),
+                refused,
+            )
+        };
+        assert_eq!(forecast_of(1).await, (Some(Some(ErrorCode::Overloaded)), 1));
+        assert_eq!(forecast_of(2).await, (None, 0), "admitted, still waiting");
+    }
+
+    #[tokio::test]
+    async fn two_instances_drain_on_shutdown_and_both_threads_are_joined() {
+        let rig = Rig::with_instances(
+            config(1, HOUR),
+            2,
+            true,
+            Behaviour::Echo,
+            Profile::new(1, 1),
+        );
+        let tickets: Vec<Ticket> = (0..4).map(|v| rig.submit(v as f32)).collect();
+        rig.shutdown.cancel();
+        rig.open(4);
+        for (v, t) in tickets.into_iter().enumerate() {
+            assert_eq!(value(&t.wait().await.unwrap()), v as f32);
+        }
+        let Rig { batcher, .. } = rig;
+        tokio::time::timeout(Duration::from_secs(10), batcher.join())
+            .await
+            .unwrap();
     }
 
     // Real time from here: a drain deadline is a timer, and paused time would jump to it

@@ -22,6 +22,11 @@
 //! not known yet, so it counts as all work until it ends. The plain busy share stays in
 //! wall time (how long the model thread was inside a batch).
 //!
+//! With `--instances N` ([`BusyMeter::set_instances`]) N model threads run batches side by
+//! side, each with its own session: every figure is then the mean over the N threads, so that
+//! 1.0 still means saturated (all N busy, or the load needing all N at full batches), and the
+//! capacity is N threads' worth.
+//!
 //! All figures are exponential averages in continuous time with time constant
 //! [`TIME_CONSTANT`]: the busy share is the average of a 0/1 signal (1 while a batch runs),
 //! the load share of a signal that is the running batch's weight while it runs, both folded
@@ -68,8 +73,8 @@ pub struct Reading {
     pub busy: f64,
     /// The recent queue delay, microseconds.
     pub queue_us: f64,
-    /// Items per second the model thread can run in full batches, from the recent batches'
-    /// run times (each scaled to a full batch by the cost shape, timed by its clock: per
+    /// Items per second the model threads (all instances) can run in full batches, from the
+    /// recent batches' run times (each scaled to a full batch by the cost shape, timed by its clock: per
     /// CPU-second of the model thread with a thread's CPU time); `None` before any batch.
     pub capacity: Option<f64>,
 }
@@ -84,8 +89,8 @@ struct State {
     queue_us: f64,
     /// When the averages were last brought up to date.
     at: Instant,
-    /// The running batch; `None` while the thread waits.
-    running: Option<Running>,
+    /// The batch each model thread runs (one slot per instance); `None` while it waits.
+    running: Vec<Option<Running>>,
     /// How a batch's cost grows with its size: `model`'s latest shape.
     cost: BatchCost,
     /// The run times of the batches run, by size, from which `cost` is relearned.
@@ -124,10 +129,14 @@ impl State {
     /// since `at`.
     fn at(&self, now: Instant) -> (f64, f64, f64) {
         let k = keep(now.saturating_duration_since(self.at));
-        let (weight, busy) = match self.running {
-            Some(r) => (self.cost.weight(r.items) * r.own, 1.0),
-            None => (0.0, 0.0),
-        };
+        // The mean over the model threads, so that all of them busy reads 1.
+        let slots = self.running.len().max(1) as f64;
+        let (weight, busy) = self.running.iter().flatten().fold((0.0, 0.0), |(w, b), r| {
+            (
+                w + self.cost.weight(r.items) * r.own / slots,
+                b + 1.0 / slots,
+            )
+        });
         // The queue delay fades while no batch reports one: an idle worker has no queue.
         (
             weight + (self.share - weight) * k,
@@ -154,7 +163,7 @@ impl BusyMeter {
                 busy: 0.0,
                 queue_us: 0.0,
                 at: now,
-                running: None,
+                running: vec![None],
                 cost: BatchCost::linear(1),
                 model: CostModel::new(BatchCost::linear(1)),
                 full_batch_s: None,
@@ -165,6 +174,12 @@ impl BusyMeter {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is a few numbers updated together; a panic elsewhere cannot leave it torn.
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets how many model threads run batches side by side (at least 1; 1 until called).
+    /// Call it before the first batch: a batch running in a slot that goes away is forgotten.
+    pub fn set_instances(&self, instances: usize) {
+        self.state().running.resize(instances.max(1), None);
     }
 
     /// Sets how a batch's cost grows with its size (measured after warm-up); batches that
@@ -192,19 +207,30 @@ impl BusyMeter {
         self.state().cost.clock()
     }
 
-    /// A batch of `items` starts running at `now`; `queue_us` is the mean time its items
-    /// waited. Call it, and [`BusyMeter::batch_finished`], on the thread that runs the
-    /// batch: with [`BatchClock::ThreadCpu`] they read that thread's CPU clock.
-    pub fn batch_started(&self, now: Instant, items: usize, queue_us: u64) {
+    /// A batch of `items` starts running at `now` on model thread `slot` (0 to the
+    /// instances less one); `queue_us` is the mean time its items waited. Call it, and
+    /// [`BusyMeter::batch_finished`], on the thread that runs the batch: with
+    /// [`BatchClock::ThreadCpu`] they read that thread's CPU clock.
+    pub fn batch_started(&self, slot: usize, now: Instant, items: usize, queue_us: u64) {
         let cpu = self.clock().cpu_now();
-        self.started_at(now, cpu, items, queue_us);
+        self.started_at(slot, now, cpu, items, queue_us);
     }
 
     /// [`BusyMeter::batch_started`] with the thread's CPU clock read as `cpu`.
-    fn started_at(&self, now: Instant, cpu: Option<Duration>, items: usize, queue_us: u64) {
+    fn started_at(
+        &self,
+        slot: usize,
+        now: Instant,
+        cpu: Option<Duration>,
+        items: usize,
+        queue_us: u64,
+    ) {
         let mut s = self.state();
         s.advance(now);
-        s.running = Some(Running {
+        let Some(running) = s.running.get_mut(slot) else {
+            return;
+        };
+        *running = Some(Running {
             started: now,
             cpu,
             items,
@@ -215,29 +241,34 @@ impl BusyMeter {
         s.queue_us += (queue_us as f64 - s.queue_us) * 0.2;
     }
 
-    /// The running batch finished at `now`.
-    pub fn batch_finished(&self, now: Instant) {
+    /// The batch running on model thread `slot` finished at `now`.
+    pub fn batch_finished(&self, slot: usize, now: Instant) {
         let cpu = self.clock().cpu_now();
-        self.finished_at(now, cpu);
+        self.finished_at(slot, now, cpu);
     }
 
     /// [`BusyMeter::batch_finished`] with the thread's CPU clock read as `cpu`.
-    fn finished_at(&self, now: Instant, cpu: Option<Duration>) {
+    fn finished_at(&self, slot: usize, now: Instant, cpu: Option<Duration>) {
         let mut s = self.state();
-        let Some(mut running) = s.running else {
+        let Some(running) = s.running.get(slot).copied().flatten() else {
             s.advance(now);
             return;
         };
         let wall = now.saturating_duration_since(running.started);
         let run = run_time(wall, running.cpu, cpu);
-        // Only now is the batch's own share of its span known: fold the span in with it.
-        // (`at` has not moved since the batch started: only the two ends advance it.)
-        if !wall.is_zero() {
-            running.own = run.as_secs_f64() / wall.as_secs_f64();
-        }
-        s.running = Some(running);
+        // Its span was folded in as all work (its CPU time was not known); now that its own
+        // share is, take back the rest: a signal `d` held over [started, now] adds
+        // `d × (1 - keep(now - started))` to the average at `now`. (Other model threads'
+        // batches may have advanced the averages in between, so the span is corrected as a
+        // whole rather than folded in at the end.)
         s.advance(now);
-        s.running = None;
+        if !wall.is_zero() {
+            let own = run.as_secs_f64() / wall.as_secs_f64();
+            let slots = s.running.len().max(1) as f64;
+            let d = s.cost.weight(running.items) * (own - 1.0) / slots;
+            s.share += d * (1.0 - keep(wall));
+        }
+        s.running[slot] = None;
         s.model.observe(running.items, run);
         s.cost = s.model.cost();
         let full = run.as_secs_f64() / s.cost.cost(running.items);
@@ -258,7 +289,7 @@ impl BusyMeter {
             capacity: s
                 .full_batch_s
                 .filter(|&t| t > 0.0)
-                .map(|t| s.cost.max_batch() as f64 / t),
+                .map(|t| (s.cost.max_batch() * s.running.len().max(1)) as f64 / t),
         }
     }
 
@@ -307,8 +338,8 @@ mod tests {
             let m = BusyMeter::new(t0);
             for i in 0..600 {
                 let start = t0 + secs(i as f64 * 0.1);
-                m.batch_started(start, 1, 500);
-                m.batch_finished(start + secs(0.1 * duty));
+                m.batch_started(0, start, 1, 500);
+                m.batch_finished(0, start + secs(0.1 * duty));
             }
             let busy = f64::from(m.load_at(t0 + secs(60.0)).busy);
             assert!((busy - duty).abs() < 0.02, "duty {duty}: read {busy}");
@@ -316,10 +347,63 @@ mod tests {
     }
 
     #[test]
+    fn with_two_instances_both_busy_reads_saturated_and_one_reads_half() {
+        let t0 = Instant::now();
+        let m = BusyMeter::new(t0);
+        m.set_instances(2);
+        // One thread busy for a minute: half the worker.
+        m.batch_started(0, t0, 1, 0);
+        m.batch_finished(0, t0 + secs(60.0));
+        let r = m.reading_at(t0 + secs(60.0));
+        assert!((r.busy - 0.5).abs() < 0.01, "{r:?}");
+        assert!((r.load_share - 0.5).abs() < 0.01, "{r:?}");
+        // Both, overlapping but not in step: all of it.
+        for i in 0..600 {
+            let start = t0 + secs(60.0 + i as f64 * 0.1);
+            if i > 0 {
+                m.batch_finished(0, start);
+            }
+            m.batch_started(0, start, 1, 0);
+            if i > 0 {
+                m.batch_finished(1, start + secs(0.05));
+            }
+            m.batch_started(1, start + secs(0.05), 1, 0);
+        }
+        let r = m.reading_at(t0 + secs(120.0));
+        assert!(r.busy > 0.99 && r.busy <= 1.0, "{r:?}");
+        assert!(r.load_share > 0.99, "{r:?}");
+        // Capacity counts both threads: a full batch (of 1) takes 0.1 s on each (the first
+        // thread's minute-long batch fades from the average over the 1,198 since).
+        let capacity = r.capacity.unwrap();
+        assert!((capacity - 20.0).abs() < 0.5, "{capacity}");
+    }
+
+    #[test]
+    fn a_batch_crowded_while_another_thread_ran_weighs_its_own_work() {
+        // Two instances timed by CPU: thread 1 runs a batch whose CPU time is half its wall
+        // time while thread 0 starts and ends batches inside its span; the share reads the
+        // half, as one thread's batch alone does.
+        let t0 = Instant::now();
+        let m = BusyMeter::new(t0);
+        m.set_instances(2);
+        m.set_cost(BatchCost::linear(1).timed_by(BatchClock::ThreadCpu));
+        let cpu = |s: f64| Some(secs(s));
+        m.started_at(1, t0, cpu(0.0), 1, 0);
+        for i in 0..10 {
+            let at = t0 + secs(i as f64 * 6.0);
+            m.started_at(0, at, cpu(0.0), 1, 0);
+            m.finished_at(0, at + secs(1.0), cpu(0.0));
+        }
+        m.finished_at(1, t0 + secs(60.0), cpu(30.0));
+        let share = m.reading_at(t0 + secs(60.0)).load_share;
+        assert!((share - 0.25).abs() < 0.01, "{share}");
+    }
+
+    #[test]
     fn a_running_batch_counts_before_it_ends() {
         let t0 = Instant::now();
         let m = BusyMeter::new(t0);
-        m.batch_started(t0, 1, 0);
+        m.batch_started(0, t0, 1, 0);
         // One time constant of solid work: 1 - 1/e.
         let busy = f64::from(m.load_at(t0 + TIME_CONSTANT).busy);
         assert!((busy - (1.0 - (-1.0f64).exp())).abs() < 1e-3, "{busy}");
@@ -332,8 +416,8 @@ mod tests {
     fn the_share_fades_when_work_stops() {
         let t0 = Instant::now();
         let m = BusyMeter::new(t0);
-        m.batch_started(t0, 1, 2_000);
-        m.batch_finished(t0 + secs(60.0));
+        m.batch_started(0, t0, 1, 2_000);
+        m.batch_finished(0, t0 + secs(60.0));
         let busy = m.load_at(t0 + secs(60.0)).busy;
         let later = m.load_at(t0 + secs(60.0) + TIME_CONSTANT);
         assert!((f64::from(later.busy) - f64::from(busy) / std::f64::consts::E).abs() < 1e-3);
@@ -346,8 +430,8 @@ mod tests {
         let m = BusyMeter::new(t0);
         for i in 0..50 {
             let start = t0 + secs(i as f64 * 0.01);
-            m.batch_started(start, 1, 3_000);
-            m.batch_finished(start + secs(0.005));
+            m.batch_started(0, start, 1, 3_000);
+            m.batch_finished(0, start + secs(0.005));
         }
         let q = m.load_at(t0 + secs(0.5)).queue_us;
         assert!((2_800..=3_000).contains(&q), "{q}");
@@ -435,9 +519,9 @@ mod tests {
                 break;
             }
             let clock = |cpu: Duration| timed_by_cpu.then_some(cpu);
-            m.started_at(t0 + secs(start), clock(cpu), n, 0);
+            m.started_at(0, t0 + secs(start), clock(cpu), n, 0);
             cpu += secs(work);
-            m.finished_at(t0 + secs(end), clock(cpu));
+            m.finished_at(0, t0 + secs(end), clock(cpu));
             (free_at, next) = (end, next + n);
         }
         m.reading_at(t0 + secs(span))
@@ -517,7 +601,7 @@ mod tests {
         let t0 = Instant::now();
         let m = BusyMeter::new(t0);
         m.set_cost(BatchCost::new(32, 1.0));
-        m.batch_started(t0, 8, 0);
+        m.batch_started(0, t0, 8, 0);
         let r = m.reading_at(t0 + secs(60.0));
         assert!((r.load_share - 0.25).abs() < 1e-3, "{r:?}");
         assert!(r.busy > 0.999);
@@ -530,7 +614,7 @@ mod tests {
         let t0 = Instant::now();
         let m = BusyMeter::new(t0);
         let reader = m.clone();
-        m.batch_started(t0, 1, 0);
+        m.batch_started(0, t0, 1, 0);
         assert!(reader.load_at(t0 + secs(1.0)).busy > 0.1);
     }
 
@@ -600,18 +684,18 @@ mod tests {
         let t0 = Instant::now();
         let m = BusyMeter::new(t0);
         m.set_cost(BatchCost::linear(1).timed_by(BatchClock::ThreadCpu));
-        m.started_at(t0, Some(secs(5.0)), 1, 0);
+        m.started_at(0, t0, Some(secs(5.0)), 1, 0);
         let during = m.reading_at(t0 + TIME_CONSTANT).load_share;
         assert!((during - (1.0 - (-1.0f64).exp())).abs() < 1e-3, "{during}");
         // It ran a quarter of its span: the span counts a quarter.
-        m.finished_at(t0 + TIME_CONSTANT, Some(secs(5.0) + TIME_CONSTANT / 4));
+        m.finished_at(0, t0 + TIME_CONSTANT, Some(secs(5.0) + TIME_CONSTANT / 4));
         let after = m.reading_at(t0 + TIME_CONSTANT).load_share;
         assert!(
             (after - 0.25 * (1.0 - (-1.0f64).exp())).abs() < 1e-3,
             "{after}"
         );
         // A finish with no batch running changes nothing.
-        m.finished_at(t0 + TIME_CONSTANT, Some(secs(9.0)));
+        m.finished_at(0, t0 + TIME_CONSTANT, Some(secs(9.0)));
         assert_eq!(m.reading_at(t0 + TIME_CONSTANT).load_share, after);
     }
 }

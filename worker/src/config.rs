@@ -93,6 +93,16 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_THREADS")]
     pub threads: Option<usize>,
 
+    /// Model instances (Triton's `instance_group count`): model threads that take batches
+    /// from the one batcher and run them side by side, each with its own ONNX Runtime session
+    /// (the weights are loaded N times: ort's `Session::run` needs the session to itself)
+    /// and `--threads` / N intra-op threads (at least 1; ONNX Runtime's default counts one
+    /// per core). On a fast model, where the barrier at the end of each operator leaves one
+    /// thread of a shared pool waiting for a core, N single-thread runs can serve more than
+    /// one N-thread run.
+    #[arg(long, env = "TIDEPOOL_WORKER_INSTANCES", default_value_t = 1)]
+    pub instances: usize,
+
     /// Whether ONNX Runtime's intra-op threads spin while they wait for work. Off by default:
     /// while the model thread runs a batch, the async runtime splits and answers the last one
     /// and forms the next (worker/src/staging.rs), and threads spinning between batches take
@@ -292,6 +302,7 @@ impl ServeConfig {
             metrics: None,
             device: DeviceChoice::Auto,
             threads: None,
+            instances: 1,
             ort_spinning: false,
             runtime_threads: 0,
             max_batch: 32,
@@ -343,6 +354,19 @@ impl ServeConfig {
             (None, Some(path)) => RegisterToken::from_file(path).map(Some),
             (None, None) => Ok(None),
         }
+    }
+
+    /// Each model instance's intra-op threads: `--threads` (or, unset, one per core) shared
+    /// among `--instances`, at least 1; with one instance, `--threads` as given (`None`:
+    /// ONNX Runtime's default).
+    pub fn instance_threads(&self) -> Option<usize> {
+        if self.instances <= 1 {
+            return self.threads;
+        }
+        let total = self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        Some((total / self.instances).max(1))
     }
 
     /// The async runtime's threads: `--runtime-threads`, or for 0 a quarter of the cores
@@ -404,6 +428,12 @@ impl ServeConfig {
             return invalid(
                 "threads",
                 "must be at least 1 (leave it out for ONNX Runtime's default)",
+            );
+        }
+        if self.instances == 0 || self.instances > 64 {
+            return invalid(
+                "instances",
+                "must be between 1 and 64 (each instance loads the model once more)",
             );
         }
         if self.runtime_threads > 1024 {
@@ -828,6 +858,42 @@ mod tests {
             .to_string()
             .contains("--length-buckets"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn instances_share_the_threads_at_least_one_each() {
+        let cli = Cli::try_parse_from([
+            "tidepool-worker",
+            "serve",
+            "--model",
+            "m.onnx",
+            "--instances",
+            "2",
+            "--threads",
+            "5",
+        ])
+        .unwrap();
+        let Command::Serve(mut c) = cli.command else {
+            panic!("parsed the wrong subcommand")
+        };
+        assert_eq!(c.instances, 2);
+        assert_eq!(c.instance_threads(), Some(2));
+        c.threads = Some(1);
+        assert_eq!(c.instance_threads(), Some(1), "never fewer than one");
+        c.threads = None;
+        assert!(c.instance_threads().is_some_and(|t| t >= 1));
+        c.instances = 1;
+        assert_eq!(
+            c.instance_threads(),
+            None,
+            "one instance: ONNX Runtime's default"
+        );
+        c.instances = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--instances"));
     }
 
     #[test]

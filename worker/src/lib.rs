@@ -443,7 +443,7 @@ async fn serve_model(
         path: config.model.clone(),
         ort_lib: config.ort_lib.clone().ok_or(Error::OrtLibMissing)?,
         device: config.device,
-        threads: config.threads,
+        threads: config.instance_threads(),
         spinning: Some(config.ort_spinning),
         padding: model_file.padding(),
     };
@@ -456,6 +456,7 @@ async fn serve_model(
     // starts its intra-op threads here and they inherit this thread's name, so that they show
     // as `tidepool-ort` in top, perf and /proc (bench-worker splits the CPU by it).
     let (loaded_tx, load) = tokio::sync::oneshot::channel();
+    let instances = config.instances.max(1);
     std::thread::Builder::new()
         .name("tidepool-ort".into())
         .spawn(move || {
@@ -463,15 +464,25 @@ async fn serve_model(
             let loaded = Model::load(&options).and_then(|mut model| {
                 let ran = model.warm_up(&warm_up)?;
                 let cost = model.batch_cost(&warm_up)?;
+                // Each further instance is a session of its own (ort's `run` needs the
+                // session to itself), warmed up the same way so that its first batches are
+                // not the slow ones; the cost shape is the first's.
+                let mut models = vec![model];
+                for _ in 1..instances {
+                    let mut more = Model::load(&options)?;
+                    more.warm_up(&warm_up)?;
+                    models.push(more);
+                }
                 info!(elapsed = ?started.elapsed(), batches = ?ran, single_batch_cost = cost.single(),
+                    instances, intra_op_threads = ?options.threads,
                     "model loaded and warmed up (batch size, length); a batch of one costs this share of a full one");
-                Ok((model, cost))
+                Ok((models, cost))
             });
             // Nobody waits when shutdown came first.
             let _ = loaded_tx.send(loaded);
         })
         .map_err(|_| Error::ModelThread("could not spawn the model loading thread"))?;
-    let (model, cost) = tokio::select! {
+    let (models, cost) = tokio::select! {
         // The sender is dropped without a value only when loading panicked.
         loaded = load => loaded.map_err(|_| Error::ModelThread("model loading panicked"))??,
         _ = shutdown.cancelled() => {
@@ -479,6 +490,8 @@ async fn serve_model(
             return Ok(());
         }
     };
+    // The first instance speaks for all of them: they load the same file the same way.
+    let model = &models[0];
     metrics.set_device(model.device().as_str());
     metrics.busy.set_cost(cost);
     let spec = Arc::clone(model.spec());
@@ -510,8 +523,8 @@ async fn serve_model(
         fairness: config.fairness_settings(),
     };
     let batcher_stop = CancellationToken::new();
-    let batcher = Batcher::start(
-        model,
+    let batcher = Batcher::start_instances(
+        models,
         batch_config.clone(),
         Arc::clone(metrics),
         batcher_stop.clone(),

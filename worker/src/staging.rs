@@ -37,7 +37,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tidepool_protocol::{ErrorCode, Tensors};
@@ -167,6 +167,9 @@ impl Member {
 /// A formed batch on its way to the model thread.
 #[derive(Debug)]
 pub(crate) struct Staged<I> {
+    /// The batcher's number for it, which comes back in its [`Ran`]: with several model
+    /// threads, batches come back in the order they end, not the order they were handed.
+    pub(crate) id: u64,
     members: Vec<Member>,
     input: I,
 }
@@ -193,7 +196,13 @@ pub(crate) fn stage<S: Stager>(
     let size = members.len();
     let formed = catch_unwind(AssertUnwindSafe(|| stager.form(items)));
     let message = match formed {
-        Ok(Ok(input)) => return Some(Staged { members, input }),
+        Ok(Ok(input)) => {
+            return Some(Staged {
+                id: 0,
+                members,
+                input,
+            })
+        }
         Ok(Err(e)) => format!("forming the batch of {size} failed: {e}"),
         Err(_) => format!("the model panicked forming a batch of {size}"),
     };
@@ -220,6 +229,8 @@ enum Outcome<O> {
 /// A batch back from the model thread, to be split and answered.
 #[derive(Debug)]
 pub(crate) struct Ran<O> {
+    /// Its [`Staged::id`].
+    pub(crate) id: u64,
     members: Vec<Member>,
     outcome: Outcome<O>,
     /// Microseconds the batch took to run (0 when skipped).
@@ -235,6 +246,7 @@ impl<O> Ran<O> {
     /// Splits the outputs and answers every member once.
     pub(crate) fn finish<S: Stager<Output = O>>(self, stager: &S) {
         let Ran {
+            id: _,
             members,
             outcome,
             infer_us,
@@ -274,16 +286,32 @@ impl<O> Ran<O> {
     }
 }
 
-/// The model thread: runs each staged batch it is handed, back to back, and hands it back
-/// unsplit on `done`. Ends when `batches` closes (after the batch it is running).
+/// The batches waiting for a model thread, shared by all of them: each takes the next one
+/// when it is free.
+pub(crate) type Batches<I> = Arc<Mutex<mpsc::Receiver<Staged<I>>>>;
+
+/// A model thread (instance `slot` of the [`Batches`]' takers): runs each staged batch it
+/// takes, back to back, and hands it back unsplit on `done`. Ends when `batches` closes
+/// (after the batch it is running).
 pub(crate) fn model_thread<E: Engine>(
     mut engine: E,
-    mut batches: mpsc::Receiver<Staged<Input<E>>>,
+    slot: usize,
+    batches: Batches<Input<E>>,
     done: mpsc::Sender<Ran<Output<E>>>,
     meter: BusyMeter,
 ) {
     let stager = engine.stager();
-    while let Some(mut staged) = batches.blocking_recv() {
+    loop {
+        // A std mutex held while this thread waits for a batch: the other idle model threads
+        // wait on the lock instead of the channel, and the lock passes on as soon as a batch
+        // is taken. Only these threads take it, never the async runtime.
+        let next = batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .blocking_recv();
+        let Some(mut staged) = next else {
+            break;
+        };
         let started = Instant::now();
         let size = staged.members.len();
         let outcome = if staged.admit(started) == 0 {
@@ -291,9 +319,9 @@ pub(crate) fn model_thread<E: Engine>(
         } else {
             let queued_us =
                 staged.members.iter().map(|m| m.queue_us).sum::<u64>() / size.max(1) as u64;
-            meter.batch_started(started, size, queued_us);
+            meter.batch_started(slot, started, size, queued_us);
             let result = catch_unwind(AssertUnwindSafe(|| engine.run_batch(staged.input)));
-            meter.batch_finished(Instant::now());
+            meter.batch_finished(slot, Instant::now());
             match result {
                 Ok(Ok(output)) => Outcome::Ran(output),
                 Ok(Err(e)) => Outcome::Failed(format!("the batch of {size} failed: {e}")),
@@ -301,6 +329,7 @@ pub(crate) fn model_thread<E: Engine>(
             }
         };
         let ran = Ran {
+            id: staged.id,
             members: staged.members,
             outcome,
             infer_us: micros(started.elapsed()),
@@ -339,7 +368,9 @@ pub(crate) mod fake {
         pub(crate) started: Arc<Mutex<Vec<usize>>>,
         /// Each item's value (its input `x`), in the order items ran.
         pub(crate) ran: Arc<Mutex<Vec<f32>>>,
-        pub(crate) gate: Option<std::sync::mpsc::Receiver<()>>,
+        /// Shared by the fakes of one batcher's instances: each opening lets one batch
+        /// through, on whichever thread waits.
+        pub(crate) gate: Option<Arc<Mutex<std::sync::mpsc::Receiver<()>>>>,
         pub(crate) behaviour: Behaviour,
     }
 
@@ -377,7 +408,7 @@ pub(crate) mod fake {
                 .unwrap()
                 .extend(items.iter().map(|i| i["x"].to_vec::<f32>().unwrap()[0]));
             if let Some(gate) = &self.gate {
-                let _ = gate.recv();
+                let _ = gate.lock().unwrap().recv();
             }
             match self.behaviour {
                 Behaviour::FailFirst if first => Err(Error::ModelThread("stand-in failure")),
@@ -390,7 +421,6 @@ pub(crate) mod fake {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
     use std::time::Duration;
 
     use tidepool_protocol::Tensor;
@@ -457,13 +487,15 @@ mod tests {
             let engine = Fake {
                 started: Arc::clone(&started),
                 ran: Arc::new(Mutex::new(Vec::new())),
-                gate: Some(gate_rx),
+                gate: Some(Arc::new(Mutex::new(gate_rx))),
                 behaviour,
             };
             let (batches, batch_rx) = mpsc::channel(2);
             let (done_tx, done) = mpsc::channel(2);
             let meter = BusyMeter::new(Instant::now());
-            let thread = std::thread::spawn(move || model_thread(engine, batch_rx, done_tx, meter));
+            let batch_rx = Arc::new(Mutex::new(batch_rx));
+            let thread =
+                std::thread::spawn(move || model_thread(engine, 0, batch_rx, done_tx, meter));
             Thread {
                 batches,
                 done,
