@@ -110,14 +110,15 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_RUNTIME_THREADS", default_value_t = 0)]
     pub runtime_threads: usize,
 
-    /// Nice steps the async runtime's threads run below the model's, once the model is
-    /// loaded (0 to 19; 0 leaves them as they are) [default: 10 where ONNX Runtime's
-    /// intra-op threads and the runtime's threads together outnumber the cores, else 0].
-    /// Under overload the runtime reads and refuses requests on the cores the batches need;
-    /// lowered, it takes them only where the model leaves them (worker/src/niceness.rs). No
-    /// privilege needed.
-    #[arg(long, env = "TIDEPOOL_WORKER_RUNTIME_NICE")]
-    pub runtime_nice: Option<i32>,
+    /// Nice steps the async runtime's threads run below the model's once it is loaded (0 to
+    /// 19) [default 0: as the model's]. Where the runtime shares the cores with ONNX Runtime's
+    /// intra-op threads, reading and refusing under overload takes slices from the batches;
+    /// lowered, the runtime takes the cores only where the model leaves them
+    /// (worker/src/niceness.rs). Off by default: on a loaded 2-core machine, 10 left requests
+    /// and answers waiting in socket buffers, a delay the worker's own deadline clock does not
+    /// see (bench/intro/slo.md). No privilege needed.
+    #[arg(long, env = "TIDEPOOL_WORKER_RUNTIME_NICE", default_value_t = 0)]
+    pub runtime_nice: i32,
 
     /// Most items stacked into one batch.
     #[arg(long, env = "TIDEPOOL_WORKER_MAX_BATCH", default_value_t = 32)]
@@ -303,7 +304,7 @@ impl ServeConfig {
             threads: None,
             ort_spinning: false,
             runtime_threads: 0,
-            runtime_nice: None,
+            runtime_nice: 0,
             max_batch: 32,
             max_batch_tokens: None,
             length_buckets: Vec::new(),
@@ -364,16 +365,6 @@ impl ServeConfig {
         }
     }
 
-    /// The nice steps for the runtime's threads: `--runtime-nice`, or where it is left out
-    /// [`DEFAULT_RUNTIME_NICE`] when ONNX Runtime's intra-op threads (`--threads`, else one
-    /// per core) and the runtime's threads outnumber the cores, 0 where each has a core.
-    pub fn runtime_nice_steps(&self) -> i32 {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.runtime_nice.unwrap_or_else(|| {
-            runtime_nice_for(cores, self.threads.unwrap_or(cores), self.io_threads())
-        })
-    }
-
     /// The frame budget these settings describe.
     pub fn budget(&self) -> tidepool_protocol::FrameBudget {
         let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
@@ -426,10 +417,7 @@ impl ServeConfig {
                 "must be at least 1 (leave it out for ONNX Runtime's default)",
             );
         }
-        if self
-            .runtime_nice
-            .is_some_and(|n| !(0..=crate::niceness::MAX_NICE).contains(&n))
-        {
+        if !(0..=crate::niceness::MAX_NICE).contains(&self.runtime_nice) {
             return invalid(
                 "runtime-nice",
                 "must be between 0 (as the model's threads) and 19 (the lowest priority)",
@@ -783,22 +771,6 @@ pub struct SynthConfig {
     pub ort_lib: Option<PathBuf>,
 }
 
-/// The runtime's nice steps where `--runtime-nice` is left out. 10 gives a runtime thread
-/// about a tenth of a core that a model thread also wants (Linux's weights: 110 against
-/// 1024), enough to go on reading and refusing at a few thousand requests per second.
-pub const DEFAULT_RUNTIME_NICE: i32 = 10;
-
-/// The default nice steps on `cores` cores with `ort_threads` intra-op threads beside
-/// `io_threads` runtime threads: [`DEFAULT_RUNTIME_NICE`] where they compete for the cores, 0
-/// where each has a core of its own.
-pub fn runtime_nice_for(cores: usize, ort_threads: usize, io_threads: usize) -> i32 {
-    if ort_threads.saturating_add(io_threads) > cores {
-        DEFAULT_RUNTIME_NICE
-    } else {
-        0
-    }
-}
-
 /// Parses `5ms`, `30s`, `1m`; a bare `0` is zero.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
@@ -905,7 +877,7 @@ mod tests {
     }
 
     #[test]
-    fn runtime_nice_is_read_checked_and_chosen_from_the_machine() {
+    fn runtime_nice_is_read_and_checked() {
         let cli = Cli::try_parse_from([
             "tidepool-worker",
             "serve",
@@ -918,7 +890,7 @@ mod tests {
         let Command::Serve(c) = cli.command else {
             panic!("parsed the wrong subcommand")
         };
-        assert_eq!(c.runtime_nice_steps(), 4);
+        assert_eq!(c.runtime_nice, 4);
         // (validate may refuse the missing model file, never the value)
         assert!(!matches!(
             c.validate(),
@@ -929,7 +901,7 @@ mod tests {
         ));
         for bad in [-1, 20] {
             let mut c = ServeConfig::new("m.onnx", "127.0.0.1:0");
-            c.runtime_nice = Some(bad);
+            c.runtime_nice = bad;
             assert!(
                 matches!(
                     c.validate(),
@@ -941,23 +913,11 @@ mod tests {
                 "{bad}"
             );
         }
-        // ONNX Runtime's default (one thread per core) beside one runtime thread: lowered.
-        assert_eq!(runtime_nice_for(2, 2, 1), DEFAULT_RUNTIME_NICE);
-        assert_eq!(runtime_nice_for(64, 64, 16), DEFAULT_RUNTIME_NICE);
-        // A core for each: nothing to give way to.
-        assert_eq!(runtime_nice_for(2, 1, 1), 0);
-        assert_eq!(runtime_nice_for(16, 8, 4), 0);
-        // Left out, the default follows --threads on this machine.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut c = ServeConfig::new("m.onnx", "127.0.0.1:0");
         assert_eq!(
-            c.runtime_nice_steps(),
-            DEFAULT_RUNTIME_NICE,
-            "one per core + runtime"
+            ServeConfig::new("m.onnx", "127.0.0.1:0").runtime_nice,
+            0,
+            "off"
         );
-        c.threads = Some(1);
-        c.runtime_threads = 1;
-        assert_eq!(c.runtime_nice_steps(), runtime_nice_for(cores, 1, 1));
     }
 
     #[test]

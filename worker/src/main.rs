@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(mut config) => {
             // The token's one way in besides a file: the environment, never a flag (`ps`).
             config.register_token = RegisterToken::from_env()?;
-            let nice = RuntimeNice::new(config.runtime_nice_steps());
+            let nice = RuntimeNice::new(config.runtime_nice);
             let (on_start, on_stop) = (nice.clone(), nice.clone());
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.io_threads())
