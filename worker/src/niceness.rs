@@ -7,7 +7,9 @@
 //! took 13% longer than at 100% (bench/intro/slo.md), which is the goodput the refusals were
 //! meant to protect. Running the runtime's threads a few nice steps below the model's makes
 //! the scheduler give the model the cores first when both want them, and the runtime all of
-//! them while the model waits between batches.
+//! them while the model waits between batches. The price: requests and answers then wait
+//! in socket buffers while the model runs, a delay the worker's deadline clock (from receipt)
+//! does not see, so the flag is off by default (bench/intro/slo.md has the measurements).
 //!
 //! Linux keeps a nice value per thread, and a new thread starts with its creator's; raising
 //! a thread's nice value needs no privilege, lowering it back does. The model's threads (the
