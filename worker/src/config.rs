@@ -120,6 +120,16 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_RUNTIME_THREADS", default_value_t = 0)]
     pub runtime_threads: usize,
 
+    /// Nice steps the async runtime's threads run below the model's once it is loaded (0 to
+    /// 19) [default 0: as the model's]. Where the runtime shares the cores with ONNX Runtime's
+    /// intra-op threads, reading and refusing under overload takes slices from the batches;
+    /// lowered, the runtime takes the cores only where the model leaves them
+    /// (worker/src/niceness.rs). Off by default: on a loaded 2-core machine, 10 left requests
+    /// and answers waiting in socket buffers, a delay the worker's own deadline clock does not
+    /// see (bench/intro/slo.md). No privilege needed.
+    #[arg(long, env = "TIDEPOOL_WORKER_RUNTIME_NICE", default_value_t = 0)]
+    pub runtime_nice: i32,
+
     /// Most items stacked into one batch.
     #[arg(long, env = "TIDEPOOL_WORKER_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
@@ -305,6 +315,7 @@ impl ServeConfig {
             instances: 1,
             ort_spinning: false,
             runtime_threads: 0,
+            runtime_nice: 0,
             max_batch: 32,
             max_batch_tokens: None,
             length_buckets: Vec::new(),
@@ -434,6 +445,12 @@ impl ServeConfig {
             return invalid(
                 "instances",
                 "must be between 1 and 64 (each instance loads the model once more)",
+            );
+        }
+        if !(0..=crate::niceness::MAX_NICE).contains(&self.runtime_nice) {
+            return invalid(
+                "runtime-nice",
+                "must be between 0 (as the model's threads) and 19 (the lowest priority)",
             );
         }
         if self.runtime_threads > 1024 {
@@ -923,6 +940,50 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn runtime_nice_is_read_and_checked() {
+        let cli = Cli::try_parse_from([
+            "tidepool-worker",
+            "serve",
+            "--model",
+            "m.onnx",
+            "--runtime-nice",
+            "4",
+        ])
+        .unwrap();
+        let Command::Serve(c) = cli.command else {
+            panic!("parsed the wrong subcommand")
+        };
+        assert_eq!(c.runtime_nice, 4);
+        // (validate may refuse the missing model file, never the value)
+        assert!(!matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                flag: "runtime-nice",
+                ..
+            })
+        ));
+        for bad in [-1, 20] {
+            let mut c = ServeConfig::new("m.onnx", "127.0.0.1:0");
+            c.runtime_nice = bad;
+            assert!(
+                matches!(
+                    c.validate(),
+                    Err(Error::InvalidConfig {
+                        flag: "runtime-nice",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            ServeConfig::new("m.onnx", "127.0.0.1:0").runtime_nice,
+            0,
+            "off"
+        );
     }
 
     #[test]

@@ -67,6 +67,15 @@ pub enum Error {
     /// `--device cuda`, and the CUDA execution provider would not register.
     #[error("--device cuda: the CUDA execution provider could not be registered ({0}); is the GPU build of ONNX Runtime (ORT_FLAVOR=gpu scripts/fetch-ort.sh) with its CUDA libraries on the library path?")]
     CudaUnavailable(#[source] ort::Error),
+    /// The runtime's threads could not be given their `--runtime-nice` priority.
+    #[error("could not {what} (--runtime-nice; 0 leaves the threads as they are): {source}")]
+    Nice {
+        /// What was being done.
+        what: &'static str,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
     /// Setting a session option failed.
     #[error("could not configure the ONNX Runtime session ({what}): {source}")]
     SessionOptions {

@@ -31,6 +31,9 @@
 //!   warm-up, which turns busy time into the load share; [`clock`]: which clock times a
 //!   batch (the model thread's CPU time with one intra-op thread, so that neighbours on
 //!   the same cores do not read as load).
+//! - [`niceness`]: the async runtime's threads a few nice steps below the model's
+//!   (`--runtime-nice`), so that under overload reading and refusing requests does not slow
+//!   the batches that share its cores.
 //! - [`profile`]: the model thread's batch run time by batch size and length bucket, learned
 //!   online from the batches run; [`admission`]: predicted-finish admission, doomed items
 //!   dropped before they run, and each batch's close chosen from its members' deadlines;
@@ -90,6 +93,7 @@ pub mod goodput;
 pub mod margin;
 pub mod metrics;
 pub mod model;
+pub mod niceness;
 mod pad;
 pub mod parent;
 pub mod priority;

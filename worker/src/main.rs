@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 use tidepool_worker::config::SynthKind;
+use tidepool_worker::niceness::RuntimeNice;
 use tidepool_worker::registration::RegisterToken;
 use tidepool_worker::{synth, synth_transformer, Cli, Command, Worker};
 use tracing::info;
@@ -59,10 +60,18 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(mut config) => {
             // The token's one way in besides a file: the environment, never a flag (`ps`).
             config.register_token = RegisterToken::from_env()?;
+            let nice = RuntimeNice::new(config.runtime_nice);
+            let (on_start, on_stop) = (nice.clone(), nice.clone());
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.io_threads())
                 .enable_all()
                 .thread_name("tidepool-io")
+                .on_thread_start(move || {
+                    if let Err(e) = on_start.on_thread_start() {
+                        tracing::warn!(error = %e, "a runtime thread keeps the model's priority");
+                    }
+                })
+                .on_thread_stop(move || on_stop.on_thread_stop())
                 .build()
                 .context("could not start the async runtime")?;
             let result = runtime.block_on(async move {
@@ -72,6 +81,19 @@ fn main() -> anyhow::Result<()> {
                     shutdown_signal().await;
                     token.cancel();
                 });
+                // Lowered only once the model's threads exist: they start with the priority
+                // of the runtime thread that spawns them, and could not raise it back.
+                if worker.ready().await && nice.steps() > 0 {
+                    match nice.lower() {
+                        Ok(threads) => info!(
+                            threads,
+                            steps = nice.steps(),
+                            "the runtime's threads run below the model's (--runtime-nice)"
+                        ),
+                        Err(e) => tracing::warn!(error = %e,
+                            "the runtime's threads keep the model's priority"),
+                    }
+                }
                 worker.wait().await?;
                 Ok(())
             });

@@ -68,12 +68,22 @@ struct Args {
     /// ONNX Runtime intra-op threads [default: ONNX Runtime's, one per core].
     #[arg(long)]
     threads: Option<usize>,
+    /// The worker's --runtime-nice [default: the worker's, 0: the runtime at the model's
+    /// priority].
+    #[arg(long)]
+    runtime_nice: Option<i32>,
+    /// After the two batchers, the adaptive one again with the worker's --runtime-nice set to
+    /// this (its runtime's threads that many nice steps below the model's), to set its goodput
+    /// beside the run's configuration under the same load [default: not run].
+    #[arg(long)]
+    compare_nice: Option<i32>,
 }
 
 /// One step of one mode.
 #[derive(Clone, Debug, Serialize)]
 struct Step {
-    mode: &'static str,
+    /// The batcher, and the runtime's nice value where it is a comparison's.
+    mode: String,
     share: f64,
     offered_per_s: f64,
     goodput_per_s: f64,
@@ -204,9 +214,9 @@ async fn main() -> anyhow::Result<()> {
          {} full batches' time, the rest {}; --max-batch {}, --max-delay {:?}. Goodput: results \
          within their deadline per second, over the capacity measured first. The worker in a \
          process of its own (`tidepool-worker serve`, a fresh one for the capacity and for each \
-         batching mode, same flags, ONNX Runtime's intra-op threads: {}); the driver \
-         (tidepool-load, in this process) counts each deadline from the intended send time and \
-         sends what is left of it. {}{}",
+         batching mode, same flags, ONNX Runtime's intra-op threads: {}; its runtime's threads \
+         nice: {}); the driver (tidepool-load, in this process) counts each deadline from the \
+         intended send time and sends what is left of it. {}{}",
         step.as_secs(),
         args.tight,
         args.loose,
@@ -214,6 +224,8 @@ async fn main() -> anyhow::Result<()> {
         args.max_delay,
         args.threads
             .map_or_else(|| "its default, one per core".to_owned(), |t| t.to_string()),
+        args.runtime_nice
+            .map_or_else(|| "the worker's default, 0".to_owned(), |n| n.to_string()),
         machine(),
         quick_note(args.common.report.quick)
     ));
@@ -229,7 +241,7 @@ async fn main() -> anyhow::Result<()> {
                 let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
                 vec![
                     format!("{:.0}%", s.share * 100.0),
-                    s.mode.to_owned(),
+                    s.mode.clone(),
                     format!("{:.1}", s.offered_per_s),
                     format!("{:.1}", s.goodput_per_s),
                     format!("{:.2}", s.goodput_of_capacity),
@@ -271,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
                 let w = &s.worker;
                 vec![
                     format!("{:.0}%", s.share * 100.0),
-                    s.mode.to_owned(),
+                    s.mode.clone(),
                     format!("{} / {:.0}", s.client_within, w.within),
                     format!("{} / {:.0}", s.late, w.late),
                     format!(
@@ -312,6 +324,14 @@ async fn main() -> anyhow::Result<()> {
                     .map_or(0.0, |s| s.goodput_of_capacity)
             };
             let (fixed, adaptive) = (at("fixed"), at("adaptive"));
+            if let Some(nice) = args.compare_nice {
+                report.para(&format!(
+                    "At {:.0}% of capacity, the adaptive worker's goodput with its runtime at \
+                     nice {nice}: {:.2} of capacity, against {adaptive:.2} with the run's setting.",
+                    top * 100.0,
+                    at(&format!("adaptive, nice {nice}"))
+                ));
+            }
             report.para(&format!(
                 "At {:.0}% of capacity: goodput {adaptive:.2} of capacity adaptive, {fixed:.2} \
                  fixed (goal: at least 0.90 at 150%: {}).",
@@ -340,7 +360,7 @@ async fn bench_model(
     // Capacity once, on the adaptive worker without deadlines (both batchers then behave
     // alike: admission only looks at requests with a deadline), in its own process like the
     // steps.
-    let worker = WorkerProc::start(args, model, BatchingMode::Adaptive).await?;
+    let worker = WorkerProc::start(args, model, BatchingMode::Adaptive, args.runtime_nice).await?;
     let addr = worker.addr.to_string();
     let items = {
         let client = Client::connect(&addr).await?;
@@ -369,8 +389,23 @@ async fn bench_model(
         model.display()
     );
     let mut steps = Vec::new();
-    for mode in [BatchingMode::Fixed, BatchingMode::Adaptive] {
-        let mut worker = WorkerProc::start(args, model, mode).await?;
+    let mut variants = vec![
+        (BatchingMode::Fixed, args.runtime_nice, "fixed".to_owned()),
+        (
+            BatchingMode::Adaptive,
+            args.runtime_nice,
+            "adaptive".to_owned(),
+        ),
+    ];
+    if let Some(nice) = args.compare_nice {
+        variants.push((
+            BatchingMode::Adaptive,
+            Some(nice),
+            format!("adaptive, nice {nice}"),
+        ));
+    }
+    for (mode, nice, label) in variants {
+        let mut worker = WorkerProc::start(args, model, mode, nice).await?;
         for &share in &args.steps {
             let before = (
                 worker.counts().await?,
@@ -380,7 +415,7 @@ async fn bench_model(
             );
             let mut s = run_step(
                 &worker.addr.to_string(),
-                mode,
+                &label,
                 share,
                 capacity,
                 step,
@@ -415,7 +450,7 @@ fn own_cpu() -> f64 {
 /// One step: the tight and the loose streams together, for `duration`.
 async fn run_step(
     addr: &str,
-    mode: BatchingMode,
+    label: &str,
     share: f64,
     capacity: f64,
     duration: Duration,
@@ -450,7 +485,7 @@ async fn run_step(
     let goodput_per_s = within as f64 / window;
     let both = |o: Outcome| t.outcome(o) + l.outcome(o);
     Ok(Step {
-        mode: mode_name(mode),
+        mode: label.to_owned(),
         share,
         offered_per_s: (t.offered + l.offered) as f64 / duration.as_secs_f64(),
         goodput_per_s,
@@ -489,6 +524,7 @@ impl WorkerProc {
         args: &Args,
         model: &std::path::Path,
         mode: BatchingMode,
+        runtime_nice: Option<i32>,
     ) -> anyhow::Result<WorkerProc> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -509,6 +545,9 @@ impl WorkerProc {
             );
         if let Some(threads) = args.threads {
             command.args(["--threads", &threads.to_string()]);
+        }
+        if let Some(nice) = runtime_nice {
+            command.args(["--runtime-nice", &nice.to_string()]);
         }
         let mut proc = Proc::spawn("tidepool-worker", &mut command)?;
         let started = Instant::now();
