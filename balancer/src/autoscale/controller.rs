@@ -351,6 +351,14 @@ pub(crate) async fn run(
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
+        // The actuator keeps the pool every quarter second, not only at samples: a
+        // scaled-in worker is stopped within a quarter of its last answer and counted gone
+        // within a quarter of its exit (at a sample's pace each took up to a second, so a
+        // worker that drained in milliseconds cost two more seconds and held the next
+        // scale-in back as long), and a worker that died is replaced as soon.
+        if let Some(a) = actuator.as_mut() {
+            a.tick(&pool).await;
+        }
         // Between samples, only a surge's quarter-second reading brings the next forward.
         let at = tokio::time::Instant::now();
         let quick = sample(&pool, actuator.as_ref(), &mut quick_rates, at.into_std());
@@ -360,9 +368,6 @@ pub(crate) async fn run(
             continue;
         }
         next_sample = Some(at + SAMPLE_EVERY);
-        if let Some(a) = actuator.as_mut() {
-            a.tick(&pool).await;
-        }
         let now = tokio::time::Instant::now().into_std();
         let sample = sample(&pool, actuator.as_ref(), &mut rates, now);
         history.push(sample, keep);
@@ -571,10 +576,64 @@ mod tests {
                 // have been at 7 s.
                 assert_eq!(d.mode, Mode::Panic, "at {at:?}: {d:?}");
                 assert_eq!(d.desired, 4, "500/s over 100/s each at 70%: {d:?}");
-                assert_eq!(d.signal, Signal::Arrivals);
+                // The arrival rate decided it (the queue, past the overload mark by now,
+                // may read higher still; the next sample would have been at 7 s).
+                assert!(d.surge_demand.is_some_and(|s| s > 7.0), "{d:?}");
             }
             tokio::time::sleep(quarter).await;
         }
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_scaled_in_worker_is_stopped_and_counted_gone_within_the_second() {
+        use crate::autoscale::actuator::ProcessPool;
+        // Two sleeping processes stand in for workers (a SIGTERM ends one at once), both
+        // healthy with nothing outstanding; the loop may keep one.
+        let pool = FakePool::default();
+        let mut actuator = Actuator::Processes(ProcessPool::new(
+            "sh -c 'exec sleep 60' {port}".to_owned(),
+            addr(7001),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        ));
+        actuator.scale_to(2, &pool).await;
+        let Actuator::Processes(processes) = &actuator else {
+            unreachable!("built as processes")
+        };
+        for worker in processes.active() {
+            pool.set(worker, TargetState::Healthy, 0);
+        }
+        actuator.tick(&pool).await;
+        let slot = StatusSlot::default();
+        let stop = CancellationToken::new();
+        let one = PolicyConfig {
+            max_workers: 1,
+            ..policy()
+        };
+        let task = tokio::spawn(run(
+            pool.clone(),
+            one,
+            Foresight::default(),
+            Some(actuator),
+            Arc::clone(&slot),
+            stop.clone(),
+            Duration::from_secs(1),
+        ));
+        // The first sample scales in at once (above --max-workers); the worker let go has
+        // nothing to finish, so it is signalled at the next quarter and reaped at the one
+        // after: the second sample, a second later, no longer counts it. At a sample's pace
+        // it was signalled at the second sample and still counted leaving there.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let s = status(&slot).expect("two samples taken");
+        assert_eq!(pool.deregistered().len(), 1, "{s:?}");
+        assert_eq!(
+            (s.decision.current, s.decision.leaving),
+            (1, 0),
+            "the worker let go is gone by the second sample: {s:?}"
+        );
         stop.cancel();
         task.await.unwrap();
     }
