@@ -362,6 +362,9 @@ pub(crate) async fn run(
         // Between samples, only a surge's quarter-second reading brings the next forward.
         let at = tokio::time::Instant::now();
         let quick = sample(&pool, actuator.as_ref(), &mut quick_rates, at.into_std());
+        // Start-ups are timed to the quarter, not to the sample: the scale-down delay is
+        // three of the slowest recent ones, so a second's rounding cost up to 3 s of it.
+        memory.startup.observe(quick.ready, quick.coming, quick.at);
         let due = next_sample.is_none_or(|next| at >= next);
         let desired = last_logged.as_ref().map_or(0, |d| d.desired);
         if !due && !surges(&policy, &history, &quick, desired) {
@@ -533,18 +536,38 @@ mod tests {
     /// Runs the loop on `pool` with [`policy`] and no actuator: its status slot, its stop
     /// token and its task.
     fn spawn_loop(pool: &FakePool) -> (StatusSlot, CancellationToken, tokio::task::JoinHandle<()>) {
+        spawn_acting(pool, policy(), None)
+    }
+
+    /// Runs the loop on `pool` with `policy` and `actuator`.
+    fn spawn_acting(
+        pool: &FakePool,
+        policy: PolicyConfig,
+        actuator: Option<Actuator>,
+    ) -> (StatusSlot, CancellationToken, tokio::task::JoinHandle<()>) {
         let slot = StatusSlot::default();
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(
             pool.clone(),
-            policy(),
+            policy,
             Foresight::default(),
-            None,
+            actuator,
             Arc::clone(&slot),
             stop.clone(),
             Duration::from_secs(1),
         ));
         (slot, stop, task)
+    }
+
+    /// Worker processes that sleep (a SIGTERM ends one at once), for the loop to act on.
+    fn sleepers() -> Actuator {
+        Actuator::Processes(crate::autoscale::actuator::ProcessPool::new(
+            "sh -c 'exec sleep 60' {port}".to_owned(),
+            addr(7001),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        ))
     }
 
     #[tokio::test(start_paused = true)]
@@ -588,17 +611,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_scaled_in_worker_is_stopped_and_counted_gone_within_the_second() {
-        use crate::autoscale::actuator::ProcessPool;
-        // Two sleeping processes stand in for workers (a SIGTERM ends one at once), both
-        // healthy with nothing outstanding; the loop may keep one.
+        // Two sleeping processes stand in for workers, both healthy with nothing
+        // outstanding; the loop may keep one.
         let pool = FakePool::default();
-        let mut actuator = Actuator::Processes(ProcessPool::new(
-            "sh -c 'exec sleep 60' {port}".to_owned(),
-            addr(7001),
-            Duration::from_secs(60),
-            Duration::from_secs(60),
-            Duration::from_secs(5),
-        ));
+        let mut actuator = sleepers();
         actuator.scale_to(2, &pool).await;
         let Actuator::Processes(processes) = &actuator else {
             unreachable!("built as processes")
@@ -607,21 +623,11 @@ mod tests {
             pool.set(worker, TargetState::Healthy, 0);
         }
         actuator.tick(&pool).await;
-        let slot = StatusSlot::default();
-        let stop = CancellationToken::new();
         let one = PolicyConfig {
             max_workers: 1,
             ..policy()
         };
-        let task = tokio::spawn(run(
-            pool.clone(),
-            one,
-            Foresight::default(),
-            Some(actuator),
-            Arc::clone(&slot),
-            stop.clone(),
-            Duration::from_secs(1),
-        ));
+        let (slot, stop, task) = spawn_acting(&pool, one, Some(actuator));
         // The first sample scales in at once (above --max-workers); the worker let go has
         // nothing to finish, so it is signalled at the next quarter and reaped at the one
         // after: the second sample, a second later, no longer counts it. At a sample's pace
@@ -633,6 +639,32 @@ mod tests {
             (s.decision.current, s.decision.leaving),
             (1, 0),
             "the worker let go is gone by the second sample: {s:?}"
+        );
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn start_ups_are_timed_to_the_quarter_second() {
+        // The loop asks for two workers at its first sample (below --min-workers); two
+        // targets turn healthy 300 ms later. The quarter at 500 ms sees them: a start-up
+        // of about half a second, where the next sample would have read a whole one.
+        let pool = FakePool::default();
+        let two = PolicyConfig {
+            min_workers: 2,
+            max_workers: 4,
+            ..policy()
+        };
+        let (slot, stop, task) = spawn_acting(&pool, two, Some(sleepers()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pool.set(addr(1), TargetState::Healthy, 0);
+        pool.set(addr(2), TargetState::Healthy, 0);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let s = status(&slot).expect("two samples taken");
+        assert!(s.startup_measured, "{s:?}");
+        assert!(
+            (0.25..0.8).contains(&s.decision.startup_s),
+            "timed to the quarter: {s:?}"
         );
         stop.cancel();
         task.await.unwrap();
