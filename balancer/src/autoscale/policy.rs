@@ -446,14 +446,18 @@ pub fn surges(config: &PolicyConfig, history: &History, quick: &Sample, desired:
 /// Requests per second a fully busy worker answers: the answers over the busy shares of
 /// the samples older than the panic window (a surge's own seconds, where the workers'
 /// averaged busy shares lag their answers, are left out). `None` while the pool averaged
-/// under 5% busy: the ratio of two small numbers says little.
+/// under 5% busy: the ratio of two small numbers says little. Idle seconds (under
+/// [`IDLE`] busy, or nothing answered) say nothing of the capacity and do not count
+/// towards that average: a pool that idled before a light load (a twentieth of the peak,
+/// 6% busy, in the autoscaling benchmark's burst) would otherwise not know its capacity
+/// when the surge came, and could not read it.
 fn capacity(config: &PolicyConfig, history: &History, now: Instant) -> Option<f64> {
     let (mut answered, mut busy, mut n) = (0.0, 0.0, 0usize);
     for s in history.samples() {
         if now.saturating_duration_since(s.at) <= config.panic_window || s.at > now {
             break;
         }
-        if let Some(b) = s.busy {
+        if let Some(b) = s.busy.filter(|&b| b >= IDLE && s.answered > 0.0) {
             answered += s.answered;
             busy += b;
             n += 1;
@@ -461,6 +465,10 @@ fn capacity(config: &PolicyConfig, history: &History, now: Instant) -> Option<f6
     }
     (n > 0 && busy / n as f64 >= 0.05 && answered > 0.0).then(|| answered / busy)
 }
+
+/// A pool's busy share under which a sample counts as idle for [`capacity`]: a worker
+/// whose few-second average is only beginning to rise from nothing.
+const IDLE: f64 = 0.01;
 
 /// The averages over `window` before `at`: (demand, total load, load per ready worker).
 fn averaged(
@@ -1294,6 +1302,34 @@ mod tests {
             decisions[t as usize].2
         );
         assert_eq!(decisions[t as usize].2.signal, Signal::InFlight);
+    }
+
+    #[test]
+    fn idle_seconds_do_not_hide_the_capacity_of_a_lightly_loaded_pool() {
+        // 8 idle seconds, then 10 at 6% busy answering 6/s: a capacity of 100/s. Averaged
+        // with the idle ones the pool read under 5% busy, and the capacity was unknown.
+        let (c, now) = (config(), Instant::now());
+        let mut history = History::new();
+        for t in 0..18u64 {
+            let light = t >= 8;
+            history.push(
+                Sample {
+                    at: now + Duration::from_secs(t),
+                    ready: 1,
+                    coming: 0,
+                    leaving: 0,
+                    load: 0.0,
+                    max_worker_load: 0.0,
+                    busy: Some(if light { 0.06 } else { 0.0 }),
+                    arrived: if light { 6.0 } else { 0.0 },
+                    answered: if light { 6.0 } else { 0.0 },
+                },
+                History::keep_for(&c),
+            );
+        }
+        let at = now + Duration::from_secs(17);
+        let measured = capacity(&c, &history, at).expect("measured from the light seconds");
+        assert!((measured - 100.0).abs() < 1e-6, "{measured}");
     }
 
     #[test]

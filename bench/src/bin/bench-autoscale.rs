@@ -744,7 +744,7 @@ fn settings_map(args: &Args, report: &mut Report, compression: f64) {
             format!("{:?}", real.panic_window),
             scaled(real.panic_window),
             format!("{:?}", args.busy_panic_window),
-            "two samples; a surge also panics on one second of arrivals outrunning answers"
+            "two samples; a surge also panics on a quarter second of arrivals outrunning answers"
                 .to_owned(),
         ],
         vec![
@@ -762,10 +762,12 @@ fn settings_map(args: &Args, report: &mut Report, compression: f64) {
                 "{} start-ups, at most {:?}",
                 args.scale_in_startups, args.scale_in_delay
             ),
-            "start-ups are real seconds in both (spawn, model load, two 1 s health checks, \
-             the next tick: about 2–3 s here), so the rule is the same and its day time is \
-             480× longer"
-                .to_owned(),
+            format!(
+                "start-ups are real seconds in both (spawn, model load, two start-up checks \
+                 100 ms apart, timed to the autoscaler's quarter second: under a second for \
+                 this model), so the rule is the same and its day time is {compression:.0}× \
+                 longer"
+            ),
         ],
         vec![
             "health checks".to_owned(),
