@@ -221,6 +221,29 @@ pub struct Scaling {
     pub signal: String,
     /// The policy's reason, in words.
     pub reason: String,
+    /// The last scale action the balancer took and when (`None`: none yet): exact to the
+    /// millisecond, where a reading's `desired` is only as fresh as the poll.
+    pub last_action: Option<LastAction>,
+}
+
+/// A scale action as `GET /scaling` reports it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, Serialize)]
+#[serde(default)]
+pub struct LastAction {
+    /// What: `scale_out` or `scale_in`, and to how many workers.
+    pub action: ActionTaken,
+    /// When the balancer took it (RFC 3339).
+    pub at: String,
+}
+
+/// `{"action": "scale_out", "to": 3}`, as the balancer writes an action.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, Serialize)]
+#[serde(default)]
+pub struct ActionTaken {
+    /// `scale_out`, `scale_in` or `hold`.
+    pub action: String,
+    /// The pool it set (absent for `hold`).
+    pub to: Option<usize>,
 }
 
 impl Scaling {
@@ -240,16 +263,97 @@ fn get_scaling(admin: SocketAddr) -> anyhow::Result<Scaling> {
 pub struct ScalingPoint {
     /// Seconds since the poller's zero (the start of the load).
     pub t: f64,
+    /// When the last action was taken, in the same seconds (from its own timestamp).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action_t: Option<f64>,
     /// What `/scaling` said.
     #[serde(flatten)]
     pub scaling: Scaling,
 }
 
-/// Polls `GET /scaling` every `every` on a thread of its own until stopped.
+/// The fields of one `GET /targets` entry this benchmark reads.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct TargetSeen {
+    addr: String,
+    state: String,
+    /// When its state last changed (RFC 3339), the balancer's own timestamp.
+    since: String,
+}
+
+/// One worker's time healthy as `GET /targets` showed it: from the balancer's timestamp of
+/// its turning healthy (exact, where `/scaling`'s ready count moves only at the autoscaler's
+/// once-a-second sample) to the last reading that still saw it healthy. Seconds since the
+/// poller's zero.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HealthySpan {
+    /// The worker's address.
+    pub addr: String,
+    /// When it turned healthy.
+    pub from: f64,
+    /// The last reading that saw it healthy.
+    pub last_seen: f64,
+}
+
+/// What a [`Poller`] saw.
+#[derive(Clone, Debug, Default)]
+pub struct Polled {
+    /// The `/scaling` readings, oldest first.
+    pub points: Vec<ScalingPoint>,
+    /// Each stretch a worker was healthy, in the order they began.
+    pub healthy: Vec<HealthySpan>,
+}
+
+/// Seconds from `zero` to the RFC 3339 time `at` (negative before it); `None` if `at` does
+/// not parse.
+fn seconds_since(zero: SystemTime, at: &str) -> Option<f64> {
+    let at = humantime::parse_rfc3339(at).ok()?;
+    Some(match at.duration_since(zero) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    })
+}
+
+/// Adds one `/targets` reading taken at `t` to `open` (healthy stretches still going, by
+/// address) and `closed`: a target healthy under a `since` not seen before begins a
+/// stretch; one no longer healthy, or healthy since a new time, ends its old one.
+fn track_healthy(
+    targets: &[TargetSeen],
+    t: f64,
+    zero: SystemTime,
+    open: &mut Vec<(String, String, HealthySpan)>,
+    closed: &mut Vec<HealthySpan>,
+) {
+    let healthy = |o: &(String, String, HealthySpan)| {
+        targets
+            .iter()
+            .any(|x| x.addr == o.0 && x.state == "healthy" && x.since == o.1)
+    };
+    let (still, ended): (Vec<_>, Vec<_>) = open.drain(..).partition(healthy);
+    closed.extend(ended.into_iter().map(|o| o.2));
+    *open = still;
+    for x in targets.iter().filter(|x| x.state == "healthy") {
+        match open.iter_mut().find(|o| o.0 == x.addr) {
+            Some(o) => o.2.last_seen = t,
+            None => {
+                let from = seconds_since(zero, &x.since).unwrap_or(t);
+                let span = HealthySpan {
+                    addr: x.addr.clone(),
+                    from,
+                    last_seen: t,
+                };
+                open.push((x.addr.clone(), x.since.clone(), span));
+            }
+        }
+    }
+}
+
+/// Polls `GET /scaling` and `GET /targets` every `every` on a thread of its own until
+/// stopped.
 #[derive(Debug)]
 pub struct Poller {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<ScalingPoint>>,
+    thread: JoinHandle<Polled>,
 }
 
 impl Poller {
@@ -257,13 +361,30 @@ impl Poller {
     pub fn start(admin: SocketAddr, zero: Instant, every: Duration) -> Poller {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        // The balancer's timestamps are wall-clock: the same zero on that clock.
+        let zero_wall = SystemTime::now() - zero.elapsed();
         let thread = std::thread::spawn(move || {
-            let mut points = Vec::new();
+            let mut polled = Polled::default();
+            let mut open = Vec::new();
             let mut next = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 if let Ok(scaling) = get_scaling(admin) {
-                    let t = Instant::now().saturating_duration_since(zero).as_secs_f64();
-                    points.push(ScalingPoint { t, scaling });
+                    let t = zero.elapsed().as_secs_f64();
+                    let action_t = scaling
+                        .last_action
+                        .as_ref()
+                        .and_then(|a| seconds_since(zero_wall, &a.at));
+                    polled.points.push(ScalingPoint {
+                        t,
+                        action_t,
+                        scaling,
+                    });
+                }
+                if let Ok(targets) = http_get(admin, "/targets")
+                    .and_then(|body| Ok(serde_json::from_str::<Vec<TargetSeen>>(&body)?))
+                {
+                    let t = zero.elapsed().as_secs_f64();
+                    track_healthy(&targets, t, zero_wall, &mut open, &mut polled.healthy);
                 }
                 next += every;
                 // Short sleeps, so that a stop is seen within 50 ms.
@@ -271,13 +392,15 @@ impl Poller {
                     std::thread::sleep(Duration::from_millis(20).min(every));
                 }
             }
-            points
+            polled.healthy.extend(open.into_iter().map(|o| o.2));
+            polled.healthy.sort_by(|a, b| a.from.total_cmp(&b.from));
+            polled
         });
         Poller { stop, thread }
     }
 
-    /// Stops polling and returns the points, oldest first.
-    pub fn stop(self) -> Vec<ScalingPoint> {
+    /// Stops polling and returns what it saw.
+    pub fn stop(self) -> Polled {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
@@ -297,23 +420,37 @@ pub fn worker_seconds(points: &[ScalingPoint], from: f64, to: f64) -> f64 {
     total
 }
 
-/// Seconds from `step` (seconds since the poller's zero) until the first reading whose
-/// policy asked for at least `enough` workers (the reaction, before any worker starts);
-/// `None` if none did before the run ended.
+/// Seconds from `step` (seconds since the poller's zero) until the balancer scaled out to
+/// at least `enough` workers, by the action's own timestamp (the reaction, before any
+/// worker starts); `None` if it did not before the run ended.
 pub fn time_to_ask(points: &[ScalingPoint], step: f64, enough: usize) -> Option<f64> {
     points
         .iter()
-        .find(|p| p.t >= step && p.scaling.desired >= enough)
-        .map(|p| p.t - step)
+        .filter_map(|p| {
+            let a = p.scaling.last_action.as_ref()?;
+            let at = p.action_t?;
+            (a.action.action == "scale_out" && a.action.to? >= enough && at >= step).then_some(at)
+        })
+        .reduce(f64::min)
+        .map(|at| at - step)
 }
 
-/// Seconds from `step` (seconds since the poller's zero) until the first reading with at
-/// least `enough` ready workers; `None` if none came before the run ended.
-pub fn time_to_ready(points: &[ScalingPoint], step: f64, enough: usize) -> Option<f64> {
-    points
+/// Workers healthy at `t` by their spans.
+pub fn healthy_at(spans: &[HealthySpan], t: f64) -> usize {
+    spans
         .iter()
-        .find(|p| p.t >= step && p.scaling.ready >= enough)
-        .map(|p| p.t - step)
+        .filter(|s| s.from <= t && t <= s.last_seen)
+        .count()
+}
+
+/// Seconds from `step` until at least `enough` workers were healthy at once, by the
+/// balancer's timestamps of their turning healthy; `None` if that never happened.
+pub fn time_to_ready(spans: &[HealthySpan], step: f64, enough: usize) -> Option<f64> {
+    std::iter::once(step)
+        .chain(spans.iter().map(|s| s.from).filter(|&f| f > step))
+        .filter(|&t| healthy_at(spans, t) >= enough)
+        .reduce(f64::min)
+        .map(|t| t - step)
 }
 
 /// How many seconds of a run met a p99 objective.
@@ -509,6 +646,7 @@ mod tests {
     fn point(t: f64, ready: usize, coming: usize, leaving: usize) -> ScalingPoint {
         ScalingPoint {
             t,
+            action_t: None,
             scaling: Scaling {
                 ready,
                 coming,
@@ -518,33 +656,77 @@ mod tests {
         }
     }
 
-    #[test]
-    fn time_to_ready_counts_from_the_step_to_enough_ready() {
-        let points = [
-            point(0.0, 2, 0, 0),
-            point(1.0, 1, 0, 0),
-            point(2.0, 1, 1, 0),
-            point(3.0, 1, 2, 0),
-            point(4.5, 2, 1, 0),
-            point(5.5, 3, 0, 0),
-        ];
-        // Ready workers before the step do not count.
-        assert_eq!(time_to_ready(&points, 1.0, 2), Some(3.5));
-        assert_eq!(time_to_ready(&points, 1.0, 3), Some(4.5));
-        assert_eq!(time_to_ready(&points, 1.0, 4), None);
-        assert_eq!(time_to_ready(&points, 1.0, 1), Some(0.0));
+    fn span(addr: &str, from: f64, last_seen: f64) -> HealthySpan {
+        HealthySpan {
+            addr: addr.to_owned(),
+            from,
+            last_seen,
+        }
     }
 
     #[test]
-    fn time_to_ask_counts_from_the_step_to_the_wish() {
+    fn time_to_ready_counts_from_the_step_to_enough_healthy_at_once() {
+        let spans = [
+            // Healthy before the step, gone before it: does not count at the step.
+            span("a", 0.0, 0.9),
+            span("b", 0.2, 9.0),
+            span("c", 3.45, 9.0),
+            span("d", 4.5, 9.0),
+        ];
+        assert_eq!(healthy_at(&spans, 1.0), 1);
+        assert_eq!(time_to_ready(&spans, 1.0, 1), Some(0.0));
+        assert!((time_to_ready(&spans, 1.0, 2).unwrap() - 2.45).abs() < 1e-9);
+        assert!((time_to_ready(&spans, 1.0, 3).unwrap() - 3.5).abs() < 1e-9);
+        assert_eq!(time_to_ready(&spans, 1.0, 4), None);
+    }
+
+    #[test]
+    fn healthy_spans_begin_at_the_balancer_s_timestamp_and_end_when_unseen() {
+        let zero = humantime::parse_rfc3339("2025-03-01T10:00:00Z").unwrap();
+        let seen = |addr: &str, state: &str, since: &str| TargetSeen {
+            addr: addr.to_owned(),
+            state: state.to_owned(),
+            since: since.to_owned(),
+        };
+        let (mut open, mut closed) = (Vec::new(), Vec::new());
+        let a = seen("a", "healthy", "2025-03-01T10:00:00.250Z");
+        track_healthy(std::slice::from_ref(&a), 1.0, zero, &mut open, &mut closed);
+        let b = seen("b", "initial", "2025-03-01T10:00:01.000Z");
+        track_healthy(&[a.clone(), b], 2.0, zero, &mut open, &mut closed);
+        let b = seen("b", "healthy", "2025-03-01T10:00:02.340Z");
+        track_healthy(std::slice::from_ref(&b), 3.0, zero, &mut open, &mut closed);
+        assert_eq!(closed, vec![span("a", 0.25, 2.0)]);
+        assert_eq!(open.len(), 1);
+        assert!((open[0].2.from - 2.34).abs() < 1e-9);
+        assert_eq!(open[0].2.last_seen, 3.0);
+    }
+
+    #[test]
+    fn time_to_ask_reads_the_action_s_own_time() {
+        let action = |to: usize| LastAction {
+            action: ActionTaken {
+                action: "scale_out".to_owned(),
+                to: Some(to),
+            },
+            at: String::new(),
+        };
         let mut points = vec![
             point(0.0, 1, 0, 0),
             point(1.5, 1, 0, 0),
             point(2.5, 1, 2, 0),
+            point(3.5, 3, 0, 0),
         ];
-        points[1].scaling.desired = 1;
-        points[2].scaling.desired = 3;
-        assert_eq!(time_to_ask(&points, 1.0, 2), Some(1.5));
+        // An action before the step (to 2, at 0.5) does not count; the one to 3 was taken
+        // at 1.3 s, polled at 1.5 s and still reported at 2.5 s and 3.5 s.
+        points[1].scaling.last_action = Some(action(3));
+        points[1].action_t = Some(1.3);
+        points[0].scaling.last_action = Some(action(2));
+        points[0].action_t = Some(0.5);
+        for p in &mut points[2..] {
+            p.scaling.last_action = Some(action(3));
+            p.action_t = Some(1.3);
+        }
+        assert!((time_to_ask(&points, 1.0, 2).unwrap() - 0.3).abs() < 1e-9);
         assert_eq!(time_to_ask(&points, 1.0, 4), None);
     }
 

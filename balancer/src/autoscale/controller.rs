@@ -351,18 +351,26 @@ pub(crate) async fn run(
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
+        // The actuator keeps the pool every quarter second, not only at samples: a
+        // scaled-in worker is stopped within a quarter of its last answer and counted gone
+        // within a quarter of its exit (at a sample's pace each took up to a second, so a
+        // worker that drained in milliseconds cost two more seconds and held the next
+        // scale-in back as long), and a worker that died is replaced as soon.
+        if let Some(a) = actuator.as_mut() {
+            a.tick(&pool).await;
+        }
         // Between samples, only a surge's quarter-second reading brings the next forward.
         let at = tokio::time::Instant::now();
         let quick = sample(&pool, actuator.as_ref(), &mut quick_rates, at.into_std());
+        // Start-ups are timed to the quarter, not to the sample: the scale-down delay is
+        // three of the slowest recent ones, so a second's rounding cost up to 3 s of it.
+        memory.startup.observe(quick.ready, quick.coming, quick.at);
         let due = next_sample.is_none_or(|next| at >= next);
         let desired = last_logged.as_ref().map_or(0, |d| d.desired);
         if !due && !surges(&policy, &history, &quick, desired) {
             continue;
         }
         next_sample = Some(at + SAMPLE_EVERY);
-        if let Some(a) = actuator.as_mut() {
-            a.tick(&pool).await;
-        }
         let now = tokio::time::Instant::now().into_std();
         let sample = sample(&pool, actuator.as_ref(), &mut rates, now);
         history.push(sample, keep);
@@ -528,18 +536,38 @@ mod tests {
     /// Runs the loop on `pool` with [`policy`] and no actuator: its status slot, its stop
     /// token and its task.
     fn spawn_loop(pool: &FakePool) -> (StatusSlot, CancellationToken, tokio::task::JoinHandle<()>) {
+        spawn_acting(pool, policy(), None)
+    }
+
+    /// Runs the loop on `pool` with `policy` and `actuator`.
+    fn spawn_acting(
+        pool: &FakePool,
+        policy: PolicyConfig,
+        actuator: Option<Actuator>,
+    ) -> (StatusSlot, CancellationToken, tokio::task::JoinHandle<()>) {
         let slot = StatusSlot::default();
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(
             pool.clone(),
-            policy(),
+            policy,
             Foresight::default(),
-            None,
+            actuator,
             Arc::clone(&slot),
             stop.clone(),
             Duration::from_secs(1),
         ));
         (slot, stop, task)
+    }
+
+    /// Worker processes that sleep (a SIGTERM ends one at once), for the loop to act on.
+    fn sleepers() -> Actuator {
+        Actuator::Processes(crate::autoscale::actuator::ProcessPool::new(
+            "sh -c 'exec sleep 60' {port}".to_owned(),
+            addr(7001),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        ))
     }
 
     #[tokio::test(start_paused = true)]
@@ -571,10 +599,73 @@ mod tests {
                 // have been at 7 s.
                 assert_eq!(d.mode, Mode::Panic, "at {at:?}: {d:?}");
                 assert_eq!(d.desired, 4, "500/s over 100/s each at 70%: {d:?}");
-                assert_eq!(d.signal, Signal::Arrivals);
+                // The arrival rate decided it (the queue, past the overload mark by now,
+                // may read higher still; the next sample would have been at 7 s).
+                assert!(d.surge_demand.is_some_and(|s| s > 7.0), "{d:?}");
             }
             tokio::time::sleep(quarter).await;
         }
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_scaled_in_worker_is_stopped_and_counted_gone_within_the_second() {
+        // Two sleeping processes stand in for workers, both healthy with nothing
+        // outstanding; the loop may keep one.
+        let pool = FakePool::default();
+        let mut actuator = sleepers();
+        actuator.scale_to(2, &pool).await;
+        let Actuator::Processes(processes) = &actuator else {
+            unreachable!("built as processes")
+        };
+        for worker in processes.active() {
+            pool.set(worker, TargetState::Healthy, 0);
+        }
+        actuator.tick(&pool).await;
+        let one = PolicyConfig {
+            max_workers: 1,
+            ..policy()
+        };
+        let (slot, stop, task) = spawn_acting(&pool, one, Some(actuator));
+        // The first sample scales in at once (above --max-workers); the worker let go has
+        // nothing to finish, so it is signalled at the next quarter and reaped at the one
+        // after: the second sample, a second later, no longer counts it. At a sample's pace
+        // it was signalled at the second sample and still counted leaving there.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let s = status(&slot).expect("two samples taken");
+        assert_eq!(pool.deregistered().len(), 1, "{s:?}");
+        assert_eq!(
+            (s.decision.current, s.decision.leaving),
+            (1, 0),
+            "the worker let go is gone by the second sample: {s:?}"
+        );
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn start_ups_are_timed_to_the_quarter_second() {
+        // The loop asks for two workers at its first sample (below --min-workers); two
+        // targets turn healthy 300 ms later. The quarter at 500 ms sees them: a start-up
+        // of about half a second, where the next sample would have read a whole one.
+        let pool = FakePool::default();
+        let two = PolicyConfig {
+            min_workers: 2,
+            max_workers: 4,
+            ..policy()
+        };
+        let (slot, stop, task) = spawn_acting(&pool, two, Some(sleepers()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pool.set(addr(1), TargetState::Healthy, 0);
+        pool.set(addr(2), TargetState::Healthy, 0);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let s = status(&slot).expect("two samples taken");
+        assert!(s.startup_measured, "{s:?}");
+        assert!(
+            (0.25..0.8).contains(&s.decision.startup_s),
+            "timed to the quarter: {s:?}"
+        );
         stop.cancel();
         task.await.unwrap();
     }

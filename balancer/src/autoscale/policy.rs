@@ -14,7 +14,9 @@
 //! in flight are no good alone: a batching worker folds more load into fuller batches, so
 //! they stay low until it saturates and then shoot up, and a policy on them acts only after
 //! latency has gone. They stay as a guard: once the pool is saturated (its busy shares
-//! sum to 90% of its ready workers or more) demand is at least
+//! sum to 90% of its ready workers or more, or more than `--target-load × 2` requests wait
+//! per ready worker, as on cores shared with other work, where a worker saturates with a
+//! busy share well under 1) demand is at least
 //! `(outstanding + queued) / --target-load`, which is what sizes the pool beyond
 //! saturation (where busy shares stop at 1), and so it is when workers report no busy
 //! share (TCP health checks, older workers). Below saturation the guard does not count:
@@ -398,12 +400,20 @@ const SATURATED: f64 = 0.9;
 /// benchmark's evening held 3 workers, then 2, for 10 to 20 s longer than the load needed
 /// on 45 requests in flight (1.4 workers' worth at `--target-load 32`) while the busy
 /// shares said 1.
+///
+/// Requests in flight past the overload mark (`--target-load × overload_factor` per ready
+/// worker, the mark that also stops a scale-in) count as saturation too, whatever the busy
+/// shares say: a worker timing its batches in its model thread's CPU time reads the share
+/// of a whole core it used, and on cores it shares with others it saturates well below 1.
+/// On a loaded 2-core machine the autoscaling benchmark's busy pool held one worker all
+/// day with about 1,000 requests in flight and its busy share at 0.3.
 fn demand(config: &PolicyConfig, s: &Sample, capacity: Option<f64>) -> (f64, Signal) {
     let guard = (s.load / config.target_load, Signal::InFlight);
+    let overloaded = s.load > config.target_load * config.overload_factor * s.ready.max(1) as f64;
     let mut best = match s.busy.filter(|_| config.signal == Signal::Busy) {
         Some(busy) => {
             let by_busy = (busy / config.target_utilization, Signal::Busy);
-            let saturated = busy >= SATURATED * s.ready as f64;
+            let saturated = busy >= SATURATED * s.ready as f64 || overloaded;
             if saturated && guard.0 > by_busy.0 {
                 guard
             } else {
@@ -436,14 +446,18 @@ pub fn surges(config: &PolicyConfig, history: &History, quick: &Sample, desired:
 /// Requests per second a fully busy worker answers: the answers over the busy shares of
 /// the samples older than the panic window (a surge's own seconds, where the workers'
 /// averaged busy shares lag their answers, are left out). `None` while the pool averaged
-/// under 5% busy: the ratio of two small numbers says little.
+/// under 5% busy: the ratio of two small numbers says little. Idle seconds (under
+/// [`IDLE`] busy, or nothing answered) say nothing of the capacity and do not count
+/// towards that average: a pool that idled before a light load (a twentieth of the peak,
+/// 6% busy, in the autoscaling benchmark's burst) would otherwise not know its capacity
+/// when the surge came, and could not read it.
 fn capacity(config: &PolicyConfig, history: &History, now: Instant) -> Option<f64> {
     let (mut answered, mut busy, mut n) = (0.0, 0.0, 0usize);
     for s in history.samples() {
         if now.saturating_duration_since(s.at) <= config.panic_window || s.at > now {
             break;
         }
-        if let Some(b) = s.busy {
+        if let Some(b) = s.busy.filter(|&b| b >= IDLE && s.answered > 0.0) {
             answered += s.answered;
             busy += b;
             n += 1;
@@ -451,6 +465,10 @@ fn capacity(config: &PolicyConfig, history: &History, now: Instant) -> Option<f6
     }
     (n > 0 && busy / n as f64 >= 0.05 && answered > 0.0).then(|| answered / busy)
 }
+
+/// A pool's busy share under which a sample counts as idle for [`capacity`]: a worker
+/// whose few-second average is only beginning to rise from nothing.
+const IDLE: f64 = 0.01;
 
 /// The averages over `window` before `at`: (demand, total load, load per ready worker).
 fn averaged(
@@ -1258,6 +1276,60 @@ mod tests {
         assert!(changes(&calm).is_empty(), "{:?}", changes(&calm));
         assert_eq!(calm[29].2.desired, 2, "{:?}", calm[29].2);
         assert_eq!(calm[29].2.signal, Signal::Busy);
+    }
+
+    #[test]
+    fn the_in_flight_guard_counts_past_the_overload_mark_whatever_the_busy_shares() {
+        // One worker under 1.5 workers' worth, on cores it shares: its busy share reads
+        // 0.3 of its load, and the queue no longer grows (requests time out as fast as
+        // they come: no arrival rate to read). 305 wait on it, past 2 x 32: the guard says
+        // 10 workers, clamped to 3, at once (panic).
+        let (c, o) = bench_like();
+        let contended = Simulated {
+            per_worker: 0.0,
+            in_flight: 55.0,
+            piled_up: 500.0,
+            smoothing: None,
+            drain: true,
+            busy_reads: 0.3,
+        };
+        let decisions = simulate(&c, &o, 10, 1, &contended, |_| 1.5);
+        let (t, a) = changes(&decisions)[0];
+        assert_eq!(
+            a,
+            Action::ScaleOut(3),
+            "at {t}s: {:?}",
+            decisions[t as usize].2
+        );
+        assert_eq!(decisions[t as usize].2.signal, Signal::InFlight);
+    }
+
+    #[test]
+    fn idle_seconds_do_not_hide_the_capacity_of_a_lightly_loaded_pool() {
+        // 8 idle seconds, then 10 at 6% busy answering 6/s: a capacity of 100/s. Averaged
+        // with the idle ones the pool read under 5% busy, and the capacity was unknown.
+        let (c, now) = (config(), Instant::now());
+        let mut history = History::new();
+        for t in 0..18u64 {
+            let light = t >= 8;
+            history.push(
+                Sample {
+                    at: now + Duration::from_secs(t),
+                    ready: 1,
+                    coming: 0,
+                    leaving: 0,
+                    load: 0.0,
+                    max_worker_load: 0.0,
+                    busy: Some(if light { 0.06 } else { 0.0 }),
+                    arrived: if light { 6.0 } else { 0.0 },
+                    answered: if light { 6.0 } else { 0.0 },
+                },
+                History::keep_for(&c),
+            );
+        }
+        let at = now + Duration::from_secs(17);
+        let measured = capacity(&c, &history, at).expect("measured from the light seconds");
+        assert!((measured - 100.0).abs() < 1e-6, "{measured}");
     }
 
     #[test]

@@ -25,8 +25,8 @@ use anyhow::Context;
 use clap::Parser;
 use serde::Serialize;
 use tidepool_bench::autoscale::{
-    read_log, time_to_ask, time_to_ready, worker_seconds, ObjectiveShare, Poller, Pool, PoolSpec,
-    Scaling, ScalingPoint, StartTimeline,
+    healthy_at, read_log, time_to_ask, time_to_ready, worker_seconds, HealthySpan, ObjectiveShare,
+    Polled, Poller, Pool, PoolSpec, Scaling, ScalingPoint, StartTimeline,
 };
 use tidepool_bench::process::{sibling_exe, Proc};
 use tidepool_bench::report::{machine, Report, ReportArgs};
@@ -98,15 +98,18 @@ struct Args {
     /// The in-flight pool's `--scale-out-delay`.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     in_flight_scale_out_delay: Duration,
-    /// The burst: the peak over the base rate before it. At a fifth of the peak (a 5× step)
-    /// the in-flight pool already held 2 workers at the base (1.67 on average over the last
-    /// quiet run), enough for the peak, so there was no recovery to compare; at a tenth (the
-    /// day's night rate, where both policies held about one worker) both pools start the step
-    /// from what the base needs.
-    #[arg(long, default_value_t = 10.0)]
+    /// The burst: the peak over the base rate before it. Both autoscaled pools must start
+    /// the step from one worker, what the base needs, or there is no recovery to compare:
+    /// at a fifth of the peak (the issue's 5× step) the in-flight pool held 2 workers at the
+    /// base, enough for the peak, and at a tenth (the day's night rate) it still averaged
+    /// 1.33 (about 12 requests in flight against its `--target-load 8`: batches forming over
+    /// the 5 ms delay). At a twentieth both hold one worker; the step is then 20×, harder
+    /// than the issue's 5×.
+    #[arg(long, default_value_t = 20.0)]
     burst_step: f64,
-    /// The burst: seconds at the base rate before the step [default: 15s, 10s with
-    /// --quick].
+    /// The burst: seconds at the base rate before the step, for both pools to settle at
+    /// what the base needs (several of either policy's windows and scale-down delays)
+    /// [default: 20s, 12s with --quick].
     #[arg(long, value_parser = humantime::parse_duration)]
     burst_before: Option<Duration>,
     /// The burst: seconds at the peak after the step [default: 30s, 15s with --quick].
@@ -155,7 +158,7 @@ impl Args {
 
     fn burst_before(&self) -> Duration {
         self.burst_before
-            .unwrap_or(Duration::from_secs(if self.report.quick { 10 } else { 15 }))
+            .unwrap_or(Duration::from_secs(if self.report.quick { 12 } else { 20 }))
     }
 
     fn burst_after(&self) -> Duration {
@@ -345,11 +348,21 @@ struct PoolRun {
     timeline: Vec<tidepool_load::SecondRow>,
     #[serde(skip)]
     points: Vec<ScalingPoint>,
+    /// Each stretch a worker was healthy (burst runs time the step by them).
+    #[serde(skip)]
+    healthy: Vec<HealthySpan>,
     cpu_load: (String, String),
 }
 
+/// What a run measures: `[0, until)` seconds of it, reading the pool every `every`.
+#[derive(Clone, Copy, Debug)]
+struct Reading {
+    until: Duration,
+    every: Duration,
+}
+
 /// Runs `load` against a fresh pool of `policy`, saving its files as `DIR/NAME-*`, and
-/// measures `[0, until)` seconds of it.
+/// measures it as `reading` says.
 fn measure(
     args: &Args,
     dir: &Path,
@@ -357,16 +370,17 @@ fn measure(
     name: &str,
     policy: Policy,
     load: impl FnOnce(&Pool) -> LoadConfig,
-    until: Duration,
+    reading: Reading,
 ) -> anyhow::Result<PoolRun> {
+    let Reading { until, every } = reading;
     let before = loadavg();
     let spec = args.spec(dir, name, policy);
     let pool = Pool::start(&spec, Duration::from_secs(120))?;
     let load = load(&pool);
     let zero = Instant::now();
-    let poller = Poller::start(pool.admin, zero, Duration::from_secs(1));
+    let poller = Poller::start(pool.admin, zero, every);
     let result = runtime.block_on(tidepool_load::run(load, CancellationToken::new()));
-    let points = poller.stop();
+    let Polled { points, healthy } = poller.stop();
     drop(pool);
     let report = result.with_context(|| format!("the load of {name}"))?;
     report.write_json(&dir.join(format!("{name}-report.json")))?;
@@ -401,6 +415,7 @@ fn measure(
         seconds_over_after: 0,
         timeline: report.timeline,
         points,
+        healthy,
         cpu_load: (before, loadavg()),
     })
 }
@@ -418,7 +433,18 @@ fn day(
         load.profile = ProfileKind::Day;
         load
     };
-    measure(args, dir, runtime, &name, policy, load, args.day())
+    measure(
+        args,
+        dir,
+        runtime,
+        &name,
+        policy,
+        load,
+        Reading {
+            until: args.day(),
+            every: Duration::from_secs(1),
+        },
+    )
 }
 
 /// The burst: the base (the peak over `--burst-step`), then the peak at once until the end.
@@ -440,7 +466,15 @@ fn burst(
         load.burst_length = args.burst_after();
         load
     };
-    let mut run = measure(args, dir, runtime, &name, policy, load, total)?;
+    // Read every 100 ms: the step's times come from the balancer's own timestamps (its
+    // action's, each worker's turning healthy), and a reading every 100 ms sees every
+    // action (the autoscaler acts at most every 250 ms).
+    let every = Duration::from_millis(100);
+    let reading = Reading {
+        until: total,
+        every,
+    };
+    let mut run = measure(args, dir, runtime, &name, policy, load, reading)?;
     // Enough: the workers the peak needs with each one fully busy; fewer and the queue
     // grows without bound.
     let enough = ((peak / capacity.max(f64::MIN_POSITIVE)) - 1e-9)
@@ -448,13 +482,8 @@ fn burst(
         .max(1.0) as usize;
     let step = args.burst_before();
     run.enough = Some(enough);
-    run.ready_at_step = run
-        .points
-        .iter()
-        .rev()
-        .find(|p| p.t <= step.as_secs_f64())
-        .map(|p| p.scaling.ready);
-    run.to_enough_s = time_to_ready(&run.points, step.as_secs_f64(), enough);
+    run.ready_at_step = Some(healthy_at(&run.healthy, step.as_secs_f64()));
+    run.to_enough_s = time_to_ready(&run.healthy, step.as_secs_f64(), enough);
     if run.ready_at_step.unwrap_or(0) < enough {
         run.to_ask_s = time_to_ask(&run.points, step.as_secs_f64(), enough);
     }
@@ -715,7 +744,7 @@ fn settings_map(args: &Args, report: &mut Report, compression: f64) {
             format!("{:?}", real.panic_window),
             scaled(real.panic_window),
             format!("{:?}", args.busy_panic_window),
-            "two samples; a surge also panics on one second of arrivals outrunning answers"
+            "two samples; a surge also panics on a quarter second of arrivals outrunning answers"
                 .to_owned(),
         ],
         vec![
@@ -733,10 +762,12 @@ fn settings_map(args: &Args, report: &mut Report, compression: f64) {
                 "{} start-ups, at most {:?}",
                 args.scale_in_startups, args.scale_in_delay
             ),
-            "start-ups are real seconds in both (spawn, model load, two 1 s health checks, \
-             the next tick: about 2–3 s here), so the rule is the same and its day time is \
-             480× longer"
-                .to_owned(),
+            format!(
+                "start-ups are real seconds in both (spawn, model load, two start-up checks \
+                 100 ms apart, timed to the autoscaler's quarter second: under a second for \
+                 this model), so the rule is the same and its day time is {compression:.0}× \
+                 longer"
+            ),
         ],
         vec![
             "health checks".to_owned(),
@@ -1023,8 +1054,10 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
         "`tidepool-load --profile burst --burst-base {:.0} --rate {:.0} --burst-every {}s \
          --burst-length {}s --duration {}s`: {} s at the base, then the peak. Enough \
          workers: what the peak needs with each fully busy, ceil({:.0} / {:.0}) = **{enough}**; \
-         fewer and the queue grows without bound. The time to enough is from the step to the \
-         first `GET /scaling` reading (every second) with that many ready. The goal is judged \
+         fewer and the queue grows without bound. Both times are the balancer's own \
+         timestamps, read every 100 ms: \"asked\" is its scale-out to enough workers (from \
+         `GET /scaling`'s last action), \"ready\" the moment the last of them turned healthy \
+         (from `GET /targets`), when routing starts sending to it. The goal is judged \
          only when both autoscaled pools had fewer than enough ready at the step: a pool that \
          already had enough bought it with workers at the base, and has nothing to recover.",
         run.peak / args.burst_step,
