@@ -284,33 +284,46 @@ async fn connection(
         if frames.buffered() == 0 {
             scratch.end_burst();
         }
-        let frame = tokio::select! {
-            biased;
-            () = writer_gone.cancelled() => break,
-            () = shutdown.cancelled(), if !closing => {
-                closing = true;
-                idle.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_QUIET);
-                continue;
-            }
-            () = &mut idle => {
-                let limit = if closing { SHUTDOWN_QUIET } else { idle_timeout };
-                let quiet_until = conn.last_activity() + limit;
-                let now = tokio::time::Instant::now();
-                // A frame under way is the frame timeout's to end.
-                if conn.slots.is_empty() && !frames.in_frame() && quiet_until <= now {
-                    if closing {
-                        tracing::debug!("quiet after shutdown; closing");
-                        client_gone = false;
-                    } else {
-                        tracing::debug!(timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing");
-                    }
-                    break;
+        // A frame already buffered whole is taken without the `select!`: polling its
+        // cancellation and timer branches cost more than routing the frame (about 450
+        // instructions a frame). Shutdown and a writer that gave up are still seen before
+        // each frame; the idle timer has nothing to do while frames arrive.
+        let buffered = if writer_gone.is_cancelled() || (!closing && shutdown.is_cancelled()) {
+            None
+        } else {
+            frames.buffered_frame()
+        };
+        let frame = if let Some(body) = buffered {
+            Ok(Some(body))
+        } else {
+            tokio::select! {
+                biased;
+                () = writer_gone.cancelled() => break,
+                () = shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    idle.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_QUIET);
+                    continue;
                 }
-                // Traffic since the timer was set, or requests still in flight.
-                idle.as_mut().reset(quiet_until.max(now + limit / 8));
-                continue;
+                () = &mut idle => {
+                    let limit = if closing { SHUTDOWN_QUIET } else { idle_timeout };
+                    let quiet_until = conn.last_activity() + limit;
+                    let now = tokio::time::Instant::now();
+                    // A frame under way is the frame timeout's to end.
+                    if conn.slots.is_empty() && !frames.in_frame() && quiet_until <= now {
+                        if closing {
+                            tracing::debug!("quiet after shutdown; closing");
+                            client_gone = false;
+                        } else {
+                            tracing::debug!(timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing");
+                        }
+                        break;
+                    }
+                    // Traffic since the timer was set, or requests still in flight.
+                    idle.as_mut().reset(quiet_until.max(now + limit / 8));
+                    continue;
+                }
+                frame = frames.next_frame() => frame,
             }
-            frame = frames.next_frame() => frame,
         };
         let body = match frame {
             Ok(None) => break,

@@ -106,6 +106,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         matches!(self.state, State::Budget { .. })
     }
 
+    /// The next frame's body when it is already buffered whole between frames and the
+    /// budget admits it now: what [`next_frame`](FrameReader::next_frame) would return at
+    /// once, without a read, a wait or a future. `None` when the frame must be read the long
+    /// way: incomplete, the budget full, or a framing error (which `next_frame` reports).
+    /// A connection's reader takes a read burst's frames this way, and pays for its `select!`
+    /// (the wake-up registrations of its other branches) once per burst, not per frame.
+    pub fn buffered_frame(&mut self) -> Option<Bytes> {
+        if !matches!(self.state, State::Idle) {
+            return None;
+        }
+        let frame = whole(self.io.buffer(), self.max_frame, &self.budget).ok()??;
+        self.io.consume(PREFIX + frame.len());
+        Some(frame)
+    }
+
     /// The next frame's body (without its prefix), holding its bytes in the budget until
     /// dropped; `None` at a clean end of stream. Errors are framing errors: the stream cannot
     /// go on after one.
@@ -305,6 +320,61 @@ mod tests {
         drop((first, second));
         assert_eq!(budget.held(), 0);
         assert!(frames.next_frame().await.unwrap().is_none(), "clean end");
+    }
+
+    #[tokio::test]
+    async fn buffered_frames_come_without_a_read_and_only_when_whole_and_admitted() {
+        let budget = FrameBudget::new(1 << 20, 1 << 20);
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut frames = reader(rx, &budget);
+        assert!(frames.buffered_frame().is_none(), "nothing read yet");
+        let ping = |id| encode_frame(&Message::Ping { id }).unwrap();
+        let mut wire = ping(1);
+        wire.extend_from_slice(&ping(2));
+        wire.extend_from_slice(&ping(3)[..3]);
+        tx.write_all(&wire).await.unwrap();
+        // One read takes all three; the second frame is then buffered whole, the third not.
+        let first = frames.next_frame().await.unwrap().unwrap();
+        assert_eq!(Message::decode(&first).unwrap(), Message::Ping { id: 1 });
+        let second = frames.buffered_frame().expect("buffered whole");
+        assert_eq!(Message::decode(&second).unwrap(), Message::Ping { id: 2 });
+        assert_eq!(
+            budget.held(),
+            first.len() + second.len(),
+            "held like any frame"
+        );
+        assert!(frames.buffered_frame().is_none(), "the third is cut");
+        tx.write_all(&ping(3)[3..]).await.unwrap();
+        let third = frames.next_frame().await.unwrap().unwrap();
+        assert_eq!(Message::decode(&third).unwrap(), Message::Ping { id: 3 });
+
+        // A frame the budget does not admit now, or a bad prefix, is left to `next_frame`.
+        let body = ping(4).len() - PREFIX;
+        let one = FrameBudget::new(1 << 20, body);
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut frames = FrameReader::new(rx, 1 << 20, one.connection());
+        let mut wire = ping(4);
+        wire.extend_from_slice(&ping(5));
+        wire.extend_from_slice(&0u32.to_be_bytes());
+        tx.write_all(&wire).await.unwrap();
+        drop(tx);
+        let fourth = frames.next_frame().await.unwrap().unwrap();
+        assert_eq!(Message::decode(&fourth).unwrap(), Message::Ping { id: 4 });
+        assert!(
+            frames.buffered_frame().is_none(),
+            "the connection's ceiling is full"
+        );
+        drop(fourth);
+        let fifth = frames
+            .buffered_frame()
+            .expect("admitted once the fourth is gone");
+        assert_eq!(Message::decode(&fifth).unwrap(), Message::Ping { id: 5 });
+        drop(fifth);
+        assert!(
+            frames.buffered_frame().is_none(),
+            "an empty frame is an error"
+        );
+        assert!(matches!(frames.next_frame().await, Err(Error::EmptyFrame)));
     }
 
     #[tokio::test]
