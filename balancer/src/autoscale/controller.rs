@@ -221,10 +221,14 @@ pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// How often the loop reads the arrival rate between samples: a surge (requests arriving
 /// faster than answered, at the panic threshold over the workers there are) is decided on
-/// at once, within 250 to 500 ms of a step, not at the next sample. A quarter of a second
-/// of a few hundred requests a second still reads a 5x step clearly, and a calm pool costs
-/// three more readings of the targets a second, nothing else.
-pub(crate) const SURGE_CHECK: Duration = Duration::from_millis(250);
+/// at once, within 100 to 200 ms of a step, not at the next sample (the in-flight policy,
+/// which decides at samples only, asks anywhere from 0 to 1 s after a step, by the phase of
+/// its clock). A tenth of a second of a few thousand requests a second still reads a 5x step
+/// clearly; the threshold (arrivals past the pool's whole capacity) is many standard
+/// deviations above a calm pool's arrivals in a tenth of a second, and a calm pool costs
+/// nine more readings of the targets' counters a second, nothing else. The actuator keeps
+/// the pool, and start-ups are timed, at the same pace.
+pub(crate) const SURGE_CHECK: Duration = Duration::from_millis(100);
 
 /// What the loop needs besides the policy: how `--predictive` and `--worker-startup` are set.
 #[derive(Clone, Copy, Debug)]
@@ -351,18 +355,18 @@ pub(crate) async fn run(
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        // The actuator keeps the pool every quarter second, not only at samples: a
-        // scaled-in worker is stopped within a quarter of its last answer and counted gone
-        // within a quarter of its exit (at a sample's pace each took up to a second, so a
+        // The actuator keeps the pool at every check, not only at samples: a scaled-in
+        // worker is stopped within a check of its last answer and counted gone within a
+        // check of its exit (at a sample's pace each took up to a second, so a
         // worker that drained in milliseconds cost two more seconds and held the next
         // scale-in back as long), and a worker that died is replaced as soon.
         if let Some(a) = actuator.as_mut() {
             a.tick(&pool).await;
         }
-        // Between samples, only a surge's quarter-second reading brings the next forward.
+        // Between samples, only a surge's reading at a check brings the next forward.
         let at = tokio::time::Instant::now();
         let quick = sample(&pool, actuator.as_ref(), &mut quick_rates, at.into_std());
-        // Start-ups are timed to the quarter, not to the sample: the scale-down delay is
+        // Start-ups are timed to the check, not to the sample: the scale-down delay is
         // three of the slowest recent ones, so a second's rounding cost up to 3 s of it.
         memory.startup.observe(quick.ready, quick.coming, quick.at);
         let due = next_sample.is_none_or(|next| at >= next);
@@ -571,22 +575,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_surge_is_decided_on_within_a_quarter_second() {
+    async fn a_surge_is_decided_on_within_two_checks() {
         // One worker half busy answering 50/s (a capacity of 100/s), then 500/s arrive
         // from 6 s on while it still answers 50/s: the queue grows by 450 a second.
         let pool = FakePool::default();
         pool.set(addr(1), TargetState::Healthy, 0);
         pool.set_busy(addr(1), Some(0.5));
         let (slot, stop, task) = spawn_loop(&pool);
-        let quarter = Duration::from_millis(250);
+        let check = SURGE_CHECK;
         let started = tokio::time::Instant::now();
-        // The pool's counters move between the loop's readings, half a quarter off them.
-        tokio::time::sleep(quarter / 2).await;
+        // The pool's counters move between the loop's readings, half a check off them.
+        tokio::time::sleep(check / 2).await;
         let (mut routed, mut queued) = (0.0, 0.0);
         while started.elapsed() < Duration::from_millis(6_400) {
-            routed += 50.0 / 4.0;
+            routed += 50.0 * check.as_secs_f64();
             if started.elapsed() > Duration::from_secs(6) {
-                queued += 450.0 / 4.0;
+                queued += 450.0 * check.as_secs_f64();
             }
             pool.set_routed(addr(1), routed as u64);
             pool.set_queue_len(queued as usize);
@@ -594,16 +598,16 @@ mod tests {
             let d = status(&slot).unwrap().decision;
             if at < Duration::from_secs(6) {
                 assert_eq!(d.desired, 1, "calm at {at:?}: {d:?}");
-            } else if at > Duration::from_millis(6_300) {
-                // The quarter from 6 s to 6.25 s read the surge; the next sample would
-                // have been at 7 s.
+            } else if at > Duration::from_secs(6) + 2 * check {
+                // The check after the step's first counts read the surge; the next sample
+                // would have been at 7 s.
                 assert_eq!(d.mode, Mode::Panic, "at {at:?}: {d:?}");
                 assert_eq!(d.desired, 4, "500/s over 100/s each at 70%: {d:?}");
                 // The arrival rate decided it (the queue, past the overload mark by now,
                 // may read higher still; the next sample would have been at 7 s).
                 assert!(d.surge_demand.is_some_and(|s| s > 7.0), "{d:?}");
             }
-            tokio::time::sleep(quarter).await;
+            tokio::time::sleep(check).await;
         }
         stop.cancel();
         task.await.unwrap();
@@ -629,7 +633,7 @@ mod tests {
         };
         let (slot, stop, task) = spawn_acting(&pool, one, Some(actuator));
         // The first sample scales in at once (above --max-workers); the worker let go has
-        // nothing to finish, so it is signalled at the next quarter and reaped at the one
+        // nothing to finish, so it is signalled at the next check and reaped at the one
         // after: the second sample, a second later, no longer counts it. At a sample's pace
         // it was signalled at the second sample and still counted leaving there.
         tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -645,10 +649,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn start_ups_are_timed_to_the_quarter_second() {
+    async fn start_ups_are_timed_to_the_check() {
         // The loop asks for two workers at its first sample (below --min-workers); two
-        // targets turn healthy 300 ms later. The quarter at 500 ms sees them: a start-up
-        // of about half a second, where the next sample would have read a whole one.
+        // targets turn healthy 300 ms later. The next check sees them: a start-up of
+        // about a third of a second, where the next sample would have read a whole one.
         let pool = FakePool::default();
         let two = PolicyConfig {
             min_workers: 2,
@@ -663,8 +667,8 @@ mod tests {
         let s = status(&slot).expect("two samples taken");
         assert!(s.startup_measured, "{s:?}");
         assert!(
-            (0.25..0.8).contains(&s.decision.startup_s),
-            "timed to the quarter: {s:?}"
+            (0.25..0.5).contains(&s.decision.startup_s),
+            "timed to the check: {s:?}"
         );
         stop.cancel();
         task.await.unwrap();

@@ -5,7 +5,7 @@
 //! *load share*: the share of its full-batch capacity the recent load used, which the worker
 //! computes from its own batch timings and reports in the `pong` of its health check), requests outstanding at each worker and waiting in the balancer's queue — and
 //! turns it into a [`policy::Sample`], with the requests arrived and answered per second
-//! from the balancer's own counters ([`rates`]), which it also reads every quarter second
+//! from the balancer's own counters ([`rates`]), which it also reads every tenth of a second
 //! between samples so that a surge is decided on at once. The [`policy`] (a pure function of the recent
 //! samples, the clock and the measured [`startup`] time) says how many workers the pool
 //! needs: a stable window for normal decisions, a panic window for surges, and, with

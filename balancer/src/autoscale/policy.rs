@@ -32,8 +32,8 @@
 //! answers over the busy shares of the samples before the panic window, where the two are
 //! in step). Unlike the busy shares, which the workers average over seconds, this is one
 //! second of the balancer's own counters: a 5× step reads 5× at the first sample after it,
-//! and the controller reads the rates every quarter of a second between its samples, so a
-//! surge is decided on within 250 to 500 ms of the step rather than at the next second
+//! and the controller reads the rates every tenth of a second between its samples, so a
+//! surge is decided on within 100 to 200 ms of the step rather than at the next second
 //! ([`surges`]).
 //! Below saturation arrivals and answers agree and the busy share decides, as before.
 //!

@@ -115,6 +115,13 @@ struct Args {
     /// The burst: seconds at the peak after the step [default: 30s, 15s with --quick].
     #[arg(long, value_parser = humantime::parse_duration)]
     burst_after: Option<Duration>,
+    /// The burst: rounds of each autoscaled pool, alternating (busy, in-flight, busy, ...),
+    /// each from a fresh pool; the goal compares the means. One round is a draw of the
+    /// step's phase against each policy's clock (the in-flight policy decides at its
+    /// once-a-second samples, so it asks anywhere from 0 to 1 s after a step) [default: 3,
+    /// 1 with --quick].
+    #[arg(long)]
+    burst_rounds: Option<usize>,
     /// Skip the day runs.
     #[arg(long)]
     no_day: bool,
@@ -159,6 +166,12 @@ impl Args {
     fn burst_before(&self) -> Duration {
         self.burst_before
             .unwrap_or(Duration::from_secs(if self.report.quick { 12 } else { 20 }))
+    }
+
+    fn burst_rounds(&self) -> usize {
+        self.burst_rounds
+            .unwrap_or(if self.report.quick { 1 } else { 3 })
+            .max(1)
     }
 
     fn burst_after(&self) -> Duration {
@@ -256,13 +269,19 @@ fn main() -> anyhow::Result<()> {
     }
     let mut bursts = Vec::new();
     if !args.no_burst {
-        for policy in Policy::ALL {
+        // The fixed pool has no reaction to time: one round. The autoscaled pools alternate,
+        // so that a drift in the machine's load hits both.
+        let mut rounds = vec![(Policy::Fixed, 1)];
+        for round in 1..=args.burst_rounds() {
+            rounds.extend([(Policy::Busy, round), (Policy::InFlight, round)]);
+        }
+        for (policy, round) in rounds {
             eprintln!(
-                "autoscale: a burst {:.0} -> {peak:.0} items/s, {} pool",
+                "autoscale: a burst {:.0} -> {peak:.0} items/s, {} pool, round {round}",
                 peak / args.burst_step,
                 policy.name()
             );
-            bursts.push(burst(&args, &dir, &runtime, policy, peak, capacity)?);
+            bursts.push(burst(&args, &dir, &runtime, policy, round, peak, capacity)?);
         }
     }
     eprintln!("autoscale: single worker starts");
@@ -321,6 +340,8 @@ fn capacity(args: &Args, dir: &Path, runtime: &tokio::runtime::Runtime) -> anyho
 #[derive(Serialize)]
 struct PoolRun {
     policy: Policy,
+    /// Burst runs: which round of its policy (1 for the day's runs).
+    round: usize,
     worker_seconds: f64,
     mean_workers: f64,
     most_workers: usize,
@@ -394,6 +415,7 @@ fn measure(
     let ok = report.ok();
     Ok(PoolRun {
         policy,
+        round: 1,
         worker_seconds: ws,
         mean_workers: ws / until_s,
         most_workers: points
@@ -453,10 +475,14 @@ fn burst(
     dir: &Path,
     runtime: &tokio::runtime::Runtime,
     policy: Policy,
+    round: usize,
     peak: f64,
     capacity: f64,
 ) -> anyhow::Result<PoolRun> {
-    let name = format!("burst-{}", policy.name());
+    let name = match round {
+        1 => format!("burst-{}", policy.name()),
+        n => format!("burst-{}-{n}", policy.name()),
+    };
     let total = args.burst_before() + args.burst_after();
     let load = |pool: &Pool| {
         let mut load = args.load(pool, peak, total);
@@ -467,8 +493,8 @@ fn burst(
         load
     };
     // Read every 100 ms: the step's times come from the balancer's own timestamps (its
-    // action's, each worker's turning healthy), and a reading every 100 ms sees every
-    // action (the autoscaler acts at most every 250 ms).
+    // action's, each worker's turning healthy): a reading every 100 ms sees every action
+    // (the autoscaler acts at most every 100 ms), and the times are the balancer's own.
     let every = Duration::from_millis(100);
     let reading = Reading {
         until: total,
@@ -481,6 +507,7 @@ fn burst(
         .ceil()
         .max(1.0) as usize;
     let step = args.burst_before();
+    run.round = round;
     run.enough = Some(enough);
     run.ready_at_step = Some(healthy_at(&run.healthy, step.as_secs_f64()));
     run.to_enough_s = time_to_ready(&run.healthy, step.as_secs_f64(), enough);
@@ -744,7 +771,7 @@ fn settings_map(args: &Args, report: &mut Report, compression: f64) {
             format!("{:?}", real.panic_window),
             scaled(real.panic_window),
             format!("{:?}", args.busy_panic_window),
-            "two samples; a surge also panics on a quarter second of arrivals outrunning answers"
+            "two samples; a surge also panics on a tenth of a second of arrivals outrunning answers"
                 .to_owned(),
         ],
         vec![
@@ -764,7 +791,7 @@ fn settings_map(args: &Args, report: &mut Report, compression: f64) {
             ),
             format!(
                 "start-ups are real seconds in both (spawn, model load, two start-up checks \
-                 100 ms apart, timed to the autoscaler's quarter second: under a second for \
+                 100 ms apart, timed to the autoscaler's tenth of a second: under a second for \
                  this model), so the rule is the same and its day time is {compression:.0}× \
                  longer"
             ),
@@ -1072,6 +1099,7 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
     let fixed = of(&run.bursts, Policy::Fixed);
     let mut header = POOL_COLUMNS.to_vec();
     header.extend([
+        "round",
         "mean workers at the base",
         "step → asked for enough",
         "step → enough ready",
@@ -1084,6 +1112,7 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
         .iter()
         .map(|r| {
             let mut row = pool_cells(args, r, fixed);
+            row.push(r.round.to_string());
             row.push(format!("{:.2}", at_base(r)));
             row.push(s(r.to_ask_s));
             row.push(format!(
@@ -1101,42 +1130,53 @@ fn burst_section(args: &Args, report: &mut Report, run: &Run) {
         })
         .collect();
     report.table(&header, &rows);
-    if let (Some(busy), Some(in_flight)) = (
-        of(&run.bursts, Policy::Busy),
-        of(&run.bursts, Policy::InFlight),
-    ) {
-        let had_enough = |r: &PoolRun| r.ready_at_step.unwrap_or(0) >= enough;
-        let faster = match (busy.to_enough_s, in_flight.to_enough_s) {
-            (Some(b), Some(i)) => b < i,
-            (Some(_), None) => true,
-            _ => false,
+    let busy: Vec<&PoolRun> = run
+        .bursts
+        .iter()
+        .filter(|r| r.policy == Policy::Busy)
+        .collect();
+    let in_flight: Vec<&PoolRun> = run
+        .bursts
+        .iter()
+        .filter(|r| r.policy == Policy::InFlight)
+        .collect();
+    if !busy.is_empty() && !in_flight.is_empty() {
+        let had_enough = |r: &&PoolRun| r.ready_at_step.unwrap_or(0) >= enough;
+        // A round that never had enough counts as the whole peak: it never recovered.
+        let mean = |runs: &[&PoolRun], of: fn(&PoolRun) -> Option<f64>| {
+            runs.iter()
+                .map(|r| of(r).unwrap_or(after.as_secs_f64()))
+                .sum::<f64>()
+                / runs.len() as f64
         };
-        let verdict = if had_enough(busy) || had_enough(in_flight) {
+        let (busy_ready, in_flight_ready) = (
+            mean(&busy, |r| r.to_enough_s),
+            mean(&in_flight, |r| r.to_enough_s),
+        );
+        let verdict = if busy.iter().any(had_enough) || in_flight.iter().any(had_enough) {
             // Nothing to recover from: the comparison would be between two readings of a
             // pool that was already big enough.
             "not judged: a pool already had enough workers ready at the step"
-        } else if faster {
+        } else if busy_ready < in_flight_ready {
             "met"
         } else {
             "missed"
         };
         // A pool that had enough at the step bought it with workers at the base: say what
-        // each pool's readiness cost there, beside the busy pool's own reaction.
-        let base_cost = |r: &PoolRun| worker_seconds(&r.points, 0.0, step_s);
+        // each pool's readiness cost there, beside the policies' own reactions.
+        let base =
+            |runs: &[&PoolRun]| runs.iter().map(|r| at_base(r)).sum::<f64>() / runs.len() as f64;
         report.para(&format!(
             "Goal: the busy-share policy has enough workers sooner after the step than the \
-             in-flight policy: **{verdict}** ({} against {}). At the base rate the busy pool \
-             held {:.2} workers ({:.0} worker-seconds before the step) and the in-flight pool \
-             {:.2} ({:.0}); the busy pool asked for enough {} after the step and had them \
-             ready {} after it.",
-            s(busy.to_enough_s),
-            s(in_flight.to_enough_s),
-            at_base(busy),
-            base_cost(busy),
-            at_base(in_flight),
-            base_cost(in_flight),
-            s(busy.to_ask_s),
-            s(busy.to_enough_s),
+             in-flight policy, in the mean over {} rounds each: **{verdict}** ({busy_ready:.2} s \
+             against {in_flight_ready:.2} s). Asked for enough, in the mean: busy {:.2} s, \
+             in-flight {:.2} s after the step. At the base rate the busy pool held {:.2} \
+             workers and the in-flight pool {:.2}, in the mean.",
+            busy.len().min(in_flight.len()),
+            mean(&busy, |r| r.to_ask_s),
+            mean(&in_flight, |r| r.to_ask_s),
+            base(&busy),
+            base(&in_flight),
         ));
         report.set("burst_goal", verdict);
     }
