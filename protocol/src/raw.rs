@@ -406,6 +406,65 @@ struct Scanned {
     skipped: bool,
 }
 
+/// The top-level keys the decoder knows (`key::ALL`, in its order): what [`scan`] matches
+/// on, once per entry, as a small integer rather than a string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    Type,
+    Id,
+    Inputs,
+    DeadlineMs,
+    Client,
+    Outputs,
+    QueueUs,
+    InferUs,
+    BatchSize,
+    Worker,
+    Code,
+    Message,
+    RetryAfterMs,
+    Busy,
+    Model,
+    Priority,
+    Tenant,
+    BatchOneUs,
+    BatchFullUs,
+    MaxBatch,
+}
+
+impl Known {
+    /// The known key `name` is, if any. Dispatched on the length first, so that only the
+    /// keys of that length are compared, each against a constant of known size (a load or
+    /// two): the walk over `key::ALL` and the second match on the name it found cost about
+    /// 25 instructions a key.
+    fn of(name: &[u8]) -> Option<Known> {
+        let is = |k: &str| name == k.as_bytes();
+        Some(match name.len() {
+            2 if is(key::ID) => Known::Id,
+            4 if is(key::TYPE) => Known::Type,
+            4 if is(key::CODE) => Known::Code,
+            4 if is(key::BUSY) => Known::Busy,
+            5 if is(key::MODEL) => Known::Model,
+            6 if is(key::INPUTS) => Known::Inputs,
+            6 if is(key::CLIENT) => Known::Client,
+            6 if is(key::WORKER) => Known::Worker,
+            6 if is(key::TENANT) => Known::Tenant,
+            7 if is(key::OUTPUTS) => Known::Outputs,
+            7 if is(key::MESSAGE) => Known::Message,
+            8 if is(key::QUEUE_US) => Known::QueueUs,
+            8 if is(key::INFER_US) => Known::InferUs,
+            8 if is(key::PRIORITY) => Known::Priority,
+            9 if is(key::MAX_BATCH) => Known::MaxBatch,
+            10 if is(key::BATCH_SIZE) => Known::BatchSize,
+            11 if is(key::DEADLINE_MS) => Known::DeadlineMs,
+            12 if is(key::BATCH_ONE_US) => Known::BatchOneUs,
+            13 if is(key::BATCH_FULL_US) => Known::BatchFullUs,
+            14 if is(key::RETRY_AFTER_MS) => Known::RetryAfterMs,
+            _ => return None,
+        })
+    }
+}
+
 /// How deep `scan` reads: the message, `inputs` or `outputs`, a tensor, its `shape`.
 const KNOWN_DEPTH: usize = 4;
 
@@ -428,89 +487,75 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
         // Keys are compared as bytes: a known key is ASCII, so only an unknown one needs
         // the UTF-8 check (the check per string was a tenth of the balancer's instructions).
         let name = c.str_bytes()?;
-        let Some(k) = key::ALL.iter().position(|known| known.as_bytes() == name) else {
+        let Some(k) = Known::of(name) else {
             utf8(name)?;
             c.skip()?;
             continue;
         };
-        let name = key::ALL[k];
-        if std::mem::replace(&mut seen[k], true) {
+        if std::mem::replace(&mut seen[k as usize], true) {
             return None; // the full decoder refuses a duplicate field
         }
-        match name {
-            key::TYPE => {
+        // The entries a rewrite replaces end where their value does.
+        match k {
+            Known::Type => {
                 kind = Some(match c.str_bytes()? {
                     b"infer" => RawKind::Infer,
                     b"result" => RawKind::Result,
                     _ => return None,
                 });
             }
-            key::ID => {
-                id = Some((c.uint()?, entry_start..0));
+            Known::Id => {
+                id = Some((c.uint()?, entry_start..c.pos));
             }
-            key::INPUTS => {
+            Known::Inputs => {
                 tensors(&mut c, limits)?;
                 has_tensors[0] = true;
             }
-            key::OUTPUTS => {
+            Known::Outputs => {
                 tensors(&mut c, limits)?;
                 has_tensors[1] = true;
             }
-            key::DEADLINE_MS => {
+            Known::DeadlineMs => {
                 deadline_ms = c.opt(Cursor::uint)?;
-                deadline_entry = Some(entry_start..0);
+                deadline_entry = Some(entry_start..c.pos);
             }
-            key::CLIENT => {
+            Known::Client => {
                 c.opt(Cursor::text)?;
-                client_entry = Some(entry_start..0);
+                client_entry = Some(entry_start..c.pos);
             }
-            key::BATCH_SIZE | key::MAX_BATCH => {
+            Known::BatchSize | Known::MaxBatch => {
                 if c.opt(Cursor::uint)?
                     .is_some_and(|n| n > u64::from(u32::MAX))
                 {
                     return None;
                 }
             }
-            key::QUEUE_US
-            | key::INFER_US
-            | key::RETRY_AFTER_MS
-            | key::BATCH_ONE_US
-            | key::BATCH_FULL_US => {
+            Known::QueueUs
+            | Known::InferUs
+            | Known::RetryAfterMs
+            | Known::BatchOneUs
+            | Known::BatchFullUs => {
                 c.opt(Cursor::uint)?;
             }
-            key::MODEL => {
+            Known::Model => {
                 // Only a `metadata_result` carries it, and that is never forwarded raw.
                 return None;
             }
-            key::PRIORITY => {
+            Known::Priority => {
                 // Anything but a known class (or nil) is the full decoder's to refuse.
                 if let Some(value) = c.opt(Cursor::str_bytes)? {
                     priority = Priority::from_wire(value)?;
                 }
             }
-            key::TENANT => {
+            Known::Tenant => {
                 // Forwarded byte for byte, so only a name the full decoder accepts.
                 if let Some(value) = c.opt(Cursor::str_bytes)? {
                     tenant::check(value).ok()?;
                 }
             }
-            _ => {
-                // worker, code, message: strings (every other known key).
+            Known::Worker | Known::Code | Known::Message | Known::Busy => {
+                // Every other known key: read as a string.
                 c.opt(Cursor::text)?;
-            }
-        }
-        // Close the range of the entry just read.
-        let end = c.pos;
-        for range in [
-            id.as_mut().map(|(_, r)| r),
-            deadline_entry.as_mut(),
-            client_entry.as_mut(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if range.start == entry_start {
-                range.end = end;
             }
         }
     }
@@ -578,8 +623,11 @@ fn tensors(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
 
 fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
     let mut dtype: Option<DType> = None;
-    // Where the shape array starts: read again once the dtype is known, so the product
-    // folds from the element size as the full decoder's does (same overflow, same answer).
+    // The data's length the shape gives: folded from the element size as the full
+    // decoder's product is (same overflow, same answer), so read where the dtype is known,
+    // at the shape when the dtype came first (as every encoder writes it), else again at
+    // the end from where the shape starts.
+    let mut expected: Option<Option<usize>> = None;
     let mut shape_at: Option<usize> = None;
     let mut data: Option<usize> = None;
     for _ in 0..c.map_len()? {
@@ -598,8 +646,13 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
                 shape_at = Some(c.pos);
                 let dims = c.array_len()?;
                 limits.check_dims(dims).ok()?;
-                for _ in 0..dims {
-                    c.uint()?;
+                match dtype {
+                    Some(dtype) => expected = Some(c.product(dims, dtype)?),
+                    None => {
+                        for _ in 0..dims {
+                            c.uint()?;
+                        }
+                    }
                 }
             }
             b"data" if data.is_none() => data = Some(c.bin()?.len()),
@@ -610,14 +663,15 @@ fn tensor(c: &mut Cursor<'_>, limits: &Limits) -> Option<()> {
             }
         }
     }
-    let dtype = dtype?;
-    let mut shape = Cursor::new(c.buf);
-    shape.pos = shape_at?;
-    let mut expected = Some(dtype.size());
-    for _ in 0..shape.array_len()? {
-        let dim = usize::try_from(shape.uint()?).unwrap_or(usize::MAX);
-        expected = expected.and_then(|e| e.checked_mul(dim));
-    }
+    let expected = match expected {
+        Some(expected) => expected,
+        None => {
+            let mut shape = Cursor::new(c.buf);
+            shape.pos = shape_at?;
+            let dims = shape.array_len()?;
+            shape.product(dims, dtype?)?
+        }
+    };
     (expected == Some(data?)).then_some(())
 }
 
@@ -728,6 +782,17 @@ impl<'a> Cursor<'a> {
             0xcf => self.be(8),
             _ => None,
         }
+    }
+
+    /// Reads `dims` unsigned dimensions: the bytes of a tensor of `dtype` with that shape,
+    /// `Some(None)` when the product overflows (as the full decoder folds it).
+    fn product(&mut self, dims: usize, dtype: DType) -> Option<Option<usize>> {
+        let mut expected = Some(dtype.size());
+        for _ in 0..dims {
+            let dim = usize::try_from(self.uint()?).unwrap_or(usize::MAX);
+            expected = expected.and_then(|e| e.checked_mul(dim));
+        }
+        Some(expected)
     }
 
     /// `nil` as `Some(None)`, else what `read` gives.
@@ -842,6 +907,22 @@ mod tests {
                 }
                 (msg, kind) => panic!("scanned as {kind:?}, decoded as {msg:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn known_keys_are_the_decoders_in_order() {
+        for (at, name) in key::ALL.iter().enumerate() {
+            assert_eq!(
+                Known::of(name.as_bytes()).map(|k| k as usize),
+                Some(at),
+                "{name}"
+            );
+        }
+        for other in [
+            "", "i", "ID", "idx", "typ", "types", "input", "inputs_", "Client",
+        ] {
+            assert_eq!(Known::of(other.as_bytes()), None, "{other}");
         }
     }
 
