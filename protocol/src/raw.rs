@@ -373,12 +373,37 @@ fn put_str(dst: &mut BytesMut, value: &str) {
     dst.put_slice(value.as_bytes());
 }
 
-/// An unsigned integer.
+/// An unsigned integer, marker and value in one copy. An id or a deadline is written on
+/// every forwarded frame (two per request), so the widths are arms of their own rather
+/// than [`put_sized`]'s walk (about 80 instructions per integer).
 fn put_uint(dst: &mut BytesMut, value: u64) {
-    match value {
-        0..=0x7f => dst.put_u8(value as u8),
-        _ => put_sized(dst, value, &[(0xcc, 1), (0xcd, 2), (0xce, 4), (0xcf, 8)]),
-    }
+    let mut out = [0u8; 9];
+    let len = match value {
+        0..=0x7f => {
+            out[0] = value as u8;
+            1
+        }
+        0x80..=0xff => {
+            out[..2].copy_from_slice(&[0xcc, value as u8]);
+            2
+        }
+        0x100..=0xffff => {
+            out[0] = 0xcd;
+            out[1..3].copy_from_slice(&(value as u16).to_be_bytes());
+            3
+        }
+        0x1_0000..=0xffff_ffff => {
+            out[0] = 0xce;
+            out[1..5].copy_from_slice(&(value as u32).to_be_bytes());
+            5
+        }
+        _ => {
+            out[0] = 0xcf;
+            out[1..].copy_from_slice(&value.to_be_bytes());
+            9
+        }
+    };
+    dst.extend_from_slice(&out[..len]);
 }
 
 /// `value` big-endian behind the marker of the narrowest of `widths` (marker, bytes) that
