@@ -289,6 +289,10 @@ impl RawMessage {
         dst: &mut BytesMut,
         max_frame: usize,
     ) -> Result<(), Error> {
+        // The id alone (every answer a balancer writes back): one cut, no sorting.
+        if rewrite.deadline_ms.is_none() && rewrite.client.is_none() {
+            return self.write_with_id(rewrite.id, dst, max_frame);
+        }
         // The entries to leave out or replace, in body order.
         let id_entry = self.id_entry.range();
         let deadline_entry = self.deadline_entry.map(Span::range);
@@ -328,17 +332,40 @@ impl RawMessage {
         if let (true, Some(client)) = (added_client, rewrite.client) {
             put_str_entry(dst, key::CLIENT, client);
         }
-        let len = dst.len() - start - 4;
-        if len > max_frame {
-            dst.truncate(start);
-            return Err(Error::FrameTooLarge {
-                len,
-                max: max_frame,
-            });
-        }
-        dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
-        Ok(())
+        finish_frame(dst, start, max_frame)
     }
+
+    /// [`write_frame`](RawMessage::write_frame) with only the id replaced.
+    fn write_with_id(
+        &self,
+        id: RequestId,
+        dst: &mut BytesMut,
+        max_frame: usize,
+    ) -> Result<(), Error> {
+        let id_entry = self.id_entry.range();
+        let start = dst.len();
+        dst.put_u32(0);
+        put_map_len(dst, self.entries);
+        dst.extend_from_slice(&self.body[self.first_entry as usize..id_entry.start]);
+        put_uint_entry(dst, key::ID, id);
+        dst.extend_from_slice(&self.body[id_entry.end..]);
+        finish_frame(dst, start, max_frame)
+    }
+}
+
+/// Fills in the length prefix of the frame written into `dst` from `start`, or takes the
+/// frame back out when its body is longer than `max_frame`.
+fn finish_frame(dst: &mut BytesMut, start: usize, max_frame: usize) -> Result<(), Error> {
+    let len = dst.len() - start - 4;
+    if len > max_frame {
+        dst.truncate(start);
+        return Err(Error::FrameTooLarge {
+            len,
+            max: max_frame,
+        });
+    }
+    dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
 }
 
 // The few MessagePack markers a rewrite writes, put straight into the buffer in the
