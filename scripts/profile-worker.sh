@@ -15,6 +15,11 @@
 # onnxruntime) and its
 # instructions divided by the items; the runtime's top functions by their own instructions
 # per item go to bench-out/profile/worker.*.top.txt (scripts/callgrind-self.py).
+# WORKER_ARGS (default empty) is appended to every worker's `serve` command line, to profile
+# a configuration other than the defaults, e.g.
+#   MAX_BATCH=64 WINDOW=48 WORKER_ARGS='--instances 2 --threads 2' scripts/profile-worker.sh
+# (two model threads, each its own session with one intra-op thread: no pool; both model
+# threads count as `model`). The model threads' top functions go to worker.*.model-top.txt.
 # Needs the release build of tidepool-worker and bench-drive, valgrind, and the model
 # (MODEL, default build/models/synth-8mib.onnx: synth --size 8MiB --input-dim 1024
 # --output-dim 10 --layers 3); ORT_DYLIB_PATH set.
@@ -27,7 +32,8 @@ FRAMES=${FRAMES:-200}          # per connection, counted
 CONNS=${CONNS:-4}
 WINDOW=${WINDOW:-16}
 MAX_BATCH=${MAX_BATCH:-16}
-OUT=bench-out/profile
+read -r -a EXTRA <<<"${WORKER_ARGS:-}"
+OUT=${OUT:-bench-out/profile}   # where dumps and top lists go (one per concurrent run)
 mkdir -p "$OUT"
 BIN=target/release
 WORKERS=("$@")
@@ -54,6 +60,8 @@ role() {
     fi
 }
 
+printf 'worker args: %s; --max-batch %s, %s connections x %s in flight, %s items counted\n\n' \
+    "${WORKER_ARGS:-(defaults)}" "$MAX_BATCH" "$CONNS" "$WINDOW" "$((FRAMES * CONNS))"
 printf '| worker | items | runtime instr/item | model thread instr/item | ONNX Runtime pool instr/item | other instr/item |\n'
 printf '| --- | --- | --- | --- | --- | --- |\n'
 for bin in "${WORKERS[@]}"; do
@@ -63,7 +71,7 @@ for bin in "${WORKERS[@]}"; do
     LISTEN=127.0.0.1:$(free_port)
     RUST_LOG=warn valgrind --tool=callgrind --separate-threads=yes \
         --callgrind-out-file="$cgout.%p" "$bin" serve --model "$MODEL" --listen "$LISTEN" \
-        --max-batch "$MAX_BATCH" >"$OUT/worker.log" 2>&1 &
+        --max-batch "$MAX_BATCH" ${EXTRA[@]+"${EXTRA[@]}"} >"$OUT/worker.log" 2>&1 &
     WPID=$!
     # Loading and warming up under valgrind takes minutes, answered `unavailable` meanwhile:
     # a drive of one frame per connection with no error says the worker serves.
@@ -87,6 +95,8 @@ for bin in "${WORKERS[@]}"; do
         ir[$r]=$((ir[$r] + ${n:-0}))
         if [[ $r == runtime ]]; then
             scripts/callgrind-self.py "$dump" "$items" 60 >>"$cgout.top.txt"
+        elif [[ $r == model ]]; then
+            scripts/callgrind-self.py "$dump" "$items" 40 >>"$cgout.model-top.txt"
         fi
     done
     per() { python3 -c "print(round($1 / $items))"; }

@@ -74,8 +74,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader of frames up to `max_frame` bytes (prefix excluded) from `io`, within
     /// `budget`, without a frame timeout.
     pub fn new(io: R, max_frame: usize, budget: ConnectionBudget) -> Self {
+        Self::with_read_ahead(io, max_frame, budget, READ_AHEAD)
+    }
+
+    /// [`FrameReader::new`] reading up to `read_ahead` bytes ahead of the current frame
+    /// (8 KiB for `new`). A receiver whose few connections each carry many frames of a few
+    /// KiB at once (a worker behind a balancer) takes a burst of them per system call with
+    /// more; each connection holds its read-ahead outside the budget.
+    pub fn with_read_ahead(
+        io: R,
+        max_frame: usize,
+        budget: ConnectionBudget,
+        read_ahead: usize,
+    ) -> Self {
         FrameReader {
-            io: BufReader::with_capacity(READ_AHEAD, io),
+            io: BufReader::with_capacity(read_ahead.max(PREFIX), io),
             max_frame,
             frame_timeout: None,
             budget,
@@ -375,6 +388,40 @@ mod tests {
             "an empty frame is an error"
         );
         assert!(matches!(frames.next_frame().await, Err(Error::EmptyFrame)));
+    }
+
+    #[tokio::test]
+    async fn a_larger_read_ahead_takes_a_burst_of_larger_frames_in_one_read() {
+        let budget = FrameBudget::new(1 << 20, 1 << 20);
+        let infer = |id| {
+            encode_frame(&Message::Infer(crate::message::Infer {
+                id,
+                inputs: [(
+                    "x".to_string(),
+                    crate::tensor::Tensor::from_vec(vec![1024], vec![0.5f32; 1024]).unwrap(),
+                )]
+                .into(),
+                ..Default::default()
+            }))
+            .unwrap()
+        };
+        let wire: Vec<u8> = (0..8).flat_map(infer).collect();
+        assert!(wire.len() > READ_AHEAD, "more than the default read-ahead");
+        for (read_ahead, whole) in [(READ_AHEAD, 1), (64 * 1024, 8)] {
+            let (mut tx, rx) = tokio::io::duplex(1 << 17);
+            tx.write_all(&wire).await.unwrap();
+            let mut frames =
+                FrameReader::with_read_ahead(rx, 1 << 20, budget.connection(), read_ahead);
+            frames.next_frame().await.unwrap().unwrap();
+            let mut got = 1;
+            while frames.buffered_frame().is_some() {
+                got += 1;
+            }
+            assert_eq!(
+                got, whole,
+                "frames of one read with {read_ahead} bytes read ahead"
+            );
+        }
     }
 
     #[tokio::test]

@@ -71,13 +71,17 @@ impl IoSpec {
     /// The symbolic name of each per-item dimension that is dynamic and named, `None` for the
     /// others.
     pub fn item_symbols(&self, batched: bool) -> Vec<Option<&str>> {
-        let skip = usize::from(batched);
+        self.symbols_of_item(batched).collect()
+    }
+
+    /// [`IoSpec::item_symbols`] without collecting them: checking each item walks them, and
+    /// a `Vec` per input per item was an allocation on every request's way in.
+    fn symbols_of_item(&self, batched: bool) -> impl Iterator<Item = Option<&str>> {
         self.dims
             .iter()
             .zip(&self.symbols)
-            .skip(skip)
+            .skip(usize::from(batched))
             .map(|(d, s)| (d.is_none() && !s.is_empty()).then_some(s.as_str()))
-            .collect()
     }
 
     /// The shape one item has: without the leading dimension when the model is batched.
@@ -497,7 +501,7 @@ impl ModelSpec {
             let Some(tensor) = item.get(&io.name) else {
                 continue;
             };
-            for (axis, symbol) in io.item_symbols(self.batched).into_iter().enumerate() {
+            for (axis, symbol) in io.symbols_of_item(self.batched).enumerate() {
                 let (Some(symbol), Some(&len)) = (symbol, tensor.shape().get(axis)) else {
                     continue;
                 };
