@@ -130,13 +130,13 @@ fi
 
 if runs slo; then
     # About 7 minutes a model: capacity, then fixed and adaptive batching at 50% to 150% of it
-    # with deadlines (a third tight, the rest loose), and adaptive again with the worker's
-    # runtime 10 nice steps below the model (--compare-nice 10; issue 15). A
-    # quick run: the 64 MiB model, short steps.
+    # with deadlines (a third tight, the rest loose), and adaptive again with two model
+    # instances, single-thread ONNX Runtime sessions side by side (--compare-instances 2;
+    # issue 15; --compare-nice N is there too). A quick run: the 64 MiB model, short steps.
     echo "bench: slo" >&2
     SLO_MODELS=(--model "$SLO_SMALL")
     [[ $QUICK == 1 ]] || SLO_MODELS=(--model "$MODEL" --model "$SLO_SMALL")
-    RUST_LOG=${RUST_LOG:-warn} target/release/bench-slo "${SLO_MODELS[@]}" --compare-nice 10 \
+    RUST_LOG=${RUST_LOG:-warn} target/release/bench-slo "${SLO_MODELS[@]}" --compare-instances 2 \
         --out "$OUT" >/dev/null
 fi
 

@@ -77,6 +77,23 @@ struct Args {
     /// beside the run's configuration under the same load [default: not run].
     #[arg(long)]
     compare_nice: Option<i32>,
+    /// After the two batchers, the adaptive one again with the worker's --instances set to
+    /// this (that many model threads, each an ONNX Runtime session of its own with the
+    /// intra-op threads split between them), driven at the same rates and judged against the
+    /// same capacity, so the two configurations' goodput sit side by side [default: not run].
+    #[arg(long)]
+    compare_instances: Option<usize>,
+}
+
+/// One worker configuration the steps run against.
+struct Variant {
+    mode: BatchingMode,
+    /// The worker's --runtime-nice, where set.
+    nice: Option<i32>,
+    /// The worker's --instances, where set.
+    instances: Option<usize>,
+    /// Its name in the report's tables.
+    label: String,
 }
 
 /// One step of one mode.
@@ -329,7 +346,15 @@ async fn main() -> anyhow::Result<()> {
                     "At {:.0}% of capacity, the adaptive worker's goodput with its runtime at \
                      nice {nice}: {:.2} of capacity, against {adaptive:.2} with the run's setting.",
                     top * 100.0,
-                    at(&format!("adaptive, nice {nice}"))
+                    at(&nice_label(nice))
+                ));
+            }
+            if let Some(n) = args.compare_instances {
+                report.para(&format!(
+                    "At {:.0}% of capacity, the adaptive worker's goodput with {n} instances: \
+                     {:.2} of the (one-instance) capacity, against {adaptive:.2} with one.",
+                    top * 100.0,
+                    at(&instances_label(n))
                 ));
             }
             report.para(&format!(
@@ -360,7 +385,17 @@ async fn bench_model(
     // Capacity once, on the adaptive worker without deadlines (both batchers then behave
     // alike: admission only looks at requests with a deadline), in its own process like the
     // steps.
-    let worker = WorkerProc::start(args, model, BatchingMode::Adaptive, args.runtime_nice).await?;
+    let worker = WorkerProc::start(
+        args,
+        model,
+        &Variant {
+            mode: BatchingMode::Adaptive,
+            nice: args.runtime_nice,
+            instances: None,
+            label: String::new(),
+        },
+    )
+    .await?;
     let addr = worker.addr.to_string();
     let items = {
         let client = Client::connect(&addr).await?;
@@ -389,23 +424,29 @@ async fn bench_model(
         model.display()
     );
     let mut steps = Vec::new();
-    let mut variants = vec![
-        (BatchingMode::Fixed, args.runtime_nice, "fixed".to_owned()),
-        (
-            BatchingMode::Adaptive,
-            args.runtime_nice,
-            "adaptive".to_owned(),
-        ),
-    ];
+    let plain = |mode: BatchingMode| Variant {
+        mode,
+        nice: args.runtime_nice,
+        instances: None,
+        label: mode_name(mode).to_owned(),
+    };
+    let mut variants = vec![plain(BatchingMode::Fixed), plain(BatchingMode::Adaptive)];
     if let Some(nice) = args.compare_nice {
-        variants.push((
-            BatchingMode::Adaptive,
-            Some(nice),
-            format!("adaptive, nice {nice}"),
-        ));
+        variants.push(Variant {
+            nice: Some(nice),
+            label: nice_label(nice),
+            ..plain(BatchingMode::Adaptive)
+        });
     }
-    for (mode, nice, label) in variants {
-        let mut worker = WorkerProc::start(args, model, mode, nice).await?;
+    if let Some(n) = args.compare_instances {
+        variants.push(Variant {
+            instances: Some(n),
+            label: instances_label(n),
+            ..plain(BatchingMode::Adaptive)
+        });
+    }
+    for variant in &variants {
+        let mut worker = WorkerProc::start(args, model, variant).await?;
         for &share in &args.steps {
             let before = (
                 worker.counts().await?,
@@ -415,7 +456,7 @@ async fn bench_model(
             );
             let mut s = run_step(
                 &worker.addr.to_string(),
-                &label,
+                &variant.label,
                 share,
                 capacity,
                 step,
@@ -503,6 +544,16 @@ async fn run_step(
     })
 }
 
+/// The report's name for the adaptive worker with its runtime `nice` steps down.
+fn nice_label(nice: i32) -> String {
+    format!("adaptive, nice {nice}")
+}
+
+/// The report's name for the adaptive worker with `n` model instances.
+fn instances_label(n: usize) -> String {
+    format!("adaptive, {n} instances")
+}
+
 fn mode_name(mode: BatchingMode) -> &'static str {
     match mode {
         BatchingMode::Fixed => "fixed",
@@ -518,13 +569,12 @@ struct WorkerProc {
 }
 
 impl WorkerProc {
-    /// Starts the release worker next to this binary with the run's flags and `mode`, and
-    /// returns once it answers a ping (loading the 1 GiB model takes a while).
+    /// Starts the release worker next to this binary with the run's flags and `variant`'s,
+    /// and returns once it answers a ping (loading the 1 GiB model takes a while).
     async fn start(
         args: &Args,
         model: &std::path::Path,
-        mode: BatchingMode,
-        runtime_nice: Option<i32>,
+        variant: &Variant,
     ) -> anyhow::Result<WorkerProc> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -537,7 +587,7 @@ impl WorkerProc {
             .args(["--metrics", &metrics.to_string()])
             .args(["--max-batch", &args.max_batch.to_string()])
             .args(["--max-delay", &format!("{}us", args.max_delay.as_micros())])
-            .args(["--batching", mode_name(mode)])
+            .args(["--batching", mode_name(variant.mode)])
             .env("ORT_DYLIB_PATH", &args.common.ort_lib)
             .env(
                 "RUST_LOG",
@@ -546,8 +596,11 @@ impl WorkerProc {
         if let Some(threads) = args.threads {
             command.args(["--threads", &threads.to_string()]);
         }
-        if let Some(nice) = runtime_nice {
+        if let Some(nice) = variant.nice {
             command.args(["--runtime-nice", &nice.to_string()]);
+        }
+        if let Some(n) = variant.instances {
+            command.args(["--instances", &n.to_string()]);
         }
         let mut proc = Proc::spawn("tidepool-worker", &mut command)?;
         let started = Instant::now();
