@@ -190,9 +190,9 @@ async fn shutdown_stops_the_schedule_and_still_reports() {
 
 #[tokio::test]
 async fn an_unreachable_target_is_a_setup_error() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    // From the harness's ports below the ephemeral range, which no bind(0) of another test
+    // draws from: nothing listens there.
+    let addr = tidepool_tests::process::free_addr();
     let c = LoadConfig::new(addr.to_string());
     match run(c, CancellationToken::new()).await {
         Err(Error::Connect { target, .. }) => assert_eq!(target, addr.to_string()),

@@ -58,7 +58,9 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_MODEL")]
     pub model: PathBuf,
 
-    /// Address to accept protocol connections on.
+    /// Address to accept protocol connections on. A listening socket inherited on fd 3
+    /// (`LISTEN_FDS=1`, as a balancer's `--worker-cmd` or systemd hands one over) is served
+    /// instead when it is bound here ([`crate::inherited`]).
     #[arg(long, env = "TIDEPOOL_WORKER_LISTEN", default_value = "0.0.0.0:7100")]
     pub listen: String,
 

@@ -90,6 +90,7 @@ pub mod error;
 pub mod fairness;
 pub mod gate;
 pub mod goodput;
+pub mod inherited;
 pub mod margin;
 pub mod metrics;
 pub mod model;
@@ -155,7 +156,17 @@ impl Worker {
     /// Validates `config`, binds the listeners, and starts loading the model in the
     /// background. Returns once the listeners are bound: the worker answers `unavailable`
     /// until [`Worker::ready`].
-    pub async fn start(mut config: ServeConfig) -> Result<Worker, Error> {
+    pub async fn start(config: ServeConfig) -> Result<Worker, Error> {
+        Worker::start_inheriting(config, None).await
+    }
+
+    /// [`Worker::start`], serving on `inherited` (a listening socket handed over by the
+    /// process that started this one, [`inherited::take_from_env`]) where it is bound where
+    /// `--listen` asks, instead of binding `--listen`.
+    pub async fn start_inheriting(
+        mut config: ServeConfig,
+        inherited: Option<std::net::TcpListener>,
+    ) -> Result<Worker, Error> {
         config.validate()?;
         // The registration token is read once, here, so that a file gone later does not
         // fail a worker that has loaded its model.
@@ -164,13 +175,23 @@ impl Worker {
         // Certificates are read before anything is bound, so that a wrong path fails at start.
         let metrics = Arc::new(Metrics::default());
         let tls = WorkerTls::load(&config, &metrics)?;
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| Error::Bind {
-                what: "the protocol listener",
-                addr: config.listen.clone(),
-                source,
-            })?;
+        let bind_error = |source| Error::Bind {
+            what: "the protocol listener",
+            addr: config.listen.clone(),
+            source,
+        };
+        let listener = match inherited::matching(inherited, &config.listen) {
+            Some(listener) => {
+                info!("serving on the listening socket inherited on fd 3");
+                listener
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(listener))
+                    .map_err(bind_error)?
+            }
+            None => TcpListener::bind(&config.listen)
+                .await
+                .map_err(bind_error)?,
+        };
         let addr = listener.local_addr().map_err(|source| Error::Bind {
             what: "the protocol listener",
             addr: config.listen.clone(),

@@ -6,7 +6,7 @@ use clap::Parser as _;
 use tidepool_worker::config::SynthKind;
 use tidepool_worker::niceness::RuntimeNice;
 use tidepool_worker::registration::RegisterToken;
-use tidepool_worker::{synth, synth_transformer, Cli, Command, Worker};
+use tidepool_worker::{inherited, synth, synth_transformer, Cli, Command, Worker};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -60,6 +60,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(mut config) => {
             // The token's one way in besides a file: the environment, never a flag (`ps`).
             config.register_token = RegisterToken::from_env()?;
+            // Before the runtime's threads exist: taking it clears LISTEN_FDS.
+            let inherited = inherited::take_from_env();
             let nice = RuntimeNice::new(config.runtime_nice);
             let (on_start, on_stop) = (nice.clone(), nice.clone());
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -75,7 +77,7 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("could not start the async runtime")?;
             let result = runtime.block_on(async move {
-                let worker = Worker::start(config).await?;
+                let worker = Worker::start_inheriting(config, inherited).await?;
                 let token = worker.shutdown_token();
                 tokio::spawn(async move {
                     shutdown_signal().await;

@@ -1,7 +1,11 @@
 //! Actuators: what turns a desired worker count into running workers.
 //!
 //! - [`ProcessPool`] (`--worker-cmd`): worker processes on this machine, the balancer
-//!   their parent. It picks each one's port, counts it as coming until its health checks
+//!   their parent. It binds each one's listening socket and hands it over as the child's
+//!   fd 3 (systemd's socket activation convention, `LISTEN_FDS=1`), so the port is never
+//!   free between the pick and the worker's accept loop: a port only released and bound
+//!   again by the child could be taken meanwhile by any local process, which the balancer
+//!   would then route clients to. It counts a worker as coming until its health checks
 //!   pass, replaces one that dies, and scales in by work: the worker with the fewest
 //!   outstanding requests is deregistered, stopped with SIGTERM once its last request is
 //!   answered (or the deregistration delay passes), and only counted gone once it exited.
@@ -13,9 +17,11 @@
 //!   workers on the host's network, each on a free port, registering themselves.
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use command_fds::{CommandFdExt, FdMapping};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -32,6 +38,12 @@ pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(300);
 /// pull an image first, which can take minutes, but a command that hangs must not stop
 /// the scaling loop for good.
 pub const SCALE_CMD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The fd a started worker finds its listening socket on: the first of systemd's.
+const INHERITED_LISTENER_FD: i32 = 3;
+
+/// How many sockets a started worker inherits, in systemd's variable.
+const LISTEN_FDS_ENV: &str = "LISTEN_FDS";
 
 /// One of the two actuators.
 #[derive(Debug)]
@@ -312,8 +324,12 @@ impl ProcessPool {
     }
 
     fn start_one(&mut self) {
-        let port = match TcpListener::bind((self.host, 0)).and_then(|l| l.local_addr()) {
-            Ok(addr) => addr.port(),
+        // Bound (and listening) here and kept until the child has it: connections that
+        // arrive before the worker accepts wait in the backlog.
+        let (listener, port) = match TcpListener::bind((self.host, 0))
+            .and_then(|l| l.local_addr().map(|addr| (l, addr.port())))
+        {
+            Ok(bound) => bound,
             Err(error) => {
                 tracing::error!(%error, "no free port for a new worker");
                 return;
@@ -345,6 +361,22 @@ impl ProcessPool {
             .env_remove(ADMIN_TOKEN_ENV);
         if let Some(token) = &self.register_token {
             command.env(WORKER_TOKEN_ENV, token.expose());
+        }
+        // The listening socket as fd 3, announced the way systemd does (without
+        // `LISTEN_PID`, which only the child could know). The command owns the socket until
+        // it is dropped at the end of this function, after the spawn: from then on only the
+        // child holds the port.
+        command
+            .env(LISTEN_FDS_ENV, "1")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS_FIRST_FD")
+            .env_remove("LISTEN_FDNAMES");
+        if let Err(error) = command.fd_mappings(vec![FdMapping {
+            parent_fd: OwnedFd::from(listener),
+            child_fd: INHERITED_LISTENER_FD,
+        }]) {
+            tracing::error!(%error, "could not hand a worker its listening socket");
+            return;
         }
         match command.spawn() {
             Ok(mut child) => {
@@ -481,8 +513,13 @@ mod tests {
     const SLEEPER: &str = "sh -c 'exec sleep 60' {port}";
 
     fn process_pool() -> ProcessPool {
+        process_pool_running(SLEEPER)
+    }
+
+    /// A pool whose workers run `template`.
+    fn process_pool_running(template: &str) -> ProcessPool {
         ProcessPool::new(
-            SLEEPER.to_owned(),
+            template.to_owned(),
             "127.0.0.1:7001".parse().unwrap(),
             Duration::from_secs(60),
             Duration::from_secs(60),
@@ -610,17 +647,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_worker_inherits_its_listening_socket_and_the_port_is_never_free() {
+        // The child checks what it inherited (systemd's variable, a socket on fd 3) and then
+        // lives until its lifeline closes; its exit status says whether the checks passed.
+        let fake = FakePool::default();
+        let mut pool = process_pool_running(
+            r#"sh -c 'test "$LISTEN_FDS" = 1 && test -z "$LISTEN_PID" && test -S /proc/self/fd/3 && exec cat >/dev/null' {port}"#,
+        );
+        pool.scale_to(1, &fake);
+        let addr = pool.active()[0];
+        // This process let its copy go with the spawn: the child alone holds the port, and
+        // it listens (a connection waits in the backlog for the worker's accept loop).
+        let err = TcpListener::bind(addr).expect_err("the port is taken from the pick on");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        std::net::TcpStream::connect(addr).expect("the inherited socket listens");
+        let worker = &mut pool.workers[0];
+        worker._lifeline = None;
+        let status = tokio::time::timeout(Duration::from_secs(10), worker.child.wait())
+            .await
+            .expect("the worker exits within 10 s of its lifeline closing")
+            .unwrap();
+        assert!(
+            status.success(),
+            "the child found LISTEN_FDS=1 and a socket on fd 3: {status}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_worker_exits_when_its_lifeline_closes() {
         // Serves until its stdin reaches end of file, as `--exit-with-parent` does, and
         // fails at once without the variable that asks for it.
         let fake = FakePool::default();
-        let mut pool = ProcessPool::new(
-            r#"sh -c 'test "$TIDEPOOL_WORKER_EXIT_WITH_PARENT" = true && exec cat >/dev/null' {port}"#
-                .to_owned(),
-            "127.0.0.1:7001".parse().unwrap(),
-            Duration::from_secs(60),
-            Duration::from_secs(60),
-            Duration::from_secs(5),
+        let mut pool = process_pool_running(
+            r#"sh -c 'test "$TIDEPOOL_WORKER_EXIT_WITH_PARENT" = true && exec cat >/dev/null' {port}"#,
         );
         pool.scale_to(1, &fake);
         tokio::time::sleep(Duration::from_millis(200)).await;
