@@ -203,7 +203,10 @@ struct ModelRun {
     capacity_after: Vec<(String, f64)>,
 }
 
-#[tokio::main]
+// One thread: the driver shares the two cores with the worker it measures, and a
+// multi-threaded runtime's wake-ups across threads cost it more (at 150% on the 64 MiB model,
+// 1.7-1.8 CPU-seconds per 10 s step against 1.2 on one thread), all taken from the model.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
