@@ -192,11 +192,7 @@ impl Worker {
                 .await
                 .map_err(bind_error)?,
         };
-        let addr = listener.local_addr().map_err(|source| Error::Bind {
-            what: "the protocol listener",
-            addr: config.listen.clone(),
-            source,
-        })?;
+        let addr = listener.local_addr().map_err(bind_error)?;
         let metrics_listener = match &config.metrics {
             Some(metrics_addr) => Some(TcpListener::bind(metrics_addr).await.map_err(
                 |source| Error::Bind {

@@ -376,7 +376,7 @@ async fn main() -> anyhow::Result<()> {
                 top * 100.0,
                 run.capacity_after
                     .iter()
-                    .find(|(label, _)| label == "adaptive")
+                    .find(|(label, _)| label == mode_name(BatchingMode::Adaptive))
                     .map_or(0.0, |(_, after)| adaptive * run.capacity_per_s
                         / after.max(1e-9)),
             ));
@@ -408,29 +408,20 @@ async fn bench_model(
     // Capacity once, on the adaptive worker without deadlines (both batchers then behave
     // alike: admission only looks at requests with a deadline), in its own process like the
     // steps.
-    let worker = WorkerProc::start(
-        args,
-        model,
-        &Variant {
-            mode: BatchingMode::Adaptive,
-            nice: args.runtime_nice,
-            instances: None,
-            label: String::new(),
-        },
-    )
-    .await?;
+    let plain = |mode: BatchingMode| Variant {
+        mode,
+        nice: args.runtime_nice,
+        instances: None,
+        label: mode_name(mode).to_owned(),
+    };
+    let worker = WorkerProc::start(args, model, &plain(BatchingMode::Adaptive)).await?;
     let addr = worker.addr.to_string();
     let items = {
         let client = Client::connect(&addr).await?;
         let meta = client.metadata(Duration::from_secs(10)).await?;
         tidepool_load::input::items_from_metadata(&meta, (16, 16), 64, 1)?
     };
-    let (warmup, measure) = if args.common.report.quick {
-        (Duration::from_secs(1), Duration::from_secs(2))
-    } else {
-        (Duration::from_secs(3), Duration::from_secs(10))
-    };
-    let sat = saturate(&addr, &items, 2 * args.max_batch, warmup, measure).await?;
+    let sat = capacity_of(args, &addr, &items).await?;
     drop(worker);
     if sat.items_per_second <= 0.0 {
         bail!(
@@ -448,12 +439,6 @@ async fn bench_model(
     );
     let mut steps = Vec::new();
     let mut capacity_after = Vec::new();
-    let plain = |mode: BatchingMode| Variant {
-        mode,
-        nice: args.runtime_nice,
-        instances: None,
-        label: mode_name(mode).to_owned(),
-    };
     let mut variants = vec![plain(BatchingMode::Fixed), plain(BatchingMode::Adaptive)];
     if let Some(nice) = args.compare_nice {
         variants.push(Variant {
@@ -499,14 +484,7 @@ async fn bench_model(
         // The same closed loop as the first capacity, on this variant's worker right after
         // its steps: the machine's speed drifts over the minutes between the two (shared
         // hosts), and a ratio to a capacity measured ten minutes earlier carries that drift.
-        let again = saturate(
-            &worker.addr.to_string(),
-            &items,
-            2 * args.max_batch,
-            warmup,
-            measure,
-        )
-        .await?;
+        let again = capacity_of(args, &worker.addr.to_string(), &items).await?;
         eprintln!(
             "bench-slo: {}: capacity again after the steps {:.1}/s",
             variant.label, again.items_per_second
@@ -522,6 +500,21 @@ async fn bench_model(
         steps,
         capacity_after,
     })
+}
+
+/// The worker at `addr` saturated closed loop, without deadlines: two batches' worth of
+/// callers, counted after a warm-up.
+async fn capacity_of(
+    args: &Args,
+    addr: &str,
+    items: &[tidepool_protocol::Tensors],
+) -> anyhow::Result<tidepool_bench::saturate::Saturation> {
+    let (warmup, measure) = if args.common.report.quick {
+        (Duration::from_secs(1), Duration::from_secs(2))
+    } else {
+        (Duration::from_secs(3), Duration::from_secs(10))
+    };
+    saturate(addr, items, 2 * args.max_batch, warmup, measure).await
 }
 
 /// CPU seconds this process (the driver) has used so far.
