@@ -114,6 +114,9 @@ pub struct BatchConfig {
     pub aging: Duration,
     /// How the queue is shared between clients or tenants ([`crate::fairness`]).
     pub fairness: FairnessSettings,
+    /// The CPUs each model thread pins itself to ([`crate::affinity`]); `None`: the
+    /// scheduler's choice.
+    pub model_cpus: Option<Vec<usize>>,
 }
 
 /// A successful answer for one item.
@@ -498,6 +501,20 @@ fn bucket_of(buckets: &[usize], tokens: usize) -> usize {
 
 /// Why an item whose budget of `budget_ms` is shorter than a batch of one (`alone`) was
 /// not run.
+/// Pins the calling model thread to `cpus`; a failure (a container that forbids it) leaves
+/// it to the scheduler.
+fn pin_model_thread(cpus: &[usize]) {
+    match crate::affinity::pin_current_thread(cpus) {
+        Ok(()) => info!(
+            ?cpus,
+            "model thread pinned to the cores ONNX Runtime's pool left free"
+        ),
+        Err(e) => {
+            warn!(error = %e, ?cpus, "could not pin the model thread; the scheduler places it")
+        }
+    }
+}
+
 fn doomed_message(budget_ms: u128, alone: Duration) -> String {
     format!(
         "its deadline_ms of {budget_ms} is shorter than this worker takes to run a batch of one ({} ms); it was not run: retry with a larger deadline_ms",
@@ -573,9 +590,15 @@ impl Batcher {
         for (slot, engine) in engines.into_iter().enumerate() {
             let meter = metrics.busy.clone();
             let (batch_rx, done_tx) = (Arc::clone(&batch_rx), done_tx.clone());
+            let cpus = config.model_cpus.clone();
             let thread = std::thread::Builder::new()
                 .name("tidepool-model".into())
-                .spawn(move || staging::model_thread(engine, slot, batch_rx, done_tx, meter));
+                .spawn(move || {
+                    if let Some(cpus) = cpus {
+                        pin_model_thread(&cpus);
+                    }
+                    staging::model_thread(engine, slot, batch_rx, done_tx, meter)
+                });
             match thread {
                 Ok(thread) => threads.push(thread),
                 // Dropping the batch sender on return ends the threads already started.
@@ -1521,6 +1544,7 @@ mod tests {
             mode: BatchingMode::Adaptive,
             aging: Duration::from_millis(100),
             fairness: FairnessSettings::default(),
+            model_cpus: None,
         }
     }
 

@@ -115,6 +115,18 @@ pub struct ServeConfig {
     #[arg(long, env = "TIDEPOOL_WORKER_ORT_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
     pub ort_spinning: bool,
 
+    /// Whether the model thread (the one that runs each batch, itself one of ONNX Runtime's
+    /// intra-op threads) is pinned to the cores ONNX Runtime left free when it pinned its
+    /// pool threads, one per core, as it does with its default thread count
+    /// (worker/src/affinity.rs). On by default: left to the scheduler, the model thread can
+    /// share a pool thread's core and spin at each operator's barrier while that thread
+    /// waits for the core (on 2 cores under overload, batches ran 20-30% slower). Nothing is
+    /// pinned where ONNX Runtime pinned nothing (`--threads`, `--instances` above 1). Turn it
+    /// off where several workers share the cores with default threads and you would rather
+    /// the scheduler spread their model threads.
+    #[arg(long, env = "TIDEPOOL_WORKER_PIN_MODEL_THREAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pin_model_thread: bool,
+
     /// Threads of the async runtime that reads requests and writes answers [default 0: a
     /// quarter of the cores, at least 1]. The runtime only moves bytes; ONNX Runtime's
     /// intra-op threads (one per core) need the cores, and on 2 cores a second runtime thread
@@ -316,6 +328,7 @@ impl ServeConfig {
             threads: None,
             instances: 1,
             ort_spinning: false,
+            pin_model_thread: true,
             runtime_threads: 0,
             runtime_nice: 0,
             max_batch: 32,

@@ -31,6 +31,8 @@
 //!   warm-up, which turns busy time into the load share; [`clock`]: which clock times a
 //!   batch (the model thread's CPU time with one intra-op thread, so that neighbours on
 //!   the same cores do not read as load).
+//! - [`affinity`]: the model thread pinned to the cores ONNX Runtime's default pinning left
+//!   it (`--pin-model-thread`), so that it never spins at a barrier on a pool thread's core.
 //! - [`niceness`]: the async runtime's threads a few nice steps below the model's
 //!   (`--runtime-nice`), so that under overload reading and refusing requests does not slow
 //!   the batches that share its cores.
@@ -81,6 +83,7 @@
 //! ```
 
 pub mod admission;
+pub mod affinity;
 pub mod batcher;
 pub mod busy;
 pub mod clock;
@@ -478,10 +481,13 @@ async fn serve_model(
     // as `tidepool-ort` in top, perf and /proc (bench-worker splits the CPU by it).
     let (loaded_tx, load) = tokio::sync::oneshot::channel();
     let instances = config.instances.max(1);
+    let pin_model_thread = config.pin_model_thread;
     std::thread::Builder::new()
-        .name("tidepool-ort".into())
+        .name(affinity::POOL_THREAD_NAME.into())
         .spawn(move || {
             let started = std::time::Instant::now();
+            // The threads that start while the model loads are ONNX Runtime's intra-op pool.
+            let before = pin_model_thread.then(affinity::Threads::snapshot);
             let loaded = Model::load(&options).and_then(|mut model| {
                 let ran = model.warm_up(&warm_up)?;
                 let cost = model.batch_cost(&warm_up)?;
@@ -499,11 +505,17 @@ async fn serve_model(
                     "model loaded and warmed up (batch size, length); a batch of one costs this share of a full one");
                 Ok((models, cost))
             });
+            let model_cpus = before.and_then(|before| {
+                affinity::model_cpus(&before).unwrap_or_else(|e| {
+                    warn!(error = %e, "could not read the intra-op threads' CPUs; the model thread is left unpinned");
+                    None
+                })
+            });
             // Nobody waits when shutdown came first.
-            let _ = loaded_tx.send(loaded);
+            let _ = loaded_tx.send(loaded.map(|(models, cost)| (models, cost, model_cpus)));
         })
         .map_err(|_| Error::ModelThread("could not spawn the model loading thread"))?;
-    let (models, cost) = tokio::select! {
+    let (models, cost, model_cpus) = tokio::select! {
         // The sender is dropped without a value only when loading panicked.
         loaded = load => loaded.map_err(|_| Error::ModelThread("model loading panicked"))??,
         _ = shutdown.cancelled() => {
@@ -542,6 +554,7 @@ async fn serve_model(
         mode: config.batching,
         aging: config.priority_aging,
         fairness: config.fairness_settings(),
+        model_cpus,
     };
     let batcher_stop = CancellationToken::new();
     let batcher = Batcher::start_instances(

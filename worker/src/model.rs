@@ -1337,6 +1337,7 @@ mod real_model_tests {
             mode: crate::BatchingMode::Adaptive,
             aging: Duration::from_millis(100),
             fairness: Default::default(),
+            model_cpus: None,
         };
         let batcher = Batcher::start(
             model,
