@@ -10,11 +10,12 @@
 //! Left to the scheduler, it can land on a pool thread's core while the async runtime (or a
 //! client on the same host) holds the core left free, and then it spins through its slice
 //! while the thread it waits for waits for that very core. On 2 cores under open-loop
-//! overload (bench-slo, 64 MiB model, 150% of capacity) the model thread spent about 30% of
-//! its time in ONNX Runtime's spin-wait, and batches ran 20-30% slower than the same worker
-//! managed at 150% with the fixed batcher, whose full queue stopped it reading between
-//! batches; pinned, the closed-loop capacity rose 15-20% and the slowdown under overload went
-//! (bench/intro/slo.md has the runs).
+//! overload (bench-slo, 64 MiB model, 150% of capacity) ONNX Runtime's spin-wait took 15% of
+//! the worker's samples and its pool thread waited for a core a quarter of the time. In six
+//! alternating runs of that step the model computed 1,391-1,806 items/s unpinned and
+//! 1,773-1,779 pinned: pinned, the rate under overload no longer depends on where the
+//! scheduler puts the model thread. It did not close the gap to the fixed batcher, which
+//! still runs more batches at 150% (bench/intro/slo.md has the runs).
 //!
 //! So the model thread takes the CPUs that no thread ONNX Runtime started while the model
 //! loaded is pinned to. Where it pinned none (an explicit `--threads`, `--instances` above

@@ -499,8 +499,6 @@ fn bucket_of(buckets: &[usize], tokens: usize) -> usize {
     buckets.partition_point(|&bound| bound < tokens)
 }
 
-/// Why an item whose budget of `budget_ms` is shorter than a batch of one (`alone`) was
-/// not run.
 /// Pins the calling model thread to `cpus`; a failure (a container that forbids it) leaves
 /// it to the scheduler.
 fn pin_model_thread(cpus: &[usize]) {
@@ -515,6 +513,8 @@ fn pin_model_thread(cpus: &[usize]) {
     }
 }
 
+/// Why an item whose budget of `budget_ms` is shorter than a batch of one (`alone`) was
+/// not run.
 fn doomed_message(budget_ms: u128, alone: Duration) -> String {
     format!(
         "its deadline_ms of {budget_ms} is shorter than this worker takes to run a batch of one ({} ms); it was not run: retry with a larger deadline_ms",
