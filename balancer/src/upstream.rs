@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -129,6 +129,10 @@ pub(crate) struct UpstreamConn {
     next_id: AtomicU64,
     /// Cancelled when the connection is gone, by either task or by the target's stop.
     closed: CancellationToken,
+    /// Why the writer gave the connection up (a failed write), set before it cancels
+    /// `closed`: the reader, which may see only the cancel, then knows the connection was
+    /// lost rather than closed on purpose, and retries what was written on it.
+    lost: OnceLock<String>,
 }
 
 /// The writer's side of an [`UpstreamConn`]: what it takes requests and cancels from.
@@ -150,6 +154,7 @@ impl UpstreamConn {
             pending: DashMap::default(),
             next_id: AtomicU64::new(1),
             closed,
+            lost: OnceLock::new(),
         });
         let outlets = Outlets {
             requests: requests_rx,
@@ -443,30 +448,30 @@ async fn write_loop(
     let mut codec = MessageCodec::new(max_frame);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut timers = Timers::new(settings.keepalive);
-    'run: loop {
+    let failure: Option<String> = 'run: loop {
         let first = if let Some(forward) = timers.backlog.pop_front() {
             Some(Outgoing::Request(forward))
         } else {
             tokio::select! {
             biased;
-            () = conn.closed.cancelled() => break 'run,
+            () = conn.closed.cancelled() => break 'run None,
             Some(forward) = requests.recv() => Some(Outgoing::Request(forward)),
             Some(id) = cancels.recv() => Some(Outgoing::Cancel(id)),
             () = timers.sleep.as_mut() => {
                 if timers.fired(&conn, &metrics) {
                     let ping = Message::Ping { id: conn.next_id() };
-                    if codec.encode_ref(&ping, &mut buf).is_err() {
-                        break 'run;
+                    if let Err(error) = codec.encode_ref(&ping, &mut buf) {
+                        break 'run Some(error.to_string());
                     }
                 }
                 None
             }
-            else => break 'run,
+            else => break 'run None,
             }
         };
         for id in timers.owed.drain(..) {
-            if codec.encode_ref(&Message::Cancel { id }, &mut buf).is_err() {
-                break 'run;
+            if let Err(error) = codec.encode_ref(&Message::Cancel { id }, &mut buf) {
+                break 'run Some(error.to_string());
             }
         }
         // A timer's ping or cancels alone need no wait for company.
@@ -496,8 +501,7 @@ async fn write_loop(
                 Outgoing::Cancel(id) => codec.encode_ref(&Message::Cancel { id }, &mut buf),
             };
             if let Err(error) = written {
-                tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
-                break 'run;
+                break 'run Some(error.to_string());
             }
             if buf.len() >= WRITE_BURST {
                 break;
@@ -513,18 +517,15 @@ async fn write_loop(
         while at < buf.len() {
             tokio::select! {
                 biased;
-                () = conn.closed.cancelled() => break 'run,
+                () = conn.closed.cancelled() => break 'run None,
                 () = timers.sleep.as_mut() => {
                     // A ping would be pointless behind a write that does not move.
                     let _ = timers.fired(&conn, &metrics);
                 }
                 written = socket.write(&buf[at..]) => match written {
-                    Ok(0) => break 'run,
+                    Ok(0) => break 'run Some("the target stopped taking writes".to_owned()),
                     Ok(n) => at += n,
-                    Err(error) => {
-                        tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
-                        break 'run;
-                    }
+                    Err(error) => break 'run Some(format!("a write failed: {error}")),
                 },
                 // Taken off the channel so that their deadlines run while the write waits.
                 Some(forward) = requests.recv(), if timers.backlog_open() => timers.hold(forward),
@@ -535,16 +536,13 @@ async fn write_loop(
         loop {
             tokio::select! {
                 biased;
-                () = conn.closed.cancelled() => break 'run,
+                () = conn.closed.cancelled() => break 'run None,
                 () = timers.sleep.as_mut() => {
                     let _ = timers.fired(&conn, &metrics);
                 }
                 flushed = socket.flush() => match flushed {
                     Ok(()) => break,
-                    Err(error) => {
-                        tracing::debug!(target = %conn.addr, %error, "upstream writer stopped");
-                        break 'run;
-                    }
+                    Err(error) => break 'run Some(format!("a flush failed: {error}")),
                 },
                 Some(forward) = requests.recv(), if timers.backlog_open() => timers.hold(forward),
             }
@@ -553,6 +551,10 @@ async fn write_loop(
             timers.last_write = Instant::now();
         }
         buf.clear();
+    };
+    if let Some(failure) = failure {
+        tracing::debug!(target = %conn.addr, %failure, "upstream writer stopped");
+        let _ = conn.lost.set(failure);
     }
     conn.closed.cancel();
     // Whatever is still in the backlog or the channel was never written: route it again.
@@ -569,8 +571,9 @@ async fn write_loop(
 /// Encodes one request into the write buffer; an `Err` means the connection cannot go on.
 ///
 /// Requests encoded into the buffer count as written: their pending entries are in the
-/// map, and a connection lost before the buffer reaches the socket answers them
-/// `unavailable`, as it would for bytes in the kernel's send buffer.
+/// map, and a connection lost before the buffer reaches the socket treats them as it
+/// would bytes in the kernel's send buffer (retried where retries allow, else answered
+/// `unavailable`).
 fn encode_request(
     conn: &Arc<UpstreamConn>,
     buf: &mut BytesMut,
@@ -778,6 +781,10 @@ async fn read_loop(
         }
     };
     end_burst(&mut successes, &mut burst);
+    // Closed while this reader waited: by the writer on a failed write (a killed worker's
+    // reset can reach a write before this reader is polled), which is a loss like one seen
+    // here; else by the balancer on purpose.
+    let reason = reason.or_else(|| conn.lost.get().cloned());
     if let Some(reason) = &reason {
         metrics.target_resets.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(target = %conn.addr, %reason, in_flight = conn.pending.len(), "upstream connection lost");
@@ -883,6 +890,7 @@ mod tests {
     use super::*;
     use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Slot};
     use crate::queue::{QueueHandle, QueueReceiver, QueueSignal};
+    use crate::retry::{Retries, RetrySettings};
 
     const KEEPALIVE: Duration = Duration::from_secs(30);
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -896,13 +904,30 @@ mod tests {
         client: Arc<ClientConn>,
         answers: mpsc::UnboundedReceiver<Outbound>,
         metrics: Arc<Metrics>,
-        /// Held so that re-routing has somewhere to go.
-        _queue: QueueReceiver,
+        /// Where re-routed and retried requests go.
+        queue: QueueReceiver,
+        /// The target's stop, the parent of the connection's `closed`: the balancer closing
+        /// it on purpose.
+        stop: CancellationToken,
         next_id: RequestId,
+    }
+
+    /// The tests' connection settings, with `keepalive`.
+    fn settings(keepalive: Duration) -> UpstreamSettings {
+        UpstreamSettings {
+            connect_timeout: Duration::from_secs(1),
+            max_frame: MAX_FRAME,
+            keepalive,
+        }
     }
 
     impl Fixture {
         async fn new() -> Fixture {
+            Fixture::with_retries(RetrySettings::OFF).await
+        }
+
+        /// A fixture whose lost requests are retried as `retries` allows.
+        async fn with_retries(retries: RetrySettings) -> Fixture {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (ours, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -910,21 +935,18 @@ mod tests {
             let metrics = Arc::new(Metrics::default());
             let (queue, queue_rx) =
                 QueueHandle::new(8, Duration::from_secs(1), Arc::new(QueueSignal::default()));
-            let (conn, outlets) = UpstreamConn::new(addr, CancellationToken::new());
-            let settings = UpstreamSettings {
-                connect_timeout: Duration::from_secs(1),
-                max_frame: MAX_FRAME,
-                keepalive: KEEPALIVE,
-            };
+            let queue = queue.with_retries(Retries::new(retries));
+            let target = Arc::new(Target::new(addr, 1, 1, Arc::new(QueueSignal::default())));
+            let stop = target.stop.clone();
+            let (conn, outlets) = UpstreamConn::new(addr, target.stop.child_token());
             tokio::spawn(write_loop(
                 Arc::clone(&conn),
                 write,
                 outlets,
-                settings,
+                settings(KEEPALIVE),
                 queue.reroute(),
                 Arc::clone(&metrics),
             ));
-            let target = Arc::new(Target::new(addr, 1, 1, Arc::new(QueueSignal::default())));
             tokio::spawn(read_loop(
                 Arc::clone(&conn),
                 FramedRead::new(read, FrameCodec::new(MAX_FRAME)),
@@ -945,7 +967,8 @@ mod tests {
                 client,
                 answers,
                 metrics,
-                _queue: queue_rx,
+                queue: queue_rx,
+                stop,
                 next_id: 1,
             }
         }
@@ -1173,5 +1196,87 @@ mod tests {
         assert!(written > 0, "some reached the socket");
         assert!(unwritten > 0, "some never did");
         assert!(f.answers.try_recv().is_err());
+    }
+
+    /// Retries on, with room for a few.
+    const RETRIES: RetrySettings = RetrySettings {
+        enabled: true,
+        ratio: 0.0,
+        floor_per_second: 1,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_its_writer_closed_retries_what_was_written() {
+        // A killed worker's reset can reach the writer first (a write fails before the
+        // reader is polled), and the writer closes the connection itself. That is a loss
+        // all the same: what was written goes to another target, once, and is not
+        // answered `unavailable` (the compose suite's killed worker).
+        let mut f = Fixture::with_retries(RETRIES).await;
+        let (_, upstream_id) = f.send(None, 4).await;
+        assert!(matches!(f.target_reads().await, Message::Infer(i) if i.id == upstream_id));
+        // What the writer does after a failed write: it records why and closes the
+        // connection, not the target.
+        let _ = f
+            .conn
+            .lost
+            .set("a write failed: connection reset by peer".to_owned());
+        f.conn.closed.cancel();
+        let retried = tokio::time::timeout(Duration::from_secs(1), f.queue.recv())
+            .await
+            .expect("retried at once, not answered")
+            .expect("the queue is open");
+        assert_eq!(retried.pending.retried_from(), Some(f.conn.addr()));
+        assert!(f.answers.try_recv().is_err(), "the retry owes the answer");
+        assert_eq!(f.metrics.target_resets.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_the_balancer_closes_answers_what_was_written() {
+        // Deregistration's end and shutdown stop the target, which closes all of its
+        // connections: what was written there is answered, not retried.
+        let mut f = Fixture::with_retries(RETRIES).await;
+        let (id, upstream_id) = f.send(None, 4).await;
+        assert!(matches!(f.target_reads().await, Message::Infer(i) if i.id == upstream_id));
+        f.stop.cancel();
+        let reply = f.error().await;
+        assert_eq!((reply.id, reply.code), (id, ErrorCode::Unavailable));
+        assert!(
+            reply.message.contains("target deregistered"),
+            "{}",
+            reply.message
+        );
+        assert!(f.queue.try_recv().is_err(), "not retried");
+        assert_eq!(f.metrics.target_resets.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_says_why_before_the_connection_closes() {
+        // The target resets the connection (SO_LINGER 0: a killed process's socket with
+        // unread data does the same); the writer's next write, a keepalive ping here, fails.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ours, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (accepted, _) = accepted.unwrap();
+        socket2::SockRef::from(&accepted)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(accepted);
+        let (_read, write) = Stream::Plain(ours.unwrap()).into_split();
+        let (queue, _queue_rx) =
+            QueueHandle::new(8, Duration::from_secs(1), Arc::new(QueueSignal::default()));
+        let (conn, outlets) = UpstreamConn::new(addr, CancellationToken::new());
+        tokio::spawn(write_loop(
+            Arc::clone(&conn),
+            write,
+            outlets,
+            settings(Duration::from_millis(10)),
+            queue.reroute(),
+            Arc::new(Metrics::default()),
+        ));
+        tokio::time::timeout(Duration::from_secs(5), conn.closed.cancelled())
+            .await
+            .expect("the writer closes the connection after its write fails");
+        let lost = conn.lost.get().expect("the writer says why");
+        assert!(lost.contains("failed"), "{lost}");
     }
 }
