@@ -14,8 +14,9 @@
 //! the worker's samples and its pool thread waited for a core a quarter of the time. In six
 //! alternating runs of that step the model computed 1,391-1,806 items/s unpinned and
 //! 1,773-1,779 pinned: pinned, the rate under overload no longer depends on where the
-//! scheduler puts the model thread. It did not close the gap to the fixed batcher, which
-//! still runs more batches at 150% (bench/intro/slo.md has the runs).
+//! scheduler puts the model thread. It does not bring the batch time under overload back to
+//! the closed-loop one: whatever else runs on the two cores still delays one of the two
+//! threads each operator waits for (bench/intro/slo.md has the runs).
 //!
 //! So the model thread takes the CPUs that no thread ONNX Runtime started while the model
 //! loaded is pinned to. Where it pinned none (an explicit `--threads`, `--instances` above

@@ -139,10 +139,13 @@ struct WorkerSide {
     doomed: f64,
     /// Deadline passed in its queue (`deadline_exceeded`).
     expired: f64,
-    /// Batches the model ran.
-    batches: f64,
+    /// Batches formed and handed to the model thread, run or not (a formed batch whose
+    /// members all expired before the model took it is skipped, and takes no model time).
+    formed: f64,
     /// Items in them.
-    items_run: f64,
+    items_formed: f64,
+    /// Batches the model ran.
+    ran: f64,
     /// The model's run time over them, seconds.
     infer_s: f64,
 }
@@ -168,8 +171,9 @@ impl WorkerSide {
             queue_full: refused("queue_full"),
             doomed: refused("doomed"),
             expired: refused("expired"),
-            batches: value("tidepool_worker_batch_size_count"),
-            items_run: value("tidepool_worker_batch_size_sum"),
+            formed: value("tidepool_worker_batch_size_count"),
+            items_formed: value("tidepool_worker_batch_size_sum"),
+            ran: value("tidepool_worker_inference_seconds_count"),
             infer_s: value("tidepool_worker_inference_seconds_sum"),
         }
     }
@@ -183,8 +187,9 @@ impl WorkerSide {
             queue_full: self.queue_full - before.queue_full,
             doomed: self.doomed - before.doomed,
             expired: self.expired - before.expired,
-            batches: self.batches - before.batches,
-            items_run: self.items_run - before.items_run,
+            formed: self.formed - before.formed,
+            items_formed: self.items_formed - before.items_formed,
+            ran: self.ran - before.ran,
             infer_s: self.infer_s - before.infer_s,
         }
     }
@@ -294,9 +299,11 @@ async fn main() -> anyhow::Result<()> {
             "The same steps as each side counted them: results within their deadline by the \
              client (from the intended send time) and by the worker (from receipt); refusals \
              the worker made (predicted late, queue full: `overloaded`; doomed, expired: \
-             `deadline_exceeded`) against the errors the client received; the batches the model \
-             ran, their mean size and the model's busy share (of the step and its drain, over which \
-             all these are counted); CPU seconds of the worker process and of the driver.",
+             `deadline_exceeded`) against the errors the client received; the batches formed \
+             and the model ran (a formed batch whose members all expired before the model took \
+             it is skipped), the formed ones' mean size, the model's mean time per batch run and \
+             its busy share (of the step and its drain, over which all these are counted); CPU \
+             seconds of the worker process and of the driver.",
         );
         let sides: Vec<Vec<String>> = run
             .steps
@@ -316,8 +323,9 @@ async fn main() -> anyhow::Result<()> {
                         "{} / {:.0} + {:.0}",
                         s.refused_deadline, w.doomed, w.expired
                     ),
-                    format!("{:.0}", w.batches),
-                    format!("{:.1}", w.items_run / w.batches.max(1.0)),
+                    format!("{:.0} / {:.0}", w.formed, w.ran),
+                    format!("{:.1}", w.items_formed / w.formed.max(1.0)),
+                    format!("{:.2}", w.infer_s * 1e3 / w.ran.max(1.0)),
                     format!("{:.2}", w.infer_s / s.counted_s.max(1e-9)),
                     format!("{:.1} / {:.1}", s.worker_cpu_s, s.driver_cpu_s),
                 ]
@@ -331,8 +339,9 @@ async fn main() -> anyhow::Result<()> {
                 "late: client / worker",
                 "overloaded: client / predicted late + queue full",
                 "deadline_exceeded: client / doomed + expired",
-                "batches",
-                "mean batch",
+                "batches: formed / run",
+                "mean formed",
+                "ms per batch run",
                 "model busy",
                 "CPU s: worker / driver",
             ],
@@ -707,7 +716,7 @@ mod tests {
             ),
             (2.0, 1.0, 1.0, 1.0, 2.0, 1.0)
         );
-        assert_eq!((w.batches, w.items_run), (2.0, 20.0));
+        assert_eq!((w.formed, w.items_formed, w.ran), (2.0, 20.0, 2.0));
         assert!((w.infer_s - 0.05).abs() < 1e-9, "{}", w.infer_s);
     }
 }

@@ -39,7 +39,7 @@ use tidepool_bench::stats::fmt_us;
 use tidepool_bench::threads::{CpuSplit, ThreadSample};
 use tidepool_load::{CancellationToken, InputSpec, LoadConfig};
 use tidepool_protocol::Tensors;
-use tidepool_worker::{DeviceChoice, LoadOptions, Model, ModelSpec, ServeConfig, Worker};
+use tidepool_worker::{affinity, DeviceChoice, LoadOptions, Model, ModelSpec, ServeConfig, Worker};
 
 /// Worker benchmark: worker vs direct ONNX Runtime, batching vs none, latency at half load.
 #[derive(Debug, Parser)]
@@ -284,7 +284,10 @@ fn input_specs(spec: &ModelSpec) -> Vec<InputSpec> {
         .collect()
 }
 
-/// Loads the model and runs it directly at each batch size.
+/// Loads the model and runs it directly at each batch size, on a thread of its own that is
+/// pinned as the worker pins its model thread (`--pin-model-thread`, on by default): to the
+/// cores ONNX Runtime's default pinning of its pool left free. Direct and the worker then
+/// differ by the worker's own work, not by where the scheduler put the calling thread.
 fn direct(
     args: &Args,
     path: &std::path::Path,
@@ -292,7 +295,24 @@ fn direct(
     spinning: Option<bool>,
     batches: &[usize],
 ) -> anyhow::Result<(ModelSpec, Vec<DirectRow>)> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| direct_pinned(args, path, timing, spinning, batches))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the direct run panicked"))?
+    })
+}
+
+fn direct_pinned(
+    args: &Args,
+    path: &std::path::Path,
+    timing: &Timing,
+    spinning: Option<bool>,
+    batches: &[usize],
+) -> anyhow::Result<(ModelSpec, Vec<DirectRow>)> {
     let started = Instant::now();
+    // The threads that start while the model loads are ONNX Runtime's intra-op pool.
+    let before = affinity::Threads::snapshot();
     let mut model = Model::load(&LoadOptions {
         path: path.to_path_buf(),
         ort_lib: args.common.ort_lib.clone(),
@@ -305,6 +325,13 @@ fn direct(
         batches.iter().copied().max().unwrap_or(1),
     ))?;
     eprintln!("direct: loaded in {:.1?}", started.elapsed());
+    match affinity::model_cpus(&before)? {
+        Some(cpus) => {
+            affinity::pin_current_thread(&cpus)?;
+            eprintln!("direct: the calling thread pinned to CPUs {cpus:?}, as the worker's model thread");
+        }
+        None => eprintln!("direct: ONNX Runtime pinned no pool thread; the calling thread is left unpinned, as the worker's"),
+    }
     let spec = (**model.spec()).clone();
     let pool = tidepool_load::input::build_items(&input_specs(&spec), 64, 0)?;
     let mut rows = Vec::new();
