@@ -12,6 +12,11 @@
 //!   `--eject-base` it stays in without an ejection takes one off the count.
 //! - `overloaded` with a `retry_after_ms` is not a failure: the target is set aside for
 //!   that long (at most [`MAX_COOL_OFF`]) without counting as an ejection.
+//! - A connection lost with requests on it counts one failure per request, as Envoy counts
+//!   a reset as a gateway failure (`upstream`'s reader): a worker that dies with work in
+//!   hand, or keeps doing so in a crash loop, is ejected rather than handed more to lose
+//!   (its requests are retried elsewhere as retries allow). One lost with nothing on it
+//!   (an idle timeout, a drained worker) counts nothing.
 //! - Never more than `--max-ejection-percent` of the pool is ejected at once, and never
 //!   the last target; and routing still picks a set-aside target when every eligible
 //!   target is set aside, so outlier detection alone never turns a request away.

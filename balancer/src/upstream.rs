@@ -791,6 +791,15 @@ async fn read_loop(
     }
     conn.closed.cancel();
     let written: Vec<RequestId> = conn.pending.iter().map(|e| *e.key()).collect();
+    if reason.is_some() {
+        // Each request a lost connection held is a failure of its target, as Envoy counts a
+        // reset as a gateway failure: a worker that dies with work in hand, and one that
+        // keeps doing so (a crash loop), is ejected rather than handed more to lose. A
+        // connection lost with nothing on it (idle, or a drained worker's) says nothing.
+        for _ in &written {
+            outliers.observe(conn.addr, &target.outlier, Outcome::Failure);
+        }
+    }
     for id in written {
         if let Some((_, pending)) = conn.pending.remove(&id) {
             let message = format!(
@@ -888,6 +897,7 @@ mod tests {
     use tokio_util::codec::Framed;
 
     use super::*;
+    use crate::outlier::{EjectionReason, OutlierSettings, Outliers};
     use crate::pending::{Answer, ClientConn, Lifecycle, Outbound, Slot};
     use crate::queue::{QueueHandle, QueueReceiver, QueueSignal};
     use crate::retry::{Retries, RetrySettings};
@@ -895,6 +905,8 @@ mod tests {
     const KEEPALIVE: Duration = Duration::from_secs(30);
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
     const MAX_FRAME: usize = 4 << 20;
+    /// The pool the fixture's target is counted in, for ejections' cap.
+    const POOL: usize = 4;
 
     /// One upstream connection's writer and reader running over a real socket, the
     /// target's end of which the test holds, and one client whose answers it reads.
@@ -909,6 +921,8 @@ mod tests {
         /// The target's stop, the parent of the connection's `closed`: the balancer closing
         /// it on purpose.
         stop: CancellationToken,
+        /// The target the connection belongs to (its outlier detection's cell).
+        registered: Arc<Target>,
         next_id: RequestId,
     }
 
@@ -928,6 +942,12 @@ mod tests {
 
         /// A fixture whose lost requests are retried as `retries` allows.
         async fn with_retries(retries: RetrySettings) -> Fixture {
+            Fixture::with(retries, OutlierSettings::OFF).await
+        }
+
+        /// A fixture with `retries`, and outlier detection by `outliers` over a pool of
+        /// [`POOL`] targets (so that one may be ejected).
+        async fn with(retries: RetrySettings, outliers: OutlierSettings) -> Fixture {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (ours, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -935,8 +955,13 @@ mod tests {
             let metrics = Arc::new(Metrics::default());
             let (queue, queue_rx) =
                 QueueHandle::new(8, Duration::from_secs(1), Arc::new(QueueSignal::default()));
-            let queue = queue.with_retries(Retries::new(retries));
+            let detection = Outliers::new(outliers);
+            detection.set_pool_size(POOL);
+            let queue = queue
+                .with_retries(Retries::new(retries))
+                .with_outliers(detection);
             let target = Arc::new(Target::new(addr, 1, 1, Arc::new(QueueSignal::default())));
+            let registered = Arc::clone(&target);
             let stop = target.stop.clone();
             let (conn, outlets) = UpstreamConn::new(addr, target.stop.child_token());
             tokio::spawn(write_loop(
@@ -969,6 +994,7 @@ mod tests {
                 metrics,
                 queue: queue_rx,
                 stop,
+                registered,
                 next_id: 1,
             }
         }
@@ -1278,5 +1304,48 @@ mod tests {
             .expect("the writer closes the connection after its write fails");
         let lost = conn.lost.get().expect("the writer says why");
         assert!(lost.contains("failed"), "{lost}");
+    }
+
+    /// Outlier detection that ejects after two failures in a row.
+    const EJECT_AFTER_TWO: OutlierSettings = OutlierSettings {
+        consecutive: 2,
+        base: Duration::from_secs(30),
+        max: Duration::from_secs(300),
+        max_percent: 50,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_lost_under_requests_counts_each_as_a_failure_of_its_target() {
+        // A worker that dies with work in hand (here: closes its end with two requests
+        // unanswered) fails each of them: two in a row eject it, as Envoy counts resets.
+        let mut f = Fixture::with(RETRIES, EJECT_AFTER_TWO).await;
+        for _ in 0..2 {
+            let (_, upstream_id) = f.send(None, 4).await;
+            assert!(matches!(f.target_reads().await, Message::Infer(i) if i.id == upstream_id));
+        }
+        f.target.get_mut().shutdown().await.unwrap();
+        for _ in 0..2 {
+            tokio::time::timeout(Duration::from_secs(1), f.queue.recv())
+                .await
+                .expect("retried at once")
+                .expect("the queue is open");
+        }
+        assert_eq!(
+            f.registered.outlier.ejection(),
+            Some(EjectionReason::ConsecutiveErrors)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_lost_with_nothing_on_it_fails_nobody() {
+        // An idle connection closed by the worker (its idle timeout, a drained worker)
+        // says nothing against it.
+        let mut f = Fixture::with(RETRIES, EJECT_AFTER_TWO).await;
+        f.target.get_mut().shutdown().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), f.conn.closed.cancelled())
+            .await
+            .expect("the reader sees the close");
+        assert_eq!(f.registered.outlier.ejection(), None);
+        assert_eq!(f.metrics.target_resets.load(Ordering::Relaxed), 1);
     }
 }
