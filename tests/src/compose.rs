@@ -19,13 +19,18 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Features of the image's model (`synth --input-dim 64`, scripts/docker-image.sh).
 pub const INPUT_DIM: usize = 64;
 
 /// The image the compose suites build and run; not `tidepool:local`, which is the user's.
 pub const IMAGE: &str = "tidepool:test";
+
+/// How many times [`Compose::containers`] asks again after `ps` raced a removal.
+const PS_RETRIES: u32 = 5;
+/// How long it waits before asking again.
+const PS_RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// The workspace root (compose files and scripts are found from it).
 pub fn workspace_root() -> PathBuf {
@@ -199,13 +204,32 @@ impl Compose {
     }
 
     /// The ids of a service's containers (running or not).
+    ///
+    /// docker-compose v1 lists a service's containers and then inspects each one, so a
+    /// container removed in between (the actuator scaling in while a test polls) fails the
+    /// whole `ps` with "No such container"; that answer is asked again, a few times.
     pub fn containers(&self, service: &str) -> Vec<String> {
-        self.run(&["ps", "-q", service])
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect()
+        let args = ["ps", "-q", service];
+        let mut vanished = 0;
+        let out = loop {
+            let out = self.command(&args).output().expect("run compose");
+            let raced = !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("No such container");
+            if !raced || vanished == PS_RETRIES {
+                break out;
+            }
+            vanished += 1;
+            std::thread::sleep(PS_RETRY_AFTER);
+        };
+        must_succeed(
+            &format!("{} {}", self.program.join(" "), args.join(" ")),
+            &out,
+        )
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
     }
 }
 
