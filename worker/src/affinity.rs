@@ -53,11 +53,18 @@ impl Threads {
 /// The CPUs for the model thread: those this thread may run on that no thread started since
 /// `before` (ONNX Runtime's pool, when `before` was taken just ahead of loading the model)
 /// is pinned to. `None` where no such thread is pinned, or none is left free.
+///
+/// Only threads that carry this thread's name count: ONNX Runtime starts its pool from the
+/// thread that loads the model, and a new thread inherits its creator's name, while threads
+/// that other work in the process starts meanwhile (another model loading on another
+/// thread, a test running beside) carry theirs.
 pub fn model_cpus(before: &Threads) -> io::Result<Option<Vec<usize>>> {
     let allowed = cpus(&sched_getaffinity(None)?);
+    let own = comm(rustix::thread::gettid().as_raw_nonzero().get());
     let pinned: Vec<Vec<usize>> = Threads::snapshot()
         .0
         .difference(&before.0)
+        .filter(|&&tid| own.is_some() && comm(tid) == own)
         .filter_map(|&tid| {
             // A thread that has ended since the snapshot pins nothing.
             let pid = Pid::from_raw(tid)?;
@@ -65,6 +72,13 @@ pub fn model_cpus(before: &Threads) -> io::Result<Option<Vec<usize>>> {
         })
         .collect();
     Ok(free_cpus(&allowed, &pinned))
+}
+
+/// The name of this process's thread `tid` (`None` once it has ended).
+fn comm(tid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .ok()
+        .map(|name| name.trim_end().to_owned())
 }
 
 /// Pins the calling thread to `cpus`.
@@ -130,22 +144,60 @@ mod tests {
         assert_eq!(free_cpus(&[0, 1], &[vec![5]]), None);
     }
 
+    /// Spawns a thread that pins itself to `cpu` (named `name`, or inheriting the
+    /// caller's), runs `probe` while it lives, and returns what `probe` returned.
+    fn with_pinned_thread<T>(cpu: usize, name: Option<&str>, probe: impl FnOnce() -> T) -> T {
+        let (pinned_tx, pinned_rx) = std::sync::mpsc::channel();
+        let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
+        let builder = match name {
+            Some(name) => std::thread::Builder::new().name(name.to_owned()),
+            None => std::thread::Builder::new(),
+        };
+        let pool = builder
+            .spawn(move || {
+                pin_current_thread(&[cpu]).unwrap();
+                pinned_tx.send(()).unwrap();
+                let _ = end_rx.recv();
+            })
+            .unwrap();
+        pinned_rx.recv().unwrap();
+        let seen = probe();
+        end_tx.send(()).unwrap();
+        pool.join().unwrap();
+        seen
+    }
+
+    /// Runs `f` on a thread of its own named `name` (the tests of other modules start
+    /// threads, pinned ones among them, while these run).
+    fn on_thread<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_thread_started_meanwhile_by_other_work_claims_nothing() {
+        let free = on_thread("affinity-other", || {
+            let &last = cpus(&sched_getaffinity(None).unwrap()).last()?;
+            let before = Threads::snapshot();
+            // Named otherwise, as a thread another model or test starts would be.
+            with_pinned_thread(last, Some("someone-else"), || model_cpus(&before).unwrap())
+        });
+        assert_eq!(free, None);
+    }
+
     #[test]
     fn a_thread_pinned_since_the_snapshot_leaves_the_model_the_rest() {
         let allowed = cpus(&sched_getaffinity(None).unwrap());
-        let before = Threads::snapshot();
         let Some(&last) = allowed.last() else { return };
-        let (pinned_tx, pinned_rx) = std::sync::mpsc::channel();
-        let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
-        let pool = std::thread::spawn(move || {
-            pin_current_thread(&[last]).unwrap();
-            pinned_tx.send(()).unwrap();
-            let _ = end_rx.recv();
+        let free = on_thread("affinity-probe", move || {
+            let before = Threads::snapshot();
+            // Unnamed: it inherits the loader's name, as ONNX Runtime's pool threads do.
+            with_pinned_thread(last, None, || model_cpus(&before).unwrap())
         });
-        pinned_rx.recv().unwrap();
-        let free = model_cpus(&before).unwrap();
-        end_tx.send(()).unwrap();
-        pool.join().unwrap();
         let expected: Vec<usize> = allowed.iter().copied().filter(|&c| c != last).collect();
         if expected.is_empty() {
             assert_eq!(free, None, "one CPU: nothing left for the model thread");
