@@ -215,7 +215,8 @@ impl Registrar {
     }
 
     /// Registers (retrying until it succeeds) and keeps the registration until
-    /// `shutdown`; returns whether it was ever registered.
+    /// `shutdown`; returns whether the balancer may hold it (registered, or an attempt was
+    /// on its way when shutdown came), so that shutdown deregisters.
     pub async fn register(&self, refresh: Duration, shutdown: &CancellationToken) -> bool {
         if !self.register_once(shutdown).await {
             return false;
@@ -246,13 +247,15 @@ impl Registrar {
     }
 
     /// Registers once, retrying with backoff until the balancer accepts (true) or
-    /// `shutdown` fires (false).
+    /// `shutdown` fires: true then if an attempt was on its way (the balancer may have taken
+    /// it without this worker reading the answer; deregistering is then the safe side, and a
+    /// balancer that never took it answers 404), false between attempts.
     async fn register_once(&self, shutdown: &CancellationToken) -> bool {
         let (mut unreachable, mut refused) = (UNREACHABLE, REFUSED);
         let url = &self.url;
         for attempt in 1u32.. {
             let outcome = tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return true,
                 outcome = self.attempt() => outcome,
             };
             let wait = match outcome {
