@@ -2,7 +2,8 @@
 //! get its normal answer: malformed and poison frames (the poison frame used to close the
 //! multiplexed worker connection under everyone), unfinished large frames from many
 //! connections (memory bounded by `--frame-budget`, read from VmRSS), slowloris, a frozen
-//! worker (SIGSTOP) under requests with deadlines, SIGTERM with frames on the wire, and an
+//! worker (SIGSTOP) under requests with deadlines, the frame budget held by the requests it
+//! sits on, SIGTERM with frames on the wire, and an
 //! autoscaling balancer killed with SIGKILL leaving no worker behind.
 //!
 //! Real binaries: `cargo build --workspace --bins` first.
@@ -19,7 +20,7 @@ use tidepool_tests::adversary::{
     assert_bystander_served, bystander, exited, f32_data, good_infer, infer_body, metric, nested,
     rss_bytes, wait_ready, with_raw, worker_args, KillOnDrop, V,
 };
-use tidepool_tests::balancer::{frame, RawConn};
+use tidepool_tests::balancer::{frame, http, RawConn};
 use tidepool_tests::init_tracing;
 use tidepool_tests::process::{balancer_args, eventually, fast_scaling_args, free_addrs, Proc};
 use tidepool_tests::worker::{scratch_dir, TinyModel};
@@ -308,19 +309,7 @@ async fn slowloris_is_cut_at_the_frame_timeout() {
 async fn a_frozen_worker_costs_requests_their_deadline_and_no_more() {
     let s = stand("adv-bal-sigstop", &["--request-timeout", "3s"]).await;
     let mut conn = RawConn::connect(s.listen).await;
-    s.worker.signal("STOP");
-    let pid = s.worker.pid();
-    eventually(
-        Duration::from_secs(10),
-        "the worker stopped",
-        &[&s.worker],
-        || async {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let (_, rest) = stat.rsplit_once(')')?;
-            rest.trim_start().starts_with('T').then_some(())
-        },
-    )
-    .await;
+    freeze(&s.worker).await;
     let sent = Instant::now();
     conn.send(infer(1, Some(500))).await;
     conn.send(infer(2, None)).await;
@@ -344,6 +333,91 @@ async fn a_frozen_worker_costs_requests_their_deadline_and_no_more() {
         "a second answer arrived"
     );
     assert!(metric(s.admin, "tidepool_request_timeouts_total").await >= 2.0);
+}
+
+/// Stops `worker` (SIGSTOP) and waits until the kernel says it is stopped.
+async fn freeze(worker: &Proc) {
+    worker.signal("STOP");
+    let pid = worker.pid();
+    eventually(
+        Duration::from_secs(10),
+        "the worker stopped",
+        &[worker],
+        || async {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.trim_start().starts_with('T').then_some(())
+        },
+    )
+    .await;
+}
+
+/// Requests outstanding on the balancer's targets, all of them together.
+async fn outstanding(admin: SocketAddr) -> f64 {
+    let (_, text) = http(admin, "GET", "/metrics", None).await;
+    text.lines()
+        .filter(|l| l.starts_with("tidepool_target_outstanding{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// With `--retries on` (the default) a request written to a worker is kept, to be sent again
+/// should the connection be lost, so its bytes stay in `--frame-budget` until it is answered:
+/// what a frozen worker sits on is bounded by the budget like what is still being read.
+/// With `--retries off` they come back once the request is written.
+#[tokio::test]
+async fn requests_kept_for_a_retry_hold_their_frame_budget_until_answered() {
+    const REQUESTS: u64 = 8;
+    // The tensor's data alone: each frame holds at least this.
+    const DATA: f64 = (DIM * 4) as f64;
+    const HELD: &str = "tidepool_frame_budget_held_bytes";
+    for retries in ["on", "off"] {
+        let s = stand(
+            &format!("adv-bal-kept-{retries}"),
+            &["--retries", retries, "--request-timeout", "3s"],
+        )
+        .await;
+        let mut conn = RawConn::connect(s.listen).await;
+        freeze(&s.worker).await;
+        for id in 1..=REQUESTS {
+            conn.send(infer(id, None)).await;
+        }
+        let admin = s.admin;
+        if retries == "on" {
+            eventually(
+                Duration::from_secs(5),
+                "the unanswered requests held in the frame budget",
+                &[&s.balancer],
+                || async { (metric(admin, HELD).await >= REQUESTS as f64 * DATA).then_some(()) },
+            )
+            .await;
+        } else {
+            // Written to the frozen worker's socket (the kernel takes them), unanswered.
+            eventually(
+                Duration::from_secs(5),
+                "the written requests out of the frame budget",
+                &[&s.balancer],
+                || async {
+                    (outstanding(admin).await >= REQUESTS as f64
+                        && metric(admin, HELD).await == 0.0)
+                        .then_some(())
+                },
+            )
+            .await;
+        }
+        for _ in 0..REQUESTS {
+            match conn.recv(Duration::from_secs(10)).await {
+                Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::DeadlineExceeded, "{e:?}"),
+                other => panic!("expected deadline_exceeded, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            metric(admin, HELD).await,
+            0.0,
+            "answered requests still hold the frame budget (--retries {retries})"
+        );
+        s.worker.signal("CONT");
+    }
 }
 
 #[tokio::test]
