@@ -58,10 +58,19 @@ impl Admin {
 
 /// The sum of `tidepool_routed_total` over its targets in a Prometheus text body.
 pub fn routed_total(metrics: &str) -> u64 {
+    labelled_sum(metrics, "tidepool_routed_total") as u64
+}
+
+/// The sum of the labelled metric `name` over all its labels in a Prometheus text body
+/// (`name{...} value` lines; other metrics whose names start with `name` are not counted).
+pub fn labelled_sum(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
-        .filter(|l| l.starts_with("tidepool_routed_total{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
 }
 

@@ -189,9 +189,15 @@ impl Compose {
     /// Runs a compose command that must succeed; returns its stdout.
     pub fn run(&self, args: &[&str]) -> String {
         let out = self.command(args).output().expect("run compose");
+        self.succeeded(args, &out)
+    }
+
+    /// The stdout of the compose command `args` that printed `out`, which must have
+    /// succeeded.
+    fn succeeded(&self, args: &[&str], out: &Output) -> String {
         must_succeed(
             &format!("{} {}", self.program.join(" "), args.join(" ")),
-            &out,
+            out,
         )
     }
 
@@ -221,15 +227,12 @@ impl Compose {
             vanished += 1;
             std::thread::sleep(PS_RETRY_AFTER);
         };
-        must_succeed(
-            &format!("{} {}", self.program.join(" "), args.join(" ")),
-            &out,
-        )
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
+        self.succeeded(&args, &out)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 }
 

@@ -3,8 +3,8 @@
 //! multiplexed worker connection under everyone), unfinished large frames from many
 //! connections (memory bounded by `--frame-budget`, read from VmRSS), slowloris, a frozen
 //! worker (SIGSTOP) under requests with deadlines, the frame budget held by the requests it
-//! sits on, SIGTERM with frames on the wire, and an
-//! autoscaling balancer killed with SIGKILL leaving no worker behind.
+//! sits on, SIGTERM with frames on the wire, and an autoscaling balancer killed with SIGKILL
+//! leaving no worker behind.
 //!
 //! Real binaries: `cargo build --workspace --bins` first.
 
@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tidepool_protocol::{ErrorCode, Infer, Message, Tensor};
+use tidepool_tests::admin::labelled_sum;
 use tidepool_tests::adversary::{
     assert_bystander_served, bystander, exited, f32_data, good_infer, infer_body, metric, nested,
     rss_bytes, wait_ready, with_raw, worker_args, KillOnDrop, V,
@@ -355,10 +356,7 @@ async fn freeze(worker: &Proc) {
 /// Requests outstanding on the balancer's targets, all of them together.
 async fn outstanding(admin: SocketAddr) -> f64 {
     let (_, text) = http(admin, "GET", "/metrics", None).await;
-    text.lines()
-        .filter(|l| l.starts_with("tidepool_target_outstanding{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    labelled_sum(&text, "tidepool_target_outstanding")
 }
 
 /// With `--retries on` (the default) a request written to a worker is kept, to be sent again
