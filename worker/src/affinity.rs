@@ -60,11 +60,14 @@ impl Threads {
 /// thread, a test running beside) carry theirs.
 pub fn model_cpus(before: &Threads) -> io::Result<Option<Vec<usize>>> {
     let allowed = cpus(&sched_getaffinity(None)?);
-    let own = comm(rustix::thread::gettid().as_raw_nonzero().get());
+    // Without its own name this thread cannot tell ONNX Runtime's pool from other threads.
+    let Some(own) = comm(rustix::thread::gettid().as_raw_nonzero().get()) else {
+        return Ok(None);
+    };
     let pinned: Vec<Vec<usize>> = Threads::snapshot()
         .0
         .difference(&before.0)
-        .filter(|&&tid| own.is_some() && comm(tid) == own)
+        .filter(|&&tid| comm(tid).as_ref() == Some(&own))
         .filter_map(|&tid| {
             // A thread that has ended since the snapshot pins nothing.
             let pid = Pid::from_raw(tid)?;
