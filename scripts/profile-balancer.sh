@@ -141,14 +141,10 @@ instructions() {
     "$BIN/bench-drive" --addr "$LISTEN" --connections "$CONNS" --window "$WINDOW" --frames "$CG_FRAMES" >/dev/null
     callgrind_control -d "$BPID" >/dev/null
     stop_balancer
-    # Every dump the process wrote (callgrind writes all of its threads into one).
-    ir=0
-    for dump in "$OUT"/callgrind.[0-9]*.1*; do
-        [[ -e $dump ]] || continue
-        ir=$((ir + $(awk '/^summary:/ {print $2}' "$dump")))
-    done
+    # The dump of `-d` (callgrind writes all of a process's threads into one).
     dump=$(ls "$OUT"/callgrind.[0-9]*.1 2>/dev/null | head -1)
     if [[ -n $dump ]]; then
+        ir=$(awk '/^summary:/ {print $2}' "$dump")
         ipf=$(python3 -c "print(round($ir / ($CG_FRAMES * $CONNS)))")
         scripts/callgrind-self.py "$dump" $((CG_FRAMES * CONNS)) 60 >"$cgout.top.txt"
     fi
