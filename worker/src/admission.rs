@@ -3,9 +3,10 @@
 //! each rule is tested here without a model or a clock).
 //!
 //! - **Admission** ([`forecast`], [`judge`]). When an item with a deadline arrives, the model
-//!   time ahead of it is what the model thread still has to run (the batch running and the
-//!   one handed over) plus the full batches that the items of its class or a higher one
-//!   already queued make; its own batch is the rest of those items and itself. If even that
+//!   time ahead of it is when its batch can start: the model threads' work in hand (the
+//!   batches running and the one handed over), then the full batches that the items of its
+//!   class or a higher one already queued make, each given to the first thread free
+//!   ([`Schedule`]); its own batch is the rest of those items and itself. If even that
 //!   (optimistic: no waiting, no slower machine) ends after its deadline, the item is refused
 //!   at once, `overloaded` with a `retry_after_ms` of how late it would have been
 //!   ([`tidepool_protocol::late_retry_ms`], the balancer's rule too), instead of
@@ -32,6 +33,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::profile::Profile;
+use crate::schedule::Schedule;
 
 /// How the batcher treats deadlines (`--batching`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -73,25 +75,23 @@ impl Forecast {
 }
 
 /// The forecast for an item in length `bucket` with `items_ahead` items queued before it (its
-/// class or higher), batches of up to `max_batch`, `instances` model threads running batches
-/// side by side, and `model_busy` until a model thread is free (the work in hand shared
-/// among them). The full batches ahead are shared among the threads too. `None` while the
-/// profile has no time for that bucket.
+/// class or higher), batches of up to `max_batch`, and the model threads' `schedule`: its
+/// batch starts when a thread is first free after the full batches those items make have
+/// each been given one ([`Schedule::start_after`]). `None` while the profile has no time for
+/// that bucket.
 pub fn forecast(
     profile: &Profile,
     bucket: usize,
     items_ahead: usize,
     max_batch: usize,
-    instances: usize,
-    model_busy: Duration,
+    schedule: &Schedule,
 ) -> Option<Forecast> {
     let max_batch = max_batch.max(1);
     let full = u32::try_from(items_ahead / max_batch).unwrap_or(u32::MAX);
-    let instances = u32::try_from(instances).unwrap_or(u32::MAX).max(1);
     let full_batch = profile.predict(bucket, max_batch)?;
     let own = profile.predict(bucket, items_ahead % max_batch + 1)?;
     Some(Forecast {
-        ahead: model_busy.saturating_add(full_batch.saturating_mul(full) / instances),
+        ahead: schedule.start_after(full, full_batch),
         own,
     })
 }
@@ -125,10 +125,10 @@ pub fn judge(now: Instant, deadline: Instant, forecast: Forecast, margin: Durati
     }
 }
 
-/// True when an item due at `deadline` cannot finish in time even alone, started once the
-/// model's `model_busy` of work in hand is done: a batch of one runs `alone`.
-pub fn doomed(now: Instant, deadline: Instant, model_busy: Duration, alone: Duration) -> bool {
-    now + model_busy + alone > deadline
+/// True when an item due at `deadline` cannot finish in time even alone, started when the
+/// first model thread is free, `free` from now: a batch of one runs `alone`.
+pub fn doomed(now: Instant, deadline: Instant, free: Duration, alone: Duration) -> bool {
+    now + free + alone > deadline
 }
 
 /// The latest a partial batch may close while its most urgent member is due at `deadline`:
@@ -155,13 +155,16 @@ mod tests {
 
     #[test]
     fn nothing_is_forecast_before_the_profile_knows_the_bucket() {
-        assert_eq!(forecast(&Profile::new(8, 1), 0, 3, 8, 1, ms(5)), None);
+        assert_eq!(
+            forecast(&Profile::new(8, 1), 0, 3, 8, &Schedule::single(ms(5))),
+            None
+        );
     }
 
     #[test]
     fn the_forecast_counts_work_in_hand_full_batches_ahead_and_its_own_batch() {
         // 19 ahead: two full batches (2 × 18), then its batch of 3 + itself (14).
-        let f = forecast(&profile(), 0, 19, 8, 1, ms(7)).unwrap();
+        let f = forecast(&profile(), 0, 19, 8, &Schedule::single(ms(7))).unwrap();
         assert_eq!(
             f,
             Forecast {
@@ -170,12 +173,12 @@ mod tests {
             }
         );
         assert_eq!(f.finish(), ms(57));
-        // Two model threads: the full batches ahead run two at a time (the work in hand is
-        // already shared by the caller).
-        let two = forecast(&profile(), 0, 19, 8, 2, ms(7)).unwrap();
-        assert_eq!(two.ahead, ms(7 + 18));
+        // Two model threads, one busy for 7 ms: the idle one takes the first full batch at
+        // once, the busy one the second at 7, and its own batch starts at 18.
+        let two = forecast(&profile(), 0, 19, 8, &Schedule::new(2, [ms(7)], [])).unwrap();
+        assert_eq!(two.ahead, ms(18));
         assert_eq!(two.own, ms(14));
-        let empty = forecast(&profile(), 0, 0, 8, 1, Duration::ZERO).unwrap();
+        let empty = forecast(&profile(), 0, 0, 8, &Schedule::single(Duration::ZERO)).unwrap();
         assert_eq!(
             empty.finish(),
             ms(11),
@@ -186,7 +189,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_item_that_cannot_finish_in_time_is_refused_with_how_late() {
         let now = Instant::now();
-        let f = forecast(&profile(), 0, 19, 8, 1, ms(7)).unwrap();
+        let f = forecast(&profile(), 0, 19, 8, &Schedule::single(ms(7))).unwrap();
         assert_eq!(
             judge(now, now + ms(57), f, Duration::ZERO),
             Verdict::Admit,
@@ -204,7 +207,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_margin_counts_against_the_deadline() {
         let now = Instant::now();
-        let f = forecast(&profile(), 0, 19, 8, 1, ms(7)).unwrap();
+        let f = forecast(&profile(), 0, 19, 8, &Schedule::single(ms(7))).unwrap();
         assert_eq!(judge(now, now + ms(60), f, ms(3)), Verdict::Admit);
         assert_eq!(
             judge(now, now + ms(59), f, ms(3)),
@@ -215,10 +218,10 @@ mod tests {
             "in time by the forecast alone, late with the margin"
         );
         // Nothing ahead: judged by its own batch alone, however wide the margin.
-        let idle = forecast(&profile(), 0, 0, 8, 1, Duration::ZERO).unwrap();
+        let idle = forecast(&profile(), 0, 0, 8, &Schedule::single(Duration::ZERO)).unwrap();
         assert_eq!(judge(now, now + ms(11), idle, ms(30)), Verdict::Admit);
         // A little ahead: at most that much of the margin counts.
-        let busy = forecast(&profile(), 0, 0, 8, 1, ms(2)).unwrap();
+        let busy = forecast(&profile(), 0, 0, 8, &Schedule::single(ms(2))).unwrap();
         assert_eq!(busy.with_margin(ms(30)), ms(2 + 11 + 2));
     }
 

@@ -54,12 +54,12 @@
 //!   threads, each with its own engine (its own ONNX Runtime session), take batches from one
 //!   channel, each the next batch when it is free: up to N batches run side by side and one
 //!   more is formed ahead. Each batch carries a number, so that batches coming back out of
-//!   order are matched with what the actor remembers of them. The forecasts treat the N
-//!   threads as one pool N times as fast ([`Actor::model_busy`], [`admission::forecast`]):
-//!   the work in hand and the full batches ahead divided by N, each batch still taking its
-//!   profiled time. That is the makespan's lower bound, not a conservative figure: an item
-//!   can wait up to one more batch than forecast when the threads end unevenly, and the
-//!   learned [`Margin`] adds what items were answered later than forecast.
+//!   order are matched with what the actor remembers of them. The forecasts follow the
+//!   threads one by one ([`Actor::schedule`], [`crate::schedule`]): what is left of each
+//!   running batch, then the batch handed over and the full batches ahead each given to
+//!   the first thread free, each taking its profiled time; an item's batch starts when a
+//!   thread is first free after them, and the learned [`Margin`] adds what items were
+//!   answered later than forecast.
 //! - **Shutdown.** When the shutdown token fires, new submissions are answered `shutting_down`,
 //!   queued items keep running (without waiting for `max_delay`) until the queue is empty or
 //!   `drain_timeout` passes; whatever is still queued then is answered `shutting_down`. The
@@ -86,6 +86,7 @@ use crate::margin::Margin;
 use crate::metrics::Metrics;
 use crate::priority::{self, ClassCounts};
 use crate::profile::Profile;
+use crate::schedule::Schedule;
 use crate::spec::Fit;
 use crate::staging::{self, micros, Member, Ran, Staged};
 pub use crate::staging::{Engine, Stager};
@@ -851,8 +852,7 @@ impl<S: Stager> Actor<S> {
             bucket,
             ahead,
             self.config.max_batch,
-            self.instances,
-            self.model_busy(now),
+            &self.schedule(now),
         ) else {
             return Ok(None);
         };
@@ -873,22 +873,18 @@ impl<S: Stager> Actor<S> {
         Err((Refusal::PredictedLate, rejection))
     }
 
-    /// The model threads' work in hand at `now`, predicted: what is left of the running
-    /// batches and the one handed over after them (a size the profile cannot predict counts
-    /// 0), shared among the instances (the module docs say why that is a lower bound).
-    fn model_busy(&self, now: Instant) -> Duration {
-        let total: Duration = self
-            .handed
-            .iter()
-            .map(|h| {
-                let run = self.profile.predict(h.bucket, h.size).unwrap_or_default();
-                match h.started {
-                    Some(started) => (started + run).saturating_duration_since(now),
-                    None => run,
-                }
-            })
-            .sum();
-        total / u32::try_from(self.instances).unwrap_or(u32::MAX).max(1)
+    /// When the model threads are free, predicted at `now`: what is left of the running
+    /// batches, then the one handed over after them given to the first thread free (a size
+    /// the profile cannot predict counts 0).
+    fn schedule(&self, now: Instant) -> Schedule {
+        let run = |h: &Handed| self.profile.predict(h.bucket, h.size).unwrap_or_default();
+        Schedule::new(
+            self.instances,
+            self.handed
+                .iter()
+                .filter_map(|h| Some((h.started? + run(h)).saturating_duration_since(now))),
+            self.handed.iter().filter(|h| h.started.is_none()).map(run),
+        )
     }
 
     /// Publishes for the connections' [`Gate`] the earliest an item of each class arriving
@@ -903,15 +899,14 @@ impl<S: Stager> Actor<S> {
             .then(|| {
                 let alone = self.profile.fastest(1)?;
                 let full = self.profile.fastest(max_batch)?;
-                let busy = self.model_busy(now);
+                let schedule = self.schedule(now);
                 let margin = self.margin.get(now);
                 let mut finish = [now; 3];
                 for (at, class) in finish.iter_mut().zip(Priority::ALL) {
                     let ahead = self.classes.at_or_above(class);
                     let full_ahead = u32::try_from(ahead / max_batch).unwrap_or(u32::MAX);
-                    let instances = u32::try_from(self.instances).unwrap_or(u32::MAX).max(1);
                     let forecast = admission::Forecast {
-                        ahead: busy + full.saturating_mul(full_ahead) / instances,
+                        ahead: schedule.start_after(full_ahead, full),
                         own: self.profile.fastest(ahead % max_batch + 1)?,
                     };
                     *at += forecast.with_margin(margin);
@@ -1011,8 +1006,9 @@ impl<S: Stager> Actor<S> {
         let mut next = None::<Instant>;
         let queue = std::mem::take(&mut self.queue);
         let adaptive = self.config.mode == BatchingMode::Adaptive;
+        // The earliest a model thread is free: when a queued item could start at best.
         let busy = if adaptive {
-            self.model_busy(now)
+            self.schedule(now).earliest()
         } else {
             Duration::ZERO
         };
@@ -2348,10 +2344,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn with_two_instances_admission_counts_the_queue_half_as_long() {
+    async fn with_two_instances_admission_starts_the_batch_on_the_first_thread_free() {
         // 100 ms per batch of up to 2, six items submitted to a gated model, then one with
         // a deadline.
-        let forecast_of = |instances: usize| async move {
+        let forecast_of = |instances: usize, budget: Duration| async move {
             let rig = Rig::with_instances(
                 config(2, Duration::ZERO),
                 instances,
@@ -2366,11 +2362,12 @@ mod tests {
             }
             rig.until_started(instances).await;
             // Forecast: 400 ms with one thread (100 left of the running batch, 100 for the
-            // one formed ahead, a full batch of the queue and its own), 300 with two (the
-            // work in hand and the full batches ahead shared by both). A budget of 350 ms
-            // is enough only for the second.
+            // one formed ahead, a full batch of the queue and its own); 200 with two (each
+            // runs a batch with 100 left; the one formed ahead starts on either at 100,
+            // this item's batch, the queued item and itself, on the other at 100). The
+            // work in hand shared by both (300 / 2 = 150, then its own 100) would say 250.
             let late = rig
-                .submit_with(9.0, Some(350 * MS), Priority::Normal)
+                .submit_with(9.0, Some(budget), Priority::Normal)
                 .unwrap();
             // Paused time moves only once the actor has judged it with the model still
             // gated: a refusal is answered by then, an admitted item waits.
@@ -2385,8 +2382,19 @@ mod tests {
                 refused,
             )
         };
-        assert_eq!(forecast_of(1).await, (Some(Some(ErrorCode::Overloaded)), 1));
-        assert_eq!(forecast_of(2).await, (None, 0), "admitted, still waiting");
+        assert_eq!(
+            forecast_of(1, 350 * MS).await,
+            (Some(Some(ErrorCode::Overloaded)), 1)
+        );
+        assert_eq!(
+            forecast_of(2, 220 * MS).await,
+            (None, 0),
+            "admitted, still waiting"
+        );
+        assert_eq!(
+            forecast_of(2, 190 * MS).await,
+            (Some(Some(ErrorCode::Overloaded)), 1)
+        );
     }
 
     #[tokio::test]

@@ -39,6 +39,8 @@
 //! - [`profile`]: the model thread's batch run time by batch size and length bucket, learned
 //!   online from the batches run; [`admission`]: predicted-finish admission, doomed items
 //!   dropped before they run, and each batch's close chosen from its members' deadlines;
+//!   [`schedule`]: when the model threads are next free, the batches ahead given to them
+//!   in turn (what admission's forecast starts from with `--instances N`);
 //!   [`margin`]: how much later than forecast admitted items finish, learned online and
 //!   added to admission's forecasts; [`gate`]: the same admission at the connection,
 //!   from a request's scanned fields, before its tensors are decoded;
@@ -103,6 +105,7 @@ pub mod parent;
 pub mod priority;
 pub mod profile;
 pub mod registration;
+pub mod schedule;
 pub mod server;
 pub mod spec;
 pub mod staging;
