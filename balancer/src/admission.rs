@@ -8,15 +8,17 @@
 //! it has outstanding on each target: exactly, live.
 //!
 //! ## The forecast ([`forecast`])
-//! For one more request on a target with `n` outstanding, of at most `max_batch` per batch:
+//! For one more request on a target with `n` outstanding, of at most `max_batch` per batch,
+//! running `instances` batches side by side (its model instances, 1 unless it says more):
 //!
 //! ```text
-//! finish = ⌊(n − max_batch)⁺ / max_batch⌋ × full  +  one
+//! finish = ⌊⌊(n − instances × max_batch)⁺ / max_batch⌋ / instances⌋ × full  +  one
 //! ```
 //!
-//! The first `max_batch` outstanding are taken as the batch running now and about to end
-//! (the balancer cannot see how far it has run); the rest as full batches ahead, whole ones
-//! only (a partial one may be what this request joins); its own batch as a batch of one.
+//! The first `max_batch` outstanding per instance are taken as the batches running now and
+//! about to end (the balancer cannot see how far they have run); the rest as full batches
+//! ahead, whole ones only (a partial one may be what this request joins), run `instances`
+//! at a time, whole rounds only; its own batch as a batch of one.
 //! Only the requests it would wait behind count ([`ahead`]): none of a lower priority class,
 //! and for a high one none at all (a worker may serve it next), so that a high request is
 //! refused only when its budget is shorter than a batch of one.
@@ -62,6 +64,7 @@ pub(crate) struct ReportedTimes {
     full_us: AtomicU64,
     /// Zero: no report.
     max_batch: AtomicU32,
+    instances: AtomicU32,
 }
 
 impl ReportedTimes {
@@ -72,6 +75,7 @@ impl ReportedTimes {
             Some(t) => {
                 self.one_us.store(t.one_us, Ordering::Relaxed);
                 self.full_us.store(t.full_us, Ordering::Relaxed);
+                self.instances.store(t.instances, Ordering::Relaxed);
                 self.max_batch.store(t.max_batch.max(1), Ordering::Release);
             }
         }
@@ -84,6 +88,7 @@ impl ReportedTimes {
             one_us: self.one_us.load(Ordering::Relaxed),
             full_us: self.full_us.load(Ordering::Relaxed),
             max_batch,
+            instances: self.instances.load(Ordering::Relaxed),
         })
     }
 }
@@ -92,12 +97,13 @@ impl ReportedTimes {
 /// `outstanding` requests already there (see the module docs).
 pub(crate) fn forecast(times: BatchTimes, outstanding: usize) -> Duration {
     let per_batch = u64::from(times.max_batch.max(1));
-    let ahead = u64::try_from(outstanding)
+    let instances = u64::from(times.instances.max(1));
+    let batches_ahead = u64::try_from(outstanding)
         .unwrap_or(u64::MAX)
-        .saturating_sub(per_batch)
+        .saturating_sub(per_batch.saturating_mul(instances))
         / per_batch;
     Duration::from_micros(
-        ahead
+        (batches_ahead / instances)
             .saturating_mul(times.full_us)
             .saturating_add(times.one_us),
     )
@@ -187,6 +193,7 @@ mod tests {
         one_us: 11_000,
         full_us: 18_000,
         max_batch: 8,
+        instances: 1,
     };
 
     #[test]
@@ -198,6 +205,27 @@ mod tests {
         assert_eq!(forecast(TIMES, 15), ms(11));
         assert_eq!(forecast(TIMES, 16), ms(11 + 18));
         assert_eq!(forecast(TIMES, 8 + 3 * 8 + 5), ms(11 + 3 * 18));
+    }
+
+    #[test]
+    fn a_worker_with_instances_runs_that_many_batches_at_once() {
+        let two = BatchTimes {
+            instances: 2,
+            ..TIMES
+        };
+        // Up to a batch per instance outstanding: both may be just ending.
+        assert_eq!(forecast(two, 16), ms(11));
+        // One whole batch past them: it takes the first instance free, this request the
+        // other (the worker's own forecast starts it there too).
+        assert_eq!(forecast(two, 24), ms(11));
+        // Two whole batches ahead: one round of both instances.
+        assert_eq!(forecast(two, 32), ms(11 + 18));
+        assert_eq!(forecast(two, 16 + 5 * 8 + 3), ms(11 + 2 * 18));
+        assert_eq!(
+            forecast(TIMES, 16 + 5 * 8 + 3),
+            ms(11 + 6 * 18),
+            "one instance"
+        );
     }
 
     #[test]
@@ -218,8 +246,15 @@ mod tests {
             one_us: u64::MAX,
             full_us: u64::MAX,
             max_batch: 1,
+            instances: 1,
         };
         assert_eq!(forecast(huge, usize::MAX), Duration::from_micros(u64::MAX));
+        let wide = BatchTimes {
+            max_batch: BatchTimes::MAX_BATCH,
+            instances: u32::MAX,
+            ..TIMES
+        };
+        assert_eq!(forecast(wide, 1 << 40), ms(11), "all of them running");
         let zero_batch = BatchTimes {
             max_batch: 0,
             ..TIMES

@@ -1025,6 +1025,7 @@ mod tests {
         one_us: 11_000,
         full_us: 18_000,
         max_batch: 8,
+        instances: 1,
     };
 
     /// Records on `target` a `pong` that reports `times`.
@@ -1103,6 +1104,7 @@ mod tests {
                 one_us: 50_000,
                 full_us: 100_000,
                 max_batch: 8,
+                instances: 1,
             }),
         );
         let _slow_held = load(&slow, 16);

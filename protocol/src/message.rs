@@ -98,7 +98,8 @@ pub struct Load {
 }
 
 /// A worker's predicted batch run times, as its `pong` reports them (wire keys
-/// `batch_one_us`, `batch_full_us`, `max_batch`, all three or none).
+/// `batch_one_us`, `batch_full_us`, `max_batch`, all three or none, and `instances`,
+/// optional: absent reads as 1).
 ///
 /// Read from a peer, so bounded at decode ([`BatchTimes::checked`]): a report a balancer
 /// acts on must not make its arithmetic overflow, and one broken worker's report is dropped
@@ -112,6 +113,9 @@ pub struct BatchTimes {
     pub full_us: u64,
     /// The most items the worker runs in one batch (1 to [`BatchTimes::MAX_BATCH`]).
     pub max_batch: u32,
+    /// How many batches the worker runs side by side, each taking those times (its model
+    /// instances, `--instances`; 1 to [`BatchTimes::MAX_INSTANCES`]).
+    pub instances: u32,
 }
 
 impl BatchTimes {
@@ -119,19 +123,24 @@ impl BatchTimes {
     pub const MAX_US: u64 = 3_600_000_000;
     /// The largest batch a report may state: larger reads as this.
     pub const MAX_BATCH: u32 = 1 << 20;
+    /// The most instances a report may state: more reads as this.
+    pub const MAX_INSTANCES: u32 = 1 << 10;
 
-    /// A report from its wire keys: `None` unless all three are present and the batch size
-    /// is at least 1; times and size beyond their bounds read as the bound.
+    /// A report from its wire keys: `None` unless the first three are present and the batch
+    /// size is at least 1; times, size and instances beyond their bounds read as the bound,
+    /// and `instances` absent or 0 as 1 (a worker that runs one batch at a time).
     pub fn checked(
         one_us: Option<u64>,
         full_us: Option<u64>,
         max_batch: Option<u32>,
+        instances: Option<u32>,
     ) -> Option<Self> {
         let max_batch = max_batch.filter(|&n| n > 0)?;
         Some(BatchTimes {
             one_us: one_us?.min(Self::MAX_US),
             full_us: full_us?.min(Self::MAX_US),
             max_batch: max_batch.min(Self::MAX_BATCH),
+            instances: instances.unwrap_or(1).clamp(1, Self::MAX_INSTANCES),
         })
     }
 }
@@ -454,9 +463,11 @@ pub(crate) mod key {
     pub(crate) const BATCH_FULL_US: &str = "batch_full_us";
     /// A `pong`'s most items per batch.
     pub(crate) const MAX_BATCH: &str = "max_batch";
+    /// A `pong`'s batches run side by side.
+    pub(crate) const INSTANCES: &str = "instances";
 
     /// Every top-level key the decoder knows, each allowed once in a message.
-    pub(crate) const ALL: [&str; 20] = [
+    pub(crate) const ALL: [&str; 21] = [
         TYPE,
         ID,
         INPUTS,
@@ -477,6 +488,7 @@ pub(crate) mod key {
         BATCH_ONE_US,
         BATCH_FULL_US,
         MAX_BATCH,
+        INSTANCES,
     ];
 }
 
@@ -502,6 +514,7 @@ struct WireOut<'a> {
     batch_one_us: Option<u64>,
     batch_full_us: Option<u64>,
     max_batch: Option<u32>,
+    instances: Option<u32>,
 }
 
 impl Serialize for WireOut<'_> {
@@ -538,6 +551,7 @@ impl Serialize for WireOut<'_> {
             self.batch_one_us.is_some(),
             self.batch_full_us.is_some(),
             self.max_batch.is_some(),
+            self.instances.is_some(),
         ];
         let len = 2 + present.iter().filter(|p| **p).count();
         let mut map = serializer.serialize_map(Some(len))?;
@@ -561,6 +575,7 @@ impl Serialize for WireOut<'_> {
         entry(&mut map, key::BATCH_ONE_US, self.batch_one_us.as_ref())?;
         entry(&mut map, key::BATCH_FULL_US, self.batch_full_us.as_ref())?;
         entry(&mut map, key::MAX_BATCH, self.max_batch.as_ref())?;
+        entry(&mut map, key::INSTANCES, self.instances.as_ref())?;
         map.end()
     }
 }
@@ -588,6 +603,7 @@ impl<'a> WireOut<'a> {
             batch_one_us: None,
             batch_full_us: None,
             max_batch: None,
+            instances: None,
         }
     }
 }
@@ -625,6 +641,8 @@ impl<'a> From<&'a Message> for WireOut<'a> {
                     w.batch_one_us = Some(times.one_us);
                     w.batch_full_us = Some(times.full_us);
                     w.max_batch = Some(times.max_batch);
+                    // One is the default: left out, so that the bytes are what they were.
+                    w.instances = (times.instances != 1).then_some(times.instances);
                 }
             }
             Message::MetadataResult(m) => {
@@ -683,6 +701,8 @@ struct WireIn<'a> {
     batch_full_us: Option<u64>,
     #[serde(default)]
     max_batch: Option<u32>,
+    #[serde(default)]
+    instances: Option<u32>,
 }
 
 /// A `priority` or `tenant` value as read: a string, or anything else (kept only to say it
@@ -826,6 +846,7 @@ impl WireIn<'_> {
                         self.batch_one_us,
                         self.batch_full_us,
                         self.max_batch,
+                        self.instances,
                     ),
                 }),
             },
@@ -992,6 +1013,20 @@ pub(crate) mod tests {
                         one_us: 11_000,
                         full_us: 18_000,
                         max_batch: 8,
+                        instances: 1,
+                    }),
+                }),
+            },
+            Message::Pong {
+                id: 4,
+                load: Some(Load {
+                    busy: 0.75,
+                    queue_us: 400,
+                    batches: Some(BatchTimes {
+                        one_us: 21_000,
+                        full_us: 35_000,
+                        max_batch: 16,
+                        instances: 2,
                     }),
                 }),
             },
@@ -1058,8 +1093,10 @@ pub(crate) mod tests {
             batch_full_us: Option<u64>,
             #[serde(skip_serializing_if = "Option::is_none")]
             max_batch: Option<u32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            instances: Option<u32>,
         }
-        let times = |one, full, max| {
+        let reported = |one, full, max, instances| {
             let body = encode(&Pong {
                 kind: "pong",
                 id: 5,
@@ -1067,16 +1104,19 @@ pub(crate) mod tests {
                 batch_one_us: one,
                 batch_full_us: full,
                 max_batch: max,
+                instances,
             });
             match Message::decode(&body).unwrap() {
                 Message::Pong { load, .. } => load.expect("busy makes a load report").batches,
                 other => panic!("a pong decodes as a pong, got {other:?}"),
             }
         };
+        let times = |one, full, max| reported(one, full, max, None);
         let whole = BatchTimes {
             one_us: 10,
             full_us: 20,
             max_batch: 4,
+            instances: 1,
         };
         assert_eq!(times(Some(10), Some(20), Some(4)), Some(whole));
         assert_eq!(times(None, Some(20), Some(4)), None, "a key missing");
@@ -1089,7 +1129,18 @@ pub(crate) mod tests {
                 one_us: BatchTimes::MAX_US,
                 full_us: BatchTimes::MAX_US,
                 max_batch: BatchTimes::MAX_BATCH,
+                instances: 1,
             })
+        );
+        // Instances: optional (older workers run one batch at a time), at least 1, bounded.
+        let with = |n| reported(Some(10), Some(20), Some(4), Some(n)).map(|t| t.instances);
+        assert_eq!(with(3), Some(3));
+        assert_eq!(with(0), Some(1), "no worker runs 0 batches at once");
+        assert_eq!(with(u32::MAX), Some(BatchTimes::MAX_INSTANCES));
+        assert_eq!(
+            reported(None, Some(20), Some(4), Some(2)),
+            None,
+            "instances alone are no report"
         );
     }
 

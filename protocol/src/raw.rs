@@ -482,6 +482,7 @@ enum Known {
     BatchOneUs,
     BatchFullUs,
     MaxBatch,
+    Instances,
 }
 
 impl Known {
@@ -507,6 +508,7 @@ impl Known {
             8 if is(key::INFER_US) => Known::InferUs,
             8 if is(key::PRIORITY) => Known::Priority,
             9 if is(key::MAX_BATCH) => Known::MaxBatch,
+            9 if is(key::INSTANCES) => Known::Instances,
             10 if is(key::BATCH_SIZE) => Known::BatchSize,
             11 if is(key::DEADLINE_MS) => Known::DeadlineMs,
             12 if is(key::BATCH_ONE_US) => Known::BatchOneUs,
@@ -575,7 +577,7 @@ fn scan(body: &[u8], limits: &Limits) -> Option<Scanned> {
                 c.opt(Cursor::text)?;
                 client_entry = Some(entry_start..c.pos);
             }
-            Known::BatchSize | Known::MaxBatch => {
+            Known::BatchSize | Known::MaxBatch | Known::Instances => {
                 if c.opt(Cursor::uint)?
                     .is_some_and(|n| n > u64::from(u32::MAX))
                 {

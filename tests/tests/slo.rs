@@ -4,8 +4,9 @@
 //! priority, each of whose requests gets exactly one answer of a documented kind; the
 //! field forwarded by the balancer unchanged; and the balancer's predicted-finish
 //! admission, which answers a burst that the worker cannot serve in time itself, so that
-//! the worker never sees those requests, while a bystander is served as usual; and a
-//! request refused by its deadline alone, before its tensors are read.
+//! the worker never sees those requests, while a bystander is served as usual; a request
+//! refused by its deadline alone, before its tensors are read; and a worker with two model
+//! instances telling the balancer so in its `pong`, for the balancer's forecast.
 
 // A failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
@@ -16,8 +17,8 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
 use tidepool_protocol::{
-    CallOptions, Client, Error, ErrorCode, Infer, InferResult, Message, MessageCodec, Priority,
-    Tensor, Tensors,
+    BatchTimes, CallOptions, Client, Error, ErrorCode, Infer, InferResult, Message, MessageCodec,
+    Priority, Tensor, Tensors,
 };
 use tidepool_tests::balancer::{fast_config, TestBalancer};
 use tidepool_tests::init_tracing;
@@ -299,6 +300,20 @@ fn counter(text: &str, series: &str) -> u64 {
         .unwrap_or_else(|| panic!("{series} is not in /metrics"))
 }
 
+/// Runs batches of one and full ones through `lb`'s one worker from `bystander`, so that
+/// the worker's profile has both ends, and waits for the next health check to bring its
+/// batch times to the balancer. Returns the bystander's normal answer and those times.
+async fn warm_up(lb: &TestBalancer, bystander: &Client, dim: usize) -> (Tensors, BatchTimes) {
+    let expected = bystander.infer(item(dim, 0.25)).await.unwrap().outputs;
+    let warm = futures::future::join_all((0..8).map(|_| bystander.infer(item(dim, 0.25)))).await;
+    assert!(warm.iter().all(Result::is_ok));
+    lb.wait_for("the worker's batch times", |h| {
+        h.targets().first().is_some_and(|t| t.batches.is_some())
+    })
+    .await;
+    (expected, lb.handle.targets()[0].batches.unwrap())
+}
+
 #[tokio::test]
 async fn the_balancer_refuses_a_flood_no_worker_can_answer_in_time_and_serves_the_bystander() {
     init_tracing();
@@ -309,17 +324,7 @@ async fn the_balancer_refuses_a_flood_no_worker_can_answer_in_time_and_serves_th
     lb.wait_healthy(1).await;
     let dim = tiny.input_dim;
     let bystander = lb.client().await;
-    let expected = bystander.infer(item(dim, 0.25)).await.unwrap().outputs;
-    // Full batches too, so that the worker's profile has both ends.
-    let warm = futures::future::join_all((0..8).map(|_| bystander.infer(item(dim, 0.25)))).await;
-    assert!(warm.iter().all(Result::is_ok));
-
-    // The next health check brings the worker's batch times to the balancer.
-    lb.wait_for("the worker's batch times", |h| {
-        h.targets().first().is_some_and(|t| t.batches.is_some())
-    })
-    .await;
-    let times = lb.handle.targets()[0].batches.unwrap();
+    let (expected, times) = warm_up(&lb, &bystander, dim).await;
     // Room for the request's own batch and three full ones: the balancer forwards about
     // five batches' worth of the burst and answers the rest itself.
     let budget_us = times.one_us + 3 * times.full_us;
@@ -362,6 +367,33 @@ async fn the_balancer_refuses_a_flood_no_worker_can_answer_in_time_and_serves_th
     assert!(
         at_worker < at_balancer,
         "the worker refused {at_worker}, the balancer {at_balancer}: the balancer should catch the burst"
+    );
+    lb.stop().await.unwrap();
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_with_two_instances_tells_the_balancer_it_runs_two_batches_at_once() {
+    init_tracing();
+    let tiny = measurable();
+    let mut config = batching(&tiny, 64);
+    config.instances = 2;
+    let worker = start_worker(config).await;
+    let lb = TestBalancer::start(fast_config(&[worker.local_addr()])).await;
+    lb.wait_healthy(1).await;
+    let dim = tiny.input_dim;
+    let bystander = lb.client().await;
+    let (expected, times) = warm_up(&lb, &bystander, dim).await;
+    // The balancer's forecast runs the batches ahead two at a time from here on.
+    assert_eq!(times.instances, 2);
+    // Deadlines the worker meets with room to spare are forwarded and answered as usual.
+    let loose =
+        Duration::from_micros(times.one_us + 20 * times.full_us).max(Duration::from_secs(5));
+    serve_bystander(&bystander, dim, &expected, 20, |_| Some(loose)).await;
+    let text = lb.handle.metrics_text();
+    assert_eq!(
+        counter(&text, "tidepool_rejected_total{reason=\"predicted_late\"}"),
+        0
     );
     lb.stop().await.unwrap();
     worker.shutdown().await.unwrap();

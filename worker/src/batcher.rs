@@ -932,6 +932,7 @@ impl<S: Stager> Actor<S> {
                 one_us: micros(one),
                 full_us: micros(full),
                 max_batch: u32::try_from(max_batch).unwrap_or(u32::MAX),
+                instances: u32::try_from(self.instances).unwrap_or(u32::MAX),
             });
         *self
             .shared
@@ -2278,8 +2279,21 @@ mod tests {
             Some(BatchTimes {
                 one_us: 100_000,
                 full_us: 100_000,
-                max_batch: 8
+                max_batch: 8,
+                instances: 1,
             })
+        );
+        let two = Rig::with_instances(
+            config(8, Duration::ZERO),
+            2,
+            false,
+            Behaviour::Echo,
+            flat_profile(8, 100 * MS),
+        );
+        assert_eq!(
+            two.batcher.handle().batch_times().map(|t| t.instances),
+            Some(2),
+            "a balancer forecasts two batches at once"
         );
 
         let fresh = Rig::new(config(4, Duration::ZERO), false, Behaviour::Echo);
