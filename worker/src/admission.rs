@@ -156,7 +156,7 @@ mod tests {
     #[test]
     fn nothing_is_forecast_before_the_profile_knows_the_bucket() {
         assert_eq!(
-            forecast(&Profile::new(8, 1), 0, 3, 8, &Schedule::single(ms(5))),
+            forecast(&Profile::new(8, 1), 0, 3, 8, &Schedule::new(1, [ms(5)], [])),
             None
         );
     }
@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn the_forecast_counts_work_in_hand_full_batches_ahead_and_its_own_batch() {
         // 19 ahead: two full batches (2 × 18), then its batch of 3 + itself (14).
-        let f = forecast(&profile(), 0, 19, 8, &Schedule::single(ms(7))).unwrap();
+        let f = forecast(&profile(), 0, 19, 8, &Schedule::new(1, [ms(7)], [])).unwrap();
         assert_eq!(
             f,
             Forecast {
@@ -178,7 +178,7 @@ mod tests {
         let two = forecast(&profile(), 0, 19, 8, &Schedule::new(2, [ms(7)], [])).unwrap();
         assert_eq!(two.ahead, ms(18));
         assert_eq!(two.own, ms(14));
-        let empty = forecast(&profile(), 0, 0, 8, &Schedule::single(Duration::ZERO)).unwrap();
+        let empty = forecast(&profile(), 0, 0, 8, &Schedule::new(1, [Duration::ZERO], [])).unwrap();
         assert_eq!(
             empty.finish(),
             ms(11),
@@ -189,7 +189,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_item_that_cannot_finish_in_time_is_refused_with_how_late() {
         let now = Instant::now();
-        let f = forecast(&profile(), 0, 19, 8, &Schedule::single(ms(7))).unwrap();
+        let f = forecast(&profile(), 0, 19, 8, &Schedule::new(1, [ms(7)], [])).unwrap();
         assert_eq!(
             judge(now, now + ms(57), f, Duration::ZERO),
             Verdict::Admit,
@@ -207,7 +207,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_margin_counts_against_the_deadline() {
         let now = Instant::now();
-        let f = forecast(&profile(), 0, 19, 8, &Schedule::single(ms(7))).unwrap();
+        let f = forecast(&profile(), 0, 19, 8, &Schedule::new(1, [ms(7)], [])).unwrap();
         assert_eq!(judge(now, now + ms(60), f, ms(3)), Verdict::Admit);
         assert_eq!(
             judge(now, now + ms(59), f, ms(3)),
@@ -218,10 +218,10 @@ mod tests {
             "in time by the forecast alone, late with the margin"
         );
         // Nothing ahead: judged by its own batch alone, however wide the margin.
-        let idle = forecast(&profile(), 0, 0, 8, &Schedule::single(Duration::ZERO)).unwrap();
+        let idle = forecast(&profile(), 0, 0, 8, &Schedule::new(1, [Duration::ZERO], [])).unwrap();
         assert_eq!(judge(now, now + ms(11), idle, ms(30)), Verdict::Admit);
         // A little ahead: at most that much of the margin counts.
-        let busy = forecast(&profile(), 0, 0, 8, &Schedule::single(ms(2))).unwrap();
+        let busy = forecast(&profile(), 0, 0, 8, &Schedule::new(1, [ms(2)], [])).unwrap();
         assert_eq!(busy.with_margin(ms(30)), ms(2 + 11 + 2));
     }
 

@@ -42,11 +42,6 @@ impl Schedule {
         schedule
     }
 
-    /// One model thread, busy for `busy`.
-    pub fn single(busy: Duration) -> Schedule {
-        Schedule { free: vec![busy] }
-    }
-
     /// When the first model thread is free: the earliest a batch formed now could start.
     pub fn earliest(&self) -> Duration {
         self.free[0]
@@ -127,7 +122,7 @@ mod tests {
     #[test]
     fn one_thread_runs_everything_in_turn() {
         let s = Schedule::new(1, [ms(7)], [ms(18)]);
-        assert_eq!(s, Schedule::single(ms(25)));
+        assert_eq!(s, Schedule::new(1, [ms(25)], []));
         assert_eq!(s.earliest(), ms(25));
         assert_eq!(s.start_after(2, ms(18)), ms(25 + 36));
     }
