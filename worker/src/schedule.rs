@@ -63,15 +63,17 @@ impl Schedule {
         // nanoseconds between the first thread alone taking every batch (an upper bound)
         // and its first start.
         let each = each.as_nanos();
-        let free: Vec<u128> = self.free.iter().map(Duration::as_nanos).collect();
         let starts_by = |t: u128| -> u128 {
-            free.iter()
-                .filter(|&&f| f <= t)
-                .map(|&f| (t - f) / each + 1)
+            self.free
+                .iter()
+                .map(Duration::as_nanos)
+                .filter(|&f| f <= t)
+                .map(|f| (t - f) / each + 1)
                 .sum()
         };
         let wanted = u128::from(batches) + 1;
-        let (mut low, mut high) = (free[0], free[0] + each * u128::from(batches));
+        let first = first.as_nanos();
+        let (mut low, mut high) = (first, first + each * u128::from(batches));
         while low < high {
             let mid = low + (high - low) / 2;
             if starts_by(mid) >= wanted {
